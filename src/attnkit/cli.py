@@ -1,0 +1,59 @@
+"""The ``attnkit`` command: ``list``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _cmd_list(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import registry
+
+    table = Table(title="attnkit mechanisms")
+    for column in ("name", "family", "paper", "backends", "decode", "causal", "bidirectional", "varlen"):
+        table.add_column(column, overflow="fold")
+    yes = lambda flag: "yes" if flag else "-"  # noqa: E731
+    for card in registry.mechanisms():
+        caps = card.capabilities
+        table.add_row(
+            card.name,
+            card.family,
+            card.paper,
+            ", ".join(caps.backends),
+            yes(caps.decode),
+            yes(caps.causal),
+            yes(caps.bidirectional),
+            yes(caps.varlen),
+        )
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnkit", description="attention mechanisms from recent research, one API")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_list = sub.add_parser("list", help="list the registered mechanisms")
+    p_list.set_defaults(func=_cmd_list)
+    from .bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"attnkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

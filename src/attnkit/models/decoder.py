@@ -1,0 +1,216 @@
+"""A small pre-norm decoder language model whose attention is any registered mechanism.
+
+    h = embed(tokens)
+    for each layer:  h = h + attn(RMSNorm(h));  h = h + SwiGLU(RMSNorm(h))
+    logits = RMSNorm(h) embed^T                 (tied input/output embeddings)
+
+``attention`` names one registered mechanism for every layer, or a list with one name
+per layer (interleaving, e.g. ``["mha", "sliding", "sliding", "mha"]``);
+``attention_options`` is one dict for all layers or a list of dicts.
+
+Example::
+
+    >>> import torch
+    >>> from attnkit.models import DecoderLM
+    >>> model = DecoderLM(vocab_size=256, dim=64, num_layers=2, num_heads=4, attention="gqa")
+    >>> logits = model(torch.randint(0, 256, (2, 16)))        # [B, T, V]
+    >>> out = model.generate(torch.randint(0, 256, (2, 4)), max_new_tokens=8)  # [B, 12]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import registry
+
+__all__ = ["DecoderLM", "SwiGLU"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class SwiGLU(nn.Module):
+    """``W_down (silu(W_gate x) * W_up x)``."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, attention: nn.Module, mlp_hidden: int, norm_eps: float):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.attn = attention
+        self.mlp_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.mlp = SwiGLU(dim, mlp_hidden)
+
+    def forward(self, x: Tensor, state=None, document_ids: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), state, document_ids=document_ids)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def _per_layer(value, num_layers: int, name: str, kind):
+    if isinstance(value, kind):
+        return [value] * num_layers
+    value = list(value)
+    if len(value) != num_layers:
+        raise ValueError(f"{name} has {len(value)} entries but num_layers={num_layers}; give one per layer or a single value")
+    return value
+
+
+class DecoderLM(nn.Module):
+    """Decoder-only LM: ``tokens [B, T] -> logits [B, T, V]``.
+
+    Args:
+        vocab_size: V.
+        dim: width C.
+        num_layers: number of blocks.
+        num_heads: attention heads per layer.
+        attention: a registered mechanism name, or a list of names (one per layer).
+        attention_options: keyword options for the attention layers (dict or list of dicts).
+        mlp_hidden: SwiGLU hidden width (default: 8/3 C rounded up to a multiple of 64).
+        norm_eps: RMSNorm epsilon.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        dim: int = 256,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        attention="mha",
+        attention_options=None,
+        mlp_hidden: int | None = None,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("dim", dim), ("num_layers", num_layers), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        names = _per_layer(attention, num_layers, "attention", str)
+        options = _per_layer(attention_options or {}, num_layers, "attention_options", dict)
+        if mlp_hidden is None:
+            mlp_hidden = -(-int(8 * dim / 3) // 64) * 64
+        self.config = {
+            "vocab_size": vocab_size,
+            "dim": dim,
+            "num_layers": num_layers,
+            "num_heads": num_heads,
+            "attention": names,
+            "attention_options": options,
+            "mlp_hidden": mlp_hidden,
+            "norm_eps": norm_eps,
+        }
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.layers = nn.ModuleList(
+            Block(dim, registry.build(n, dim=dim, num_heads=num_heads, **o), mlp_hidden, norm_eps)
+            for n, o in zip(names, options)
+        )
+        self.norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def init_state(self, batch_size: int, *, max_len: int | None = None) -> list:
+        """One decode state per layer."""
+        return [block.attn.init_state(batch_size, max_len=max_len) for block in self.layers]
+
+    def forward(self, tokens: Tensor, state: list | None = None, *, document_ids: Tensor | None = None) -> Tensor:
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
+            got = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be an integer tensor [B, T], got {got}")
+        if state is not None and len(state) != len(self.layers):
+            raise ValueError(f"state has {len(state)} entries, the model has {len(self.layers)} layers; use model.init_state()")
+        x = self.embed(tokens)
+        for i, block in enumerate(self.layers):
+            x = block(x, None if state is None else state[i], document_ids)
+        return F.linear(self.norm(x), self.embed.weight)  # (B, T, V)
+
+    def loss(self, tokens: Tensor, targets: Tensor, **kwargs) -> Tensor:
+        logits = self(tokens, **kwargs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Continue ``prompt [B, T]`` by ``max_new_tokens`` through the decode state.
+
+        ``temperature=0`` is greedy; otherwise sample from ``softmax(logits / temperature)``,
+        restricted to the ``top_k`` most likely tokens when given.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        state = self.init_state(prompt.shape[0])
+        logits = self(prompt, state)[:, -1]
+        out = [prompt]
+        for _ in range(max_new_tokens):
+            if temperature == 0:
+                token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                scaled = logits.float() / temperature
+                if top_k is not None:
+                    kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
+                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+                token = torch.multinomial(scaled.softmax(-1), 1, generator=generator)
+            out.append(token)
+            logits = self(token, state)[:, -1]
+        return torch.cat(out, dim=1)
+
+    # -- persistence ------------------------------------------------------------------------
+    def save_pretrained(self, path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into the folder ``path``."""
+        from safetensors.torch import save_model
+
+        try:
+            config = json.dumps(self.config, indent=2)
+        except TypeError as err:
+            raise ValueError(
+                f"the model config cannot be saved as JSON ({err}); pass attention options as plain values "
+                "(patterns by name, e.g. pattern='causal')"
+            ) from None
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_NAME).write_text(config)
+        save_model(self, str(path / WEIGHTS_NAME))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path, *, device=None) -> "DecoderLM":
+        from safetensors.torch import load_model
+
+        path = Path(path)
+        if not (path / CONFIG_NAME).exists():
+            raise ValueError(f"{path} has no {CONFIG_NAME}; expected a folder written by DecoderLM.save_pretrained")
+        model = cls(**json.loads((path / CONFIG_NAME).read_text()))
+        load_model(model, str(path / WEIGHTS_NAME), device=str(device or "cpu"))
+        return model

@@ -1,0 +1,311 @@
+"""``attend``: exact softmax attention behind one call, with a pattern and a score modifier.
+
+    out[b, h, i] = sum_j softmax_j( score_mod(scale * q[b,h,i] . k[b,g(h),j]) masked by pattern ) v[b,g(h),j]
+
+with ``g(h) = h // (Hq // Hkv)`` (GQA / MQA broadcast). Shapes: q ``[B, Hq, T, D]``,
+k ``[B, Hkv, S, D]``, v ``[B, Hkv, S, Dv]`` -> out ``[B, Hq, T, Dv]`` and, with
+``return_lse=True``, the log-sum-exp of the kept scores ``[B, Hq, T]`` (float32, or
+float64 for float64 inputs). A query row with no allowed key returns zeros and an
+lse of ``-inf``.
+
+Backends
+--------
+``reference``  the math, materialising the ``[B, Hq, T, S]`` scores; any dtype (float64 too),
+               trains everywhere. The ground truth every fast path is tested against.
+``sdpa``       ``torch.nn.functional.scaled_dot_product_attention``; fused kernels for plain
+               full/causal, a dense boolean mask otherwise. No ``score_mod``, no lse.
+``flex``       FlexAttention with a block mask cached per (pattern, shape); compiled on CUDA.
+               Serves every pattern, ``score_mod`` and lse; no backward on CPU.
+``auto``       CUDA: SDPA for plain full/causal, FlexAttention otherwise. CPU: SDPA, or the
+               reference when ``score_mod`` or the lse is asked for (FlexAttention has no CPU
+               backward in torch 2.13, and the CPU reference costs the same as its forward).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import patterns as _patterns
+
+__all__ = ["attend", "attend_reference", "BACKENDS", "clear_block_mask_cache", "choose_backend"]
+
+BACKENDS = ("auto", "reference", "sdpa", "flex")
+
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            layout = "[B, Hq, T, D]" if name == "q" else "[B, Hkv, S, D]"
+            raise ValueError(f"{name} must have rank 4 {layout}, got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    B, Hq, T, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on [B, Hkv, S]")
+    if k.shape[3] != D:
+        raise ValueError(f"q and k head dims differ: q has D={D}, k has D={k.shape[3]}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv} (GQA/MQA)")
+    if T == 0 or k.shape[2] == 0:
+        raise ValueError(f"empty sequence: q has T={T}, k has S={k.shape[2]}")
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def choose_backend(q: Tensor, k: Tensor, v: Tensor, pattern, score_mod, return_lse: bool, q_offset: int) -> str:
+    """The backend ``auto`` picks for these inputs (exposed so benchmarks can report it)."""
+    T, S = q.shape[2], k.shape[2]
+    plain = score_mod is None and not return_lse
+    if q.device.type == "cuda":
+        if plain and (pattern.kind == "full" or (pattern.kind == "causal" and q_offset == S - T)):
+            return "sdpa"
+        if q.dtype == torch.float64:
+            return "reference"
+        return "flex"
+    return "sdpa" if plain else "reference"
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    pattern=None,
+    score_mod: ScoreMod | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    q_offset: int | None = None,
+):
+    """Exact softmax attention. See the module docstring for the math and the backends.
+
+    Args:
+        q: ``[B, Hq, T, D]``. k: ``[B, Hkv, S, D]``. v: ``[B, Hkv, S, Dv]``; ``Hq % Hkv == 0``.
+        pattern: ``None`` (full), ``"full"``, ``"causal"`` or an :class:`attnkit.patterns.Pattern`.
+        score_mod: FlexAttention-style ``score_mod(score, b, h, q_pos, k_pos)`` applied to the
+            scaled scores before masking; ``q_pos`` is the query's absolute position.
+        scale: multiplies ``q . k``; default ``D ** -0.5``.
+        return_lse: also return the log-sum-exp per query row ``[B, Hq, T]``.
+        backend: one of ``auto``, ``reference``, ``sdpa``, ``flex``.
+        q_offset: absolute position of the first query; default ``S - T`` (queries are the
+            newest tokens, as in a decode step).
+
+    Returns:
+        ``out [B, Hq, T, Dv]`` or ``(out, lse)``.
+
+    Example::
+
+        >>> import torch, attnkit
+        >>> q = torch.randn(2, 8, 100, 64); k = v = torch.randn(2, 2, 100, 64)
+        >>> attnkit.attend(q, k, v, pattern="causal").shape
+        torch.Size([2, 8, 100, 64])
+    """
+    _validate(q, k, v)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+    pattern = _patterns.resolve(pattern)
+    B, Hq, T, D = q.shape
+    S = k.shape[2]
+    pattern.validate(B, Hq, S)
+    if q_offset is None:
+        q_offset = S - T
+    elif isinstance(q_offset, bool) or not isinstance(q_offset, int):
+        raise ValueError(f"q_offset must be an int or None, got {q_offset!r}")
+    if scale is None:
+        scale = D**-0.5
+    if score_mod is not None and not callable(score_mod):
+        raise ValueError(f"score_mod must be callable(score, b, h, q_pos, k_pos) or None, got {type(score_mod).__name__}")
+
+    if backend == "auto":
+        backend = choose_backend(q, k, v, pattern, score_mod, return_lse, q_offset)
+
+    if backend == "reference":
+        return attend_reference(
+            q, k, v, pattern=pattern, score_mod=score_mod, scale=scale, return_lse=return_lse, q_offset=q_offset
+        )
+    if backend == "sdpa":
+        if score_mod is not None:
+            raise ValueError("backend='sdpa' cannot apply a score_mod; use backend='flex' (or 'reference', or 'auto')")
+        if return_lse:
+            raise ValueError("backend='sdpa' does not return the log-sum-exp; use backend='flex' (or 'reference', or 'auto')")
+        return _attend_sdpa(q, k, v, pattern, scale, q_offset)
+    # flex
+    if q.device.type == "cpu" and _needs_grad(q, k, v):
+        raise ValueError(
+            "backend='flex' has no backward on CPU (FlexAttention raises in torch); "
+            "use backend='sdpa' or 'reference' for training on CPU, or 'auto'"
+        )
+    return _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset)
+
+
+# -- reference ----------------------------------------------------------------------------
+def attend_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    pattern=None,
+    score_mod: ScoreMod | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    q_offset: int | None = None,
+):
+    """The math, written plainly: materialise scores, mask, softmax, weighted sum of values."""
+    pattern = _patterns.resolve(pattern)
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if q_offset is None:
+        q_offset = S - T
+    if scale is None:
+        scale = D**-0.5
+    group = Hq // Hkv
+    k = k.repeat_interleave(group, dim=1)  # (B, Hq, S, D)
+    v = v.repeat_interleave(group, dim=1)  # (B, Hq, S, Dv)
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bhtd,bhsd->bhts", q.to(compute_dtype), k.to(compute_dtype)) * scale  # (B, Hq, T, S)
+    device = q.device
+    if score_mod is not None:
+        b = torch.arange(B, device=device)[:, None, None, None]
+        h = torch.arange(Hq, device=device)[None, :, None, None]
+        qi = torch.arange(T, device=device)[None, None, :, None] + q_offset
+        ki = torch.arange(S, device=device)[None, None, None, :]
+        scores = score_mod(scores, b, h, qi, ki)
+    mask = pattern.dense(T, S, q_offset=q_offset, batch=B, heads=Hq, device=device)
+    row_has_key = mask.any(dim=-1, keepdim=True)  # (B|1, H|1, T, 1)
+    # Empty rows get constant scores so that softmax stays finite; their weights are then zeroed.
+    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~row_has_key, 0.0)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1) * mask
+    out = torch.einsum("bhts,bhsd->bhtd", probs, v.to(compute_dtype)).to(q.dtype)
+    if not return_lse:
+        return out
+    lse = lse.masked_fill(~row_has_key[..., 0], float("-inf"))
+    return out, lse
+
+
+# -- SDPA ---------------------------------------------------------------------------------
+def _attend_sdpa(q, k, v, pattern, scale, q_offset):
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    kind = pattern.kind
+    if kind == "full":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if kind == "causal" and q_offset == 0 and T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = pattern.dense(T, S, q_offset=q_offset, batch=q.shape[0], heads=q.shape[1], device=q.device)
+    # A row with no allowed key would come back NaN from SDPA: let it see key 0, then zero it.
+    empty = ~mask.any(dim=-1, keepdim=True)  # (B|1, H|1, T, 1)
+    first_key = torch.arange(S, device=q.device) == 0
+    mask = mask | (empty & first_key)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.masked_fill(empty, 0.0)
+
+
+# -- FlexAttention ------------------------------------------------------------------------
+_BLOCK_MASK_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
+_BLOCK_MASK_CACHE_SIZE = 64
+_COMPILED_FLEX = None
+
+
+def clear_block_mask_cache() -> None:
+    _BLOCK_MASK_CACHE.clear()
+
+
+def _flex_impl(device: torch.device):
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def block_mask_for(pattern, batch: int, heads: int, q_len: int, kv_len: int, q_offset: int, device):
+    """The FlexAttention BlockMask of a pattern at a shape; ``None`` for plain full attention.
+
+    Built compiled on CUDA (never materialising a dense ``S x S`` mask) and cached per
+    (pattern, shape, offset, device) unless the pattern holds tensors.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    pattern = _patterns.resolve(pattern)
+    if pattern.kind == "full":
+        return None
+    device = torch.device(device)
+    B = batch if pattern.depends_on_batch else None
+    H = heads if pattern.depends_on_head else None
+    compiling = torch.compiler.is_compiling()
+    key = None if pattern.cache_key is None else (pattern.cache_key, B, H, q_len, kv_len, q_offset, str(device))
+    if key is not None and not compiling and key in _BLOCK_MASK_CACHE:
+        _BLOCK_MASK_CACHE.move_to_end(key)
+        return _BLOCK_MASK_CACHE[key]
+    block_mask = create_block_mask(
+        pattern.mask_mod(q_offset),
+        B,
+        H,
+        q_len,
+        kv_len,
+        device=device,
+        _compile=device.type == "cuda" and not compiling,
+    )
+    if key is not None and not compiling:
+        _BLOCK_MASK_CACHE[key] = block_mask
+        if len(_BLOCK_MASK_CACHE) > _BLOCK_MASK_CACHE_SIZE:
+            _BLOCK_MASK_CACHE.popitem(last=False)
+    return block_mask
+
+
+def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
+    B, Hq, T, _ = q.shape
+    S = k.shape[2]
+    block_mask = block_mask_for(pattern, B, Hq, T, S, q_offset, q.device)
+    flex_score_mod = None
+    if score_mod is not None:
+
+        def flex_score_mod(score, b, h, q_idx, kv_idx):
+            return score_mod(score, b, h, q_idx + q_offset, kv_idx)
+
+    lse_request = {}
+    if return_lse:
+        try:  # torch >= 2.9 asks for the lse through AuxRequest; older releases take return_lse
+            from torch.nn.attention.flex_attention import AuxRequest
+
+            lse_request = {"return_aux": AuxRequest(lse=True)}
+        except ImportError:
+            lse_request = {"return_lse": True}
+    result = _flex_impl(q.device)(
+        q,
+        k,
+        v,
+        score_mod=flex_score_mod,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+        **lse_request,
+    )
+    if not return_lse:
+        return result
+    out, aux = result
+    return out, getattr(aux, "lse", aux)

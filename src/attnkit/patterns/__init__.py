@@ -1,0 +1,431 @@
+"""Attention patterns: which (query, key) pairs are computed.
+
+A pattern is one object with three faces, so that every backend sees the same rule:
+
+- ``allowed(b, h, q_pos, k_pos)``: the rule itself, written with element-wise tensor
+  operations so that it works both on broadcast index grids (dense masks) and inside
+  FlexAttention's ``mask_mod`` (scalar tensors under ``vmap``);
+- ``mask_mod(q_offset)``: a FlexAttention ``mask_mod`` for a query block that starts at
+  absolute position ``q_offset``;
+- ``dense(T, S, q_offset=...)``: a boolean mask ``[B|1, H|1, T, S]`` for the reference
+  and for SDPA.
+
+``kind`` says when the pattern is exactly plain ``"full"`` or ``"causal"`` attention, so
+that ``attend`` can hand it to SDPA's fused kernels.
+
+Positions. Keys sit at positions ``0 .. S-1``; queries at ``q_offset .. q_offset+T-1``.
+``attend`` uses ``q_offset = S - T`` unless told otherwise: the queries are the newest
+tokens, which is what a decode step (T=1, S=context) needs.
+
+Legend: B batch, H query heads, T query length, S key length.
+
+Example::
+
+    >>> from attnkit import patterns
+    >>> p = patterns.sink_window(sink_tokens=4, window=1024) | patterns.causal()
+    >>> p.dense(8, 8).shape
+    torch.Size([1, 1, 8, 8])
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Pattern",
+    "Full",
+    "Causal",
+    "SlidingWindow",
+    "SinkWindow",
+    "PerHead",
+    "Documents",
+    "And",
+    "Or",
+    "full",
+    "causal",
+    "sliding_window",
+    "sink_window",
+    "per_head",
+    "documents",
+    "resolve",
+    "PATTERN_NAMES",
+]
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+class Pattern:
+    """Base class. Subclasses implement :meth:`allowed` and set the flags below."""
+
+    #: ``"full"`` or ``"causal"`` when the pattern is exactly that; ``None`` otherwise.
+    kind: str | None = None
+    #: whether :meth:`allowed` reads the batch index (FlexAttention then needs ``B``).
+    depends_on_batch: bool = False
+    #: whether :meth:`allowed` reads the head index.
+    depends_on_head: bool = False
+
+    def allowed(self, b: Tensor, h: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def cache_key(self):
+        """A hashable description, or ``None`` when the pattern holds tensors (no caching)."""
+        return None
+
+    def validate(self, batch: int, heads: int, kv_len: int) -> None:
+        """Raise ``ValueError`` if the pattern cannot serve this shape."""
+
+    def _row_counts(self, q_pos: Tensor, kv_len: int) -> Tensor | None:
+        """Allowed keys per query position, in closed form; ``None`` when there is none."""
+        return None
+
+    def pairs(self, q_len: int, kv_len: int, *, q_offset: int | None = None, heads: int = 1, batch: int = 1) -> float:
+        """Mean number of allowed (query, key) pairs per (batch item, head): the FLOP models' input."""
+        if q_offset is None:
+            q_offset = kv_len - q_len
+        q_pos = torch.arange(q_len, dtype=torch.float64) + q_offset
+        counts = self._row_counts(q_pos, kv_len)
+        if counts is not None:
+            return float(counts.sum())
+        total = 0
+        rows = max(1, (1 << 24) // max(kv_len, 1))
+        for start in range(0, q_len, rows):
+            stop = min(q_len, start + rows)
+            mask = self.dense(stop - start, kv_len, q_offset=q_offset + start, batch=batch, heads=heads)
+            total += int(mask.sum()) * (batch // mask.shape[0]) * (heads // mask.shape[1])
+        return total / (batch * heads)
+
+    # -- faces -------------------------------------------------------------------------
+    def mask_mod(self, q_offset: int = 0) -> MaskMod:
+        allowed = self.allowed
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return allowed(b, h, q_idx + q_offset, kv_idx)
+
+        return mask_mod
+
+    def dense(
+        self,
+        q_len: int,
+        kv_len: int,
+        *,
+        q_offset: int | None = None,
+        batch: int = 1,
+        heads: int = 1,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """Boolean mask ``[B|1, H|1, T, S]``; True where the query may attend the key."""
+        if q_offset is None:
+            q_offset = kv_len - q_len
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        b = torch.arange(batch if self.depends_on_batch else 1, device=device)
+        h = torch.arange(heads if self.depends_on_head else 1, device=device)
+        q = torch.arange(q_len, device=device) + q_offset
+        k = torch.arange(kv_len, device=device)
+        mask = self.allowed(b[:, None, None, None], h[None, :, None, None], q[None, None, :, None], k[None, None, None, :])
+        return mask.expand(b.numel(), h.numel(), q_len, kv_len)
+
+    # -- composition -------------------------------------------------------------------
+    def __and__(self, other: "Pattern") -> "Pattern":
+        return And(self, _check_pattern(other, "other"))
+
+    def __or__(self, other: "Pattern") -> "Pattern":
+        return Or(self, _check_pattern(other, "other"))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _check_pattern(p, name: str) -> Pattern:
+    if not isinstance(p, Pattern):
+        raise ValueError(f"{name} must be an attnkit Pattern, got {type(p).__name__}")
+    return p
+
+
+class Full(Pattern):
+    """Every query sees every key (bidirectional / cross attention)."""
+
+    kind = "full"
+
+    def allowed(self, b, h, q_pos, k_pos):
+        return torch.ones_like(q_pos + k_pos, dtype=torch.bool)
+
+    def _row_counts(self, q_pos, kv_len):
+        return torch.full_like(q_pos, float(kv_len))
+
+    @property
+    def cache_key(self):
+        return ("full",)
+
+
+class Causal(Pattern):
+    """A query at position i sees keys at positions <= i."""
+
+    kind = "causal"
+
+    def allowed(self, b, h, q_pos, k_pos):
+        return k_pos <= q_pos
+
+    def _row_counts(self, q_pos, kv_len):
+        return (q_pos + 1).clamp(0, kv_len)
+
+    @property
+    def cache_key(self):
+        return ("causal",)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class SlidingWindow(Pattern):
+    """Causal sliding window: a query at i sees keys ``i - window < j <= i`` (itself included)."""
+
+    def __init__(self, window: int):
+        self.window = _positive_int(window, "window")
+
+    def allowed(self, b, h, q_pos, k_pos):
+        return (k_pos <= q_pos) & (q_pos - k_pos < self.window)
+
+    def _row_counts(self, q_pos, kv_len):
+        return _window_counts(q_pos, kv_len, self.window)
+
+    @property
+    def cache_key(self):
+        return ("sliding_window", self.window)
+
+    def __repr__(self):
+        return f"SlidingWindow(window={self.window})"
+
+
+def _window_counts(q_pos: Tensor, kv_len: int, window: int) -> Tensor:
+    last = q_pos.clamp(max=kv_len - 1)
+    first = (q_pos - window + 1).clamp(min=0)
+    return (last - first + 1).clamp(min=0)
+
+
+class SinkWindow(Pattern):
+    """StreamingLLM's pattern: the first ``sink_tokens`` keys plus the last ``window`` keys, causal."""
+
+    def __init__(self, sink_tokens: int, window: int):
+        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be a non-negative integer, got {sink_tokens!r}")
+        self.sink_tokens = sink_tokens
+        self.window = _positive_int(window, "window")
+
+    def allowed(self, b, h, q_pos, k_pos):
+        causal = k_pos <= q_pos
+        return causal & ((q_pos - k_pos < self.window) | (k_pos < self.sink_tokens))
+
+    def _row_counts(self, q_pos, kv_len):
+        window_start = (q_pos - self.window + 1).clamp(min=0)
+        sinks = torch.minimum(window_start, torch.full_like(q_pos, float(min(self.sink_tokens, kv_len))))
+        return _window_counts(q_pos, kv_len, self.window) + sinks.clamp(min=0)
+
+    @property
+    def cache_key(self):
+        return ("sink_window", self.sink_tokens, self.window)
+
+    def __repr__(self):
+        return f"SinkWindow(sink_tokens={self.sink_tokens}, window={self.window})"
+
+
+class PerHead(Pattern):
+    """A different pattern per query head (DuoAttention's retrieval/streaming heads, S2-Attention).
+
+    ``patterns[h]`` is the pattern of query head ``h``; the list length must equal the
+    number of query heads of the attention it is used with.
+    """
+
+    depends_on_head = True
+
+    def __init__(self, patterns: Sequence[Pattern]):
+        patterns = list(patterns)
+        if not patterns:
+            raise ValueError("per_head needs at least one pattern, got an empty list")
+        for i, p in enumerate(patterns):
+            _check_pattern(p, f"patterns[{i}]")
+        self.patterns = patterns
+        # distinct patterns, and a table head -> index of its distinct pattern
+        self._groups: list[Pattern] = []
+        index: dict = {}
+        table = []
+        for p in patterns:
+            key = p.cache_key if p.cache_key is not None else ("id", id(p))
+            if key not in index:
+                index[key] = len(self._groups)
+                self._groups.append(p)
+            table.append(index[key])
+        self._table_cpu = torch.tensor(table, dtype=torch.long)
+        self._tables: dict = {}
+        self.depends_on_batch = any(p.depends_on_batch for p in self._groups)
+        kinds = {p.kind for p in self._groups}
+        self.kind = kinds.pop() if len(kinds) == 1 else None
+
+    def _table(self, device) -> Tensor:
+        if device not in self._tables:
+            self._tables[device] = self._table_cpu.to(device)
+        return self._tables[device]
+
+    def allowed(self, b, h, q_pos, k_pos):
+        if len(self._groups) == 1:
+            return self._groups[0].allowed(b, h, q_pos, k_pos)
+        group = self._table(h.device)[h]
+        out = None
+        for g, p in enumerate(self._groups):
+            term = (group == g) & p.allowed(b, h, q_pos, k_pos)
+            out = term if out is None else out | term
+        return out
+
+    def pairs(self, q_len, kv_len, *, q_offset=None, heads=1, batch=1):
+        per = [p.pairs(q_len, kv_len, q_offset=q_offset, heads=1, batch=batch) for p in self.patterns]
+        return sum(per) / len(per)
+
+    def validate(self, batch, heads, kv_len):
+        if len(self.patterns) != heads:
+            raise ValueError(
+                f"per_head pattern has {len(self.patterns)} entries but the attention has {heads} query heads; "
+                "give one pattern per query head"
+            )
+        for p in self._groups:
+            p.validate(batch, heads, kv_len)
+
+    @property
+    def cache_key(self):
+        keys = tuple(p.cache_key for p in self.patterns)
+        return None if any(k is None for k in keys) else ("per_head", keys)
+
+    def __repr__(self):
+        return f"PerHead({self.patterns!r})"
+
+
+class Documents(Pattern):
+    """Packed sequences: a query sees only keys of its own document.
+
+    ``document_ids`` is an integer tensor ``[B, S]`` (one id per key position). Combine
+    with :func:`causal` for packed causal language modelling: ``documents(ids) & causal()``.
+    """
+
+    depends_on_batch = True
+
+    def __init__(self, document_ids: Tensor):
+        if not isinstance(document_ids, Tensor) or document_ids.dim() != 2:
+            got = tuple(document_ids.shape) if isinstance(document_ids, Tensor) else type(document_ids).__name__
+            raise ValueError(f"document_ids must be an integer tensor of shape [B, S], got {got}")
+        if document_ids.is_floating_point() or document_ids.is_complex():
+            raise ValueError(f"document_ids must hold integers, got dtype {document_ids.dtype}")
+        self.document_ids = document_ids.long()
+
+    def allowed(self, b, h, q_pos, k_pos):
+        ids = self.document_ids
+        if ids.device != q_pos.device:
+            ids = ids.to(q_pos.device)
+        return ids[b, q_pos] == ids[b, k_pos]
+
+    def validate(self, batch, heads, kv_len):
+        if tuple(self.document_ids.shape) != (batch, kv_len):
+            raise ValueError(
+                f"document_ids has shape {tuple(self.document_ids.shape)} but the keys need [B, S] = [{batch}, {kv_len}]"
+            )
+
+
+class _Binary(Pattern):
+    def __init__(self, left: Pattern, right: Pattern):
+        self.left = _check_pattern(left, "left")
+        self.right = _check_pattern(right, "right")
+        self.depends_on_batch = left.depends_on_batch or right.depends_on_batch
+        self.depends_on_head = left.depends_on_head or right.depends_on_head
+
+    def validate(self, batch, heads, kv_len):
+        self.left.validate(batch, heads, kv_len)
+        self.right.validate(batch, heads, kv_len)
+
+    @property
+    def cache_key(self):
+        a, b = self.left.cache_key, self.right.cache_key
+        return None if a is None or b is None else (type(self).__name__, a, b)
+
+    def __repr__(self):
+        op = "&" if isinstance(self, And) else "|"
+        return f"({self.left!r} {op} {self.right!r})"
+
+
+class And(_Binary):
+    """Both patterns allow the pair."""
+
+    @property
+    def kind(self):
+        a, b = self.left.kind, self.right.kind
+        if a == "full":
+            return b
+        if b == "full":
+            return a
+        return "causal" if a == b == "causal" else None
+
+    def allowed(self, b, h, q_pos, k_pos):
+        return self.left.allowed(b, h, q_pos, k_pos) & self.right.allowed(b, h, q_pos, k_pos)
+
+
+class Or(_Binary):
+    """Either pattern allows the pair."""
+
+    @property
+    def kind(self):
+        a, b = self.left.kind, self.right.kind
+        if "full" in (a, b):
+            return "full"
+        return "causal" if a == b == "causal" else None
+
+    def allowed(self, b, h, q_pos, k_pos):
+        return self.left.allowed(b, h, q_pos, k_pos) | self.right.allowed(b, h, q_pos, k_pos)
+
+
+# -- factories ---------------------------------------------------------------------------
+def full() -> Pattern:
+    return Full()
+
+
+def causal() -> Pattern:
+    return Causal()
+
+
+def sliding_window(window: int) -> Pattern:
+    return SlidingWindow(window)
+
+
+def sink_window(sink_tokens: int, window: int) -> Pattern:
+    return SinkWindow(sink_tokens, window)
+
+
+def per_head(patterns: Sequence[Pattern]) -> Pattern:
+    return PerHead(patterns)
+
+
+def documents(document_ids: Tensor) -> Pattern:
+    return Documents(document_ids)
+
+
+PATTERN_NAMES = ("full", "causal")
+
+
+def resolve(pattern, name: str = "pattern") -> Pattern:
+    """``None`` -> full; ``"full"`` / ``"causal"`` -> the pattern; a Pattern -> itself."""
+    if pattern is None:
+        return Full()
+    if isinstance(pattern, Pattern):
+        return pattern
+    if isinstance(pattern, str):
+        if pattern == "full":
+            return Full()
+        if pattern == "causal":
+            return Causal()
+        raise ValueError(
+            f"unknown {name} {pattern!r}; accepted names: {', '.join(PATTERN_NAMES)}, or an attnkit.patterns.Pattern "
+            "(sliding_window, sink_window, per_head, documents, and & / | compositions)"
+        )
+    raise ValueError(f"{name} must be None, a pattern name or an attnkit.patterns.Pattern, got {type(pattern).__name__}")

@@ -1,0 +1,141 @@
+"""Mechanism registry: one card per mechanism, name -> card.
+
+A card says what a mechanism is (paper, family), how to build it (layer class and
+defaults), what it costs (a FLOP model) and what it can do (capabilities). ``attnkit
+list``, ``attnkit bench`` and ``attnkit compare`` read nothing else, so registering a card
+puts a new mechanism into every command and every shared test.
+
+    >>> import attnkit
+    >>> [c.name for c in attnkit.mechanisms()][:3]
+    ['mha', 'gqa', 'mqa']
+    >>> layer = attnkit.build("gqa", dim=256, num_heads=8)
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import patterns as _patterns
+
+__all__ = ["Card", "Capabilities", "FlopCount", "register", "mechanisms", "get", "build", "dense_attention_flops"]
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs of one layer call. Backward: 2.5 x forward for the attention core (the
+    FlashAttention convention), 2 x forward for the projections (two matmuls per matmul)."""
+
+    attention_fwd: float
+    projection_fwd: float
+
+    @property
+    def attention_bwd(self) -> float:
+        return 2.5 * self.attention_fwd
+
+    @property
+    def projection_bwd(self) -> float:
+        return 2.0 * self.projection_fwd
+
+    @property
+    def fwd(self) -> float:
+        return self.attention_fwd + self.projection_fwd
+
+    @property
+    def bwd(self) -> float:
+        return self.attention_bwd + self.projection_bwd
+
+    def total(self, mode: str = "fwd") -> float:
+        return self.fwd if mode in ("fwd", "decode") else self.fwd + self.bwd
+
+    def attention(self, mode: str = "fwd") -> float:
+        return self.attention_fwd if mode in ("fwd", "decode") else self.attention_fwd + self.attention_bwd
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    causal: bool = True
+    bidirectional: bool = True
+    decode: bool = True
+    varlen: bool = True
+    backends: tuple[str, ...] = ("reference", "sdpa", "flex")
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    title: str
+    arxiv: str | None
+    family: str
+    layer: type
+    flops: Callable[[int, int, dict], FlopCount]
+    defaults: dict = field(default_factory=dict)
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    summary: str = ""
+
+    @property
+    def paper(self) -> str:
+        return f"{self.title} (arXiv {self.arxiv})" if self.arxiv else self.title
+
+    def config(self, dim: int, num_heads: int, **options) -> dict:
+        """Defaults, then options: the full keyword set the layer is built with. A default
+        may be a function of ``(dim, num_heads)`` (e.g. GQA's ``num_kv_heads = H // 4``)."""
+        defaults = {k: (v(dim, num_heads) if callable(v) else v) for k, v in self.defaults.items()}
+        return {"dim": dim, "num_heads": num_heads, **defaults, **options}
+
+    def build(self, dim: int, num_heads: int, **options):
+        config = self.config(dim, num_heads, **options)
+        accepted = inspect.signature(self.layer.__init__).parameters
+        unknown = sorted(k for k in config if k not in accepted)
+        if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            names = sorted(k for k in accepted if k != "self")
+            raise ValueError(f"{self.name} does not take option(s) {unknown}; accepted: {', '.join(names)}")
+        return self.layer(**config)
+
+    def flop_count(self, batch: int, seq: int, dim: int, num_heads: int, **options) -> FlopCount:
+        return self.flops(batch, seq, self.config(dim, num_heads, **options))
+
+
+_REGISTRY: dict[str, Card] = {}
+
+
+def register(card: Card) -> Card:
+    if card.name in _REGISTRY:
+        raise ValueError(f"a mechanism named {card.name!r} is already registered")
+    _REGISTRY[card.name] = card
+    return card
+
+
+def _ensure_loaded() -> None:
+    from . import layers  # noqa: F401  (importing the layers registers their cards)
+
+
+def mechanisms(family: str | None = None) -> list[Card]:
+    """All registered cards, in registration order (optionally of one family)."""
+    _ensure_loaded()
+    return [c for c in _REGISTRY.values() if family is None or c.family == family]
+
+
+def get(name: str) -> Card:
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown mechanism {name!r}; registered: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def build(name: str, *, dim: int, num_heads: int, **options):
+    """Build the layer of mechanism ``name`` at width ``dim`` with ``num_heads`` heads."""
+    return get(name).build(dim, num_heads, **options)
+
+
+def dense_attention_flops(
+    batch: int, seq: int, *, num_heads: int, head_dim: int, pattern="causal", kv_len: int | None = None
+) -> float:
+    """Forward FLOPs of the softmax attention core: ``4 * B * H * pairs * D``, where
+    ``pairs`` counts the (query, key) pairs the pattern keeps (T*S for full,
+    T(T+1)/2 for causal)."""
+    pattern = _patterns.resolve(pattern)
+    kv_len = seq if kv_len is None else kv_len
+    pairs = pattern.pairs(seq, kv_len, heads=num_heads)
+    return 4.0 * batch * num_heads * pairs * head_dim

@@ -1,0 +1,226 @@
+"""attend: every backend against the float64 reference, forward and gradients."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attnkit import patterns as P
+from attnkit.ops import attend, attend_reference, block_mask_for
+
+PATTERNS = {
+    "full": lambda B, H, S: P.full(),
+    "causal": lambda B, H, S: P.causal(),
+    "window": lambda B, H, S: P.sliding_window(7),
+    "sink_window": lambda B, H, S: P.sink_window(3, 6),
+    "per_head": lambda B, H, S: P.per_head([P.causal() if h % 2 else P.sink_window(2, 5) for h in range(H)]),
+    "documents": lambda B, H, S: P.documents(torch.randint(0, 3, (B, S), generator=torch.Generator().manual_seed(S)).sort(-1).values)
+    & P.causal(),
+    "window_or_sink": lambda B, H, S: P.sliding_window(4) | P.sink_window(2, 1),
+}
+
+
+def make_qkv(B, Hq, Hkv, T, S, D, dtype=torch.float64, seed=0, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, T, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, S, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, S, D, generator=g, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def naive_loop(q, k, v, pattern, scale=None, q_offset=None):
+    """An independent second reference: a Python loop over rows (no shared code with attend_reference)."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    q_offset = S - T if q_offset is None else q_offset
+    scale = D**-0.5 if scale is None else scale
+    out = torch.zeros(B, Hq, T, v.shape[-1], dtype=q.dtype)
+    mask = pattern.dense(T, S, q_offset=q_offset, batch=B, heads=Hq).expand(B, Hq, T, S)
+    for b in range(B):
+        for h in range(Hq):
+            g = h // (Hq // Hkv)
+            for i in range(T):
+                keep = mask[b, h, i].nonzero().flatten()
+                if keep.numel() == 0:
+                    continue
+                s = (k[b, g, keep] @ q[b, h, i]) * scale
+                w = torch.exp(s - s.max())
+                out[b, h, i] = (w / w.sum()) @ v[b, g, keep]
+    return out
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (4, 1)])
+def test_reference_matches_row_loop(name, Hq, Hkv):
+    B, T, S, D = 2, 9, 13, 8
+    q, k, v = make_qkv(B, Hq, Hkv, T, S, D, requires_grad=False)
+    pattern = PATTERNS[name](B, Hq, S)
+    torch.testing.assert_close(attend_reference(q, k, v, pattern=pattern), naive_loop(q, k, v, pattern))
+
+
+def _check_backend(backend, name, B, Hq, Hkv, T, S, D, grads=True):
+    pattern = PATTERNS[name](B, Hq, S)
+    q, k, v = make_qkv(B, Hq, Hkv, T, S, D)
+    ref = attend(q, k, v, pattern=pattern, backend="reference")
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    q32, k32, v32 = [t.detach().float().requires_grad_(grads) for t in (q, k, v)]
+    out = attend(q32, k32, v32, pattern=pattern, backend=backend)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    if grads:
+        fast_grads = torch.autograd.grad(out, (q32, k32, v32), g.float())
+        for name_, a, b in zip("qkv", fast_grads, ref_grads):
+            torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name_}: {m}")
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("T,S", [(37, 37), (1, 37), (5, 37)])
+def test_sdpa_matches_reference(name, Hq, Hkv, T, S):
+    _check_backend("sdpa", name, 2, Hq, Hkv, T, S, 16)
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 1)])
+@pytest.mark.parametrize("T,S", [(37, 37), (1, 37), (5, 37)])
+def test_flex_forward_matches_reference(name, Hq, Hkv, T, S):
+    # FlexAttention has no backward on CPU: forward only here; gradients are checked on CUDA.
+    _check_backend("flex", name, 2, Hq, Hkv, T, S, 16, grads=False)
+
+
+@pytest.mark.parametrize("name", ["causal", "window", "documents"])
+def test_auto_matches_reference_with_grads(name):
+    _check_backend("auto", name, 2, 4, 2, 37, 37, 16)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    B=st.integers(1, 3),
+    Hkv=st.sampled_from([1, 2, 3]),
+    group=st.sampled_from([1, 2, 4]),
+    T=st.integers(1, 70),
+    extra=st.integers(0, 40),
+    D=st.sampled_from([8, 16, 24]),
+    name=st.sampled_from(list(PATTERNS)),
+    backend=st.sampled_from(["sdpa", "auto"]),
+)
+def test_fuzz_shapes(B, Hkv, group, T, extra, D, name, backend):
+    _check_backend(backend, name, B, Hkv * group, Hkv, T, T + extra, D)
+
+
+def test_lse_matches_reference_and_logsumexp():
+    q, k, v = make_qkv(2, 4, 2, 11, 19, 8, requires_grad=False)
+    pattern = P.sliding_window(5)
+    out, lse = attend(q, k, v, pattern=pattern, backend="reference", return_lse=True)
+    scores = torch.einsum("bhtd,bhsd->bhts", q, k.repeat_interleave(2, 1)) * 8**-0.5
+    mask = pattern.dense(11, 19)
+    torch.testing.assert_close(lse, torch.logsumexp(scores.masked_fill(~mask, float("-inf")), -1))
+    out_f, lse_f = attend(q.float(), k.float(), v.float(), pattern=pattern, backend="flex", return_lse=True)
+    torch.testing.assert_close(lse_f.double(), lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_f.double(), out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "flex"])
+def test_fully_masked_rows_are_zero(backend):
+    # queries placed before every key (q_offset < 0) see nothing under a causal pattern
+    q, k, v = make_qkv(1, 2, 2, 6, 10, 8, dtype=torch.float32, requires_grad=backend != "flex")
+    out = attend(q, k, v, pattern="causal", q_offset=-3, backend=backend)
+    assert torch.isfinite(out).all()
+    assert out[:, :, :3].abs().max() == 0
+    assert out[:, :, 3:].abs().min() > 0
+    if backend != "flex":
+        out.sum().backward()
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_score_mod_matches_reference():
+    q, k, v = make_qkv(2, 4, 2, 9, 9, 8, requires_grad=False)
+
+    def alibi(score, b, h, q_pos, k_pos):
+        return score - (h + 1) * 0.1 * (q_pos - k_pos)
+
+    ref = attend(q, k, v, pattern="causal", score_mod=alibi, backend="reference")
+    manual = attend(q, k, v, pattern="causal", backend="reference")
+    assert not torch.allclose(ref, manual)
+    flex = attend(q.float(), k.float(), v.float(), pattern="causal", score_mod=alibi, backend="flex")
+    torch.testing.assert_close(flex.double(), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="score_mod"):
+        attend(q, k, v, score_mod=alibi, backend="sdpa")
+
+
+def test_decode_offsets_see_the_right_keys():
+    # one query at the end of 20 keys under a window of 4 must equal attention over the last 4 keys
+    q, k, v = make_qkv(1, 2, 2, 1, 20, 8, requires_grad=False)
+    out = attend(q, k, v, pattern=P.sliding_window(4), backend="sdpa")
+    manual = attend(q, k[:, :, -4:], v[:, :, -4:], pattern="full", backend="reference")
+    torch.testing.assert_close(out, manual)
+
+
+def test_block_mask_cache_reuses_masks():
+    a = block_mask_for(P.sliding_window(8), 1, 2, 64, 64, 0, "cpu")
+    b = block_mask_for(P.sliding_window(8), 1, 2, 64, 64, 0, "cpu")
+    c = block_mask_for(P.sliding_window(9), 1, 2, 64, 64, 0, "cpu")
+    assert a is b and a is not c
+    assert block_mask_for(P.full(), 1, 2, 64, 64, 0, "cpu") is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(q=torch.randn(1, 3, 4, 8), k=torch.randn(1, 2, 4, 8), v=torch.randn(1, 2, 4, 8)), "multiple of"),
+        (dict(q=torch.randn(1, 2, 4, 8), k=torch.randn(1, 2, 4, 16), v=torch.randn(1, 2, 4, 16)), "head dims"),
+        (dict(q=torch.randn(1, 2, 4, 8), k=torch.randn(1, 2, 4, 8).double(), v=torch.randn(1, 2, 4, 8)), "dtype"),
+        (dict(q=torch.randn(2, 4, 8), k=torch.randn(1, 2, 4, 8), v=torch.randn(1, 2, 4, 8)), "rank 4"),
+        (dict(q=torch.randn(2, 2, 4, 8), k=torch.randn(1, 2, 4, 8), v=torch.randn(1, 2, 4, 8)), "batch"),
+        (dict(q=torch.randn(1, 2, 4, 8), k=torch.randn(1, 2, 4, 8), v=torch.randn(1, 2, 5, 8)), "agree"),
+        (dict(q=torch.randn(1, 2, 4, 8), k=torch.randn(1, 2, 4, 8), v=torch.randn(1, 2, 4, 8), backend="triton"), "unknown backend"),
+        (dict(q=torch.randn(1, 2, 4, 8), k=torch.randn(1, 2, 4, 8), v=torch.randn(1, 2, 4, 8), pattern="diagonal"), "unknown pattern"),
+        (dict(q=torch.randn(1, 2, 4, 8), k=torch.randn(1, 2, 4, 8), v=torch.randn(1, 2, 4, 8), pattern=P.per_head([P.causal()] * 3)), "3 entries"),
+        (dict(q=torch.randn(1, 2, 4, 8), k=torch.randn(1, 2, 4, 8), v=torch.randn(1, 2, 4, 8), return_lse=True, backend="sdpa"), "log-sum-exp"),
+    ],
+)
+def test_bad_inputs_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        attend(**kwargs)
+
+
+def test_flex_refuses_cpu_training_with_alternatives():
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="sdpa"):
+        attend(q, k, v, pattern="causal", backend="flex")
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, None])
+def test_bad_windows(bad):
+    with pytest.raises(ValueError, match="window"):
+        P.sliding_window(bad)
+    with pytest.raises(ValueError, match="window"):
+        P.sink_window(4, bad)
+
+
+def test_pattern_pairs_match_dense_counts():
+    for pattern in [P.full(), P.causal(), P.sliding_window(5), P.sink_window(3, 5), P.sliding_window(4) | P.causal()]:
+        for T, S in [(17, 17), (3, 40), (40, 40)]:
+            assert pattern.pairs(T, S) == int(pattern.dense(T, S).sum())
+
+
+# -- CUDA (run on the GPU machine) ------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "auto"])
+@pytest.mark.parametrize("Hq,Hkv,T,S", [(8, 8, 300, 300), (8, 2, 300, 300), (8, 1, 1, 300), (8, 2, 77, 300)])
+def test_cuda_bf16_matches_reference(name, backend, Hq, Hkv, T, S):
+    from conftest import rel_rms
+
+    B, D = 2, 64
+    pattern = PATTERNS[name](B, Hq, S)
+    q, k, v = make_qkv(B, Hq, Hkv, T, S, D)
+    ref = attend(q, k, v, pattern=pattern, backend="reference")
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    fast_in = [t.detach().cuda().bfloat16().requires_grad_() for t in (q, k, v)]
+    out = attend(*fast_in, pattern=pattern, backend=backend)
+    assert rel_rms(ref, out.cpu()) < 5e-3
+    grads = torch.autograd.grad(out, fast_in, g.cuda().bfloat16())
+    for a, b in zip(grads, ref_grads):
+        assert rel_rms(b, a.cpu()) < 5e-3
