@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|decode
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-benchmarks/results}
+R=$OUT/r; mkdir -p "$R"
+bench() { python3 -m attnkit.cli bench --device cuda "$@"; }
+case "${1:-}" in
+  tests)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    timeout 420 python3 -m pytest -m cuda tests -q -x -p no:cacheprovider 2>&1 | tee "$R/pytest-cuda.log" | tail -8 ;;
+  speed)
+    bench --mechanisms mha,gqa,mqa --mode fwd --out "$R/h200-fwd.json"
+    bench --mechanisms mha,gqa,mqa --mode fwdbwd --ops dense-sdpa,dense-sdpa-cudnn,dense-sdpa-flash,flex,attend --out "$R/h200-fwdbwd.json" ;;
+  patterns)
+    for p in window:1024 sink:4:1024; do
+      for m in fwd fwdbwd; do
+        bench --mechanisms none --ops dense-sdpa,dense-sdpa-cudnn,flex,attend --pattern $p --seq 8192,32768 --mode $m \
+          --out "$R/h200-${p//:/-}-$m.json" --plot none
+      done
+    done ;;
+  decode)
+    bench --mechanisms mha,gqa,mqa --ops none --mode decode --batch 1 --seq 4096,16384,65536,131072 --out "$R/h200-decode.json" ;;
+  *) echo "usage: $0 tests|speed|patterns|decode"; exit 2 ;;
+esac
