@@ -269,9 +269,9 @@ def _flex_impl(device: torch.device):
     if _COMPILED_FLEX is None:
         # every (shape, mask_mod, score_mod) is its own compiled kernel: allow more than dynamo's
         # default of 8 before it falls back to the slow unfused path
-        import torch._dynamo
+        from torch import _dynamo
 
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 256)
         _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
     return _COMPILED_FLEX
 
