@@ -23,6 +23,7 @@ Backends
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Callable
 
@@ -288,6 +289,7 @@ def block_mask_for(pattern, batch: int, heads: int, q_len: int, kv_len: int, q_o
     if pattern.kind == "full":
         return None
     device = torch.device(device)
+    pattern = pattern.to(device)
     B = batch if pattern.depends_on_batch else None
     H = heads if pattern.depends_on_head else None
     compiling = torch.compiler.is_compiling()
@@ -295,15 +297,18 @@ def block_mask_for(pattern, batch: int, heads: int, q_len: int, kv_len: int, q_o
     if key is not None and not compiling and key in _BLOCK_MASK_CACHE:
         _BLOCK_MASK_CACHE.move_to_end(key)
         return _BLOCK_MASK_CACHE[key]
-    block_mask = create_block_mask(
-        pattern.mask_mod(q_offset),
-        B,
-        H,
-        q_len,
-        kv_len,
-        device=device,
-        _compile=device.type == "cuda" and not compiling,
-    )
+    with warnings.catch_warnings():
+        # torch 2.11 deprecates _compile=True but it is still the way that never materialises S x S
+        warnings.simplefilter("ignore", DeprecationWarning)
+        block_mask = create_block_mask(
+            pattern.mask_mod(q_offset),
+            B,
+            H,
+            q_len,
+            kv_len,
+            device=device,
+            _compile=device.type == "cuda" and not compiling,
+        )
     if key is not None and not compiling:
         _BLOCK_MASK_CACHE[key] = block_mask
         if len(_BLOCK_MASK_CACHE) > _BLOCK_MASK_CACHE_SIZE:

@@ -78,6 +78,10 @@ class Pattern:
     def validate(self, batch: int, heads: int, kv_len: int) -> None:
         """Raise ``ValueError`` if the pattern cannot serve this shape."""
 
+    def to(self, device) -> "Pattern":
+        """This pattern with any tensors it holds on ``device`` (a compiled mask_mod cannot move them)."""
+        return self
+
     def _row_counts(self, q_pos: Tensor, kv_len: int) -> Tensor | None:
         """Allowed keys per query position, in closed form; ``None`` when there is none."""
         return None
@@ -267,6 +271,10 @@ class PerHead(Pattern):
         kinds = {p.kind for p in self._groups}
         self.kind = kinds.pop() if len(kinds) == 1 else None
 
+    def to(self, device):
+        moved = [p.to(device) for p in self.patterns]
+        return self if all(a is b for a, b in zip(moved, self.patterns)) else PerHead(moved)
+
     def _table(self, device) -> Tensor:
         if device not in self._tables:
             self._tables[device] = self._table_cpu.to(device)
@@ -327,6 +335,10 @@ class Documents(Pattern):
             ids = ids.to(q_pos.device)
         return ids[b, q_pos] == ids[b, k_pos]
 
+    def to(self, device):
+        device = torch.device(device)
+        return self if self.document_ids.device == device else Documents(self.document_ids.to(device))
+
     def validate(self, batch, heads, kv_len):
         if tuple(self.document_ids.shape) != (batch, kv_len):
             raise ValueError(
@@ -344,6 +356,10 @@ class _Binary(Pattern):
     def validate(self, batch, heads, kv_len):
         self.left.validate(batch, heads, kv_len)
         self.right.validate(batch, heads, kv_len)
+
+    def to(self, device):
+        left, right = self.left.to(device), self.right.to(device)
+        return self if (left is self.left and right is self.right) else type(self)(left, right)
 
     @property
     def cache_key(self):
