@@ -334,6 +334,11 @@ def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
             lse_request = {"return_aux": AuxRequest(lse=True)}
         except ImportError:
             lse_request = {"return_lse": True}
+    kernel_options = None
+    if q.device.type == "cuda" and T < 128 and _needs_grad(q, k, v):
+        # short queries take FlexAttention's decoding kernel, which has no backward: training
+        # on them needs the main kernel (torch 2.11 otherwise fails to lower)
+        kernel_options = {"FORCE_USE_FLEX_ATTENTION": True}
     result = _flex_impl(q.device)(
         q,
         k,
@@ -342,6 +347,7 @@ def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
         block_mask=block_mask,
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
+        kernel_options=kernel_options,
         **lse_request,
     )
     if not return_lse:
