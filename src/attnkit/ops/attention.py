@@ -297,18 +297,14 @@ def block_mask_for(pattern, batch: int, heads: int, q_len: int, kv_len: int, q_o
     if key is not None and not compiling and key in _BLOCK_MASK_CACHE:
         _BLOCK_MASK_CACHE.move_to_end(key)
         return _BLOCK_MASK_CACHE[key]
-    with warnings.catch_warnings():
-        # torch 2.11 deprecates _compile=True but it is still the way that never materialises S x S
-        warnings.simplefilter("ignore", DeprecationWarning)
-        block_mask = create_block_mask(
-            pattern.mask_mod(q_offset),
-            B,
-            H,
-            q_len,
-            kv_len,
-            device=device,
-            _compile=device.type == "cuda" and not compiling,
-        )
+    args = (pattern.mask_mod(q_offset), B, H, q_len, kv_len)
+    if compiling:  # traced into the caller's graph: no nested compile, no warnings filter
+        block_mask = create_block_mask(*args, device=device)
+    else:
+        with warnings.catch_warnings():
+            # torch 2.11 deprecates _compile=True, but it still builds the mask without an S x S tensor
+            warnings.simplefilter("ignore", DeprecationWarning)
+            block_mask = create_block_mask(*args, device=device, _compile=device.type == "cuda")
     if key is not None and not compiling:
         _BLOCK_MASK_CACHE[key] = block_mask
         if len(_BLOCK_MASK_CACHE) > _BLOCK_MASK_CACHE_SIZE:
