@@ -242,6 +242,9 @@ def _attend_sdpa(q, k, v, pattern, scale, q_offset):
         return _sdpa_fused(q, k, v, False, scale, gqa)
     if kind == "causal" and q_offset == 0 and T == S:
         return _sdpa_fused(q, k, v, True, scale, gqa)
+    if kind == "causal" and T == 1 and q_offset >= S - 1:
+        # a decode step: the one query sees every cached key, so no mask is needed
+        return _sdpa_fused(q, k, v, False, scale, gqa)
     mask = pattern.dense(T, S, q_offset=q_offset, batch=q.shape[0], heads=q.shape[1], device=q.device)
     # A row with no allowed key would come back NaN from SDPA: let it see key 0, then zero it.
     empty = ~mask.any(dim=-1, keepdim=True)  # (B|1, H|1, T, 1)
