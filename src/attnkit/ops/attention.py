@@ -224,7 +224,10 @@ def set_sdpa_priority(order=None) -> None:
 
 
 def _sdpa_fused(q, k, v, is_causal, scale, gqa):
-    if q.device.type == "cuda" and _SDPA_PRIORITY and not torch.compiler.is_compiling():
+    # cuDNN builds an execution plan per shape: worth it for prefill and training (T == S),
+    # ~40 ms per call for decode steps whose S grows each token, so those keep PyTorch's default
+    prefer = q.shape[2] == k.shape[2]
+    if prefer and q.device.type == "cuda" and _SDPA_PRIORITY and not torch.compiler.is_compiling():
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         names = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
