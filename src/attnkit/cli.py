@@ -8,8 +8,14 @@ import sys
 __all__ = ["main"]
 
 
-def _cmd_list(args) -> int:
+def console():
+    """A rich console for stdout; wide when stdout is not a terminal (logs, pipes)."""
     from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def _cmd_list(args) -> int:
     from rich.table import Table
 
     from . import registry
@@ -30,7 +36,7 @@ def _cmd_list(args) -> int:
             yes(caps.bidirectional),
             yes(caps.varlen),
         )
-    Console().print(table)
+    console().print(table)
     return 0
 
 

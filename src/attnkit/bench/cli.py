@@ -127,7 +127,9 @@ def cmd_bench(args) -> int:
 
         result = run_bench(cfg, progress=progress, command=command)
         bar.advance(task)
-    out_console = Console() if sys.stdout.isatty() else Console(width=200)
+    from ..cli import console
+
+    out_console = console()
     print_table(result, out_console)
     device = "cuda" if cfg.device.startswith("cuda") else "cpu"
     out = Path(args.out or f"attnkit-bench-{device}-{cfg.mode}.json")
