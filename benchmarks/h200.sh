@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|decode
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -21,7 +21,15 @@ case "${1:-}" in
           --out "$R/h200-${p//:/-}-$m.json" --plot none
       done
     done ;;
+  order)  # attend vs raw FlexAttention with the order of the rows swapped (is the gap an order effect?)
+    for p in window:1024 sink:4:1024; do
+      bench --mechanisms none --ops dense-sdpa,attend,flex --pattern $p --seq 32768 --mode fwd \
+        --out "$R/h200-${p//:/-}-fwd-swapped.json" --plot none
+    done ;;
+  compare)
+    python3 -m attnkit.cli compare --preset gpu --device cuda --task mqar --mechanisms mha,gqa,mqa,no-mixing \
+      --out "$R/h200-compare-mqar.json" ;;
   decode)
     bench --mechanisms mha,gqa,mqa --ops none --mode decode --batch 1 --seq 4096,16384,65536,131072 --out "$R/h200-decode.json" ;;
-  *) echo "usage: $0 tests|speed|patterns|decode"; exit 2 ;;
+  *) echo "usage: $0 tests|speed|patterns|order|compare|decode"; exit 2 ;;
 esac

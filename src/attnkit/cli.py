@@ -1,4 +1,4 @@
-"""The ``attnkit`` command: ``list``, ``bench``."""
+"""The ``attnkit`` command: ``list``, ``bench``, ``compare``."""
 
 from __future__ import annotations
 
@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_list = sub.add_parser("list", help="list the registered mechanisms")
     p_list.set_defaults(func=_cmd_list)
     from .bench.cli import add_bench_parser
+    from .compare.cli import add_compare_parser
 
     add_bench_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 

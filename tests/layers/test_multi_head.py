@@ -117,3 +117,26 @@ def test_flop_model_hand_computed():
     full = card.flop_count(B, T, C, H, pattern="full")
     assert full.attention_fwd == 4 * B * H * T * T * 8
     assert f.total("fwdbwd") == f.fwd + 2.5 * f.attention_fwd + 2 * f.projection_fwd
+
+
+def test_no_mixing_is_identity_attention():
+    """The control equals softmax attention whose pattern allows only the diagonal."""
+    from attnkit.layers import NoMixing
+    from attnkit.ops import attend_reference
+
+    class Diagonal(P.Pattern):
+        def allowed(self, b, h, q_pos, k_pos):
+            return q_pos == k_pos
+
+    torch.manual_seed(0)
+    layer = NoMixing(64, 8).double()
+    x = torch.randn(2, 9, 64, dtype=torch.float64, requires_grad=True)
+    v = layer.v_proj(x).view(2, 9, 8, 8).transpose(1, 2)
+    ref = attend_reference(v, v, v, pattern=Diagonal()).transpose(1, 2).reshape(2, 9, 64)
+    torch.testing.assert_close(layer(x), layer.o_proj(ref))
+    state = layer.init_state(2)
+    steps = torch.cat([layer(x[:, i : i + 1], state) for i in range(9)], dim=1)
+    torch.testing.assert_close(steps, layer(x))
+    assert state.offset == 9 and state.nbytes() == 0
+    with pytest.raises(ValueError, match="width"):
+        layer(torch.randn(1, 3, 32))

@@ -2,5 +2,6 @@
 
 from .base import AttentionLayer, check_input
 from .multi_head import MultiHeadAttention
+from .no_mixing import NoMixing
 
-__all__ = ["AttentionLayer", "MultiHeadAttention", "check_input"]
+__all__ = ["AttentionLayer", "MultiHeadAttention", "NoMixing", "check_input"]

@@ -132,8 +132,8 @@ def attend(
         q_offset = S - T
     elif isinstance(q_offset, bool) or not isinstance(q_offset, int):
         raise ValueError(f"q_offset must be an int or None, got {q_offset!r}")
-    if scale is None:
-        scale = D**-0.5
+    # scale=None goes through as None: every backend defaults to D ** -0.5 itself, and the
+    # compiled FlexAttention kernel is then the same one a direct flex_attention call gets
     if score_mod is not None and not callable(score_mod):
         raise ValueError(f"score_mod must be callable(score, b, h, q_pos, k_pos) or None, got {type(score_mod).__name__}")
 

@@ -1,0 +1,43 @@
+"""PNG of a comparison: loss vs step for every mechanism, and the final metric per mechanism."""
+
+from __future__ import annotations
+
+
+def plot_compare(result: dict, path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("plots need matplotlib: pip install 'attnkit[plot]'") from None
+    runs = result["runs"]
+    task = result["task"]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for run in runs:
+        steps, losses = zip(*run["loss_curve"])
+        ax_loss.plot(steps, losses, label=run["mechanism"])
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss (nats/token)")
+    ax_loss.set_yscale("log")
+    ax_loss.grid(True, which="both", alpha=0.3)
+    ax_loss.legend(fontsize=8)
+    names = [r["mechanism"] for r in runs]
+    values = [r["metric"] for r in runs]
+    bars = ax_metric.bar(names, values, color="tab:blue")
+    for bar, value in zip(bars, values):
+        ax_metric.annotate(f"{value:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    chance = runs[0]["eval"].get("chance") if runs else None
+    if chance is not None:
+        ax_metric.axhline(chance, color="gray", linestyle="--", linewidth=0.8, label="chance")
+        ax_metric.legend(fontsize=8)
+    ax_metric.set_ylabel(f"{task['metric']} ({'higher' if task['higher_is_better'] else 'lower'} is better)")
+    cfg = result["config"]
+    fig.suptitle(
+        f"attnkit compare · {task['task']} · preset {cfg['preset']} · {cfg['model']} · {cfg['train']['steps']} steps · "
+        f"{result['device']['name']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

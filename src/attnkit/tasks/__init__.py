@@ -1,0 +1,8 @@
+"""Tasks for ``attnkit compare``: MQAR, byte-level text LM on a real corpus, passkey retrieval."""
+
+from .base import Task
+from .mqar import MQAR
+from .passkey import Passkey
+from .text import TextCorpus, load_corpus, stdlib_path
+
+__all__ = ["Task", "MQAR", "Passkey", "TextCorpus", "load_corpus", "stdlib_path"]

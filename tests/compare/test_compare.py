@@ -1,0 +1,82 @@
+"""attnkit compare: end-to-end run, reuse of finished runs, schedule, seeding, errors."""
+
+import json
+
+import pytest
+import torch
+
+from attnkit.compare import CompareConfig, run_compare
+from attnkit.compare.harness import lr_at
+from attnkit.cli import main
+
+TINY = dict(model={"dim": 32, "num_layers": 1, "num_heads": 2}, train={"batch_size": 8, "warmup": 5},
+            task_options={"vocab_size": 32, "seq_len": 32, "num_pairs": 4})
+
+
+def test_twenty_step_run_and_reuse(tmp_path):
+    cfg = CompareConfig(mechanisms=["mha", "no-mixing"], steps=20, cache_dir=str(tmp_path), log_every=5, **TINY)
+    first = run_compare(cfg, command="test")
+    assert first["schema"] == "attnkit.compare/1"
+    assert [r["mechanism"] for r in first["runs"]] == ["mha", "no-mixing"]
+    for run in first["runs"]:
+        assert not run["reused"]
+        assert [s for s, _ in run["loss_curve"]] == [5, 10, 15, 20]
+        assert 0.0 <= run["metric"] <= 1.0 and run["params"] > 0 and run["tokens_per_s"] > 0
+    assert first["runs"][0]["params"] > first["runs"][1]["params"]  # no-mixing has no q/k
+    second = run_compare(cfg, command="test")
+    assert all(r["reused"] for r in second["runs"])
+    assert second["runs"][0]["loss_curve"] == first["runs"][0]["loss_curve"]
+    other = run_compare(CompareConfig(mechanisms=["mha"], steps=20, seed=1, cache_dir=str(tmp_path), log_every=5, **TINY))
+    assert not other["runs"][0]["reused"]  # a different seed is a different run
+
+
+def test_runs_are_deterministic(tmp_path):
+    a = run_compare(CompareConfig(mechanisms=["gqa"], steps=10, cache_dir=str(tmp_path / "a"), log_every=5, **TINY))
+    b = run_compare(CompareConfig(mechanisms=["gqa"], steps=10, cache_dir=str(tmp_path / "b"), log_every=5, **TINY))
+    assert a["runs"][0]["loss_curve"] == b["runs"][0]["loss_curve"]
+
+
+def test_training_learns_something(tmp_path):
+    result = run_compare(CompareConfig(mechanisms=["mha"], steps=60, cache_dir=str(tmp_path), log_every=10,
+                                       **{**TINY, "train": {"batch_size": 16, "warmup": 5, "lr": 3e-3}}))
+    curve = result["runs"][0]["loss_curve"]
+    assert curve[-1][1] < curve[0][1] - 0.3
+
+
+def test_lr_schedule():
+    assert lr_at(0, lr=1.0, warmup=10, steps=100) == pytest.approx(0.1)
+    assert lr_at(9, lr=1.0, warmup=10, steps=100) == pytest.approx(1.0)
+    assert lr_at(10, lr=1.0, warmup=10, steps=100) == pytest.approx(1.0)
+    assert lr_at(100, lr=1.0, warmup=10, steps=100) == pytest.approx(0.1)
+
+
+def test_save_checkpoints(tmp_path):
+    from attnkit.models import DecoderLM
+
+    cfg = CompareConfig(mechanisms=["mqa"], steps=3, cache_dir=str(tmp_path / "c"), log_every=1, **TINY)
+    run_compare(cfg, save_dir=tmp_path / "ckpt")
+    model = DecoderLM.from_pretrained(tmp_path / "ckpt" / "mqa")
+    assert model.config["attention"] == ["mqa"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mechanisms=["nope"]), "unknown mechanism 'nope'"),
+    (dict(task="vision"), "unknown --task"),
+    (dict(preset="tpu"), "unknown --preset"),
+    (dict(steps=0), "--steps"),
+])
+def test_bad_config(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run_compare(CompareConfig(cache_dir=str(tmp_path), **{**TINY, **kwargs}))
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "c.json"
+    code = main(["compare", "--task", "text", "--mechanisms", "mha", "--steps", "4", "--model", "dim=32,num_layers=1,num_heads=2",
+                 "--task-options", "seq_len=32", "--train", "batch_size=4", "--cache-dir", str(tmp_path), "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["task"]["metric"] == "bits_per_byte" and result["runs"][0]["metric"] > 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    assert main(["compare", "--mechanisms", "nope", "--cache-dir", str(tmp_path)]) == 2
+    assert "registered" in capsys.readouterr().err

@@ -1,0 +1,123 @@
+"""Task generators: answers at the right positions, determinism, corpus split, bad options."""
+
+import math
+
+import pytest
+import torch
+
+from attnkit.tasks import MQAR, Passkey, TextCorpus, load_corpus
+
+
+def test_mqar_targets_are_the_values_of_the_queried_keys():
+    task = MQAR(vocab_size=64, seq_len=48, num_pairs=6)
+    inputs, targets = task.generate(16, torch.Generator().manual_seed(0))
+    N = 6
+    for row_in, row_t in zip(inputs, targets):
+        keys, values = row_in[0 : 2 * N : 2], row_in[1 : 2 * N : 2]
+        assert len(set(keys.tolist())) == N and (keys >= 1).all() and (keys < 32).all()
+        assert (values >= 32).all() and (values < 64).all()
+        pairs = dict(zip(keys.tolist(), values.tolist()))
+        queried = (row_t != -100).nonzero().flatten()
+        assert len(queried) == N and (queried >= 2 * N).all()
+        for p in queried.tolist():
+            key = int(row_in[p])
+            assert int(row_t[p]) == pairs[key]  # predict the key's value as the next token
+            assert int(row_in[p + 1]) == pairs[key]
+        assert sorted(int(row_in[p]) for p in queried) == sorted(keys.tolist())  # every key asked once
+
+
+def test_mqar_is_deterministic_per_seed():
+    task = MQAR()
+    a = task.generate(4, torch.Generator().manual_seed(3))
+    b = task.generate(4, torch.Generator().manual_seed(3))
+    c = task.generate(4, torch.Generator().manual_seed(4))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_pairs=20, seq_len=64), "too short"),
+    (dict(vocab_size=16, num_pairs=8), "num_pairs"),
+    (dict(vocab_size=4), "vocab_size"),
+])
+def test_mqar_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MQAR(**kwargs)
+
+
+def test_passkey_needle_depth_and_answer():
+    task = Passkey(length=200, digits=5)
+    for depth in (0.0, 0.5, 1.0):
+        prompt, answer = task.example("48213", depth)
+        assert len(prompt) == 200 and answer == b"48213"
+        at = prompt.index(b"The pass key is 48213")
+        assert prompt.endswith(b"The pass key is ")
+        filler = 200 - len(b" The pass key is 48213. Remember it. 48213 is the pass key. ") - len(b" What is the pass key? The pass key is ")
+        assert abs(at - 1 - round(depth * filler)) <= 1  # the needle's leading space sits at the cut
+    inputs, targets = task.train_batch(3, torch.Generator().manual_seed(0))
+    assert inputs.shape == (3, 205)
+    for row_in, row_t in zip(inputs, targets):
+        kept = (row_t != -100).nonzero().flatten().tolist()
+        assert kept == list(range(199, 204))
+        assert bytes(row_t[199:204].tolist()) == bytes(row_in[200:205].tolist())
+        key = bytes(row_in[200:205].tolist())
+        assert b"The pass key is " + key in bytes(row_in[:200].tolist())
+
+
+def test_passkey_bad_options():
+    with pytest.raises(ValueError, match="length"):
+        Passkey(length=50)
+    with pytest.raises(ValueError, match="eval_depths"):
+        Passkey(eval_depths=(1.5,))
+
+
+def test_passkey_eval_counts_exact_matches():
+    class Oracle(torch.nn.Module):
+        """Answers by reading the key out of the prompt: evaluate must score it 100%."""
+
+        def generate(self, prompts, max_new_tokens):
+            out = []
+            for row in prompts.tolist():
+                text = bytes(row)
+                i = text.index(b"The pass key is ") + len(b"The pass key is ")
+                out.append(row + list(text[i : i + max_new_tokens]))
+            return torch.tensor(out)
+
+    task = Passkey(length=200, eval_per_depth=4)
+    result = task.evaluate(Oracle(), "cpu")
+    assert result["accuracy"] == 1.0 and set(result["per_depth"].values()) == {1.0}
+
+
+def test_text_corpus_split_by_file(tmp_path):
+    for i in range(30):
+        (tmp_path / f"f{i}.py").write_text(f"# file {i}\n" + "x = 1\n" * 100)
+    train, val, info = load_corpus(tmp_path)
+    assert info["files"] == 30 and len(train) > len(val) > 0
+    train_text, val_text = train.decode(), val.decode()
+    for i in range(30):
+        marker = f"# file {i}\n"
+        assert (marker in train_text) != (marker in val_text)  # every file on exactly one side
+    task = TextCorpus(seq_len=32, path=str(tmp_path), eval_windows=8)
+    x, y = task.train_batch(4, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_text_default_corpus_is_the_stdlib():
+    task = TextCorpus(seq_len=64, eval_windows=4)
+    assert task.info["files"] > 100 and task.info["val_bytes"] > 10_000
+
+
+def test_text_eval_bits_per_byte_of_uniform_model_is_8():
+    class Uniform(torch.nn.Module):
+        def forward(self, tokens):
+            return torch.zeros(*tokens.shape, 256)
+
+    task = TextCorpus(seq_len=32, eval_windows=4)
+    result = task.evaluate(Uniform(), "cpu")
+    assert result["bits_per_byte"] == pytest.approx(8.0)
+    assert result["val_loss"] == pytest.approx(math.log(256))
+
+
+def test_text_bad_path():
+    with pytest.raises(ValueError, match="does not exist"):
+        TextCorpus(path="/nonexistent/corpus")
