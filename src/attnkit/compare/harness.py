@@ -40,7 +40,7 @@ TASKS = ("mqar", "text", "passkey")
 # model and optimiser per preset; task sizes per (preset, task)
 PRESETS = {
     "cpu": {
-        "model": dict(dim=128, num_layers=2, num_heads=4),
+        "model": dict(dim=128, num_layers=2, num_heads=8),
         "train": dict(batch_size=32, lr=3e-3, warmup=100, weight_decay=0.1),
         "mqar": dict(task=dict(vocab_size=256, seq_len=64, num_pairs=4), steps=1000, train=dict(batch_size=64)),
         "text": dict(task=dict(seq_len=256), steps=600),
