@@ -15,6 +15,29 @@ def console():
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
+def invoked_command(name: str) -> str | None:
+    """The command line as typed, for result files (None when not run as ``attnkit <name>``)."""
+    import shlex
+
+    return "attnkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == [name] else None
+
+
+def write_outputs(result: dict, out: str, plot: str | None, plot_fn, out_console) -> None:
+    """Write the JSON to ``out`` and, unless ``plot == 'none'``, the PNG (default: next to the JSON)."""
+    import json
+    from pathlib import Path
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    written = [str(path)]
+    if plot != "none":
+        plot_path = Path(plot or path.with_suffix(".png"))
+        plot_fn(result, plot_path)
+        written.append(str(plot_path))
+    out_console.print(f"wrote {', '.join(written)}")
+
+
 def _cmd_list(args) -> int:
     from rich.table import Table
 

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
-from pathlib import Path
 
 from .harness import OPS, BenchConfig, count_cells, default_config, fmt_bytes, run_bench
 
@@ -113,7 +109,9 @@ def cmd_bench(args) -> int:
 
     cfg = make_config(args)
     console = Console(stderr=True)
-    command = "attnkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
+    from ..cli import invoked_command
+
+    command = invoked_command("bench")
     with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("starting", total=count_cells(cfg))
@@ -127,20 +125,12 @@ def cmd_bench(args) -> int:
 
         result = run_bench(cfg, progress=progress, command=command)
         bar.advance(task)
-    from ..cli import console
+    from ..cli import console, write_outputs
 
     out_console = console()
     print_table(result, out_console)
     device = "cuda" if cfg.device.startswith("cuda") else "cpu"
-    out = Path(args.out or f"attnkit-bench-{device}-{cfg.mode}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    written = [str(out)]
-    if args.plot != "none":
-        from .plot import plot_bench
+    from .plot import plot_bench
 
-        plot_path = Path(args.plot or out.with_suffix(".png"))
-        plot_bench(result, plot_path)
-        written.append(str(plot_path))
-    out_console.print(f"wrote {', '.join(written)}")
+    write_outputs(result, args.out or f"attnkit-bench-{device}-{cfg.mode}.json", args.plot, plot_bench, out_console)
     return 0

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
-from pathlib import Path
 
 from .harness import DEFAULT_MECHANISMS, PRESETS, TASKS, CompareConfig, run_compare
 
@@ -92,26 +88,18 @@ def print_table(result: dict, console) -> None:
 def cmd_compare(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..cli import console
+    from ..cli import console, invoked_command, write_outputs
 
     cfg = CompareConfig(task=args.task, mechanisms=args.mechanisms, preset=args.preset, steps=args.steps, seed=args.seed,
                         device=args.device, task_options=args.task_options, model=args.model, train=args.train,
                         corpus=args.corpus, cache_dir=args.cache_dir)
-    command = "attnkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
+    command = invoked_command("compare")
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=console()) as bar:
         result = run_compare(cfg, progress=_Progress(bar), command=command, save_dir=args.save)
     out_console = console()
     print_table(result, out_console)
-    out = Path(args.out or f"attnkit-compare-{cfg.task}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    written = [str(out)]
-    if args.plot != "none":
-        from .plot import plot_compare
+    from .plot import plot_compare
 
-        plot_path = Path(args.plot or out.with_suffix(".png"))
-        plot_compare(result, plot_path)
-        written.append(str(plot_path))
-    out_console.print(f"wrote {', '.join(written)}")
+    write_outputs(result, args.out or f"attnkit-compare-{cfg.task}.json", args.plot, plot_compare, out_console)
     return 0
