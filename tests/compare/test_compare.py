@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from attnkit.compare import CompareConfig, run_compare
 from attnkit.compare.harness import lr_at

@@ -32,7 +32,6 @@ JSON schema (``"schema": "attnkit.bench/1"``)::
 from __future__ import annotations
 
 import gc
-import math
 import os
 import platform
 import statistics
@@ -536,6 +535,3 @@ def fmt_bytes(n: int | None) -> str:
         n /= 1024
     return str(n)
 
-
-def isfinite(x) -> bool:
-    return x is not None and math.isfinite(x)

@@ -18,7 +18,6 @@ decoding memory scales with Hkv / H.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .. import patterns as _patterns
