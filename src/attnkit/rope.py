@@ -16,7 +16,7 @@ __all__ = ["RotaryEmbedding", "apply_rotary", "positions_from_documents"]
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x ``[B, H, T, D]``; cos/sin broadcastable to ``[B, 1, T, D/2]``."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.to(cos.dtype).chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
 
@@ -36,12 +36,14 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rope base must be positive, got {base}")
         self.head_dim = head_dim
         self.base = float(base)
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        # no buffer: a module-wide .to(bfloat16) would round the frequencies; they are
+        # recomputed per call (D/2 numbers), in float64 for float64 inputs
 
-    def angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions ``[B, T]`` -> cos, sin ``[B, 1, T, D/2]`` (float32)."""
-        freqs = positions.float()[..., None] * self.inv_freq  # (B, T, D/2)
+    def angles(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """positions ``[B, T]`` -> cos, sin ``[B, 1, T, D/2]`` in ``dtype`` (float32 or float64)."""
+        exponent = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float64) / self.head_dim
+        inv_freq = (self.base ** -exponent).to(dtype)
+        freqs = positions.to(dtype)[..., None] * inv_freq  # (B, T, D/2)
         return freqs.cos()[:, None], freqs.sin()[:, None]
 
     def forward(self, q: Tensor, k: Tensor, offset: int = 0, positions: Tensor | None = None):
@@ -50,7 +52,8 @@ class RotaryEmbedding(nn.Module):
             positions = torch.arange(offset, offset + T, device=q.device)[None]
         elif positions.dim() == 1:
             positions = positions[None]
-        cos, sin = self.angles(positions.to(q.device))
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        cos, sin = self.angles(positions.to(q.device), dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def extra_repr(self) -> str:
