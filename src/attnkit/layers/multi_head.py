@@ -21,6 +21,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import patterns as _patterns
+from .._checks import positive_int
 from ..ops import BACKENDS, attend
 from ..registry import Card, FlopCount, dense_attention_flops, register
 from ..rope import RotaryEmbedding, positions_from_documents
@@ -73,12 +74,9 @@ class MultiHeadAttention(AttentionLayer):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads <= 0:
-            raise ValueError(f"num_kv_heads must be a positive integer, got {num_kv_heads!r}")
+        positive_int(dim, "dim")
+        positive_int(num_heads, "num_heads")
+        num_kv_heads = positive_int(num_heads if num_kv_heads is None else num_kv_heads, "num_kv_heads")
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads} "

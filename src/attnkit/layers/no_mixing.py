@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .._checks import positive_int
 from ..registry import Capabilities, Card, FlopCount, register
 from ..state import State
 from .base import AttentionLayer, check_input
@@ -41,10 +42,8 @@ class NoMixing(AttentionLayer):
 
     def __init__(self, dim: int, num_heads: int, *, head_dim: int | None = None, bias: bool = False):
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
-            raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
+        positive_int(dim, "dim")
+        positive_int(num_heads, "num_heads")
         if head_dim is None:
             if dim % num_heads:
                 raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}; pass head_dim explicitly")

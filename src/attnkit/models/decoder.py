@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import registry
+from .._checks import positive_int
 
 __all__ = ["DecoderLM", "SwiGLU"]
 
@@ -96,8 +97,7 @@ class DecoderLM(nn.Module):
     ):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("dim", dim), ("num_layers", num_layers), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            positive_int(value, name)
         names = _per_layer(attention, num_layers, "attention", str)
         options = _per_layer(attention_options or {}, num_layers, "attention_options", dict)
         if mlp_hidden is None:

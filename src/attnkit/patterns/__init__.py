@@ -34,6 +34,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .._checks import positive_int
+
 __all__ = [
     "Pattern",
     "Full",
@@ -181,17 +183,13 @@ class Causal(Pattern):
         return ("causal",)
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 class SlidingWindow(Pattern):
     """Causal sliding window: a query at i sees keys ``i - window < j <= i`` (itself included)."""
 
     def __init__(self, window: int):
-        self.window = _positive_int(window, "window")
+        self.window = positive_int(window, "window")
 
     def allowed(self, b, h, q_pos, k_pos):
         return (k_pos <= q_pos) & (q_pos - k_pos < self.window)
@@ -220,7 +218,7 @@ class SinkWindow(Pattern):
         if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
             raise ValueError(f"sink_tokens must be a non-negative integer, got {sink_tokens!r}")
         self.sink_tokens = sink_tokens
-        self.window = _positive_int(window, "window")
+        self.window = positive_int(window, "window")
 
     def allowed(self, b, h, q_pos, k_pos):
         causal = k_pos <= q_pos
