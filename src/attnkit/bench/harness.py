@@ -329,7 +329,7 @@ def _run_op_cell(name, cfg, seq, device, dtype, pattern, dense_pattern) -> Cell:
             cell.message = f"reference needs ~{need / 2**30:.1f} GiB of scores (limit {limit / 2**30:.1f} GiB)"
             return cell
     flops = registry.dense_attention_flops(B, seq, num_heads=H, head_dim=D, pattern=row_pattern)
-    cell.flops = flops if cfg.mode == "fwd" else 3.5 * flops
+    cell.flops = registry.FlopCount(attention_fwd=flops, projection_fwd=0.0).total(cfg.mode)
     try:
         gen = torch.Generator(device=device).manual_seed(seq)
         q, k, v = (torch.randn(B, H, seq, D, device=device, dtype=dtype, generator=gen) for _ in range(3))
@@ -380,7 +380,6 @@ def _run_layer_cell(name, cfg, seq, device, dtype) -> Cell:
     options = {"head_dim": cfg.head_dim} if "head_dim" in _accepted(card) else {}
     try:
         layer = card.build(cfg.dim, cfg.heads, **options).to(device=device, dtype=dtype)
-        flops = card.flop_count(B, seq, cfg.dim, cfg.heads, **options)
         gen = torch.Generator(device=device).manual_seed(seq)
         if cfg.mode == "decode":
             if not card.capabilities.decode:
@@ -409,7 +408,7 @@ def _run_layer_cell(name, cfg, seq, device, dtype) -> Cell:
             else:
                 fn = torch.no_grad()(lambda: model(x))
             times, cell.peak_memory_bytes = _measure(fn, device, cfg.repeat, cfg.warmup)
-            cell.flops = flops.total(cfg.mode)
+            cell.flops = card.flop_count(B, seq, cfg.dim, cfg.heads, **options).total(cfg.mode)
             cell.backend = getattr(layer, "backend", "") or ""
         cell.latency_ms = _stats(times)
     except Exception as err:  # noqa: BLE001
