@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -31,5 +31,23 @@ case "${1:-}" in
       --out "$R/h200-compare-mqar.json" ;;
   decode)
     bench --mechanisms mha,gqa,mqa --ops none --mode decode --batch 1 --seq 4096,16384,65536,131072 --out "$R/h200-decode.json" ;;
-  *) echo "usage: $0 tests|speed|patterns|order|compare|decode"; exit 2 ;;
+  s2)  # issue 6: S2-Attention against dense causal (cuDNN SDPA and FlexAttention)
+    for m in fwd fwdbwd; do
+      bench --mechanisms none --ops dense-sdpa,dense-sdpa-cudnn,dense-flex,flex,attend --pattern s2:64:16:16 \
+        --seq 32768,131072 --mode $m --out "$R/h200-s2-$m.json" --plot none
+    done ;;
+  sigmoid)  # issue 6: sigmoid attention against softmax at the same shape
+    for m in fwd fwdbwd; do
+      bench --mechanisms none --ops dense-sdpa,dense-sdpa-cudnn,dense-flex,sigmoid --seq 8192,32768 --mode $m \
+        --out "$R/h200-sigmoid-$m.json" --plot none
+    done ;;
+  flexpatterns)  # issue 6: each pattern's speedup over dense FlexAttention against its FLOP reduction
+    for p in window:1024 sink:4:1024; do
+      bench --mechanisms none --ops dense-sdpa,dense-flex,attend --pattern $p --seq 32768 --mode fwdbwd \
+        --out "$R/h200-${p//:/-}-vsflex.json" --plot none
+    done ;;
+  streamdecode)  # issue 6: sink + window decode, flat in context length
+    bench --mechanisms streaming,sliding-window,mha --ops none --mode decode --batch 1 --seq 4096,16384,65536,131072 \
+      --out "$R/h200-streaming-decode.json" ;;
+  *) echo "usage: $0 tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode"; exit 2 ;;
 esac

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["State", "KVCache", "RecurrentState"]
+__all__ = ["State", "KVCache", "SinkWindowCache", "RecurrentState"]
 
 
 class State:
@@ -27,6 +27,12 @@ class State:
 
     def reset(self) -> None:
         self.offset = 0
+
+    def visible(self, pattern, first_position: int):
+        """The pattern and query offset under which this call's queries see the keys that
+        :meth:`update` returned (queries start at absolute ``first_position``). A cache that
+        keeps every token from position 0 returns ``(pattern, None)``: attend's default offset."""
+        return pattern, None
 
 
 class KVCache(State):
@@ -101,6 +107,101 @@ class KVCache(State):
         """Bytes of the cached tokens (not of spare capacity)."""
         per_token = self.batch_size * self.num_kv_heads * (self.head_dim + self.value_dim) * self._k.element_size()
         return per_token * self.offset
+
+
+class SinkWindowCache(State):
+    """A KV cache bounded to StreamingLLM's working set: the first ``sink_tokens`` keys and
+    the last ``window`` keys (``sink_tokens=0``: a sliding window).
+
+    Memory is ``(sink_tokens + window)`` tokens per head however long the context, and so is
+    a decode step's attention. Slots ``0 .. sink_tokens-1`` hold the sinks; the others are a
+    ring over positions ``>= sink_tokens``. A one-token step sees every kept key (so attention
+    needs no mask); a multi-token chunk gets the old keys plus its own, with their absolute
+    positions, and the layer's pattern decides which pairs count
+    (:class:`attnkit.patterns.AtKeyPositions`). Exact for causal sink/window patterns whose
+    ``sink_tokens`` and ``window`` are at most this cache's.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        sink_tokens: int,
+        window: int,
+        value_dim: int | None = None,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if window < 1 or sink_tokens < 0:
+            raise ValueError(f"SinkWindowCache needs window >= 1 and sink_tokens >= 0, got {window} and {sink_tokens}")
+        self.batch_size, self.num_kv_heads, self.head_dim = batch_size, num_kv_heads, head_dim
+        self.value_dim = value_dim or head_dim
+        self.sink_tokens, self.window = sink_tokens, window
+        slots = sink_tokens + window
+        self._k = torch.empty(batch_size, num_kv_heads, slots, head_dim, device=device, dtype=dtype)
+        self._v = torch.empty(batch_size, num_kv_heads, slots, self.value_dim, device=device, dtype=dtype)
+        self._slot_positions = torch.full((slots,), -1, dtype=torch.long, device=device)
+        self._last_positions: Tensor | None = None
+
+    def _slots(self, positions: Tensor) -> Tensor:
+        ring = self.sink_tokens + (positions - self.sink_tokens) % self.window
+        return torch.where(positions < self.sink_tokens, positions, ring)
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add k ``[B, Hkv, T, D]``, v ``[B, Hkv, T, Dv]``; return the keys and values this call's queries may need."""
+        if tuple(k.shape[:2]) != (self.batch_size, self.num_kv_heads) or k.shape[3] != self.head_dim \
+                or v.shape[3] != self.value_dim:
+            raise ValueError(
+                f"SinkWindowCache holds [B={self.batch_size}, Hkv={self.num_kv_heads}, S, D={self.head_dim}/{self.value_dim}], "
+                f"got k {tuple(k.shape)} and v {tuple(v.shape)}"
+            )
+        if k.dtype != self._k.dtype or k.device != self._k.device:
+            self._k = self._k.to(device=k.device, dtype=k.dtype)
+            self._v = self._v.to(device=v.device, dtype=v.dtype)
+            self._slot_positions = self._slot_positions.to(k.device)
+        T, start = k.shape[2], self.offset
+        filled = min(start, self._k.shape[2])  # slots fill in order until the ring wraps
+        if T == 1:
+            slot = self.sink_tokens + (start - self.sink_tokens) % self.window if start >= self.sink_tokens else start
+            self._k[:, :, slot : slot + 1] = k
+            self._v[:, :, slot : slot + 1] = v
+            self._slot_positions[slot] = start
+            self.offset += 1
+            self._last_positions = None  # every kept key is visible to the one query
+            n = min(start + 1, self._k.shape[2])
+            return self._k[:, :, :n], self._v[:, :, :n]
+        positions = torch.arange(start, start + T, device=k.device)
+        if filled:
+            keys = torch.cat([self._k[:, :, :filled], k], dim=2)
+            values = torch.cat([self._v[:, :, :filled], v], dim=2)
+            self._last_positions = torch.cat([self._slot_positions[:filled], positions])
+        else:  # a first chunk: positions 0 .. T-1, the plain layout
+            keys, values, self._last_positions = k, v, None
+        # keep the sinks among the new tokens and the last `window` of the others
+        keep = (positions < self.sink_tokens) | (positions > start + T - 1 - self.window)
+        kept = positions[keep]
+        slots = self._slots(kept)
+        self._k[:, :, slots] = k[:, :, keep]
+        self._v[:, :, slots] = v[:, :, keep]
+        self._slot_positions[slots] = kept
+        self.offset += T
+        return keys, values
+
+    def visible(self, pattern, first_position: int):
+        from . import patterns as _patterns
+
+        if self._last_positions is None:
+            if self.offset - first_position == 1:  # a one-token step: every kept key is allowed
+                return _patterns.full(), None
+            return pattern, None
+        return _patterns.AtKeyPositions(pattern, self._last_positions), first_position
+
+    def nbytes(self) -> int:
+        kept = min(self.offset, self._k.shape[2])
+        return self.batch_size * self.num_kv_heads * (self.head_dim + self.value_dim) * self._k.element_size() * kept
 
 
 class RecurrentState(State):

@@ -36,7 +36,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--mode", default="fwd", help="fwd | fwdbwd | decode")
-    p.add_argument("--pattern", default="causal", help="pattern of the op rows: causal | full | window:W | sink:N:W")
+    p.add_argument("--pattern", default="causal", help="pattern of the op rows: causal | full | window:W | sink:N:W | s2:BLOCK:LOCAL:STRIDE")
     p.add_argument("--repeat", type=int, default=None, help="timed repetitions per cell")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls per cell")
     p.add_argument("--compile", action="store_true", help="torch.compile the layers")

@@ -7,7 +7,8 @@ Rows of a run
   layer at the same width.
 - *ops*: the attention core alone on ``q [B, H, T, D]``: ``dense-sdpa`` (SDPA, dense
   causal; on CUDA also ``dense-sdpa-cudnn``, ``-flash``, ``-efficient``), ``flex`` (raw
-  compiled FlexAttention on the ``--pattern`` block mask), ``attend`` (``attnkit.attend``,
+  compiled FlexAttention on the ``--pattern`` block mask; ``dense-flex`` the same on dense causal),
+  ``sigmoid`` (:func:`attnkit.ops.sigmoid_attend` on ``--pattern``, bias -log T), ``attend`` (``attnkit.attend``,
   auto dispatch, ``--pattern``) and ``reference`` (where it fits in memory); dense
   reference = ``dense-sdpa``.
 
@@ -26,12 +27,14 @@ JSON schema (``"schema": "attnkit.bench/1"``)::
      cells: [{name, kind: "layer"|"op", seq, batch, status: "ok"|"oom"|"unsupported"|"skipped"|"error",
               message, backend, latency_ms: {median, p10, p90, min, max, samples},
               peak_memory_bytes, flops, tflops, pct_matmul_peak,
-              speedup_vs_dense, flop_reduction, realised_fraction, state_bytes}]}
+              speedup_vs_dense, flop_reduction, realised_fraction,
+              speedup_vs_dense_flex, realised_fraction_vs_flex, state_bytes}]}
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import statistics
@@ -51,7 +54,8 @@ from ..ops import attend, attend_reference, block_mask_for
 __all__ = ["BenchConfig", "run_bench", "parse_pattern", "OPS", "default_config", "SCHEMA"]
 
 SCHEMA = "attnkit.bench/1"
-OPS = ("dense-sdpa", "dense-sdpa-cudnn", "dense-sdpa-flash", "dense-sdpa-efficient", "flex", "attend", "reference")
+OPS = ("dense-sdpa", "dense-sdpa-cudnn", "dense-sdpa-flash", "dense-sdpa-efficient", "dense-flex", "flex", "attend",
+       "sigmoid", "reference")
 MODES = ("fwd", "fwdbwd", "decode")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -89,8 +93,9 @@ def default_config(device: str) -> dict:
                 repeat=5, warmup=2)
 
 
-def parse_pattern(spec: str) -> _patterns.Pattern:
-    """``causal`` | ``full`` | ``window:W`` | ``sink:N:W`` -> a Pattern."""
+def parse_pattern(spec: str, heads: int = 1) -> _patterns.Pattern:
+    """``causal`` | ``full`` | ``window:W`` | ``sink:N:W`` | ``s2:BLOCK:LOCAL:STRIDE`` -> a Pattern
+    (S2-Attention's per-head pattern is built for ``heads`` heads)."""
     parts = spec.split(":")
     try:
         if parts == ["causal"] or parts == ["full"]:
@@ -99,10 +104,13 @@ def parse_pattern(spec: str) -> _patterns.Pattern:
             return _patterns.sliding_window(int(parts[1]))
         if parts[0] == "sink" and len(parts) == 3:
             return _patterns.sink_window(int(parts[1]), int(parts[2]))
+        if parts[0] == "s2" and len(parts) == 4:
+            block, local, stride = (int(p) for p in parts[1:])
+            return _patterns.s2_strided(num_heads=heads, block_size=block, local_blocks=local, vert_stride=stride)
     except ValueError as err:
         if "invalid literal" not in str(err):
             raise
-    raise ValueError(f"unknown --pattern {spec!r}; accepted: causal, full, window:W, sink:N:W")
+    raise ValueError(f"unknown --pattern {spec!r}; accepted: causal, full, window:W, sink:N:W, s2:BLOCK:LOCAL:STRIDE")
 
 
 # -- measurement primitives ----------------------------------------------------------------------
@@ -240,13 +248,18 @@ def _op_callable(name: str, q, k, v, pattern, dense_pattern) -> tuple[Callable, 
                 return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
 
         return run, name.rsplit("-", 1)[1]
-    if name == "flex":
+    if name in ("flex", "dense-flex"):
         from torch.nn.attention.flex_attention import flex_attention
 
+        if name == "dense-flex":
+            pattern = dense_pattern
         block_mask = block_mask_for(pattern, q.shape[0], q.shape[1], q.shape[2], k.shape[2], 0, q.device)
         if q.device.type == "cuda":
             fn = torch.compile(flex_attention, dynamic=False)
-            return (lambda: fn(q, k, v, block_mask=block_mask)), "flex"
+            tile = pattern.flex_block_size
+            options = {"kernel_options": dict(BLOCK_M=tile, BLOCK_N=tile, BLOCK_M1=min(tile, 64), BLOCK_N1=tile,
+                                              BLOCK_M2=tile, BLOCK_N2=min(tile, 64))} if tile else {}
+            return (lambda: fn(q, k, v, block_mask=block_mask, **options)), "flex"
 
         def eager():
             import warnings
@@ -261,6 +274,13 @@ def _op_callable(name: str, q, k, v, pattern, dense_pattern) -> tuple[Callable, 
 
         backend = choose_backend(q, k, v, pattern, None, False, 0)
         return (lambda: attend(q, k, v, pattern=pattern)), backend
+    if name == "sigmoid":
+        from ..ops import sigmoid_attend
+
+        from ..ops.attention import choose_backend
+
+        backend = choose_backend(q, k, v, pattern, "score_mod", True, 0)
+        return (lambda: sigmoid_attend(q, k, v, pattern=pattern, bias=-math.log(q.shape[2]))), f"{backend} (log-sigmoid)"
     if name == "reference":
         return (lambda: attend_reference(q, k, v, pattern=pattern)), "reference"
     raise ValueError(f"unknown op {name!r}; accepted: {', '.join(OPS)}")
@@ -293,6 +313,8 @@ class Cell:
     speedup_vs_dense: float | None = None
     flop_reduction: float | None = None
     realised_fraction: float | None = None
+    speedup_vs_dense_flex: float | None = None
+    realised_fraction_vs_flex: float | None = None
     state_bytes: int | None = None
 
 
@@ -312,11 +334,11 @@ def _run_op_cell(name, cfg, seq, device, dtype, pattern, dense_pattern) -> Cell:
     if cfg.mode == "decode":
         cell.status, cell.message = "unsupported", "ops are measured in fwd / fwdbwd; decode measures layers"
         return cell
-    row_pattern = dense_pattern if name.startswith("dense-sdpa") else pattern
+    row_pattern = dense_pattern if name.startswith("dense-") else pattern
     if name.startswith("dense-sdpa-") and device.type != "cuda":
         cell.status, cell.message = "unsupported", "SDPA backend choice is a CUDA feature"
         return cell
-    if name == "flex" and device.type == "cpu" and cfg.mode == "fwdbwd":
+    if name in ("flex", "dense-flex") and device.type == "cpu" and cfg.mode == "fwdbwd":
         cell.status, cell.message = "unsupported", "FlexAttention has no backward on CPU"
         return cell
     H, D = cfg.heads, cfg.head_dim
@@ -426,6 +448,7 @@ def _derive(cells: list[Cell], matmul_tflops: float) -> None:
     """Throughput and the comparisons against the dense reference of each kind."""
     dense = {("layer", c.seq): c for c in cells if c.kind == "layer" and c.name == "mha" and c.status == "ok"}
     dense.update({("op", c.seq): c for c in cells if c.kind == "op" and c.name == "dense-sdpa" and c.status == "ok"})
+    dense_flex = {c.seq: c for c in cells if c.kind == "op" and c.name == "dense-flex" and c.status == "ok"}
     for c in cells:
         if c.status != "ok":
             continue
@@ -439,6 +462,11 @@ def _derive(cells: list[Cell], matmul_tflops: float) -> None:
             if c.flops and ref.flops:
                 c.flop_reduction = ref.flops / c.flops
                 c.realised_fraction = c.speedup_vs_dense / c.flop_reduction
+        flex_ref = dense_flex.get(c.seq)
+        if c.kind == "op" and flex_ref is not None and c.flops and flex_ref.flops:
+            # the same comparison against dense causal FlexAttention (the patterned rows' own kernel)
+            c.speedup_vs_dense_flex = flex_ref.latency_ms["median"] / ms
+            c.realised_fraction_vs_flex = c.speedup_vs_dense_flex / (flex_ref.flops / c.flops)
 
 
 def _versions() -> dict:
@@ -486,7 +514,7 @@ def validate_config(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
         raise ValueError(f"--dim {cfg.dim} must be divisible by --heads {cfg.heads}")
     if cfg.repeat < 1 or cfg.warmup < 0:
         raise ValueError(f"--repeat must be >= 1 and warm-up >= 0, got {cfg.repeat}, {cfg.warmup}")
-    parse_pattern(cfg.pattern)
+    parse_pattern(cfg.pattern, cfg.heads)
     return device, DTYPES[cfg.dtype]
 
 
@@ -495,7 +523,7 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
     device, dtype = validate_config(cfg)
     if device.type == "cpu":
         _fixed_mmap_threshold()
-    pattern = parse_pattern(cfg.pattern)
+    pattern = parse_pattern(cfg.pattern, cfg.heads)
     dense_pattern = _patterns.full() if pattern.kind == "full" else _patterns.causal()
     matmul = measure_matmul_tflops(device, dtype)
     cells: list[Cell] = []

@@ -18,6 +18,7 @@ decoding memory scales with Hkv / H.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .. import patterns as _patterns
@@ -25,7 +26,7 @@ from .._checks import positive_int
 from ..ops import BACKENDS, attend
 from ..registry import Card, FlopCount, dense_attention_flops, register
 from ..rope import RotaryEmbedding, positions_from_documents
-from ..state import KVCache
+from ..state import KVCache, SinkWindowCache
 from .base import AttentionLayer, check_input
 
 __all__ = ["MultiHeadAttention"]
@@ -105,18 +106,20 @@ class MultiHeadAttention(AttentionLayer):
         self.rope = RotaryEmbedding(head_dim, rope_base) if rope else None
         self.dropout = nn.Dropout(dropout)
 
-    def init_state(self, batch_size: int, *, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+    def init_state(self, batch_size: int, *, max_len: int | None = None, device=None, dtype=None):
+        """A :class:`KVCache`, or a bounded :class:`SinkWindowCache` when the pattern is a
+        sliding window or sink + window (decode memory then stays flat in context length)."""
         if self.pattern.kind == "full":
             raise ValueError("decoding needs a causal pattern; this layer was built with pattern='full' (bidirectional)")
         param = self.qkv_proj.weight
-        return KVCache(
-            batch_size,
-            self.num_kv_heads,
-            self.head_dim,
-            max_len=max_len,
-            device=device or param.device,
-            dtype=dtype or param.dtype,
-        )
+        device, dtype = device or param.device, dtype or param.dtype
+        value_dim = self.head_dim + self.extra_value_channels
+        if isinstance(self.pattern, (_patterns.SlidingWindow, _patterns.SinkWindow)):
+            sinks = getattr(self.pattern, "sink_tokens", 0)
+            return SinkWindowCache(batch_size, self.num_kv_heads, self.head_dim, sink_tokens=sinks,
+                                   window=self.pattern.window, value_dim=value_dim, device=device, dtype=dtype)
+        return KVCache(batch_size, self.num_kv_heads, self.head_dim, value_dim=value_dim, max_len=max_len,
+                       device=device, dtype=dtype)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x ``[B, T, C]`` -> q ``[B, H, T, D]``, k and v ``[B, Hkv, T, D]`` (before RoPE)."""
@@ -130,7 +133,19 @@ class MultiHeadAttention(AttentionLayer):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def forward(self, x: Tensor, state: KVCache | None = None, *, document_ids: Tensor | None = None) -> Tensor:
+    #: channels a subclass appends to the cached values (DMA caches its key bias there)
+    extra_value_channels = 0
+
+    def adjust(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, state) -> tuple[Tensor, Tensor, Tensor]:
+        """Hook for variants: change q, k, v (before RoPE) given the input and the absolute
+        positions ``[B|1, T]`` of this call's tokens. Plain attention returns them unchanged."""
+        return q, k, v
+
+    def core(self, q: Tensor, k: Tensor, v: Tensor, pattern, q_offset: int | None) -> Tensor:
+        """Hook for variants: the attention of ``q [B, H, T, D]`` over the visible keys."""
+        return attend(q, k, v, pattern=pattern, backend=self.backend, q_offset=q_offset)
+
+    def forward(self, x: Tensor, state=None, *, document_ids: Tensor | None = None) -> Tensor:
         check_input(x, self.dim)
         B, T, _ = x.shape
         q, k, v = self.project(x)
@@ -148,11 +163,15 @@ class MultiHeadAttention(AttentionLayer):
             if pattern.kind == "full":
                 raise ValueError("decoding needs a causal pattern; this layer was built with pattern='full'")
             offset = state.offset
+        token_positions = positions if positions is not None else torch.arange(offset, offset + T, device=x.device)[None]
+        q, k, v = self.adjust(x, q, k, v, token_positions, state)
         if self.rope is not None:
             q, k = self.rope(q, k, offset=offset, positions=positions)
+        q_offset = None
         if state is not None:
             k, v = state.update(k, v)
-        out = attend(q, k, v, pattern=pattern, backend=self.backend)  # (B, H, T, D)
+            pattern, q_offset = state.visible(pattern, offset)
+        out = self.core(q, k, v, pattern, q_offset)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.dropout(self.o_proj(out))
 

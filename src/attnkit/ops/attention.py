@@ -304,13 +304,14 @@ def block_mask_for(pattern, batch: int, heads: int, q_len: int, kv_len: int, q_o
         _BLOCK_MASK_CACHE.move_to_end(key)
         return _BLOCK_MASK_CACHE[key]
     args = (pattern.mask_mod(q_offset), B, H, q_len, kv_len)
+    block_size = {"BLOCK_SIZE": pattern.flex_block_size} if pattern.flex_block_size else {}
     if compiling:  # traced into the caller's graph: no nested compile, no warnings filter
-        block_mask = create_block_mask(*args, device=device)
+        block_mask = create_block_mask(*args, device=device, **block_size)
     else:
         with warnings.catch_warnings():
             # torch 2.11 deprecates _compile=True, but it still builds the mask without an S x S tensor
             warnings.simplefilter("ignore", DeprecationWarning)
-            block_mask = create_block_mask(*args, device=device, _compile=device.type == "cuda")
+            block_mask = create_block_mask(*args, device=device, _compile=device.type == "cuda", **block_size)
     if key is not None and not compiling:
         _BLOCK_MASK_CACHE[key] = block_mask
         if len(_BLOCK_MASK_CACHE) > _BLOCK_MASK_CACHE_SIZE:
@@ -336,11 +337,16 @@ def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
             lse_request = {"return_aux": AuxRequest(lse=True)}
         except ImportError:
             lse_request = {"return_lse": True}
-    kernel_options = None
+    kernel_options = {}
     if q.device.type == "cuda" and T < 128 and _needs_grad(q, k, v):
         # short queries take FlexAttention's decoding kernel, which has no backward: training
         # on them needs the main kernel (torch 2.11 otherwise fails to lower)
-        kernel_options = {"FORCE_USE_FLEX_ATTENTION": True}
+        kernel_options["FORCE_USE_FLEX_ATTENTION"] = True
+    if q.device.type == "cuda" and pattern.flex_block_size:
+        # a block mask of smaller blocks needs kernel tiles that divide them
+        tile = pattern.flex_block_size
+        kernel_options.update(BLOCK_M=tile, BLOCK_N=tile, BLOCK_M1=min(tile, 64), BLOCK_N1=tile,
+                              BLOCK_M2=tile, BLOCK_N2=min(tile, 64))
     result = _flex_impl(q.device)(
         q,
         k,
@@ -349,7 +355,7 @@ def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
         block_mask=block_mask,
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
-        kernel_options=kernel_options,
+        kernel_options=kernel_options or None,
         **lse_request,
     )
     if not return_lse:

@@ -44,6 +44,8 @@ __all__ = [
     "SinkWindow",
     "PerHead",
     "Documents",
+    "S2Strided",
+    "AtKeyPositions",
     "And",
     "Or",
     "full",
@@ -52,6 +54,7 @@ __all__ = [
     "sink_window",
     "per_head",
     "documents",
+    "s2_strided",
     "resolve",
     "PATTERN_NAMES",
 ]
@@ -68,6 +71,8 @@ class Pattern:
     depends_on_batch: bool = False
     #: whether :meth:`allowed` reads the head index.
     depends_on_head: bool = False
+    #: FlexAttention block size for this pattern (``None``: FlexAttention's default, 128).
+    flex_block_size: int | None = None
 
     def allowed(self, b: Tensor, h: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         raise NotImplementedError
@@ -344,6 +349,139 @@ class Documents(Pattern):
             )
 
 
+class S2Strided(Pattern):
+    """S2-Attention's per-head strided block pattern (arXiv 2407.17678), causal.
+
+    Tokens fall into blocks of ``block_size``. Query block ``i`` of head ``h`` sees key
+    block ``j`` iff ``j <= i`` and (``i - j < local_blocks`` or
+    ``(j + g*step + offset) % vert_stride == 0``), where ``g = h // heads_per_group`` is the
+    KV head of query head ``h`` (heads sharing a KV head share a pattern, so the kept keys of a
+    KV head are one set) and ``step = max(1, vert_stride // num_groups)``. Within the kept blocks
+    attention is causal token by token, so the diagonal block is always attended. Heads listed
+    in ``dense_heads`` (query-head indices) see the whole causal context. Each head keeps a
+    different ``1/vert_stride`` of the distant blocks; with ``num_groups * step >= vert_stride``
+    the union over heads covers every block.
+    """
+
+    depends_on_head = True
+
+    def __init__(self, *, num_heads: int, block_size: int = 64, local_blocks: int = 1, vert_stride: int = 16,
+                 num_kv_heads: int | None = None, offset: int = 0, dense_heads: Sequence[int] = ()):
+        self.num_heads = positive_int(num_heads, "num_heads")
+        self.num_kv_heads = positive_int(num_heads if num_kv_heads is None else num_kv_heads, "num_kv_heads")
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        self.block_size = positive_int(block_size, "block_size")
+        self.local_blocks = positive_int(local_blocks, "local_blocks")
+        self.vert_stride = positive_int(vert_stride, "vert_stride")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a non-negative integer, got {offset!r}")
+        self.offset = offset
+        dense_heads = tuple(sorted(set(dense_heads)))
+        bad = [h for h in dense_heads if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < num_heads]
+        if bad:
+            raise ValueError(f"dense_heads must be query-head indices in [0, {num_heads}), got {list(dense_heads)}")
+        self.dense_heads = dense_heads
+        self.step = max(1, self.vert_stride // self.num_kv_heads)
+        # FlexAttention skips whole blocks: match its block to S2's so that a 64-token stripe
+        # does not cost a 128-token block
+        if self.block_size < 128 and self.block_size % 16 == 0:
+            self.flex_block_size = self.block_size
+        dense = torch.zeros(num_heads, dtype=torch.bool)
+        dense[list(dense_heads)] = True
+        self._dense_cpu = dense
+        self._dense: dict = {}
+
+    def _dense_table(self, device) -> Tensor:
+        if device not in self._dense:
+            self._dense[device] = self._dense_cpu.to(device)
+        return self._dense[device]
+
+    def allowed(self, b, h, q_pos, k_pos):
+        q_block = q_pos // self.block_size
+        k_block = k_pos // self.block_size
+        group = h // (self.num_heads // self.num_kv_heads)
+        local = q_block - k_block < self.local_blocks
+        stripe = (k_block + group * self.step + self.offset) % self.vert_stride == 0
+        keep = (k_pos <= q_pos) & (local | stripe)
+        if self.dense_heads:
+            keep = keep | ((k_pos <= q_pos) & self._dense_table(h.device)[h])
+        return keep
+
+    def pairs(self, q_len, kv_len, *, q_offset=None, heads=1, batch=1):
+        if q_offset not in (None, kv_len - q_len) or q_len != kv_len:
+            return super().pairs(q_len, kv_len, q_offset=q_offset, heads=self.num_heads, batch=batch)
+        # self-attention: count at block level (exact; no T x S mask even at 128k)
+        bs = self.block_size
+        num_blocks = -(-q_len // bs)
+        i = torch.arange(num_blocks)[:, None]
+        j = torch.arange(num_blocks)[None, :]
+        queries = torch.clamp(q_len - i * bs, max=bs).double()  # (nb, 1) queries in block i
+        diagonal = (queries * (queries + 1) / 2).sum()  # causal within the diagonal block
+        total = 0.0
+        for h in range(self.num_heads):
+            if h in self.dense_heads:
+                total += q_len * (q_len + 1) / 2
+                continue
+            group = h // (self.num_heads // self.num_kv_heads)
+            kept = (j < i) & ((i - j < self.local_blocks) | ((j + group * self.step + self.offset) % self.vert_stride == 0))
+            total += float((kept.double() * queries).sum()) * bs + float(diagonal)
+        return total / self.num_heads
+
+    def validate(self, batch, heads, kv_len):
+        if heads != self.num_heads:
+            raise ValueError(f"s2_strided pattern was built for num_heads={self.num_heads}, the attention has {heads}")
+
+    @property
+    def cache_key(self):
+        return ("s2_strided", self.num_heads, self.num_kv_heads, self.block_size, self.local_blocks,
+                self.vert_stride, self.offset, self.dense_heads)
+
+    def __repr__(self):
+        return (f"S2Strided(num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, block_size={self.block_size}, "
+                f"local_blocks={self.local_blocks}, vert_stride={self.vert_stride}, offset={self.offset}, "
+                f"dense_heads={list(self.dense_heads)})")
+
+
+class AtKeyPositions(Pattern):
+    """``pattern`` applied to keys that sit at arbitrary absolute positions.
+
+    A bounded KV cache (sink + window) or an evicting cache keeps keys whose positions are
+    no longer ``0 .. S-1``; ``key_positions`` (an integer tensor ``[S]``) says where key ``j``
+    came from, and the pair is allowed iff ``pattern`` allows ``(q_pos, key_positions[j])``.
+    """
+
+    def __init__(self, pattern: Pattern, key_positions: Tensor):
+        self.pattern = _check_pattern(pattern, "pattern")
+        if not isinstance(key_positions, Tensor) or key_positions.dim() != 1 or key_positions.is_floating_point():
+            got = tuple(key_positions.shape) if isinstance(key_positions, Tensor) else type(key_positions).__name__
+            raise ValueError(f"key_positions must be an integer tensor [S], got {got}")
+        self.key_positions = key_positions.long()
+        self.depends_on_batch = pattern.depends_on_batch
+        self.depends_on_head = pattern.depends_on_head
+
+    def allowed(self, b, h, q_pos, k_pos):
+        positions = self.key_positions
+        if positions.device != k_pos.device:
+            positions = positions.to(k_pos.device)
+        return self.pattern.allowed(b, h, q_pos, positions[k_pos])
+
+    def to(self, device):
+        device = torch.device(device)
+        pattern = self.pattern.to(device)
+        if self.key_positions.device == device and pattern is self.pattern:
+            return self
+        return AtKeyPositions(pattern, self.key_positions.to(device))
+
+    def validate(self, batch, heads, kv_len):
+        if self.key_positions.numel() != kv_len:
+            raise ValueError(f"key_positions has {self.key_positions.numel()} entries but there are S={kv_len} keys")
+        self.pattern.validate(batch, heads, kv_len)
+
+    def __repr__(self):
+        return f"AtKeyPositions({self.pattern!r}, S={self.key_positions.numel()})"
+
+
 class _Binary(Pattern):
     def __init__(self, left: Pattern, right: Pattern):
         self.left = _check_pattern(left, "left")
@@ -422,6 +560,10 @@ def per_head(patterns: Sequence[Pattern]) -> Pattern:
 
 def documents(document_ids: Tensor) -> Pattern:
     return Documents(document_ids)
+
+
+def s2_strided(**options) -> Pattern:
+    return S2Strided(**options)
 
 
 PATTERN_NAMES = ("full", "causal")

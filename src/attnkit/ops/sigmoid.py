@@ -1,0 +1,93 @@
+"""Sigmoid attention: element-wise sigmoid weights instead of a softmax over the row.
+
+    out[b, h, i] = sum_j  sigmoid(scale * q_i . k_j + bias) v_j           (normalize=False)
+    out[b, h, i] = sum_j  sigmoid(s_ij) v_j / sum_j sigmoid(s_ij)           (normalize=True)
+
+over the keys the pattern allows. Sources: Theory, Analysis, and Best Practices for Sigmoid
+Self-Attention (Ramapuram et al., arXiv 2409.04431), which uses ``bias = -log(n)`` with n the
+training length; When Attention Sink Emerges in Language Models (Gu et al., arXiv
+2410.10781), which trains it without bias, with and without the row normalisation.
+
+Fast path. ``log sigmoid`` as a score modifier turns softmax into the normalised form,
+``softmax_j(log sigmoid(s_ij)) = sigmoid(s_ij) / sum_j sigmoid(s_ij)``, and the row's
+log-sum-exp is ``log sum_j sigmoid(s_ij)``; so
+
+    sigmoid attention = attend(score_mod=logsigmoid) * exp(lse)
+
+runs on :func:`attnkit.attend` (compiled FlexAttention on CUDA) with every pattern, GQA,
+decode offsets and gradients, and needs no kernel of its own. ``sigmoid_attend_reference``
+is the math above, materialised.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import patterns as _patterns
+from .attention import BACKENDS, _validate, attend
+
+__all__ = ["sigmoid_attend", "sigmoid_attend_reference"]
+
+
+def sigmoid_attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    pattern=None,
+    bias: float = 0.0,
+    normalize: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+    q_offset: int | None = None,
+) -> Tensor:
+    """Sigmoid attention. q ``[B, Hq, T, D]``, k ``[B, Hkv, S, D]``, v ``[B, Hkv, S, Dv]`` ->
+    ``[B, Hq, T, Dv]``. ``bias`` is added to the scaled scores (``-log(n)`` in 2409.04431);
+    ``normalize`` divides each row by its sum of weights. Rows with no allowed key are zeros.
+
+    ``backend``: ``reference`` (materialised scores) or ``auto``/``flex`` (through
+    :func:`attnkit.attend` with a log-sigmoid score modifier; on CPU that call runs attend's
+    reference, as FlexAttention has no CPU backward).
+    """
+    _validate(q, k, v)
+    if backend not in BACKENDS or backend == "sdpa":
+        accepted = ", ".join(b for b in BACKENDS if b != "sdpa")
+        raise ValueError(f"sigmoid_attend backend must be one of {accepted}, got {backend!r} (SDPA has no sigmoid)")
+    if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+        raise ValueError(f"bias must be a float, got {bias!r}")
+    if backend == "reference":
+        return sigmoid_attend_reference(q, k, v, pattern=pattern, bias=bias, normalize=normalize, scale=scale,
+                                        q_offset=q_offset)
+    bias = float(bias)
+
+    def log_sigmoid(score, b, h, q_pos, k_pos):
+        return F.logsigmoid(score + bias)
+
+    out, lse = attend(q, k, v, pattern=pattern, score_mod=log_sigmoid, scale=scale, return_lse=True,
+                      backend=backend, q_offset=q_offset)
+    if normalize:
+        return out
+    # lse = log sum_j sigmoid(s_ij); -inf on empty rows, whose output is already zero
+    return out * lse.exp().to(out.dtype).unsqueeze(-1)
+
+
+def sigmoid_attend_reference(q, k, v, *, pattern=None, bias: float = 0.0, normalize: bool = False,
+                             scale: float | None = None, q_offset: int | None = None) -> Tensor:
+    """The math, materialising ``[B, Hq, T, S]`` weights (float64 for float64 inputs)."""
+    pattern = _patterns.resolve(pattern)
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    q_offset = S - T if q_offset is None else q_offset
+    scale = D**-0.5 if scale is None else scale
+    group = Hq // Hkv
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k = k.repeat_interleave(group, dim=1).to(compute)  # (B, Hq, S, D)
+    v = v.repeat_interleave(group, dim=1).to(compute)
+    weights = torch.sigmoid(torch.einsum("bhtd,bhsd->bhts", q.to(compute), k) * scale + bias)  # (B, Hq, T, S)
+    mask = pattern.dense(T, S, q_offset=q_offset, batch=B, heads=Hq, device=q.device)
+    weights = weights * mask
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(compute).tiny)
+    return torch.einsum("bhts,bhsd->bhtd", weights, v).to(q.dtype)

@@ -1,0 +1,81 @@
+"""sigmoid_attend: the log-sigmoid/lse path against the plain math (forward, gradients), the
+reference against a row-by-row loop, bf16 on CUDA, bad inputs."""
+
+import math
+
+import pytest
+import torch
+
+from attnkit import patterns as P
+from attnkit.ops import sigmoid_attend, sigmoid_attend_reference
+
+
+def inputs(Hq=4, Hkv=2, T=11, S=11, D=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, Hq, T, D, generator=g, dtype=dtype)
+    k = torch.randn(2, Hkv, S, D, generator=g, dtype=dtype)
+    v = torch.randn(2, Hkv, S, D, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def test_reference_matches_row_loop():
+    q, k, v = inputs(Hq=2, Hkv=1, T=5, S=7)
+    out = sigmoid_attend_reference(q, k, v, pattern="causal", bias=-1.5)
+    expected = torch.zeros_like(out)
+    for b in range(2):
+        for h in range(2):
+            for i in range(5):
+                pos = i + 2  # queries are the newest tokens: positions 2..6
+                for j in range(pos + 1):
+                    w = 1 / (1 + math.exp(-(float(q[b, h, i] @ k[b, 0, j]) / math.sqrt(8) - 1.5)))
+                    expected[b, h, i] += w * v[b, 0, j]
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("pattern", ["causal", "full", P.sliding_window(3), P.sink_window(1, 2)])
+@pytest.mark.parametrize("shape", [(4, 2, 11, 11), (4, 1, 3, 9), (2, 2, 1, 6)])
+def test_fast_path_matches_reference(normalize, pattern, shape):
+    Hq, Hkv, T, S = shape
+    q, k, v = (t.requires_grad_() for t in inputs(Hq, Hkv, T, S))
+    out = sigmoid_attend(q, k, v, pattern=pattern, bias=-2.0, normalize=normalize)
+    ref = sigmoid_attend_reference(q, k, v, pattern=pattern, bias=-2.0, normalize=normalize)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_weights_are_not_normalised_and_empty_rows_are_zero():
+    q, k, v = inputs(Hq=1, Hkv=1, T=4, S=4)
+    ones = torch.ones_like(v)
+    out = sigmoid_attend(q, k, ones, pattern="causal", bias=0.0)
+    assert not torch.allclose(out, torch.ones_like(out))  # row sums of sigmoid weights, not 1
+    assert torch.allclose(sigmoid_attend(q, k, ones, pattern="causal", normalize=True), torch.ones_like(out))
+    # a query at position 10 with a window of 1 sees no key among positions 0..3
+    out = sigmoid_attend(q[:, :, :1], k, v, pattern=P.sliding_window(1), q_offset=10)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(backend="sdpa"), "SDPA has no sigmoid"), (dict(bias="x"), "bias")])
+def test_bad_inputs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sigmoid_attend(*inputs(), **kwargs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("pattern", ["causal", P.sliding_window(100)])
+def test_cuda_bf16_matches_reference(normalize, pattern):
+    # inputs rounded to bf16 once, so the float64 reference sees what the kernel sees
+    q, k, v = (t.bfloat16().double() for t in inputs(Hq=8, Hkv=2, T=300, S=300, D=64, dtype=torch.float32))
+    bias = -math.log(300)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = sigmoid_attend_reference(*leaves, pattern=pattern, bias=bias, normalize=normalize)
+    fast_in = [t.cuda().bfloat16().requires_grad_() for t in (q, k, v)]
+    out = sigmoid_attend(*fast_in, pattern=pattern, bias=bias, normalize=normalize)
+    assert (out.double().cpu() - ref).norm() / ref.norm() < 5e-3
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, fast_in, g.cuda().bfloat16())
+    for name, a, b in zip("qkv", grads, torch.autograd.grad(ref, leaves, g)):
+        assert (a.double().cpu() - b).norm() / b.norm() < 5e-3, name
