@@ -10,7 +10,8 @@ from attnkit.bench.harness import Cell, _derive
 from attnkit.cli import main
 
 CELL_KEYS = {"name", "kind", "seq", "batch", "status", "message", "backend", "latency_ms", "peak_memory_bytes", "flops",
-             "tflops", "pct_matmul_peak", "speedup_vs_dense", "flop_reduction", "realised_fraction", "state_bytes"}
+             "tflops", "pct_matmul_peak", "speedup_vs_dense", "flop_reduction", "realised_fraction", "speedup_vs_dense_flex",
+             "realised_fraction_vs_flex", "state_bytes"}
 
 
 def tiny(**kwargs):

@@ -50,6 +50,7 @@ import torch
 from .. import __version__, registry
 from .. import patterns as _patterns
 from ..ops import attend, attend_reference, block_mask_for
+from ..ops.attention import flex_tiles
 
 __all__ = ["BenchConfig", "run_bench", "parse_pattern", "OPS", "default_config", "SCHEMA"]
 
@@ -257,8 +258,7 @@ def _op_callable(name: str, q, k, v, pattern, dense_pattern) -> tuple[Callable, 
         if q.device.type == "cuda":
             fn = torch.compile(flex_attention, dynamic=False)
             tile = pattern.flex_block_size
-            options = {"kernel_options": dict(BLOCK_M=tile, BLOCK_N=tile, BLOCK_M1=min(tile, 64), BLOCK_N1=tile,
-                                              BLOCK_M2=tile, BLOCK_N2=min(tile, 64))} if tile else {}
+            options = {"kernel_options": flex_tiles(tile)} if tile else {}
             return (lambda: fn(q, k, v, block_mask=block_mask, **options)), "flex"
 
         def eager():

@@ -224,15 +224,18 @@ def set_sdpa_priority(order=None) -> None:
 
 
 def _sdpa_fused(q, k, v, is_causal, scale, gqa):
-    # cuDNN builds an execution plan per shape: worth it for prefill and training (T == S),
-    # ~40 ms per call for decode steps whose S grows each token, so those keep PyTorch's default
-    prefer = q.shape[2] == k.shape[2]
-    if prefer and q.device.type == "cuda" and _SDPA_PRIORITY and not torch.compiler.is_compiling():
+    if q.device.type == "cuda" and _SDPA_PRIORITY and not torch.compiler.is_compiling():
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         names = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-        with sdpa_kernel([names[n] for n in _SDPA_PRIORITY], set_priority=True):
+        order = _SDPA_PRIORITY
+        if q.shape[2] != k.shape[2]:
+            # cuDNN builds an execution plan per shape: worth it for prefill and training (T == S),
+            # ~40 ms per call for decode steps whose S grows each token (measured on the H200,
+            # also when PyTorch's own default picks it), so decode steps never ask for it
+            order = tuple(n for n in order if n != "cudnn") or ("flash", "efficient", "math")
+        with sdpa_kernel([names[n] for n in order], set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa)
 
@@ -304,7 +307,7 @@ def block_mask_for(pattern, batch: int, heads: int, q_len: int, kv_len: int, q_o
         _BLOCK_MASK_CACHE.move_to_end(key)
         return _BLOCK_MASK_CACHE[key]
     args = (pattern.mask_mod(q_offset), B, H, q_len, kv_len)
-    block_size = {"BLOCK_SIZE": pattern.flex_block_size} if pattern.flex_block_size else {}
+    block_size = {"BLOCK_SIZE": pattern.flex_block_size} if pattern.flex_block_size else {}  # int or (q, kv)
     if compiling:  # traced into the caller's graph: no nested compile, no warnings filter
         block_mask = create_block_mask(*args, device=device, **block_size)
     else:
@@ -317,6 +320,14 @@ def block_mask_for(pattern, batch: int, heads: int, q_len: int, kv_len: int, q_o
         if len(_BLOCK_MASK_CACHE) > _BLOCK_MASK_CACHE_SIZE:
             _BLOCK_MASK_CACHE.popitem(last=False)
     return block_mask
+
+
+def flex_tiles(block_size) -> dict:
+    """FlexAttention kernel tiles for a block mask of ``block_size`` (int, or (q_block, kv_block)):
+    each tile must divide the mask's blocks (torch 2.11 fails to lower otherwise)."""
+    q_block, kv_block = (block_size, block_size) if isinstance(block_size, int) else block_size
+    return dict(BLOCK_M=q_block, BLOCK_N=kv_block, BLOCK_M1=min(q_block, 64), BLOCK_N1=kv_block,
+                BLOCK_M2=q_block, BLOCK_N2=kv_block)
 
 
 def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
@@ -343,10 +354,7 @@ def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
         # on them needs the main kernel (torch 2.11 otherwise fails to lower)
         kernel_options["FORCE_USE_FLEX_ATTENTION"] = True
     if q.device.type == "cuda" and pattern.flex_block_size:
-        # a block mask of smaller blocks needs kernel tiles that divide them
-        tile = pattern.flex_block_size
-        kernel_options.update(BLOCK_M=tile, BLOCK_N=tile, BLOCK_M1=min(tile, 64), BLOCK_N1=tile,
-                              BLOCK_M2=tile, BLOCK_N2=min(tile, 64))
+        kernel_options.update(flex_tiles(pattern.flex_block_size))
     result = _flex_impl(q.device)(
         q,
         k,

@@ -71,8 +71,9 @@ class Pattern:
     depends_on_batch: bool = False
     #: whether :meth:`allowed` reads the head index.
     depends_on_head: bool = False
-    #: FlexAttention block size for this pattern (``None``: FlexAttention's default, 128).
-    flex_block_size: int | None = None
+    #: FlexAttention block size for this pattern: an int, ``(q_block, kv_block)``, or ``None``
+    #: (FlexAttention's default, 128).
+    flex_block_size: int | tuple[int, int] | None = None
 
     def allowed(self, b: Tensor, h: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         raise NotImplementedError
@@ -383,10 +384,10 @@ class S2Strided(Pattern):
             raise ValueError(f"dense_heads must be query-head indices in [0, {num_heads}), got {list(dense_heads)}")
         self.dense_heads = dense_heads
         self.step = max(1, self.vert_stride // self.num_kv_heads)
-        # FlexAttention skips whole blocks: match its block to S2's so that a 64-token stripe
-        # does not cost a 128-token block
+        # FlexAttention skips whole blocks: match its key block to S2's so that a 64-token stripe
+        # does not cost a 128-token block (query blocks stay 128, the fast forward tile)
         if self.block_size < 128 and self.block_size % 16 == 0:
-            self.flex_block_size = self.block_size
+            self.flex_block_size = (128, self.block_size)
         dense = torch.zeros(num_heads, dtype=torch.bool)
         dense[list(dense_heads)] = True
         self._dense_cpu = dense
