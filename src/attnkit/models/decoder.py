@@ -56,8 +56,9 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(dim, eps=norm_eps)
         self.mlp = SwiGLU(dim, mlp_hidden)
 
-    def forward(self, x: Tensor, state=None, document_ids: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), state, document_ids=document_ids)
+    def forward(self, x: Tensor, state=None, document_ids: Tensor | None = None, group_ids: Tensor | None = None) -> Tensor:
+        extra = {"group_ids": group_ids} if getattr(self.attn, "accepts_group_ids", False) else {}
+        x = x + self.attn(self.attn_norm(x), state, document_ids=document_ids, **extra)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -136,7 +137,10 @@ class DecoderLM(nn.Module):
         """One decode state per layer."""
         return [block.attn.init_state(batch_size, max_len=max_len) for block in self.layers]
 
-    def forward(self, tokens: Tensor, state: list | None = None, *, document_ids: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, state: list | None = None, *, document_ids: Tensor | None = None,
+                group_ids: Tensor | None = None) -> Tensor:
+        """``tokens [B, T]`` -> logits ``[B, T, V]``. ``group_ids [B]`` reaches layers that
+        attend across the batch (Chronos-2 group attention); other layers ignore it."""
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             got = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an integer tensor [B, T], got {got}")
@@ -144,7 +148,7 @@ class DecoderLM(nn.Module):
             raise ValueError(f"state has {len(state)} entries, the model has {len(self.layers)} layers; use model.init_state()")
         x = self.embed(tokens)
         for i, block in enumerate(self.layers):
-            x = block(x, None if state is None else state[i], document_ids)
+            x = block(x, None if state is None else state[i], document_ids, group_ids)
         return F.linear(self.norm(x), self.embed.weight)  # (B, T, V)
 
     def loss(self, tokens: Tensor, targets: Tensor, **kwargs) -> Tensor:
