@@ -1,6 +1,7 @@
 """One file per mechanism; importing this package registers every card."""
 
 from .base import AttentionLayer, check_input
+from .dynamic_mask import DynamicMaskAttention
 from .group import Chronos2Attention, GroupAttention
 from .multi_head import MultiHeadAttention
 from .no_mixing import NoMixing
@@ -12,6 +13,7 @@ from .streaming import SlidingWindowAttention, StreamingAttention
 __all__ = [
     "AttentionLayer",
     "Chronos2Attention",
+    "DynamicMaskAttention",
     "GroupAttention",
     "MultiHeadAttention",
     "NoMixing",

@@ -1,0 +1,157 @@
+"""DMA: Trainable Dynamic Mask Sparse Attention.
+
+Trainable Dynamic Mask Sparse Attention (Shi et al., arXiv 2508.02124; official code:
+SmallDoges/flash-dmattn and the Doge models).
+
+The values decide which keys matter. Per KV head g and key j::
+
+    delta_j   = softplus( W_dt concat_heads(v_j) )          [Hkv] per key
+    bias_gj   = A_g * delta_gj                               (A initialised to 0)
+    kept(i)   = the keep_keys largest bias_gj among the keys query i may see (no selection
+                when it sees at most keep_keys keys; ties with the last kept value are kept)
+    o_i       = sum_{j in kept(i)} softmax_j( q_i . k_j / sqrt(D) + bias_gj ) v_j
+
+The selection uses the bias detached from the graph; gradients reach ``A`` and ``W_dt``
+through the bias added to the kept scores. What differs from
+:class:`~attnkit.layers.MultiHeadAttention`: a per-key additive bias (FlexAttention
+``score_mod``) and a per-query top-k key mask (a ``mask_mod`` over a per-row threshold).
+The bias rides in the KV cache as one extra value channel, so decoding sees the same
+biases as the full forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import patterns as _patterns
+from .._checks import positive_int
+from ..ops import attend
+from ..registry import Card, FlopCount, register
+from .multi_head import MultiHeadAttention, multi_head_flops
+
+__all__ = ["DynamicMaskAttention", "kept_key_thresholds"]
+
+
+def kept_key_thresholds(bias: Tensor, pattern, keep_keys: int, q_len: int, q_offset: int, *,
+                        rows_per_chunk: int = 256) -> Tensor:
+    """Per query row, the ``keep_keys``-th largest bias among the keys the pattern allows
+    (``-inf`` where the row allows at most ``keep_keys`` keys). bias ``[B, Hkv, S]`` (detached)
+    -> thresholds ``[B, Hkv, T]``."""
+    B, Hkv, S = bias.shape
+    out = bias.new_full((B, Hkv, q_len), float("-inf"))
+    if S <= keep_keys:
+        return out
+    for start in range(0, q_len, rows_per_chunk):
+        stop = min(q_len, start + rows_per_chunk)
+        allowed = pattern.dense(stop - start, S, q_offset=q_offset + start, batch=B, device=bias.device)[:, :1]
+        # allowed: (B|1, 1, rows, S); a per-head pattern is not supported by the selection
+        scores = bias[:, :, None, :].masked_fill(~allowed, float("-inf"))  # (B, Hkv, rows, S)
+        kth = scores.topk(keep_keys, dim=-1).values[..., -1]  # (B, Hkv, rows)
+        enough = allowed.sum(-1) > keep_keys  # (B|1, 1, rows)
+        out[:, :, start:stop] = torch.where(enough, kth, out[:, :, start:stop])
+    return out
+
+
+class _KeptKeys(_patterns.Pattern):
+    """``base`` restricted, per (batch, KV head, query row), to keys whose bias reaches the row's threshold."""
+
+    depends_on_batch = True
+    depends_on_head = True
+
+    def __init__(self, base, bias: Tensor, thresholds: Tensor, q_offset: int, group: int):
+        self.base, self.bias, self.thresholds = base, bias, thresholds
+        self.q_offset, self.group = q_offset, group
+
+    def allowed(self, b, h, q_pos, k_pos):
+        g = h // self.group
+        keep = self.bias[b, g, k_pos] >= self.thresholds[b, g, q_pos - self.q_offset]
+        return self.base.allowed(b, h, q_pos, k_pos) & keep
+
+    def to(self, device):
+        return _KeptKeys(self.base.to(device), self.bias.to(device), self.thresholds.to(device), self.q_offset, self.group)
+
+
+class DynamicMaskAttention(MultiHeadAttention):
+    """Dynamic Mask Attention (DMA): value-derived key bias and top-k key selection.
+
+    Args:
+        dim, num_heads, num_kv_heads, head_dim, pattern, rope, qk_norm, bias, dropout, backend: as
+            :class:`~attnkit.layers.MultiHeadAttention` (the pattern must be causal-kind or a
+            causal restriction; the selection runs inside it).
+        keep_keys: keys each query keeps (the paper's ``keep_window_size``, default 2048).
+
+    Shapes: ``x [B, T, C] -> [B, T, C]``.
+
+    Example::
+
+        >>> import torch
+        >>> from attnkit.layers import DynamicMaskAttention
+        >>> layer = DynamicMaskAttention(256, 8, num_kv_heads=2, keep_keys=16)
+        >>> layer(torch.randn(2, 40, 256)).shape
+        torch.Size([2, 40, 256])
+    """
+
+    extra_value_channels = 1  # the key bias, cached beside each value
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, *, keep_keys: int = 2048, **options):
+        super().__init__(dim, num_heads, num_kv_heads, **options)
+        if self.pattern.kind == "full":
+            raise ValueError("DynamicMaskAttention is causal: pattern='full' is not accepted")
+        if self.pattern.depends_on_head:
+            raise ValueError("DynamicMaskAttention selects keys per KV head: a per-head pattern is not accepted")
+        self.keep_keys = positive_int(keep_keys, "keep_keys")
+        self.dt_proj = nn.Linear(self.num_kv_heads * self.head_dim, self.num_kv_heads, bias=options.get("bias", False))
+        self.A = nn.Parameter(torch.zeros(self.num_kv_heads))
+
+    def key_bias(self, v: Tensor) -> Tensor:
+        """v ``[B, Hkv, T, D]`` -> bias ``[B, Hkv, T]``."""
+        B, Hkv, T, D = v.shape
+        delta = F.softplus(self.dt_proj(v.transpose(1, 2).reshape(B, T, Hkv * D)))  # (B, T, Hkv)
+        return (self.A * delta).transpose(1, 2)
+
+    def adjust(self, x, q, k, v, positions, state):
+        return q, k, torch.cat([v, self.key_bias(v).unsqueeze(-1)], dim=-1)  # (B, Hkv, T, D + 1)
+
+    def core(self, q, k, v, pattern, q_offset):
+        v, bias = v[..., :-1], v[..., -1]  # (B, Hkv, S, D), (B, Hkv, S)
+        T, S = q.shape[2], k.shape[2]
+        q_offset = S - T if q_offset is None else q_offset
+        group = q.shape[1] // k.shape[1]
+        if S > self.keep_keys:
+            detached = bias.detach()
+            thresholds = kept_key_thresholds(detached, pattern, self.keep_keys, T, q_offset)
+            pattern = _KeptKeys(pattern, detached, thresholds, q_offset, group)
+
+        def add_bias(score, b, h, q_pos, k_pos):
+            return score + bias[b, h // group, k_pos]
+
+        return attend(q, k, v, pattern=pattern, score_mod=add_bias, backend=self.backend, q_offset=q_offset)
+
+
+def dma_flops(batch, seq, config) -> FlopCount:
+    """Kept pairs: the causal prefix up to keep_keys, then keep_keys per row."""
+    base = multi_head_flops(batch, seq, config)
+    heads = config["num_heads"]
+    head_dim = config.get("head_dim") or config["dim"] // heads
+    kv = config.get("num_kv_heads") or heads
+    keep = config.get("keep_keys", 2048)
+    rows = torch.arange(seq, dtype=torch.float64) + 1
+    pairs = float(rows.clamp(max=keep).sum())
+    extra = 2.0 * batch * seq * kv * head_dim * kv
+    return FlopCount(attention_fwd=4.0 * batch * heads * pairs * head_dim, projection_fwd=base.projection_fwd + extra)
+
+
+register(
+    Card(
+        name="dma",
+        title="Trainable Dynamic Mask Sparse Attention",
+        arxiv="2508.02124",
+        family="pattern",
+        layer=DynamicMaskAttention,
+        flops=dma_flops,
+        defaults={"keep_keys": 2048},
+        summary="value-derived key bias A*softplus(W_dt v); each query keeps its top keep_keys keys by that bias",
+    )
+)

@@ -1,0 +1,112 @@
+"""DMA: layer == the paper's rule written per row (forward, every gradient), decode == full
+forward with the selection active, packed documents, A = 0 start, bad inputs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnkit.layers import DynamicMaskAttention
+
+from layer_checks import assert_forward_and_grads_match, decode_in_chunks
+
+
+def build(keep_keys=4, num_kv_heads=2, **kwargs):
+    torch.manual_seed(0)
+    layer = DynamicMaskAttention(32, 4, num_kv_heads=num_kv_heads, keep_keys=keep_keys, **kwargs).double()
+    with torch.no_grad():
+        layer.A.normal_(0, 1.0)  # A starts at 0; a trained A makes the bias (and W_dt's gradient) matter
+    return layer
+
+
+def reference(layer, x):
+    """Row by row: the keep_keys largest value-derived biases among keys <= i, scores + bias, softmax."""
+    B, T, _ = x.shape
+    H, Hkv, D = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    q, k, v = layer.project(x)
+    q, k = layer.rope(q, k)
+    delta = F.softplus(v.transpose(1, 2).reshape(B, T, Hkv * D) @ layer.dt_proj.weight.T)  # (B, T, Hkv)
+    bias = layer.A * delta  # (B, T, Hkv)
+    out = torch.zeros(B, H, T, D, dtype=x.dtype)
+    for b in range(B):
+        for h in range(H):
+            g = h // (H // Hkv)
+            for i in range(T):
+                keys = list(range(i + 1))
+                if len(keys) > layer.keep_keys:
+                    ordered = sorted(keys, key=lambda j: float(bias[b, j, g]), reverse=True)
+                    kth = float(bias[b, ordered[layer.keep_keys - 1], g])
+                    keys = [j for j in keys if float(bias[b, j, g]) >= kth]
+                scores = torch.stack([q[b, h, i] @ k[b, g, j] / math.sqrt(D) + bias[b, j, g] for j in keys])
+                weights = scores.softmax(0)
+                out[b, h, i] = sum(w * v[b, g, j] for w, j in zip(weights, keys))
+    return layer.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+
+
+@pytest.mark.parametrize("keep_keys, num_kv_heads", [(4, 2), (3, 4), (100, 2)])
+def test_matches_rule(keep_keys, num_kv_heads):
+    layer = build(keep_keys, num_kv_heads)
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    assert_forward_and_grads_match(layer, lambda x: reference(layer, x), x)
+
+
+def test_selection_changes_the_output():
+    layer = build(keep_keys=3)
+    x = torch.randn(1, 12, 32, dtype=torch.float64)
+    wide = build(keep_keys=100)
+    assert not torch.allclose(layer(x), wide(x))
+    torch.testing.assert_close(layer(x[:, :3]), wide(x[:, :3]))  # rows that see <= keep_keys keys
+
+
+@pytest.mark.parametrize("chunks", [[1] * 14, [6, 1, 7], [14]])
+def test_decode_equals_full_forward(chunks):
+    layer = build(keep_keys=4)
+    x = torch.randn(2, 14, 32, dtype=torch.float64)
+    torch.testing.assert_close(decode_in_chunks(layer, x, chunks), layer(x))
+
+
+def test_packed_documents_equal_separate_sequences():
+    layer = build(keep_keys=3)
+    seqs = [torch.randn(1, n, 32, dtype=torch.float64) for n in (6, 8)]
+    ids = torch.tensor([[0] * 6 + [1] * 8])
+    torch.testing.assert_close(layer(torch.cat(seqs, 1), document_ids=ids), torch.cat([layer(s) for s in seqs], 1))
+
+
+def test_starts_as_plain_attention():
+    torch.manual_seed(0)
+    layer = DynamicMaskAttention(32, 4, keep_keys=1000).double()
+    assert torch.equal(layer.A, torch.zeros(4))
+    from attnkit.layers import MultiHeadAttention
+
+    plain = MultiHeadAttention(32, 4).double()
+    plain.load_state_dict(layer.state_dict(), strict=False)
+    x = torch.randn(1, 9, 32, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), plain(x))
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(keep_keys=0), "keep_keys"), (dict(pattern="full"), "causal")])
+def test_bad_inputs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DynamicMaskAttention(32, 4, **kwargs)
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_matches_reference_backend():
+    """FlexAttention with the captured bias (score_mod, with gradients) and the threshold mask."""
+    torch.manual_seed(0)
+    fast = DynamicMaskAttention(256, 4, num_kv_heads=2, keep_keys=64).cuda()
+    with torch.no_grad():
+        fast.A.normal_(0, 1.0)
+    ref = DynamicMaskAttention(256, 4, num_kv_heads=2, keep_keys=64, backend="reference").cuda().double()
+    ref.load_state_dict(fast.state_dict())
+    fast = fast.bfloat16()
+    x = torch.randn(2, 300, 256, device="cuda").bfloat16()
+    y = fast(x)
+    y_ref = ref(x.double())
+    assert (y.double() - y_ref).norm() / y_ref.norm() < 1e-2
+    g = torch.randn_like(y_ref)
+    y.backward(g.bfloat16())
+    y_ref.backward(g)
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        assert (a.grad.double() - b.grad).norm() / b.grad.norm() < 2e-2, name
