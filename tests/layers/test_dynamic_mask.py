@@ -92,21 +92,21 @@ def test_bad_inputs(kwargs, match):
 
 
 @pytest.mark.cuda
-def test_cuda_bf16_matches_reference_backend():
-    """FlexAttention with the captured bias (score_mod, with gradients) and the threshold mask."""
+def test_cuda_fp32_matches_reference_backend():
+    """FlexAttention with the captured bias (score_mod, with gradients) and the threshold mask.
+    float32, not bf16: bf16 rounding of the bias would move keys across the top-k boundary."""
     torch.manual_seed(0)
     fast = DynamicMaskAttention(256, 4, num_kv_heads=2, keep_keys=64).cuda()
     with torch.no_grad():
         fast.A.normal_(0, 1.0)
     ref = DynamicMaskAttention(256, 4, num_kv_heads=2, keep_keys=64, backend="reference").cuda().double()
     ref.load_state_dict(fast.state_dict())
-    fast = fast.bfloat16()
-    x = torch.randn(2, 300, 256, device="cuda").bfloat16()
+    x = torch.randn(2, 300, 256, device="cuda")
     y = fast(x)
     y_ref = ref(x.double())
-    assert (y.double() - y_ref).norm() / y_ref.norm() < 1e-2
+    assert (y.double() - y_ref).norm() / y_ref.norm() < 1e-3
     g = torch.randn_like(y_ref)
-    y.backward(g.bfloat16())
+    y.backward(g.float())
     y_ref.backward(g)
     for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
-        assert (a.grad.double() - b.grad).norm() / b.grad.norm() < 2e-2, name
+        assert (a.grad.double() - b.grad).norm() / b.grad.norm() < 1e-3, name
