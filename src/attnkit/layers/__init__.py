@@ -5,6 +5,7 @@ from .dynamic_mask import DynamicMaskAttention
 from .group import Chronos2Attention, GroupAttention
 from .multi_head import MultiHeadAttention
 from .no_mixing import NoMixing
+from .rcmha import RelativeConvAttention
 from .s2 import S2Attention
 from .selective import SelectiveAttention
 from .sigmoid import SigmoidAttention
@@ -17,6 +18,7 @@ __all__ = [
     "GroupAttention",
     "MultiHeadAttention",
     "NoMixing",
+    "RelativeConvAttention",
     "S2Attention",
     "SelectiveAttention",
     "SigmoidAttention",

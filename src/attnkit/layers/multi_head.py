@@ -121,8 +121,9 @@ class MultiHeadAttention(AttentionLayer):
         return KVCache(batch_size, self.num_kv_heads, self.head_dim, value_dim=value_dim, max_len=max_len,
                        device=device, dtype=dtype)
 
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x ``[B, T, C]`` -> q ``[B, H, T, D]``, k and v ``[B, Hkv, T, D]`` (before RoPE)."""
+    def project(self, x: Tensor, state=None) -> tuple[Tensor, Tensor, Tensor]:
+        """x ``[B, T, C]`` -> q ``[B, H, T, D]``, k and v ``[B, Hkv, T, D]`` (before RoPE).
+        ``state`` is the decode state, for variants whose projections look back in time."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
@@ -148,7 +149,7 @@ class MultiHeadAttention(AttentionLayer):
     def forward(self, x: Tensor, state=None, *, document_ids: Tensor | None = None) -> Tensor:
         check_input(x, self.dim)
         B, T, _ = x.shape
-        q, k, v = self.project(x)
+        q, k, v = self.project(x, state)
         pattern = self.pattern
         positions = None
         if document_ids is not None:
