@@ -1,6 +1,7 @@
 """One file per mechanism; importing this package registers every card."""
 
 from .base import AttentionLayer, check_input
+from .deconstructed import DistanceAttention, SequenceIndependentAttention, StaticEmbeddingAttention
 from .dynamic_mask import DynamicMaskAttention
 from .group import Chronos2Attention, GroupAttention
 from .multi_head import MultiHeadAttention
@@ -14,6 +15,7 @@ from .streaming import SlidingWindowAttention, StreamingAttention
 __all__ = [
     "AttentionLayer",
     "Chronos2Attention",
+    "DistanceAttention",
     "DynamicMaskAttention",
     "GroupAttention",
     "MultiHeadAttention",
@@ -21,8 +23,10 @@ __all__ = [
     "RelativeConvAttention",
     "S2Attention",
     "SelectiveAttention",
+    "SequenceIndependentAttention",
     "SigmoidAttention",
     "SlidingWindowAttention",
+    "StaticEmbeddingAttention",
     "StreamingAttention",
     "check_input",
 ]

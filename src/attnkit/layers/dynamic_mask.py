@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .. import patterns as _patterns
 from .._checks import positive_int
 from ..ops import attend
-from ..registry import Card, FlopCount, register
+from ..registry import Capabilities, Card, FlopCount, register
 from .multi_head import MultiHeadAttention, multi_head_flops
 
 __all__ = ["DynamicMaskAttention", "kept_key_thresholds"]
@@ -152,6 +152,7 @@ register(
         layer=DynamicMaskAttention,
         flops=dma_flops,
         defaults={"keep_keys": 2048},
+        capabilities=Capabilities(bidirectional=False, backends=("reference", "flex")),
         summary="value-derived key bias A*softplus(W_dt v); each query keeps its top keep_keys keys by that bias",
     )
 )

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import positive_int
@@ -159,7 +158,7 @@ register(
         family="score",
         layer=RelativeConvAttention,
         flops=rcmha_flops,
-        capabilities=Capabilities(bidirectional=False, varlen=False),
+        capabilities=Capabilities(bidirectional=False, varlen=False, backends=("reference", "flex")),
         summary="depthwise causal conv on q/k/v + Transformer-XL relative position scores (no RoPE)",
     )
 )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 from ..ops import sigmoid_attend
-from ..registry import Card, register
+from ..registry import Capabilities, Card, register
 from .multi_head import MultiHeadAttention, multi_head_flops
 
 __all__ = ["SigmoidAttention"]
@@ -74,6 +74,7 @@ register(
         family="score",
         layer=SigmoidAttention,
         flops=multi_head_flops,
+        capabilities=Capabilities(backends=("reference", "flex")),
         summary="sigmoid(qk/sqrt(D) - log n) weights, no softmax (n = train_length)",
     )
 )
@@ -86,6 +87,7 @@ register(
         layer=SigmoidAttention,
         flops=multi_head_flops,
         defaults={"score_bias": 0.0},
+        capabilities=Capabilities(backends=("reference", "flex")),
         summary="sigmoid weights without bias or normalisation (no attention sink); normalize=True for the other variant",
     )
 )

@@ -18,7 +18,7 @@ the full forward exactly.
 from __future__ import annotations
 
 from .. import patterns as _patterns
-from ..registry import Card, register
+from ..registry import Capabilities, Card, register
 from .multi_head import MultiHeadAttention, multi_head_flops
 
 __all__ = ["SlidingWindowAttention", "StreamingAttention"]
@@ -86,6 +86,7 @@ register(
         layer=SlidingWindowAttention,
         flops=_pattern_flops(lambda c: _patterns.sliding_window(c.get("window", 1024))),
         defaults={"window": 1024},
+        capabilities=Capabilities(bidirectional=False),
         summary="causal sliding window (default 1024 keys); decode cache bounded to the window",
     )
 )
@@ -98,6 +99,7 @@ register(
         layer=StreamingAttention,
         flops=_pattern_flops(lambda c: _patterns.sink_window(c.get("sink_tokens", 4), c.get("window", 1024))),
         defaults={"sink_tokens": 4, "window": 1024},
+        capabilities=Capabilities(bidirectional=False),
         summary="attention sinks + sliding window (4 + 1024); decode cache bounded to 1028 tokens",
     )
 )

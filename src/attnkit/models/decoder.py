@@ -56,8 +56,13 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(dim, eps=norm_eps)
         self.mlp = SwiGLU(dim, mlp_hidden)
 
-    def forward(self, x: Tensor, state=None, document_ids: Tensor | None = None, group_ids: Tensor | None = None) -> Tensor:
-        extra = {"group_ids": group_ids} if getattr(self.attn, "accepts_group_ids", False) else {}
+    def forward(self, x: Tensor, state=None, document_ids: Tensor | None = None, group_ids: Tensor | None = None,
+                embeddings: Tensor | None = None) -> Tensor:
+        extra = {}
+        if getattr(self.attn, "accepts_group_ids", False):
+            extra["group_ids"] = group_ids
+        if getattr(self.attn, "accepts_embeddings", False):
+            extra["embeddings"] = embeddings
         x = x + self.attn(self.attn_norm(x), state, document_ids=document_ids, **extra)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -146,9 +151,9 @@ class DecoderLM(nn.Module):
             raise ValueError(f"tokens must be an integer tensor [B, T], got {got}")
         if state is not None and len(state) != len(self.layers):
             raise ValueError(f"state has {len(state)} entries, the model has {len(self.layers)} layers; use model.init_state()")
-        x = self.embed(tokens)
+        x = embeddings = self.embed(tokens)
         for i, block in enumerate(self.layers):
-            x = block(x, None if state is None else state[i], document_ids, group_ids)
+            x = block(x, None if state is None else state[i], document_ids, group_ids, embeddings)
         return F.linear(self.norm(x), self.embed.weight)  # (B, T, V)
 
     def loss(self, tokens: Tensor, targets: Tensor, **kwargs) -> Tensor:
