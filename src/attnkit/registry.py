@@ -91,7 +91,12 @@ class Card:
         if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
             names = sorted(k for k in accepted if k != "self")
             raise ValueError(f"{self.name} does not take option(s) {unknown}; accepted: {', '.join(names)}")
-        return self.layer(**config)
+        try:
+            return self.layer(**config)
+        except TypeError as err:  # a layer forwarding **options to its parent
+            if "unexpected keyword argument" not in str(err):
+                raise
+            raise ValueError(f"{self.name}: {err}") from None
 
     def flop_count(self, batch: int, seq: int, dim: int, num_heads: int, **options) -> FlopCount:
         return self.flops(batch, seq, self.config(dim, num_heads, **options))

@@ -79,3 +79,16 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert (tmp_path / "c.png").stat().st_size > 1000
     assert main(["compare", "--mechanisms", "nope", "--cache-dir", str(tmp_path)]) == 2
     assert "registered" in capsys.readouterr().err
+
+
+def test_mechanism_specs_carry_their_own_options():
+    from attnkit.compare.harness import parse_mechanism
+
+    assert parse_mechanism("mha") == ("mha", {})
+    assert parse_mechanism("s2:block_size=8:vert_stride=4") == ("s2", {"block_size": 8, "vert_stride": 4})
+    assert parse_mechanism("sigmoid:score_bias=-1.5") == ("sigmoid", {"score_bias": -1.5})
+    with pytest.raises(ValueError, match="name:key=value"):
+        parse_mechanism("s2:block_size")
+    cfg = CompareConfig(mechanisms=["sliding-window:windw=8"], steps=1, task_options=dict(num_pairs=2, seq_len=16))
+    with pytest.raises(ValueError, match="windw"):
+        run_compare(cfg)

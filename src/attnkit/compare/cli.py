@@ -36,7 +36,7 @@ def add_compare_parser(sub) -> None:
         "then report the task metric, loss curves, wall time and tokens/s. Finished runs are reused.",
     )
     p.add_argument("--task", default="mqar", help=f"{' | '.join(TASKS)} (default mqar)")
-    p.add_argument("--mechanisms", type=_names, default=list(DEFAULT_MECHANISMS), help="comma-separated names")
+    p.add_argument("--mechanisms", type=_names, default=list(DEFAULT_MECHANISMS), help="comma-separated names; per-mechanism options as name:key=value, e.g. sliding-window:window=16")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="cpu", help=f"{' | '.join(PRESETS)}")

@@ -117,6 +117,25 @@ def _aux_loss(model) -> torch.Tensor | float:
     return total
 
 
+def parse_mechanism(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:key=value:key=value`` (per-mechanism layer options, e.g.
+    ``sliding-window:window=16``) -> (name, options); numbers are parsed."""
+    name, *items = spec.split(":")
+    options = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"mechanism {spec!r}: expected name:key=value[:key=value...], got {item!r}")
+        key, value = item.split("=", 1)
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        options[key.strip().replace("-", "_")] = value
+    return name.strip(), options
+
+
 def run_key(mechanism: str, task: Task, resolved: dict, attention_options: dict, device: str) -> str:
     blob = json.dumps(
         {"mechanism": mechanism, "task": task.config(), **resolved, "attention_options": attention_options,
@@ -130,8 +149,10 @@ def train_one(mechanism: str, task: Task, resolved: dict, *, attention_options: 
               log_every: int = 10, on_step: Callable[[int, float], None] | None = None, save_dir=None) -> dict:
     """Train one DecoderLM whose attention is ``mechanism``; returns the run record."""
     m, t = resolved["model"], resolved["train"]
+    name, own_options = parse_mechanism(mechanism)
     torch.manual_seed(t["seed"])
-    model = DecoderLM(vocab_size=task.vocab_size, attention=mechanism, attention_options=attention_options, **m).to(device)
+    model = DecoderLM(vocab_size=task.vocab_size, attention=name, attention_options={**attention_options, **own_options},
+                      **m).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -168,7 +189,7 @@ def train_one(mechanism: str, task: Task, resolved: dict, *, attention_options: 
     wall = time.perf_counter() - start
     evaluation = task.evaluate(model, device)
     if save_dir is not None:
-        model.save_pretrained(Path(save_dir) / mechanism)
+        model.save_pretrained(Path(save_dir) / mechanism.replace(":", "_").replace("=", "-"))
     return {
         "mechanism": mechanism,
         "params": model.num_parameters(),
@@ -195,15 +216,19 @@ def run_compare(cfg: CompareConfig, *, progress=None, command: str | None = None
     known = [c.name for c in registry.mechanisms()]
     if not cfg.mechanisms:
         raise ValueError(f"--mechanisms is empty; registered: {', '.join(known)}")
-    for name in cfg.mechanisms:
+    for spec in cfg.mechanisms:
+        name, options = parse_mechanism(spec)
         if name not in known:
             raise ValueError(f"unknown mechanism {name!r}; registered: {', '.join(known)}")
+        # build once here so that a wrong option fails before any training starts
+        registry.get(name).build(resolved["model"]["dim"], resolved["model"]["num_heads"],
+                                 **{**cfg.attention_options, **options})
     task = make_task(cfg.task, resolved["task_options"], cfg.corpus)
     cache = Path(cfg.cache_dir) / cfg.task
     runs = []
     for name in cfg.mechanisms:
         key = run_key(name, task, resolved, cfg.attention_options, cfg.device)
-        path = cache / f"{name}-{key}.json"
+        path = cache / f"{name.replace(':', '_').replace('=', '-')}-{key}.json"
         if path.exists() and save_dir is None:
             record = json.loads(path.read_text())
             record["reused"] = True
