@@ -1,4 +1,4 @@
-"""The ``attnkit`` command: ``list``, ``bench``, ``compare``."""
+"""The ``attnkit`` command: ``list``, ``bench``, ``compare``, ``sinks``."""
 
 from __future__ import annotations
 
@@ -68,11 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="list the registered mechanisms")
     p_list.set_defaults(func=_cmd_list)
+    from .analysis.cli import add_sinks_parser
     from .bench.cli import add_bench_parser
     from .compare.cli import add_compare_parser
 
     add_bench_parser(sub)
     add_compare_parser(sub)
+    add_sinks_parser(sub)
     return parser
 
 

@@ -146,6 +146,26 @@ class MultiHeadAttention(AttentionLayer):
         """Hook for variants: the attention of ``q [B, H, T, D]`` over the visible keys."""
         return attend(q, k, v, pattern=pattern, backend=self.backend, q_offset=q_offset)
 
+    def weights_from_scores(self, scores: Tensor, mask: Tensor) -> Tensor:
+        """Attention weights from scaled scores ``[B, H, T, S]`` and the pattern mask (softmax here)."""
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+
+    @torch.no_grad()
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """The weights this layer puts on each key, materialised: ``x [B, T, C] -> [B, H, T, T]``
+        (for analysis, e.g. attention sinks; the forward never builds them)."""
+        check_input(x, self.dim)
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
+        positions = torch.arange(T, device=x.device)[None]
+        q, k, v = self.adjust(x, q, k, v, positions, None)
+        if self.rope is not None:
+            q, k = self.rope(q, k)
+        k = k.repeat_interleave(self.num_heads // k.shape[1], dim=1)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5  # (B, H, T, T)
+        mask = self.pattern.dense(T, T, batch=B, heads=self.num_heads, device=x.device)
+        return self.weights_from_scores(scores, mask)
+
     def forward(self, x: Tensor, state=None, *, document_ids: Tensor | None = None) -> Tensor:
         check_input(x, self.dim)
         B, T, _ = x.shape

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ..ops import sigmoid_attend
 from ..registry import Capabilities, Card, register
 from .multi_head import MultiHeadAttention, multi_head_flops
@@ -61,6 +63,12 @@ class SigmoidAttention(MultiHeadAttention):
     def core(self, q, k, v, pattern, q_offset):
         return sigmoid_attend(q, k, v, pattern=pattern, bias=self.score_bias, normalize=self.normalize,
                               backend=self.backend, q_offset=q_offset)
+
+    def weights_from_scores(self, scores, mask):
+        weights = torch.sigmoid(scores + self.score_bias) * mask
+        if self.normalize:
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
+        return weights
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, score_bias={self.score_bias:.4g}, normalize={self.normalize}"
