@@ -57,16 +57,34 @@ def test_weights_are_not_normalised_and_empty_rows_are_zero():
     assert torch.equal(out, torch.zeros_like(out))
 
 
-@pytest.mark.parametrize("kwargs, match", [(dict(backend="sdpa"), "SDPA has no sigmoid"), (dict(bias="x"), "bias")])
+@pytest.mark.parametrize("pattern", ["causal", "full"])
+@pytest.mark.parametrize("shape", [(4, 2, 37, 37), (2, 2, 20, 45), (2, 1, 1, 19)])
+def test_triton_kernels_match_reference(pattern, shape):
+    """The Triton forward and backward kernels (under TRITON_INTERPRET=1 on CPU), float32."""
+    pytest.importorskip("triton")
+    Hq, Hkv, T, S = shape
+    q, k, v = (t.float().requires_grad_() for t in inputs(Hq, Hkv, T, S, D=16))
+    out = sigmoid_attend(q, k, v, pattern=pattern, bias=-1.0, backend="triton")
+    ref = sigmoid_attend_reference(q, k, v, pattern=pattern, bias=-1.0)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(backend="sdpa"), "SDPA has no sigmoid"), (dict(bias="x"), "bias"),
+                                           (dict(backend="triton", normalize=True), "backend='triton' serves"),
+                                           (dict(backend="triton", pattern=P.sliding_window(3)), "backend='triton' serves")])
 def test_bad_inputs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sigmoid_attend(*inputs(), **kwargs)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("pattern", ["causal", P.sliding_window(100)])
+@pytest.mark.parametrize("normalize, pattern", [(False, "causal"), (False, "full"), (True, "causal"),
+                                                (False, P.sliding_window(100)), (True, P.sliding_window(100))])
 def test_cuda_bf16_matches_reference(normalize, pattern):
+    """bf16 through auto dispatch: the Triton kernels (full/causal) or FlexAttention (the rest)."""
     # inputs rounded to bf16 once, so the float64 reference sees what the kernel sees
     q, k, v = (t.bfloat16().double() for t in inputs(Hq=8, Hkv=2, T=300, S=300, D=64, dtype=torch.float32))
     bias = -math.log(300)

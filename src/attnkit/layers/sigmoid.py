@@ -19,6 +19,7 @@ import math
 import torch
 
 from ..ops import sigmoid_attend
+from ..ops.sigmoid import SIGMOID_BACKENDS
 from ..registry import Capabilities, Card, register
 from .multi_head import MultiHeadAttention, multi_head_flops
 
@@ -30,7 +31,7 @@ class SigmoidAttention(MultiHeadAttention):
 
     Args:
         dim, num_heads, num_kv_heads, head_dim, pattern, rope, qk_norm, bias, dropout, backend:
-            as :class:`~attnkit.layers.MultiHeadAttention` (``backend``: auto, flex or reference).
+            as :class:`~attnkit.layers.MultiHeadAttention` (``backend``: auto, triton, flex or reference).
         train_length: n of the ``-log(n)`` score bias (default 2048).
         score_bias: the bias itself; overrides ``train_length`` (``0.0``: the 2410.10781 variant).
         normalize: divide each row's weights by their sum (2410.10781's normalised variant).
@@ -48,9 +49,12 @@ class SigmoidAttention(MultiHeadAttention):
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, *, train_length: int = 2048,
                  score_bias: float | None = None, normalize: bool = False, **options):
-        if options.get("backend") == "sdpa":
-            raise ValueError("SigmoidAttention backend must be auto, flex or reference (SDPA has no sigmoid)")
+        backend = options.pop("backend", "auto")
+        if backend not in SIGMOID_BACKENDS:
+            raise ValueError(f"SigmoidAttention backend must be one of {', '.join(SIGMOID_BACKENDS)}, got {backend!r} "
+                             "(SDPA has no sigmoid)")
         super().__init__(dim, num_heads, num_kv_heads, **options)
+        self.backend = backend
         if score_bias is None:
             if isinstance(train_length, bool) or not isinstance(train_length, int) or train_length < 1:
                 raise ValueError(f"train_length must be a positive integer, got {train_length!r}")
@@ -82,7 +86,7 @@ register(
         family="score",
         layer=SigmoidAttention,
         flops=multi_head_flops,
-        capabilities=Capabilities(backends=("reference", "flex")),
+        capabilities=Capabilities(backends=("reference", "flex", "triton")),
         summary="sigmoid(qk/sqrt(D) - log n) weights, no softmax (n = train_length)",
     )
 )
@@ -95,7 +99,7 @@ register(
         layer=SigmoidAttention,
         flops=multi_head_flops,
         defaults={"score_bias": 0.0},
-        capabilities=Capabilities(backends=("reference", "flex")),
+        capabilities=Capabilities(backends=("reference", "flex", "triton")),
         summary="sigmoid weights without bias or normalisation (no attention sink); normalize=True for the other variant",
     )
 )

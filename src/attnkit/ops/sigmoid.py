@@ -8,7 +8,10 @@ Self-Attention (Ramapuram et al., arXiv 2409.04431), which uses ``bias = -log(n)
 training length; When Attention Sink Emerges in Language Models (Gu et al., arXiv
 2410.10781), which trains it without bias, with and without the row normalisation.
 
-Fast path. ``log sigmoid`` as a score modifier turns softmax into the normalised form,
+Fast paths. On CUDA, full and causal attention in bf16/fp16 run through Triton kernels of
+our own (``backend="triton"``, :mod:`attnkit.ops.sigmoid_triton`): no softmax means no
+running maximum and no row statistics, so the kernels are plain tiled sums. Every other
+case: ``log sigmoid`` as a score modifier turns softmax into the normalised form,
 ``softmax_j(log sigmoid(s_ij)) = sigmoid(s_ij) / sum_j sigmoid(s_ij)``, and the row's
 log-sum-exp is ``log sum_j sigmoid(s_ij)``; so
 
@@ -26,9 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import patterns as _patterns
-from .attention import BACKENDS, _validate, attend
+from .attention import _validate, attend
 
-__all__ = ["sigmoid_attend", "sigmoid_attend_reference"]
+__all__ = ["sigmoid_attend", "sigmoid_attend_reference", "SIGMOID_BACKENDS"]
+
+SIGMOID_BACKENDS = ("auto", "reference", "flex", "triton")
 
 
 def sigmoid_attend(
@@ -47,20 +52,37 @@ def sigmoid_attend(
     ``[B, Hq, T, Dv]``. ``bias`` is added to the scaled scores (``-log(n)`` in 2409.04431);
     ``normalize`` divides each row by its sum of weights. Rows with no allowed key are zeros.
 
-    ``backend``: ``reference`` (materialised scores) or ``auto``/``flex`` (through
-    :func:`attnkit.attend` with a log-sigmoid score modifier; on CPU that call runs attend's
-    reference, as FlexAttention has no CPU backward).
+    ``backend``: ``reference`` (materialised scores), ``triton`` (the kernels; full or
+    causal, not normalised), ``flex`` (through :func:`attnkit.attend` with a log-sigmoid score
+    modifier; on CPU that call runs attend's reference, as FlexAttention has no CPU backward)
+    or ``auto`` (triton where it applies on CUDA in bf16/fp16, else flex).
     """
     _validate(q, k, v)
-    if backend not in BACKENDS or backend == "sdpa":
-        accepted = ", ".join(b for b in BACKENDS if b != "sdpa")
-        raise ValueError(f"sigmoid_attend backend must be one of {accepted}, got {backend!r} (SDPA has no sigmoid)")
+    if backend not in SIGMOID_BACKENDS:
+        raise ValueError(f"sigmoid_attend backend must be one of {', '.join(SIGMOID_BACKENDS)}, got {backend!r} "
+                         "(SDPA has no sigmoid)")
     if isinstance(bias, bool) or not isinstance(bias, (int, float)):
         raise ValueError(f"bias must be a float, got {bias!r}")
     if backend == "reference":
         return sigmoid_attend_reference(q, k, v, pattern=pattern, bias=bias, normalize=normalize, scale=scale,
                                         q_offset=q_offset)
     bias = float(bias)
+    pattern = _patterns.resolve(pattern)
+    T, S, D = q.shape[2], k.shape[2], q.shape[3]
+    q_offset = S - T if q_offset is None else q_offset
+    kernel_fits = (pattern.kind in ("full", "causal") and not normalize and v.shape[3] == D
+                   and D in (16, 32, 64, 128, 256))
+    if backend == "triton" or (backend == "auto" and kernel_fits and q.is_cuda
+                               and q.dtype in (torch.bfloat16, torch.float16)):
+        if not kernel_fits:
+            raise ValueError("backend='triton' serves full or causal patterns, normalize=False and equal q/v head "
+                             "dims of 16..256 (a power of two); use backend='flex' or 'auto'")
+        from .sigmoid_triton import sigmoid_attention_triton
+
+        return sigmoid_attention_triton(q, k, v, scale=D**-0.5 if scale is None else scale, bias=bias,
+                                        causal=pattern.kind == "causal", q_offset=q_offset)
+    if backend == "auto":
+        backend = "flex" if q.is_cuda else "auto"
 
     def log_sigmoid(score, b, h, q_pos, k_pos):
         return F.logsigmoid(score + bias)
