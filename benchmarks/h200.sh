@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -31,6 +31,23 @@ case "${1:-}" in
       --out "$R/h200-compare-mqar.json" ;;
   decode)
     bench --mechanisms mha,gqa,mqa --ops none --mode decode --batch 1 --seq 4096,16384,65536,131072 --out "$R/h200-decode.json" ;;
+  issue6)  # everything issue 6 measures, in one call (device time is scarce)
+    timeout 170 python3 -m pytest -m cuda tests/layers tests/ops/test_sigmoid.py -q -x -p no:cacheprovider -p no:logging \
+      2>&1 | tail -25 > "$R/h200-pytest-issue6.log"; tail -3 "$R/h200-pytest-issue6.log"
+    for m in fwd fwdbwd; do
+      timeout 100 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-flex,attend \
+        --pattern s2:64:16:16 --seq 32768,131072 --mode $m --repeat 10 --warmup 3 --out "$R/h200-s2-$m.json" --plot none | tail -8
+    done
+    timeout 90 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-sdpa-cudnn,dense-flex,sigmoid \
+      --seq 8192,32768 --mode fwd --out "$R/h200-sigmoid-fwd.json" --plot none | tail -10
+    timeout 90 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-sdpa-cudnn,dense-flex,sigmoid \
+      --seq 8192,32768 --mode fwdbwd --repeat 10 --out "$R/h200-sigmoid-fwdbwd.json" --plot none | tail -10
+    for p in window:1024 sink:4:1024; do
+      timeout 60 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-flex,attend --pattern $p \
+        --seq 32768 --mode fwdbwd --repeat 10 --out "$R/h200-${p//:/-}-vsflex.json" --plot none | tail -5
+    done
+    timeout 60 python3 -m attnkit.cli bench --device cuda --mechanisms mha --ops none --mode decode --batch 1 \
+      --seq 16384,65536 --out "$R/h200-mha-decode-check.json" --plot none | tail -5 ;;
   s2)  # issue 6: S2-Attention against dense causal (cuDNN SDPA and FlexAttention)
     for m in fwd fwdbwd; do
       bench --mechanisms none --ops dense-sdpa,dense-sdpa-cudnn,dense-flex,flex,attend --pattern s2:64:16:16 \
@@ -49,5 +66,5 @@ case "${1:-}" in
   streamdecode)  # issue 6: sink + window decode, flat in context length
     bench --mechanisms streaming,sliding-window,mha --ops none --mode decode --batch 1 --seq 4096,16384,65536,131072 \
       --out "$R/h200-streaming-decode.json" ;;
-  *) echo "usage: $0 tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode"; exit 2 ;;
+  *) echo "usage: $0 tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6"; exit 2 ;;
 esac
