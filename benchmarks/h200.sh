@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -33,7 +33,7 @@ case "${1:-}" in
     bench --mechanisms mha,gqa,mqa --ops none --mode decode --batch 1 --seq 4096,16384,65536,131072 --out "$R/h200-decode.json" ;;
   issue6)  # everything issue 6 measures, in one call (device time is scarce)
     timeout 170 python3 -m pytest -m cuda tests/layers tests/ops/test_sigmoid.py -q --maxfail=10 -p no:cacheprovider -p no:logging -W ignore \
-      2>&1 | grep -E "^(FAILED|ERROR|E  )|passed|failed" | cut -c1-400 | tail -40 > "$R/h200-pytest-issue6.log"; tail -12 "$R/h200-pytest-issue6.log"
+      2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-300 | tail -40 > "$R/h200-pytest-issue6.log"; tail -12 "$R/h200-pytest-issue6.log"
     for m in fwd fwdbwd; do
       timeout 100 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-flex,attend \
         --pattern s2:64:16:16 --seq 32768,131072 --mode $m --repeat 10 --warmup 3 --out "$R/h200-s2-$m.json" --plot none | tail -8
@@ -48,6 +48,16 @@ case "${1:-}" in
     done
     timeout 60 python3 -m attnkit.cli bench --device cuda --mechanisms mha --ops none --mode decode --batch 1 \
       --seq 16384,65536 --out "$R/h200-mha-decode-check.json" --plot none | tail -5 ;;
+  issue6b)  # the re-run after the fixes (Triton sigmoid tuning, S2 training blocks)
+    timeout 150 python3 -m pytest -m cuda tests/layers tests/ops/test_sigmoid.py -q --maxfail=20 -p no:cacheprovider \
+      -p no:logging -W ignore 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-300 | tail -40 > "$R/h200-pytest-issue6.log"
+    cat "$R/h200-pytest-issue6.log"
+    for m in fwd fwdbwd; do
+      timeout 75 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-sdpa-cudnn,dense-flex,sigmoid \
+        --seq 8192,32768 --mode $m --repeat 10 --out "$R/h200-sigmoid-$m.json" --plot none | grep "│"
+      timeout 100 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-flex,attend \
+        --pattern s2:64:16:16 --seq 32768,131072 --mode $m --repeat 5 --warmup 2 --out "$R/h200-s2-$m.json" --plot none | grep "│"
+    done ;;
   s2)  # issue 6: S2-Attention against dense causal (cuDNN SDPA and FlexAttention)
     for m in fwd fwdbwd; do
       bench --mechanisms none --ops dense-sdpa,dense-sdpa-cudnn,dense-flex,flex,attend --pattern s2:64:16:16 \
@@ -66,5 +76,5 @@ case "${1:-}" in
   streamdecode)  # issue 6: sink + window decode, flat in context length
     bench --mechanisms streaming,sliding-window,mha --ops none --mode decode --batch 1 --seq 4096,16384,65536,131072 \
       --out "$R/h200-streaming-decode.json" ;;
-  *) echo "usage: $0 tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6"; exit 2 ;;
+  *) echo "usage: $0 tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b"; exit 2 ;;
 esac

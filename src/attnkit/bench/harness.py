@@ -254,10 +254,11 @@ def _op_callable(name: str, q, k, v, pattern, dense_pattern) -> tuple[Callable, 
 
         if name == "dense-flex":
             pattern = dense_pattern
-        block_mask = block_mask_for(pattern, q.shape[0], q.shape[1], q.shape[2], k.shape[2], 0, q.device)
+        small = not q.requires_grad  # as attend: blocks under 128 tokens for the forward only
+        block_mask = block_mask_for(pattern, q.shape[0], q.shape[1], q.shape[2], k.shape[2], 0, q.device, small_blocks=small)
         if q.device.type == "cuda":
             fn = torch.compile(flex_attention, dynamic=False)
-            tile = pattern.flex_block_size
+            tile = pattern.flex_block_size if small else None
             options = {"kernel_options": flex_tiles(tile)} if tile else {}
             return (lambda: fn(q, k, v, block_mask=block_mask, **options)), "flex"
 

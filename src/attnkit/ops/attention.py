@@ -286,11 +286,13 @@ def _flex_impl(device: torch.device):
     return _COMPILED_FLEX
 
 
-def block_mask_for(pattern, batch: int, heads: int, q_len: int, kv_len: int, q_offset: int, device):
+def block_mask_for(pattern, batch: int, heads: int, q_len: int, kv_len: int, q_offset: int, device, *,
+                   small_blocks: bool = True):
     """The FlexAttention BlockMask of a pattern at a shape; ``None`` for plain full attention.
 
     Built compiled on CUDA (never materialising a dense ``S x S`` mask) and cached per
-    (pattern, shape, offset, device) unless the pattern holds tensors.
+    (pattern, shape, offset, device) unless the pattern holds tensors. ``small_blocks=False``
+    ignores the pattern's ``flex_block_size`` (FlexAttention's 128-token blocks).
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -302,12 +304,13 @@ def block_mask_for(pattern, batch: int, heads: int, q_len: int, kv_len: int, q_o
     B = batch if pattern.depends_on_batch else None
     H = heads if pattern.depends_on_head else None
     compiling = torch.compiler.is_compiling()
-    key = None if pattern.cache_key is None else (pattern.cache_key, B, H, q_len, kv_len, q_offset, str(device))
+    block = pattern.flex_block_size if small_blocks else None
+    key = None if pattern.cache_key is None else (pattern.cache_key, B, H, q_len, kv_len, q_offset, str(device), block)
     if key is not None and not compiling and key in _BLOCK_MASK_CACHE:
         _BLOCK_MASK_CACHE.move_to_end(key)
         return _BLOCK_MASK_CACHE[key]
     args = (pattern.mask_mod(q_offset), B, H, q_len, kv_len)
-    block_size = {"BLOCK_SIZE": pattern.flex_block_size} if pattern.flex_block_size else {}  # int or (q, kv)
+    block_size = {"BLOCK_SIZE": block} if block else {}  # int or (q, kv)
     if compiling:  # traced into the caller's graph: no nested compile, no warnings filter
         block_mask = create_block_mask(*args, device=device, **block_size)
     else:
@@ -323,17 +326,19 @@ def block_mask_for(pattern, batch: int, heads: int, q_len: int, kv_len: int, q_o
 
 
 def flex_tiles(block_size) -> dict:
-    """FlexAttention kernel tiles for a block mask of ``block_size`` (int, or (q_block, kv_block)):
+    """FlexAttention forward tiles for a block mask of ``block_size`` (int, or (q_block, kv_block)):
     each tile must divide the mask's blocks (torch 2.11 fails to lower otherwise)."""
     q_block, kv_block = (block_size, block_size) if isinstance(block_size, int) else block_size
-    return dict(BLOCK_M=q_block, BLOCK_N=kv_block, BLOCK_M1=min(q_block, 64), BLOCK_N1=kv_block,
-                BLOCK_M2=q_block, BLOCK_N2=kv_block)
+    return dict(BLOCK_M=q_block, BLOCK_N=kv_block)
 
 
 def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
     B, Hq, T, _ = q.shape
     S = k.shape[2]
-    block_mask = block_mask_for(pattern, B, Hq, T, S, q_offset, q.device)
+    # blocks under 128 tokens serve the forward only: torch 2.11 finds no backward kernel for
+    # them (NoValidChoicesError, seen on the H200), so training keeps 128-token blocks
+    small_blocks = q.device.type == "cuda" and not _needs_grad(q, k, v)
+    block_mask = block_mask_for(pattern, B, Hq, T, S, q_offset, q.device, small_blocks=small_blocks)
     flex_score_mod = None
     if score_mod is not None:
 
@@ -353,7 +358,7 @@ def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
         # short queries take FlexAttention's decoding kernel, which has no backward: training
         # on them needs the main kernel (torch 2.11 otherwise fails to lower)
         kernel_options["FORCE_USE_FLEX_ATTENTION"] = True
-    if q.device.type == "cuda" and pattern.flex_block_size:
+    if small_blocks and pattern.flex_block_size:
         kernel_options.update(flex_tiles(pattern.flex_block_size))
     result = _flex_impl(q.device)(
         q,

@@ -17,6 +17,8 @@ of triton 3.6 needs NumPy < 2.4, which cannot turn its size-1 arrays into loop b
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -38,12 +40,36 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _sigmoid(s):
-        return 1.0 / (1.0 + tl.exp2(-s * 1.4426950408889634))
+    def _sigmoid_half(s, FAST: tl.constexpr):
+        """sigmoid(2 s) = (1 + tanh(s)) / 2: one MUFU tanh on CUDA (``tanh.approx.f32``, relative
+        error ~2^-11, below bf16's rounding), an exact formula in the interpreter."""
+        if FAST:
+            t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [s], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            t = 2.0 / (1.0 + tl.exp(-2.0 * s)) - 1.0
+        return 0.5 + 0.5 * t
+
+    @triton.jit
+    def _fwd_block(acc, q, kbase, vbase, sks, offs_m, offs_d, start, S, q_offset, half_scale, half_bias,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        if MASKED:
+            k = tl.load(kbase + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
+            v = tl.load(vbase + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
+        else:
+            k = tl.load(kbase + offs_n[:, None] * sks + offs_d[None, :])
+            v = tl.load(vbase + offs_n[:, None] * sks + offs_d[None, :])
+        p = _sigmoid_half(tl.dot(q, tl.trans(k)) * half_scale + half_bias, FAST)
+        if MASKED:
+            keep = offs_n[None, :] < S
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= (offs_m[:, None] + q_offset))
+            p = tl.where(keep, p, 0.0)
+        return acc + tl.dot(p.to(v.dtype), v)
 
     @triton.jit
     def _fwd(Q, K, V, O, sqb, sqh, sqt, skb, skh, sks, sob, soh, sot,
-             T, S, H, q_offset, scale, bias, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+             T, S, H, q_offset, scale, bias, GROUP: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr,
              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -54,30 +80,31 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
         acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-        end = S
-        if CAUSAL:
-            last = q_offset + (pid_m + 1) * BLOCK_M  # keys past the block's last query are masked anyway
-            if last < S:
-                end = last
         kbase = K + b * skb + kvh * skh
         vbase = V + b * skb + kvh * skh
-        for start in tl.range(0, end, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            k = tl.load(kbase + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
-            v = tl.load(vbase + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale + bias
-            p = _sigmoid(s)
-            keep = offs_n[None, :] < S
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= (offs_m[:, None] + q_offset))
-            p = tl.where(keep, p, 0.0)
-            acc += tl.dot(p.to(v.dtype), v)
+        half_scale = 0.5 * scale
+        half_bias = 0.5 * bias
+        if CAUSAL:
+            # keys before the block's first query are visible to all its rows: no mask there
+            unmasked = (q_offset + pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
+            end = q_offset + (pid_m + 1) * BLOCK_M
+            if end > S:
+                end = S
+        else:
+            unmasked = S // BLOCK_N * BLOCK_N
+            end = S
+        for start in tl.range(0, unmasked, BLOCK_N):
+            acc = _fwd_block(acc, q, kbase, vbase, sks, offs_m, offs_d, start, S, q_offset, half_scale, half_bias,
+                             False, CAUSAL, FAST, BLOCK_N)
+        for start in tl.range(unmasked, end, BLOCK_N):
+            acc = _fwd_block(acc, q, kbase, vbase, sks, offs_m, offs_d, start, S, q_offset, half_scale, half_bias,
+                             True, CAUSAL, FAST, BLOCK_N)
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], acc.to(O.dtype.element_ty),
                  mask=offs_m[:, None] < T)
 
     @triton.jit
     def _bwd_dkdv(Q, K, V, DO, DK, DV, sqb, sqh, sqt, skb, skh, sks,
-                  T, S, H, q_offset, scale, bias, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                  T, S, H, q_offset, scale, bias, GROUP: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_n = tl.program_id(0)
         bkv = tl.program_id(1)
@@ -103,8 +130,7 @@ if triton is not None:
                 offs_m = start + tl.arange(0, BLOCK_M)
                 q = tl.load(qbase + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
                 do = tl.load(dobase + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
-                s = tl.dot(q, tl.trans(k)) * scale + bias  # (BLOCK_M, BLOCK_N)
-                p = _sigmoid(s)
+                p = _sigmoid_half(tl.dot(q, tl.trans(k)) * (0.5 * scale) + 0.5 * bias, FAST)  # (BLOCK_M, BLOCK_N)
                 keep = (offs_m[:, None] < T) & (offs_n[None, :] < S)
                 if CAUSAL:
                     keep = keep & (offs_n[None, :] <= (offs_m[:, None] + q_offset))
@@ -119,7 +145,7 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dq(Q, K, V, DO, DQ, sqb, sqh, sqt, skb, skh, sks,
-                T, S, H, q_offset, scale, bias, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                T, S, H, q_offset, scale, bias, GROUP: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr,
                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -142,8 +168,7 @@ if triton is not None:
             offs_n = start + tl.arange(0, BLOCK_N)
             k = tl.load(kbase + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
             v = tl.load(vbase + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale + bias
-            p = _sigmoid(s)
+            p = _sigmoid_half(tl.dot(q, tl.trans(k)) * (0.5 * scale) + 0.5 * bias, FAST)
             keep = offs_n[None, :] < S
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= (offs_m[:, None] + q_offset))
@@ -154,10 +179,25 @@ if triton is not None:
                  mask=offs_m[:, None] < T)
 
 
-def _launch_config(device: torch.device, D: int) -> dict:
-    if device.type == "cuda":
-        return dict(fwd=(128, 64, 8, 3), bwd=(64, 64, 4, 2)) if D > 64 else dict(fwd=(128, 64, 4, 3), bwd=(64, 64, 4, 2))
-    return dict(fwd=(16, 16, 1, 1), bwd=(16, 16, 1, 1))  # the interpreter: small tiles
+if triton is not None:
+    _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+    def _tuned(kernel, configs):
+        """Autotuned once per (D, causal, group) on the GPU; one small tile in the interpreter."""
+        if _INTERPRET:
+            return kernel, {"BLOCK_M": 16, "BLOCK_N": 16}
+        choices = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in configs]
+        return triton.autotune(configs=choices, key=["D", "CAUSAL", "GROUP"])(kernel), {}
+
+    _FWD, _FWD_META = _tuned(_fwd, [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)])
+    _DKDV, _DKDV_META = _tuned(_bwd_dkdv, [(64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 8, 3)])
+    _DQ, _DQ_META = _tuned(_bwd_dq, [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 8, 3)])
+
+
+def _grid(length: int, rows: int, meta_key: str, fixed: dict):
+    if fixed:
+        return (triton.cdiv(length, fixed[meta_key]), rows)
+    return lambda meta: (triton.cdiv(length, meta[meta_key]), rows)
 
 
 class _SigmoidAttention(torch.autograd.Function):
@@ -167,11 +207,10 @@ class _SigmoidAttention(torch.autograd.Function):
         B, H, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         out = torch.empty_like(q)
-        BM, BN, warps, stages = _launch_config(q.device, D)["fwd"]
-        grid = (triton.cdiv(T, BM), B * H)
-        _fwd[grid](q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                   out.stride(0), out.stride(1), out.stride(2), T, S, H, q_offset, scale, bias,
-                   GROUP=H // Hkv, CAUSAL=causal, D=D, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
+        _FWD[_grid(T, B * H, "BLOCK_M", _FWD_META)](
+            q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), T, S, H, q_offset, scale, bias,
+            GROUP=H // Hkv, CAUSAL=causal, FAST=q.is_cuda, D=D, **_FWD_META)
         ctx.save_for_backward(q, k, v)
         ctx.args = (scale, bias, causal, q_offset)
         return out
@@ -184,11 +223,10 @@ class _SigmoidAttention(torch.autograd.Function):
         B, H, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        BM, BN, warps, stages = _launch_config(q.device, D)["bwd"]
         common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), T, S, H, q_offset, scale, bias)
-        meta = dict(GROUP=H // Hkv, CAUSAL=causal, D=D, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
-        _bwd_dkdv[(triton.cdiv(S, BN), B * Hkv)](q, k, v, dout, dk, dv, *common, **meta)
-        _bwd_dq[(triton.cdiv(T, BM), B * H)](q, k, v, dout, dq, *common, **meta)
+        meta = dict(GROUP=H // Hkv, CAUSAL=causal, FAST=q.is_cuda, D=D)
+        _DKDV[_grid(S, B * Hkv, "BLOCK_N", _DKDV_META)](q, k, v, dout, dk, dv, *common, **meta, **_DKDV_META)
+        _DQ[_grid(T, B * H, "BLOCK_M", _DQ_META)](q, k, v, dout, dq, *common, **meta, **_DQ_META)
         return dq, dk, dv, None, None, None, None
 
 
