@@ -10,6 +10,7 @@ from .rcmha import RelativeConvAttention
 from .s2 import S2Attention
 from .selective import SelectiveAttention
 from .sigmoid import SigmoidAttention
+from .sparse_query import SparseQueryAttention
 from .streaming import SlidingWindowAttention, StreamingAttention
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "SequenceIndependentAttention",
     "SigmoidAttention",
     "SlidingWindowAttention",
+    "SparseQueryAttention",
     "StaticEmbeddingAttention",
     "StreamingAttention",
     "check_input",
