@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["positive_int"]
+__all__ = ["positive_int", "head_dim_of", "parse_number"]
 
 
 def positive_int(value, name: str) -> int:
@@ -10,3 +10,22 @@ def positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def head_dim_of(dim: int, num_heads: int, head_dim: int | None) -> int:
+    """``head_dim``, or ``dim // num_heads`` when it is None (dim must then divide evenly)."""
+    if head_dim is None:
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}; pass head_dim explicitly")
+        return dim // num_heads
+    return positive_int(head_dim, "head_dim")
+
+
+def parse_number(text: str):
+    """``"3"`` -> 3, ``"1e-3"`` -> 0.001, anything else unchanged (command-line option values)."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return text

@@ -7,6 +7,8 @@ import torch
 from attnkit import patterns as P
 from attnkit.layers import S2Attention
 
+from layer_checks import assert_forward_and_grads_match
+
 
 def rule(i, j, h, *, heads, kv_heads, block, local, stride, offset, dense):
     """The rule of arXiv 2407.17678, one pair at a time."""
@@ -53,14 +55,9 @@ def layers(num_kv_heads=None):
 @pytest.mark.parametrize("num_kv_heads", [None, 2])
 def test_layer_matches_reference(num_kv_heads):
     fast, ref = layers(num_kv_heads)
-    x = torch.randn(2, 37, 32)
-    y, y_ref = fast(x), ref(x)
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    # the reference twin shares the fast layer's parameters, so gradients compare one to one
+    ref_fn = lambda x: torch.func.functional_call(ref, dict(fast.named_parameters()), (x,))  # noqa: E731
+    assert_forward_and_grads_match(fast, ref_fn, torch.randn(2, 37, 32), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunks", [[1] * 30, [7, 1, 22]])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .._checks import parse_number
 from .harness import DEFAULT_MECHANISMS, PRESETS, TASKS, CompareConfig, run_compare
 
 
@@ -18,13 +19,7 @@ def _kv(text: str) -> dict:
         if "=" not in item:
             raise argparse.ArgumentTypeError(f"expected key=value pairs, got {item!r}")
         key, value = item.split("=", 1)
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
-        out[key.strip().replace("-", "_")] = value
+        out[key.strip().replace("-", "_")] = parse_number(value)
     return out
 
 

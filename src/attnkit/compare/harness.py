@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from .. import __version__, registry
+from .._checks import parse_number
 from ..models import DecoderLM
 from ..tasks import MQAR, Passkey, Task, TextCorpus
 
@@ -126,13 +127,7 @@ def parse_mechanism(spec: str) -> tuple[str, dict]:
         if "=" not in item:
             raise ValueError(f"mechanism {spec!r}: expected name:key=value[:key=value...], got {item!r}")
         key, value = item.split("=", 1)
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
-        options[key.strip().replace("-", "_")] = value
+        options[key.strip().replace("-", "_")] = parse_number(value)
     return name.strip(), options
 
 

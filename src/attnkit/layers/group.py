@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import patterns as _patterns
-from .._checks import positive_int
+from .._checks import head_dim_of, positive_int
 from ..ops import BACKENDS, attend
 from ..registry import Capabilities, Card, FlopCount, register
 from ..state import State
@@ -72,10 +72,7 @@ class GroupAttention(AttentionLayer):
         super().__init__()
         positive_int(dim, "dim")
         positive_int(num_heads, "num_heads")
-        if head_dim is None:
-            if dim % num_heads:
-                raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}; pass head_dim explicitly")
-            head_dim = dim // num_heads
+        head_dim = head_dim_of(dim, num_heads, head_dim)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):

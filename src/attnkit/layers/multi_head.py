@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import patterns as _patterns
-from .._checks import positive_int
+from .._checks import head_dim_of, positive_int
 from ..ops import BACKENDS, attend
 from ..registry import Card, FlopCount, dense_attention_flops, register
 from ..rope import RotaryEmbedding, positions_from_documents
@@ -83,10 +83,7 @@ class MultiHeadAttention(AttentionLayer):
                 f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads} "
                 f"(accepted num_kv_heads: divisors of {num_heads})"
             )
-        if head_dim is None:
-            if dim % num_heads:
-                raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}; pass head_dim explicitly")
-            head_dim = dim // num_heads
+        head_dim = head_dim_of(dim, num_heads, head_dim)
         if rope and head_dim % 2:
             raise ValueError(f"rope=True needs an even head_dim, got {head_dim}")
         if not 0.0 <= dropout < 1.0:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .._checks import positive_int
+from .._checks import head_dim_of, positive_int
 from ..registry import Capabilities, Card, FlopCount, register
 from ..state import State
 from .base import AttentionLayer, check_input
@@ -44,10 +44,7 @@ class NoMixing(AttentionLayer):
         super().__init__()
         positive_int(dim, "dim")
         positive_int(num_heads, "num_heads")
-        if head_dim is None:
-            if dim % num_heads:
-                raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}; pass head_dim explicitly")
-            head_dim = dim // num_heads
+        head_dim = head_dim_of(dim, num_heads, head_dim)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.v_proj = nn.Linear(dim, num_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=bias)
