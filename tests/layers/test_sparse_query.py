@@ -18,7 +18,7 @@ def reference(layer, x):
     w = layer.qkv_proj.weight
     q = (x @ w[: Hq * D].T).view(B, T, Hq, D)
     k = (x @ w[Hq * D : (Hq + Hkv) * D].T).view(B, T, Hkv, D)
-    v = (x @ w[(Hq + Hkv) * D :].T).view(B, T, Hkv, D)
+    v = (x @ w[(Hq + Hkv) * D :].T).view(B, T, Hkv, D).transpose(1, 2)
     q, k = layer.rope(q.transpose(1, 2), k.transpose(1, 2))
     out = []
     for h in range(Hq):
