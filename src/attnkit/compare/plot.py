@@ -13,10 +13,12 @@ def plot_compare(result: dict, path) -> None:
         raise ValueError("plots need matplotlib: pip install 'attnkit[plot]'") from None
     runs = result["runs"]
     task = result["task"]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for run in runs:
+    many = len(runs) > 6
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(15 if many else 13, 6 if many else 4.8))
+    colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
+    for i, run in enumerate(runs):
         steps, losses = zip(*run["loss_curve"])
-        ax_loss.plot(steps, losses, label=run["mechanism"])
+        ax_loss.plot(steps, losses, label=run["mechanism"], color=colors(i % colors.N))
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("training loss (nats/token)")
     ax_loss.set_yscale("log")
@@ -24,7 +26,9 @@ def plot_compare(result: dict, path) -> None:
     ax_loss.legend(fontsize=8)
     names = [r["mechanism"] for r in runs]
     values = [r["metric"] for r in runs]
-    bars = ax_metric.bar(names, values, color="tab:blue")
+    bars = ax_metric.bar(range(len(names)), values, color=[colors(i % colors.N) for i in range(len(names))])
+    ax_metric.set_xticks(range(len(names)), names, rotation=40 if many else 0, ha="right" if many else "center",
+                         fontsize=7 if many else 9)
     for bar, value in zip(bars, values):
         ax_metric.annotate(f"{value:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
     chance = runs[0]["eval"].get("chance") if runs else None
