@@ -7,7 +7,7 @@ import torch
 from attnkit import patterns as P
 from attnkit.layers import S2Attention
 
-from layer_checks import assert_forward_and_grads_match
+from layer_checks import assert_forward_and_grads_match, decode_in_chunks
 
 
 def rule(i, j, h, *, heads, kv_heads, block, local, stride, offset, dense):
@@ -65,13 +65,7 @@ def test_decode_equals_full_forward(chunks):
     layer, _ = layers(2)
     layer = layer.double()
     x = torch.randn(2, 30, 32, dtype=torch.float64)
-    full = layer(x)
-    state = layer.init_state(2)
-    outs, start = [], 0
-    for n in chunks:
-        outs.append(layer(x[:, start : start + n], state))
-        start += n
-    torch.testing.assert_close(torch.cat(outs, dim=1), full)
+    torch.testing.assert_close(decode_in_chunks(layer, x, chunks), layer(x))
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ from attnkit import patterns as P
 from attnkit.layers import MultiHeadAttention, SlidingWindowAttention, StreamingAttention
 from attnkit.state import SinkWindowCache
 
+from layer_checks import decode_in_chunks
+
 
 def build(kind, **kwargs):
     torch.manual_seed(0)
@@ -22,13 +24,8 @@ def test_bounded_decode_equals_full_forward(kind, num_kv_heads, chunks):
     layer = build(kind, num_kv_heads=num_kv_heads)
     x = torch.randn(2, 23, 32, dtype=torch.float64)
     full = layer(x)
-    state = layer.init_state(2)
-    assert isinstance(state, SinkWindowCache)
-    outs, start = [], 0
-    for n in chunks:
-        outs.append(layer(x[:, start : start + n], state))
-        start += n
-    torch.testing.assert_close(torch.cat(outs, dim=1), full)
+    assert isinstance(layer.init_state(2), SinkWindowCache)
+    torch.testing.assert_close(decode_in_chunks(layer, x, chunks), full)
 
 
 @pytest.mark.parametrize("kind", ["sliding", "streaming"])
