@@ -50,21 +50,34 @@ if triton is not None:
         return 0.5 + 0.5 * t
 
     @triton.jit
-    def _fwd_block(acc, q, kbase, vbase, sks, offs_m, offs_d, start, S, q_offset, half_scale, half_bias,
-                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        if MASKED:
-            k = tl.load(kbase + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
-            v = tl.load(vbase + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
-        else:
-            k = tl.load(kbase + offs_n[:, None] * sks + offs_d[None, :])
-            v = tl.load(vbase + offs_n[:, None] * sks + offs_d[None, :])
+    def _load_rows(base, offs, stride, offs_d, n):
+        """Rows ``offs`` (``[R]``) of a ``[n, D]`` matrix, zeros past ``n``."""
+        return tl.load(base + offs[:, None] * stride + offs_d[None, :], mask=offs[:, None] < n, other=0.0)
+
+    @triton.jit
+    def _weights(q, k, offs_m, offs_n, S, q_offset, half_scale, half_bias,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr):
+        """sigmoid(scale q.k + bias) for a (query, key) tile; zero where masked (keys past S,
+        or after the query when causal) if ``MASKED``."""
         p = _sigmoid_half(tl.dot(q, tl.trans(k)) * half_scale + half_bias, FAST)
         if MASKED:
             keep = offs_n[None, :] < S
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= (offs_m[:, None] + q_offset))
             p = tl.where(keep, p, 0.0)
+        return p
+
+    @triton.jit
+    def _fwd_block(acc, q, kbase, vbase, sks, offs_m, offs_d, start, S, q_offset, half_scale, half_bias,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        if MASKED:
+            k = _load_rows(kbase, offs_n, sks, offs_d, S)
+            v = _load_rows(vbase, offs_n, sks, offs_d, S)
+        else:
+            k = tl.load(kbase + offs_n[:, None] * sks + offs_d[None, :])
+            v = tl.load(vbase + offs_n[:, None] * sks + offs_d[None, :])
+        p = _weights(q, k, offs_m, offs_n, S, q_offset, half_scale, half_bias, MASKED, CAUSAL, FAST)
         return acc + tl.dot(p.to(v.dtype), v)
 
     @triton.jit
@@ -78,7 +91,7 @@ if triton is not None:
         kvh = h // GROUP
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+        q = _load_rows(Q + b * sqb + h * sqh, offs_m, sqt, offs_d, T)
         acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
         kbase = K + b * skb + kvh * skh
         vbase = V + b * skb + kvh * skh
@@ -113,8 +126,8 @@ if triton is not None:
         kvh = bkv % Hkv
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
-        k = tl.load(K + b * skb + kvh * skh + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
-        v = tl.load(V + b * skb + kvh * skh + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
+        k = _load_rows(K + b * skb + kvh * skh, offs_n, sks, offs_d, S)
+        v = _load_rows(V + b * skb + kvh * skh, offs_n, sks, offs_d, S)
         dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
         first = 0
@@ -128,13 +141,9 @@ if triton is not None:
             dobase = DO + b * sqb + h * sqh
             for start in tl.range(first, T, BLOCK_M):
                 offs_m = start + tl.arange(0, BLOCK_M)
-                q = tl.load(qbase + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
-                do = tl.load(dobase + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
-                p = _sigmoid_half(tl.dot(q, tl.trans(k)) * (0.5 * scale) + 0.5 * bias, FAST)  # (BLOCK_M, BLOCK_N)
-                keep = (offs_m[:, None] < T) & (offs_n[None, :] < S)
-                if CAUSAL:
-                    keep = keep & (offs_n[None, :] <= (offs_m[:, None] + q_offset))
-                p = tl.where(keep, p, 0.0)
+                q = _load_rows(qbase, offs_m, sqt, offs_d, T)  # rows past T are zero, and so is their dO
+                do = _load_rows(dobase, offs_m, sqt, offs_d, T)
+                p = _weights(q, k, offs_m, offs_n, S, q_offset, 0.5 * scale, 0.5 * bias, True, CAUSAL, FAST)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do)
                 dp = tl.dot(do, tl.trans(v))
                 ds = dp * p * (1.0 - p)
@@ -154,8 +163,8 @@ if triton is not None:
         kvh = h // GROUP
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
-        do = tl.load(DO + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+        q = _load_rows(Q + b * sqb + h * sqh, offs_m, sqt, offs_d, T)
+        do = _load_rows(DO + b * sqb + h * sqh, offs_m, sqt, offs_d, T)
         dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
         end = S
         if CAUSAL:
@@ -166,13 +175,9 @@ if triton is not None:
         vbase = V + b * skb + kvh * skh
         for start in tl.range(0, end, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            k = tl.load(kbase + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
-            v = tl.load(vbase + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
-            p = _sigmoid_half(tl.dot(q, tl.trans(k)) * (0.5 * scale) + 0.5 * bias, FAST)
-            keep = offs_n[None, :] < S
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= (offs_m[:, None] + q_offset))
-            p = tl.where(keep, p, 0.0)
+            k = _load_rows(kbase, offs_n, sks, offs_d, S)
+            v = _load_rows(vbase, offs_n, sks, offs_d, S)
+            p = _weights(q, k, offs_m, offs_n, S, q_offset, 0.5 * scale, 0.5 * bias, True, CAUSAL, FAST)
             ds = tl.dot(do, tl.trans(v)) * p * (1.0 - p)
             dq += tl.dot(ds.to(k.dtype), k)
         tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
