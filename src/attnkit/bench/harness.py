@@ -280,8 +280,11 @@ def _op_callable(name: str, q, k, v, pattern, dense_pattern) -> tuple[Callable, 
 
         from ..ops.attention import choose_backend
 
-        triton_fits = q.is_cuda and q.dtype != torch.float32 and pattern.kind in ("full", "causal")
-        backend = "triton" if triton_fits else choose_backend(q, k, v, pattern, "score_mod", True, 0) + " (log-sigmoid)"
+        from ..ops.sigmoid import choose_sigmoid_backend
+
+        backend = choose_sigmoid_backend(q, v, pattern)
+        if backend != "triton":  # the log-sigmoid path runs on whatever attend picks
+            backend = choose_backend(q, k, v, pattern, "score_mod", True, 0) + " (log-sigmoid)"
         return (lambda: sigmoid_attend(q, k, v, pattern=pattern, bias=-math.log(q.shape[2]))), backend
     if name == "reference":
         return (lambda: attend_reference(q, k, v, pattern=pattern)), "reference"

@@ -31,7 +31,7 @@ from torch import Tensor
 from .. import patterns as _patterns
 from .attention import _validate, attend
 
-__all__ = ["sigmoid_attend", "sigmoid_attend_reference", "SIGMOID_BACKENDS"]
+__all__ = ["sigmoid_attend", "sigmoid_attend_reference", "choose_sigmoid_backend", "SIGMOID_BACKENDS"]
 
 SIGMOID_BACKENDS = ("auto", "reference", "flex", "triton")
 
@@ -70,19 +70,16 @@ def sigmoid_attend(
     pattern = _patterns.resolve(pattern)
     T, S, D = q.shape[2], k.shape[2], q.shape[3]
     q_offset = S - T if q_offset is None else q_offset
-    kernel_fits = (pattern.kind in ("full", "causal") and not normalize and v.shape[3] == D
-                   and D in (16, 32, 64, 128, 256))
-    if backend == "triton" or (backend == "auto" and kernel_fits and q.is_cuda
-                               and q.dtype in (torch.bfloat16, torch.float16)):
-        if not kernel_fits:
-            raise ValueError("backend='triton' serves full or causal patterns, normalize=False and equal q/v head "
-                             "dims of 16..256 (a power of two); use backend='flex' or 'auto'")
+    if backend == "triton" and not _kernel_fits(q, v, pattern, normalize):
+        raise ValueError("backend='triton' serves full or causal patterns, normalize=False and equal q/v head "
+                         "dims of 16..256 (a power of two); use backend='flex' or 'auto'")
+    if backend == "auto":
+        backend = choose_sigmoid_backend(q, v, pattern, normalize)
+    if backend == "triton":
         from .sigmoid_triton import sigmoid_attention_triton
 
         return sigmoid_attention_triton(q, k, v, scale=D**-0.5 if scale is None else scale, bias=bias,
                                         causal=pattern.kind == "causal", q_offset=q_offset)
-    if backend == "auto":
-        backend = "flex" if q.is_cuda else "auto"
 
     def log_sigmoid(score, b, h, q_pos, k_pos):
         return F.logsigmoid(score + bias)
@@ -93,6 +90,20 @@ def sigmoid_attend(
         return out
     # lse = log sum_j sigmoid(s_ij); -inf on empty rows, whose output is already zero
     return out * lse.exp().to(out.dtype).unsqueeze(-1)
+
+
+def _kernel_fits(q: Tensor, v: Tensor, pattern, normalize: bool) -> bool:
+    return (pattern.kind in ("full", "causal") and not normalize and v.shape[3] == q.shape[3]
+            and q.shape[3] in (16, 32, 64, 128, 256))
+
+
+def choose_sigmoid_backend(q: Tensor, v: Tensor, pattern, normalize: bool = False) -> str:
+    """The backend ``auto`` picks: the Triton kernels on CUDA in bf16/fp16 where they apply;
+    otherwise FlexAttention on CUDA and attend's own choice (the reference) on CPU."""
+    pattern = _patterns.resolve(pattern)
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _kernel_fits(q, v, pattern, normalize):
+        return "triton"
+    return "flex" if q.is_cuda else "auto"
 
 
 def sigmoid_attend_reference(q, k, v, *, pattern=None, bias: float = 0.0, normalize: bool = False,
