@@ -1,10 +1,15 @@
 """One file per mechanism; importing this package registers every card."""
 
+# first: the baselines (mha, gqa, mqa) lead the registry order
+from .multi_head import MultiHeadAttention  # isort: skip
+
+from .agent import AgentAttention, CausalAgentAttention
 from .base import AttentionLayer, check_input
 from .deconstructed import DistanceAttention, SequenceIndependentAttention, StaticEmbeddingAttention
 from .dynamic_mask import DynamicMaskAttention
+from .flow import FlowAttention
 from .group import Chronos2Attention, GroupAttention
-from .multi_head import MultiHeadAttention
+from .lightning import LightningAttention
 from .no_mixing import NoMixing
 from .rcmha import RelativeConvAttention
 from .s2 import S2Attention
@@ -14,11 +19,15 @@ from .sparse_query import SparseQueryAttention
 from .streaming import SlidingWindowAttention, StreamingAttention
 
 __all__ = [
+    "AgentAttention",
+    "CausalAgentAttention",
     "AttentionLayer",
     "Chronos2Attention",
     "DistanceAttention",
     "DynamicMaskAttention",
+    "FlowAttention",
     "GroupAttention",
+    "LightningAttention",
     "MultiHeadAttention",
     "NoMixing",
     "RelativeConvAttention",

@@ -76,6 +76,14 @@ def _per_layer(value, num_layers: int, name: str, kind):
     return value
 
 
+def _with_position(name: str, layer_idx: int, num_layers: int, options: dict) -> dict:
+    """Options plus the layer's place in the stack, for layers whose math depends on it
+    (``accepts_layer_position``, e.g. Lightning's per-layer decay schedule)."""
+    if getattr(registry.get(name).layer, "accepts_layer_position", False):
+        return {"layer_idx": layer_idx, "num_layers": num_layers, **options}
+    return options
+
+
 class DecoderLM(nn.Module):
     """Decoder-only LM: ``tokens [B, T] -> logits [B, T, V]``.
 
@@ -120,8 +128,9 @@ class DecoderLM(nn.Module):
         }
         self.embed = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(
-            Block(dim, registry.build(n, dim=dim, num_heads=num_heads, **o), mlp_hidden, norm_eps)
-            for n, o in zip(names, options)
+            Block(dim, registry.build(n, dim=dim, num_heads=num_heads, **_with_position(n, i, num_layers, o)),
+                  mlp_hidden, norm_eps)
+            for i, (n, o) in enumerate(zip(names, options))
         )
         self.norm = nn.RMSNorm(dim, eps=norm_eps)
         self.apply(self._init_weights)
