@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -76,5 +76,38 @@ case "${1:-}" in
   streamdecode)  # issue 6: sink + window decode, flat in context length
     bench --mechanisms streaming,sliding-window,mha --ops none --mode decode --batch 1 --seq 4096,16384,65536,131072 \
       --out "$R/h200-streaming-decode.json" ;;
-  *) echo "usage: $0 tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b"; exit 2 ;;
+  issue7a)  # issue 7, part 1: CUDA tests of every mechanism + the Lightning kernels; the op against fla and cuDNN
+    [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=src:/tmp/site
+    python3 -c "import fla, triton; print('fla', fla.__version__, 'triton', triton.__version__)"
+    for m in fwd fwdbwd; do
+      timeout 120 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa-cudnn,lightning,fla-lightning \
+        --seq 2048,8192,32768,131072 --mode $m --repeat 20 --out "$R/h200-lightning-$m.json" --plot none | grep "│"
+    done ;;
+  issue7tests)  # issue 7: CUDA tests of every mechanism (flex compiles: minutes) and of the Lightning kernels
+    timeout 420 python3 -m pytest -m cuda tests/ops/test_lightning_op.py tests/layers/test_every_mechanism.py -v --tb=line \
+      -p no:cacheprovider -p no:logging -W ignore 2>&1 | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E |Error" \
+      | cut -c1-250 > "$R/h200-pytest-issue7.log"; grep -c PASSED "$R/h200-pytest-issue7.log"; grep -v PASSED "$R/h200-pytest-issue7.log" | tail -30 ;;
+  issue7c)  # issue 7: CUDA tests, then the layers again after the prefix-sum and pooling fixes
+    timeout 370 python3 -m pytest -m cuda tests/ops/test_lightning_op.py tests/layers/test_every_mechanism.py -v --tb=line \
+      -p no:cacheprovider -p no:logging -W ignore 2>&1 | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E |Error" \
+      | cut -c1-250 > "$R/h200-pytest-issue7.log"; grep -c PASSED "$R/h200-pytest-issue7.log"; grep -v PASSED "$R/h200-pytest-issue7.log" | tail -30
+    timeout 170 python3 -m attnkit.cli bench --device cuda --mechanisms mha,lightning,flow,agent-causal,agent --ops none \
+      --seq 2048,8192,32768,131072 --mode fwdbwd --repeat 5 --warmup 2 --out "$R/h200-linear-layers-fwdbwd.json" --plot none | grep "│" ;;
+  issue7d)  # issue 7: the agent fixes (materialised N x n scores; causal stage-1 bias removed), re-tested and re-timed
+    timeout 200 python3 -m pytest -m cuda tests/layers/test_every_mechanism.py -k "agent or static" -v --tb=line \
+      -p no:cacheprovider -p no:logging -W ignore 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed|^E " | cut -c1-250 \
+      > "$R/h200-pytest-issue7-agent.log"; cat "$R/h200-pytest-issue7-agent.log"
+    for m in fwd fwdbwd; do
+      timeout 120 python3 -m attnkit.cli bench --device cuda --mechanisms mha,agent --ops none \
+        --seq 2048,8192,32768,131072 --mode $m --repeat 5 --warmup 2 --out "$R/h200-agent-$m.json" --plot none | grep "│"
+    done ;;
+  issue7b)  # issue 7, part 2: the layers (crossover against MHA, linear growth) and decode state/latency
+    for m in fwd fwdbwd; do
+      timeout 150 python3 -m attnkit.cli bench --device cuda --mechanisms mha,lightning,flow,agent-causal,agent --ops none \
+        --seq 2048,8192,32768,131072 --mode $m --repeat 5 --warmup 2 --out "$R/h200-linear-layers-$m.json" --plot none | grep "│"
+    done
+    timeout 150 python3 -m attnkit.cli bench --device cuda --mechanisms mha,lightning,flow,agent-causal --ops none --mode decode \
+      --batch 1 --seq 4096,32768,131072 --out "$R/h200-linear-decode.json" --plot none | grep "│" ;;
+  *) echo "usage: $0 tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d"; exit 2 ;;
 esac

@@ -100,7 +100,7 @@ def test_agent_bad_inputs():
 
 
 def causal_agent_loops(layer, x):
-    """o_t = sum_a softmax_a(s q_t.a_a + b2) * [prefix softmax_j<=t (s a_a.k_j + b1) v_j] + conv."""
+    """o_t = sum_a softmax_a(s q_t.a_a + b2) * [prefix softmax_j<=t (s a_a.k_j) v_j] + conv."""
     B, T, _ = x.shape
     H, D, n = layer.num_heads, layer.head_dim, layer.agent_num
     q, k, v = layer.qkv_proj(x).view(B, T, 3, H, D).unbind(2)
@@ -110,7 +110,7 @@ def causal_agent_loops(layer, x):
         A = layer.agents[h]
         for t in range(T):
             p = torch.softmax(q[:, t, h] @ A.T * s + layer.agent_query_bias[h], -1)  # (B, n)
-            w = torch.softmax((k[:, : t + 1, h] @ A.T) * s + layer.agent_key_bias[h], dim=1)  # (B, t+1, n)
+            w = torch.softmax((k[:, : t + 1, h] @ A.T) * s, dim=1)  # (B, t+1, n)
             agent_v = torch.einsum("bjn,bjd->bnd", w, v[:, : t + 1, h])
             out[:, t, h] = torch.einsum("bn,bnd->bd", p, agent_v)
     vf = v.reshape(B, T, H * D)

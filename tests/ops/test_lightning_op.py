@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import rel_rms
 
 from attnkit.ops.lightning import (
     alibi_slopes,
@@ -127,3 +128,52 @@ def test_bad_backend_and_chunk():
         lightning_attend_chunked(q, k, v, slopes, chunk_size=0)
     with pytest.raises(ValueError, match="triton"):
         lightning_attend(q, k, v, slopes, backend="triton")  # CPU tensors
+
+
+@pytest.mark.parametrize("B, H, T, D, E", [(1, 2, 100, 16, 16), (2, 1, 64, 32, 16), (1, 2, 130, 16, 32)])
+def test_triton_kernels_match_reference(B, H, T, D, E):
+    """Forward, final state and every gradient (q, k, v, initial state) of the Triton kernels;
+    on CPU through triton's interpreter. Lengths that are and are not multiples of the chunk."""
+    pytest.importorskip("triton")
+    from attnkit.ops.lightning_triton import lightning_attention_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(B, H, T, D, generator=g).to(device) for _ in range(2))
+    v = torch.randn(B, H, T, E, generator=g).to(device)
+    s0 = torch.randn(B, H, D, E, generator=g).to(device)
+    slopes = torch.tensor([0.3, 0.01][:H], device=device)
+    leaves = [t.requires_grad_() for t in (q, k, v, s0)]
+    o, state = lightning_attention_triton(q, k, v, slopes, initial_state=s0)
+    o_ref, state_ref = lightning_attend_reference(q, k, v, slopes, initial_state=s0)
+    go, gs = torch.randn_like(o), torch.randn_like(state)
+    grads = torch.autograd.grad((o * go).sum() + (state * gs).sum(), leaves)
+    ref_grads = torch.autograd.grad((o_ref * go).sum() + (state_ref.float() * gs).sum(), leaves)
+    tol = 1e-5 if device == "cpu" else 5e-3  # tf32 tensor cores on CUDA
+    for name, a, b in zip(["o", "state", "dq", "dk", "dv", "dstate0"], [o, state, *grads], [o_ref, state_ref, *ref_grads]):
+        assert rel_rms(b, a) < tol, name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [64, 1000, 4096])
+def test_triton_bf16_on_cuda(T):
+    q, k, v, slopes, _ = inputs(B=2, H=4, T=T, D=128, E=128, dtype=torch.float32, state=False)
+    slopes = torch.tensor(alibi_slopes(4))
+    q, k, v = (t.cuda().bfloat16().requires_grad_() for t in (q * 0.1, k * 0.1, v))
+    o, _ = lightning_attend(q, k, v, slopes.cuda(), backend="triton")
+    o_ref, _ = lightning_attend_reference(q, k, v, slopes.cuda())
+    assert rel_rms(o_ref, o) < 5e-3
+    g = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), g)
+    ref_grads = torch.autograd.grad(o_ref.to(o.dtype), (q, k, v), g)
+    for a, b in zip(grads, ref_grads):
+        assert rel_rms(b, a) < 1e-2
+
+
+@pytest.mark.parametrize("n", [1, 64, 65, 1000, 5000])
+def test_prefix_sum_equals_cumsum(n):
+    from attnkit.ops.lightning import prefix_sum
+
+    x = torch.randn(2, 3, n, 4, dtype=torch.float64)
+    torch.testing.assert_close(prefix_sum(x), x.cumsum(2))
+    torch.testing.assert_close(prefix_sum(x.transpose(2, 3), dim=3), x.transpose(2, 3).cumsum(3))

@@ -8,7 +8,10 @@ Rows of a run
 - *ops*: the attention core alone on ``q [B, H, T, D]``: ``dense-sdpa`` (SDPA, dense
   causal; on CUDA also ``dense-sdpa-cudnn``, ``-flash``, ``-efficient``), ``flex`` (raw
   compiled FlexAttention on the ``--pattern`` block mask; ``dense-flex`` the same on dense causal),
-  ``sigmoid`` (:func:`attnkit.ops.sigmoid_attend` on ``--pattern``, bias -log T), ``attend`` (``attnkit.attend``,
+  ``sigmoid`` (:func:`attnkit.ops.sigmoid_attend` on ``--pattern``, bias -log T), ``lightning``
+  (:func:`attnkit.ops.lightning.lightning_attend`, causal linear attention with ALiBi-slope
+  decay; Triton on CUDA), ``fla-lightning`` (flash-linear-attention's ``chunk_lightning_attn``
+  on its own ``[B, T, H, D]`` layout, when ``fla`` is installed), ``attend`` (``attnkit.attend``,
   auto dispatch, ``--pattern``) and ``reference`` (where it fits in memory); dense
   reference = ``dense-sdpa``.
 
@@ -56,7 +59,8 @@ __all__ = ["BenchConfig", "run_bench", "parse_pattern", "OPS", "default_config",
 
 SCHEMA = "attnkit.bench/1"
 OPS = ("dense-sdpa", "dense-sdpa-cudnn", "dense-sdpa-flash", "dense-sdpa-efficient", "dense-flex", "flex", "attend",
-       "sigmoid", "reference")
+       "sigmoid", "lightning", "fla-lightning", "reference")
+LINEAR_OPS = ("lightning", "fla-lightning")  # causal linear attention; FLOPs of the chunked form, not the pattern's
 MODES = ("fwd", "fwdbwd", "decode")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -286,9 +290,33 @@ def _op_callable(name: str, q, k, v, pattern, dense_pattern) -> tuple[Callable, 
         if backend != "triton":  # the log-sigmoid path runs on whatever attend picks
             backend = choose_backend(q, k, v, pattern, "score_mod", True, 0) + " (log-sigmoid)"
         return (lambda: sigmoid_attend(q, k, v, pattern=pattern, bias=-math.log(q.shape[2]))), backend
+    if name == "lightning":
+        from ..ops.lightning import alibi_slopes, lightning_attend
+
+        slopes = torch.tensor(alibi_slopes(q.shape[1]), device=q.device)
+        backend = "triton" if q.is_cuda else "chunked"
+        return (lambda: lightning_attend(q, k, v, slopes, backend=backend)[0]), backend
+    if name == "fla-lightning":
+        try:
+            from fla.ops.lightning_attn import chunk_lightning_attn
+        except ImportError as err:
+            raise _Unsupported("flash-linear-attention (fla) is not installed: pip install fla-core") from err
+        if not q.is_cuda:
+            raise _Unsupported("fla's kernels run on CUDA only")
+        qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(t.requires_grad) for t in (q, k, v))
+        def run_fla():
+            for t in (qt, kt, vt):
+                t.grad = None
+            return chunk_lightning_attn(qt, kt, vt, layer_idx=0, num_layers=1)[0]
+
+        return run_fla, "fla chunk (B, T, H, D)"
     if name == "reference":
         return (lambda: attend_reference(q, k, v, pattern=pattern)), "reference"
     raise ValueError(f"unknown op {name!r}; accepted: {', '.join(OPS)}")
+
+
+class _Unsupported(Exception):
+    """An op that cannot run here (missing optional package, wrong device): reported, not failed."""
 
 
 def _with_backward(fn: Callable, leaves: list[torch.Tensor]) -> Callable:
@@ -355,7 +383,11 @@ def _run_op_cell(name, cfg, seq, device, dtype, pattern, dense_pattern) -> Cell:
             cell.status = "skipped"
             cell.message = f"reference needs ~{need / 2**30:.1f} GiB of scores (limit {limit / 2**30:.1f} GiB)"
             return cell
-    flops = registry.dense_attention_flops(B, seq, num_heads=H, head_dim=D, pattern=row_pattern)
+    if name in LINEAR_OPS:  # the chunked form: 4*64*D per token in its block + 4*D*D through the state
+        flops = B * H * seq * (4.0 * 64 * D + 4.0 * D * D)
+        row_pattern = dense_pattern
+    else:
+        flops = registry.dense_attention_flops(B, seq, num_heads=H, head_dim=D, pattern=row_pattern)
     cell.flops = registry.FlopCount(attention_fwd=flops, projection_fwd=0.0).total(cfg.mode)
     try:
         gen = torch.Generator(device=device).manual_seed(seq)
@@ -370,6 +402,8 @@ def _run_op_cell(name, cfg, seq, device, dtype, pattern, dense_pattern) -> Cell:
             fn = torch.no_grad()(fn)
         times, cell.peak_memory_bytes = _measure(fn, device, cfg.repeat, cfg.warmup)
         cell.latency_ms = _stats(times)
+    except _Unsupported as err:
+        cell.status, cell.message = "unsupported", str(err)
     except Exception as err:  # noqa: BLE001 - a cell's failure is reported, the run goes on
         _fail(cell, err)
     return cell

@@ -17,17 +17,18 @@ queries average-pooled to ``sqrt(n) x sqrt(n)`` (``1 x n`` for a sequence). The 
 follow the official decomposition, ``B1 = interp(an) + ah + aw`` and ``B2 = interp(na) +
 ha + wa``; here every term is stored at a 7-point base resolution and interpolated to the
 grid, so one layer serves any grid (the official code sizes ``ah, aw, ha, wa`` to one
-window). Both stages run on :func:`attnkit.attend` with the bias as a score modifier.
+window). Both stages are small (one axis is the n agents), so they are materialised (:func:`agent_attend`).
 
 :class:`CausalAgentAttention` is attnkit's own causal variant for language modelling
 (construction stated here, not from the paper). Pooling queries would let a token see
 the future, so the ``n`` agents are learned per-head vectors. Stage 1 is a softmax over
 the *prefix* of keys, so agent values change with the position::
 
-    V_A(t)_a = sum_{j<=t} exp(s a_a . k_j + b1_a) v_j / Z_a(t),    Z_a(t) = sum_{j<=t} exp(...)
+    V_A(t)_a = sum_{j<=t} exp(s a_a . k_j) v_j / Z_a(t),    Z_a(t) = sum_{j<=t} exp(s a_a . k_j)
     o_t      = sum_a softmax_a(s q_t . a_a + b2_a) V_A(t)_a  +  causal depthwise conv_3(V)_t
 
-Writing ``phi_k(j)_a = exp(s a_a . k_j + b1_a - m_a)`` and ``phi_q(t)_a = softmax_a(...) /
+(No stage-1 bias: without a grid, a per-agent constant would cancel in the prefix softmax.)
+Writing ``phi_k(j)_a = exp(s a_a . k_j - m_a)`` and ``phi_q(t)_a = softmax_a(...) /
 Z_a(t)`` gives ``o_t = sum_{j<=t} (phi_q(t) . phi_k(j)) v_j``: causal linear attention with
 an n-dimensional feature map, run on :func:`attnkit.ops.lightning.lightning_attend` with
 zero decay. ``m_a`` is a detached stabiliser (the running maximum of the agent's scores),
@@ -44,24 +45,52 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import head_dim_of, positive_int
-from ..ops import BACKENDS, attend
-from ..ops.lightning import lightning_attend
+from ..ops.lightning import lightning_attend, prefix_sum
 from ..registry import Capabilities, Card, FlopCount, register
 from ..state import RecurrentState
 from .base import AttentionLayer, check_input
 
-__all__ = ["AgentAttention", "CausalAgentAttention", "agent_attend_reference"]
+__all__ = ["AgentAttention", "CausalAgentAttention", "agent_attend", "agent_attend_reference"]
 
 BASE = 7  # resolution the position biases are stored at
 
 
-def agent_attend_reference(q, k, v, agents, bias1, bias2, scale):
-    """Two-stage agent attention, materialised, in float64: q ``[B, H, N, D]``, k, v
-    ``[B, H, S, D]``, agents ``[B, H, n, D]``, bias1 ``[H, n, S]``, bias2 ``[H, N, n]``."""
+def agent_attend(q, k, v, agents, bias1, bias2, scale, *, compute_dtype=None):
+    """Two-stage agent attention with materialised scores: q ``[B, H, N, D]``, k, v
+    ``[B, H, S, D]``, agents ``[B, H, n, D]``, bias1 ``[H, n, S]``, bias2 ``[H, N, n]``.
+
+    One axis of both score matrices is the n agents, so they are small (``N x n``): plain
+    matmuls and softmax beat a fused kernel built for long key axes, and the biases get
+    their gradients without a scatter. (Measured on the H200 at 128k tokens, fwd+bwd:
+    FlexAttention with the bias as a captured score modifier 1.9 s; attend's materialised
+    path with an indexed bias 2.3 s, its backward a scatter-add; this form: see
+    ``benchmarks/results/h200-agent-fwdbwd.json``.) ``compute_dtype`` defaults to float32
+    (float64 for float64 inputs); the result is in q's dtype."""
     dtype = q.dtype
-    q, k, v, agents, bias1, bias2 = (t.double() for t in (q, k, v, agents, bias1, bias2))
+    acc = compute_dtype or torch.promote_types(dtype, torch.float32)
+    q, k, v, agents, bias1, bias2 = (t.to(acc) for t in (q, k, v, agents, bias1, bias2))
     agent_v = torch.softmax(agents @ k.transpose(-1, -2) * scale + bias1, dim=-1) @ v  # (B, H, n, D)
     return (torch.softmax(q @ agents.transpose(-1, -2) * scale + bias2, dim=-1) @ agent_v).to(dtype)
+
+
+def agent_attend_reference(q, k, v, agents, bias1, bias2, scale):
+    """:func:`agent_attend` in float64."""
+    return agent_attend(q, k, v, agents, bias1, bias2, scale, compute_dtype=torch.float64)
+
+
+def pooling_matrix(grid: tuple[int, int], pool: tuple[int, int], like: Tensor) -> Tensor:
+    """Adaptive average pooling of an ``h x w`` grid to ``ph x pw`` cells as a matrix
+    ``[ph*pw, h*w]`` (cell i covers rows ``floor(i h / ph) .. ceil((i+1) h / ph)``, as
+    ``adaptive_avg_pool2d``). A matmul instead of the pooling kernel, whose CUDA backward
+    fails on long ``1 x N`` grids."""
+    def axis(size: int, cells: int) -> Tensor:
+        i = torch.arange(cells)
+        start, end = (i * size) // cells, -((-(i + 1) * size) // cells)
+        pos = torch.arange(size)
+        member = (pos[None] >= start[:, None]) & (pos[None] < end[:, None])
+        return member.to(like.dtype) / (end - start).to(like.dtype)[:, None]
+
+    return torch.kron(axis(grid[0], pool[0]), axis(grid[1], pool[1])).to(like.device)
 
 
 class AgentAttention(AttentionLayer):
@@ -72,7 +101,8 @@ class AgentAttention(AttentionLayer):
         agent_num: n agents (a square number when ``grid_size`` is given; default 49).
         grid_size: ``(h, w)`` with ``h * w = N`` tokens, or ``None``: a ``1 x N`` grid.
         bias: biases in the projections.
-        backend: :func:`attnkit.attend` backend for both stages.
+        backend: ``auto`` (materialised ``N x n`` scores in float32, :func:`agent_attend`)
+            or ``reference`` (the same in float64).
 
     Shapes: ``x [B, N, C] -> [B, N, C]``. No decode (every token sees every token).
 
@@ -98,8 +128,8 @@ class AgentAttention(AttentionLayer):
             if math.isqrt(agent_num) ** 2 != agent_num:
                 raise ValueError(f"agent_num must be a square number on a 2-d grid (agents pool to sqrt(n) x sqrt(n)), "
                                  f"got {agent_num}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"backend must be 'auto' or 'reference', got {backend!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.agent_num, self.grid_size, self.backend = agent_num, grid_size, backend
         H, n, inner = num_heads, agent_num, num_heads * head_dim
@@ -142,8 +172,7 @@ class AgentAttention(AttentionLayer):
         qkv = self.qkv_proj(x)  # (B, N, 3*H*D)
         q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
         pool = (1, n) if self.grid_size is None else (math.isqrt(n),) * 2
-        q_grid = qkv[..., : H * D].transpose(1, 2).reshape(B, H * D, h, w)
-        agents = F.adaptive_avg_pool2d(q_grid, pool).reshape(B, H, D, n).transpose(-1, -2)  # (B, H, n, D)
+        agents = (pooling_matrix((h, w), pool, x) @ qkv[..., : H * D]).view(B, n, H, D).transpose(1, 2)  # (B, H, n, D)
         v_grid = qkv[..., 2 * H * D :].transpose(1, 2).reshape(B, H * D, h, w)
         local = self.dwc(v_grid).reshape(B, H * D, N).transpose(1, 2)
         return q, k, v, agents, *self.biases(h, w), local
@@ -160,10 +189,7 @@ class AgentAttention(AttentionLayer):
         if self.backend == "reference":
             o = agent_attend_reference(q, k, v, agents, b1, b2, scale)
         else:
-            agent_v = attend(agents, k, v, scale=scale, q_offset=0, backend=self.backend,
-                             score_mod=lambda s, b, h, i, j: s + b1[h, i, j])
-            o = attend(q, agents, agent_v, scale=scale, q_offset=0, backend=self.backend,
-                       score_mod=lambda s, b, h, i, j: s + b2[h, i, j])
+            o = agent_attend(q, k, v, agents, b1, b2, scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, N, -1) + local)
 
 
@@ -198,8 +224,9 @@ class CausalAgentAttention(AttentionLayer):
         self.qkv_proj = nn.Linear(dim, 3 * inner, bias=bias)
         self.o_proj = nn.Linear(inner, dim, bias=bias)
         self.agents = nn.Parameter(torch.randn(H, n, head_dim) * head_dim ** -0.5)
-        self.agent_key_bias = nn.Parameter(torch.zeros(H, n))  # b1
-        self.agent_query_bias = nn.Parameter(torch.zeros(H, n))  # b2
+        # stage 2's per-agent bias b2; stage 1 has none: a per-agent constant added to every
+        # key's score cancels in the prefix softmax (its gradient is exactly zero)
+        self.agent_query_bias = nn.Parameter(torch.zeros(H, n))
         self.dwc = nn.Conv1d(inner, inner, kernel_size=conv_size, groups=inner)
 
     def init_state(self, batch_size: int, *, max_len=None, device=None, dtype=None) -> RecurrentState:
@@ -228,7 +255,7 @@ class CausalAgentAttention(AttentionLayer):
         q, k, v = q.double(), k.double(), v.double()
         A = self.agents.double()[None]  # (1, H, n, D)
         scale, T = self.head_dim ** -0.5, q.shape[2]
-        s1 = (A @ k.transpose(-1, -2)) * scale + self.agent_key_bias.double()[None, :, :, None]  # (B, H, n, T)
+        s1 = (A @ k.transpose(-1, -2)) * scale  # (B, H, n, T)
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (t, j): j <= t
         w1 = torch.softmax(s1[:, :, :, None, :].masked_fill(~mask, float("-inf")), dim=-1)  # (B, H, n, T, T)
         agent_v = w1 @ v[:, :, None]  # (B, H, n, T, D): V_A(t)
@@ -256,7 +283,7 @@ class CausalAgentAttention(AttentionLayer):
         acc = torch.promote_types(q.dtype, torch.float32)
         scale = self.head_dim ** -0.5
         A = self.agents.to(acc)
-        s1 = (k.to(acc) @ A.transpose(-1, -2)) * scale + self.agent_key_bias.to(acc)[None, :, None]  # (B, H, T, n)
+        s1 = (k.to(acc) @ A.transpose(-1, -2)) * scale  # (B, H, T, n)
         m = s1.detach().amax(dim=2)  # (B, H, n)
         kv0 = z0 = None
         if state is not None:
@@ -264,7 +291,7 @@ class CausalAgentAttention(AttentionLayer):
             shrink = torch.exp(state["m"] - m).nan_to_num(0.0)  # exp(-inf) before the first token
             kv0, z0 = state["kv"] * shrink[..., None], state["z"] * shrink
         phi_k = torch.exp(s1 - m[:, :, None])  # (B, H, T, n)
-        z = phi_k.cumsum(2) + (0 if z0 is None else z0[:, :, None])
+        z = prefix_sum(phi_k) + (0 if z0 is None else z0[:, :, None])
         p = torch.softmax((q.to(acc) @ A.transpose(-1, -2)) * scale + self.agent_query_bias.to(acc)[None, :, None], -1)
         phi_q = p / z  # (B, H, T, n)
         backend = "chunked" if self.backend == "reference" else self.backend
@@ -305,7 +332,7 @@ register(
         layer=AgentAttention,
         flops=agent_flops,
         defaults={"agent_num": 16},
-        capabilities=Capabilities(causal=False, decode=False, varlen=False, backends=("reference", "sdpa", "flex")),
+        capabilities=Capabilities(causal=False, decode=False, varlen=False, backends=("reference", "materialised")),
         summary="bidirectional: agents pooled from queries aggregate, then broadcast; + depthwise conv on V",
     )
 )

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .lightning import lightning_attend
+from .lightning import lightning_attend, prefix_sum
 
 __all__ = ["flow_attend", "flow_attend_reference", "FlowState", "FLOW_BACKENDS"]
 
@@ -128,16 +128,16 @@ def flow_attend(q, k, v, *, causal: bool = True, eps: float = 1e-6, clamp: float
     st = state if state is not None else FlowState.zeros(B, H, D, v.shape[-1], device=q.device, dtype=acc)
     qa, ka = q.to(acc), k.to(acc)
     n = st["count"] + torch.arange(1, T + 1, dtype=acc, device=q.device)  # (T,)
-    k_prefix = st["k_sum"][:, :, None] + ka.cumsum(2)
-    q_prefix = st["q_sum"][:, :, None] + qa.cumsum(2)
+    k_prefix = st["k_sum"][:, :, None] + prefix_sum(ka)
+    q_prefix = st["q_sum"][:, :, None] + prefix_sum(qa)
     incoming = n / _dot(qa, k_prefix, eps)  # (B, H, T)
     outgoing = n / _dot(ka, q_prefix, eps)
     ko, qi = ka * outgoing[..., None], qa * incoming[..., None]
-    conserved_sink = _dot(qa, st["ko_sum"][:, :, None] + ko.cumsum(2), eps) / n
-    conserved_source = (_dot(ka, st["qi_sum"][:, :, None] + qi.cumsum(2), eps) / n).clamp(-clamp, clamp)
+    conserved_sink = _dot(qa, st["ko_sum"][:, :, None] + prefix_sum(ko), eps) / n
+    conserved_source = (_dot(ka, st["qi_sum"][:, :, None] + prefix_sum(qi), eps) / n).clamp(-clamp, clamp)
     allocation = torch.sigmoid(conserved_sink)
     e = torch.exp(conserved_source)
-    e_prefix = st["exp_sum"][:, :, None] + e.cumsum(2)
+    e_prefix = st["exp_sum"][:, :, None] + prefix_sum(e)
     competition = e / e_prefix * n
     slopes = torch.zeros(H, device=q.device, dtype=acc)
     lightning_backend = "chunked" if backend == "reference" else backend

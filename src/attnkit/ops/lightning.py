@@ -149,10 +149,11 @@ def lightning_attend_recurrent(q, k, v, slopes, *, initial_state=None) -> tuple[
     return torch.cat(outs, dim=2).to(q.dtype), state
 
 
-def _triton_applies(q: Tensor, v: Tensor) -> bool:
-    D, E = q.shape[-1], v.shape[-1]
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16, torch.float32) and D == E
-            and D in (16, 32, 64, 128) and q.shape[2] >= 16)
+def _triton_applies(q: Tensor, v: Tensor, *, half_only: bool = False) -> bool:
+    """The kernels take CUDA tensors with head dims 16..128; ``auto`` sends them only bf16 /
+    fp16 (their products run on tensor cores, which would round fp32 to tf32)."""
+    dtypes = (torch.bfloat16, torch.float16) if half_only else (torch.bfloat16, torch.float16, torch.float32)
+    return q.is_cuda and q.dtype in dtypes and q.shape[-1] in (16, 32, 64, 128) and v.shape[-1] in (16, 32, 64, 128)
 
 
 def lightning_attend(q, k, v, slopes, *, initial_state=None, backend: str = "auto",
@@ -160,21 +161,21 @@ def lightning_attend(q, k, v, slopes, *, initial_state=None, backend: str = "aut
     """Lightning attention ``(o [B, H, T, E], final state [B, H, D, E])``.
 
     ``backend``: ``reference``, ``chunked`` (PyTorch blocks), ``recurrent`` (token loop),
-    ``triton`` (CUDA kernels; head dims 16..128, D == E), or ``auto``: triton where it
-    applies, else recurrent for a few tokens (a decode step) and chunked otherwise.
+    ``triton`` (CUDA kernels; head dims 16..128), or ``auto``: triton for CUDA bf16/fp16,
+    else recurrent for a few tokens (a decode step) and chunked otherwise.
     """
     if backend not in LIGHTNING_BACKENDS:
         raise ValueError(f"lightning_attend backend must be one of {', '.join(LIGHTNING_BACKENDS)}, got {backend!r}")
     _check(q, k, v, slopes, initial_state)
     if backend == "auto":
-        if _triton_applies(q, v):
+        if _triton_applies(q, v, half_only=True):
             backend = "triton"
         else:
             backend = "recurrent" if q.shape[2] <= 4 else "chunked"
     if backend == "triton":
         if not _triton_applies(q, v):
-            raise ValueError("backend='triton' needs CUDA tensors in bf16/fp16/fp32, D == E in (16, 32, 64, 128) "
-                             "and T >= 16; use backend='chunked'")
+            raise ValueError("backend='triton' needs CUDA tensors in bf16/fp16/fp32 (tf32 products) with head dims "
+                             "16, 32, 64 or 128; use backend='chunked'")
         from .lightning_triton import lightning_attention_triton
 
         return lightning_attention_triton(q, k, v, slopes, initial_state=initial_state)
@@ -183,3 +184,23 @@ def lightning_attend(q, k, v, slopes, *, initial_state=None, backend: str = "aut
     if backend == "recurrent":
         return lightning_attend_recurrent(q, k, v, slopes, initial_state=initial_state)
     return lightning_attend_chunked(q, k, v, slopes, initial_state=initial_state, chunk_size=chunk_size)
+
+
+def prefix_sum(x: Tensor, dim: int = 2, chunk: int = 64) -> Tensor:
+    """Inclusive cumulative sum along ``dim``, computed in two levels (within blocks of
+    ``chunk``, then over the block totals, recursively). Same values as ``x.cumsum(dim)``;
+    on CUDA a long scan along a non-innermost dim runs one sequential thread per column,
+    which made Flow's and Agent's prefix sums grow faster than linearly with T."""
+    n = x.shape[dim]
+    if n <= chunk:
+        return x.cumsum(dim)
+    x = x.movedim(dim, -2)  # (..., n, F)
+    pad = (-n) % chunk
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    blocks = x.unflatten(-2, (-1, chunk))  # (..., N, chunk, F)
+    local = blocks.cumsum(-2)
+    totals = local[..., -1, :]  # (..., N, F)
+    carry = prefix_sum(totals, dim=-2, chunk=chunk) - totals  # exclusive prefix of the block totals
+    out = (local + carry[..., None, :]).flatten(-3, -2)[..., :n, :]
+    return out.movedim(-2, dim)
