@@ -79,5 +79,7 @@ def test_cuda_fast_path_matches_reference(name):
     y.backward(g.float())
     y_ref.backward(g)
     for (pname, a), b in zip(fast.named_parameters(), ref.parameters()):
-        if b.grad is not None and b.grad.norm() > 0:
+        # a parameter whose true gradient is zero (e.g. a bias constant along a softmax row,
+        # as Agent's row bias on a 1 x N grid) has only rounding noise to compare
+        if b.grad is not None and b.grad.norm() > 1e-9 * max(1.0, float(b.norm())):
             assert (a.grad.double() - b.grad).norm() / b.grad.norm() < 1e-3, pname

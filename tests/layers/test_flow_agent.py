@@ -133,3 +133,17 @@ def test_causal_agent_decode_equals_full_forward(chunks):
     fast, _ = twin(CausalAgentAttention, agent_num=5)
     x = torch.randn(2, 10, 32, dtype=torch.float64) * 3  # spread scores: the stabiliser must move
     torch.testing.assert_close(decode_in_chunks(fast, x, chunks), fast(x))
+
+
+@pytest.mark.parametrize("size", [1, 5, 7, 13, 300])
+def test_interpolation_matrix_is_linear_resizing(size):
+    import torch.nn.functional as F
+
+    from attnkit.layers.agent import interpolation_matrix
+
+    base = torch.randn(3, 4, 7, dtype=torch.float64)
+    expected = F.interpolate(base, size=size, mode="linear", align_corners=False)
+    torch.testing.assert_close(base @ interpolation_matrix(size, 7, base).T, expected)
+    grid = torch.randn(3, 4, 7, 7, dtype=torch.float64)
+    rows, cols = interpolation_matrix(size, 7, grid), interpolation_matrix(6, 7, grid)
+    torch.testing.assert_close(rows @ grid @ cols.T, F.interpolate(grid, size=(size, 6), mode="bilinear", align_corners=False))

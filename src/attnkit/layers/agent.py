@@ -78,6 +78,20 @@ def agent_attend_reference(q, k, v, agents, bias1, bias2, scale):
     return agent_attend(q, k, v, agents, bias1, bias2, scale, compute_dtype=torch.float64)
 
 
+def interpolation_matrix(out_size: int, in_size: int, like: Tensor) -> Tensor:
+    """``[out_size, in_size]`` weights of 1-d linear resizing with ``align_corners=False``
+    (what ``F.interpolate(mode="linear")`` computes), so resizing is a matmul."""
+    dst = torch.arange(out_size, dtype=torch.float64)
+    src = ((dst + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
+    lo = src.floor().long().clamp(max=in_size - 1)
+    hi = (lo + 1).clamp(max=in_size - 1)
+    frac = src - lo
+    weights = torch.zeros(out_size, in_size, dtype=torch.float64)
+    weights[torch.arange(out_size), lo] += 1 - frac
+    weights[torch.arange(out_size), hi] += frac
+    return weights.to(device=like.device, dtype=like.dtype)
+
+
 def pooling_matrix(grid: tuple[int, int], pool: tuple[int, int], like: Tensor) -> Tensor:
     """Adaptive average pooling of an ``h x w`` grid to ``ph x pw`` cells as a matrix
     ``[ph*pw, h*w]`` (cell i covers rows ``floor(i h / ph) .. ceil((i+1) h / ph)``, as
@@ -153,12 +167,13 @@ class AgentAttention(AttentionLayer):
         return h, w
 
     def biases(self, h: int, w: int) -> tuple[Tensor, Tensor]:
-        """``B1 [H, n, h*w]`` and ``B2 [H, h*w, n]`` at grid ``(h, w)``."""
-        def full(grid, rows, cols):  # (H, n, h, w)
-            g = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
-            r = F.interpolate(rows, size=h, mode="linear", align_corners=False)[..., :, None]
-            c = F.interpolate(cols, size=w, mode="linear", align_corners=False)[..., None, :]
-            return (g + r + c).flatten(2)
+        """``B1 [H, n, h*w]`` and ``B2 [H, h*w, n]`` at grid ``(h, w)``: the base-resolution
+        terms resized (bilinear / linear, as ``F.interpolate`` with ``align_corners=False``)."""
+        rows, cols = interpolation_matrix(h, BASE, self.an_bias), interpolation_matrix(w, BASE, self.an_bias)
+
+        def full(grid, row_bias, col_bias):  # (H, n, h, w); matmuls: F.interpolate's CUDA backward
+            g = rows @ grid @ cols.T  # piles atomics onto 7 outputs and took seconds at 128k tokens
+            return (g + (row_bias @ rows.T)[..., :, None] + (col_bias @ cols.T)[..., None, :]).flatten(2)
 
         b1 = full(self.an_bias, self.ah_bias, self.aw_bias)
         b2 = full(self.na_bias, self.ha_bias, self.wa_bias).transpose(1, 2)
