@@ -44,7 +44,15 @@ def available() -> bool:
     return triton is not None
 
 
+def _configs(warps, stages):
+    return [triton.Config({}, num_warps=w, num_stages=st) for w in warps for st in stages]
+
+
 if triton is not None:
+    # the state walks are sequential over chunks: pipelining the next chunk's loads matters;
+    # the per-chunk kernels are wide and short
+    _WALK = dict(configs=_configs((4, 8), (1, 2, 3)), key=["D", "E", "NT"])
+    _CHUNK = dict(configs=_configs((4, 8), (1, 2)), key=["D", "E"])
 
     @triton.jit
     def _rows(ptr, t, T, cols, width):
@@ -56,6 +64,7 @@ if triton is not None:
         dist = ot[:, None] - ot[None, :]
         return tl.where(dist >= 0, tl.exp(-s * tl.maximum(dist, 0).to(tl.float32)), 0.0)
 
+    @triton.autotune(**_WALK)
     @triton.jit
     def _state_fwd(k, v, h, h0, ht, slopes, T, NT, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr):
@@ -78,6 +87,7 @@ if triton is not None:
         if STORE_HT:
             tl.store(ht + i_bh * D * E + tile, state)
 
+    @triton.autotune(**_CHUNK)
     @triton.jit
     def _out_fwd(q, k, v, h, o, slopes, T, NT, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
@@ -99,6 +109,7 @@ if triton is not None:
         out += tl.dot((scores * _decay_mask(s, ot)).to(vc.dtype), vc)
         tl.store(o + t[:, None] * E + ov[None, :], out.to(o.dtype.element_ty), mask=t[:, None] < T)
 
+    @triton.autotune(**_WALK)
     @triton.jit
     def _state_bwd(q, do, dh, dht, dh0, slopes, T, NT, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
@@ -122,6 +133,7 @@ if triton is not None:
         if STORE_DH0:
             tl.store(dh0 + i_bh * D * E + tile, grad)
 
+    @triton.autotune(**_CHUNK)
     @triton.jit
     def _dqk_bwd(q, k, v, do, h, dh, dq, dk, slopes, T, NT, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
@@ -153,6 +165,7 @@ if triton is not None:
         tl.store(dq + i_bh * T * D + out, grad_q.to(dq.dtype.element_ty), mask=t[:, None] < T)
         tl.store(dk + i_bh * T * D + out, grad_k.to(dk.dtype.element_ty), mask=t[:, None] < T)
 
+    @triton.autotune(**_CHUNK)
     @triton.jit
     def _dv_bwd(q, k, do, dh, dv, slopes, T, NT, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
@@ -194,9 +207,9 @@ class _Lightning(torch.autograd.Function):
         use_h0 = h0 is not None
         h0c = h0.to(torch.float32).contiguous() if use_h0 else final
         _state_fwd[(D // BK, E // BV, B * H)](k, v, states, h0c, final, slopes, T, NT, H, D, E, CHUNK, BK, BV,
-                                               use_h0, True, num_warps=4)
+                                               use_h0, True)
         o = torch.empty(B, H, T, E, device=q.device, dtype=q.dtype)
-        _out_fwd[(E // BV, NT, B * H)](q, k, v, states, o, slopes, T, NT, H, D, E, CHUNK, BK, BV, num_warps=4)
+        _out_fwd[(E // BV, NT, B * H)](q, k, v, states, o, slopes, T, NT, H, D, E, CHUNK, BK, BV)
         ctx.save_for_backward(q, k, v, slopes, states)
         ctx.use_h0 = use_h0
         return o, final
@@ -214,11 +227,10 @@ class _Lightning(torch.autograd.Function):
         use_dht = dfinal is not None
         dht = dfinal.to(torch.float32).contiguous() if use_dht else dh0
         _state_bwd[(D // BK, E // BV, B * H)](q, do, grads, dht, dh0, slopes, T, NT, H, D, E, CHUNK, BK, BV,
-                                               use_dht, ctx.use_h0, num_warps=4)
+                                               use_dht, ctx.use_h0)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _dqk_bwd[(D // BK, NT, B * H)](q, k, v, do, states, grads, dq, dk, slopes, T, NT, H, D, E, CHUNK, BK, BV,
-                                        num_warps=4)
-        _dv_bwd[(E // BV, NT, B * H)](q, k, do, grads, dv, slopes, T, NT, H, D, E, CHUNK, BK, BV, num_warps=4)
+        _dqk_bwd[(D // BK, NT, B * H)](q, k, v, do, states, grads, dq, dk, slopes, T, NT, H, D, E, CHUNK, BK, BV)
+        _dv_bwd[(E // BV, NT, B * H)](q, k, do, grads, dv, slopes, T, NT, H, D, E, CHUNK, BK, BV)
         return dq, dk, dv, None, (dh0 if ctx.use_h0 else None)
 
 
