@@ -7,6 +7,7 @@ from .agent import AgentAttention, CausalAgentAttention
 from .base import AttentionLayer, check_input
 from .deconstructed import DistanceAttention, SequenceIndependentAttention, StaticEmbeddingAttention
 from .dynamic_mask import DynamicMaskAttention
+from .echo import EchoAttention
 from .flow import FlowAttention
 from .group import Chronos2Attention, GroupAttention
 from .lightning import LightningAttention
@@ -25,6 +26,7 @@ __all__ = [
     "Chronos2Attention",
     "DistanceAttention",
     "DynamicMaskAttention",
+    "EchoAttention",
     "FlowAttention",
     "GroupAttention",
     "LightningAttention",

@@ -57,8 +57,10 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, mlp_hidden)
 
     def forward(self, x: Tensor, state=None, document_ids: Tensor | None = None, group_ids: Tensor | None = None,
-                embeddings: Tensor | None = None) -> Tensor:
+                embeddings: Tensor | None = None, context: dict | None = None) -> Tensor:
         extra = {}
+        if getattr(self.attn, "accepts_layer_context", False):
+            extra["context"] = context  # shared by the layers of one forward call (EchoAtt's leader -> followers)
         if getattr(self.attn, "accepts_group_ids", False):
             extra["group_ids"] = group_ids
         if getattr(self.attn, "accepts_embeddings", False):
@@ -161,8 +163,9 @@ class DecoderLM(nn.Module):
         if state is not None and len(state) != len(self.layers):
             raise ValueError(f"state has {len(state)} entries, the model has {len(self.layers)} layers; use model.init_state()")
         x = embeddings = self.embed(tokens)
+        context: dict = {}
         for i, block in enumerate(self.layers):
-            x = block(x, None if state is None else state[i], document_ids, group_ids, embeddings)
+            x = block(x, None if state is None else state[i], document_ids, group_ids, embeddings, context)
         return F.linear(self.norm(x), self.embed.weight)  # (B, T, V)
 
     def loss(self, tokens: Tensor, targets: Tensor, **kwargs) -> Tensor:
