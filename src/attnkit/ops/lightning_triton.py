@@ -26,6 +26,8 @@ triton's interpreter (``TRITON_INTERPRET=1``), which is how the tests check them
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -64,7 +66,6 @@ if triton is not None:
         dist = ot[:, None] - ot[None, :]
         return tl.where(dist >= 0, tl.exp(-s * tl.maximum(dist, 0).to(tl.float32)), 0.0)
 
-    @triton.autotune(**_WALK)
     @triton.jit
     def _state_fwd(k, v, h, h0, ht, slopes, T, NT, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr):
@@ -87,7 +88,6 @@ if triton is not None:
         if STORE_HT:
             tl.store(ht + i_bh * D * E + tile, state)
 
-    @triton.autotune(**_CHUNK)
     @triton.jit
     def _out_fwd(q, k, v, h, o, slopes, T, NT, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
@@ -109,7 +109,6 @@ if triton is not None:
         out += tl.dot((scores * _decay_mask(s, ot)).to(vc.dtype), vc)
         tl.store(o + t[:, None] * E + ov[None, :], out.to(o.dtype.element_ty), mask=t[:, None] < T)
 
-    @triton.autotune(**_WALK)
     @triton.jit
     def _state_bwd(q, do, dh, dht, dh0, slopes, T, NT, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
@@ -133,7 +132,6 @@ if triton is not None:
         if STORE_DH0:
             tl.store(dh0 + i_bh * D * E + tile, grad)
 
-    @triton.autotune(**_CHUNK)
     @triton.jit
     def _dqk_bwd(q, k, v, do, h, dh, dq, dk, slopes, T, NT, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
@@ -165,7 +163,6 @@ if triton is not None:
         tl.store(dq + i_bh * T * D + out, grad_q.to(dq.dtype.element_ty), mask=t[:, None] < T)
         tl.store(dk + i_bh * T * D + out, grad_k.to(dk.dtype.element_ty), mask=t[:, None] < T)
 
-    @triton.autotune(**_CHUNK)
     @triton.jit
     def _dv_bwd(q, k, do, dh, dv, slopes, T, NT, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
@@ -187,6 +184,13 @@ if triton is not None:
         k_decay = tl.where(ot < L, tl.exp(-s * (L - 1 - ot).to(tl.float32)), 0.0)
         grad_v = acc_v * k_decay[:, None] + tl.dot(tl.trans((scores * _decay_mask(s, ot)).to(doc.dtype)), doc)
         tl.store(dv + i_bh * T * E + t[:, None] * E + ov[None, :], grad_v.to(dv.dtype.element_ty), mask=t[:, None] < T)
+
+
+if triton is not None:
+    # autotuned on the GPU; the interpreter has no benchmark driver, it runs the kernels as they are
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        _state_fwd, _state_bwd = (triton.autotune(**_WALK)(k) for k in (_state_fwd, _state_bwd))
+        _out_fwd, _dqk_bwd, _dv_bwd = (triton.autotune(**_CHUNK)(k) for k in (_out_fwd, _dqk_bwd, _dv_bwd))
 
 
 def _blocks(D: int, E: int) -> tuple[int, int]:
