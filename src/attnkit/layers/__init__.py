@@ -11,6 +11,7 @@ from .echo import EchoAttention
 from .flow import FlowAttention
 from .group import Chronos2Attention, GroupAttention
 from .lightning import LightningAttention
+from .mixture_of_heads import MixtureOfHeadsAttention
 from .no_mixing import NoMixing
 from .rcmha import RelativeConvAttention
 from .s2 import S2Attention
@@ -30,6 +31,7 @@ __all__ = [
     "FlowAttention",
     "GroupAttention",
     "LightningAttention",
+    "MixtureOfHeadsAttention",
     "MultiHeadAttention",
     "NoMixing",
     "RelativeConvAttention",

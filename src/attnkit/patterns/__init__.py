@@ -46,6 +46,7 @@ __all__ = [
     "Documents",
     "S2Strided",
     "AtKeyPositions",
+    "AtQueryPositions",
     "And",
     "Or",
     "full",
@@ -481,6 +482,49 @@ class AtKeyPositions(Pattern):
 
     def __repr__(self):
         return f"AtKeyPositions({self.pattern!r}, S={self.key_positions.numel()})"
+
+
+class AtQueryPositions(Pattern):
+    """``pattern`` applied to queries gathered from arbitrary positions, per batch item and head.
+
+    Mixture-of-Head attention computes a routed head only for the tokens that chose it:
+    row ``i`` of head ``h`` in batch item ``b`` is the token at ``query_positions[b, h, i]``
+    (an integer tensor ``[B, H, M]``; ``-1`` marks a padding row, which sees no key).
+    Queries are indexed ``0 .. M-1`` (call ``attend`` with ``q_offset=0``).
+    """
+
+    depends_on_batch = True
+    depends_on_head = True
+
+    def __init__(self, pattern: Pattern, query_positions: Tensor):
+        self.pattern = _check_pattern(pattern, "pattern")
+        if not isinstance(query_positions, Tensor) or query_positions.dim() != 3 or query_positions.is_floating_point():
+            got = tuple(query_positions.shape) if isinstance(query_positions, Tensor) else type(query_positions).__name__
+            raise ValueError(f"query_positions must be an integer tensor [B, H, M], got {got}")
+        self.query_positions = query_positions.long()
+
+    def allowed(self, b, h, q_pos, k_pos):
+        positions = self.query_positions
+        if positions.device != q_pos.device:
+            positions = positions.to(q_pos.device)
+        row = positions[b, h, q_pos]
+        return (row >= 0) & self.pattern.allowed(b, h, row, k_pos)
+
+    def to(self, device):
+        device = torch.device(device)
+        pattern = self.pattern.to(device)
+        if self.query_positions.device == device and pattern is self.pattern:
+            return self
+        return AtQueryPositions(pattern, self.query_positions.to(device))
+
+    def validate(self, batch, heads, kv_len):
+        if tuple(self.query_positions.shape[:2]) != (batch, heads):
+            raise ValueError(f"query_positions is [B, H, M] = {list(self.query_positions.shape)} but the call has "
+                             f"B={batch}, H={heads}")
+        self.pattern.validate(batch, heads, kv_len)
+
+    def __repr__(self):
+        return f"AtQueryPositions({self.pattern!r}, M={self.query_positions.shape[-1]})"
 
 
 class _Binary(Pattern):

@@ -1,0 +1,177 @@
+"""MoH: Mixture-of-Head attention (heads as experts, routed per token).
+
+MoH: Multi-Head Attention as Mixture-of-Head Attention (Jin et al., arXiv 2410.11842;
+official code SkyworkAI/MoH). The first ``shared_heads`` heads are always active; each token
+picks ``active_heads`` of the other (routed) heads, and the head outputs are weighted before
+the output projection::
+
+    a      = softmax(W_r x)                                  over the R routed heads
+    g_r,i  = 2 alpha_2 * k * a_i / sum_{j in topk(a)} a_j     for i in topk(a), else 0
+    g_s,i  = 2 alpha_1 * S * softmax(W_s x)_i                 shared heads (S of them)
+    [alpha_1, alpha_2] = softmax(W_h x)
+    y      = W_o concat_i(g_i * head_i(x))
+
+(with no shared heads the routed gates are used alone; a single shared head has gate 1).
+Load balance over the routed heads, as in the official code: ``L_b = R * sum_i f_i P_i``
+with ``f_i`` the fraction of tokens that picked head i and ``P_i`` its mean router
+probability; the layer exposes ``aux_loss = balance_weight * L_b`` after each training
+forward, which ``attnkit compare`` adds to the loss.
+
+Fast path: a routed head is computed only for the tokens that picked it. Per (batch item,
+head) the picked tokens are gathered (sorted by position) into ``M`` query rows, ``M`` the
+largest count, and attend to all keys through :class:`attnkit.patterns.AtQueryPositions`:
+with half of the routed heads active the attention core of those heads does about half the
+work. The reference path computes every head and multiplies by the gates (the unpicked
+heads' gates are zero, so both are exact). Decoding caches every head's keys and values (a
+later token may pick any head).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import patterns as _patterns
+from .._checks import positive_int
+from ..ops import attend
+from ..registry import Capabilities, Card, FlopCount, dense_attention_flops, register
+from .multi_head import MultiHeadAttention
+
+__all__ = ["MixtureOfHeadsAttention"]
+
+
+class MixtureOfHeadsAttention(MultiHeadAttention):
+    """Multi-head attention whose heads are experts: shared heads plus top-k routed heads.
+
+    Args:
+        dim, num_heads, num_kv_heads, head_dim, rope, qk_norm, bias, backend: as
+            :class:`~attnkit.layers.MultiHeadAttention` (causal).
+        shared_heads: always-active heads (default H // 4).
+        active_heads: routed heads each token picks (default half of the routed heads).
+        balance_weight: weight of the load-balance loss in ``aux_loss`` (default 0.01).
+        sparse: compute routed heads only for the tokens that picked them (default True;
+            ``False`` computes all heads and masks, as the reference does).
+
+    After a forward in training mode ``layer.aux_loss`` holds the weighted load-balance loss
+    and ``layer.last_routing`` the routed heads' selection mask ``[B, T, R]``.
+
+    Example::
+
+        >>> import torch
+        >>> from attnkit.layers import MixtureOfHeadsAttention
+        >>> layer = MixtureOfHeadsAttention(256, 8, shared_heads=2, active_heads=3)
+        >>> y = layer(torch.randn(2, 16, 256)); float(layer.aux_loss) > 0
+        True
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, *, shared_heads: int | None = None,
+                 active_heads: int | None = None, balance_weight: float = 0.01, sparse: bool = True, **options):
+        if options.get("pattern", "causal") != "causal":
+            raise ValueError("MixtureOfHeadsAttention is causal (its selected-heads path gathers causal query rows)")
+        super().__init__(dim, num_heads, num_kv_heads, **options)
+        shared = num_heads // 4 if shared_heads is None else shared_heads
+        if not isinstance(shared, int) or not 0 <= shared < num_heads:
+            raise ValueError(f"shared_heads must be an int in [0, num_heads={num_heads}), got {shared_heads!r}")
+        routed = num_heads - shared
+        active = max(1, routed // 2) if active_heads is None else active_heads
+        if not isinstance(active, int) or not 1 <= active <= routed:
+            raise ValueError(f"active_heads must be an int in [1, routed heads = {routed}], got {active_heads!r}")
+        if balance_weight < 0:
+            raise ValueError(f"balance_weight must be >= 0, got {balance_weight}")
+        self.shared_heads, self.routed_heads, self.active_heads = shared, routed, active
+        self.balance_weight, self.sparse = balance_weight, sparse
+        self.router = nn.Linear(dim, routed, bias=False)  # W_r
+        self.shared_router = nn.Linear(dim, shared, bias=False) if shared > 1 else None  # W_s
+        self.group_router = nn.Linear(dim, 2, bias=False) if shared > 0 else None  # W_h
+        self.aux_loss: Tensor | None = None
+        self.last_routing: Tensor | None = None
+        self._gates: Tensor | None = None
+
+    def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token head gates ``[B, T, H]`` and the routed heads' selection mask ``[B, T, R]``;
+        sets ``aux_loss`` in training mode."""
+        wide = torch.promote_types(x.dtype, torch.float32)
+        probs = torch.softmax(self.router(x).to(wide), dim=-1)  # (B, T, R)
+        top = probs.topk(self.active_heads, dim=-1).indices
+        chosen = torch.zeros_like(probs).scatter_(-1, top, 1.0)
+        routed = probs * chosen
+        routed = routed / routed.sum(-1, keepdim=True).clamp_min(torch.finfo(routed.dtype).eps) * self.active_heads
+        if self.shared_heads:
+            shared = (torch.softmax(self.shared_router(x).to(wide), -1) * self.shared_heads
+                      if self.shared_router is not None else torch.ones_like(probs[..., :1]))
+            mix = torch.softmax(self.group_router(x).to(wide), -1) * 2  # (B, T, 2)
+            gates = torch.cat([shared * mix[..., :1], routed * mix[..., 1:]], dim=-1)
+        else:
+            gates = routed
+        if self.training:
+            f = chosen.flatten(0, 1).mean(0)  # fraction of tokens per routed head
+            p = probs.flatten(0, 1).mean(0)
+            self.aux_loss = self.balance_weight * self.routed_heads * (f * p).sum()
+        self.last_routing = chosen.bool().detach()
+        return gates.to(x.dtype), chosen.bool()
+
+    def adjust(self, x, q, k, v, positions, state):
+        self._gates = self.gates(x)  # read by core(), within this forward
+        return q, k, v
+
+    def core(self, q: Tensor, k: Tensor, v: Tensor, pattern, q_offset: int | None) -> Tensor:
+        gates, chosen = self._gates
+        self._gates = None
+        gate_heads = gates.transpose(1, 2)[..., None]  # (B, H, T, 1)
+        use_sparse = self.sparse and self.backend != "reference" and pattern.kind == "causal"
+        if not use_sparse:
+            return attend(q, k, v, pattern=pattern, backend=self.backend, q_offset=q_offset) * gate_heads
+        B, H, T, D = q.shape
+        S, group, s_heads = k.shape[2], H // k.shape[1], self.shared_heads
+        q_offset = S - T if q_offset is None else q_offset
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # routed heads need their own K/V
+        out = torch.zeros_like(q)
+        if s_heads:
+            out[:, :s_heads] = attend(q[:, :s_heads], k[:, :s_heads], v[:, :s_heads], pattern=pattern,
+                                      backend=self.backend, q_offset=q_offset)
+        picked = chosen.transpose(1, 2)  # (B, R, T)
+        counts = picked.sum(-1)
+        M = int(counts.max())
+        if M > 0:
+            # picked tokens first, in position order: row i of (b, h) is the i-th token that picked h
+            order = torch.argsort((~picked).to(torch.int8), dim=-1, stable=True)[..., :M]  # (B, R, M)
+            valid = torch.arange(M, device=q.device) < counts[..., None]
+            rows = torch.where(valid, order + q_offset, torch.full_like(order, -1))  # absolute positions, -1 padding
+            q_routed = q[:, s_heads:].gather(2, order[..., None].expand(-1, -1, -1, D))  # (B, R, M, D)
+            routed_out = attend(q_routed, k[:, s_heads:], v[:, s_heads:], q_offset=0, backend=self.backend,
+                                pattern=_patterns.AtQueryPositions(_patterns.causal(), rows))
+            routed_out = routed_out * valid[..., None]
+            out[:, s_heads:] = torch.zeros_like(q[:, s_heads:]).scatter(2, order[..., None].expand(-1, -1, -1, D),
+                                                                        routed_out)
+        return out * gate_heads
+
+
+def mixture_of_heads_flops(batch: int, seq: int, config: dict) -> FlopCount:
+    """Projections as MHA plus the routers; core: the shared heads on every token, the
+    routed heads on the fraction ``active / routed`` of the tokens."""
+    dim, heads = config["dim"], config["num_heads"]
+    kv_heads = config.get("num_kv_heads") or heads
+    head_dim = config.get("head_dim") or dim // heads
+    shared = heads // 4 if config.get("shared_heads") is None else config["shared_heads"]
+    routed = heads - shared
+    active = max(1, routed // 2) if config.get("active_heads") is None else config["active_heads"]
+    per_head = dense_attention_flops(batch, seq, num_heads=1, head_dim=head_dim, pattern="causal")
+    core = per_head * (shared + routed * active / routed)
+    projection = (2.0 * batch * seq * dim * (heads + 2 * kv_heads) * head_dim + 2.0 * batch * seq * heads * head_dim * dim
+                  + 2.0 * batch * seq * dim * (routed + shared + 2))
+    return FlopCount(attention_fwd=core, projection_fwd=projection)
+
+
+register(
+    Card(
+        name="moh",
+        title="MoH: Multi-Head Attention as Mixture-of-Head Attention",
+        arxiv="2410.11842",
+        family="sharing",
+        layer=MixtureOfHeadsAttention,
+        flops=mixture_of_heads_flops,
+        capabilities=Capabilities(bidirectional=False),
+        summary="shared heads + top-k routed heads per token, gated before W_o; load-balance aux loss",
+    )
+)
