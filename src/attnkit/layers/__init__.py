@@ -11,6 +11,7 @@ from .echo import EchoAttention
 from .flow import FlowAttention
 from .group import Chronos2Attention, GroupAttention
 from .lightning import LightningAttention
+from .matrix_atoms import MatrixAtomAttention
 from .mixture_of_heads import MixtureOfHeadsAttention
 from .no_mixing import NoMixing
 from .rcmha import RelativeConvAttention
@@ -31,6 +32,7 @@ __all__ = [
     "FlowAttention",
     "GroupAttention",
     "LightningAttention",
+    "MatrixAtomAttention",
     "MixtureOfHeadsAttention",
     "MultiHeadAttention",
     "NoMixing",

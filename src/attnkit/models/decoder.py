@@ -78,12 +78,17 @@ def _per_layer(value, num_layers: int, name: str, kind):
     return value
 
 
-def _with_position(name: str, layer_idx: int, num_layers: int, options: dict) -> dict:
+def _with_position(name: str, layer_idx: int, num_layers: int, options: dict, shared: dict) -> dict:
     """Options plus the layer's place in the stack, for layers whose math depends on it
-    (``accepts_layer_position``, e.g. Lightning's per-layer decay schedule)."""
-    if getattr(registry.get(name).layer, "accepts_layer_position", False):
-        return {"layer_idx": layer_idx, "num_layers": num_layers, **options}
-    return options
+    (``accepts_layer_position``, e.g. Lightning's per-layer decay schedule), and the dict
+    through which layers share modules (``accepts_shared_modules``, e.g. MASA's atoms)."""
+    layer = registry.get(name).layer
+    extra = {}
+    if getattr(layer, "accepts_layer_position", False):
+        extra.update(layer_idx=layer_idx, num_layers=num_layers)
+    if getattr(layer, "accepts_shared_modules", False):
+        extra["shared"] = shared
+    return {**extra, **options}
 
 
 class DecoderLM(nn.Module):
@@ -129,8 +134,9 @@ class DecoderLM(nn.Module):
             "norm_eps": norm_eps,
         }
         self.embed = nn.Embedding(vocab_size, dim)
+        shared: dict = {}
         self.layers = nn.ModuleList(
-            Block(dim, registry.build(n, dim=dim, num_heads=num_heads, **_with_position(n, i, num_layers, o)),
+            Block(dim, registry.build(n, dim=dim, num_heads=num_heads, **_with_position(n, i, num_layers, o, shared)),
                   mlp_hidden, norm_eps)
             for i, (n, o) in enumerate(zip(names, options))
         )
