@@ -4,6 +4,7 @@
 from .multi_head import MultiHeadAttention  # isort: skip
 
 from .agent import AgentAttention, CausalAgentAttention
+from .attention_experts import AttentionExperts, upcycle_attention, upcycle_models
 from .base import AttentionLayer, check_input
 from .deconstructed import DistanceAttention, SequenceIndependentAttention, StaticEmbeddingAttention
 from .dynamic_mask import DynamicMaskAttention
@@ -23,6 +24,7 @@ from .streaming import SlidingWindowAttention, StreamingAttention
 
 __all__ = [
     "AgentAttention",
+    "AttentionExperts",
     "CausalAgentAttention",
     "AttentionLayer",
     "Chronos2Attention",
@@ -46,4 +48,6 @@ __all__ = [
     "StaticEmbeddingAttention",
     "StreamingAttention",
     "check_input",
+    "upcycle_attention",
+    "upcycle_models",
 ]
