@@ -110,7 +110,8 @@ def causal_agent_loops(layer, x):
         A = layer.agents[h]
         for t in range(T):
             p = torch.softmax(q[:, t, h] @ A.T * s + layer.agent_query_bias[h], -1)  # (B, n)
-            w = torch.softmax((k[:, : t + 1, h] @ A.T) * s, dim=1)  # (B, t+1, n)
+            raw = (k[:, : t + 1, h] @ A.T) * s
+            w = torch.softmax(layer.score_cap * torch.tanh(raw / layer.score_cap), dim=1)  # (B, t+1, n)
             agent_v = torch.einsum("bjn,bjd->bnd", w, v[:, : t + 1, h])
             out[:, t, h] = torch.einsum("bn,bnd->bd", p, agent_v)
     vf = v.reshape(B, T, H * D)
@@ -126,6 +127,18 @@ def test_causal_agent_matches_loops(backend):
     fast, _ = twin(CausalAgentAttention, agent_num=5, backend=backend)
     x = torch.randn(2, 10, 32, dtype=torch.float64) * 2
     assert_forward_and_grads_match(fast, lambda x: causal_agent_loops(fast, x), x)
+
+
+def test_causal_agent_survives_huge_scores():
+    """Scores far apart (a late key 1000x larger) must not underflow the early prefixes."""
+    fast, _ = twin(CausalAgentAttention, agent_num=5)
+    x = torch.randn(1, 12, 32)
+    x[:, -1] *= 1000
+    layer = fast.float()
+    assert torch.isfinite(layer(x)).all()
+    x.requires_grad_()
+    layer(x).square().sum().backward()
+    assert torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize("chunks", [[1] * 10, [3, 7], [2, 1, 7]])

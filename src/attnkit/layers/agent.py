@@ -28,6 +28,10 @@ the *prefix* of keys, so agent values change with the position::
     o_t      = sum_a softmax_a(s q_t . a_a + b2_a) V_A(t)_a  +  causal depthwise conv_3(V)_t
 
 (No stage-1 bias: without a grid, a per-agent constant would cancel in the prefix softmax.)
+Stage-1 scores are soft-capped, ``s -> cap * tanh(s / cap)`` (``score_cap``, default 30, as
+Gemma 2 caps logits): the linear form below needs one stabiliser per agent for the whole
+call, and with scores bounded to ``[-cap, cap]`` no weight underflows (``e^-60`` is far
+inside float32 and bf16 range). Without the cap, training on MQAR hit NaN at step 690.
 Writing ``phi_k(j)_a = exp(s a_a . k_j - m_a)`` and ``phi_q(t)_a = softmax_a(...) /
 Z_a(t)`` gives ``o_t = sum_{j<=t} (phi_q(t) . phi_k(j)) v_j``: causal linear attention with
 an n-dimensional feature map, run on :func:`attnkit.ops.lightning.lightning_attend` with
@@ -215,6 +219,7 @@ class CausalAgentAttention(AttentionLayer):
         dim: width C. num_heads: H. head_dim: D (default C // H).
         agent_num: n learned agents per head (default 16).
         conv_size: width of the causal depthwise convolution on V (default 3).
+        score_cap: soft cap of the stage-1 scores (default 30).
         bias: biases in the projections.
         backend: ``auto`` | ``reference`` (materialised prefix softmax) | ``chunked`` |
             ``recurrent`` | ``triton`` (the linear-attention path).
@@ -224,7 +229,7 @@ class CausalAgentAttention(AttentionLayer):
     """
 
     def __init__(self, dim: int, num_heads: int, *, head_dim: int | None = None, agent_num: int = 16,
-                 conv_size: int = 3, bias: bool = False, backend: str = "auto"):
+                 conv_size: int = 3, score_cap: float = 30.0, bias: bool = False, backend: str = "auto"):
         super().__init__()
         positive_int(dim, "dim")
         positive_int(num_heads, "num_heads")
@@ -234,7 +239,9 @@ class CausalAgentAttention(AttentionLayer):
         if backend not in ("auto", "reference", "chunked", "recurrent", "triton"):
             raise ValueError(f"backend must be one of auto, reference, chunked, recurrent, triton, got {backend!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
-        self.agent_num, self.conv_size, self.backend = agent_num, conv_size, backend
+        if not score_cap > 0:
+            raise ValueError(f"score_cap must be > 0, got {score_cap}")
+        self.agent_num, self.conv_size, self.backend, self.score_cap = agent_num, conv_size, backend, score_cap
         H, n, inner = num_heads, agent_num, num_heads * head_dim
         self.qkv_proj = nn.Linear(dim, 3 * inner, bias=bias)
         self.o_proj = nn.Linear(inner, dim, bias=bias)
@@ -270,7 +277,7 @@ class CausalAgentAttention(AttentionLayer):
         q, k, v = q.double(), k.double(), v.double()
         A = self.agents.double()[None]  # (1, H, n, D)
         scale, T = self.head_dim ** -0.5, q.shape[2]
-        s1 = (A @ k.transpose(-1, -2)) * scale  # (B, H, n, T)
+        s1 = self.score_cap * torch.tanh((A @ k.transpose(-1, -2)) * scale / self.score_cap)  # (B, H, n, T)
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (t, j): j <= t
         w1 = torch.softmax(s1[:, :, :, None, :].masked_fill(~mask, float("-inf")), dim=-1)  # (B, H, n, T, T)
         agent_v = w1 @ v[:, :, None]  # (B, H, n, T, D): V_A(t)
@@ -298,7 +305,7 @@ class CausalAgentAttention(AttentionLayer):
         acc = torch.promote_types(q.dtype, torch.float32)
         scale = self.head_dim ** -0.5
         A = self.agents.to(acc)
-        s1 = (k.to(acc) @ A.transpose(-1, -2)) * scale  # (B, H, T, n)
+        s1 = self.score_cap * torch.tanh((k.to(acc) @ A.transpose(-1, -2)) * scale / self.score_cap)  # (B, H, T, n)
         m = s1.detach().amax(dim=2)  # (B, H, n)
         kv0 = z0 = None
         if state is not None:
