@@ -92,3 +92,39 @@ def test_mechanism_specs_carry_their_own_options():
     cfg = CompareConfig(mechanisms=["sliding-window:windw=8"], steps=1, task_options=dict(num_pairs=2, seq_len=16))
     with pytest.raises(ValueError, match="windw"):
         run_compare(cfg)
+
+
+def test_a_diverging_run_is_reported_and_the_rest_goes_on(tmp_path, monkeypatch):
+    import attnkit.compare.harness as harness
+
+    real = harness.train_one
+
+    def flaky(name, *args, **kwargs):
+        if name == "gqa":
+            raise harness.Diverged("gqa: training loss became nan at step 10", [[5, 3.2]], 123)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "train_one", flaky)
+    cfg = CompareConfig(mechanisms=["gqa", "mha"], steps=10, cache_dir=str(tmp_path), log_every=5, **TINY)
+    result = run_compare(cfg, command="test")
+    gqa, mha = result["runs"]
+    assert gqa["status"] == "diverged" and gqa["metric"] is None and "nan" in gqa["message"]
+    assert mha["status"] == "ok" and mha["metric"] is not None
+    assert not any(p.name.startswith("gqa") for p in (tmp_path / "mqar").iterdir())  # not cached: a rerun retries
+    from rich.console import Console
+
+    from attnkit.compare.cli import print_table
+    from attnkit.compare.plot import plot_compare
+
+    console = Console(record=True, width=200)
+    print_table(result, console)
+    assert "diverged" in console.export_text()
+    plot_compare(result, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_nan_loss_is_detected(tmp_path):
+    cfg = CompareConfig(mechanisms=["mha"], steps=10, cache_dir=str(tmp_path), log_every=5,
+                        **{**TINY, "train": {"batch_size": 8, "warmup": 1, "lr": 1e30}})
+    (run,) = run_compare(cfg, command="test")["runs"]
+    assert run["status"] == "diverged"

@@ -75,6 +75,10 @@ def print_table(result: dict, console) -> None:
     for col in ("mechanism", task["metric"], "final train loss", "params", "wall s", "tokens/s", "reused"):
         table.add_column(col, justify="left" if col == "mechanism" else "right")
     for run in result["runs"]:
+        if run.get("status") == "diverged":
+            table.add_row(run["mechanism"], "[red]diverged[/]", run["message"].split(": ", 1)[-1], f"{run['params']:,}",
+                          "", "", "")
+            continue
         table.add_row(run["mechanism"], f"{run['metric']:.4f}", f"{run['final_train_loss']:.4f}", f"{run['params']:,}",
                       f"{run['wall_s']:.1f}", f"{run['tokens_per_s']:,.0f}", "yes" if run.get("reused") else "")
     console.print(table)

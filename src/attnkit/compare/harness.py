@@ -10,7 +10,8 @@ Result JSON (``"schema": "attnkit.compare/1"``)::
 
     {schema, command, created, device, versions, task: {...}, config: {...},
      runs: [{mechanism, key, params, steps, wall_s, tokens_per_s, loss_curve: [[step, loss], ...],
-             final_train_loss, eval: {<metric>: ..., ...}, metric, reused}]}
+             final_train_loss, eval: {<metric>: ..., ...}, metric, reused, status: "ok"|"diverged", message}]}
+    (a diverged run: loss_curve up to the divergence, metric and timings null; it is not cached)
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def train_one(mechanism: str, task: Task, resolved: dict, *, attention_options: 
             value = float(torch.stack(window).mean())
             window.clear()
             if not math.isfinite(value):
-                raise FloatingPointError(f"{mechanism}: training loss became {value} at step {step + 1}")
+                raise Diverged(f"{mechanism}: training loss became {value} at step {step + 1}", curve, model.num_parameters())
             curve.append([step + 1, value])
             if on_step:
                 on_step(step + 1, value)
@@ -196,6 +197,14 @@ def train_one(mechanism: str, task: Task, resolved: dict, *, attention_options: 
         "eval": evaluation,
         "metric": evaluation[task.metric],
     }
+
+
+class Diverged(FloatingPointError):
+    """A run whose training loss became NaN or infinite: reported as a row, not cached."""
+
+    def __init__(self, message: str, curve: list, params: int):
+        super().__init__(message)
+        self.curve, self.params = curve, params
 
 
 def _versions() -> dict:
@@ -231,9 +240,19 @@ def run_compare(cfg: CompareConfig, *, progress=None, command: str | None = None
                 progress.reused(name)
         else:
             on_step = progress.start(name, resolved["train"]["steps"]) if progress else None
-            record = train_one(name, task, resolved, attention_options=cfg.attention_options, device=device,
-                               log_every=cfg.log_every, on_step=on_step, save_dir=save_dir)
+            try:
+                record = train_one(name, task, resolved, attention_options=cfg.attention_options, device=device,
+                                   log_every=cfg.log_every, on_step=on_step, save_dir=save_dir)
+            except Diverged as err:  # the other mechanisms still run; this one is reported, not cached
+                record = {"mechanism": name, "status": "diverged", "message": str(err), "params": err.params,
+                          "steps": resolved["train"]["steps"], "loss_curve": err.curve, "metric": None,
+                          "final_train_loss": None, "wall_s": None, "tokens_per_s": None, "key": key, "reused": False}
+                runs.append(record)
+                if progress:
+                    progress.done(name)
+                continue
             record["key"] = key
+            record["status"] = "ok"
             cache.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record))
             record["reused"] = False
