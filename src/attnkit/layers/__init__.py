@@ -6,6 +6,7 @@ from .multi_head import MultiHeadAttention  # isort: skip
 from .agent import AgentAttention, CausalAgentAttention
 from .attention_experts import AttentionExperts, upcycle_attention, upcycle_models
 from .base import AttentionLayer, check_input
+from .compressed_conv import CompressedConvAttention
 from .deconstructed import DistanceAttention, SequenceIndependentAttention, StaticEmbeddingAttention
 from .dynamic_mask import DynamicMaskAttention
 from .echo import EchoAttention
@@ -28,6 +29,7 @@ __all__ = [
     "CausalAgentAttention",
     "AttentionLayer",
     "Chronos2Attention",
+    "CompressedConvAttention",
     "DistanceAttention",
     "DynamicMaskAttention",
     "EchoAttention",
