@@ -54,7 +54,7 @@ def make_config(args) -> BenchConfig:
     head_dim = args.head_dim or (defaults["head_dim"] if not args.dim and not args.heads else None) or dim // max(heads, 1)
     if args.ops is None:
         cuda = args.device.startswith("cuda")
-        ops = [o for o in OPS if cuda or not o.startswith("dense-sdpa-")]
+        ops = [o for o in OPS if cuda or not (o.startswith("dense-sdpa-") or o == "fla-lightning")]  # CUDA-only rows
     else:
         ops = args.ops
     return BenchConfig(
