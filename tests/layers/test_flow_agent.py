@@ -102,7 +102,7 @@ def test_agent_bad_inputs():
 def causal_agent_loops(layer, x):
     """o_t = sum_a softmax_a(s q_t.a_a + b2) * [prefix softmax_j<=t (s a_a.k_j) v_j] + conv."""
     B, T, _ = x.shape
-    H, D, n = layer.num_heads, layer.head_dim, layer.agent_num
+    H, D = layer.num_heads, layer.head_dim
     q, k, v = layer.qkv_proj(x).view(B, T, 3, H, D).unbind(2)
     s = D ** -0.5
     out = torch.zeros(B, T, H, D, dtype=x.dtype)

@@ -19,7 +19,7 @@ def build(**kwargs):
 def formula(layer, x):
     """Every head computed in full, each token's head outputs weighted by its gates."""
     B, T, _ = x.shape
-    H, Hkv, D, S, R, k = layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.shared_heads, layer.routed_heads, layer.active_heads
+    H, Hkv, D, S, k = layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.shared_heads, layer.active_heads
     a = torch.softmax(layer.router(x), -1)  # (B, T, R)
     kth = a.topk(k, -1).values[..., -1:]
     kept = torch.where(a >= kth, a, torch.zeros_like(a))

@@ -28,7 +28,6 @@ attention.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .. import patterns as _patterns
@@ -89,7 +88,7 @@ class EchoAttention(AttentionLayer):
         if not 0 <= first_layer <= last_layer < num_layers:
             raise ValueError(f"need 0 <= first_layer <= last_layer < num_layers={num_layers}, got "
                              f"first_layer={first_layer}, last_layer={last_layer}")
-        if backend not in ("auto", "reference") and backend not in BACKENDS:
+        if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if rope and head_dim % 2:
             raise ValueError(f"rope=True needs an even head_dim, got {head_dim}")

@@ -29,11 +29,9 @@ later token may pick any head).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import patterns as _patterns
-from .._checks import positive_int
 from ..ops import attend
 from ..registry import Capabilities, Card, FlopCount, dense_attention_flops, register
 from .multi_head import MultiHeadAttention

@@ -88,6 +88,10 @@ def lightning_attend_reference(q, k, v, slopes, *, initial_state=None) -> tuple[
     """The parallel form, materialised: ``(o [B, H, T, E], final state [B, H, D, E])``.
     Computed in float64 whatever the inputs (returned in q's dtype; the state in float64)."""
     _check(q, k, v, slopes, initial_state)
+    return _reference(q, k, v, slopes, initial_state)
+
+
+def _reference(q, k, v, slopes, initial_state) -> tuple[Tensor, Tensor]:
     dtype = q.dtype
     q, k, v = q.double(), k.double(), v.double()
     s = slopes.double()[:, None, None]  # (H, 1, 1)
@@ -110,6 +114,10 @@ def lightning_attend_chunked(q, k, v, slopes, *, initial_state=None, chunk_size:
     """The block form of Lightning Attention-2 in PyTorch: ``(o, final state)``. Products
     in q's dtype, accumulation and the state in float32 (float64 for float64 inputs)."""
     _check(q, k, v, slopes, initial_state)
+    return _chunked(q, k, v, slopes, initial_state, chunk_size)
+
+
+def _chunked(q, k, v, slopes, initial_state, chunk_size: int) -> tuple[Tensor, Tensor]:
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     B, H, T, D = q.shape
@@ -137,6 +145,10 @@ def lightning_attend_chunked(q, k, v, slopes, *, initial_state=None, chunk_size:
 def lightning_attend_recurrent(q, k, v, slopes, *, initial_state=None) -> tuple[Tensor, Tensor]:
     """Token by token through the ``[D, E]`` state: ``(o, final state)``. A decode step."""
     _check(q, k, v, slopes, initial_state)
+    return _recurrent(q, k, v, slopes, initial_state)
+
+
+def _recurrent(q, k, v, slopes, initial_state) -> tuple[Tensor, Tensor]:
     B, H, T, D = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     lam = torch.exp(-slopes.to(acc))[:, None, None]  # (H, 1, 1)
@@ -180,10 +192,10 @@ def lightning_attend(q, k, v, slopes, *, initial_state=None, backend: str = "aut
 
         return lightning_attention_triton(q, k, v, slopes, initial_state=initial_state)
     if backend == "reference":
-        return lightning_attend_reference(q, k, v, slopes, initial_state=initial_state)
+        return _reference(q, k, v, slopes, initial_state)
     if backend == "recurrent":
-        return lightning_attend_recurrent(q, k, v, slopes, initial_state=initial_state)
-    return lightning_attend_chunked(q, k, v, slopes, initial_state=initial_state, chunk_size=chunk_size)
+        return _recurrent(q, k, v, slopes, initial_state)
+    return _chunked(q, k, v, slopes, initial_state, chunk_size)
 
 
 def prefix_sum(x: Tensor, dim: int = 2, chunk: int = 64) -> Tensor:
