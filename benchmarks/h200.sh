@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -109,5 +109,25 @@ case "${1:-}" in
     done
     timeout 150 python3 -m attnkit.cli bench --device cuda --mechanisms mha,lightning,flow,agent-causal --ops none --mode decode \
       --batch 1 --seq 4096,32768,131072 --out "$R/h200-linear-decode.json" --plot none | grep "│" ;;
-  *) echo "usage: $0 tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d"; exit 2 ;;
+  issue6c)  # issue 6: S2 training on its own 64-token key blocks (a 64 x 64 backward tile); block shapes per pattern
+    timeout 150 python3 -m pytest -m cuda tests/layers/test_s2.py -q -p no:cacheprovider -p no:logging -W ignore 2>&1 \
+      | grep -E "^(FAILED|ERROR|E )|passed|failed" | cut -c1-300 > "$R/h200-pytest-issue6c.log"; cat "$R/h200-pytest-issue6c.log"
+    timeout 200 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-flex,attend \
+      --pattern s2:64:16:16 --seq 32768,131072 --mode fwdbwd --repeat 5 --warmup 2 --out "$R/h200-s2-fwdbwd.json" --plot none | grep "│"
+    timeout 180 python3 benchmarks/flex_blocks.py --seq 32768 --out "$R/h200-flex-blocks.json" ;;
+  issue5b)  # issue 5: SQA's attention core (GQA-shaped op rows) and layers at 32k; CCA prefill at 16k
+    for hk in 16:16 16:4 8:4 8:8 4:4 4:1; do
+      timeout 60 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,attend --heads ${hk%:*} \
+        --kv-heads ${hk#*:} --head-dim 128 --seq 32768 --mode fwdbwd --repeat 10 --out "$R/h200-sqa-core-${hk/:/-}.json" --plot none | grep "│"
+    done
+    timeout 120 python3 -m attnkit.cli bench --device cuda --mechanisms mha,gqa,sqa,ssqa,xsqa,xsmqa --ops none --seq 32768 \
+      --mode fwdbwd --repeat 10 --out "$R/h200-sqa-layers-fwdbwd.json" --plot none | grep "│"
+    for m in fwd fwdbwd; do
+      timeout 120 python3 -m attnkit.cli bench --device cuda --mechanisms mha,gqa,cca,ccgqa --ops none --seq 16384 \
+        --mode $m --repeat 10 --out "$R/h200-cca-$m.json" --plot none | grep "│"
+    done ;;
+  mqar)  # issue 4: the GPU preset of the MQAR comparison
+    python3 -m attnkit.cli compare --preset gpu --device cuda --task mqar --mechanisms mha,gqa,mqa,no-mixing \
+      --cache-dir "$OUT/c" --out "$R/h200-compare-mqar.json" 2>&1 | tail -12 ;;
+  *) echo "usage: $0 tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar"; exit 2 ;;
 esac

@@ -70,6 +70,17 @@ def test_unsupported_cells_are_reported_not_raised():
     assert [c["status"] for c in result["cells"]] == ["unsupported", "unsupported"]
 
 
+def test_kv_heads_give_gqa_shaped_op_rows():
+    """--kv-heads: the op rows run a GQA-shaped core (SQA's attention cost); FLOPs follow the query heads."""
+    full = run_bench(tiny(mechanisms=[], ops=["dense-sdpa", "attend", "reference", "sigmoid"], seqs=[32]))
+    gqa = run_bench(tiny(mechanisms=[], ops=["dense-sdpa", "attend", "reference", "sigmoid"], seqs=[32], kv_heads=1))
+    by_name = {c["name"]: c for c in gqa["cells"]}
+    assert [by_name[n]["status"] for n in ("dense-sdpa", "attend", "reference")] == ["ok"] * 3
+    assert by_name["sigmoid"]["status"] == "unsupported" and "--kv-heads" in by_name["sigmoid"]["message"]
+    assert by_name["attend"]["flops"] == next(c["flops"] for c in full["cells"] if c["name"] == "attend")
+    assert gqa["config"]["kv_heads"] == 1
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -79,6 +90,7 @@ def test_unsupported_cells_are_reported_not_raised():
         (dict(dtype="int8"), "unknown --dtype"),
         (dict(pattern="window:x"), "unknown --pattern"),
         (dict(seqs=[0]), "positive"),
+        (dict(kv_heads=3), "--kv-heads must be a positive divisor of --heads 4"),
     ],
 )
 def test_bad_config(kwargs, match):

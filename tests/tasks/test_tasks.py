@@ -22,8 +22,22 @@ def test_mqar_targets_are_the_values_of_the_queried_keys():
         for p in queried.tolist():
             key = int(row_in[p])
             assert int(row_t[p]) == pairs[key]  # predict the key's value as the next token
-            assert int(row_in[p + 1]) == pairs[key]
         assert sorted(int(row_in[p]) for p in queried) == sorted(keys.tolist())  # every key asked once
+        rest = torch.ones(len(row_in), dtype=torch.bool)
+        rest[: 2 * N] = False
+        rest[queried] = False
+        assert (row_in[rest] >= 1).all() and (row_in[rest] < 64).all()  # random filler (Zoology's)
+        assert len(set(row_in[rest].tolist())) > 8
+
+
+def test_mqar_zero_filler():
+    task = MQAR(vocab_size=64, seq_len=48, num_pairs=6, filler="zero")
+    inputs, targets = task.generate(4, torch.Generator().manual_seed(0))
+    queried = targets != -100
+    rest = queried.clone()
+    rest[:, :12] = True
+    assert (inputs[~rest] == 0).all()
+    assert (inputs[queried] >= 1).all() and (inputs[queried] < 32).all()
 
 
 def test_mqar_is_deterministic_per_seed():
@@ -39,6 +53,7 @@ def test_mqar_is_deterministic_per_seed():
     (dict(num_pairs=20, seq_len=64), "too short"),
     (dict(vocab_size=16, num_pairs=8), "num_pairs"),
     (dict(vocab_size=4), "vocab_size"),
+    (dict(filler="noise"), "filler"),
 ])
 def test_mqar_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):

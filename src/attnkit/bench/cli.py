@@ -32,6 +32,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=None, help="batch size (default: 1 on CPU, 32768/seq on CUDA)")
     p.add_argument("--dim", type=int, default=None, help="model width C")
     p.add_argument("--heads", type=int, default=None, help="attention heads H")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads of the op rows (a GQA-shaped core, e.g. SQA's); default --heads")
     p.add_argument("--head-dim", type=int, default=None, help="head dim D (default C/H)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
@@ -72,6 +73,7 @@ def make_config(args) -> BenchConfig:
         repeat=args.repeat or defaults["repeat"],
         warmup=args.warmup if args.warmup is not None else defaults["warmup"],
         compile=args.compile,
+        kv_heads=args.kv_heads,
     )
 
 

@@ -53,7 +53,7 @@ import torch
 from .. import __version__, registry
 from .. import patterns as _patterns
 from ..ops import attend, attend_reference, block_mask_for
-from ..ops.attention import flex_tiles
+from ..ops.attention import _allow_small_backward_tiles, _flex_impl, flex_tiles
 
 __all__ = ["BenchConfig", "run_bench", "parse_pattern", "OPS", "default_config", "SCHEMA"]
 
@@ -84,6 +84,11 @@ class BenchConfig:
     warmup: int = 2
     tokens_per_batch: int = 32768
     compile: bool = False
+    kv_heads: int | None = None  # op rows: key/value heads (GQA-shaped core); None = heads
+
+    @property
+    def op_kv_heads(self) -> int:
+        return self.kv_heads if self.kv_heads is not None else self.heads
 
     def batch_for(self, seq: int) -> int:
         return self.batch if self.batch is not None else max(1, self.tokens_per_batch // seq)
@@ -241,8 +246,11 @@ def _op_callable(name: str, q, k, v, pattern, dense_pattern) -> tuple[Callable, 
     import torch.nn.functional as F
 
     is_causal = dense_pattern.kind == "causal"
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    if gqa and name in ("sigmoid", *LINEAR_OPS):
+        raise _Unsupported(f"the {name} op row takes as many key/value heads as query heads (no --kv-heads)")
     if name == "dense-sdpa":
-        return (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)), "sdpa"
+        return (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, **gqa)), "sdpa"
     if name.startswith("dense-sdpa-"):
         from torch.nn.attention import sdpa_kernel
 
@@ -250,7 +258,7 @@ def _op_callable(name: str, q, k, v, pattern, dense_pattern) -> tuple[Callable, 
 
         def run():
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, **gqa)
 
         return run, name.rsplit("-", 1)[1]
     if name in ("flex", "dense-flex"):
@@ -258,20 +266,21 @@ def _op_callable(name: str, q, k, v, pattern, dense_pattern) -> tuple[Callable, 
 
         if name == "dense-flex":
             pattern = dense_pattern
-        small = not q.requires_grad  # as attend: blocks under 128 tokens for the forward only
+        # as attend: the pattern's own blocks, in training too where the backward has a tile for them
+        small = q.device.type == "cuda" and (not q.requires_grad or _allow_small_backward_tiles())
         block_mask = block_mask_for(pattern, q.shape[0], q.shape[1], q.shape[2], k.shape[2], 0, q.device, small_blocks=small)
         if q.device.type == "cuda":
-            fn = torch.compile(flex_attention, dynamic=False)
+            fn = _flex_impl(q.device)
             tile = pattern.flex_block_size if small else None
             options = {"kernel_options": flex_tiles(tile)} if tile else {}
-            return (lambda: fn(q, k, v, block_mask=block_mask, **options)), "flex"
+            return (lambda: fn(q, k, v, block_mask=block_mask, **options, **gqa)), "flex"
 
         def eager():
             import warnings
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "called without torch.compile": that is what this row measures
-                return flex_attention(q, k, v, block_mask=block_mask)
+                return flex_attention(q, k, v, block_mask=block_mask, **gqa)
 
         return eager, "flex (eager)"
     if name == "attend":
@@ -374,7 +383,7 @@ def _run_op_cell(name, cfg, seq, device, dtype, pattern, dense_pattern) -> Cell:
     if name in ("flex", "dense-flex") and device.type == "cpu" and cfg.mode == "fwdbwd":
         cell.status, cell.message = "unsupported", "FlexAttention has no backward on CPU"
         return cell
-    H, D = cfg.heads, cfg.head_dim
+    H, D, Hkv = cfg.heads, cfg.head_dim, cfg.op_kv_heads
     if name == "reference":
         elem = 8 if dtype == torch.float64 else 4
         need = B * H * seq * seq * elem * (4 if cfg.mode == "fwdbwd" else 3)
@@ -391,7 +400,7 @@ def _run_op_cell(name, cfg, seq, device, dtype, pattern, dense_pattern) -> Cell:
     cell.flops = registry.FlopCount(attention_fwd=flops, projection_fwd=0.0).total(cfg.mode)
     try:
         gen = torch.Generator(device=device).manual_seed(seq)
-        q, k, v = (torch.randn(B, H, seq, D, device=device, dtype=dtype, generator=gen) for _ in range(3))
+        q, k, v = (torch.randn(B, h, seq, D, device=device, dtype=dtype, generator=gen) for h in (H, Hkv, Hkv))
         if cfg.mode == "fwdbwd":
             for t in (q, k, v):
                 t.requires_grad_(True)
@@ -551,6 +560,8 @@ def validate_config(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
             raise ValueError(f"--seq values must be positive, got {s}")
     if cfg.dim % cfg.heads:
         raise ValueError(f"--dim {cfg.dim} must be divisible by --heads {cfg.heads}")
+    if cfg.kv_heads is not None and (cfg.kv_heads < 1 or cfg.heads % cfg.kv_heads):
+        raise ValueError(f"--kv-heads must be a positive divisor of --heads {cfg.heads}, got {cfg.kv_heads}")
     if cfg.repeat < 1 or cfg.warmup < 0:
         raise ValueError(f"--repeat must be >= 1 and warm-up >= 0, got {cfg.repeat}, {cfg.warmup}")
     parse_pattern(cfg.pattern, cfg.heads)

@@ -44,19 +44,21 @@ PRESETS = {
     "cpu": {
         "model": dict(dim=128, num_layers=2, num_heads=8),
         "train": dict(batch_size=32, lr=3e-3, warmup=100, weight_decay=0.1),
-        "mqar": dict(task=dict(vocab_size=256, seq_len=64, num_pairs=4), steps=1000, train=dict(batch_size=64)),
+        "mqar": dict(task=dict(vocab_size=256, seq_len=64, num_pairs=4), steps=600, train=dict(batch_size=128)),
         "text": dict(task=dict(seq_len=256), steps=600),
         "passkey": dict(task=dict(length=256), steps=800),
     },
     "gpu": {
-        "model": dict(dim=256, num_layers=4, num_heads=8),
-        "train": dict(batch_size=64, lr=1e-3, warmup=200, weight_decay=0.1),
+        # 2 layers, lr 3e-3: MHA reaches 0.988 MQAR at 16 pairs / seq 256 / vocab 8192 in 3000 steps on
+        # the H200, where 4 layers (lr 1e-3 or 3e-3) stayed near 0.06 (benchmarks/results/README.md)
+        "model": dict(dim=256, num_layers=2, num_heads=8),
+        "train": dict(batch_size=64, lr=3e-3, warmup=200, weight_decay=0.1),
         "mqar": dict(task=dict(vocab_size=8192, seq_len=256, num_pairs=16), steps=3000),
         "text": dict(task=dict(seq_len=512), steps=3000),
         "passkey": dict(task=dict(length=1024), steps=2000),
     },
 }
-DEFAULT_MECHANISMS = ("mha", "gqa", "mqa", "no-mixing")
+DEFAULT_MECHANISMS = ("mha", "gqa", "no-mixing")  # the CPU default fits in 10 minutes on 2 cores
 
 
 @dataclass

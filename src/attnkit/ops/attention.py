@@ -270,6 +270,43 @@ def clear_block_mask_cache() -> None:
     _BLOCK_MASK_CACHE.clear()
 
 
+_SMALL_TILES_READY: bool | None = None
+
+
+def _allow_small_backward_tiles() -> bool:
+    """Let Inductor's FlexAttention backward run on key blocks under 128 tokens; ``False`` if it cannot.
+
+    On sm90 Inductor offers the flex backward exactly one tile shape (64 x 128 / 128 x 64) unless
+    max-autotune is on, and a 64-token key block is not divisible by it: torch 2.11 then has no
+    kernel at all (NoValidChoicesError). This appends the 64 x 64 tile that the sm8x / small-head
+    heuristics use to the candidate list (Inductor drops candidates that do not divide the blocks,
+    and picks among several by timing them). Done once per process, when a pattern with
+    sub-128 blocks is first trained; max-autotune would do the same with ~20 candidates, minutes of
+    compilation per shape.
+    """
+    global _SMALL_TILES_READY
+    if _SMALL_TILES_READY is not None:
+        return _SMALL_TILES_READY
+    try:
+        from torch._inductor.choices import InductorChoices
+        from torch._inductor.template_heuristics.triton import FlexBwDConfig
+
+        extra = FlexBwDConfig(64, 64, 64, 64, 3, 4)
+        original = InductorChoices.get_flex_attention_bwd_configs
+
+        def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
+            configs = list(original(self, head_dim, dtype, device_type))
+            if device_type == "cuda" and head_dim <= 128 and extra not in configs:
+                configs.append(extra)
+            return configs
+
+        InductorChoices.get_flex_attention_bwd_configs = get_flex_attention_bwd_configs
+        _SMALL_TILES_READY = True
+    except (ImportError, AttributeError, TypeError):  # another torch release: keep 128-token blocks
+        _SMALL_TILES_READY = False
+    return _SMALL_TILES_READY
+
+
 def _flex_impl(device: torch.device):
     global _COMPILED_FLEX
     from torch.nn.attention.flex_attention import flex_attention
@@ -335,9 +372,9 @@ def flex_tiles(block_size) -> dict:
 def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
     B, Hq, T, _ = q.shape
     S = k.shape[2]
-    # blocks under 128 tokens serve the forward only: torch 2.11 finds no backward kernel for
-    # them (NoValidChoicesError, seen on the H200), so training keeps 128-token blocks
-    small_blocks = q.device.type == "cuda" and not _needs_grad(q, k, v)
+    # blocks under 128 tokens (S2's 64-token key blocks) run on CUDA; training on them needs a
+    # backward tile that divides them (see _allow_small_backward_tiles), else 128-token blocks
+    small_blocks = q.device.type == "cuda" and (not _needs_grad(q, k, v) or _allow_small_backward_tiles())
     block_mask = block_mask_for(pattern, B, Hq, T, S, q_offset, q.device, small_blocks=small_blocks)
     flex_score_mod = None
     if score_mod is not None:
