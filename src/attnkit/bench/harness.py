@@ -53,7 +53,7 @@ import torch
 from .. import __version__, registry
 from .. import patterns as _patterns
 from ..ops import attend, attend_reference, block_mask_for
-from ..ops.attention import _allow_small_backward_tiles, _flex_impl, flex_tiles
+from ..ops.attention import _flex_impl, flex_small_blocks, flex_tiles
 
 __all__ = ["BenchConfig", "run_bench", "parse_pattern", "OPS", "default_config", "SCHEMA"]
 
@@ -266,8 +266,7 @@ def _op_callable(name: str, q, k, v, pattern, dense_pattern) -> tuple[Callable, 
 
         if name == "dense-flex":
             pattern = dense_pattern
-        # as attend: the pattern's own blocks, in training too where the backward has a tile for them
-        small = q.device.type == "cuda" and (not q.requires_grad or _allow_small_backward_tiles())
+        small = flex_small_blocks(q.device, q.requires_grad)  # the blocks attend would use
         block_mask = block_mask_for(pattern, q.shape[0], q.shape[1], q.shape[2], k.shape[2], 0, q.device, small_blocks=small)
         if q.device.type == "cuda":
             fn = _flex_impl(q.device)

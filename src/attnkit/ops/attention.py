@@ -307,6 +307,12 @@ def _allow_small_backward_tiles() -> bool:
     return _SMALL_TILES_READY
 
 
+def flex_small_blocks(device: torch.device, training: bool) -> bool:
+    """Whether FlexAttention runs a pattern's own ``flex_block_size`` (blocks under 128 tokens):
+    on CUDA, in training only where the backward has a tile for them."""
+    return device.type == "cuda" and (not training or _allow_small_backward_tiles())
+
+
 def _flex_impl(device: torch.device):
     global _COMPILED_FLEX
     from torch.nn.attention.flex_attention import flex_attention
@@ -372,9 +378,7 @@ def flex_tiles(block_size) -> dict:
 def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
     B, Hq, T, _ = q.shape
     S = k.shape[2]
-    # blocks under 128 tokens (S2's 64-token key blocks) run on CUDA; training on them needs a
-    # backward tile that divides them (see _allow_small_backward_tiles), else 128-token blocks
-    small_blocks = q.device.type == "cuda" and (not _needs_grad(q, k, v) or _allow_small_backward_tiles())
+    small_blocks = flex_small_blocks(q.device, _needs_grad(q, k, v))
     block_mask = block_mask_for(pattern, B, Hq, T, S, q_offset, q.device, small_blocks=small_blocks)
     flex_score_mod = None
     if score_mod is not None:
