@@ -34,10 +34,10 @@ from .. import patterns as _patterns
 from .._checks import head_dim_of, positive_int
 from ..ops import BACKENDS, attend
 from ..registry import Capabilities, Card, register
-from ..rope import RotaryEmbedding, positions_from_documents
+from ..rope import RotaryEmbedding
 from ..state import KVCache
 from .base import AttentionLayer, check_input
-from .multi_head import multi_head_flops
+from .multi_head import multi_head_flops, with_documents
 
 __all__ = ["EchoAttention"]
 
@@ -138,14 +138,8 @@ class EchoAttention(AttentionLayer):
         q, k = self.qk_proj(x).split((H * D, Hkv * D), dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, Hkv, D).transpose(1, 2)
-        pattern, positions, offset = _patterns.resolve("causal"), None, 0
-        if document_ids is not None:
-            if state is not None:
-                raise ValueError("document_ids (packed sequences) cannot be combined with a decode state")
-            pattern = _patterns.documents(document_ids) & pattern
-            positions = positions_from_documents(document_ids)
-        if state is not None:
-            offset = state.offset
+        pattern, positions = with_documents(_patterns.resolve("causal"), document_ids, state, B, T)
+        offset = state.offset if state is not None else 0
         if self.rope is not None:
             q, k = self.rope(q, k, offset=offset, positions=positions)
         q_offset = None

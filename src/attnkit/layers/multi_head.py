@@ -167,15 +167,7 @@ class MultiHeadAttention(AttentionLayer):
         check_input(x, self.dim)
         B, T, _ = x.shape
         q, k, v = self.project(x, state)
-        pattern = self.pattern
-        positions = None
-        if document_ids is not None:
-            if state is not None:
-                raise ValueError("document_ids (packed sequences) cannot be combined with a decode state")
-            if tuple(document_ids.shape) != (B, T):
-                raise ValueError(f"document_ids must have shape [B, T] = [{B}, {T}], got {tuple(document_ids.shape)}")
-            pattern = _patterns.documents(document_ids) & pattern
-            positions = positions_from_documents(document_ids)
+        pattern, positions = with_documents(self.pattern, document_ids, state, B, T)
         offset = 0
         if state is not None:
             if pattern.kind == "full":
@@ -198,6 +190,19 @@ class MultiHeadAttention(AttentionLayer):
             f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"head_dim={self.head_dim}, pattern={self.pattern!r}, backend={self.backend!r}"
         )
+
+
+def with_documents(pattern, document_ids: Tensor | None, state, batch: int, seq: int):
+    """``(pattern, positions)`` for packed sequences: ``pattern`` restricted to each token's own
+    document and RoPE positions restarting at every document; ``(pattern, None)`` without
+    ``document_ids``. Packed sequences are a training/prefill feature: no decode state."""
+    if document_ids is None:
+        return pattern, None
+    if state is not None:
+        raise ValueError("document_ids (packed sequences) cannot be combined with a decode state")
+    if tuple(document_ids.shape) != (batch, seq):
+        raise ValueError(f"document_ids must have shape [B, T] = [{batch}, {seq}], got {tuple(document_ids.shape)}")
+    return _patterns.documents(document_ids) & pattern, positions_from_documents(document_ids)
 
 
 # -- registry cards ---------------------------------------------------------------------------
