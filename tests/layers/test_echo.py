@@ -93,3 +93,8 @@ def test_bad_inputs():
         EchoAttention(32, 4, layer_idx=4, num_layers=4)
     with pytest.raises(ValueError, match="block_size"):
         EchoAttention(32, 4, block_size=0)
+    leader = EchoAttention(32, 4)
+    with pytest.raises(ValueError, match=r"document_ids must have shape \[B, T\] = \[1, 3\]"):
+        leader(torch.randn(1, 3, 32), document_ids=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="cannot be combined with a decode state"):
+        leader(torch.randn(1, 3, 32), leader.init_state(1), document_ids=torch.zeros(1, 3, dtype=torch.long))
