@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -31,6 +31,26 @@ case "${1:-}" in
       --out "$R/h200-compare-mqar.json" ;;
   decode)
     bench --mechanisms mha,gqa,mqa --ops none --mode decode --batch 1 --seq 4096,16384,65536,131072 --out "$R/h200-decode.json" ;;
+  session10)  # MoH core (closed-form block mask), the sigmoid kernel retuned per length, S2 backward tiles
+    timeout 110 python3 -m pytest -m cuda tests/ops/test_sigmoid.py tests/layers/test_every_mechanism.py -k "sigmoid or moh" \
+      -q -p no:cacheprovider -W ignore 2>&1 | tail -3 | tee "$R/h200-pytest-session10.log"
+    timeout 110 python3 benchmarks/moh_core.py --seq 8192,32768 --out "$R/h200-moh-core.json"
+    timeout 80 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-sdpa-cudnn,sigmoid \
+      --seq 8192,32768 --mode fwd --repeat 20 --out "$R/h200-sigmoid-fwd.json" --plot none | grep "│"
+    dense=--dense
+    for t in 64,64,64,64,3,4 64,64,128,64,3,8 32,64,128,64,3,4; do
+      timeout 75 python3 benchmarks/s2_bwd_tiles.py --tile $t $dense --out "$R/h200-s2-bwd-tiles.jsonl"; dense=
+    done ;;
+  session10b)  # after the fixes: MoH's block mask without vmap, the sigmoid grid in longest-first order
+    timeout 100 python3 -m pytest -m cuda tests/ops/test_sigmoid.py tests/layers/test_every_mechanism.py -k "sigmoid or moh" \
+      -q -p no:cacheprovider -W ignore -o addopts="" 2>&1 | tail -3 | tee "$R/h200-pytest-session10.log"
+    timeout 80 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-sdpa-cudnn,sigmoid \
+      --seq 8192,32768 --mode fwd --repeat 20 --out "$R/h200-sigmoid-fwd.json" --plot none | grep "│"
+    timeout 190 python3 benchmarks/moh_core.py --seq 32768 --shared 4,0 --out "$R/h200-moh-core.json" 2>&1 | grep "^T="
+    timeout 150 python3 -m attnkit.cli bench --device cuda --mechanisms mha,moh --ops none --seq 8192,32768 --mode fwdbwd \
+      --repeat 5 --warmup 3 --out "$R/h200-moh-fwdbwd.json" --plot none | grep "│" ;;
+  flexfwd)  # FlexAttention forward tiles against SDPA (is Inductor's default tile the slow part?)
+    timeout 200 python3 benchmarks/flex_fwd_tiles.py --seq 32768 --out "$R/h200-flex-fwd-tiles.json" 2>&1 | grep -v Warn ;;
   issue6)  # everything issue 6 measures, in one call (device time is scarce)
     timeout 170 python3 -m pytest -m cuda tests/layers tests/ops/test_sigmoid.py -q --maxfail=10 -p no:cacheprovider -p no:logging -W ignore \
       2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-300 | tail -40 > "$R/h200-pytest-issue6.log"; tail -12 "$R/h200-pytest-issue6.log"
@@ -129,5 +149,5 @@ case "${1:-}" in
   mqar)  # issue 4: the GPU preset of the MQAR comparison
     python3 -m attnkit.cli compare --preset gpu --device cuda --task mqar --mechanisms mha,gqa,mqa,no-mixing \
       --cache-dir "$OUT/c" --out "$R/h200-compare-mqar.json" 2>&1 | tail -12 ;;
-  *) echo "usage: $0 tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar"; exit 2 ;;
+  *) echo "usage: $0 tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd"; exit 2 ;;
 esac

@@ -92,3 +92,60 @@ def test_query_positions_pattern():
 def test_bad_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MixtureOfHeadsAttention(32, 8, **{"shared_heads": 2, **kwargs})
+
+
+def _gathered_rows(picked: torch.Tensor) -> torch.Tensor:
+    """The MoH layout: each (b, h)'s picked positions in order, -1 padding at the end."""
+    counts = picked.sum(-1)
+    M = int(counts.max())
+    order = torch.argsort((~picked).to(torch.int8), dim=-1, stable=True)[..., :M]
+    return torch.where(torch.arange(M) < counts[..., None], order, torch.full_like(order, -1))
+
+
+@pytest.mark.parametrize("block", [None, 16, (32, 16)])
+def test_query_positions_block_mask_closed_form(block):
+    """The closed-form FlexAttention block mask has exactly create_block_mask's partial and full
+    blocks for MoH's sorted rows, and gives the same attention for unsorted rows too."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    torch.manual_seed(0)
+    B, H, T = 2, 3, 200
+    rows = _gathered_rows(torch.rand(B, H, T) < 0.55)
+    M = rows.shape[-1]
+    pattern = AtQueryPositions(causal(), rows)
+    ours = pattern.flex_block_mask(B, H, M, T, 0, "cpu", block)
+    ref = create_block_mask(pattern.mask_mod(0), B, H, M, T, device="cpu", **({"BLOCK_SIZE": block} if block else {}))
+    for a, b in ((ours.kv_num_blocks, ref.kv_num_blocks), (ours.full_kv_num_blocks, ref.full_kv_num_blocks)):
+        assert torch.equal(a, b)
+    assert ours.full_kv_num_blocks.sum() > 0 or block is None  # small blocks: some blocks are full
+    torch.testing.assert_close(ours.to_dense(), ref.to_dense())
+    unsorted = AtQueryPositions(causal(), torch.randint(-1, T, (B, H, 40)))
+    q, k, v = torch.randn(B, H, 40, 16), torch.randn(B, H, T, 16), torch.randn(B, H, T, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = flex_attention(q, k, v, block_mask=unsorted.flex_block_mask(B, H, 40, T, 0, "cpu", block))
+    dense = unsorted.dense(40, T, q_offset=0, batch=B, heads=H)
+    scores = (q @ k.transpose(-1, -2) / 4).masked_fill(~dense, float("-inf")).softmax(-1).nan_to_num()
+    torch.testing.assert_close(out, scores @ v, atol=1e-5, rtol=1e-5)
+
+
+def test_query_positions_block_mask_only_for_causal():
+    rows = torch.tensor([[[0, 3, -1]]])
+    from attnkit.patterns import sliding_window
+
+    assert AtQueryPositions(sliding_window(2), rows).flex_block_mask(1, 1, 3, 5, 0, "cpu", None) is None
+    assert AtQueryPositions(causal(), rows).flex_block_mask(1, 1, 3, 5, 1, "cpu", None) is None  # offset rows
+
+
+def test_flex_path_matches_formula():
+    """The selected-heads path through FlexAttention (the CUDA path; eager on CPU, forward only)
+    with the closed-form block mask."""
+    import warnings
+
+    layer = build(backend="flex").float()
+    x = torch.randn(2, 40, 32)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(layer(x), formula(layer, x), atol=1e-5, rtol=1e-4)

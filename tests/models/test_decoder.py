@@ -68,3 +68,22 @@ def test_bad_inputs():
         model(torch.randn(2, 3))
     with pytest.raises(ValueError, match="init_state"):
         model(torch.randint(0, 50, (1, 3)), state=[None])
+
+
+def test_loss_only_where_supervised():
+    """loss() runs the output layer on the supervised positions only: the same value and
+    gradients as cross-entropy over the full logits with ignore_index=-100."""
+    import torch.nn.functional as F
+
+    model = small_model()
+    tokens = torch.randint(0, 50, (3, 9))
+    targets = torch.full((3, 9), -100)
+    targets[0, 2], targets[1, 5], targets[2, 8], targets[2, 0] = 7, 11, 3, 49
+    loss = model.loss(tokens, targets)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    full = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(loss, full)
+    for got, want in zip(grads, torch.autograd.grad(full, list(model.parameters()))):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="targets"):
+        model.loss(tokens, targets[:, :4])

@@ -21,7 +21,9 @@ Fast path: a routed head is computed only for the tokens that picked it. Per (ba
 head) the picked tokens are gathered (sorted by position) into ``M`` query rows, ``M`` the
 largest count, and attend to all keys through :class:`attnkit.patterns.AtQueryPositions`:
 with half of the routed heads active the attention core of those heads does about half the
-work. The reference path computes every head and multiplies by the gates (the unpicked
+work. Their FlexAttention block mask is built from the gathered positions in closed form
+(:meth:`attnkit.patterns.AtQueryPositions.flex_block_mask`), not by evaluating the mask over
+every (row, key) pair. The reference path computes every head and multiplies by the gates (the unpicked
 heads' gates are zero, so both are exact). Decoding caches every head's keys and values (a
 later token may pick any head).
 """
@@ -123,7 +125,8 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
         B, H, T, D = q.shape
         S, group, s_heads = k.shape[2], H // k.shape[1], self.shared_heads
         q_offset = S - T if q_offset is None else q_offset
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # routed heads need their own K/V
+        if group > 1:  # routed heads need their own K/V
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = torch.zeros_like(q)
         if s_heads:
             out[:, :s_heads] = attend(q[:, :s_heads], k[:, :s_heads], v[:, :s_heads], pattern=pattern,
@@ -131,6 +134,11 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
         picked = chosen.transpose(1, 2)  # (B, R, T)
         counts = picked.sum(-1)
         M = int(counts.max())
+        if M > 0 and q.is_cuda:
+            # FlexAttention compiles one kernel per shape, and M changes with every batch: round it up
+            # (to 1/32 of T, at least 128 rows) so that training steps share a few kernels
+            bucket = max(128, -(-T // 32 // 128) * 128)
+            M = min(T, -(-M // bucket) * bucket)
         if M > 0:
             # picked tokens first, in position order: row i of (b, h) is the i-th token that picked h
             order = torch.argsort((~picked).to(torch.int8), dim=-1, stable=True)[..., :M]  # (B, R, M)

@@ -168,15 +168,32 @@ class DecoderLM(nn.Module):
             raise ValueError(f"tokens must be an integer tensor [B, T], got {got}")
         if state is not None and len(state) != len(self.layers):
             raise ValueError(f"state has {len(state)} entries, the model has {len(self.layers)} layers; use model.init_state()")
+        return self.logits(self.hidden(tokens, state, document_ids=document_ids, group_ids=group_ids))
+
+    def hidden(self, tokens: Tensor, state: list | None = None, *, document_ids: Tensor | None = None,
+               group_ids: Tensor | None = None) -> Tensor:
+        """The final normalised hidden states ``[B, T, C]`` (``forward`` without the output layer)."""
         x = embeddings = self.embed(tokens)
         context: dict = {}
         for i, block in enumerate(self.layers):
             x = block(x, None if state is None else state[i], document_ids, group_ids, embeddings, context)
-        return F.linear(self.norm(x), self.embed.weight)  # (B, T, V)
+        return self.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Output layer (tied to the embedding): ``[..., C]`` -> ``[..., V]``."""
+        return F.linear(hidden, self.embed.weight)
 
     def loss(self, tokens: Tensor, targets: Tensor, **kwargs) -> Tensor:
-        logits = self(tokens, **kwargs)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        """Mean next-token cross-entropy over the positions whose target is not ``-100``; the
+        output layer runs only there (MQAR supervises a few positions per sequence, so a large
+        vocabulary costs little)."""
+        if not isinstance(targets, Tensor) or targets.shape != tokens.shape:
+            got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+            raise ValueError(f"targets must be a tensor shaped like tokens {tuple(tokens.shape)}, got {got}")
+        hidden = self.hidden(tokens, **kwargs)
+        keep = targets != -100
+        logits = self.logits(hidden[keep])
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets[keep])
 
     @torch.no_grad()
     def generate(

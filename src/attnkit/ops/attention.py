@@ -271,6 +271,9 @@ def clear_block_mask_cache() -> None:
 
 
 _SMALL_TILES_READY: bool | None = None
+#: FlexAttention backward tiles (block_m1, block_n1, block_m2, block_n2, stages, warps) offered to
+#: Inductor beside its own, for key blocks under 128 tokens (see ``_allow_small_backward_tiles``).
+SMALL_BWD_TILES: tuple[tuple[int, ...], ...] = ((64, 64, 64, 64, 3, 4),)
 
 
 def _allow_small_backward_tiles() -> bool:
@@ -291,13 +294,13 @@ def _allow_small_backward_tiles() -> bool:
         from torch._inductor.choices import InductorChoices
         from torch._inductor.template_heuristics.triton import FlexBwDConfig
 
-        extra = FlexBwDConfig(64, 64, 64, 64, 3, 4)
+        extras = [FlexBwDConfig(*tile) for tile in SMALL_BWD_TILES]
         original = InductorChoices.get_flex_attention_bwd_configs
 
         def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
             configs = list(original(self, head_dim, dtype, device_type))
-            if device_type == "cuda" and head_dim <= 128 and extra not in configs:
-                configs.append(extra)
+            if device_type == "cuda" and head_dim <= 128:
+                configs += [extra for extra in extras if extra not in configs]
             return configs
 
         InductorChoices.get_flex_attention_bwd_configs = get_flex_attention_bwd_configs
@@ -352,15 +355,17 @@ def block_mask_for(pattern, batch: int, heads: int, q_len: int, kv_len: int, q_o
     if key is not None and not compiling and key in _BLOCK_MASK_CACHE:
         _BLOCK_MASK_CACHE.move_to_end(key)
         return _BLOCK_MASK_CACHE[key]
-    args = (pattern.mask_mod(q_offset), B, H, q_len, kv_len)
-    block_size = {"BLOCK_SIZE": block} if block else {}  # int or (q, kv)
-    if compiling:  # traced into the caller's graph: no nested compile, no warnings filter
-        block_mask = create_block_mask(*args, device=device, **block_size)
-    else:
-        with warnings.catch_warnings():
-            # torch 2.11 deprecates _compile=True, but it still builds the mask without an S x S tensor
-            warnings.simplefilter("ignore", DeprecationWarning)
-            block_mask = create_block_mask(*args, device=device, _compile=device.type == "cuda", **block_size)
+    block_mask = pattern.flex_block_mask(B, H, q_len, kv_len, q_offset, device, block)  # closed form, if any
+    if block_mask is None:
+        args = (pattern.mask_mod(q_offset), B, H, q_len, kv_len)
+        block_size = {"BLOCK_SIZE": block} if block else {}  # int or (q, kv)
+        if compiling:  # traced into the caller's graph: no nested compile, no warnings filter
+            block_mask = create_block_mask(*args, device=device, **block_size)
+        else:
+            with warnings.catch_warnings():
+                # torch 2.11 deprecates _compile=True, but it still builds the mask without an S x S tensor
+                warnings.simplefilter("ignore", DeprecationWarning)
+                block_mask = create_block_mask(*args, device=device, _compile=device.type == "cuda", **block_size)
     if key is not None and not compiling:
         _BLOCK_MASK_CACHE[key] = block_mask
         if len(_BLOCK_MASK_CACHE) > _BLOCK_MASK_CACHE_SIZE:

@@ -82,9 +82,11 @@ if triton is not None:
 
     @triton.jit
     def _fwd(Q, K, V, O, sqb, sqh, sqt, skb, skh, sks, sob, soh, sot,
-             T, S, H, q_offset, scale, bias, GROUP: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr,
+             T, S, H, q_offset, scale, bias, SIZE_KEY, GROUP: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr,
              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
+        if CAUSAL:  # each head's longest rows first: less of a tail when the last wave runs
+            pid_m = tl.num_programs(0) - 1 - pid_m
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -117,7 +119,7 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dkdv(Q, K, V, DO, DK, DV, sqb, sqh, sqt, skb, skh, sks,
-                  T, S, H, q_offset, scale, bias, GROUP: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr,
+                  T, S, H, q_offset, scale, bias, SIZE_KEY, GROUP: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_n = tl.program_id(0)
         bkv = tl.program_id(1)
@@ -154,9 +156,11 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dq(Q, K, V, DO, DQ, sqb, sqh, sqt, skb, skh, sks,
-                T, S, H, q_offset, scale, bias, GROUP: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr,
+                T, S, H, q_offset, scale, bias, SIZE_KEY, GROUP: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr,
                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
+        if CAUSAL:  # the longest rows first
+            pid_m = tl.num_programs(0) - 1 - pid_m
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -188,15 +192,22 @@ if triton is not None:
     _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
     def _tuned(kernel, configs):
-        """Autotuned once per (D, causal, group) on the GPU; one small tile in the interpreter."""
+        """Autotuned on the GPU once per (D, causal, group, power-of-two bucket of T and of S): the
+        best tile at 8k is not the best at 32k. One small tile in the interpreter."""
         if _INTERPRET:
             return kernel, {"BLOCK_M": 16, "BLOCK_N": 16}
         choices = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in configs]
-        return triton.autotune(configs=choices, key=["D", "CAUSAL", "GROUP"])(kernel), {}
+        return triton.autotune(configs=choices, key=["D", "CAUSAL", "GROUP", "SIZE_KEY"])(kernel), {}
 
-    _FWD, _FWD_META = _tuned(_fwd, [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)])
+    _FWD, _FWD_META = _tuned(_fwd, [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                                    (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 4)])
     _DKDV, _DKDV_META = _tuned(_bwd_dkdv, [(64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 8, 3)])
     _DQ, _DQ_META = _tuned(_bwd_dq, [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 8, 3)])
+
+
+def _size_key(T: int, S: int) -> int:
+    """The autotuning bucket of a shape: the bit lengths of T and S."""
+    return T.bit_length() * 64 + S.bit_length()
 
 
 def _grid(length: int, rows: int, meta_key: str, fixed: dict):
@@ -214,7 +225,7 @@ class _SigmoidAttention(torch.autograd.Function):
         out = torch.empty_like(q)
         _FWD[_grid(T, B * H, "BLOCK_M", _FWD_META)](
             q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            out.stride(0), out.stride(1), out.stride(2), T, S, H, q_offset, scale, bias,
+            out.stride(0), out.stride(1), out.stride(2), T, S, H, q_offset, scale, bias, _size_key(T, S),
             GROUP=H // Hkv, CAUSAL=causal, FAST=q.is_cuda, D=D, **_FWD_META)
         ctx.save_for_backward(q, k, v)
         ctx.args = (scale, bias, causal, q_offset)
@@ -228,7 +239,8 @@ class _SigmoidAttention(torch.autograd.Function):
         B, H, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), T, S, H, q_offset, scale, bias)
+        common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), T, S, H, q_offset, scale, bias,
+                  _size_key(T, S))
         meta = dict(GROUP=H // Hkv, CAUSAL=causal, FAST=q.is_cuda, D=D)
         _DKDV[_grid(S, B * Hkv, "BLOCK_N", _DKDV_META)](q, k, v, dout, dk, dv, *common, **meta, **_DKDV_META)
         _DQ[_grid(T, B * H, "BLOCK_M", _DQ_META)](q, k, v, dout, dq, *common, **meta, **_DQ_META)

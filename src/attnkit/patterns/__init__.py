@@ -91,6 +91,12 @@ class Pattern:
         """This pattern with any tensors it holds on ``device`` (a compiled mask_mod cannot move them)."""
         return self
 
+    def flex_block_mask(self, batch: int | None, heads: int | None, q_len: int, kv_len: int, q_offset: int,
+                        device, block_size: int | tuple[int, int] | None):
+        """A FlexAttention ``BlockMask`` built in closed form, or ``None`` to let
+        ``create_block_mask`` evaluate :meth:`mask_mod` over the whole grid (the default)."""
+        return None
+
     def _row_counts(self, q_pos: Tensor, kv_len: int) -> Tensor | None:
         """Allowed keys per query position, in closed form; ``None`` when there is none."""
         return None
@@ -522,6 +528,51 @@ class AtQueryPositions(Pattern):
             raise ValueError(f"query_positions is [B, H, M] = {list(self.query_positions.shape)} but the call has "
                              f"B={batch}, H={heads}")
         self.pattern.validate(batch, heads, kv_len)
+
+    def flex_block_mask(self, batch, heads, q_len, kv_len, q_offset, device, block_size):
+        """Causal inner pattern: the block mask straight from the positions, O(blocks) work.
+
+        A query block sees key block ``j`` partly when ``j * kb <= max(position)`` and fully when
+        every row is a real one and ``(j + 1) * kb - 1 <= min(position)`` (and the key block is
+        not cut by ``kv_len``). Exact for any order of the rows; tight when they are sorted, as
+        Mixture-of-Head attention gathers them. Evaluating the mask over the full
+        ``M x S`` grid instead (``create_block_mask``) costs milliseconds per forward at 32k.
+        """
+        if self.pattern.kind != "causal" or q_offset != 0 or q_len != self.query_positions.shape[-1]:
+            return None
+        from torch.nn.attention.flex_attention import BlockMask
+
+        qb, kb = (128, 128) if block_size is None else (
+            (block_size, block_size) if isinstance(block_size, int) else tuple(block_size))
+        device = torch.device(device)
+        positions = self.query_positions.to(device)
+        B, H, M = positions.shape
+        nq, nk = -(-q_len // qb), -(-kv_len // kb)
+        rows = torch.nn.functional.pad(positions, (0, nq * qb - M), value=-1).view(B, H, nq, qb)
+        real = rows >= 0
+        highest = rows.amax(-1).clamp(max=kv_len - 1)  # -1: no real row in the block
+        lowest = torch.where(real, rows, torch.full_like(rows, kv_len)).amin(-1)
+        seen = torch.where(highest >= 0, highest // kb + 1, torch.zeros_like(highest))
+        full = torch.where(real.all(-1), ((lowest + 1) // kb).clamp(max=kv_len // kb), torch.zeros_like(lowest))
+        full = torch.minimum(full, seen)
+        columns = torch.arange(nk, device=device)
+        full_blocks = columns < full[..., None]  # (B, H, nq, nk)
+        partial_blocks = (columns < seen[..., None]) & ~full_blocks
+
+        def ordered(blocks):  # per row: how many, then their column indices first, ascending
+            return (blocks.sum(-1, dtype=torch.int32),
+                    torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32))
+
+        # both orientations directly (BlockMask.from_kv_blocks transposes under vmap: ~2 ms per call on the GPU)
+        kv_num, kv_indices = ordered(partial_blocks)
+        full_kv_num, full_kv_indices = ordered(full_blocks)
+        q_num, q_indices = ordered(partial_blocks.transpose(-1, -2))
+        full_q_num, full_q_indices = ordered(full_blocks.transpose(-1, -2))
+        return BlockMask(
+            seq_lengths=(q_len, kv_len), kv_num_blocks=kv_num, kv_indices=kv_indices, full_kv_num_blocks=full_kv_num,
+            full_kv_indices=full_kv_indices, q_num_blocks=q_num, q_indices=q_indices, full_q_num_blocks=full_q_num,
+            full_q_indices=full_q_indices, BLOCK_SIZE=(qb, kb), mask_mod=self.mask_mod(0),
+        )
 
     def __repr__(self):
         return f"AtQueryPositions({self.pattern!r}, M={self.query_positions.shape[-1]})"

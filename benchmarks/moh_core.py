@@ -1,0 +1,126 @@
+"""Mixture-of-Head attention's core against MHA's, on one GPU (issue 5's MoH target).
+
+Times the attention core alone (after the projections, before W_o): MHA through ``attend``
+(cuDNN / FlashAttention through SDPA) against :class:`attnkit.layers.MixtureOfHeadsAttention`'s
+``core`` (shared heads through ``attend``, each routed head on only the tokens that picked it,
+through FlexAttention), with the routing of a freshly initialised router on random inputs
+(about balanced). Also times the pieces: the routed heads' block mask, and the routed heads'
+FlexAttention call alone. CUDA only.
+
+    PYTHONPATH=src python benchmarks/moh_core.py --seq 8192,32768 --out moh-core.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from attnkit import patterns
+from attnkit.layers import MixtureOfHeadsAttention
+from attnkit.ops import attend
+from attnkit.ops.attention import block_mask_for
+
+
+def timed(fn, repeat: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seq", default="8192,32768")
+    p.add_argument("--tokens", type=int, default=32768, help="batch = tokens / seq")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--shared", default="4,0", help="shared-head counts to run (half of the rest active)")
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    H, D = a.heads, a.head_dim
+    rows = []
+    for T in (int(s) for s in a.seq.split(",")):
+        B = max(1, a.tokens // T)
+        shape = dict(device="cuda", dtype=torch.bfloat16)
+        q, k, v = (torch.randn(B, H, T, D, **shape, requires_grad=True) for _ in range(3))
+        g = torch.randn(B, H, T, D, **shape)
+
+        def step(core, backward):
+            def run():
+                if not backward:
+                    with torch.no_grad():
+                        return core()
+                for t in (q, k, v):
+                    t.grad = None
+                core().backward(g)
+            return run
+
+        mha = lambda: attend(q, k, v, pattern="causal")  # noqa: E731
+        for mode in ("fwd", "fwdbwd"):
+            mha_ms = timed(step(mha, mode == "fwdbwd"), a.repeat)
+            rows.append({"seq": T, "batch": B, "mode": mode, "mechanism": "mha", "ms": mha_ms})
+            print(f"T={T} B={B} {mode:6s} mha core {mha_ms:8.2f} ms", flush=True)
+        for shared in (int(s) for s in a.shared.split(",")):
+            layer = MixtureOfHeadsAttention(H * D, H, shared_heads=shared).to(**shape)
+            x = torch.randn(B, T, H * D, **shape)
+            with torch.no_grad():
+                gates = layer.gates(x)
+            active = layer.active_heads
+
+            def moh():
+                layer._gates = gates
+                return layer.core(q, k, v, patterns.causal(), None)
+
+            picked = gates[1].transpose(1, 2)
+            counts = picked.sum(-1)
+            M = int(counts.max())
+            order = torch.argsort((~picked).to(torch.int8), dim=-1, stable=True)[..., :M]
+            valid = torch.arange(M, device="cuda") < counts[..., None]
+            query_rows = torch.where(valid, order, torch.full_like(order, -1))
+            pattern = patterns.AtQueryPositions(patterns.causal(), query_rows)
+            R = H - shared
+            mask_ms = timed(lambda: block_mask_for(pattern, B, R, M, T, 0, q.device), a.repeat)
+            qr = torch.randn(B, R, M, D, **shape, requires_grad=True)
+            kr, vr = k[:, shared:].detach().requires_grad_(), v[:, shared:].detach().requires_grad_()
+
+            def routed_only(backward):
+                def run():
+                    if not backward:
+                        with torch.no_grad():
+                            return attend(qr, kr, vr, pattern=pattern, q_offset=0, backend="flex")
+                    for t in (qr, kr, vr):
+                        t.grad = None
+                    attend(qr, kr, vr, pattern=pattern, q_offset=0, backend="flex").sum().backward()
+                return run
+
+            for mode in ("fwd", "fwdbwd"):
+                ms = timed(step(moh, mode == "fwdbwd"), a.repeat)
+                routed_ms = timed(routed_only(mode == "fwdbwd"), a.repeat)
+                mha_ms = next(r["ms"] for r in rows if r["seq"] == T and r["mode"] == mode and r["mechanism"] == "mha")
+                theory = H / (shared + (H - shared) * active / (H - shared))
+                row = {"seq": T, "batch": B, "mode": mode, "mechanism": f"moh shared={shared} active={active}/{R}",
+                       "ms": ms, "speedup_vs_mha": mha_ms / ms, "flop_reduction": theory, "rows_per_routed_head": M,
+                       "routed_flex_ms": routed_ms, "block_mask_ms": mask_ms}
+                rows.append(row)
+                print(f"T={T} B={B} {mode:6s} moh shared={shared} active={active}/{R}: {ms:8.2f} ms = "
+                      f"{mha_ms / ms:.2f}x mha (FLOPs {theory:.2f}x); routed flex alone {routed_ms:.2f} ms, "
+                      f"block mask {mask_ms:.2f} ms, M={M} of {T}", flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"command": f"python benchmarks/moh_core.py --seq {a.seq} --tokens {a.tokens} --heads {H} "
+                       f"--head-dim {D} --shared {a.shared} --repeat {a.repeat}",
+                       "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
