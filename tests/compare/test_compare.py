@@ -128,3 +128,11 @@ def test_nan_loss_is_detected(tmp_path):
                         **{**TINY, "train": {"batch_size": 8, "warmup": 1, "lr": 1e30}})
     (run,) = run_compare(cfg, command="test")["runs"]
     assert run["status"] == "diverged"
+
+
+def test_task_specific_preset_model_and_overrides():
+    """The CPU preset narrows the MLP for MQAR only; --model overrides win over the preset."""
+    mqar = CompareConfig(task="mqar").resolved()
+    assert mqar["model"]["mlp_hidden"] == 128 and mqar["train"]["steps"] == 1000
+    assert "mlp_hidden" not in CompareConfig(task="text").resolved()["model"]
+    assert CompareConfig(task="mqar", model={"mlp_hidden": 256}).resolved()["model"]["mlp_hidden"] == 256

@@ -16,10 +16,14 @@ The filler matters for training, not for the answer: with zeros between the quer
 answers shown after them), a 2-layer MHA sat at the "guess a value not yet asked for"
 plateau (0.53 accuracy at 4 pairs, at every step count, width, depth, head count and learning
 rate tried). With random filler it can leave the plateau, but when it does depends on the
-seed (and even on the thread count, through the order of floating-point sums): on the 2-core
-CPU (2 layers, width 128, 8 heads unless noted) it reached 0.97 by step 1200 at batch 64 in 3
-of 7 runs (other seeds / thread counts, 2 heads and width 64 stayed on the plateau), and at
-batch 128 / 600 steps (the CPU default: MHA 0.949) MHA escaped in 2 of 3 runs, GQA in 0 of 1. The GPU preset (16 pairs, seq 256, width 256, 2 layers) reaches 0.988.
+seed (and even on the thread count, through the order of floating-point sums). On the 2-core
+CPU (2 layers, width 128, 8 heads, batch 128): with the 384-wide MLP and 600 steps MHA
+escaped in 3 of 6 runs; with the CPU default (MLP 128, 1000 steps, about the same time) MHA
+reached 0.976 / 0.976 / 0.978 at seeds 0 / 3 / 4 and stayed at 0.26 ("one of the 4 values")
+at seeds 2 and 5 (and 1), escaping between steps 250 and 350 when it did. Not the fix: a
+larger vocabulary (1024-8192: smoother but slower learning), 4 heads of width 32, 8 or 16
+pairs, learning rate 1e-3 or 1e-2, 1000 steps for a seed that had not escaped by 600 (each
+tried on a seed that had failed). The GPU preset (16 pairs, seq 256, width 256, 2 layers) reaches 0.988.
 """
 
 from __future__ import annotations
