@@ -18,19 +18,7 @@ import torch
 from attnkit import patterns
 from attnkit.ops import attend
 from attnkit.registry import dense_attention_flops
-
-
-def timed(fn, repeat: int) -> float:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+from cuda_timing import timed
 
 
 def main() -> None:

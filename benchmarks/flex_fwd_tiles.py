@@ -11,27 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from cuda_timing import timed
 
 TILES = [None, (128, 64, 3, 4), (128, 128, 2, 8), (128, 128, 3, 8), (128, 64, 3, 8), (128, 64, 4, 8), (64, 128, 3, 4),
          (128, 128, 1, 8), (64, 64, 4, 4)]
-
-
-def timed(fn, repeat: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
 
 
 def main() -> None:
@@ -46,13 +33,13 @@ def main() -> None:
     causal = create_block_mask(lambda b, h, i, j: j <= i, None, None, T, T, device="cuda")
     compiled = torch.compile(flex_attention, dynamic=False)
     with torch.no_grad():
-        sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), a.repeat)
+        sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), a.repeat, warmup=3)
         rows = [{"tile": "sdpa", "ms": sdpa}]
         print(f"sdpa causal: {sdpa:.3f} ms", flush=True)
         for tile in TILES:
             options = None if tile is None else dict(BLOCK_M=tile[0], BLOCK_N=tile[1], num_stages=tile[2], num_warps=tile[3])
             try:
-                ms = timed(lambda: compiled(q, k, v, block_mask=causal, kernel_options=options), a.repeat)
+                ms = timed(lambda: compiled(q, k, v, block_mask=causal, kernel_options=options), a.repeat, warmup=3)
             except Exception as err:  # noqa: BLE001 - report and go on
                 print(f"{tile}: {type(err).__name__}: {str(err)[:160]}", flush=True)
                 continue

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
@@ -22,19 +21,7 @@ from attnkit import patterns
 from attnkit.layers import MixtureOfHeadsAttention
 from attnkit.ops import attend
 from attnkit.ops.attention import block_mask_for
-
-
-def timed(fn, repeat: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+from cuda_timing import timed
 
 
 def main() -> None:
