@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -51,6 +51,11 @@ case "${1:-}" in
       --repeat 5 --warmup 3 --out "$R/h200-moh-fwdbwd.json" --plot none | grep "│" ;;
   flexfwd)  # FlexAttention forward tiles against SDPA (is Inductor's default tile the slow part?)
     timeout 200 python3 benchmarks/flex_fwd_tiles.py --seq 32768 --out "$R/h200-flex-fwd-tiles.json" 2>&1 | grep -v Warn ;;
+  session10c)  # every CUDA test (ran past its 420 s limit on a cold machine: split it) and a short GPU compare through the new loss path
+    timeout 420 python3 -m pytest -m cuda tests -o addopts="" -q -rfE -p no:cacheprovider -W ignore 2>&1 \
+      | grep -E "passed|failed|FAILED|ERROR" | cut -c1-300 | tee "$R/h200-pytest-session10.log"
+    timeout 100 python3 -m attnkit.cli compare --preset gpu --device cuda --task mqar --mechanisms mha --steps 200 \
+      --cache-dir /tmp/cmp --out "$R/h200-compare-smoke.json" 2>&1 | tail -4 ;;
   issue6)  # everything issue 6 measures, in one call (device time is scarce)
     timeout 170 python3 -m pytest -m cuda tests/layers tests/ops/test_sigmoid.py -q --maxfail=10 -p no:cacheprovider -p no:logging -W ignore \
       2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-300 | tail -40 > "$R/h200-pytest-issue6.log"; tail -12 "$R/h200-pytest-issue6.log"
@@ -149,5 +154,5 @@ case "${1:-}" in
   mqar)  # issue 4: the GPU preset of the MQAR comparison
     python3 -m attnkit.cli compare --preset gpu --device cuda --task mqar --mechanisms mha,gqa,mqa,no-mixing \
       --cache-dir "$OUT/c" --out "$R/h200-compare-mqar.json" 2>&1 | tail -12 ;;
-  *) echo "usage: $0 tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd"; exit 2 ;;
+  *) echo "usage: $0 tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c"; exit 2 ;;
 esac
