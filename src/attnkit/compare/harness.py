@@ -45,8 +45,8 @@ PRESETS = {
         "model": dict(dim=128, num_layers=2, num_heads=8),
         "train": dict(batch_size=32, lr=3e-3, warmup=100, weight_decay=0.1),
         # MQAR: a narrow MLP (128 instead of 384: the MLP was ~70% of the compute per token) buys
-        # 1000 steps in the time of 600; MHA left the "one of the 4 values" plateau in more runs
-        # with the steps than with the width (benchmarks/results/README.md, issue 4)
+        # 1000 steps in about the time of 600; MHA's escape from the "one of the 4 values" plateau
+        # still depends on the seed (the MQAR docstring has the runs)
         "mqar": dict(task=dict(vocab_size=256, seq_len=64, num_pairs=4), steps=1000, train=dict(batch_size=128),
                      model=dict(mlp_hidden=128)),
         "text": dict(task=dict(seq_len=256), steps=600),

@@ -134,12 +134,12 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
         picked = chosen.transpose(1, 2)  # (B, R, T)
         counts = picked.sum(-1)
         M = int(counts.max())
-        if M > 0 and q.is_cuda:
-            # FlexAttention compiles one kernel per shape, and M changes with every batch: round it up
-            # (to 1/32 of T, at least 128 rows) so that training steps share a few kernels
-            bucket = max(128, -(-T // 32 // 128) * 128)
-            M = min(T, -(-M // bucket) * bucket)
         if M > 0:
+            if q.is_cuda:
+                # FlexAttention compiles one kernel per shape, and M changes with every batch: round it
+                # up (to 1/32 of T, at least 128 rows) so that training steps share a few kernels
+                bucket = max(128, -(-T // 32 // 128) * 128)
+                M = min(T, -(-M // bucket) * bucket)
             # picked tokens first, in position order: row i of (b, h) is the i-th token that picked h
             order = torch.argsort((~picked).to(torch.int8), dim=-1, stable=True)[..., :M]  # (B, R, M)
             valid = torch.arange(M, device=q.device) < counts[..., None]
