@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -56,6 +56,42 @@ case "${1:-}" in
       | grep -E "passed|failed|FAILED|ERROR" | cut -c1-300 | tee "$R/h200-pytest-session10.log"
     timeout 100 python3 -m attnkit.cli compare --preset gpu --device cuda --task mqar --mechanisms mha --steps 200 \
       --cache-dir /tmp/cmp --out "$R/h200-compare-smoke.json" 2>&1 | tail -4 ;;
+  session11a)  # issue 7: Lightning's state walk split into segments (B = 1 long sequences); tests, sweep, op and layer
+    [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=src:/tmp/site
+    timeout 120 python3 -m pytest -m cuda tests/ops/test_lightning_op.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
+      | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session11.log"
+    timeout 150 python3 benchmarks/lightning_segments.py --seq 2048,8192,32768,131072 --segments default,all,128,64,32,16 \
+      --out "$R/h200-lightning-segments.json" | cut -c1-200
+    for m in fwd fwdbwd; do
+      timeout 100 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa-cudnn,lightning,fla-lightning \
+        --seq 2048,8192,32768,131072 --mode $m --repeat 20 --out "$R/h200-lightning-$m.json" --plot none | grep "│"
+    done
+    timeout 120 python3 -m attnkit.cli bench --device cuda --mechanisms mha,lightning --ops none \
+      --seq 2048,8192,32768,131072 --mode fwdbwd --repeat 5 --warmup 2 --out "$R/h200-lightning-layer-fwdbwd.json" --plot none | grep "│" ;;
+  session11b)  # issues 5 and 6: FlexAttention kernel options (TMA, rows guaranteed safe) on the patterned training steps
+    timeout 280 python3 benchmarks/flex_options.py --variants default,tma,tma+safe,default --out "$R/h200-flex-options.json" 2>&1 \
+      | grep -v Warn | cut -c1-300 ;;
+  session11c)  # the final Lightning segment policy (split only when B*H leaves SMs idle) against fla; flex TMA on S2
+    [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=src:/tmp/site
+    for m in fwd fwdbwd; do
+      timeout $([ $m = fwd ] && echo 150 || echo 170) python3 -m attnkit.cli bench --device cuda --mechanisms none \
+        --ops dense-sdpa-cudnn,lightning,fla-lightning --seq 2048,8192,32768,131072 --mode $m --repeat 20 \
+        --out "$R/h200-lightning-$m.json" --plot none | grep "│"
+    done
+    timeout 220 python3 benchmarks/flex_options.py --variants default,tma --cases s2,causal --out "$R/h200-flex-options.json" 2>&1 \
+      | grep -v Warn | cut -c1-300 ;;
+  session11d)  # S2 with TMA loads by default (its CUDA test, S2/window/sink with and without TMA); Lightning tokens/s as throughput
+    timeout 100 python3 -m pytest -m cuda tests/layers/test_s2.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
+      | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session11d.log"
+    timeout 220 python3 benchmarks/flex_options.py --variants default,no-tma,tma --cases s2,window,sink \
+      --out "$R/h200-flex-options-patterns.json" 2>&1 | grep '^{"case' | cut -c1-300
+    for m in fwd fwdbwd; do
+      timeout 90 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa-cudnn,lightning \
+        --seq 2048,8192,32768,131072 --mode $m --repeat 10 --timing throughput \
+        --out "$R/h200-lightning-throughput-$m.json" --plot none | grep "│"
+    done ;;
   issue6)  # everything issue 6 measures, in one call (device time is scarce)
     timeout 170 python3 -m pytest -m cuda tests/layers tests/ops/test_sigmoid.py -q --maxfail=10 -p no:cacheprovider -p no:logging -W ignore \
       2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-300 | tail -40 > "$R/h200-pytest-issue6.log"; tail -12 "$R/h200-pytest-issue6.log"

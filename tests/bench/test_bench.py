@@ -81,6 +81,21 @@ def test_kv_heads_give_gqa_shaped_op_rows():
     assert gqa["config"]["kv_heads"] == 1
 
 
+def test_throughput_timing_queues_a_burst_per_sample():
+    """timing='throughput': each sample is the mean over THROUGHPUT_BURST back-to-back calls;
+    latency: one call per sample. Same number of samples; the config records the choice."""
+    from attnkit.bench.harness import THROUGHPUT_BURST, _time_calls
+
+    calls = []
+    times = _time_calls(lambda: calls.append(1), torch.device("cpu"), repeat=3, warmup=1, burst=THROUGHPUT_BURST)
+    assert len(times) == 3 and len(calls) == 1 + 3 * THROUGHPUT_BURST
+    calls.clear()
+    assert len(_time_calls(lambda: calls.append(1), torch.device("cpu"), repeat=3, warmup=1)) == 3 and len(calls) == 4
+    result = run_bench(tiny(mechanisms=["mha"], ops=["attend"], seqs=[16], timing="throughput"))
+    assert result["config"]["timing"] == "throughput"
+    assert all(c["status"] == "ok" and c["latency_ms"]["samples"] == 2 for c in result["cells"])
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -91,6 +106,7 @@ def test_kv_heads_give_gqa_shaped_op_rows():
         (dict(pattern="window:x"), "unknown --pattern"),
         (dict(seqs=[0]), "positive"),
         (dict(kv_heads=3), "--kv-heads must be a positive divisor of --heads 4"),
+        (dict(timing="wall"), "unknown --timing 'wall'; accepted: latency, throughput"),
     ],
 )
 def test_bad_config(kwargs, match):

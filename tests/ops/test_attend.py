@@ -241,3 +241,21 @@ def test_cuda_lse_and_score_mod_match_reference():
     out, lse = attend(*(t.cuda().float() for t in (q, k, v)), pattern=P.sliding_window(50), score_mod=softcap, return_lse=True)
     torch.testing.assert_close(out.cpu().double(), ref, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=2e-3, rtol=2e-3)
+
+
+def test_flex_kernel_options_per_pattern_and_override(monkeypatch):
+    """S2 asks FlexAttention for TMA loads on CUDA; FLEX_KERNEL_OPTIONS overrides a pattern's
+    options; the tiles small blocks need and the short-query flag win over both; nothing on CPU."""
+    from attnkit.ops import attention as attention_module
+    from attnkit.ops.attention import flex_kernel_options
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    s2 = P.s2_strided(num_heads=4, block_size=64, local_blocks=2, vert_stride=4)
+    assert flex_kernel_options(s2, cpu, 4096, True, True) == {}
+    assert flex_kernel_options(s2, cuda, 4096, False, False) == {"USE_TMA": True}
+    assert flex_kernel_options(s2, cuda, 4096, True, True) == {"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 64}
+    assert flex_kernel_options(P.causal(), cuda, 64, True, True) == {"FORCE_USE_FLEX_ATTENTION": True}
+    monkeypatch.setattr(attention_module, "FLEX_KERNEL_OPTIONS", {"USE_TMA": False, "BLOCK_N": 128})
+    assert flex_kernel_options(s2, cuda, 4096, True, True) == {"USE_TMA": False, "BLOCK_M": 128, "BLOCK_N": 64}
+    with pytest.raises(TypeError):
+        s2.flex_kernel_options["USE_TMA"] = False  # read-only: a pattern's options are not shared state

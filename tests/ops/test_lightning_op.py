@@ -130,10 +130,14 @@ def test_bad_backend_and_chunk():
         lightning_attend(q, k, v, slopes, backend="triton")  # CPU tensors
 
 
-@pytest.mark.parametrize("B, H, T, D, E", [(1, 2, 100, 16, 16), (2, 1, 64, 32, 16), (1, 2, 130, 16, 32)])
-def test_triton_kernels_match_reference(B, H, T, D, E):
+@pytest.mark.parametrize("B, H, T, D, E, segment", [(1, 2, 100, 16, 16, None), (2, 1, 64, 32, 16, None),
+                                                    (1, 2, 130, 16, 32, None), (1, 2, 300, 16, 16, 2),
+                                                    (2, 1, 256, 16, 16, 1), (1, 1, 200, 16, 16, 3)])
+def test_triton_kernels_match_reference(B, H, T, D, E, segment):
     """Forward, final state and every gradient (q, k, v, initial state) of the Triton kernels;
-    on CPU through triton's interpreter. Lengths that are and are not multiples of the chunk."""
+    on CPU through triton's interpreter. Lengths that are and are not multiples of the chunk;
+    the state walk in one segment and in several (``segment`` chunks each: 300 tokens in
+    segments of 2, 2 and a partial 1 chunk; 256 in four of 1; 200 in 3 + a partial 1)."""
     pytest.importorskip("triton")
     from attnkit.ops.lightning_triton import lightning_attention_triton
 
@@ -144,7 +148,7 @@ def test_triton_kernels_match_reference(B, H, T, D, E):
     s0 = torch.randn(B, H, D, E, generator=g).to(device)
     slopes = torch.tensor([0.3, 0.01][:H], device=device)
     leaves = [t.requires_grad_() for t in (q, k, v, s0)]
-    o, state = lightning_attention_triton(q, k, v, slopes, initial_state=s0)
+    o, state = lightning_attention_triton(q, k, v, slopes, initial_state=s0, segment_chunks=segment)
     o_ref, state_ref = lightning_attend_reference(q, k, v, slopes, initial_state=s0)
     go, gs = torch.randn_like(o), torch.randn_like(state)
     grads = torch.autograd.grad((o * go).sum() + (state * gs).sum(), leaves)
@@ -152,6 +156,36 @@ def test_triton_kernels_match_reference(B, H, T, D, E):
     tol = 1e-5 if device == "cpu" else 5e-3  # tf32 tensor cores on CUDA
     for name, a, b in zip(["o", "state", "dq", "dk", "dv", "dstate0"], [o, state, *grads], [o_ref, state_ref, *ref_grads]):
         assert rel_rms(b, a) < tol, name
+
+
+@pytest.mark.parametrize("segment", [0, -1, 1.5, True, "2"])
+def test_triton_bad_segment_chunks(segment):
+    pytest.importorskip("triton")
+    from attnkit.ops.lightning_triton import lightning_attention_triton
+
+    q = torch.randn(1, 1, 64, 16)
+    with pytest.raises(ValueError, match="segment_chunks must be a positive int"):
+        lightning_attention_triton(q, q, q, torch.tensor([0.1]), segment_chunks=segment)
+
+
+@pytest.mark.cuda
+def test_triton_segments_on_cuda_equal_one_walk():
+    """B = 1 at 16k: the default splits the walk into segments (about 4 walks per SM); the
+    result matches one walk over all 256 chunks, forward and gradients."""
+    from attnkit.ops.lightning_triton import _segments, lightning_attention_triton
+
+    T = 16384
+    seg, G = _segments(T // 64, 16 * 4, torch.device("cuda"), None)
+    assert G > 1
+    g = torch.Generator().manual_seed(3)
+    q, k, v = ((torch.randn(1, 16, T, 128, generator=g) * 0.1).cuda().bfloat16().requires_grad_() for _ in range(3))
+    slopes = torch.tensor(alibi_slopes(16)).cuda()
+    outs = []
+    for segment in (None, T // 64):
+        o, state = lightning_attention_triton(q, k, v, slopes, segment_chunks=segment)
+        outs.append((o, state, *torch.autograd.grad(o.float().square().sum() + state.sum(), (q, k, v))))
+    for name, a, b in zip(["o", "state", "dq", "dk", "dv"], *outs):
+        assert rel_rms(b.float(), a.float()) < 1e-2, name
 
 
 @pytest.mark.cuda

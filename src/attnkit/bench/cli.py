@@ -41,6 +41,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--repeat", type=int, default=None, help="timed repetitions per cell")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls per cell")
     p.add_argument("--compile", action="store_true", help="torch.compile the layers")
+    p.add_argument("--timing", default="latency", help="latency (each call timed alone, host launch gaps included) | "
+                   "throughput (each sample is the mean of 10 calls queued back to back: tokens/s of a busy GPU)")
     p.add_argument("--out", default=None, help="JSON file (default: attnkit-bench-<device>-<mode>.json)")
     p.add_argument("--plot", default=None, help="PNG file (default: next to --out); 'none' to skip")
     p.set_defaults(func=cmd_bench)
@@ -74,6 +76,7 @@ def make_config(args) -> BenchConfig:
         warmup=args.warmup if args.warmup is not None else defaults["warmup"],
         compile=args.compile,
         kv_heads=args.kv_heads,
+        timing=args.timing,
     )
 
 

@@ -25,7 +25,8 @@ tokens and the bytes of the decode state.
 JSON schema (``"schema": "attnkit.bench/1"``)::
 
     {schema, command, created, device: {type, name, cores}, versions: {attnkit, torch, python, triton},
-     config: {mechanisms, ops, seqs, batch, dim, heads, head_dim, dtype, device, mode, pattern, repeat, warmup},
+     config: {mechanisms, ops, seqs, batch, dim, heads, head_dim, dtype, device, mode, pattern, repeat, warmup,
+             timing (latency: one call per sample | throughput: the mean of a burst of 10 queued calls), ...},
      matmul_tflops,
      cells: [{name, kind: "layer"|"op", seq, batch, status: "ok"|"oom"|"unsupported"|"skipped"|"error",
               message, backend, latency_ms: {median, p10, p90, min, max, samples},
@@ -67,6 +68,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 REFERENCE_MEMORY_FRACTION = 0.25
 
 
+TIMINGS = ("latency", "throughput")
+#: calls queued back to back per sample with ``timing="throughput"`` (the sample is their mean)
+THROUGHPUT_BURST = 10
+
+
 @dataclass
 class BenchConfig:
     mechanisms: list[str]
@@ -85,6 +91,11 @@ class BenchConfig:
     tokens_per_batch: int = 32768
     compile: bool = False
     kv_heads: int | None = None  # op rows: key/value heads (GQA-shaped core); None = heads
+    timing: str = "latency"  # latency: one call per sample; throughput: a burst of THROUGHPUT_BURST calls per sample
+
+    @property
+    def burst(self) -> int:
+        return THROUGHPUT_BURST if self.timing == "throughput" else 1
 
     @property
     def op_kv_heads(self) -> int:
@@ -165,7 +176,10 @@ class _RssSampler:
         return max(0, self.peak - self.base)
 
 
-def _time_calls(fn: Callable[[], None], device: torch.device, repeat: int, warmup: int) -> list[float]:
+def _time_calls(fn: Callable[[], None], device: torch.device, repeat: int, warmup: int, burst: int = 1) -> list[float]:
+    """``repeat`` samples in ms per call. Each sample times ``burst`` calls queued back to back
+    (divided by ``burst``): 1 gives each call's latency, host launch gaps included; more gives
+    throughput, where the host queues the next call while the GPU runs the previous one."""
     for _ in range(warmup):
         fn()
     times = []
@@ -174,15 +188,17 @@ def _time_calls(fn: Callable[[], None], device: torch.device, repeat: int, warmu
         for _ in range(repeat):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(burst):
+                fn()
             end.record()
             torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / burst)
     else:
         for _ in range(repeat):
             t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(burst):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / burst)
     return times
 
 
@@ -203,17 +219,17 @@ def _fixed_mmap_threshold() -> None:
         pass
 
 
-def _measure(fn, device, repeat, warmup) -> tuple[list[float], int]:
+def _measure(fn, device, repeat, warmup, burst: int = 1) -> tuple[list[float], int]:
     """Latencies (ms) and peak memory (bytes above what was allocated before) of ``fn``."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        times = _time_calls(fn, device, repeat, warmup)
+        times = _time_calls(fn, device, repeat, warmup, burst)
         peak = torch.cuda.max_memory_allocated(device) - base
         return times, peak
-    times = _time_calls(fn, device, repeat, warmup)
+    times = _time_calls(fn, device, repeat, warmup, burst)
     # memory in one extra call, so that the sampling thread does not disturb the timings
     with _RssSampler() as sampler:
         fn()
@@ -408,7 +424,7 @@ def _run_op_cell(name, cfg, seq, device, dtype, pattern, dense_pattern) -> Cell:
             fn = _with_backward(fn, [q, k, v])
         else:
             fn = torch.no_grad()(fn)
-        times, cell.peak_memory_bytes = _measure(fn, device, cfg.repeat, cfg.warmup)
+        times, cell.peak_memory_bytes = _measure(fn, device, cfg.repeat, cfg.warmup, cfg.burst)
         cell.latency_ms = _stats(times)
     except _Unsupported as err:
         cell.status, cell.message = "unsupported", str(err)
@@ -462,7 +478,7 @@ def _run_layer_cell(name, cfg, seq, device, dtype) -> Cell:
                 del prefill
                 token = torch.randn(B, 1, cfg.dim, device=device, dtype=dtype, generator=gen)
                 # each timed step appends one token; time and memory are per token at ~seq context
-                times, cell.peak_memory_bytes = _measure(lambda: layer(token, state), device, cfg.repeat, cfg.warmup)
+                times, cell.peak_memory_bytes = _measure(lambda: layer(token, state), device, cfg.repeat, cfg.warmup, cfg.burst)
             cell.state_bytes = state.nbytes()
             step = card.flop_count(B, 1, cfg.dim, cfg.heads, **options)
             attn_step = registry.dense_attention_flops(B, 1, num_heads=cfg.heads, head_dim=cfg.head_dim,
@@ -476,7 +492,7 @@ def _run_layer_cell(name, cfg, seq, device, dtype) -> Cell:
                 fn = _with_backward(lambda: model(x), [x, *layer.parameters()])
             else:
                 fn = torch.no_grad()(lambda: model(x))
-            times, cell.peak_memory_bytes = _measure(fn, device, cfg.repeat, cfg.warmup)
+            times, cell.peak_memory_bytes = _measure(fn, device, cfg.repeat, cfg.warmup, cfg.burst)
             cell.flops = card.flop_count(B, seq, cfg.dim, cfg.heads, **options).total(cfg.mode)
             cell.backend = getattr(layer, "backend", "") or ""
         cell.latency_ms = _stats(times)
@@ -561,6 +577,8 @@ def validate_config(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
         raise ValueError(f"--dim {cfg.dim} must be divisible by --heads {cfg.heads}")
     if cfg.kv_heads is not None and (cfg.kv_heads < 1 or cfg.heads % cfg.kv_heads):
         raise ValueError(f"--kv-heads must be a positive divisor of --heads {cfg.heads}, got {cfg.kv_heads}")
+    if cfg.timing not in TIMINGS:
+        raise ValueError(f"unknown --timing {cfg.timing!r}; accepted: {', '.join(TIMINGS)}")
     if cfg.repeat < 1 or cfg.warmup < 0:
         raise ValueError(f"--repeat must be >= 1 and warm-up >= 0, got {cfg.repeat}, {cfg.warmup}")
     parse_pattern(cfg.pattern, cfg.heads)

@@ -373,11 +373,32 @@ def block_mask_for(pattern, batch: int, heads: int, q_len: int, kv_len: int, q_o
     return block_mask
 
 
+#: Extra FlexAttention ``kernel_options`` for every ``attend(backend="flex")`` call on CUDA
+#: (e.g. ``{"USE_TMA": True}``): they win over a pattern's own ``flex_kernel_options``; the
+#: tiles that small blocks need win over both.
+FLEX_KERNEL_OPTIONS: dict = {}
+
+
 def flex_tiles(block_size) -> dict:
     """FlexAttention forward tiles for a block mask of ``block_size`` (int, or (q_block, kv_block)):
     each tile must divide the mask's blocks (torch 2.11 fails to lower otherwise)."""
     q_block, kv_block = (block_size, block_size) if isinstance(block_size, int) else block_size
     return dict(BLOCK_M=q_block, BLOCK_N=kv_block)
+
+
+def flex_kernel_options(pattern, device: torch.device, q_len: int, training: bool, small_blocks: bool) -> dict:
+    """The FlexAttention ``kernel_options`` of one call: none on CPU; on CUDA the pattern's own,
+    then :data:`FLEX_KERNEL_OPTIONS`, then what the call needs to lower at all."""
+    if device.type != "cuda":
+        return {}
+    options = {**pattern.flex_kernel_options, **FLEX_KERNEL_OPTIONS}
+    if q_len < 128 and training:
+        # short queries take FlexAttention's decoding kernel, which has no backward: training
+        # on them needs the main kernel (torch 2.11 otherwise fails to lower)
+        options["FORCE_USE_FLEX_ATTENTION"] = True
+    if small_blocks and pattern.flex_block_size:
+        options.update(flex_tiles(pattern.flex_block_size))
+    return options
 
 
 def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
@@ -399,13 +420,7 @@ def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
             lse_request = {"return_aux": AuxRequest(lse=True)}
         except ImportError:
             lse_request = {"return_lse": True}
-    kernel_options = {}
-    if q.device.type == "cuda" and T < 128 and _needs_grad(q, k, v):
-        # short queries take FlexAttention's decoding kernel, which has no backward: training
-        # on them needs the main kernel (torch 2.11 otherwise fails to lower)
-        kernel_options["FORCE_USE_FLEX_ATTENTION"] = True
-    if small_blocks and pattern.flex_block_size:
-        kernel_options.update(flex_tiles(pattern.flex_block_size))
+    kernel_options = flex_kernel_options(pattern, q.device, T, _needs_grad(q, k, v), small_blocks)
     result = _flex_impl(q.device)(
         q,
         k,

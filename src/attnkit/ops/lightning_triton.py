@@ -2,30 +2,49 @@
 
 The math is :mod:`attnkit.ops.lightning`'s block form with chunks of ``BT = 64`` tokens.
 Instead of one program walking the whole sequence (Lightning Attention-2's kernel), the
-work is split so that most of it runs in parallel over chunks:
+work is split so that most of it runs in parallel over chunks, and the one sequential part,
+the walk of the state over the chunks, runs in parallel over *segments* of chunks:
 
-  forward   1. ``_state_fwd``  grid (D/BK, E/BV, B*H): walk the chunks once, store the state
-               entering every chunk, ``h_n [D, E]``  (S <- lambda^L S + (lambda^(L-1-j) K)^T V)
-            2. ``_out_fwd``    grid (E/BV, chunks, B*H): per chunk, in parallel,
+  forward   1. ``_state_fwd``  grid (D/BK, E/BV, B*H*G), only if G > 1: each of the G
+               segments walks its chunks from a zero state and keeps only the state leaving
+               the segment (S <- lambda^L S + (lambda^(L-1-j) K)^T V)
+            2. ``_carry_walk`` grid (D/BK, E/BV, B*H), only if G > 1: walks the G segments,
+               ``C_0 = S_0``, ``C_{g+1} = lambda^(len g) C_g + end_g``: the true state entering
+               every segment (the last step gives the final state)
+            3. ``_state_fwd``  grid (D/BK, E/BV, B*H*G): each segment walks again from its true
+               state ``C_g``, now storing the state entering every chunk, ``h_n [D, E]``
+            4. ``_out_fwd``    grid (E/BV, chunks, B*H): per chunk, in parallel,
                ``O = diag(lambda^(i+1)) Q h_n + ((Q K^T) * M) V``
-  backward  3. ``_state_bwd``  grid (D/BK, E/BV, B*H): walk the chunks backwards, store the
-               gradient of the state leaving every chunk, ``dh_{n+1}``
-               (dS <- lambda^L dS + (lambda^(i+1) Q)^T dO)
-            4. ``_dqk_bwd``    grid (D/BK, chunks, B*H):
+  backward  5.-7. the same three steps backwards in time: per segment the local gradient of
+               the state entering it, the carries over segments in reverse, then every
+               segment's walk from its true carry storing the gradient of the state leaving
+               every chunk, ``dh_{n+1}`` (dS <- lambda^L dS + (lambda^(i+1) Q)^T dO)
+            8. ``_dqk_bwd``    grid (D/BK, chunks, B*H):
                ``dQ = diag(lambda^(i+1)) dO h_n^T + ((dO V^T) * M) K``,
                ``dK = diag(lambda^(L-1-j)) V dh_{n+1}^T + ((dO V^T) * M)^T Q``
-            5. ``_dv_bwd``     grid (E/BV, chunks, B*H):
+            9. ``_dv_bwd``     grid (E/BV, chunks, B*H):
                ``dV = diag(lambda^(L-1-j)) K dh_{n+1} + ((Q K^T) * M)^T dO``
+
+The segments are for a batch of few long sequences: with one walk per (batch, head, tile)
+there are only B*H*4 walk programs, each walking T/64 chunks one after the other, so the
+walk's latency, not the GPU's throughput, sets the time (the default splits only then: see
+``_segments``). Walking each segment twice (once for its end, once from its true start)
+costs one more read of K and V (or Q and dO) and keeps the per-chunk kernels free of any
+correction; a first version that stored segment-local states and added the decayed carry
+in every per-chunk kernel made the backward slower than one walk (the carries are float32
+reads beside every state read).
 
 ``M_ij = lambda^(i-j)`` for ``i >= j`` inside a chunk; every decay is ``exp(-s * d)`` with
 ``d >= 0``; products run on tensor cores in the input dtype with float32 accumulation; the
-per-chunk states are kept in the input dtype (what the tensor cores read anyway). Slopes
-get no gradient here (the layer's are a fixed schedule). On CPU the kernels run through
-triton's interpreter (``TRITON_INTERPRET=1``), which is how the tests check them.
+per-chunk states are kept in the input dtype (what the tensor cores read anyway), the
+segment carries in float32. Slopes get no gradient here (the layer's are a fixed schedule).
+On CPU the kernels run through triton's interpreter (``TRITON_INTERPRET=1``), which is how
+the tests check them (with short segments forced through ``segment_chunks``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -40,6 +59,8 @@ except ImportError:  # pragma: no cover - triton is optional
 __all__ = ["available", "lightning_attention_triton"]
 
 CHUNK = 64
+WALKS_PER_SM = 4  # walk programs per SM that the segment count aims for
+MIN_SEGMENT = 32  # chunks: shorter segments spend more on the second walk and the carries than they save
 
 
 def available() -> bool:
@@ -53,8 +74,9 @@ def _configs(warps, stages):
 if triton is not None:
     # the state walks are sequential over chunks: pipelining the next chunk's loads matters;
     # the per-chunk kernels are wide and short
-    _WALK = dict(configs=_configs((4, 8), (1, 2, 3)), key=["D", "E", "NT"])
+    _WALK = dict(configs=_configs((4, 8), (1, 2, 3)), key=["D", "E", "SEG", "STORE"])
     _CHUNK = dict(configs=_configs((4, 8), (1, 2)), key=["D", "E"])
+    _CARRY = dict(configs=_configs((4,), (1, 2)), key=["D", "E"])
 
     @triton.jit
     def _rows(ptr, t, T, cols, width):
@@ -67,26 +89,55 @@ if triton is not None:
         return tl.where(dist >= 0, tl.exp(-s * tl.maximum(dist, 0).to(tl.float32)), 0.0)
 
     @triton.jit
-    def _state_fwd(k, v, h, h0, ht, slopes, T, NT, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr):
-        i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    def _state_fwd(k, v, h, init, ends, slopes, T, NT, SEG, G, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_INIT: tl.constexpr,
+                   STORE: tl.constexpr, STORE_END: tl.constexpr):
+        """Walk segment g's chunks from ``init[b*h, g]`` (or zero), storing the state entering
+        every chunk if ``STORE`` and the state leaving the segment if ``STORE_END``."""
+        i_k, i_v, i_bhg = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        i_bh, g = i_bhg // G, i_bhg % G
         s = tl.load(slopes + i_bh % H).to(tl.float32)
         ok, ov, ot = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
         tile = ok[:, None] * E + ov[None, :]
         state = tl.zeros([BK, BV], dtype=tl.float32)
-        if USE_H0:
-            state += tl.load(h0 + i_bh * D * E + tile)
+        if USE_INIT:
+            state += tl.load(init + i_bhg * D * E + tile)
         k, v = k + i_bh * T * D, v + i_bh * T * E
-        for n in range(NT):
-            tl.store(h + (i_bh * NT + n) * D * E + tile, state.to(h.dtype.element_ty))
+        n0 = g * SEG
+        for n in range(n0, tl.minimum(n0 + SEG, NT)):
+            if STORE:
+                tl.store(h + (i_bh * NT + n) * D * E + tile, state.to(h.dtype.element_ty))
             t = n * BT + ot
             L = tl.minimum(T - n * BT, BT)
             kc = _rows(k, t, T, ok, D)
             vc = _rows(v, t, T, ov, E)
             k_decay = tl.where(ot < L, tl.exp(-s * (L - 1 - ot).to(tl.float32)), 0.0)
             state = state * tl.exp(-s * L.to(tl.float32)) + tl.dot(tl.trans((kc * k_decay[:, None]).to(vc.dtype)), vc)
-        if STORE_HT:
-            tl.store(ht + i_bh * D * E + tile, state)
+        if STORE_END:
+            tl.store(ends + i_bhg * D * E + tile, state)
+
+    @triton.jit
+    def _carry_walk(ends, carry, last, first, slopes, T, SEG_T, G, H: tl.constexpr, D: tl.constexpr,
+                    E: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_FIRST: tl.constexpr,
+                    REVERSE: tl.constexpr):
+        """``carry[g]``: the true value entering segment g (from ``first`` and the segments
+        before it; going backward in time with ``REVERSE``); ``last``: the value after all G."""
+        i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        s = tl.load(slopes + i_bh % H).to(tl.float32)
+        ok, ov = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+        tile = ok[:, None] * E + ov[None, :]
+        c = tl.zeros([BK, BV], dtype=tl.float32)
+        if USE_FIRST:
+            c += tl.load(first + i_bh * D * E + tile)
+        for i in range(G):
+            if REVERSE:
+                g = G - 1 - i
+            else:
+                g = i
+            tl.store(carry + (i_bh * G + g) * D * E + tile, c)
+            length = tl.minimum(T - g * SEG_T, SEG_T)
+            c = c * tl.exp(-s * length.to(tl.float32)) + tl.load(ends + (i_bh * G + g) * D * E + tile)
+        tl.store(last + i_bh * D * E + tile, c)
 
     @triton.jit
     def _out_fwd(q, k, v, h, o, slopes, T, NT, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
@@ -110,27 +161,34 @@ if triton is not None:
         tl.store(o + t[:, None] * E + ov[None, :], out.to(o.dtype.element_ty), mask=t[:, None] < T)
 
     @triton.jit
-    def _state_bwd(q, do, dh, dht, dh0, slopes, T, NT, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
-        i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    def _state_bwd(q, do, dh, init, starts, slopes, T, NT, SEG, G, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_INIT: tl.constexpr,
+                   STORE: tl.constexpr, STORE_END: tl.constexpr):
+        """Walk segment g's chunks backwards from ``init[b*h, g]`` (or zero), storing the
+        gradient of the state leaving every chunk if ``STORE`` and of the one entering the
+        segment if ``STORE_END``."""
+        i_k, i_v, i_bhg = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        i_bh, g = i_bhg // G, i_bhg % G
         s = tl.load(slopes + i_bh % H).to(tl.float32)
         ok, ov, ot = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
         tile = ok[:, None] * E + ov[None, :]
         grad = tl.zeros([BK, BV], dtype=tl.float32)
-        if USE_DHT:
-            grad += tl.load(dht + i_bh * D * E + tile)
+        if USE_INIT:
+            grad += tl.load(init + i_bhg * D * E + tile)
         q, do = q + i_bh * T * D, do + i_bh * T * E
-        for i in range(NT):
-            n = NT - 1 - i
-            tl.store(dh + (i_bh * NT + n) * D * E + tile, grad.to(dh.dtype.element_ty))
+        n_end = tl.minimum(g * SEG + SEG, NT)
+        for i in range(n_end - g * SEG):
+            n = n_end - 1 - i
+            if STORE:
+                tl.store(dh + (i_bh * NT + n) * D * E + tile, grad.to(dh.dtype.element_ty))
             t = n * BT + ot
             L = tl.minimum(T - n * BT, BT)
             qc = _rows(q, t, T, ok, D)
             doc = _rows(do, t, T, ov, E)
             q_decay = tl.where(ot < L, tl.exp(-s * (ot + 1).to(tl.float32)), 0.0)
             grad = grad * tl.exp(-s * L.to(tl.float32)) + tl.dot(tl.trans((qc * q_decay[:, None]).to(doc.dtype)), doc)
-        if STORE_DH0:
-            tl.store(dh0 + i_bh * D * E + tile, grad)
+        if STORE_END:
+            tl.store(starts + i_bhg * D * E + tile, grad)
 
     @triton.jit
     def _dqk_bwd(q, k, v, do, h, dh, dq, dk, slopes, T, NT, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
@@ -190,6 +248,7 @@ if triton is not None:
     # autotuned on the GPU; the interpreter has no benchmark driver, it runs the kernels as they are
     if os.environ.get("TRITON_INTERPRET") != "1":
         _state_fwd, _state_bwd = (triton.autotune(**_WALK)(k) for k in (_state_fwd, _state_bwd))
+        _carry_walk = triton.autotune(**_CARRY)(_carry_walk)
         _out_fwd, _dqk_bwd, _dv_bwd = (triton.autotune(**_CHUNK)(k) for k in (_out_fwd, _dqk_bwd, _dv_bwd))
 
 
@@ -197,25 +256,63 @@ def _blocks(D: int, E: int) -> tuple[int, int]:
     return min(64, D), min(64, E)
 
 
+def _segments(NT: int, walks: int, device: torch.device, segment_chunks: int | None) -> tuple[int, int]:
+    """``(SEG, G)``: chunks per segment and the number of segments. By default one segment
+    unless the walks (``walks`` programs per segment) would leave more than half of the SMs
+    idle; then enough segments for about ``WALKS_PER_SM`` walk programs per SM, none shorter
+    than ``MIN_SEGMENT`` chunks. (Measured on the H200, B = 1, 16 heads: 9 segments take
+    forward + backward at 128k from 5.46 to 5.04 ms; at 8k with B = 4, where 256 walks
+    already run, 3 segments made it slower, 1.22 -> 1.52 ms.)"""
+    if segment_chunks is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        wanted = math.ceil(WALKS_PER_SM * sms / walks) if 2 * walks <= sms else 1
+        segment_chunks = math.ceil(NT / max(1, min(wanted, NT // MIN_SEGMENT)))
+    seg = max(1, min(segment_chunks, NT))
+    return seg, math.ceil(NT / seg)
+
+
+def _walk(kernel, a, b, out, init, slopes, T, NT, SEG, G, shape, blocks):
+    """Run a state walk (``kernel`` = ``_state_fwd`` or ``_state_bwd``) over the chunks in G
+    segments; returns the value after the whole walk (float32 ``[B, H, D, E]``: the final
+    state, or the gradient of the initial one). ``init``: the value the walk starts from
+    (``[B, H, D, E]``) or None for zero."""
+    B, H, D, E = shape
+    BK, BV = blocks
+    tiles = (D // BK, E // BV)
+    reverse = kernel is _state_bwd
+    ends = torch.empty(B * H, G, D, E, device=a.device, dtype=torch.float32)
+    if G == 1:
+        first = init if init is not None else ends
+        kernel[(*tiles, B * H)](a, b, out, first, ends, slopes, T, NT, SEG, G, H, D, E, CHUNK, BK, BV,
+                                init is not None, True, True)
+        return ends.view(B, H, D, E)
+    kernel[(*tiles, B * H * G)](a, b, out, ends, ends, slopes, T, NT, SEG, G, H, D, E, CHUNK, BK, BV,
+                                False, False, True)
+    carry, last = torch.empty_like(ends), torch.empty(B, H, D, E, device=a.device, dtype=torch.float32)
+    _carry_walk[(*tiles, B * H)](ends, carry, last, init if init is not None else ends, slopes, T, SEG * CHUNK, G,
+                                 H, D, E, BK, BV, init is not None, reverse)
+    kernel[(*tiles, B * H * G)](a, b, out, carry, ends, slopes, T, NT, SEG, G, H, D, E, CHUNK, BK, BV,
+                                True, True, False)
+    return last
+
+
 class _Lightning(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, h0):
+    def forward(ctx, q, k, v, slopes, h0, segment_chunks):
         B, H, T, D = q.shape
         E = v.shape[-1]
         BK, BV = _blocks(D, E)
         NT = triton.cdiv(T, CHUNK)
+        SEG, G = _segments(NT, B * H * (D // BK) * (E // BV), q.device, segment_chunks)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         slopes = slopes.to(torch.float32).contiguous()
         states = torch.empty(B * H, NT, D, E, device=q.device, dtype=q.dtype)
-        final = torch.empty(B, H, D, E, device=q.device, dtype=torch.float32)
-        use_h0 = h0 is not None
-        h0c = h0.to(torch.float32).contiguous() if use_h0 else final
-        _state_fwd[(D // BK, E // BV, B * H)](k, v, states, h0c, final, slopes, T, NT, H, D, E, CHUNK, BK, BV,
-                                               use_h0, True)
+        init = h0.to(torch.float32).contiguous() if h0 is not None else None
+        final = _walk(_state_fwd, k, v, states, init, slopes, T, NT, SEG, G, (B, H, D, E), (BK, BV))
         o = torch.empty(B, H, T, E, device=q.device, dtype=q.dtype)
         _out_fwd[(E // BV, NT, B * H)](q, k, v, states, o, slopes, T, NT, H, D, E, CHUNK, BK, BV)
         ctx.save_for_backward(q, k, v, slopes, states)
-        ctx.use_h0 = use_h0
+        ctx.use_h0, ctx.segments = h0 is not None, (SEG, G)
         return o, final
 
     @staticmethod
@@ -225,26 +322,32 @@ class _Lightning(torch.autograd.Function):
         E = v.shape[-1]
         BK, BV = _blocks(D, E)
         NT = states.shape[1]
+        SEG, G = ctx.segments
         do = do.contiguous()
         grads = torch.empty_like(states)
-        dh0 = torch.empty(B, H, D, E, device=q.device, dtype=torch.float32)
-        use_dht = dfinal is not None
-        dht = dfinal.to(torch.float32).contiguous() if use_dht else dh0
-        _state_bwd[(D // BK, E // BV, B * H)](q, do, grads, dht, dh0, slopes, T, NT, H, D, E, CHUNK, BK, BV,
-                                               use_dht, ctx.use_h0)
+        init = dfinal.to(torch.float32).contiguous() if dfinal is not None else None
+        dh0 = _walk(_state_bwd, q, do, grads, init, slopes, T, NT, SEG, G, (B, H, D, E), (BK, BV))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _dqk_bwd[(D // BK, NT, B * H)](q, k, v, do, states, grads, dq, dk, slopes, T, NT, H, D, E, CHUNK, BK, BV)
         _dv_bwd[(E // BV, NT, B * H)](q, k, do, grads, dv, slopes, T, NT, H, D, E, CHUNK, BK, BV)
-        return dq, dk, dv, None, (dh0 if ctx.use_h0 else None)
+        return dq, dk, dv, None, (dh0 if ctx.use_h0 else None), None
 
 
 def lightning_attention_triton(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *,
-                               initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                               initial_state: Tensor | None = None,
+                               segment_chunks: int | None = None) -> tuple[Tensor, Tensor]:
     """``(o [B, H, T, E], final state [B, H, D, E] float32)``; head dims 16..128 (powers of
-    two). Differentiable in q, k, v and the initial state."""
+    two). Differentiable in q, k, v and the initial state.
+
+    ``segment_chunks``: chunks (of 64 tokens) per segment of the parallel state walk; by
+    default chosen from the GPU's SM count and ``B * H`` (one segment when the batch already
+    fills the GPU). The result does not depend on it beyond rounding."""
     if triton is None:
         raise ValueError("lightning_attention_triton needs triton; use lightning_attend(backend='chunked')")
     D, E = q.shape[-1], v.shape[-1]
     if D not in (16, 32, 64, 128) or E not in (16, 32, 64, 128):
         raise ValueError(f"the Triton Lightning kernels take head dims 16, 32, 64 or 128, got D={D}, E={E}")
-    return _Lightning.apply(q, k, v, slopes, initial_state)
+    if segment_chunks is not None and (isinstance(segment_chunks, bool) or not isinstance(segment_chunks, int)
+                                       or segment_chunks < 1):
+        raise ValueError(f"segment_chunks must be a positive int or None, got {segment_chunks!r}")
+    return _Lightning.apply(q, k, v, slopes, initial_state, segment_chunks)

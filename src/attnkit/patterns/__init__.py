@@ -29,7 +29,8 @@ Example::
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from types import MappingProxyType
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -75,6 +76,9 @@ class Pattern:
     #: FlexAttention block size for this pattern: an int, ``(q_block, kv_block)``, or ``None``
     #: (FlexAttention's default, 128).
     flex_block_size: int | tuple[int, int] | None = None
+    #: FlexAttention ``kernel_options`` this pattern runs with on CUDA (chosen by measurement;
+    #: ``attnkit.ops.attention.FLEX_KERNEL_OPTIONS`` overrides them).
+    flex_kernel_options: Mapping[str, object] = MappingProxyType({})
 
     def allowed(self, b: Tensor, h: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         raise NotImplementedError
@@ -391,6 +395,10 @@ class S2Strided(Pattern):
             raise ValueError(f"dense_heads must be query-head indices in [0, {num_heads}), got {list(dense_heads)}")
         self.dense_heads = dense_heads
         self.step = max(1, self.vert_stride // self.num_kv_heads)
+        # Hopper's TMA loads: S2's training step at 128k (vert_stride 16, 64-token blocks) took
+        # 58.6 ms with them against 61.5 without on the H200 (benchmarks/flex_options.py);
+        # Inductor drops the option where the GPU or the tensors cannot use TMA
+        self.flex_kernel_options = MappingProxyType({"USE_TMA": True})
         # FlexAttention skips whole blocks: match its key block to S2's so that a 64-token stripe
         # does not cost a 128-token block (query blocks stay 128, the fast forward tile)
         if self.block_size < 128 and self.block_size % 16 == 0:
