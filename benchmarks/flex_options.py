@@ -27,6 +27,8 @@ VARIANTS = {
     "tma": {"USE_TMA": True},
     "safe": {"ROWS_GUARANTEED_SAFE": True},
     "tma+safe": {"USE_TMA": True, "ROWS_GUARANTEED_SAFE": True},
+    "tma+fwd8w3s": {"USE_TMA": True, "fwd_num_warps": 8, "fwd_num_stages": 3},
+    "tma+fwd4w2s": {"USE_TMA": True, "fwd_num_warps": 4, "fwd_num_stages": 2},
 }
 
 
