@@ -164,7 +164,7 @@ def test_triton_bad_segment_chunks(segment):
     from attnkit.ops.lightning_triton import lightning_attention_triton
 
     q = torch.randn(1, 1, 64, 16)
-    with pytest.raises(ValueError, match="segment_chunks must be a positive int"):
+    with pytest.raises(ValueError, match="segment_chunks must be a positive integer"):
         lightning_attention_triton(q, q, q, torch.tensor([0.1]), segment_chunks=segment)
 
 

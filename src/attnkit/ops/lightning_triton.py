@@ -50,6 +50,8 @@ import os
 import torch
 from torch import Tensor
 
+from .._checks import positive_int
+
 try:
     import triton
     import triton.language as tl
@@ -347,7 +349,6 @@ def lightning_attention_triton(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, 
     D, E = q.shape[-1], v.shape[-1]
     if D not in (16, 32, 64, 128) or E not in (16, 32, 64, 128):
         raise ValueError(f"the Triton Lightning kernels take head dims 16, 32, 64 or 128, got D={D}, E={E}")
-    if segment_chunks is not None and (isinstance(segment_chunks, bool) or not isinstance(segment_chunks, int)
-                                       or segment_chunks < 1):
-        raise ValueError(f"segment_chunks must be a positive int or None, got {segment_chunks!r}")
+    if segment_chunks is not None:
+        positive_int(segment_chunks, "segment_chunks")
     return _Lightning.apply(q, k, v, slopes, initial_state, segment_chunks)
