@@ -6,6 +6,11 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
 R=$OUT/r; mkdir -p "$R"
 bench() { python3 -m attnkit.cli bench --device cuda "$@"; }
+# fla-core (the fla-lightning baseline) from the wheel carried in .whl/ (the device has no registry)
+with_fla() {
+  [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=src:/tmp/site
+}
 case "${1:-}" in
   tests)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -57,8 +62,7 @@ case "${1:-}" in
     timeout 100 python3 -m attnkit.cli compare --preset gpu --device cuda --task mqar --mechanisms mha --steps 200 \
       --cache-dir /tmp/cmp --out "$R/h200-compare-smoke.json" 2>&1 | tail -4 ;;
   session11a)  # issue 7: Lightning's state walk split into segments (B = 1 long sequences); tests, sweep, op and layer
-    [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=src:/tmp/site
+    with_fla
     timeout 120 python3 -m pytest -m cuda tests/ops/test_lightning_op.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
       | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session11.log"
     timeout 150 python3 benchmarks/lightning_segments.py --seq 2048,8192,32768,131072 --segments default,all,128,64,32,16 \
@@ -73,8 +77,7 @@ case "${1:-}" in
     timeout 280 python3 benchmarks/flex_options.py --variants default,tma,tma+safe,default --out "$R/h200-flex-options.json" 2>&1 \
       | grep -v Warn | cut -c1-300 ;;
   session11c)  # the final Lightning segment policy (split only when B*H leaves SMs idle) against fla; flex TMA on S2
-    [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=src:/tmp/site
+    with_fla
     for m in fwd fwdbwd; do
       timeout $([ $m = fwd ] && echo 150 || echo 170) python3 -m attnkit.cli bench --device cuda --mechanisms none \
         --ops dense-sdpa-cudnn,lightning,fla-lightning --seq 2048,8192,32768,131072 --mode $m --repeat 20 \
@@ -141,8 +144,7 @@ case "${1:-}" in
     bench --mechanisms streaming,sliding-window,mha --ops none --mode decode --batch 1 --seq 4096,16384,65536,131072 \
       --out "$R/h200-streaming-decode.json" ;;
   issue7a)  # issue 7, part 1: CUDA tests of every mechanism + the Lightning kernels; the op against fla and cuDNN
-    [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=src:/tmp/site
+    with_fla
     python3 -c "import fla, triton; print('fla', fla.__version__, 'triton', triton.__version__)"
     for m in fwd fwdbwd; do
       timeout 120 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa-cudnn,lightning,fla-lightning \

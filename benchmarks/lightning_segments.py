@@ -16,7 +16,7 @@ import json
 import torch
 
 from attnkit.ops.lightning import alibi_slopes
-from attnkit.ops.lightning_triton import CHUNK, _segments, lightning_attention_triton
+from attnkit.ops.lightning_triton import CHUNK, _blocks, _segments, lightning_attention_triton
 from cuda_timing import timed
 
 
@@ -39,7 +39,8 @@ def main() -> None:
         go = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
         for name in a.segments.split(","):
             seg = None if name == "default" else NT if name == "all" else int(name)
-            chosen = _segments(NT, B * H * 4, q.device, seg)
+            BK, BV = _blocks(D, D)
+            chosen = _segments(NT, B * H * (D // BK) * (D // BV), q.device, seg)
 
             def fwd():
                 with torch.no_grad():
