@@ -27,6 +27,9 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--cases", default="window,sink,s2")
+    p.add_argument("--blocks", default="128,128x64", help="block shapes to time: 128 (FlexAttention's) or QxKV")
+    p.add_argument("--sdpa", action="store_true", help="also time dense causal SDPA (the S2 target's baseline)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     T, H, D = a.seq, a.heads, a.head_dim
@@ -45,10 +48,20 @@ def main() -> None:
     dense_flops = dense_attention_flops(1, T, num_heads=H, head_dim=D, pattern=dense)
     rows = [{"pattern": "causal (dense flex)", "blocks": "128", "ms": dense_ms}]
     print(f"dense causal flex: {dense_ms:.2f} ms")
-    cases = [("window:1024", patterns.sliding_window(1024)), ("sink:4:1024", patterns.sink_window(4, 1024)),
-             ("s2:64:16:16", patterns.s2_strided(num_heads=H, block_size=64, local_blocks=16, vert_stride=16))]
+    if a.sdpa:
+        def sdpa():
+            for t in (q, k, v):
+                t.grad = None
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+
+        rows.append({"pattern": "causal (dense SDPA)", "ms": timed(sdpa, a.repeat)})
+        print(f"dense causal SDPA: {rows[-1]['ms']:.2f} ms")
+    every = {"window": ("window:1024", patterns.sliding_window(1024)), "sink": ("sink:4:1024", patterns.sink_window(4, 1024)),
+             "s2": ("s2:64:16:16", patterns.s2_strided(num_heads=H, block_size=64, local_blocks=16, vert_stride=16))}
+    cases = [every[c] for c in a.cases.split(",")]
+    shapes = [None if b == "128" else tuple(int(x) for x in b.split("x")) for b in a.blocks.split(",")]
     for name, pattern in cases:
-        for blocks in (None, (128, 64)):
+        for blocks in shapes:
             pattern.flex_block_size = blocks
             t0 = time.perf_counter()
             try:
@@ -58,14 +71,17 @@ def main() -> None:
                 continue
             reduction = dense_flops / dense_attention_flops(1, T, num_heads=H, head_dim=D, pattern=pattern)
             realised = dense_ms / ms / reduction
+            sdpa_ms = next((r["ms"] for r in rows if r["pattern"] == "causal (dense SDPA)"), None)
             rows.append({"pattern": name, "blocks": str(blocks or 128), "ms": ms, "flop_reduction": reduction,
+                         "speedup_vs_dense_sdpa": None if sdpa_ms is None else sdpa_ms / ms,
                          "speedup_vs_dense_flex": dense_ms / ms, "realised_fraction_vs_flex": realised,
                          "first_call_s": time.perf_counter() - t0})
             print(f"{name:12s} blocks={str(blocks or 128):10s} {ms:8.2f} ms  speedup {dense_ms / ms:5.2f}x of "
                   f"{reduction:5.2f}x -> realised {realised:.2f}  (incl. compile {time.perf_counter() - t0:.0f} s)")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"command": "python benchmarks/flex_blocks.py " + f"--seq {T} --heads {H} --head-dim {D}",
+            json.dump({"command": "python benchmarks/flex_blocks.py " + f"--seq {T} --heads {H} --head-dim {D} "
+                       f"--cases {a.cases} --blocks {a.blocks}" + (" --sdpa" if a.sdpa else ""),
                        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
 
 

@@ -25,8 +25,13 @@ VARIANTS = {
     "default": {},  # attnkit as shipped: each pattern's own flex_kernel_options (S2: TMA)
     "no-tma": {"USE_TMA": False},
     "tma": {"USE_TMA": True},
+    # since session 12 attend grants ROWS_GUARANTEED_SAFE only where it verified it (and reorders the
+    # blocks for it); the earlier "safe" timings set it unverified
     "safe": {"ROWS_GUARANTEED_SAFE": True},
     "tma+safe": {"USE_TMA": True, "ROWS_GUARANTEED_SAFE": True},
+    "tma-nosafe": {"USE_TMA": True, "ROWS_GUARANTEED_SAFE": False},  # S2 as it was before rows-safe was granted
+    "pinned": {"BLOCK_M": 128, "BLOCK_N": 64},  # the forward tile, fixed (attend grants rows-safe only then)
+    "safe-pinned": {"ROWS_GUARANTEED_SAFE": True, "BLOCK_M": 128, "BLOCK_N": 64},
     "tma+fwd8w3s": {"USE_TMA": True, "fwd_num_warps": 8, "fwd_num_stages": 3},
     "tma+fwd4w2s": {"USE_TMA": True, "fwd_num_warps": 4, "fwd_num_stages": 2},
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -98,6 +98,35 @@ case "${1:-}" in
   session11e)  # S2 at 128k: TMA with the forward's warps/stages, and rows guaranteed safe (is 8x within reach?)
     timeout 200 python3 benchmarks/flex_options.py --variants default,tma+safe,tma+fwd8w3s,tma+fwd4w2s,default --cases s2 \
       --out "$R/h200-flex-options-s2.json" 2>&1 | grep '^{"case' | cut -c1-300 ;;
+  session12a)  # issue 6: S2 with rows-safe granted after verification (tests, NaN evidence, 128k timing); sigmoid forward with TMA
+    timeout 170 python3 -m pytest -m cuda tests/ops/test_attend.py tests/ops/test_sigmoid.py tests/layers/test_s2.py -k "rows_safe or sigmoid or s2" \
+      -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session12.log"
+    timeout 80 python3 benchmarks/rows_safe_check.py --seq 32768 --out "$R/h200-rows-safe.json" 2>&1 | grep -v Warn | cut -c1-600
+    timeout 110 python3 benchmarks/sigmoid_fwd.py --seq 8192,32768 --out "$R/h200-sigmoid-fwd-tma.json" 2>&1 | cut -c1-900
+    timeout 200 python3 benchmarks/flex_options.py --variants default,tma-nosafe,default --cases s2 \
+      --out "$R/h200-flex-options-rows-safe.json" 2>&1 | grep '^{"case' | cut -c1-300 ;;
+  session12b)  # S2 and window/sink on 64 x 64 blocks; MoH's routed FlexAttention with TMA; the sigmoid forward's launch order
+    timeout 60 python3 -m pytest -m cuda tests/ops/test_attend.py -k rows_safe -q -rfE -p no:cacheprovider -W ignore -o addopts="" \
+      2>&1 | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session12b.log"
+    timeout 120 python3 benchmarks/flex_blocks.py --seq 131072 --cases s2 --blocks 128x64,64x64 --sdpa \
+      --out "$R/h200-flex-blocks-s2-128k.json" 2>&1 | grep -v Warn | cut -c1-300
+    timeout 170 python3 benchmarks/flex_blocks.py --seq 32768 --cases window,sink --blocks 128,128x64,64x64 \
+      --out "$R/h200-flex-blocks-64.json" 2>&1 | grep -v Warn | cut -c1-300
+    timeout 120 python3 benchmarks/moh_core.py --seq 32768 --shared 4 --flex-options '{};{"USE_TMA": true}' \
+      --out "$R/h200-moh-core-tma.json" 2>&1 | grep "T=" | cut -c1-300
+    timeout 100 python3 benchmarks/sigmoid_fwd.py --seq 8192,32768 --out "$R/h200-sigmoid-fwd-order.json" 2>&1 | cut -c1-1200 ;;
+  session12c)  # the sigmoid forward back in head-after-head order, with TMA and three more tiles offered: tests, A/B, the bench CLI
+    timeout 150 python3 -m pytest -m cuda tests/ops/test_sigmoid.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
+      | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session12c.log"
+    timeout 150 python3 benchmarks/sigmoid_fwd.py --seq 8192,32768 --out "$R/h200-sigmoid-fwd-tma.json" 2>&1 | cut -c1-1200
+    for m in fwd fwdbwd; do
+      timeout 90 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-sdpa-cudnn,sigmoid \
+        --seq 8192,32768 --mode $m --repeat 20 --out "$R/h200-sigmoid-$m.json" --plot none | grep "│"
+    done ;;
+  session12d)  # the final sigmoid forward (8 pointer + 4 TMA tiles): its CUDA tests and one more A/B
+    timeout 230 python3 -m pytest -m cuda tests/ops/test_sigmoid.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
+      | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session12d.log"
+    timeout 120 python3 benchmarks/sigmoid_fwd.py --seq 8192,32768 --out "$R/h200-sigmoid-fwd-final.json" 2>&1 | cut -c1-1200 ;;
   issue6)  # everything issue 6 measures, in one call (device time is scarce)
     timeout 170 python3 -m pytest -m cuda tests/layers tests/ops/test_sigmoid.py -q --maxfail=10 -p no:cacheprovider -p no:logging -W ignore \
       2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-300 | tail -40 > "$R/h200-pytest-issue6.log"; tail -12 "$R/h200-pytest-issue6.log"

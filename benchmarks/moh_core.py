@@ -20,6 +20,7 @@ import torch
 from attnkit import patterns
 from attnkit.layers import MixtureOfHeadsAttention
 from attnkit.ops import attend
+from attnkit.ops import attention as attention_module
 from attnkit.ops.attention import block_mask_for
 from cuda_timing import timed
 
@@ -32,8 +33,12 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--shared", default="4,0", help="shared-head counts to run (half of the rest active)")
     p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--flex-options", default="{}",
+                   help="';'-separated JSON kernel_options sets for the routed heads' FlexAttention "
+                        "(attnkit.ops.attention.FLEX_KERNEL_OPTIONS), each timed in turn, e.g. '{};{\"USE_TMA\": true}'")
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    option_sets = [json.loads(o) for o in a.flex_options.split(";")]
     H, D = a.heads, a.head_dim
     rows = []
     for T in (int(s) for s in a.seq.split(",")):
@@ -57,7 +62,8 @@ def main() -> None:
             mha_ms = timed(step(mha, mode == "fwdbwd"), a.repeat)
             rows.append({"seq": T, "batch": B, "mode": mode, "mechanism": "mha", "ms": mha_ms})
             print(f"T={T} B={B} {mode:6s} mha core {mha_ms:8.2f} ms", flush=True)
-        for shared in (int(s) for s in a.shared.split(",")):
+        for shared, options in ((int(s), o) for s in a.shared.split(",") for o in option_sets):
+            attention_module.FLEX_KERNEL_OPTIONS = dict(options)
             layer = MixtureOfHeadsAttention(H * D, H, shared_heads=shared).to(**shape)
             x = torch.randn(B, T, H * D, **shape)
             with torch.no_grad():
@@ -97,15 +103,15 @@ def main() -> None:
                 theory = H / (shared + (H - shared) * active / (H - shared))
                 row = {"seq": T, "batch": B, "mode": mode, "mechanism": f"moh shared={shared} active={active}/{R}",
                        "ms": ms, "speedup_vs_mha": mha_ms / ms, "flop_reduction": theory, "rows_per_routed_head": M,
-                       "routed_flex_ms": routed_ms, "block_mask_ms": mask_ms}
+                       "routed_flex_ms": routed_ms, "block_mask_ms": mask_ms, "flex_options": options}
                 rows.append(row)
-                print(f"T={T} B={B} {mode:6s} moh shared={shared} active={active}/{R}: {ms:8.2f} ms = "
+                print(f"T={T} B={B} {mode:6s} moh shared={shared} active={active}/{R} {options}: {ms:8.2f} ms = "
                       f"{mha_ms / ms:.2f}x mha (FLOPs {theory:.2f}x); routed flex alone {routed_ms:.2f} ms, "
                       f"block mask {mask_ms:.2f} ms, M={M} of {T}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"command": f"python benchmarks/moh_core.py --seq {a.seq} --tokens {a.tokens} --heads {H} "
-                       f"--head-dim {D} --shared {a.shared} --repeat {a.repeat}",
+                       f"--head-dim {D} --shared {a.shared} --repeat {a.repeat} --flex-options '{a.flex_options}'",
                        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
 
 

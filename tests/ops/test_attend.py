@@ -259,3 +259,112 @@ def test_flex_kernel_options_per_pattern_and_override(monkeypatch):
     assert flex_kernel_options(s2, cuda, 4096, True, True) == {"USE_TMA": False, "BLOCK_M": 128, "BLOCK_N": 64}
     with pytest.raises(TypeError):
         s2.flex_kernel_options["USE_TMA"] = False  # read-only: a pattern's options are not shared state
+
+
+# -- ROWS_GUARANTEED_SAFE: granted only where verified -------------------------------------------
+def _simulate_flex_rows(block_mask, allowed, T, S, block_n, guard):
+    """FlexAttention's forward loop as we read it (torch 2.11 ``forward_block_mn``), in float64 for
+    one (batch, head): per query block, the partial key blocks in stored order with the mask
+    applied, then the full ones without; ``guard=False`` is ``ROWS_GUARANTEED_SAFE``. Returns the
+    rows whose normaliser became NaN."""
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    scores = torch.randn(T, S, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    nan_rows = torch.zeros(T, dtype=torch.bool)
+    for qb in range(block_mask.kv_num_blocks.shape[-1]):
+        rows = torch.arange(qb * q_block, min(T, (qb + 1) * q_block))
+        m = torch.full((len(rows),), float("-inf"), dtype=torch.float64)
+        l = torch.zeros(len(rows), dtype=torch.float64)
+        partial = block_mask.kv_indices[0, 0, qb, : block_mask.kv_num_blocks[0, 0, qb]].tolist()
+        full = block_mask.full_kv_indices[0, 0, qb, : block_mask.full_kv_num_blocks[0, 0, qb]].tolist()
+        for blk, masked in [(b, True) for b in partial] + [(b, False) for b in full]:
+            for sub in range(0, kv_block, block_n):
+                keys = torch.arange(blk * kv_block + sub, blk * kv_block + sub + block_n)
+                keys = keys[keys < S]
+                s = scores[rows][:, keys]
+                if masked:
+                    s = torch.where(allowed[rows][:, keys], s, float("-inf"))
+                m_new = torch.maximum(m, s.max(-1).values)
+                m_use = torch.where(m_new == float("-inf"), 0.0, m_new) if guard else m_new
+                l = l * torch.exp(m - m_use) + torch.exp(s - m_use[:, None]).sum(-1)
+                m = m_new
+        nan_rows[rows] = l.isnan()
+    return nan_rows
+
+
+@pytest.mark.parametrize("pattern,T,S,block_n", [
+    (P.s2_strided(num_heads=1, block_size=64, local_blocks=1, vert_stride=4), 512, 512, 64),
+    (P.s2_strided(num_heads=1, block_size=64, local_blocks=2, vert_stride=4), 512, 512, 64),
+    (P.s2_strided(num_heads=1, block_size=64, local_blocks=16, vert_stride=4), 512, 512, 64),
+    (P.s2_strided(num_heads=1, block_size=64, local_blocks=5, vert_stride=4), 200, 512, 64),
+    (P.sliding_window(200), 512, 512, 64),
+    (P.sliding_window(100), 512, 512, 128),
+    (P.sink_window(4, 200), 512, 512, 64),
+])
+def test_rows_safe_check_agrees_with_the_kernel_loop(pattern, T, S, block_n):
+    """``first_tiles_cover_rows`` says yes exactly when the unguarded loop has no NaN row, on
+    FlexAttention's own visiting order and on ``diagonal_first``'s; the guarded loop never NaNs;
+    reordering keeps the mask."""
+    from attnkit.ops.attention import diagonal_first, first_tiles_cover_rows
+
+    allowed = pattern.dense(T, S)[0, 0]
+    own = block_mask_for(pattern, 1, 1, T, S, S - T, "cpu")  # the pattern's flex_block_size
+    ordered = diagonal_first(own, S - T)
+    assert torch.equal(ordered.to_dense(), own.to_dense())
+    for mask in (own, ordered):
+        verified = first_tiles_cover_rows(mask, pattern, T, S, S - T, block_n)
+        assert not _simulate_flex_rows(mask, allowed, T, S, block_n, guard=True).any()
+        assert verified == (not _simulate_flex_rows(mask, allowed, T, S, block_n, guard=False).any())
+
+
+def test_rows_safe_granted_only_where_verified():
+    """S2 with one local block cannot be made safe; with 16 it can after reordering; never with a
+    score_mod, for the short-query decoding kernel, or when the key tile is not pinned."""
+    from attnkit.ops.attention import _grant_rows_safe
+
+    cpu = torch.device("cpu")
+    T = 2048  # past the 16 local blocks, where FlexAttention's own order starts at the band's far edge
+
+    def grant(pattern, score_mod=None, T=T, options=None):
+        opts = dict(options or {"ROWS_GUARANTEED_SAFE": True, "BLOCK_M": 128, "BLOCK_N": 64})
+        bm = block_mask_for(pattern, 1, 4, T, T, 0, cpu)
+        new = _grant_rows_safe(opts, bm, pattern, score_mod, 1, 4, T, T, 0, cpu, True)
+        return opts["ROWS_GUARANTEED_SAFE"], new, bm
+
+    s2 = dict(num_heads=4, block_size=64, vert_stride=16)
+    assert grant(P.s2_strided(local_blocks=1, **s2))[0] is False
+    granted, new, old = grant(P.s2_strided(local_blocks=16, **s2))
+    assert granted is True and torch.equal(new.to_dense(), old.to_dense())
+    assert not torch.equal(new.kv_indices, old.kv_indices)  # visiting order changed
+    assert grant(P.s2_strided(local_blocks=16, **s2), score_mod=lambda s, b, h, q, k: s)[0] is False
+    assert grant(P.s2_strided(local_blocks=16, **s2), T=64)[0] is False
+    assert grant(P.s2_strided(local_blocks=16, **s2), options={"ROWS_GUARANTEED_SAFE": True})[0] is False
+    assert grant(P.causal(), options={"ROWS_GUARANTEED_SAFE": False})[0] is False
+
+
+@pytest.mark.cuda
+def test_cuda_s2_rows_safe_matches_reference(monkeypatch):
+    """S2 with 16 local 64-token blocks, asked for ROWS_GUARANTEED_SAFE, runs with it on the GPU
+    (granted after reordering) and still matches the float64 reference, forward and gradients,
+    with no NaN (on FlexAttention's own block order 45% of the rows were NaN: h200-rows-safe.json)."""
+    from conftest import rel_rms
+
+    from attnkit.ops import attention as attention_module
+    from attnkit.ops.attention import _grant_rows_safe, flex_kernel_options
+
+    monkeypatch.setattr(attention_module, "FLEX_KERNEL_OPTIONS", {"ROWS_GUARANTEED_SAFE": True})
+    H, T, D = 4, 2048, 64
+    pattern = P.s2_strided(num_heads=H, block_size=64, local_blocks=16, vert_stride=4)
+    opts = flex_kernel_options(pattern, torch.device("cuda"), T, True, True)
+    bm = block_mask_for(pattern, 1, H, T, T, 0, "cuda")
+    _grant_rows_safe(opts, bm, pattern, None, 1, H, T, T, 0, torch.device("cuda"), True)
+    assert opts["ROWS_GUARANTEED_SAFE"] is True
+    q, k, v = make_qkv(1, H, H, T, T, D)
+    ref = attend(q, k, v, pattern=pattern, backend="reference")
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    fast_in = [t.detach().cuda().bfloat16().requires_grad_() for t in (q, k, v)]
+    out = attend(*fast_in, pattern=pattern, backend="flex")
+    assert not out.isnan().any()
+    assert rel_rms(ref, out.cpu()) < 5e-3
+    for a, b in zip(torch.autograd.grad(out, fast_in, g.cuda().bfloat16()), ref_grads):
+        assert rel_rms(b, a.cpu()) < 5e-3

@@ -57,11 +57,17 @@ def test_weights_are_not_normalised_and_empty_rows_are_zero():
     assert torch.equal(out, torch.zeros_like(out))
 
 
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("pattern", ["causal", "full"])
 @pytest.mark.parametrize("shape", [(4, 2, 37, 37), (2, 2, 20, 45), (2, 1, 1, 19)])
-def test_triton_kernels_match_reference(pattern, shape):
-    """The Triton forward and backward kernels (under TRITON_INTERPRET=1 on CPU), float32."""
+def test_triton_kernels_match_reference(pattern, shape, tma, monkeypatch):
+    """The Triton forward and backward kernels (under TRITON_INTERPRET=1 on CPU), float32; the
+    forward with pointer loads and with TMA descriptors (whose tiles run past a head's last row
+    into the next head's: the kernel must mask them)."""
     pytest.importorskip("triton")
+    from attnkit.ops import sigmoid_triton
+
+    monkeypatch.setattr(sigmoid_triton, "TMA_FORWARD", tma)
     Hq, Hkv, T, S = shape
     q, k, v = (t.float().requires_grad_() for t in inputs(Hq, Hkv, T, S, D=16))
     out = sigmoid_attend(q, k, v, pattern=pattern, bias=-1.0, backend="triton")
@@ -81,10 +87,17 @@ def test_bad_inputs(kwargs, match):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("tma", ["auto", True, False])
 @pytest.mark.parametrize("normalize, pattern", [(False, "causal"), (False, "full"), (True, "causal"),
                                                 (False, P.sliding_window(100)), (True, P.sliding_window(100))])
-def test_cuda_bf16_matches_reference(normalize, pattern):
-    """bf16 through auto dispatch: the Triton kernels (full/causal) or FlexAttention (the rest)."""
+def test_cuda_bf16_matches_reference(normalize, pattern, tma, monkeypatch):
+    """bf16 through auto dispatch: the Triton kernels (full/causal; the forward's loads through
+    pointers, TMA descriptors, or the autotuner's pick) or FlexAttention (the rest)."""
+    from attnkit.ops import sigmoid_triton
+
+    if tma != "auto" and not isinstance(pattern, str):
+        pytest.skip("FlexAttention serves this pattern: no Triton loads to choose")
+    monkeypatch.setattr(sigmoid_triton, "TMA_FORWARD", tma)
     # inputs rounded to bf16 once, so the float64 reference sees what the kernel sees
     q, k, v = (t.bfloat16().double() for t in inputs(Hq=8, Hkv=2, T=300, S=300, D=64, dtype=torch.float32))
     bias = -math.log(300)

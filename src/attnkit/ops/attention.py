@@ -375,7 +375,9 @@ def block_mask_for(pattern, batch: int, heads: int, q_len: int, kv_len: int, q_o
 
 #: Extra FlexAttention ``kernel_options`` for every ``attend(backend="flex")`` call on CUDA
 #: (e.g. ``{"USE_TMA": True}``): they win over a pattern's own ``flex_kernel_options``; the
-#: tiles that small blocks need win over both.
+#: tiles that small blocks need win over both. ``ROWS_GUARANTEED_SAFE`` is granted only where
+#: attnkit verified it for the shape (:func:`first_tiles_cover_rows`, after :func:`diagonal_first`):
+#: set blindly it turned 45% of S2's rows to NaN (``benchmarks/rows_safe_check.py``).
 FLEX_KERNEL_OPTIONS: dict = {}
 
 
@@ -401,6 +403,117 @@ def flex_kernel_options(pattern, device: torch.device, q_len: int, training: boo
     return options
 
 
+def _first_visited(block_mask) -> Tensor:
+    """Per (batch, head, query block): the key block FlexAttention's forward visits first (its
+    partial blocks come before its full ones), or -1 where the query block has none."""
+    first = torch.full_like(block_mask.kv_num_blocks, -1)
+    if block_mask.full_kv_num_blocks is not None:
+        first = torch.where(block_mask.full_kv_num_blocks > 0, block_mask.full_kv_indices[..., 0], first)
+    return torch.where(block_mask.kv_num_blocks > 0, block_mask.kv_indices[..., 0], first)
+
+
+def first_tiles_cover_rows(block_mask, pattern, q_len: int, kv_len: int, q_offset: int, block_n: int) -> bool:
+    """Whether every query row has an allowed key among the first ``block_n`` keys that
+    FlexAttention's forward visits for the row's query block.
+
+    That is what FlexAttention's ``ROWS_GUARANTEED_SAFE`` assumes: with it the kernel drops its
+    guard for a row whose running maximum is still ``-inf``, and such a row's first tile gives
+    ``exp2(-inf - -inf) = NaN``, which no later tile removes. Checked by evaluating the pattern
+    on each query block's first tile only (``T x block_n`` pairs per head); a query block whose
+    first visited block is a full block holds by construction.
+    """
+    pattern = _patterns.resolve(pattern)
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    first = _first_visited(block_mask)
+    partial_first = block_mask.kv_num_blocks > 0
+    device = first.device
+    nb, nh, nq = first.shape
+    tiles_per_chunk = max(1, (1 << 22) // (q_block * block_n))
+    rows = torch.arange(q_block, device=device)
+    cols = torch.arange(block_n, device=device)
+    for b in range(nb):
+        for h in range(nh):
+            b_t = torch.full((1, 1, 1), b, device=device)
+            h_t = torch.full((1, 1, 1), h, device=device)
+            for start in range(0, nq, tiles_per_chunk):
+                tiles = torch.arange(start, min(nq, start + tiles_per_chunk), device=device)
+                tiles = tiles[partial_first[b, h, tiles]]
+                if tiles.numel() == 0:
+                    continue
+                q_pos = (tiles[:, None] * q_block + rows[None, :])[:, :, None]  # (n, q_block, 1)
+                k_pos = (first[b, h, tiles][:, None] * kv_block + cols[None, :])[:, None, :]  # (n, 1, block_n)
+                allowed = pattern.allowed(b_t, h_t, q_pos + q_offset, k_pos) & (k_pos < kv_len)
+                if not bool((allowed.any(-1) | (q_pos[..., 0] >= q_len)).all()):
+                    return False
+    return True
+
+
+def diagonal_first(block_mask, q_offset: int):
+    """``block_mask`` with, in each query block, the partial key block that holds the key at the
+    block's first query position (``q_offset + i * q_block``) moved to the front of the visiting
+    order. For causal local patterns every row of the query block sees that key (a window of at
+    least one query block, S2 with two or more local blocks), while FlexAttention's own ascending
+    order starts at the far edge of the local band, which the block's later rows do not see."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    idx, num = block_mask.kv_indices, block_mask.kv_num_blocks
+    nq = num.shape[-1]
+    target = ((q_offset + torch.arange(nq, device=idx.device) * q_block) // kv_block).to(idx.dtype)
+    slot = torch.arange(idx.shape[-1], device=idx.device)
+    hit = (idx == target[:, None]) & (slot < num[..., None])
+    found = hit.any(-1)
+    pos = hit.to(torch.int8).argmax(-1)
+    swapped = idx.scatter(-1, pos[..., None], idx[..., :1])  # the old first block takes the target's slot
+    swapped[..., 0] = target.expand_as(pos)
+    new_idx = torch.where(found[..., None], swapped, idx)
+    return BlockMask.from_kv_blocks(num, new_idx, block_mask.full_kv_num_blocks, block_mask.full_kv_indices,
+                                    BLOCK_SIZE=block_mask.BLOCK_SIZE, mask_mod=block_mask.mask_mod,
+                                    seq_lengths=block_mask.seq_lengths)
+
+
+def _rows_safe_mask(block_mask, pattern, batch, heads, q_len, kv_len, q_offset, device, block_n, small_blocks):
+    """(block mask, granted): the mask reordered by :func:`diagonal_first` and whether
+    ``ROWS_GUARANTEED_SAFE`` holds for it (:func:`first_tiles_cover_rows`); cached with the mask."""
+    pattern = _patterns.resolve(pattern)
+    B = batch if pattern.depends_on_batch else None
+    H = heads if pattern.depends_on_head else None
+    block = pattern.flex_block_size if small_blocks else None
+    key = None if pattern.cache_key is None else (
+        "rows_safe", pattern.cache_key, B, H, q_len, kv_len, q_offset, str(device), block, block_n)
+    if key is not None and key in _BLOCK_MASK_CACHE:
+        _BLOCK_MASK_CACHE.move_to_end(key)
+        return _BLOCK_MASK_CACHE[key]
+    reordered = diagonal_first(block_mask, q_offset)
+    result = (reordered, first_tiles_cover_rows(reordered, pattern.to(device), q_len, kv_len, q_offset, block_n))
+    if key is not None:
+        _BLOCK_MASK_CACHE[key] = result
+        if len(_BLOCK_MASK_CACHE) > _BLOCK_MASK_CACHE_SIZE:
+            _BLOCK_MASK_CACHE.popitem(last=False)
+    return result
+
+
+def _grant_rows_safe(kernel_options: dict, block_mask, pattern, score_mod, B, Hq, T, S, q_offset, device,
+                     small_blocks):
+    """Keep a requested ``ROWS_GUARANTEED_SAFE`` only where attnkit verified it (see
+    :func:`first_tiles_cover_rows`), returning the block mask to run with. Refused with a
+    ``score_mod`` (it may mask too), under compilation (no data-dependent check), for the short
+    query decoding kernel (it splits the keys its own way) and where the key tile is Inductor's choice."""
+    if not kernel_options.get("ROWS_GUARANTEED_SAFE"):
+        return block_mask
+    kernel_options["ROWS_GUARANTEED_SAFE"] = False
+    if block_mask is None:  # full attention: every row sees every key
+        kernel_options["ROWS_GUARANTEED_SAFE"] = S > 0
+        return block_mask
+    decoding = T < 128 and not kernel_options.get("FORCE_USE_FLEX_ATTENTION")
+    if score_mod is not None or torch.compiler.is_compiling() or decoding or "BLOCK_N" not in kernel_options:
+        return block_mask
+    block_mask, granted = _rows_safe_mask(block_mask, pattern, B, Hq, T, S, q_offset, device,
+                                          int(kernel_options["BLOCK_N"]), small_blocks)
+    kernel_options["ROWS_GUARANTEED_SAFE"] = granted
+    return block_mask
+
+
 def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
     B, Hq, T, _ = q.shape
     S = k.shape[2]
@@ -421,6 +534,8 @@ def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
         except ImportError:
             lse_request = {"return_lse": True}
     kernel_options = flex_kernel_options(pattern, q.device, T, _needs_grad(q, k, v), small_blocks)
+    block_mask = _grant_rows_safe(kernel_options, block_mask, pattern, score_mod, B, Hq, T, S, q_offset, q.device,
+                                  small_blocks)
     result = _flex_impl(q.device)(
         q,
         k,

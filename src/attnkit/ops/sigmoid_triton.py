@@ -68,10 +68,14 @@ if triton is not None:
         return p
 
     @triton.jit
-    def _fwd_block(acc, q, kbase, vbase, sks, offs_m, offs_d, start, S, q_offset, half_scale, half_bias,
-                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _fwd_block(acc, q, kbase, vbase, desc_k, desc_v, kv_row, sks, offs_m, offs_d, start, S, q_offset, half_scale,
+                   half_bias, MASKED: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
         offs_n = start + tl.arange(0, BLOCK_N)
-        if MASKED:
+        if TMA:  # rows past S belong to the next head (or are zero past the tensor): masked in p below
+            k = desc_k.load([kv_row + start, 0])
+            v = desc_v.load([kv_row + start, 0])
+        elif MASKED:
             k = _load_rows(kbase, offs_n, sks, offs_d, S)
             v = _load_rows(vbase, offs_n, sks, offs_d, S)
         else:
@@ -81,11 +85,14 @@ if triton is not None:
         return acc + tl.dot(p.to(v.dtype), v)
 
     @triton.jit
-    def _fwd(Q, K, V, O, sqb, sqh, sqt, skb, skh, sks, sob, soh, sot,
+    def _fwd(Q, K, V, O, desc_q, desc_k, desc_v, sqb, sqh, sqt, skb, skh, sks, sob, soh, sot,
              T, S, H, q_offset, scale, bias, SIZE_KEY, GROUP: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr,
-             D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             D: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # grid (query blocks, B*H), blocks start x fastest: head after head, each head's longest
+        # causal rows first. (Every head's longest rows first across heads, LPT, measured 13% slower
+        # at 8k: the heads running at once no longer share K and V in L2; h200-sigmoid-fwd-order.json)
         pid_m = tl.program_id(0)
-        if CAUSAL:  # each head's longest rows first: less of a tail when the last wave runs
+        if CAUSAL:
             pid_m = tl.num_programs(0) - 1 - pid_m
         bh = tl.program_id(1)
         b = bh // H
@@ -93,10 +100,14 @@ if triton is not None:
         kvh = h // GROUP
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
-        q = _load_rows(Q + b * sqb + h * sqh, offs_m, sqt, offs_d, T)
+        if TMA:  # Hopper's tensor-memory loads through host descriptors over [B*H*T, D] / [B*Hkv*S, D]
+            q = desc_q.load([bh * T + pid_m * BLOCK_M, 0])
+        else:
+            q = _load_rows(Q + b * sqb + h * sqh, offs_m, sqt, offs_d, T)
         acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
         kbase = K + b * skb + kvh * skh
         vbase = V + b * skb + kvh * skh
+        kv_row = (b * (H // GROUP) + kvh) * S
         half_scale = 0.5 * scale
         half_bias = 0.5 * bias
         if CAUSAL:
@@ -109,11 +120,11 @@ if triton is not None:
             unmasked = S // BLOCK_N * BLOCK_N
             end = S
         for start in tl.range(0, unmasked, BLOCK_N):
-            acc = _fwd_block(acc, q, kbase, vbase, sks, offs_m, offs_d, start, S, q_offset, half_scale, half_bias,
-                             False, CAUSAL, FAST, BLOCK_N)
+            acc = _fwd_block(acc, q, kbase, vbase, desc_k, desc_v, kv_row, sks, offs_m, offs_d, start, S, q_offset,
+                             half_scale, half_bias, False, CAUSAL, FAST, TMA, BLOCK_N)
         for start in tl.range(unmasked, end, BLOCK_N):
-            acc = _fwd_block(acc, q, kbase, vbase, sks, offs_m, offs_d, start, S, q_offset, half_scale, half_bias,
-                             True, CAUSAL, FAST, BLOCK_N)
+            acc = _fwd_block(acc, q, kbase, vbase, desc_k, desc_v, kv_row, sks, offs_m, offs_d, start, S, q_offset,
+                             half_scale, half_bias, True, CAUSAL, FAST, TMA, BLOCK_N)
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], acc.to(O.dtype.element_ty),
                  mask=offs_m[:, None] < T)
 
@@ -191,18 +202,57 @@ if triton is not None:
 if triton is not None:
     _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-    def _tuned(kernel, configs):
+    def _descriptor_blocks(nargs):
+        """Autotuning pre-hook: a TMA config's tiles are its descriptors' block shapes."""
+        if nargs.get("TMA"):
+            nargs["desc_q"].block_shape = [nargs["BLOCK_M"], nargs["D"]]
+            nargs["desc_k"].block_shape = [nargs["BLOCK_N"], nargs["D"]]
+            nargs["desc_v"].block_shape = [nargs["BLOCK_N"], nargs["D"]]
+
+    def _tuned(kernel, configs, loads=None):
         """Autotuned on the GPU once per (D, causal, group, power-of-two bucket of T and of S): the
-        best tile at 8k is not the best at 32k. One small tile in the interpreter."""
+        best tile at 8k is not the best at 32k. One small tile in the interpreter. ``loads`` (the
+        forward only): which of ``"pointer"`` and ``"tma"`` tiles to offer; ``configs`` is then a
+        ``{load: tiles}`` mapping."""
+        if loads is None:
+            tiles = [(*tile, None) for tile in configs]
+        else:
+            tiles = [(*tile, load == "tma") for load in loads for tile in configs[load]]
         if _INTERPRET:
-            return kernel, {"BLOCK_M": 16, "BLOCK_N": 16}
-        choices = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in configs]
+            return kernel, {"BLOCK_M": 16, "BLOCK_N": 16, **({} if loads is None else {"TMA": "tma" in loads})}
+        choices = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **({} if t is None else {"TMA": t})}, num_warps=w,
+                                 num_stages=st, pre_hook=_descriptor_blocks if t else None)
+                   for m, n, w, st, t in tiles]
         return triton.autotune(configs=choices, key=["D", "CAUSAL", "GROUP", "SIZE_KEY"])(kernel), {}
 
-    _FWD, _FWD_META = _tuned(_fwd, [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
-                                    (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 4)])
+    # TMA tiles: the ones the H200 picked at 8k and 32k (h200-sigmoid-fwd-tma.json) and two more;
+    # few, since each is compiled and timed on a shape's first call
+    _FWD_TILES = {"pointer": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                              (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 4)],
+                  "tma": [(128, 128, 8, 3), (128, 32, 8, 4), (128, 64, 8, 3), (128, 32, 4, 4)]}
+    #: the forward's autotuners by the loads they may use (see TMA_FORWARD)
+    _FWD_BY_LOADS = {loads: _tuned(_fwd, _FWD_TILES, loads) for loads in (("pointer",), ("tma",), ("pointer", "tma"))}
     _DKDV, _DKDV_META = _tuned(_bwd_dkdv, [(64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 8, 3)])
     _DQ, _DQ_META = _tuned(_bwd_dq, [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 8, 3)])
+
+#: How the forward loads its tiles: ``"auto"`` lets the autotuner time pointer loads against
+#: Hopper's TMA descriptors (CUDA devices of compute capability 9.0 or more; pointer loads
+#: elsewhere); ``True`` TMA only, ``False`` pointer loads only (the tests and benchmarks).
+TMA_FORWARD: bool | str = "auto"
+
+
+def _forward_loads(q: Tensor, k: Tensor, v: Tensor) -> tuple[str, ...]:
+    if TMA_FORWARD is False:
+        return ("pointer",)
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return ("pointer",)
+    if any(t.data_ptr() % 16 for t in (q, k, v)):  # TMA needs 16-byte aligned bases
+        return ("pointer",)
+    if TMA_FORWARD is True:
+        return ("tma",)
+    return ("pointer", "tma") if q.is_cuda and torch.cuda.get_device_capability(q.device) >= (9, 0) else ("pointer",)
 
 
 def _size_key(T: int, S: int) -> int:
@@ -223,10 +273,18 @@ class _SigmoidAttention(torch.autograd.Function):
         B, H, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         out = torch.empty_like(q)
-        _FWD[_grid(T, B * H, "BLOCK_M", _FWD_META)](
-            q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        descriptors = (None, None, None)
+        loads = _forward_loads(q, k, v)
+        kernel, fixed = _FWD_BY_LOADS[loads]
+        if "tma" in loads:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            rows = fixed.get("BLOCK_M", 64)  # block shapes: set per config by _descriptor_blocks
+            descriptors = tuple(TensorDescriptor.from_tensor(t.view(-1, D), [rows, D]) for t in (q, k, v))
+        kernel[_grid(T, B * H, "BLOCK_M", fixed)](
+            q, k, v, out, *descriptors, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             out.stride(0), out.stride(1), out.stride(2), T, S, H, q_offset, scale, bias, _size_key(T, S),
-            GROUP=H // Hkv, CAUSAL=causal, FAST=q.is_cuda, D=D, **_FWD_META)
+            GROUP=H // Hkv, CAUSAL=causal, FAST=q.is_cuda, D=D, **fixed)
         ctx.save_for_backward(q, k, v)
         ctx.args = (scale, bias, causal, q_offset)
         return out
