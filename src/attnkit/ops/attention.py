@@ -347,12 +347,9 @@ def block_mask_for(pattern, batch: int, heads: int, q_len: int, kv_len: int, q_o
         return None
     device = torch.device(device)
     pattern = pattern.to(device)
-    B = batch if pattern.depends_on_batch else None
-    H = heads if pattern.depends_on_head else None
+    B, H, block, key = _mask_key(pattern, batch, heads, q_len, kv_len, q_offset, device, small_blocks)
     compiling = torch.compiler.is_compiling()
-    block = pattern.flex_block_size if small_blocks else None
-    key = None if pattern.cache_key is None else (pattern.cache_key, B, H, q_len, kv_len, q_offset, str(device), block)
-    if key is not None and not compiling and key in _BLOCK_MASK_CACHE:
+    if not compiling and key in _BLOCK_MASK_CACHE:
         _BLOCK_MASK_CACHE.move_to_end(key)
         return _BLOCK_MASK_CACHE[key]
     block_mask = pattern.flex_block_mask(B, H, q_len, kv_len, q_offset, device, block)  # closed form, if any
@@ -366,11 +363,26 @@ def block_mask_for(pattern, batch: int, heads: int, q_len: int, kv_len: int, q_o
                 # torch 2.11 deprecates _compile=True, but it still builds the mask without an S x S tensor
                 warnings.simplefilter("ignore", DeprecationWarning)
                 block_mask = create_block_mask(*args, device=device, _compile=device.type == "cuda", **block_size)
-    if key is not None and not compiling:
-        _BLOCK_MASK_CACHE[key] = block_mask
+    if not compiling:
+        _cache_put(key, block_mask)
+    return block_mask
+
+
+def _mask_key(pattern, batch, heads, q_len, kv_len, q_offset, device, small_blocks):
+    """(B, H, block size, cache key) of a pattern's block mask at a shape; the key is ``None``
+    when the pattern holds tensors (no caching)."""
+    B = batch if pattern.depends_on_batch else None
+    H = heads if pattern.depends_on_head else None
+    block = pattern.flex_block_size if small_blocks else None
+    key = None if pattern.cache_key is None else (pattern.cache_key, B, H, q_len, kv_len, q_offset, str(device), block)
+    return B, H, block, key
+
+
+def _cache_put(key, value) -> None:
+    if key is not None:
+        _BLOCK_MASK_CACHE[key] = value
         if len(_BLOCK_MASK_CACHE) > _BLOCK_MASK_CACHE_SIZE:
             _BLOCK_MASK_CACHE.popitem(last=False)
-    return block_mask
 
 
 #: Extra FlexAttention ``kernel_options`` for every ``attend(backend="flex")`` call on CUDA
@@ -476,20 +488,14 @@ def _rows_safe_mask(block_mask, pattern, batch, heads, q_len, kv_len, q_offset, 
     """(block mask, granted): the mask reordered by :func:`diagonal_first` and whether
     ``ROWS_GUARANTEED_SAFE`` holds for it (:func:`first_tiles_cover_rows`); cached with the mask."""
     pattern = _patterns.resolve(pattern)
-    B = batch if pattern.depends_on_batch else None
-    H = heads if pattern.depends_on_head else None
-    block = pattern.flex_block_size if small_blocks else None
-    key = None if pattern.cache_key is None else (
-        "rows_safe", pattern.cache_key, B, H, q_len, kv_len, q_offset, str(device), block, block_n)
-    if key is not None and key in _BLOCK_MASK_CACHE:
+    key = _mask_key(pattern, batch, heads, q_len, kv_len, q_offset, device, small_blocks)[-1]
+    key = None if key is None else ("rows_safe", block_n, *key)
+    if key in _BLOCK_MASK_CACHE:
         _BLOCK_MASK_CACHE.move_to_end(key)
         return _BLOCK_MASK_CACHE[key]
     reordered = diagonal_first(block_mask, q_offset)
     result = (reordered, first_tiles_cover_rows(reordered, pattern.to(device), q_len, kv_len, q_offset, block_n))
-    if key is not None:
-        _BLOCK_MASK_CACHE[key] = result
-        if len(_BLOCK_MASK_CACHE) > _BLOCK_MASK_CACHE_SIZE:
-            _BLOCK_MASK_CACHE.popitem(last=False)
+    _cache_put(key, result)
     return result
 
 
