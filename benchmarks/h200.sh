@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -127,6 +127,11 @@ case "${1:-}" in
     timeout 230 python3 -m pytest -m cuda tests/ops/test_sigmoid.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
       | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session12d.log"
     timeout 120 python3 benchmarks/sigmoid_fwd.py --seq 8192,32768 --out "$R/h200-sigmoid-fwd-final.json" 2>&1 | cut -c1-1200 ;;
+  session12e)  # Lightning's two state walks merged into one kernel: CUDA tests, and A/B against the copy saved before the merge
+    timeout 90 python3 -m pytest -m cuda tests/ops/test_lightning_op.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
+      | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session12e.log"
+    timeout 150 python3 benchmarks/lightning_ab.py --modules attnkit.ops.lightning_triton,attnkit.ops._lightning_triton_before \
+      --seq 8192,131072 --repeat 10 --out "$R/h200-lightning-walk-merge-ab.json" 2>&1 | cut -c1-400 ;;
   issue6)  # everything issue 6 measures, in one call (device time is scarce)
     timeout 170 python3 -m pytest -m cuda tests/layers tests/ops/test_sigmoid.py -q --maxfail=10 -p no:cacheprovider -p no:logging -W ignore \
       2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-300 | tail -40 > "$R/h200-pytest-issue6.log"; tail -12 "$R/h200-pytest-issue6.log"

@@ -5,17 +5,17 @@ Instead of one program walking the whole sequence (Lightning Attention-2's kerne
 work is split so that most of it runs in parallel over chunks, and the one sequential part,
 the walk of the state over the chunks, runs in parallel over *segments* of chunks:
 
-  forward   1. ``_state_fwd``  grid (D/BK, E/BV, B*H*G), only if G > 1: each of the G
+  forward   1. ``_state_walk`` grid (D/BK, E/BV, B*H*G), only if G > 1: each of the G
                segments walks its chunks from a zero state and keeps only the state leaving
                the segment (S <- lambda^L S + (lambda^(L-1-j) K)^T V)
             2. ``_carry_walk`` grid (D/BK, E/BV, B*H), only if G > 1: walks the G segments,
                ``C_0 = S_0``, ``C_{g+1} = lambda^(len g) C_g + end_g``: the true state entering
                every segment (the last step gives the final state)
-            3. ``_state_fwd``  grid (D/BK, E/BV, B*H*G): each segment walks again from its true
+            3. ``_state_walk`` grid (D/BK, E/BV, B*H*G): each segment walks again from its true
                state ``C_g``, now storing the state entering every chunk, ``h_n [D, E]``
             4. ``_out_fwd``    grid (E/BV, chunks, B*H): per chunk, in parallel,
                ``O = diag(lambda^(i+1)) Q h_n + ((Q K^T) * M) V``
-  backward  5.-7. the same three steps backwards in time: per segment the local gradient of
+  backward  5.-7. the same three steps backwards in time (``REVERSE``): per segment the local gradient of
                the state entering it, the carries over segments in reverse, then every
                segment's walk from its true carry storing the gradient of the state leaving
                every chunk, ``dh_{n+1}`` (dS <- lambda^L dS + (lambda^(i+1) Q)^T dO)
@@ -76,7 +76,7 @@ def _configs(warps, stages):
 if triton is not None:
     # the state walks are sequential over chunks: pipelining the next chunk's loads matters;
     # the per-chunk kernels are wide and short
-    _WALK = dict(configs=_configs((4, 8), (1, 2, 3)), key=["D", "E", "SEG", "STORE"])
+    _WALK = dict(configs=_configs((4, 8), (1, 2, 3)), key=["D", "E", "SEG", "STORE", "REVERSE"])
     _CHUNK = dict(configs=_configs((4, 8), (1, 2)), key=["D", "E"])
     _CARRY = dict(configs=_configs((4,), (1, 2)), key=["D", "E"])
 
@@ -91,32 +91,46 @@ if triton is not None:
         return tl.where(dist >= 0, tl.exp(-s * tl.maximum(dist, 0).to(tl.float32)), 0.0)
 
     @triton.jit
-    def _state_fwd(k, v, h, init, ends, slopes, T, NT, SEG, G, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_INIT: tl.constexpr,
-                   STORE: tl.constexpr, STORE_END: tl.constexpr):
-        """Walk segment g's chunks from ``init[b*h, g]`` (or zero), storing the state entering
-        every chunk if ``STORE`` and the state leaving the segment if ``STORE_END``."""
+    def _state_walk(a, b, h, init, ends, slopes, T, NT, SEG, G, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_INIT: tl.constexpr,
+                    STORE: tl.constexpr, STORE_END: tl.constexpr, REVERSE: tl.constexpr):
+        """Walk segment g's chunks from ``init[b*h, g]`` (or zero), accumulating
+        ``value = value * exp(-s L) + sum_t decay_t a_t^T b_t`` chunk by chunk; store the value
+        at every chunk boundary it crosses if ``STORE`` and the one it ends with if ``STORE_END``.
+
+        Forward in time (``a, b = k, v``, decay ``exp(-s (L-1-t))``): the state entering each
+        chunk, then the state leaving the segment. Backward in time with ``REVERSE`` (``a, b = q,
+        dO``, decay ``exp(-s (t+1))``): the gradient of the state leaving each chunk, then of the
+        one entering the segment."""
         i_k, i_v, i_bhg = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         i_bh, g = i_bhg // G, i_bhg % G
         s = tl.load(slopes + i_bh % H).to(tl.float32)
         ok, ov, ot = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
         tile = ok[:, None] * E + ov[None, :]
-        state = tl.zeros([BK, BV], dtype=tl.float32)
+        value = tl.zeros([BK, BV], dtype=tl.float32)
         if USE_INIT:
-            state += tl.load(init + i_bhg * D * E + tile)
-        k, v = k + i_bh * T * D, v + i_bh * T * E
+            value += tl.load(init + i_bhg * D * E + tile)
+        a, b = a + i_bh * T * D, b + i_bh * T * E
         n0 = g * SEG
-        for n in range(n0, tl.minimum(n0 + SEG, NT)):
+        n_end = tl.minimum(n0 + SEG, NT)
+        for i in range(n_end - n0):
+            if REVERSE:
+                n = n_end - 1 - i
+            else:
+                n = n0 + i
             if STORE:
-                tl.store(h + (i_bh * NT + n) * D * E + tile, state.to(h.dtype.element_ty))
+                tl.store(h + (i_bh * NT + n) * D * E + tile, value.to(h.dtype.element_ty))
             t = n * BT + ot
             L = tl.minimum(T - n * BT, BT)
-            kc = _rows(k, t, T, ok, D)
-            vc = _rows(v, t, T, ov, E)
-            k_decay = tl.where(ot < L, tl.exp(-s * (L - 1 - ot).to(tl.float32)), 0.0)
-            state = state * tl.exp(-s * L.to(tl.float32)) + tl.dot(tl.trans((kc * k_decay[:, None]).to(vc.dtype)), vc)
+            ac = _rows(a, t, T, ok, D)
+            bc = _rows(b, t, T, ov, E)
+            if REVERSE:
+                decay = tl.where(ot < L, tl.exp(-s * (ot + 1).to(tl.float32)), 0.0)
+            else:
+                decay = tl.where(ot < L, tl.exp(-s * (L - 1 - ot).to(tl.float32)), 0.0)
+            value = value * tl.exp(-s * L.to(tl.float32)) + tl.dot(tl.trans((ac * decay[:, None]).to(bc.dtype)), bc)
         if STORE_END:
-            tl.store(ends + i_bhg * D * E + tile, state)
+            tl.store(ends + i_bhg * D * E + tile, value)
 
     @triton.jit
     def _carry_walk(ends, carry, last, first, slopes, T, SEG_T, G, H: tl.constexpr, D: tl.constexpr,
@@ -161,36 +175,6 @@ if triton is not None:
         out = acc_o * tl.exp(-s * (ot + 1).to(tl.float32))[:, None]
         out += tl.dot((scores * _decay_mask(s, ot)).to(vc.dtype), vc)
         tl.store(o + t[:, None] * E + ov[None, :], out.to(o.dtype.element_ty), mask=t[:, None] < T)
-
-    @triton.jit
-    def _state_bwd(q, do, dh, init, starts, slopes, T, NT, SEG, G, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_INIT: tl.constexpr,
-                   STORE: tl.constexpr, STORE_END: tl.constexpr):
-        """Walk segment g's chunks backwards from ``init[b*h, g]`` (or zero), storing the
-        gradient of the state leaving every chunk if ``STORE`` and of the one entering the
-        segment if ``STORE_END``."""
-        i_k, i_v, i_bhg = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-        i_bh, g = i_bhg // G, i_bhg % G
-        s = tl.load(slopes + i_bh % H).to(tl.float32)
-        ok, ov, ot = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
-        tile = ok[:, None] * E + ov[None, :]
-        grad = tl.zeros([BK, BV], dtype=tl.float32)
-        if USE_INIT:
-            grad += tl.load(init + i_bhg * D * E + tile)
-        q, do = q + i_bh * T * D, do + i_bh * T * E
-        n_end = tl.minimum(g * SEG + SEG, NT)
-        for i in range(n_end - g * SEG):
-            n = n_end - 1 - i
-            if STORE:
-                tl.store(dh + (i_bh * NT + n) * D * E + tile, grad.to(dh.dtype.element_ty))
-            t = n * BT + ot
-            L = tl.minimum(T - n * BT, BT)
-            qc = _rows(q, t, T, ok, D)
-            doc = _rows(do, t, T, ov, E)
-            q_decay = tl.where(ot < L, tl.exp(-s * (ot + 1).to(tl.float32)), 0.0)
-            grad = grad * tl.exp(-s * L.to(tl.float32)) + tl.dot(tl.trans((qc * q_decay[:, None]).to(doc.dtype)), doc)
-        if STORE_END:
-            tl.store(starts + i_bhg * D * E + tile, grad)
 
     @triton.jit
     def _dqk_bwd(q, k, v, do, h, dh, dq, dk, slopes, T, NT, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
@@ -249,7 +233,7 @@ if triton is not None:
 if triton is not None:
     # autotuned on the GPU; the interpreter has no benchmark driver, it runs the kernels as they are
     if os.environ.get("TRITON_INTERPRET") != "1":
-        _state_fwd, _state_bwd = (triton.autotune(**_WALK)(k) for k in (_state_fwd, _state_bwd))
+        _state_walk = triton.autotune(**_WALK)(_state_walk)
         _carry_walk = triton.autotune(**_CARRY)(_carry_walk)
         _out_fwd, _dqk_bwd, _dv_bwd = (triton.autotune(**_CHUNK)(k) for k in (_out_fwd, _dqk_bwd, _dv_bwd))
 
@@ -273,28 +257,27 @@ def _segments(NT: int, walks: int, device: torch.device, segment_chunks: int | N
     return seg, math.ceil(NT / seg)
 
 
-def _walk(kernel, a, b, out, init, slopes, T, NT, SEG, G, shape, blocks):
-    """Run a state walk (``kernel`` = ``_state_fwd`` or ``_state_bwd``) over the chunks in G
-    segments; returns the value after the whole walk (float32 ``[B, H, D, E]``: the final
+def _walk(a, b, out, init, slopes, T, NT, SEG, G, shape, blocks, reverse):
+    """Run the state walk (``_state_walk``; backward in time with ``reverse``) over the chunks
+    in G segments; returns the value after the whole walk (float32 ``[B, H, D, E]``: the final
     state, or the gradient of the initial one). ``init``: the value the walk starts from
     (``[B, H, D, E]``) or None for zero."""
     B, H, D, E = shape
     BK, BV = blocks
     tiles = (D // BK, E // BV)
-    reverse = kernel is _state_bwd
     ends = torch.empty(B * H, G, D, E, device=a.device, dtype=torch.float32)
     if G == 1:
         first = init if init is not None else ends
-        kernel[(*tiles, B * H)](a, b, out, first, ends, slopes, T, NT, SEG, G, H, D, E, CHUNK, BK, BV,
-                                init is not None, True, True)
+        _state_walk[(*tiles, B * H)](a, b, out, first, ends, slopes, T, NT, SEG, G, H, D, E, CHUNK, BK, BV,
+                                     init is not None, True, True, reverse)
         return ends.view(B, H, D, E)
-    kernel[(*tiles, B * H * G)](a, b, out, ends, ends, slopes, T, NT, SEG, G, H, D, E, CHUNK, BK, BV,
-                                False, False, True)
+    _state_walk[(*tiles, B * H * G)](a, b, out, ends, ends, slopes, T, NT, SEG, G, H, D, E, CHUNK, BK, BV,
+                                     False, False, True, reverse)
     carry, last = torch.empty_like(ends), torch.empty(B, H, D, E, device=a.device, dtype=torch.float32)
     _carry_walk[(*tiles, B * H)](ends, carry, last, init if init is not None else ends, slopes, T, SEG * CHUNK, G,
                                  H, D, E, BK, BV, init is not None, reverse)
-    kernel[(*tiles, B * H * G)](a, b, out, carry, ends, slopes, T, NT, SEG, G, H, D, E, CHUNK, BK, BV,
-                                True, True, False)
+    _state_walk[(*tiles, B * H * G)](a, b, out, carry, ends, slopes, T, NT, SEG, G, H, D, E, CHUNK, BK, BV,
+                                     True, True, False, reverse)
     return last
 
 
@@ -310,7 +293,7 @@ class _Lightning(torch.autograd.Function):
         slopes = slopes.to(torch.float32).contiguous()
         states = torch.empty(B * H, NT, D, E, device=q.device, dtype=q.dtype)
         init = h0.to(torch.float32).contiguous() if h0 is not None else None
-        final = _walk(_state_fwd, k, v, states, init, slopes, T, NT, SEG, G, (B, H, D, E), (BK, BV))
+        final = _walk(k, v, states, init, slopes, T, NT, SEG, G, (B, H, D, E), (BK, BV), reverse=False)
         o = torch.empty(B, H, T, E, device=q.device, dtype=q.dtype)
         _out_fwd[(E // BV, NT, B * H)](q, k, v, states, o, slopes, T, NT, H, D, E, CHUNK, BK, BV)
         ctx.save_for_backward(q, k, v, slopes, states)
@@ -328,7 +311,7 @@ class _Lightning(torch.autograd.Function):
         do = do.contiguous()
         grads = torch.empty_like(states)
         init = dfinal.to(torch.float32).contiguous() if dfinal is not None else None
-        dh0 = _walk(_state_bwd, q, do, grads, init, slopes, T, NT, SEG, G, (B, H, D, E), (BK, BV))
+        dh0 = _walk(q, do, grads, init, slopes, T, NT, SEG, G, (B, H, D, E), (BK, BV), reverse=True)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _dqk_bwd[(D // BK, NT, B * H)](q, k, v, do, states, grads, dq, dk, slopes, T, NT, H, D, E, CHUNK, BK, BV)
         _dv_bwd[(E // BV, NT, B * H)](q, k, do, grads, dv, slopes, T, NT, H, D, E, CHUNK, BK, BV)
