@@ -33,6 +33,7 @@ from ..registry import Capabilities, Card, FlopCount, dense_attention_flops, reg
 from ..rope import RotaryEmbedding
 from ..state import KVCache
 from .base import AttentionLayer, check_input
+from .multi_head import rotate_and_cache
 
 __all__ = ["CompressedConvAttention"]
 
@@ -156,12 +157,7 @@ class CompressedConvAttention(AttentionLayer):
         B, T, _ = x.shape
         q, k, v = self.latent_qkv(x, state)
         offset = 0 if state is None else state.offset
-        if self.rope is not None:
-            q, k = self.rope(q, k, offset=offset)
-        pattern, q_offset = "causal", None
-        if state is not None:
-            k, v = state.update(k, v)
-            pattern, q_offset = state.visible(pattern, offset)
+        q, k, v, pattern, q_offset = rotate_and_cache(self.rope, q, k, v, "causal", state, offset)
         out = attend(q, k, v, pattern=pattern, q_offset=q_offset, backend=self.backend)  # (B, Hc, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.latent_heads * self.head_dim))
 

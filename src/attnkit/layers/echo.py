@@ -37,7 +37,7 @@ from ..registry import Capabilities, Card, register
 from ..rope import RotaryEmbedding
 from ..state import KVCache
 from .base import AttentionLayer, check_input
-from .multi_head import multi_head_flops, with_documents
+from .multi_head import multi_head_flops, rotate_and_cache, with_documents
 
 __all__ = ["EchoAttention"]
 
@@ -140,12 +140,7 @@ class EchoAttention(AttentionLayer):
         k = k.view(B, T, Hkv, D).transpose(1, 2)
         pattern, positions = with_documents(_patterns.resolve("causal"), document_ids, state, B, T)
         offset = state.offset if state is not None else 0
-        if self.rope is not None:
-            q, k = self.rope(q, k, offset=offset, positions=positions)
-        q_offset = None
-        if state is not None:
-            k, v = state.update(k, v)
-            pattern, q_offset = state.visible(pattern, offset)
+        q, k, v, pattern, q_offset = rotate_and_cache(self.rope, q, k, v, pattern, state, offset, positions)
         probs = None
         if self.backend == "reference":
             probs = self.probabilities(q, k, pattern, q_offset)

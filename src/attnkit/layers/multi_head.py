@@ -175,12 +175,7 @@ class MultiHeadAttention(AttentionLayer):
             offset = state.offset
         token_positions = positions if positions is not None else torch.arange(offset, offset + T, device=x.device)[None]
         q, k, v = self.adjust(x, q, k, v, token_positions, state)
-        if self.rope is not None:
-            q, k = self.rope(q, k, offset=offset, positions=positions)
-        q_offset = None
-        if state is not None:
-            k, v = state.update(k, v)
-            pattern, q_offset = state.visible(pattern, offset)
+        q, k, v, pattern, q_offset = rotate_and_cache(self.rope, q, k, v, pattern, state, offset, positions)
         out = self.core(q, k, v, pattern, q_offset)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.dropout(self.o_proj(out))
@@ -190,6 +185,22 @@ class MultiHeadAttention(AttentionLayer):
             f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"head_dim={self.head_dim}, pattern={self.pattern!r}, backend={self.backend!r}"
         )
+
+
+def rotate_and_cache(rope, q: Tensor, k: Tensor, v: Tensor, pattern, state, offset: int,
+                     positions: Tensor | None = None):
+    """The step between projecting and attending, shared by the softmax layers: RoPE (if
+    ``rope``) at the tokens' positions, then the decode cache (if ``state``). Returns
+    ``(q, k, v, pattern, q_offset)`` for ``attend``: with a state, ``k, v`` are the whole cache
+    and ``pattern, q_offset`` what the new queries may see of it; without one, ``q_offset`` is
+    ``None``."""
+    if rope is not None:
+        q, k = rope(q, k, offset=offset, positions=positions)
+    q_offset = None
+    if state is not None:
+        k, v = state.update(k, v)
+        pattern, q_offset = state.visible(pattern, offset)
+    return q, k, v, pattern, q_offset
 
 
 def with_documents(pattern, document_ids: Tensor | None, state, batch: int, seq: int):
