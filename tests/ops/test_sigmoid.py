@@ -110,3 +110,17 @@ def test_cuda_bf16_matches_reference(normalize, pattern, tma, monkeypatch):
     grads = torch.autograd.grad(out, fast_in, g.cuda().bfloat16())
     for name, a, b in zip("qkv", grads, torch.autograd.grad(ref, leaves, g)):
         assert (a.double().cpu() - b).norm() / b.norm() < 5e-3, name
+
+
+def test_tma_forward_switch_is_checked(monkeypatch):
+    """A mistyped ``TMA_FORWARD`` is a clear ValueError, not a silent choice of loads."""
+    pytest.importorskip("triton")
+    from attnkit.ops import sigmoid_triton
+
+    monkeypatch.setattr(sigmoid_triton, "TMA_FORWARD", "yes")
+    q, k, v = (t.float() for t in inputs(Hq=2, Hkv=2, T=8, S=8, D=16))
+    with pytest.raises(ValueError, match="TMA_FORWARD must be True, False or 'auto'"):
+        sigmoid_attend(q, k, v, pattern="causal", backend="triton")
+    monkeypatch.setattr(sigmoid_triton, "TMA_FORWARD", 1)
+    with pytest.raises(ValueError, match="TMA_FORWARD"):
+        sigmoid_attend(q, k, v, pattern="causal", backend="triton")

@@ -9,7 +9,8 @@ is a plain tiled ``sum_j p_ij v_j`` and the backward needs no row statistics::
     dq_i = scale sum_j ds_ij k_j  dk_j = scale sum_i ds_ij q_i
 
 ``dk, dv`` come from one kernel over key blocks (looping over the query heads that share a
-KV head, so GQA needs no expanded copies), ``dq`` from one over query blocks. Queries sit at
+KV head, so GQA needs no expanded copies), ``dq`` from one over query blocks. On Hopper the
+forward's autotuner also times tiles loaded through TMA descriptors (``TMA_FORWARD``). Queries sit at
 positions ``q_offset .. q_offset + T - 1`` among keys ``0 .. S-1``. Runs on CUDA, and on
 CPU under ``TRITON_INTERPRET=1`` (how the tests check it against the reference). (The interpreter
 of triton 3.6 needs NumPy < 2.4, which cannot turn its size-1 arrays into loop bounds.)
@@ -242,6 +243,8 @@ TMA_FORWARD: bool | str = "auto"
 
 
 def _forward_loads(q: Tensor, k: Tensor, v: Tensor) -> tuple[str, ...]:
+    if TMA_FORWARD not in (True, False, "auto") or isinstance(TMA_FORWARD, int) and not isinstance(TMA_FORWARD, bool):
+        raise ValueError(f"attnkit.ops.sigmoid_triton.TMA_FORWARD must be True, False or 'auto', got {TMA_FORWARD!r}")
     if TMA_FORWARD is False:
         return ("pointer",)
     try:
