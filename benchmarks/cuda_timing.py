@@ -1,8 +1,11 @@
-"""The timing helper of the CUDA benchmark scripts in this folder (imported by them as
+"""The helpers of the CUDA benchmark scripts in this folder (imported by them as
 ``from cuda_timing import timed``; Python puts the script's folder on the path)."""
 
 from __future__ import annotations
 
+import json
+import shlex
+import sys
 import time
 
 import torch
@@ -21,3 +24,14 @@ def timed(fn, repeat: int, warmup: int = 2) -> float:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2] * 1e3
+
+
+def save_results(path: str | None, rows) -> None:
+    """Write ``rows`` to ``path`` (if given) as JSON beside the command line that made them,
+    the GPU and the torch version."""
+    if not path:
+        return
+    command = "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
+    with open(path, "w") as f:
+        json.dump({"command": command, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "rows": rows}, f, indent=1)

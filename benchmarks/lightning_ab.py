@@ -16,7 +16,7 @@ import json
 import torch
 
 from attnkit.ops.lightning import alibi_slopes
-from cuda_timing import timed
+from cuda_timing import save_results, timed
 
 
 def main() -> None:
@@ -58,11 +58,7 @@ def main() -> None:
                 row["max_abs_diff"] = float((outs[names[0]].float() - outs[names[1]].float()).abs().max())
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"command": f"python benchmarks/lightning_ab.py --modules {a.modules} --seq {a.seq} "
-                       f"--tokens {a.tokens} --rounds {a.rounds} --repeat {a.repeat}",
-                       "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    save_results(a.out, rows)
 
 
 if __name__ == "__main__":

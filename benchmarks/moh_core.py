@@ -22,7 +22,7 @@ from attnkit.layers import MixtureOfHeadsAttention
 from attnkit.ops import attend
 from attnkit.ops import attention as attention_module
 from attnkit.ops.attention import block_mask_for
-from cuda_timing import timed
+from cuda_timing import save_results, timed
 
 
 def main() -> None:
@@ -108,11 +108,7 @@ def main() -> None:
                 print(f"T={T} B={B} {mode:6s} moh shared={shared} active={active}/{R} {options}: {ms:8.2f} ms = "
                       f"{mha_ms / ms:.2f}x mha (FLOPs {theory:.2f}x); routed flex alone {routed_ms:.2f} ms, "
                       f"block mask {mask_ms:.2f} ms, M={M} of {T}", flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"command": f"python benchmarks/moh_core.py --seq {a.seq} --tokens {a.tokens} --heads {H} "
-                       f"--head-dim {D} --shared {a.shared} --repeat {a.repeat} --flex-options '{a.flex_options}'",
-                       "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    save_results(a.out, rows)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from attnkit import patterns
 from attnkit.ops.attention import block_mask_for, diagonal_first, first_tiles_cover_rows
+from cuda_timing import save_results
 
 
 def main() -> None:
@@ -55,9 +56,7 @@ def main() -> None:
                 "guarded_nan_rows": int(guarded.isnan().any(-1).sum()),
             }
     print(json.dumps(rows), flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    save_results(a.out, rows)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnkit.ops import sigmoid_triton
 from attnkit.ops.sigmoid import sigmoid_attend
-from cuda_timing import timed
+from cuda_timing import save_results, timed
 
 
 def main() -> None:
@@ -57,9 +57,7 @@ def main() -> None:
         row["speed_vs_fastest_softmax"] = {n: best / row[n] for n, *_ in variants}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    save_results(a.out, rows)
 
 
 if __name__ == "__main__":
