@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from attnkit import patterns
 from attnkit.ops import attend
 from attnkit.ops import attention as attention_module
-from cuda_timing import timed
+from cuda_timing import save_results, timed
 
 VARIANTS = {
     "default": {},  # attnkit as shipped: each pattern's own flex_kernel_options (S2: TMA)
@@ -34,6 +34,8 @@ VARIANTS = {
     "safe-pinned": {"ROWS_GUARANTEED_SAFE": True, "BLOCK_M": 128, "BLOCK_N": 64},
     "tma+fwd8w3s": {"USE_TMA": True, "fwd_num_warps": 8, "fwd_num_stages": 3},
     "tma+fwd4w2s": {"USE_TMA": True, "fwd_num_warps": 4, "fwd_num_stages": 2},
+    # not kernel options: attend's module settings (keys starting with "_")
+    "no-replicas": {"_SINK_REPLICAS": False},  # sink + window in one block mask (before session 13)
 }
 
 
@@ -44,6 +46,7 @@ def main() -> None:
     p.add_argument("--s2-seq", type=int, default=131072)
     p.add_argument("--cases", default="s2,causal,window,sink")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--mode", default="fwdbwd", choices=["fwd", "fwdbwd"])
     p.add_argument("--out", default=None)
     a = p.parse_args()
     H, D = 16, 128
@@ -59,6 +62,9 @@ def main() -> None:
         q, k, v, g = tensors(T)
 
         def run():
+            if a.mode == "fwd":
+                with torch.no_grad():
+                    return fn(q, k, v)
             for t in (q, k, v):
                 t.grad = None
             fn(q, k, v).backward(g)
@@ -73,25 +79,25 @@ def main() -> None:
     rows = []
     for T in sorted({cases[c][0] for c in a.cases.split(",")}):
         ms = timed(step(T, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)), a.repeat)
-        rows.append({"case": "dense-sdpa", "seq": T, "ms": ms})
+        rows.append({"case": "dense-sdpa", "seq": T, "mode": a.mode, "ms": ms})
         print(json.dumps(rows[-1]), flush=True)
     for variant in a.variants.split(","):
-        attention_module.FLEX_KERNEL_OPTIONS = dict(VARIANTS[variant])
+        options = dict(VARIANTS[variant])
+        attention_module.SINK_REPLICAS = options.pop("_SINK_REPLICAS", True)
+        attention_module.FLEX_KERNEL_OPTIONS = options
         for case in a.cases.split(","):
             T, pattern = cases[case]
             t0 = time.perf_counter()
             try:
                 ms = timed(step(T, lambda q, k, v: attend(q, k, v, pattern=pattern, backend="flex")), a.repeat)
-                row = {"case": case, "seq": T, "variant": variant, "ms": ms, "first_calls_s": time.perf_counter() - t0}
+                row = {"case": case, "seq": T, "mode": a.mode, "variant": variant, "ms": ms,
+                       "first_calls_s": time.perf_counter() - t0}
             except Exception as e:  # an option this torch cannot lower: record it, go on
-                row = {"case": case, "seq": T, "variant": variant, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+                row = {"case": case, "seq": T, "mode": a.mode, "variant": variant,
+                       "error": f"{type(e).__name__}: {str(e)[:200]}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"command": "python benchmarks/flex_options.py " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "out"),
-                "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    save_results(a.out, rows)
 
 
 if __name__ == "__main__":

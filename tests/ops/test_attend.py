@@ -368,3 +368,86 @@ def test_cuda_s2_rows_safe_matches_reference(monkeypatch):
     assert rel_rms(ref, out.cpu()) < 5e-3
     for a, b in zip(torch.autograd.grad(out, fast_in, g.cuda().bfloat16()), ref_grads):
         assert rel_rms(b, a.cpu()) < 5e-3
+
+
+# -- sink replicas for FlexAttention's backward (attention.SINK_REPLICAS) ------------------------
+@pytest.mark.parametrize("Hq,Hkv,T,S,q_offset,sinks,window", [
+    (4, 2, 300, 300, 0, 4, 64),
+    (4, 1, 400, 533, 133, 3, 100),   # queries are the newest tokens; groups of two query blocks
+    (2, 2, 290, 290, -7, 2, 40),     # the first seven rows see no key at all
+    (2, 1, 260, 300, 40, 9, 130),    # groups of two blocks, a short last group
+])
+def test_sink_replica_layout_equals_sink_window_with_grads(Hq, Hkv, T, S, q_offset, sinks, window):
+    """Keys followed by per-group copies of the sinks, under the replica layout, give the sink
+    pattern's output, lse and gradients (float64 reference: the copies' gradients sum back into
+    the sinks); FlexAttention's forward on the layout agrees (its backward runs on CUDA only:
+    ``test_cuda_bf16_matches_reference`` trains sink_window through it)."""
+    from attnkit.ops.attention import _with_replicas, sink_replicas
+
+    pattern = P.sink_window(sinks, window)
+    layout = sink_replicas(pattern, T, S, q_offset)
+    assert layout is not None and layout.replicas >= 2
+    q, k, v = make_qkv(2, Hq, Hkv, T, S, 16, seed=T)
+    ref, ref_lse = attend_reference(q, k, v, pattern=pattern, q_offset=q_offset, return_lse=True)
+    out, lse = attend_reference(q, _with_replicas(k, layout), _with_replicas(v, layout), pattern=layout,
+                                q_offset=q_offset, return_lse=True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+    g = torch.randn_like(ref)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, msg=lambda m: f"d{name}: {m}")
+    with torch.no_grad():
+        flex = attend(q.float(), _with_replicas(k, layout).float(), _with_replicas(v, layout).float(),
+                      pattern=layout, q_offset=q_offset, backend="flex")
+    torch.testing.assert_close(flex.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    # the point of the layout: each copy is one key block, in the lists of one group of query blocks
+    blocks = block_mask_for(layout, 1, 1, T, layout.first_replica + layout.replicas * 128, q_offset, "cpu").to_dense()[0, 0]
+    first = layout.first_replica // 128
+    users = blocks[:, first:].sum(0)
+    assert users.tolist() == [min(layout.per, -(-T // 128) - r * layout.per) for r in range(layout.replicas)]
+
+
+def test_sink_replicas_policy(monkeypatch):
+    """Replicas only for a sink pattern some query sees outside its window, with more than one
+    group of query blocks, at most a block of sinks, and only when training (``_attend_flex``)."""
+    from attnkit.ops import attention as A
+
+    layout = A.sink_replicas(P.sink_window(4, 1024), 32768, 32768, 0)
+    assert (layout.per, layout.replicas, layout.sink_tokens) == (8, 32, 4)
+    assert A.sink_replicas(P.sink_window(4, 64), 256, 300, 44).replicas == 2
+    assert A.sink_replicas(P.sink_window(4, 64), 128, 300, 172) is None   # one group
+    assert A.sink_replicas(P.sink_window(4, 300), 256, 300, 44) is None   # every window holds the sinks
+    assert A.sink_replicas(P.sink_window(0, 64), 256, 300, 44) is None
+    assert A.sink_replicas(P.sink_window(129, 64), 256, 300, 44) is None  # more sinks than a block
+    assert A.sink_replicas(P.sliding_window(64), 256, 300, 44) is None
+    monkeypatch.setattr(A, "SINK_REPLICAS", False)
+    assert A.sink_replicas(P.sink_window(4, 64), 256, 300, 44) is None
+    monkeypatch.setattr(A, "SINK_REPLICAS", True)
+    seen = []
+    monkeypatch.setattr(A, "_attend_flex_one", lambda q, k, v, pattern, *rest: seen.append((k.shape[2], pattern)))
+    q, k, v = make_qkv(1, 2, 2, 256, 300, 8)
+    A._attend_flex(q, k, v, P.sink_window(4, 64), None, None, False, 44)
+    with torch.no_grad():
+        A._attend_flex(q, k, v, P.sink_window(4, 64), None, None, False, 44)
+    A._attend_flex(q, k, v, P.sink_window(4, 64), lambda s, b, h, qp, kp: s, None, False, 44)
+    assert [(n, type(p).__name__) for n, p in seen] == [(640, "SinkReplicaLayout"), (300, "SinkWindow"), (300, "SinkWindow")]
+
+
+@pytest.mark.cuda
+def test_cuda_sink_replicas_train_like_reference():
+    """bf16 training through FlexAttention on the replica layout against the float64 reference, at
+    a size with 8 groups of query blocks and GQA."""
+    from conftest import rel_rms
+    from attnkit.ops.attention import sink_replicas
+
+    pattern, T = P.sink_window(4, 256), 2048
+    assert sink_replicas(pattern, T, T, 0).replicas == 8
+    q, k, v = make_qkv(1, 4, 2, T, T, 64)
+    ref = attend(q, k, v, pattern=pattern, backend="reference")
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    fast_in = [t.detach().cuda().bfloat16().requires_grad_() for t in (q, k, v)]
+    out = attend(*fast_in, pattern=pattern, backend="flex")
+    assert rel_rms(ref, out.cpu()) < 5e-3
+    for a, b in zip(torch.autograd.grad(out, fast_in, g.cuda().bfloat16()), ref_grads):
+        assert rel_rms(b, a.cpu()) < 5e-3
