@@ -34,8 +34,6 @@ VARIANTS = {
     "safe-pinned": {"ROWS_GUARANTEED_SAFE": True, "BLOCK_M": 128, "BLOCK_N": 64},
     "tma+fwd8w3s": {"USE_TMA": True, "fwd_num_warps": 8, "fwd_num_stages": 3},
     "tma+fwd4w2s": {"USE_TMA": True, "fwd_num_warps": 4, "fwd_num_stages": 2},
-    # not kernel options: attend's module settings (keys starting with "_")
-    "no-replicas": {"_SINK_REPLICAS": False},  # sink + window in one block mask (before session 13)
 }
 
 
@@ -82,9 +80,7 @@ def main() -> None:
         rows.append({"case": "dense-sdpa", "seq": T, "mode": a.mode, "ms": ms})
         print(json.dumps(rows[-1]), flush=True)
     for variant in a.variants.split(","):
-        options = dict(VARIANTS[variant])
-        attention_module.SINK_REPLICAS = options.pop("_SINK_REPLICAS", True)
-        attention_module.FLEX_KERNEL_OPTIONS = options
+        attention_module.FLEX_KERNEL_OPTIONS = dict(VARIANTS[variant])
         for case in a.cases.split(","):
             T, pattern = cases[case]
             t0 = time.perf_counter()

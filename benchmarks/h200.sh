@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e|session13b|session13c
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e|session13b|session13c|session13d
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -132,16 +132,16 @@ case "${1:-}" in
       | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session12e.log"
     timeout 150 python3 benchmarks/lightning_ab.py --modules attnkit.ops.lightning_triton,attnkit.ops._lightning_triton_before \
       --seq 8192,131072 --repeat 10 --out "$R/h200-lightning-walk-merge-ab.json" 2>&1 | cut -c1-400 ;;
-  session13b)  # sink copies per group of query blocks (attention.SINK_REPLICAS): CUDA tests, A/B in one process, the bench CLI row
-    timeout 150 python3 -m pytest -m cuda tests/ops/test_attend.py tests/layers/test_streaming.py -k "sink or replica or streaming" -q -rfE \
-      -p no:cacheprovider -W ignore -o addopts="" 2>&1 | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session13b.log"
-    timeout 200 python3 benchmarks/flex_options.py --variants default,no-replicas,default,no-replicas --cases causal,window,sink \
-      --seq 32768 --mode fwdbwd --repeat 10 --out "$R/h200-sink-replicas-ab.json" 2>&1 | grep '^{"case' | cut -c1-300
-    timeout 120 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-flex,attend --pattern sink:4:1024 \
-      --seq 32768 --mode fwdbwd --repeat 10 --out "$R/h200-sink-4-1024-vsflex.json" --plot none | tail -6 ;;
-  session13c)  # where the sink pattern's extra backward time goes: kernel times per training step
-    timeout 240 python3 benchmarks/flex_profile.py --cases window,sink,sink-no-replicas,causal --seq 32768 \
-      --out "$R/h200-flex-profile-sink.json" 2>&1 | grep '^{"case' | cut -c1-1500 ;;
+  session13b)  # (run at commit 68528a8, where attention.SINK_REPLICAS existed) sink copies per group of query blocks: tests, A/B, bench row
+    echo "check out 68528a8 to re-run this target" ;;
+  session13c)  # (run at commit 68528a8) kernel times per training step; cases sink-no-replicas needs that commit
+    timeout 240 python3 benchmarks/flex_profile.py --cases window,sink,causal --seq 32768 \
+      --out "$R/h200-flex-profile.json" 2>&1 | grep '^{"case' | cut -c1-1500 ;;
+  session13d)  # window, sink and S2 at 32k with back-to-back timing (the host's per-call gaps out of the kernel ratio)
+    for p in window:1024 sink:4:1024 s2:64:16:16; do
+      timeout 150 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-flex,attend --pattern $p \
+        --seq 32768 --mode fwdbwd --repeat 10 --timing throughput --out "$R/h200-${p//:/-}-throughput.json" --plot none | grep "\[op\]"
+    done ;;
   issue6)  # everything issue 6 measures, in one call (device time is scarce)
     timeout 170 python3 -m pytest -m cuda tests/layers tests/ops/test_sigmoid.py -q --maxfail=10 -p no:cacheprovider -p no:logging -W ignore \
       2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-300 | tail -40 > "$R/h200-pytest-issue6.log"; tail -12 "$R/h200-pytest-issue6.log"

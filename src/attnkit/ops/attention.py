@@ -520,79 +520,7 @@ def _grant_rows_safe(kernel_options: dict, block_mask, pattern, score_mod, B, Hq
     return block_mask
 
 
-#: Training a :class:`~attnkit.patterns.SinkWindow` pattern through FlexAttention, give each group
-#: of query blocks its own copy of the sink keys (appended after the keys in a block of their own).
-#: In one block mask the sink block is in every query block's list, so the backward's program for
-#: that key block walks all T/128 query blocks while the others walk about window/128; with a copy
-#: per window/128 query blocks every program walks about as many. Same pairs, same math.
-SINK_REPLICAS: bool = True
-_SINK_BLOCK = 128  # FlexAttention's default block, the one SinkWindow runs on
-
-
-class SinkReplicaLayout(_patterns.Pattern):
-    """A :class:`~attnkit.patterns.SinkWindow` over ``kv_len`` keys (padded to whole blocks) followed
-    by ``replicas`` blocks of ``block`` rows, each holding the first ``sink_tokens`` keys (the rest padding). Query block
-    ``i`` (of ``block`` rows, counted from the first query) attends its sinks in replica
-    ``i // per``, and the window over the real keys past the sinks."""
-
-    def __init__(self, sink_tokens: int, window: int, kv_len: int, q_offset: int, per: int, replicas: int,
-                 block: int = _SINK_BLOCK):
-        self.sink_tokens, self.window, self.kv_len, self.q_offset = sink_tokens, window, kv_len, q_offset
-        self.per, self.replicas, self.block = per, replicas, block
-
-    @property
-    def first_replica(self) -> int:
-        """Where the copies start: the keys padded to whole blocks, so each copy is one block."""
-        return -(-self.kv_len // self.block) * self.block
-
-    def allowed(self, b, h, q_pos, k_pos):
-        real = k_pos < self.kv_len
-        window = real & (k_pos >= self.sink_tokens) & (k_pos <= q_pos) & (q_pos - k_pos < self.window)
-        copies = k_pos >= self.first_replica
-        offset = (k_pos - self.first_replica).clamp(min=0)
-        sink = offset % self.block
-        replica = offset // self.block
-        own = replica == (q_pos - self.q_offset) // self.block // self.per
-        return window | (copies & own & (sink < self.sink_tokens) & (sink <= q_pos))
-
-    @property
-    def cache_key(self):
-        return ("sink_replicas", self.sink_tokens, self.window, self.kv_len, self.q_offset, self.per,
-                self.replicas, self.block)
-
-
-def sink_replicas(pattern, T: int, S: int, q_offset: int) -> SinkReplicaLayout | None:
-    """The replica layout :data:`SINK_REPLICAS` trains ``pattern`` on, or ``None`` where it does not
-    apply: not a sink pattern (or more sinks than a block holds), no query sees a sink outside its
-    window, or a single group."""
-    if not (SINK_REPLICAS and isinstance(pattern, _patterns.SinkWindow) and 0 < pattern.sink_tokens <= _SINK_BLOCK):
-        return None
-    if q_offset + T - 1 < pattern.window:  # every window still holds the sinks
-        return None
-    per = -(-pattern.window // _SINK_BLOCK)
-    replicas = -(-T // (_SINK_BLOCK * per))
-    if replicas < 2:
-        return None
-    return SinkReplicaLayout(min(pattern.sink_tokens, S), pattern.window, S, q_offset, per, replicas)
-
-
-def _with_replicas(x: Tensor, layout: SinkReplicaLayout) -> Tensor:
-    """``x`` ``[B, H, S, D]`` padded to whole blocks, then ``layout.replicas`` blocks holding its
-    sink rows (autograd sums the copies' gradients back into the sinks)."""
-    s = layout.sink_tokens
-    block = F.pad(x[:, :, :s], (0, 0, 0, layout.block - s))
-    return torch.cat([F.pad(x, (0, 0, 0, layout.first_replica - x.shape[2])), block.repeat(1, 1, layout.replicas, 1)], dim=2)
-
-
 def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
-    if score_mod is None and _needs_grad(q, k, v):
-        layout = sink_replicas(pattern, q.shape[2], k.shape[2], q_offset)
-        if layout is not None:
-            k, v, pattern = _with_replicas(k, layout), _with_replicas(v, layout), layout
-    return _attend_flex_one(q, k, v, pattern, score_mod, scale, return_lse, q_offset)
-
-
-def _attend_flex_one(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
     B, Hq, T, _ = q.shape
     S = k.shape[2]
     small_blocks = flex_small_blocks(q.device, _needs_grad(q, k, v))
