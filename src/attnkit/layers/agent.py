@@ -53,6 +53,7 @@ from ..ops.lightning import lightning_attend, prefix_sum
 from ..registry import Capabilities, Card, FlopCount, register
 from ..state import RecurrentState
 from .base import AttentionLayer, check_input
+from .multi_head import head_shape
 
 __all__ = ["AgentAttention", "CausalAgentAttention", "agent_attend", "agent_attend_reference"]
 
@@ -327,8 +328,7 @@ class CausalAgentAttention(AttentionLayer):
 
 def agent_flops(batch: int, seq: int, config: dict) -> FlopCount:
     """Core: two stages of ``4*N*n*D`` each per head; projections q, k, v, o and the DWC."""
-    dim, heads = config["dim"], config["num_heads"]
-    head_dim = config.get("head_dim") or dim // heads
+    dim, heads, _, head_dim = head_shape(config)
     n = config.get("agent_num", 49)
     inner = heads * head_dim
     core = 8.0 * batch * heads * seq * n * head_dim
@@ -337,8 +337,7 @@ def agent_flops(batch: int, seq: int, config: dict) -> FlopCount:
 
 def causal_agent_flops(batch: int, seq: int, config: dict) -> FlopCount:
     """Core: agent scores ``4*T*n*D`` plus the chunked linear attention with feature dim n."""
-    dim, heads = config["dim"], config["num_heads"]
-    head_dim = config.get("head_dim") or dim // heads
+    dim, heads, _, head_dim = head_shape(config)
     n = config.get("agent_num", 16)
     inner = heads * head_dim
     core = batch * heads * seq * (4.0 * n * head_dim + 2.0 * 64 * (n + head_dim) + 4.0 * n * head_dim)

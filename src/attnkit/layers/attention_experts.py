@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .._checks import head_dim_of, positive_int
 from ..registry import Capabilities, Card, FlopCount, dense_attention_flops, register
-from .multi_head import MultiHeadAttention
+from .multi_head import MultiHeadAttention, head_shape
 
 __all__ = ["AttentionExperts", "upcycle_attention", "upcycle_models"]
 
@@ -180,9 +180,8 @@ def upcycle_models(models: list, *, share_kv: bool = False):
 
 def attention_experts_flops(batch: int, seq: int, config: dict) -> FlopCount:
     """E experts: E times the attention core; q and o per expert, k and v per expert or once."""
-    dim, heads = config["dim"], config["num_heads"]
+    dim, heads, _, head_dim = head_shape(config)
     E = config.get("num_experts", 4)
-    head_dim = config.get("head_dim") or dim // heads
     inner = heads * head_dim
     kv = 1 if config.get("share_kv") else E
     core = E * dense_attention_flops(batch, seq, num_heads=heads, head_dim=head_dim, pattern="causal")

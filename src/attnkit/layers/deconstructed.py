@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .._checks import positive_int
 from ..ops import attend
 from ..registry import Card, FlopCount, register
-from .multi_head import MultiHeadAttention, multi_head_flops
+from .multi_head import MultiHeadAttention, head_shape, multi_head_flops
 
 __all__ = ["SequenceIndependentAttention", "DistanceAttention", "StaticEmbeddingAttention"]
 
@@ -127,18 +127,14 @@ class StaticEmbeddingAttention(MultiHeadAttention):
 
 def _static_qk_flops(batch, seq, config) -> FlopCount:
     base = multi_head_flops(batch, seq, config)
-    heads = config["num_heads"]
-    head_dim = config.get("head_dim") or config["dim"] // heads
-    kv = config.get("num_kv_heads") or heads
+    _, heads, kv, head_dim = head_shape(config)
     return FlopCount(attention_fwd=base.attention_fwd,
                      projection_fwd=base.projection_fwd + 2.0 * batch * seq * config["dim"] * (heads + 2 * kv) * head_dim)
 
 
 def _fixed_mixing_flops(batch, seq, config) -> FlopCount:
     base = multi_head_flops(batch, seq, config)
-    heads = config["num_heads"]
-    head_dim = config.get("head_dim") or config["dim"] // heads
-    kv = config.get("num_kv_heads") or heads
+    _, heads, kv, head_dim = head_shape(config)
     saved = 2.0 * batch * seq * config["dim"] * (heads + kv) * head_dim  # no q, k projections
     return FlopCount(attention_fwd=base.attention_fwd, projection_fwd=base.projection_fwd - saved)
 

@@ -29,7 +29,7 @@ from .. import patterns as _patterns
 from .._checks import positive_int
 from ..ops import attend
 from ..registry import Capabilities, Card, FlopCount, register
-from .multi_head import MultiHeadAttention, multi_head_flops
+from .multi_head import MultiHeadAttention, head_shape, multi_head_flops
 
 __all__ = ["DynamicMaskAttention", "kept_key_thresholds"]
 
@@ -133,9 +133,7 @@ class DynamicMaskAttention(MultiHeadAttention):
 def dma_flops(batch, seq, config) -> FlopCount:
     """Kept pairs: the causal prefix up to keep_keys, then keep_keys per row."""
     base = multi_head_flops(batch, seq, config)
-    heads = config["num_heads"]
-    head_dim = config.get("head_dim") or config["dim"] // heads
-    kv = config.get("num_kv_heads") or heads
+    _, heads, kv, head_dim = head_shape(config)
     keep = config.get("keep_keys", 2048)
     rows = torch.arange(seq, dtype=torch.float64) + 1
     pairs = float(rows.clamp(max=keep).sum())

@@ -23,6 +23,7 @@ from ..ops.flow import FLOW_BACKENDS, FlowState, flow_attend
 from ..registry import Capabilities, Card, FlopCount, register
 from ..state import State
 from .base import AttentionLayer, check_input
+from .multi_head import head_shape
 
 __all__ = ["FlowAttention"]
 
@@ -100,8 +101,7 @@ class FlowAttention(AttentionLayer):
 def flow_flops(batch: int, seq: int, config: dict) -> FlopCount:
     """Core: the prefix product as chunked linear attention (blocks of 64: ``4*64*D`` per
     token within a block, ``4*D*D`` through the state) plus ``~12*D`` for the flows."""
-    dim, heads = config["dim"], config["num_heads"]
-    head_dim = config.get("head_dim") or dim // heads
+    dim, heads, _, head_dim = head_shape(config)
     inner = heads * head_dim
     core = batch * heads * seq * (4.0 * 64 * head_dim + 4.0 * head_dim * head_dim + 12.0 * head_dim)
     return FlopCount(attention_fwd=core, projection_fwd=batch * seq * 8.0 * dim * inner)

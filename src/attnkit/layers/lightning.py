@@ -35,6 +35,7 @@ from ..ops.lightning import LIGHTNING_BACKENDS, alibi_slopes, lightning_attend
 from ..registry import Capabilities, Card, FlopCount, register
 from ..state import RecurrentState
 from .base import AttentionLayer, check_input
+from .multi_head import head_shape
 
 __all__ = ["LightningAttention", "lightning_slopes"]
 
@@ -159,8 +160,7 @@ def lightning_flops(batch: int, seq: int, config: dict) -> FlopCount:
     """Core: the chunked form, per token ``2*C*D`` (scores) + ``2*C*D`` (times v) within its
     block of ``C`` and ``4*D*D`` for the state read and update; projections: q, k, v, the
     gate and the output."""
-    dim, heads = config["dim"], config["num_heads"]
-    head_dim = config.get("head_dim") or dim // heads
+    dim, heads, _, head_dim = head_shape(config)
     block = config.get("chunk_size", 64)
     core = batch * heads * seq * (4.0 * block * head_dim + 4.0 * head_dim * head_dim)
     inner = heads * head_dim

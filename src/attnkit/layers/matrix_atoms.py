@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .._checks import positive_int
 from ..registry import Card, FlopCount, register
-from .multi_head import MultiHeadAttention, multi_head_flops
+from .multi_head import MultiHeadAttention, head_shape, multi_head_flops
 
 __all__ = ["MatrixAtomAttention", "MatrixAtoms"]
 
@@ -115,9 +115,7 @@ class MatrixAtomAttention(MultiHeadAttention):
 def masa_flops(batch: int, seq: int, config: dict) -> FlopCount:
     """As MHA, plus building the weights from the atoms: ``2 S`` FLOPs per weight entry."""
     base = multi_head_flops(batch, seq, config)
-    dim, heads = config["dim"], config["num_heads"]
-    kv_heads = config.get("num_kv_heads") or heads
-    head_dim = config.get("head_dim") or dim // heads
+    dim, heads, kv_heads, head_dim = head_shape(config)
     atoms = config.get("num_atoms") or 1
     entries = dim * head_dim * (2 * heads + 2 * kv_heads)
     return FlopCount(attention_fwd=base.attention_fwd, projection_fwd=base.projection_fwd + 2.0 * atoms * entries)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .. import patterns as _patterns
 from ..ops import attend
 from ..registry import Capabilities, Card, FlopCount, dense_attention_flops, register
-from .multi_head import MultiHeadAttention
+from .multi_head import MultiHeadAttention, head_shape
 
 __all__ = ["MixtureOfHeadsAttention"]
 
@@ -156,9 +156,7 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
 def mixture_of_heads_flops(batch: int, seq: int, config: dict) -> FlopCount:
     """Projections as MHA plus the routers; core: the shared heads on every token, the
     routed heads on the fraction ``active / routed`` of the tokens."""
-    dim, heads = config["dim"], config["num_heads"]
-    kv_heads = config.get("num_kv_heads") or heads
-    head_dim = config.get("head_dim") or dim // heads
+    dim, heads, kv_heads, head_dim = head_shape(config)
     shared = heads // 4 if config.get("shared_heads") is None else config["shared_heads"]
     routed = heads - shared
     active = max(1, routed // 2) if config.get("active_heads") is None else config["active_heads"]

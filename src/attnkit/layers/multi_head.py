@@ -217,11 +217,16 @@ def with_documents(pattern, document_ids: Tensor | None, state, batch: int, seq:
 
 
 # -- registry cards ---------------------------------------------------------------------------
+def head_shape(config: dict) -> tuple[int, int, int, int]:
+    """``(dim, num_heads, num_kv_heads, head_dim)`` of a layer config, with the layers' defaults
+    (kv heads = heads, head dim = dim // heads): what the FLOP models read."""
+    dim, heads = config["dim"], config["num_heads"]
+    return dim, heads, config.get("num_kv_heads") or heads, config.get("head_dim") or dim // heads
+
+
 def multi_head_flops(batch: int, seq: int, config: dict) -> FlopCount:
     """Projections ``2*B*T*C*(H + 2*Hkv)*D + 2*B*T*H*D*C``; core ``4*B*H*pairs*D``."""
-    dim, heads = config["dim"], config["num_heads"]
-    kv_heads = config.get("num_kv_heads") or heads
-    head_dim = config.get("head_dim") or dim // heads
+    dim, heads, kv_heads, head_dim = head_shape(config)
     projection = 2.0 * batch * seq * dim * (heads + 2 * kv_heads) * head_dim + 2.0 * batch * seq * heads * head_dim * dim
     core = dense_attention_flops(batch, seq, num_heads=heads, head_dim=head_dim, pattern=config.get("pattern", "causal"))
     return FlopCount(attention_fwd=core, projection_fwd=projection)

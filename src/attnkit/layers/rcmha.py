@@ -30,7 +30,7 @@ from .._checks import positive_int
 from ..ops import attend
 from ..registry import Capabilities, Card, FlopCount, register
 from ..state import KVCache
-from .multi_head import MultiHeadAttention, multi_head_flops
+from .multi_head import MultiHeadAttention, head_shape, multi_head_flops
 
 __all__ = ["RelativeConvAttention", "sinusoid"]
 
@@ -142,9 +142,7 @@ class RelativeConvAttention(MultiHeadAttention):
 
 def rcmha_flops(batch, seq, config) -> FlopCount:
     base = multi_head_flops(batch, seq, config)
-    heads = config["num_heads"]
-    head_dim = config.get("head_dim") or config["dim"] // heads
-    kv = config.get("num_kv_heads") or heads
+    _, heads, kv, head_dim = head_shape(config)
     conv = 2.0 * batch * seq * (heads + 2 * kv) * head_dim * config.get("kernel_size", 3)
     position = 2.0 * batch * heads * seq * seq * head_dim + 2.0 * seq * config["dim"] * heads * head_dim
     return FlopCount(attention_fwd=base.attention_fwd + position, projection_fwd=base.projection_fwd + conv)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import Card, FlopCount, register
-from .multi_head import MultiHeadAttention, multi_head_flops
+from .multi_head import MultiHeadAttention, head_shape, multi_head_flops
 
 __all__ = ["SelectiveAttention", "selective_temperatures"]
 
@@ -75,9 +75,7 @@ class SelectiveAttention(MultiHeadAttention):
 
 def selective_flops(batch, seq, config) -> FlopCount:
     base = multi_head_flops(batch, seq, config)
-    heads = config["num_heads"]
-    head_dim = config.get("head_dim") or config["dim"] // heads
-    kv = config.get("num_kv_heads") or heads
+    _, heads, kv, head_dim = head_shape(config)
     extra = 4.0 * batch * seq * (heads + kv) * head_dim  # gelu-dot and scaling of q and v
     return FlopCount(attention_fwd=base.attention_fwd, projection_fwd=base.projection_fwd + extra)
 
