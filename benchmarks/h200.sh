@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e|session13b|session13c|session13d
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e|session13c|session13d
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -132,9 +132,7 @@ case "${1:-}" in
       | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session12e.log"
     timeout 150 python3 benchmarks/lightning_ab.py --modules attnkit.ops.lightning_triton,attnkit.ops._lightning_triton_before \
       --seq 8192,131072 --repeat 10 --out "$R/h200-lightning-walk-merge-ab.json" 2>&1 | cut -c1-400 ;;
-  session13b)  # (run at commit 68528a8, where attention.SINK_REPLICAS existed) sink copies per group of query blocks: tests, A/B, bench row
-    echo "check out 68528a8 to re-run this target" ;;
-  session13c)  # (run at commit 68528a8) kernel times per training step; cases sink-no-replicas needs that commit
+  session13c)  # kernel times per training step (h200-flex-profile-sink.json came from this target at 68528a8, with the sink copies)
     timeout 240 python3 benchmarks/flex_profile.py --cases window,sink,causal --seq 32768 \
       --out "$R/h200-flex-profile.json" 2>&1 | grep '^{"case' | cut -c1-1500 ;;
   session13d)  # window, sink and S2 at 32k with back-to-back timing (the host's per-call gaps out of the kernel ratio)

@@ -127,15 +127,15 @@ class StaticEmbeddingAttention(MultiHeadAttention):
 
 def _static_qk_flops(batch, seq, config) -> FlopCount:
     base = multi_head_flops(batch, seq, config)
-    _, heads, kv, head_dim = head_shape(config)
+    dim, heads, kv, head_dim = head_shape(config)
     return FlopCount(attention_fwd=base.attention_fwd,
-                     projection_fwd=base.projection_fwd + 2.0 * batch * seq * config["dim"] * (heads + 2 * kv) * head_dim)
+                     projection_fwd=base.projection_fwd + 2.0 * batch * seq * dim * (heads + 2 * kv) * head_dim)
 
 
 def _fixed_mixing_flops(batch, seq, config) -> FlopCount:
     base = multi_head_flops(batch, seq, config)
-    _, heads, kv, head_dim = head_shape(config)
-    saved = 2.0 * batch * seq * config["dim"] * (heads + kv) * head_dim  # no q, k projections
+    dim, heads, kv, head_dim = head_shape(config)
+    saved = 2.0 * batch * seq * dim * (heads + kv) * head_dim  # no q, k projections
     return FlopCount(attention_fwd=base.attention_fwd, projection_fwd=base.projection_fwd - saved)
 
 

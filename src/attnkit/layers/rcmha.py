@@ -142,9 +142,9 @@ class RelativeConvAttention(MultiHeadAttention):
 
 def rcmha_flops(batch, seq, config) -> FlopCount:
     base = multi_head_flops(batch, seq, config)
-    _, heads, kv, head_dim = head_shape(config)
+    dim, heads, kv, head_dim = head_shape(config)
     conv = 2.0 * batch * seq * (heads + 2 * kv) * head_dim * config.get("kernel_size", 3)
-    position = 2.0 * batch * heads * seq * seq * head_dim + 2.0 * seq * config["dim"] * heads * head_dim
+    position = 2.0 * batch * heads * seq * seq * head_dim + 2.0 * seq * dim * heads * head_dim
     return FlopCount(attention_fwd=base.attention_fwd + position, projection_fwd=base.projection_fwd + conv)
 
 
