@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e|session13c|session13d
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e|session13c|session13d|session13e
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -140,6 +140,10 @@ case "${1:-}" in
       timeout 150 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-flex,attend --pattern $p \
         --seq 32768 --mode fwdbwd --repeat 10 --timing throughput --out "$R/h200-${p//:/-}-throughput.json" --plot none | grep "\[op\]"
     done ;;
+  session13e)  # DMA's core at 32k (thresholds by running top-k, block mask in closed form): scattered and block-span biases
+    timeout 400 python3 benchmarks/dma_core.py --seq 32768 --keep 2048 --out "$R/h200-dma-core.json" 2>&1 | grep '^{"case' | cut -c1-600
+    timeout 120 python3 -m pytest -m cuda tests/layers/test_dynamic_mask.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
+      | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session13e.log" ;;
   issue6)  # everything issue 6 measures, in one call (device time is scarce)
     timeout 170 python3 -m pytest -m cuda tests/layers tests/ops/test_sigmoid.py -q --maxfail=10 -p no:cacheprovider -p no:logging -W ignore \
       2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-300 | tail -40 > "$R/h200-pytest-issue6.log"; tail -12 "$R/h200-pytest-issue6.log"

@@ -85,6 +85,77 @@ def test_starts_as_plain_attention():
     torch.testing.assert_close(layer(x), plain(x))
 
 
+@pytest.mark.parametrize("S,T,keep", [(700, 300, 64), (700, 1, 64), (300, 300, 299), (300, 300, 1), (2048, 2048, 512)])
+def test_causal_thresholds_equal_the_generic_rule(S, T, keep):
+    """The running top-k for causal rows gives the same thresholds as ranking every allowed key
+    per row (the generic path, taken here through a window wider than the sequence); ties kept."""
+    from attnkit import patterns as P
+    from attnkit.layers.dynamic_mask import kept_key_thresholds
+
+    bias = torch.randn(2, 3, S, generator=torch.Generator().manual_seed(S + T)).round(decimals=1)  # many ties
+    fast = kept_key_thresholds(bias, P.causal(), keep, T, S - T, rows_per_chunk=128)
+    generic = kept_key_thresholds(bias, P.sliding_window(10**9), keep, T, S - T)
+    assert torch.equal(fast, generic)
+    assert torch.isinf(fast[..., : max(0, keep - (S - T))]).all()  # rows with at most keep keys keep them all
+
+
+def test_causal_thresholds_random_shapes_and_offsets():
+    """Queries anywhere in the keys (q_offset below S - T), chunks down to one row, ties."""
+    from attnkit import patterns as P
+    from attnkit.layers.dynamic_mask import kept_key_thresholds
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        S = int(torch.randint(1, 400, (1,), generator=g))
+        T = int(torch.randint(1, S + 1, (1,), generator=g))
+        q_offset = int(torch.randint(0, S - T + 1, (1,), generator=g))
+        keep = int(torch.randint(1, 450, (1,), generator=g))
+        bias = torch.randn(2, 2, S, generator=g).round(decimals=int(torch.randint(0, 3, (1,), generator=g)))
+        rows = int(torch.randint(1, 80, (1,), generator=g))
+        fast = kept_key_thresholds(bias, P.causal(), keep, T, q_offset, rows_per_chunk=rows)
+        assert torch.equal(fast, kept_key_thresholds(bias, P.sliding_window(10**9), keep, T, q_offset)), (S, T, q_offset, keep)
+
+
+@pytest.mark.parametrize("S,T,keep,group,expect_full", [(700, 300, 160, 2, True), (300, 300, 40, 1, False),
+                                                       (1100, 1100, 200, 2, True)])
+def test_kept_keys_block_mask_covers_the_mask(S, T, keep, group, expect_full):
+    """The closed-form block mask visits every key block holding a kept pair and calls full only
+    blocks whose every pair is kept; FlexAttention's forward on it equals the reference."""
+    from attnkit import patterns as P
+    from attnkit.layers.dynamic_mask import _KeptKeys, kept_key_thresholds
+    from attnkit.ops import attend, attend_reference
+
+    B, Hkv = 2, 2
+    H = Hkv * group
+    g = torch.Generator().manual_seed(S)
+    bias = torch.randn(B, Hkv, S, generator=g)
+    bias[:, :, 128:256] += 10.0  # one block of strong keys: full for the later rows (they keep it whole)
+    pattern = _KeptKeys(P.causal(), bias, kept_key_thresholds(bias, P.causal(), keep, T, S - T), S - T, group)
+    bm = pattern.flex_block_mask(B, H, T, S, S - T, "cpu", None)
+    allowed = pattern.dense(T, S, q_offset=S - T, batch=B, heads=H)
+    nq, nk = -(-T // 128), -(-S // 128)
+    pairs = F.pad(allowed, (0, nk * 128 - S, 0, nq * 128 - T)).view(B, H, nq, 128, nk, 128)
+    real = F.pad(torch.ones(T, S, dtype=torch.bool), (0, nk * 128 - S, 0, nq * 128 - T)).view(nq, 128, nk, 128)
+    visited = bm.to_dense().bool()
+    full = torch.zeros_like(visited)
+    for b in range(B):
+        for h in range(H):
+            for i in range(nq):
+                full[b, h, i, bm.full_kv_indices[b, h, i, : bm.full_kv_num_blocks[b, h, i]].long()] = True
+    assert not (pairs.any(-1).any(-2) & ~visited).any()
+    assert not (full & ~(pairs | ~real).all(-1).all(-2)).any()
+    assert full.any() == expect_full
+    q, k, v = (torch.randn(B, n, L, 16, generator=g) for n, L in ((H, T), (Hkv, S), (Hkv, S)))
+
+    def add_bias(score, b, h, q_pos, k_pos):
+        return score + bias[b, h // group, k_pos]
+
+    with torch.no_grad():
+        out = attend(q, k, v, pattern=pattern, score_mod=add_bias, backend="flex")
+    ref = attend_reference(q.double(), k.double(), v.double(), pattern=pattern, score_mod=add_bias)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(keep_keys=0), "keep_keys"), (dict(pattern="full"), "causal")])
 def test_bad_inputs(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -17,9 +17,18 @@ through the bias added to the kept scores. What differs from
 ``score_mod``) and a per-query top-k key mask (a ``mask_mod`` over a per-row threshold).
 The bias rides in the KV cache as one extra value channel, so decoding sees the same
 biases as the full forward.
+
+Speed (H200, 32k, keep 2048, fwd+bwd of the core): FlexAttention skips a key block only where
+no row of a query block keeps any of its keys. Kept keys in whole 128-key spans visit 16 of the
+128 causal blocks per query block and the attention runs 5.9x faster than dense FlexAttention
+with the bias; kept keys scattered one by one leave every block visited, so DMA is then slower
+than dense attention. The per-row thresholds cost O(S^1.5) per head (a running rank count),
+not a top-k over every row (``benchmarks/results/README.md``, session 13).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +44,18 @@ __all__ = ["DynamicMaskAttention", "kept_key_thresholds"]
 
 
 def kept_key_thresholds(bias: Tensor, pattern, keep_keys: int, q_len: int, q_offset: int, *,
-                        rows_per_chunk: int = 256) -> Tensor:
+                        rows_per_chunk: int | None = None) -> Tensor:
     """Per query row, the ``keep_keys``-th largest bias among the keys the pattern allows
     (``-inf`` where the row allows at most ``keep_keys`` keys). bias ``[B, Hkv, S]`` (detached)
-    -> thresholds ``[B, Hkv, T]``."""
+    -> thresholds ``[B, Hkv, T]``. Rows are processed ``rows_per_chunk`` at a time (default 2048
+    for a causal pattern, 256 otherwise, where each row ranks all its keys)."""
     B, Hkv, S = bias.shape
     out = bias.new_full((B, Hkv, q_len), float("-inf"))
     if S <= keep_keys:
         return out
+    if pattern.kind == "causal":
+        return _prefix_thresholds(bias, keep_keys, q_len, q_offset, rows_per_chunk or 2048, out)
+    rows_per_chunk = rows_per_chunk or 256
     for start in range(0, q_len, rows_per_chunk):
         stop = min(q_len, start + rows_per_chunk)
         allowed = pattern.dense(stop - start, S, q_offset=q_offset + start, batch=B, device=bias.device)[:, :1]
@@ -51,6 +64,50 @@ def kept_key_thresholds(bias: Tensor, pattern, keep_keys: int, q_len: int, q_off
         kth = scores.topk(keep_keys, dim=-1).values[..., -1]  # (B, Hkv, rows)
         enough = allowed.sum(-1) > keep_keys  # (B|1, 1, rows)
         out[:, :, start:stop] = torch.where(enough, kth, out[:, :, start:stop])
+    return out
+
+
+def _prefix_thresholds(bias: Tensor, keep: int, q_len: int, q_offset: int, rows: int, out: Tensor) -> Tensor:
+    """The causal case of :func:`kept_key_thresholds` in ``O(S^1.5)`` work per (batch, KV head)
+    instead of a top-k over every row's keys: rank the keys by bias once, cut the ranks into
+    ``G ~ sqrt(S)`` groups, count per row how many of its keys fall in each group (prefix sums
+    over positions), find the group holding its ``keep``-th largest, and pick that key among the
+    group's ``~sqrt(S)`` members that the row sees. Same values (ties included)."""
+    B, Hkv, S = bias.shape
+    flat = bias.reshape(B * Hkv, S)
+    order = torch.argsort(flat, dim=-1, descending=True, stable=True)  # keys by bias, largest first
+    width = max(1, math.isqrt(S))
+    groups = -(-S // width)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(S, device=bias.device).expand_as(order))
+    group_of_key = rank // width  # (BH, S)
+    members = F.pad(order, (0, groups * width - S), value=S).view(-1, groups, width)  # positions by rank; S: none
+    values = F.pad(flat.gather(-1, order), (0, groups * width - S)).view(-1, groups, width)
+    result = out.view(B * Hkv, q_len)
+    group_ids = torch.arange(groups, device=bias.device)
+    done = max(0, min(q_offset, S))  # keys counted so far: those before the first row
+    counts = torch.zeros(B * Hkv, groups, dtype=torch.int64, device=bias.device).scatter_add_(
+        1, group_of_key[:, :done], torch.ones_like(group_of_key[:, :done]))  # per group
+    for start in range(0, q_len, rows):
+        stop = min(q_len, start + rows)
+        pos = (torch.arange(start, stop, device=bias.device) + q_offset).clamp(max=S - 1)  # each row's last key
+        hi = int(pos.max()) + 1
+        # (BH, G, hi - done): keys done..j per group (scanned along the last dim: the outer-dim scan is 10x slower)
+        new = (group_of_key[:, None, done:hi] == group_ids[:, None]).cumsum(-1, dtype=torch.int32)
+        row_counts = counts[:, None, :] + new.gather(2, (pos - done).clamp(min=0).expand(B * Hkv, groups, -1)).transpose(1, 2)
+        row_counts = torch.where((pos >= done)[None, :, None], row_counts, counts[:, None, :].expand_as(row_counts))
+        below = row_counts.cumsum(-1)  # (BH, n, G): the row's keys in groups <= g
+        g_star = torch.searchsorted(below, torch.full_like(below[..., :1], keep)).squeeze(-1).clamp(max=groups - 1)
+        before = torch.where(g_star > 0, below.gather(-1, (g_star - 1).clamp(min=0)[..., None]).squeeze(-1),
+                             torch.zeros_like(g_star))
+        need = keep - before  # the need-th key of group g_star (in rank order) that the row sees
+        seen = members.gather(1, g_star[..., None].expand(-1, -1, width)) <= pos[None, :, None]  # (BH, n, width)
+        pick = torch.searchsorted(seen.cumsum(-1), need[..., None]).clamp(max=width - 1)
+        kth = values.gather(1, g_star[..., None].expand(-1, -1, width)).gather(-1, pick).squeeze(-1)
+        enough = (pos + 1 > keep)[None, :]
+        result[:, start:stop] = torch.where(enough, kth, result[:, start:stop])
+        if hi > done:
+            counts = counts + new[:, :, -1]
+            done = hi
     return out
 
 
@@ -71,6 +128,34 @@ class _KeptKeys(_patterns.Pattern):
 
     def to(self, device):
         return _KeptKeys(self.base.to(device), self.bias.to(device), self.thresholds.to(device), self.q_offset, self.group)
+
+    def flex_block_mask(self, batch, heads, q_len, kv_len, q_offset, device, block_size):
+        """Causal base: the blocks from per-block bias and threshold extremes, O(blocks) work
+        instead of evaluating the mask over every (head, row, key) (seconds per forward at 32k).
+        A key block is visited by a query block when some key is causally visible and the
+        block's largest bias reaches the block's lowest threshold; it is full when every key
+        is visible to every row and its smallest bias reaches the highest threshold."""
+        if self.base.kind != "causal" or q_offset != self.q_offset:
+            return None
+        qb, kb = _patterns.block_shape(block_size)
+        device = torch.device(device)
+        bias, thr = self.bias.to(device), self.thresholds.to(device)
+        nq, nk = -(-q_len // qb), -(-kv_len // kb)
+        inf = float("inf")
+        thr_low = F.pad(thr, (0, nq * qb - q_len), value=inf).view(*thr.shape[:2], nq, qb).amin(-1)
+        thr_high = F.pad(thr, (0, nq * qb - q_len), value=-inf).view(*thr.shape[:2], nq, qb).amax(-1)
+        bias_high = F.pad(bias, (0, nk * kb - kv_len), value=-inf).view(*bias.shape[:2], nk, kb).amax(-1)
+        bias_low = F.pad(bias, (0, nk * kb - kv_len), value=inf).view(*bias.shape[:2], nk, kb).amin(-1)
+        first = torch.arange(nq, device=device) * qb + q_offset  # each query block's first and last row
+        last = torch.clamp(first + qb, max=q_offset + q_len) - 1
+        keys = torch.arange(nk, device=device) * kb
+        visible = keys <= last[:, None]  # (nq, nk): some key visible to some row
+        whole = (keys + kb - 1 <= first[:, None]) & (keys + kb <= kv_len) & ((first + qb <= q_offset + q_len)[:, None])
+        some = visible & (bias_high[:, :, None, :] >= thr_low[..., None])  # (B, Hkv, nq, nk)
+        full = whole & (bias_low[:, :, None, :] >= thr_high[..., None])
+        group = 1 if heads is None else heads // bias.shape[1]
+        some, full = some.repeat_interleave(group, dim=1), full.repeat_interleave(group, dim=1)
+        return _patterns.block_mask_from_blocks(some & ~full, full, q_len, kv_len, (qb, kb), self.mask_mod(q_offset))
 
 
 class DynamicMaskAttention(MultiHeadAttention):

@@ -500,6 +500,36 @@ class AtKeyPositions(Pattern):
         return f"AtKeyPositions({self.pattern!r}, S={self.key_positions.numel()})"
 
 
+def block_shape(block_size) -> tuple[int, int]:
+    """``(q_block, kv_block)`` of a FlexAttention block size (``None``: its default, 128)."""
+    if block_size is None:
+        return 128, 128
+    return (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+
+
+def block_mask_from_blocks(partial_blocks: Tensor, full_blocks: Tensor, q_len: int, kv_len: int,
+                           block_size: tuple[int, int], mask_mod: MaskMod):
+    """A FlexAttention ``BlockMask`` from boolean ``[B, H, q_blocks, kv_blocks]`` grids of the
+    partial blocks (``mask_mod`` is applied there) and the full ones (disjoint from them), for
+    the patterns whose blocks have a closed form. Both orientations are built directly
+    (``BlockMask.from_kv_blocks`` transposes under vmap: ~2 ms per call on the GPU)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def ordered(blocks):  # per row: how many, then their column indices first, ascending
+        return (blocks.sum(-1, dtype=torch.int32),
+                torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32))
+
+    kv_num, kv_indices = ordered(partial_blocks)
+    full_kv_num, full_kv_indices = ordered(full_blocks)
+    q_num, q_indices = ordered(partial_blocks.transpose(-1, -2))
+    full_q_num, full_q_indices = ordered(full_blocks.transpose(-1, -2))
+    return BlockMask(
+        seq_lengths=(q_len, kv_len), kv_num_blocks=kv_num, kv_indices=kv_indices, full_kv_num_blocks=full_kv_num,
+        full_kv_indices=full_kv_indices, q_num_blocks=q_num, q_indices=q_indices, full_q_num_blocks=full_q_num,
+        full_q_indices=full_q_indices, BLOCK_SIZE=tuple(block_size), mask_mod=mask_mod,
+    )
+
+
 class AtQueryPositions(Pattern):
     """``pattern`` applied to queries gathered from arbitrary positions, per batch item and head.
 
@@ -550,10 +580,7 @@ class AtQueryPositions(Pattern):
         """
         if self.pattern.kind != "causal" or q_offset != 0 or q_len != self.query_positions.shape[-1]:
             return None
-        from torch.nn.attention.flex_attention import BlockMask
-
-        qb, kb = (128, 128) if block_size is None else (
-            (block_size, block_size) if isinstance(block_size, int) else tuple(block_size))
+        qb, kb = block_shape(block_size)
         device = torch.device(device)
         positions = self.query_positions.to(device)
         B, H, M = positions.shape
@@ -568,21 +595,7 @@ class AtQueryPositions(Pattern):
         columns = torch.arange(nk, device=device)
         full_blocks = columns < full[..., None]  # (B, H, nq, nk)
         partial_blocks = (columns < seen[..., None]) & ~full_blocks
-
-        def ordered(blocks):  # per row: how many, then their column indices first, ascending
-            return (blocks.sum(-1, dtype=torch.int32),
-                    torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32))
-
-        # both orientations directly (BlockMask.from_kv_blocks transposes under vmap: ~2 ms per call on the GPU)
-        kv_num, kv_indices = ordered(partial_blocks)
-        full_kv_num, full_kv_indices = ordered(full_blocks)
-        q_num, q_indices = ordered(partial_blocks.transpose(-1, -2))
-        full_q_num, full_q_indices = ordered(full_blocks.transpose(-1, -2))
-        return BlockMask(
-            seq_lengths=(q_len, kv_len), kv_num_blocks=kv_num, kv_indices=kv_indices, full_kv_num_blocks=full_kv_num,
-            full_kv_indices=full_kv_indices, q_num_blocks=q_num, q_indices=q_indices, full_q_num_blocks=full_q_num,
-            full_q_indices=full_q_indices, BLOCK_SIZE=(qb, kb), mask_mod=self.mask_mod(0),
-        )
+        return block_mask_from_blocks(partial_blocks, full_blocks, q_len, kv_len, (qb, kb), self.mask_mod(0))
 
     def __repr__(self):
         return f"AtQueryPositions({self.pattern!r}, M={self.query_positions.shape[-1]})"
