@@ -19,11 +19,11 @@ The bias rides in the KV cache as one extra value channel, so decoding sees the 
 biases as the full forward.
 
 Speed (H200, 32k, keep 2048, fwd+bwd of the core): FlexAttention skips a key block only where
-no row of a query block keeps any of its keys. Kept keys in whole 128-key spans visit 16 of the
-128 causal blocks per query block and the attention runs about 5.8x faster than dense
-FlexAttention with the bias; kept keys scattered one by one leave every block visited, so DMA is then slower
-than dense attention. The per-row thresholds cost O(S^1.5) per head (a running rank count),
-not a top-k over every row (``benchmarks/results/README.md``, session 13).
+no row of a query block keeps any of its keys. Kept keys in whole 128-key spans visit 16 of
+the 128 causal blocks per query block and the attention runs about 5.8x faster than dense
+FlexAttention with the bias; kept keys scattered one by one leave every block visited, and
+DMA is then slower than dense attention. The per-row thresholds cost O(S^1.5) per head (a
+rank count), not a top-k over every row (``benchmarks/results/README.md``, session 13).
 """
 
 from __future__ import annotations
