@@ -26,6 +26,16 @@ def timed(fn, repeat: int, warmup: int = 2) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
+def training_step(fn, inputs, grad):
+    """A closure for :func:`timed`: clear the gradients of ``inputs``, run ``fn()`` and backpropagate
+    ``grad`` through its output (one forward + backward)."""
+    def run():
+        for t in inputs:
+            t.grad = None
+        fn().backward(grad)
+    return run
+
+
 def save_results(path: str | None, rows) -> None:
     """Write ``rows`` to ``path`` (if given) as JSON beside the command line that made them,
     the GPU and the torch version."""

@@ -23,7 +23,7 @@ from attnkit import patterns
 from attnkit.layers.dynamic_mask import _KeptKeys, kept_key_thresholds
 from attnkit.ops import attend
 from attnkit.ops.attention import block_mask_for
-from cuda_timing import save_results, timed
+from cuda_timing import save_results, timed, training_step
 
 
 def main() -> None:
@@ -46,11 +46,7 @@ def main() -> None:
     rows = []
 
     def step(fn):
-        def run():
-            for t in (q, k, v):
-                t.grad = None
-            fn().backward(g)
-        return run
+        return training_step(fn, (q, k, v), g)
 
     ms = timed(step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)), a.repeat)
     rows.append({"case": "dense-sdpa", "seq": T, "ms": ms})

@@ -18,7 +18,7 @@ import torch
 from attnkit import patterns
 from attnkit.ops import attend
 from attnkit.registry import dense_attention_flops
-from cuda_timing import timed
+from cuda_timing import timed, training_step
 
 
 def main() -> None:
@@ -37,11 +37,7 @@ def main() -> None:
     g = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16)
 
     def step(pattern):
-        def run():
-            for t in (q, k, v):
-                t.grad = None
-            attend(q, k, v, pattern=pattern, backend="flex").backward(g)
-        return run
+        return training_step(lambda: attend(q, k, v, pattern=pattern, backend="flex"), (q, k, v), g)
 
     dense = patterns.causal()
     dense_ms = timed(step(dense), a.repeat)
@@ -49,11 +45,7 @@ def main() -> None:
     rows = [{"pattern": "causal (dense flex)", "blocks": "128", "ms": dense_ms}]
     print(f"dense causal flex: {dense_ms:.2f} ms")
     if a.sdpa:
-        def sdpa():
-            for t in (q, k, v):
-                t.grad = None
-            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
-
+        sdpa = training_step(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), g)
         rows.append({"pattern": "causal (dense SDPA)", "ms": timed(sdpa, a.repeat)})
         print(f"dense causal SDPA: {rows[-1]['ms']:.2f} ms")
     every = {"window": ("window:1024", patterns.sliding_window(1024)), "sink": ("sink:4:1024", patterns.sink_window(4, 1024)),

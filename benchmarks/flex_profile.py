@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from attnkit import patterns
 from attnkit.ops import attend
-from cuda_timing import save_results
+from cuda_timing import save_results, training_step
 
 CASES = {"window": patterns.sliding_window(1024), "sink": patterns.sink_window(4, 1024), "causal": "causal"}
 
@@ -35,10 +35,7 @@ def main() -> None:
     for case in a.cases.split(","):
         pattern = CASES[case]
 
-        def step():
-            for t in (q, k, v):
-                t.grad = None
-            attend(q, k, v, pattern=pattern, backend="flex").backward(g)
+        step = training_step(lambda: attend(q, k, v, pattern=pattern, backend="flex"), (q, k, v), g)
 
         for _ in range(3):
             step()

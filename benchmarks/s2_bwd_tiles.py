@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from attnkit import patterns
 from attnkit.ops import attend
 from attnkit.ops import attention as attention_module
-from cuda_timing import timed
+from cuda_timing import timed, training_step
 
 
 def main() -> None:
@@ -40,11 +40,7 @@ def main() -> None:
     g = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16)
 
     def step(fn):
-        def run():
-            for t in (q, k, v):
-                t.grad = None
-            fn().backward(g)
-        return run
+        return training_step(fn, (q, k, v), g)
 
     s2 = patterns.s2_strided(num_heads=H, block_size=64, local_blocks=16, vert_stride=16)
     t0 = time.perf_counter()
