@@ -131,8 +131,8 @@ class _KeptKeys(_patterns.Pattern):
 
     def flex_block_mask(self, batch, heads, q_len, kv_len, q_offset, device, block_size):
         """Causal base: the blocks from per-block bias and threshold extremes, O(blocks) work
-        instead of evaluating the mask over every (head, row, key) (4.5 s per call at 8k on a 2-core CPU).
-        A key block is visited by a query block when some key is causally visible and the
+        instead of evaluating the mask over every (head, row, key) (4.5 s per call at 8k on a
+        2-core CPU). A key block is visited by a query block when some key is causally visible and the
         block's largest bias reaches the block's lowest threshold; it is full when every key
         is visible to every row and its smallest bias reaches the highest threshold."""
         if self.base.kind != "causal" or q_offset != self.q_offset:
