@@ -53,7 +53,7 @@ def kept_key_thresholds(bias: Tensor, pattern, keep_keys: int, q_len: int, q_off
     out = bias.new_full((B, Hkv, q_len), float("-inf"))
     if S <= keep_keys:
         return out
-    if pattern.kind == "causal":
+    if pattern.kind == "causal" and q_len > 64:  # a few rows (decoding): ranking their keys directly is cheaper
         return _prefix_thresholds(bias, keep_keys, q_len, q_offset, rows_per_chunk or 2048, out)
     rows_per_chunk = rows_per_chunk or 256
     for start in range(0, q_len, rows_per_chunk):
