@@ -396,7 +396,7 @@ FLEX_KERNEL_OPTIONS: dict = {}
 def flex_tiles(block_size) -> dict:
     """FlexAttention forward tiles for a block mask of ``block_size`` (int, or (q_block, kv_block)):
     each tile must divide the mask's blocks (torch 2.11 fails to lower otherwise)."""
-    q_block, kv_block = (block_size, block_size) if isinstance(block_size, int) else block_size
+    q_block, kv_block = _patterns.block_shape(block_size)
     return dict(BLOCK_M=q_block, BLOCK_N=kv_block)
 
 
