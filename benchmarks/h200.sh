@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e|session13c|session13d|session13e
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e|session13c|session13d|session13e|session14a|session14b|session14c
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
 R=$OUT/r; mkdir -p "$R"
 bench() { python3 -m attnkit.cli bench --device cuda "$@"; }
-# fla-core (the fla-lightning baseline) from the wheel carried in .whl/ (the device has no registry)
-with_fla() {
+# wheels carried in .whl/ (the device has no registry): fla-core (the fla-lightning baseline) and
+# nvidia-cudnn-frontend (the cuDNN band backend)
+with_wheels() {
   [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=src:/tmp/site
 }
@@ -62,7 +63,7 @@ case "${1:-}" in
     timeout 100 python3 -m attnkit.cli compare --preset gpu --device cuda --task mqar --mechanisms mha --steps 200 \
       --cache-dir /tmp/cmp --out "$R/h200-compare-smoke.json" 2>&1 | tail -4 ;;
   session11a)  # issue 7: Lightning's state walk split into segments (B = 1 long sequences); tests, sweep, op and layer
-    with_fla
+    with_wheels
     timeout 120 python3 -m pytest -m cuda tests/ops/test_lightning_op.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
       | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session11.log"
     timeout 150 python3 benchmarks/lightning_segments.py --seq 2048,8192,32768,131072 --segments default,all,128,64,32,16 \
@@ -77,7 +78,7 @@ case "${1:-}" in
     timeout 280 python3 benchmarks/flex_options.py --variants default,tma,tma+safe,default --out "$R/h200-flex-options.json" 2>&1 \
       | grep -v Warn | cut -c1-300 ;;
   session11c)  # the final Lightning segment policy (split only when B*H leaves SMs idle) against fla; flex TMA on S2
-    with_fla
+    with_wheels
     for m in fwd fwdbwd; do
       timeout $([ $m = fwd ] && echo 150 || echo 170) python3 -m attnkit.cli bench --device cuda --mechanisms none \
         --ops dense-sdpa-cudnn,lightning,fla-lightning --seq 2048,8192,32768,131072 --mode $m --repeat 20 \
@@ -144,6 +145,33 @@ case "${1:-}" in
     timeout 400 python3 benchmarks/dma_core.py --seq 32768 --keep 2048 --out "$R/h200-dma-core.json" 2>&1 | grep '^{"case' | cut -c1-600
     timeout 120 python3 -m pytest -m cuda tests/layers/test_dynamic_mask.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
       | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session13e.log" ;;
+  session14a)  # the cuDNN band backend (sliding window): CUDA tests, window 1024 against FlexAttention; DMA's thresholds timed
+    with_wheels
+    python3 -c "import torch, cudnn; print('cudnn frontend', cudnn.__version__, 'backend', cudnn.backend_version(), 'torch', torch.backends.cudnn.version())"
+    timeout 200 python3 -m pytest -m cuda tests/ops/test_cudnn_band.py -q -x -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
+      | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-400 | tee "$R/h200-pytest-session14a.log"
+    for m in fwdbwd fwd; do
+      timeout 200 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-flex,flex,attend --pattern window:1024 \
+        --seq 8192,32768 --mode $m --repeat 10 --out "$R/h200-window-1024-cudnn-$m.json" --plot none 2>&1 | grep -E "\[op\]|Error|error" | cut -c1-300
+    done
+    timeout 200 python3 benchmarks/dma_core.py --seq 32768 --keep 2048 --out "$R/h200-dma-core-scan.json" 2>&1 | grep '^{"case' | cut -c1-600 ;;
+  session14b)  # the band backend's CUDA tests (all), and its training step at 32k (the fwd+bwd of session14a ran past 120 s)
+    with_wheels
+    timeout 150 python3 -m pytest -m cuda tests/ops/test_cudnn_band.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
+      | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | head -30 | tee "$R/h200-pytest-session14b.log"
+    timeout 240 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-flex,flex,attend --pattern window:1024 \
+      --seq 32768 --mode fwdbwd --repeat 10 --out "$R/h200-window-1024-cudnn-fwdbwd.json" --plot none 2>&1 | tee "$R/bench.log" \
+      | grep -E "\[op\]|Error|error" | cut -c1-300 ;;
+  session14c)  # sink + window through the cuDNN band and the Triton sink merge: CUDA tests, then window and sink at 32k
+    with_wheels
+    timeout 200 python3 -m pytest -m cuda tests/ops/test_cudnn_band.py tests/ops/test_attend.py tests/layers/test_streaming.py \
+      -k "band or window or sink or streaming" -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
+      | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | head -30 | tee "$R/h200-pytest-session14c.log"
+    for p in sink:4:1024 window:1024; do
+      timeout 150 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa,dense-flex,flex,attend --pattern $p \
+        --seq 32768 --mode fwdbwd --repeat 10 --out "$R/h200-${p//:/-}-cudnn-fwdbwd.json" --plot none 2>&1 \
+        | grep -E "\[op\]|Error|error" | cut -c1-300
+    done ;;
   issue6)  # everything issue 6 measures, in one call (device time is scarce)
     timeout 170 python3 -m pytest -m cuda tests/layers tests/ops/test_sigmoid.py -q --maxfail=10 -p no:cacheprovider -p no:logging -W ignore \
       2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-300 | tail -40 > "$R/h200-pytest-issue6.log"; tail -12 "$R/h200-pytest-issue6.log"
@@ -190,7 +218,7 @@ case "${1:-}" in
     bench --mechanisms streaming,sliding-window,mha --ops none --mode decode --batch 1 --seq 4096,16384,65536,131072 \
       --out "$R/h200-streaming-decode.json" ;;
   issue7a)  # issue 7, part 1: CUDA tests of every mechanism + the Lightning kernels; the op against fla and cuDNN
-    with_fla
+    with_wheels
     python3 -c "import fla, triton; print('fla', fla.__version__, 'triton', triton.__version__)"
     for m in fwd fwdbwd; do
       timeout 120 python3 -m attnkit.cli bench --device cuda --mechanisms none --ops dense-sdpa-cudnn,lightning,fla-lightning \

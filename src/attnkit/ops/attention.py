@@ -16,7 +16,11 @@ Backends
                full/causal, a dense boolean mask otherwise. No ``score_mod``, no lse.
 ``flex``       FlexAttention with a block mask cached per (pattern, shape); compiled on CUDA.
                Serves every pattern, ``score_mod`` and lse; no backward on CPU.
-``auto``       CUDA: SDPA for plain full/causal, FlexAttention otherwise. CPU: SDPA, or the
+``cudnn``      cuDNN's fused attention on a diagonal band (:mod:`attnkit.ops.cudnn_band`): the
+               sliding window for prefill and training, float16/bfloat16, through the optional
+               cuDNN frontend (``pip install nvidia-cudnn-frontend``).
+``auto``       CUDA: SDPA for plain full/causal, cuDNN for a plain sliding window when the
+               frontend is installed, FlexAttention otherwise. CPU: SDPA, or the
                reference when ``score_mod`` or the lse is asked for (FlexAttention has no CPU
                backward in torch 2.13, and the CPU reference costs the same as its forward).
 """
@@ -32,10 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import patterns as _patterns
+from . import cudnn_band as _cudnn_band
 
 __all__ = ["attend", "attend_reference", "BACKENDS", "clear_block_mask_cache", "choose_backend", "set_sdpa_priority"]
 
-BACKENDS = ("auto", "reference", "sdpa", "flex")
+BACKENDS = ("auto", "reference", "sdpa", "flex", "cudnn")
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -80,6 +85,8 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, pattern, score_mod, return_l
     if q.device.type == "cuda":
         if plain and (pattern.kind == "full" or (pattern.kind == "causal" and q_offset == S - T)):
             return "sdpa"
+        if plain and _cudnn_band.supports(q, k, v, pattern, q_offset=q_offset):
+            return "cudnn"
         if q.dtype == torch.float64:
             return "reference"
         return "flex"
@@ -107,7 +114,7 @@ def attend(
             scaled scores before masking; ``q_pos`` is the query's absolute position.
         scale: multiplies ``q . k``; default ``D ** -0.5``.
         return_lse: also return the log-sum-exp per query row ``[B, Hq, T]``.
-        backend: one of ``auto``, ``reference``, ``sdpa``, ``flex``.
+        backend: one of ``auto``, ``reference``, ``sdpa``, ``flex``, ``cudnn``.
         q_offset: absolute position of the first query; default ``S - T`` (queries are the
             newest tokens, as in a decode step).
 
@@ -150,6 +157,11 @@ def attend(
         if return_lse:
             raise ValueError("backend='sdpa' does not return the log-sum-exp; use backend='flex' (or 'reference', or 'auto')")
         return _attend_sdpa(q, k, v, pattern, scale, q_offset)
+    if backend == "cudnn":
+        reason = _cudnn_band.why_unsupported(q, k, v, pattern, score_mod, return_lse, q_offset)
+        if reason is not None:
+            raise ValueError(f"backend='cudnn' cannot serve these inputs: {reason}; use backend='auto' or 'flex'")
+        return _cudnn_band.band_attention(q, k, v, pattern.window, scale, getattr(pattern, "sink_tokens", 0))
     # flex
     if q.device.type == "cpu" and _needs_grad(q, k, v):
         raise ValueError(
