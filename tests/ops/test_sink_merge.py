@@ -13,6 +13,7 @@ from attnkit.ops import attend_reference
 from attnkit.ops import sink_merge_triton as sm
 
 pytestmark = pytest.mark.skipif(not sm.available(), reason="needs triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels need CUDA tensors unless interpreted
 
 
 def _band_backward_given_merged(q, k, v, out, grad_out, lse, window, scale):
@@ -20,7 +21,7 @@ def _band_backward_given_merged(q, k, v, out, grad_out, lse, window, scale):
     T, S = q.shape[2], k.shape[2]
     group = q.shape[1] // k.shape[1]
     kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    i, j = torch.arange(T)[:, None], torch.arange(S)[None, :]
+    i, j = torch.arange(T, device=q.device)[:, None], torch.arange(S, device=q.device)[None, :]
     band = (j <= i) & (i - j < window)
     p = torch.where(band, torch.exp(scale * q @ kk.transpose(-1, -2) - lse), 0.0)
     dp = grad_out @ vv.transpose(-1, -2)
@@ -47,25 +48,25 @@ def test_merge_forward_and_backward_match_reference(n_sink, window, Hq, Hkv, T, 
     grad_out = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
 
-    q32, k32, v32 = (t.detach().float() for t in (q, k, v))
+    q32, k32, v32 = (t.detach().float().to(DEVICE) for t in (q, k, v))
     o_band, lse_band = attend_reference(q32, k32, v32, pattern=P.sliding_window(window), return_lse=True)
     out, lse = sm.sink_merge_forward(q32, k32[:, :, :n_sink], v32[:, :, :n_sink], o_band, lse_band.unsqueeze(-1),
                                      window, scale)
-    torch.testing.assert_close(out.double(), ref.detach(), atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(lse.squeeze(-1).double(), ref_lse.detach(), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.squeeze(-1).double().cpu(), ref_lse.detach(), atol=2e-5, rtol=2e-5)
 
-    go = grad_out.float()
+    go = grad_out.float().to(DEVICE)
     dq, dk, dv = _band_backward_given_merged(q32, k32, v32, out, go, lse, window, scale)
     dk_sink, dv_sink = sm.sink_merge_backward(q32, k32[:, :, :n_sink], v32[:, :, :n_sink], out, go, lse, dq, window,
                                               scale)
     dk[:, :, :n_sink] += dk_sink
     dv[:, :, :n_sink] += dv_sink
     for name, a, b in zip("qkv", (dq, dk, dv), ref_grads):
-        torch.testing.assert_close(a.double(), b, atol=5e-5, rtol=5e-5, msg=name)
+        torch.testing.assert_close(a.double().cpu(), b, atol=5e-5, rtol=5e-5, msg=name)
 
 
 def test_merge_refuses_too_many_sinks():
-    q = torch.zeros(1, 2, 8, 16)
-    k = torch.zeros(1, 2, sm.MAX_SINKS + 1, 16)
+    q = torch.zeros(1, 2, 8, 16, device=DEVICE)
+    k = torch.zeros(1, 2, sm.MAX_SINKS + 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="sink_tokens must be between 1 and"):
-        sm.sink_merge_forward(q, k, k, q, torch.zeros(1, 2, 8, 1), 4, 0.25)
+        sm.sink_merge_forward(q, k, k, q, torch.zeros(1, 2, 8, 1, device=DEVICE), 4, 0.25)

@@ -20,15 +20,15 @@ biases as the full forward.
 
 Speed (H200, 32k, keep 2048, fwd+bwd of the core): FlexAttention skips a key block only where
 no row of a query block keeps any of its keys. Kept keys in whole 128-key spans visit 16 of
-the 128 causal blocks per query block and the attention runs about 5.8x faster than dense
-FlexAttention with the bias; kept keys scattered one by one leave every block visited, and
-DMA is then slower than dense attention. The per-row thresholds cost O(S^1.5) per head (a
-rank count), not a top-k over every row (``benchmarks/results/README.md``, session 13).
+the 128 causal blocks per query block: the whole core runs 3.4x faster than dense FlexAttention
+with the bias (thresholds 4.5 ms and block mask 1.5 ms of its 16.8 ms included; the attention
+alone about 5x); kept keys scattered one by one leave every block visited, and DMA is then
+slower than dense attention. The per-row thresholds cost O(S log S) per head (a
+wavelet matrix over the keys' ranks), not a top-k over every row (``benchmarks/results/README.md``,
+sessions 13 and 14).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from .. import patterns as _patterns
 from .._checks import positive_int
 from ..ops import attend
+from ..ops.prefix_quantile import kth_largest_of_prefixes
 from ..registry import Capabilities, Card, FlopCount, register
 from .multi_head import MultiHeadAttention, head_shape, multi_head_flops
 
@@ -47,14 +48,15 @@ def kept_key_thresholds(bias: Tensor, pattern, keep_keys: int, q_len: int, q_off
                         rows_per_chunk: int | None = None) -> Tensor:
     """Per query row, the ``keep_keys``-th largest bias among the keys the pattern allows
     (``-inf`` where the row allows at most ``keep_keys`` keys). bias ``[B, Hkv, S]`` (detached)
-    -> thresholds ``[B, Hkv, T]``. Rows are processed ``rows_per_chunk`` at a time (default 2048
-    for a causal pattern, 256 otherwise, where each row ranks all its keys)."""
+    -> thresholds ``[B, Hkv, T]``. A causal pattern with more than 64 rows takes every row at once
+    in ``O(S log S)`` (``rows_per_chunk`` is not used); otherwise rows are processed
+    ``rows_per_chunk`` at a time (default 256), each ranking all its keys."""
     B, Hkv, S = bias.shape
     out = bias.new_full((B, Hkv, q_len), float("-inf"))
     if S <= keep_keys:
         return out
     if pattern.kind == "causal" and q_len > 64:  # a few rows (decoding): ranking their keys directly is cheaper
-        return _prefix_thresholds(bias, keep_keys, q_len, q_offset, rows_per_chunk or 2048, out)
+        return _prefix_thresholds(bias, keep_keys, q_len, q_offset, out)
     rows_per_chunk = rows_per_chunk or 256
     for start in range(0, q_len, rows_per_chunk):
         stop = min(q_len, start + rows_per_chunk)
@@ -67,47 +69,14 @@ def kept_key_thresholds(bias: Tensor, pattern, keep_keys: int, q_len: int, q_off
     return out
 
 
-def _prefix_thresholds(bias: Tensor, keep: int, q_len: int, q_offset: int, rows: int, out: Tensor) -> Tensor:
-    """The causal case of :func:`kept_key_thresholds` in ``O(S^1.5)`` work per (batch, KV head)
-    instead of a top-k over every row's keys: rank the keys by bias once, cut the ranks into
-    ``G ~ sqrt(S)`` groups, count per row how many of its keys fall in each group (prefix sums
-    over positions), find the group holding its ``keep``-th largest, and pick that key among the
-    group's ``~sqrt(S)`` members that the row sees. Same values (ties included)."""
+def _prefix_thresholds(bias: Tensor, keep: int, q_len: int, q_offset: int, out: Tensor) -> Tensor:
+    """The causal case of :func:`kept_key_thresholds`: a row that sees keys ``0..p`` keeps the
+    ``keep`` largest biases of that prefix, so its threshold is the prefix's ``keep``-th largest,
+    found for every row at once in ``O(S log S)`` per (batch, KV head) by
+    :func:`attnkit.ops.prefix_quantile.kth_largest_of_prefixes` (a wavelet matrix over the ranks)."""
     B, Hkv, S = bias.shape
-    flat = bias.reshape(B * Hkv, S)
-    order = torch.argsort(flat, dim=-1, descending=True, stable=True)  # keys by bias, largest first
-    width = max(1, math.isqrt(S))
-    groups = -(-S // width)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(S, device=bias.device).expand_as(order))
-    group_of_key = rank // width  # (BH, S)
-    members = F.pad(order, (0, groups * width - S), value=S).view(-1, groups, width)  # positions by rank; S: none
-    values = F.pad(flat.gather(-1, order), (0, groups * width - S)).view(-1, groups, width)
-    result = out.view(B * Hkv, q_len)
-    group_ids = torch.arange(groups, device=bias.device)
-    done = max(0, min(q_offset, S))  # keys counted so far: those before the first row
-    counts = torch.zeros(B * Hkv, groups, dtype=torch.int64, device=bias.device).scatter_add_(
-        1, group_of_key[:, :done], torch.ones_like(group_of_key[:, :done]))  # per group
-    for start in range(0, q_len, rows):
-        stop = min(q_len, start + rows)
-        pos = (torch.arange(start, stop, device=bias.device) + q_offset).clamp(max=S - 1)  # each row's last key
-        hi = int(pos.max()) + 1
-        # (BH, G, hi - done): keys done..j per group (scanned along the last dim: the outer-dim scan is 10x slower)
-        new = (group_of_key[:, None, done:hi] == group_ids[:, None]).cumsum(-1, dtype=torch.int32)
-        row_counts = counts[:, None, :] + new.gather(2, (pos - done).clamp(min=0).expand(B * Hkv, groups, -1)).transpose(1, 2)
-        row_counts = torch.where((pos >= done)[None, :, None], row_counts, counts[:, None, :].expand_as(row_counts))
-        below = row_counts.cumsum(-1)  # (BH, n, G): the row's keys in groups <= g
-        g_star = torch.searchsorted(below, torch.full_like(below[..., :1], keep)).squeeze(-1).clamp(max=groups - 1)
-        before = torch.where(g_star > 0, below.gather(-1, (g_star - 1).clamp(min=0)[..., None]).squeeze(-1),
-                             torch.zeros_like(g_star))
-        need = keep - before  # the need-th key of group g_star (in rank order) that the row sees
-        seen = members.gather(1, g_star[..., None].expand(-1, -1, width)) <= pos[None, :, None]  # (BH, n, width)
-        pick = torch.searchsorted(seen.cumsum(-1), need[..., None]).clamp(max=width - 1)
-        kth = values.gather(1, g_star[..., None].expand(-1, -1, width)).gather(-1, pick).squeeze(-1)
-        enough = (pos + 1 > keep)[None, :]
-        result[:, start:stop] = torch.where(enough, kth, result[:, start:stop])
-        if hi > done:
-            counts = counts + new[:, :, -1]
-            done = hi
+    seen = (torch.arange(q_len, device=bias.device) + q_offset).clamp(max=S - 1) + 1  # keys each row sees
+    out.copy_(kth_largest_of_prefixes(bias.reshape(B * Hkv, S), keep, seen).view(B, Hkv, q_len))
     return out
 
 

@@ -42,13 +42,15 @@ def available() -> bool:
 
 
 if triton is not None:
+    # float32 inputs (the tests) multiply in full precision, not TF32; bf16/fp16 inputs ignore this
+    PRECISION = tl.constexpr("ieee")
 
     @triton.jit
     def _sink_scores(Q, K, b, h, hk, rows, cols, offs_d, sqb, sqh, sqt, skb, skh, skt, T, scale, window, n_sink):
         """The rows' scores against the sinks outside their band (``-inf`` elsewhere), and q, k."""
         q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :], mask=rows[:, None] < T, other=0.0)
         k = tl.load(K + b * skb + hk * skh + cols[:, None] * skt + offs_d[None, :], mask=cols[:, None] < n_sink, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         keep = (cols[None, :] < n_sink) & (rows[:, None] - cols[None, :] >= window) & (rows[:, None] < T)
         return tl.where(keep, s, float("-inf")), q, k
 
@@ -75,7 +77,7 @@ if triton is not None:
         lse = m + tl.log(tl.exp(lb - m) + tl.sum(tl.exp(s - m[:, None]), 1))
         ob = tl.load(OB + b * sbb + h * sbh + rows[:, None] * sbt + offs_d[None, :], mask=rmask[:, None], other=0.0)
         p = tl.exp(s - lse[:, None])
-        acc = ob.to(tl.float32) * tl.exp(lb - lse)[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = ob.to(tl.float32) * tl.exp(lb - lse)[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         tl.store(O + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :], acc.to(O.dtype.element_ty),
                  mask=rmask[:, None])
         tl.store(L + b * sLb + h * sLh + rows * sLt, lse, mask=rmask)
@@ -105,14 +107,14 @@ if triton is not None:
             o = tl.load(O + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :], mask=rmask[:, None], other=0.0)
             do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdt + offs_d[None, :], mask=rmask[:, None], other=0.0)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-            dp = tl.dot(do, tl.trans(v))
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dq_ptr = DQ + b * sgb + h * sgh + rows[:, None] * sgt + offs_d[None, :]
             dq = tl.load(dq_ptr, mask=rmask[:, None], other=0.0).to(tl.float32)
-            dq += tl.dot(ds.to(k.dtype), k) * scale
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
             tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             acc = (b * Hkv + hk) * NS * D + cols[:, None] * D + offs_d[None, :]
             tl.atomic_add(DK + acc, dk, mask=cols[:, None] < n_sink)
             tl.atomic_add(DV + acc, dv, mask=cols[:, None] < n_sink)
