@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e|session13c|session13d|session13e|session14a|session14b|session14c|session14d|session14e
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e|session13c|session13d|session13e|session14a|session14b|session14c|session14d|session14e|session14f
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -189,6 +189,14 @@ from attnkit.ops.prefix_quantile import kth_largest_of_prefixes as f
 v = torch.randn(16, 32768, device='cuda'); seen = torch.arange(1, 32769, device='cuda')
 print({b: round(timed(lambda: f(v, 2048, seen, backend=b), 10), 3) for b in ('torch', 'triton')}, 'ms: thresholds at 32k, 16 heads')"
     timeout 240 python3 benchmarks/dma_core.py --seq 32768 --keep 2048 --out "$R/h200-dma-core-wavelet-triton.json" 2>&1 | grep '^{"case' | cut -c1-600 ;;
+  session14f)  # the layers: sliding-window and streaming at 32k, FlexAttention (no frontend) then the cuDNN band; band tests on the final code
+    for m in flex cudnn; do
+      [ $m = cudnn ] && with_wheels
+      timeout 150 python3 -m attnkit.cli bench --device cuda --mechanisms mha,sliding-window,streaming --ops none --seq 32768 --mode fwdbwd \
+        --repeat 5 --warmup 2 --out "$R/h200-streaming-layers-$m.json" --plot none 2>&1 | grep -E "\[layer\]|Error|error" | cut -c1-300
+    done
+    timeout 150 python3 -m pytest -m cuda tests/ops/test_cudnn_band.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
+      | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session14f.log" ;;
   issue6)  # everything issue 6 measures, in one call (device time is scarce)
     timeout 170 python3 -m pytest -m cuda tests/layers tests/ops/test_sigmoid.py -q --maxfail=10 -p no:cacheprovider -p no:logging -W ignore \
       2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-300 | tail -40 > "$R/h200-pytest-issue6.log"; tail -12 "$R/h200-pytest-issue6.log"
