@@ -193,7 +193,7 @@ print({b: round(timed(lambda: f(v, 2048, seen, backend=b), 10), 3) for b in ('to
     for m in flex cudnn; do
       [ $m = cudnn ] && with_wheels
       timeout 150 python3 -m attnkit.cli bench --device cuda --mechanisms mha,sliding-window,streaming --ops none --seq 32768 --mode fwdbwd \
-        --repeat 5 --warmup 2 --out "$R/h200-streaming-layers-$m.json" --plot none 2>&1 | grep -E "\[layer\]|Error|error" | cut -c1-300
+        --repeat 5 --warmup 2 --out "$R/h200-streaming-layers-$m.json" --plot none 2>&1 | grep -E "│ (mha|sliding|streaming)|Error|error" | cut -c1-300
     done
     timeout 150 python3 -m pytest -m cuda tests/ops/test_cudnn_band.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
       | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session14f.log" ;;
