@@ -181,3 +181,140 @@ def test_cuda_fp32_matches_reference_backend():
     y_ref.backward(g)
     for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
         assert (a.grad.double() - b.grad).norm() / b.grad.norm() < 1e-3, name
+
+
+# -- the gather path: each block of 128 query rows attends the union of its rows' kept keys --------
+def _pair(keep_keys=20, **kwargs):
+    gather = build(keep_keys=keep_keys, sparse_path="gather", **kwargs)
+    blocks = build(keep_keys=keep_keys, sparse_path="blocks", backend="reference", **kwargs)
+    blocks.load_state_dict(gather.state_dict())
+    return gather, blocks
+
+
+@pytest.mark.parametrize("T", [300, 129])
+def test_gather_path_equals_the_block_path_forward_and_grads(T):
+    """Same rows, same kept keys: output and every gradient (x, projections, W_dt, A) agree in float64."""
+    gather, blocks = _pair()
+    x = torch.randn(2, T, 32, dtype=torch.float64, requires_grad=True)
+    out_g, out_b = gather(x), blocks(x)
+    torch.testing.assert_close(out_g, out_b)
+    g = torch.randn_like(out_g)
+    grads_g = torch.autograd.grad(out_g, [x, *gather.parameters()], g)
+    grads_b = torch.autograd.grad(out_b, [x, *blocks.parameters()], g)
+    for (name, _), a, b in zip([("x", None), *gather.named_parameters()], grads_g, grads_b):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_gather_path_with_ties_and_a_query_offset():
+    """A = 0 (every bias ties: every key kept, the union is the whole prefix), and a second chunk
+    of 150 rows after 150 cached ones (q_offset 150) through the decode state."""
+    gather, blocks = _pair()
+    with torch.no_grad():
+        gather.A.zero_()
+        blocks.A.zero_()
+    x = torch.randn(1, 300, 32, dtype=torch.float64)
+    torch.testing.assert_close(gather(x), blocks(x))
+    gather2, _ = _pair()
+    torch.testing.assert_close(decode_in_chunks(gather2, x, [150, 150]), gather2(x))
+
+
+def test_gathered_union_holds_every_kept_key_and_is_small():
+    from attnkit import patterns as P
+    from attnkit.layers.dynamic_mask import gather_kept_keys, kept_key_thresholds
+
+    B, Hkv, S, keep = 2, 2, 700, 40
+    bias = torch.randn(B, Hkv, S, generator=torch.Generator().manual_seed(1))
+    thr = kept_key_thresholds(bias, P.causal(), keep, S, 0)
+    positions, valid = gather_kept_keys(bias, thr, S, 0)
+    assert positions.shape[-1] % 128 == 0 and int(valid.sum(-1).max()) <= keep + 127
+    for b in range(B):
+        for g in range(Hkv):
+            for i in range(0, S, 37):
+                kept = set(j for j in range(i + 1) if bias[b, g, j] >= thr[b, g, i])
+                gathered = set(positions[b, g, i // 128][valid[b, g, i // 128]].tolist())
+                assert kept <= gathered, (b, g, i)
+
+
+def test_gathered_block_mask_and_flex_forward():
+    """The gathered layout's closed-form block mask under FlexAttention (CPU forward) equals the block path."""
+    from attnkit import patterns as P
+    from attnkit.layers.dynamic_mask import (_GatheredKeys, _KeptKeys, gather_kept_keys, gathered_attention,
+                                             kept_key_thresholds)
+    from attnkit.ops import attend_reference
+
+    g = torch.Generator().manual_seed(2)
+    B, H, Hkv, S, D, keep = 1, 4, 2, 900, 16, 300  # keep > 256: whole gathered key blocks precede later query blocks
+    q, k, v = (torch.randn(B, n, S, D, generator=g) for n in (H, Hkv, Hkv))
+    bias = torch.randn(B, Hkv, S, generator=g)
+    bias[:, :, :130] += 5.0  # strong early keys: every row keeps them, so their gathered block is full
+    thr = kept_key_thresholds(bias, P.causal(), keep, S, 0)
+    with torch.no_grad():
+        out = gathered_attention(q, k, v, bias, thr, 0, backend="flex")
+
+    # the block mask itself (CPU FlexAttention evaluates mask_mod everywhere, so check it structurally)
+    positions, valid = gather_kept_keys(bias, thr, S, 0)
+    nq, W = positions.shape[2], positions.shape[3]
+    per_block = lambda t: t.transpose(1, 2).reshape(B * nq, Hkv, *t.shape[3:])  # noqa: E731
+    thr_blocks = per_block(F.pad(thr, (0, nq * 128 - S), mode="replicate").view(B, Hkv, nq, 128))
+    key_bias = per_block(bias.gather(2, positions.view(B, Hkv, -1)).view(B, Hkv, nq, W))
+    pattern = _GatheredKeys(per_block(torch.where(valid, positions, 1 << 40)), key_bias, thr_blocks,
+                            torch.arange(nq) * 128, H // Hkv)
+    bm = pattern.flex_block_mask(B * nq, H, 128, W, 0, "cpu", None)
+    pairs = pattern.dense(128, W, q_offset=0, batch=B * nq, heads=H).reshape(B * nq, H, 128, W // 128, 128)
+    visited = bm.to_dense().bool()[:, :, 0]  # (B', H, key blocks)
+    full = torch.zeros_like(visited)
+    for b in range(B * nq):
+        for h in range(H):
+            full[b, h, bm.full_kv_indices[b, h, 0, : bm.full_kv_num_blocks[b, h, 0]].long()] = True
+    assert not (pairs.any(2).any(-1) & ~visited).any()  # every kept pair is in a visited block
+    assert full.any() and not (full & ~pairs.all(2).all(-1)).any()  # full only where every pair is kept
+
+    def add_bias(score, b, h, q_pos, k_pos):
+        return score + bias[b, h // 2, k_pos]
+
+    ref = attend_reference(q.double(), k.double(), v.double(), pattern=_KeptKeys(P.causal(), bias, thr, 0, 2),
+                           score_mod=add_bias)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_gathers_scattered_keys_and_keeps_blocks_for_spans():
+    from attnkit import patterns as P
+    from attnkit.layers.dynamic_mask import kept_key_thresholds
+
+    layer = DynamicMaskAttention(32, 4, num_kv_heads=2, keep_keys=128)
+    S = 2048
+    scattered = torch.randn(1, 2, S, generator=torch.Generator().manual_seed(3))
+    spans = torch.randn(1, 2, S // 128, generator=torch.Generator().manual_seed(4)).repeat_interleave(128, -1)
+    for bias, expect in ((scattered, True), (spans, False)):
+        thr = kept_key_thresholds(bias, P.causal(), 128, S, 0)
+        assert layer._gathers(P.causal(), bias, thr, S, S, 0)[0] is expect
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(sparse_path="dense"), "sparse_path must be one of"),
+                                           (dict(sparse_path="gather", pattern=__import__("attnkit").patterns.sliding_window(8)),
+                                            "needs the plain causal pattern")])
+def test_sparse_path_bad_inputs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DynamicMaskAttention(32, 4, **kwargs)
+
+
+@pytest.mark.cuda
+def test_cuda_gather_path_matches_reference_backend():
+    """The gather path on the GPU (FlexAttention on the gathered layout, float32) against the
+    block path with the reference backend in float64: forward and every parameter's gradient."""
+    torch.manual_seed(0)
+    fast = DynamicMaskAttention(256, 4, num_kv_heads=2, keep_keys=64, sparse_path="gather").cuda()
+    with torch.no_grad():
+        fast.A.normal_(0, 1.0)
+    ref = DynamicMaskAttention(256, 4, num_kv_heads=2, keep_keys=64, backend="reference", sparse_path="blocks")
+    ref = ref.cuda().double()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 700, 256, device="cuda")
+    y = fast(x)
+    y_ref = ref(x.double())
+    assert (y.double() - y_ref).norm() / y_ref.norm() < 1e-3
+    g = torch.randn_like(y_ref)
+    y.backward(g.float())
+    y_ref.backward(g)
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        assert (a.grad.double() - b.grad).norm() / b.grad.norm() < 1e-3, name
