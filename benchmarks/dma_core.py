@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from attnkit import patterns
-from attnkit.layers.dynamic_mask import _KeptKeys, gathered_attention, kept_key_thresholds, union_sizes
+from attnkit.layers.dynamic_mask import _KeptKeys, kept_key_thresholds
 from attnkit.ops import attend
 from attnkit.ops.attention import block_mask_for
 from cuda_timing import save_results, timed, training_step
@@ -32,11 +32,8 @@ def main() -> None:
     p.add_argument("--keep", type=int, default=2048)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--biases", default="scattered,block-spans", help="comma list of scattered, block-spans")
-    p.add_argument("--paths", default="sdpa,dense-flex,blocks", help="comma list of sdpa, dense-flex, blocks, gather")
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    paths = a.paths.split(",")
     T, H, D = a.seq, a.heads, 128
     q, k, v = [torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
     g = torch.randn_like(q)
@@ -51,35 +48,18 @@ def main() -> None:
     def step(fn):
         return training_step(fn, (q, k, v), g)
 
-    if "sdpa" in paths:
-        ms = timed(step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)), a.repeat)
-        rows.append({"case": "dense-sdpa", "seq": T, "ms": ms})
-        print(json.dumps(rows[-1]), flush=True)
-    for name in a.biases.split(","):
-        bias = biases[name].clone().requires_grad_()
+    ms = timed(step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)), a.repeat)
+    rows.append({"case": "dense-sdpa", "seq": T, "ms": ms})
+    print(json.dumps(rows[-1]), flush=True)
+    for name, raw in biases.items():
+        bias = raw.clone().requires_grad_()
 
         def add_bias(score, b, h, q_pos, k_pos):
             return score + bias[b, h, k_pos]
 
-        if "dense-flex" in paths:
-            ms = timed(step(lambda: attend(q, k, v, pattern="causal", score_mod=add_bias, backend="flex")), a.repeat)
-            rows.append({"case": "dense-flex+bias", "bias": name, "seq": T, "ms": ms})
-            print(json.dumps(rows[-1]), flush=True)
-        if "gather" in paths:  # each block of 128 rows against the union of its rows' kept keys, gathered
-
-            def dma_gather():
-                thresholds = kept_key_thresholds(bias.detach(), patterns.causal(), a.keep, T, 0)
-                return gathered_attention(q, k, v, bias, thresholds, 0, backend="flex")
-
-            t0 = time.perf_counter()
-            ms = timed(step(dma_gather), a.repeat)
-            thresholds = kept_key_thresholds(bias.detach(), patterns.causal(), a.keep, T, 0)
-            width = int(union_sizes(bias.detach(), thresholds, T, 0).max())
-            rows.append({"case": "dma-gather", "bias": name, "seq": T, "keep": a.keep, "ms": ms, "union_max": width,
-                         "flop_reduction": causal_pairs / kept_pairs, "first_calls_s": time.perf_counter() - t0})
-            print(json.dumps(rows[-1]), flush=True)
-        if "blocks" not in paths:
-            continue
+        ms = timed(step(lambda: attend(q, k, v, pattern="causal", score_mod=add_bias, backend="flex")), a.repeat)
+        rows.append({"case": "dense-flex+bias", "bias": name, "seq": T, "ms": ms})
+        print(json.dumps(rows[-1]), flush=True)
 
         def dma():
             thresholds = kept_key_thresholds(bias.detach(), patterns.causal(), a.keep, T, 0)

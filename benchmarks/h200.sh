@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e|session13c|session13d|session13e|session14a|session14b|session14c|session14d|session14e|session14f|session14g
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e|session13c|session13d|session13e|session14a|session14b|session14c|session14d|session14e|session14f
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -197,11 +197,6 @@ print({b: round(timed(lambda: f(v, 2048, seen, backend=b), 10), 3) for b in ('to
     done
     timeout 150 python3 -m pytest -m cuda tests/ops/test_cudnn_band.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
       | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session14f.log" ;;
-  session14g)  # DMA's gather path (each block of 128 rows against its union of kept keys): CUDA test, scattered keys at 32k
-    timeout 100 python3 -m pytest -m cuda tests/layers/test_dynamic_mask.py -k gather -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
-      | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session14g.log"
-    timeout 120 python3 benchmarks/dma_core.py --seq 32768 --keep 2048 --biases scattered --paths dense-flex,gather --repeat 3 \
-      --out "$R/h200-dma-gather.json" 2>&1 | grep -E '^\{"case|Error' | cut -c1-600 ;;
   issue6)  # everything issue 6 measures, in one call (device time is scarce)
     timeout 170 python3 -m pytest -m cuda tests/layers tests/ops/test_sigmoid.py -q --maxfail=10 -p no:cacheprovider -p no:logging -W ignore \
       2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-300 | tail -40 > "$R/h200-pytest-issue6.log"; tail -12 "$R/h200-pytest-issue6.log"
