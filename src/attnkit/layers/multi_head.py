@@ -46,7 +46,8 @@ class MultiHeadAttention(AttentionLayer):
         qk_norm: RMSNorm on each head's q and k before RoPE.
         bias: biases in the projections.
         dropout: dropout on the output projection (training only).
-        backend: ``attend`` backend (``auto``, ``reference``, ``sdpa``, ``flex``).
+        backend: ``attend`` backend (``auto``, ``reference``, ``sdpa``, ``flex``, ``cudnn``: the last for sliding
+            window and sink + window in prefill and training only).
 
     Shapes: ``x [B, T, C] -> [B, T, C]``.
 

@@ -92,7 +92,7 @@ register(
         layer=SlidingWindowAttention,
         flops=_pattern_flops(lambda c: _patterns.sliding_window(c.get("window", 1024))),
         defaults={"window": 1024},
-        capabilities=Capabilities(bidirectional=False),
+        capabilities=Capabilities(bidirectional=False, backends=("reference", "sdpa", "flex", "cudnn")),
         summary="causal sliding window (default 1024 keys); decode cache bounded to the window",
     )
 )
@@ -105,7 +105,7 @@ register(
         layer=StreamingAttention,
         flops=_pattern_flops(lambda c: _patterns.sink_window(c.get("sink_tokens", 4), c.get("window", 1024))),
         defaults={"sink_tokens": 4, "window": 1024},
-        capabilities=Capabilities(bidirectional=False),
+        capabilities=Capabilities(bidirectional=False, backends=("reference", "sdpa", "flex", "cudnn")),
         summary="attention sinks + sliding window (4 + 1024); decode cache bounded to 1028 tokens",
     )
 )
