@@ -161,7 +161,7 @@ def attend(
         reason = _cudnn_band.why_unsupported(q, k, v, pattern, score_mod, return_lse, q_offset)
         if reason is not None:
             raise ValueError(f"backend='cudnn' cannot serve these inputs: {reason}; use backend='auto' or 'flex'")
-        return _cudnn_band.band_attention(q, k, v, pattern.window, scale, getattr(pattern, "sink_tokens", 0))
+        return _cudnn_band.run(q, k, v, pattern.window, scale, getattr(pattern, "sink_tokens", 0))
     # flex
     if q.device.type == "cpu" and _needs_grad(q, k, v):
         raise ValueError(

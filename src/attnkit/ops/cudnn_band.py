@@ -37,7 +37,7 @@ from torch import Tensor
 from ..patterns import SinkWindow, SlidingWindow
 from . import sink_merge_triton as _sinks
 
-__all__ = ["available", "supports", "band_attention", "why_unsupported", "clear_graph_cache"]
+__all__ = ["available", "supports", "band_attention", "run", "why_unsupported", "clear_graph_cache"]
 
 _FRONTEND = None  # the imported ``cudnn`` module, False when it cannot be imported
 _MIN_CUDNN = 90200  # diagonal bands in both directions since cuDNN 9.2
@@ -239,11 +239,14 @@ def _setup_context(ctx, inputs, output):
     ctx.window, ctx.scale = window, scale
 
 
+def _laid_out_like(grad_out: Tensor, out: Tensor) -> Tensor:
+    """dO in the output's layout (one backward graph per layout, and dO usually has it already)."""
+    return grad_out if grad_out.stride() == out.stride() else torch.empty_like(out).copy_(grad_out)
+
+
 def _grad(ctx, grad_out, _grad_stats):
     q, k, v, out, stats = ctx.saved_tensors
-    if grad_out.stride() != out.stride():  # one graph per layout: give dO the output's
-        grad_out = torch.empty_like(out).copy_(grad_out)
-    dq, dk, dv = _band_bwd(q, k, v, out, grad_out, stats, ctx.window, ctx.scale)
+    dq, dk, dv = _band_bwd(q, k, v, out, _laid_out_like(grad_out, out), stats, ctx.window, ctx.scale)
     return dq, dk, dv, None, None
 
 
@@ -286,9 +289,7 @@ def _sink_setup_context(ctx, inputs, output):
 
 def _sink_grad(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    if grad_out.stride() != out.stride():
-        grad_out = torch.empty_like(out).copy_(grad_out)
-    dq, dk, dv = _sink_band_bwd(q, k, v, out, grad_out, lse, ctx.sinks, ctx.window, ctx.scale)
+    dq, dk, dv = _sink_band_bwd(q, k, v, out, _laid_out_like(grad_out, out), lse, ctx.sinks, ctx.window, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
@@ -307,6 +308,11 @@ def band_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float | 
     reason = why_unsupported(q, k, v, pattern, None, False, 0)
     if reason is not None:
         raise ValueError(f"the cuDNN band backend cannot serve these inputs: {reason}")
+    return run(q, k, v, window, scale, sink_tokens)
+
+
+def run(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float | None, sink_tokens: int) -> Tensor:
+    """:func:`band_attention` on inputs :func:`why_unsupported` already accepted."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if sink_tokens:
