@@ -7,7 +7,9 @@ OUT=${OUT:-benchmarks/results}
 R=$OUT/r; mkdir -p "$R"
 bench() { python3 -m attnkit.cli bench --device cuda "$@"; }
 # wheels carried in .whl/ (the device has no registry): fla-core (the fla-lightning baseline) and
-# nvidia-cudnn-frontend (the cuDNN band backend)
+# nvidia-cudnn-frontend (the cuDNN band backend). Fetched here with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 -d .whl fla-core==0.6.0 nvidia-cudnn-frontend==1.18.0
 with_wheels() {
   [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=src:/tmp/site
