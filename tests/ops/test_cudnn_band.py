@@ -40,6 +40,13 @@ def test_refusals_name_the_reason(pattern, kwargs, expect):
     assert expect in str(err.value)
 
 
+def test_layouts_cudnn_cannot_read_are_refused():
+    q = torch.zeros(1, 2, 64, 16, dtype=torch.bfloat16)
+    padded = torch.zeros(1, 2, 64, 20, dtype=torch.bfloat16)[..., 2:18]  # rows 40 bytes apart, offset 4 bytes
+    assert "16-byte aligned" in cudnn_band.why_unsupported(q, padded, padded, P.sliding_window(8), None, False, 0)
+    assert "stride 1" in cudnn_band.why_unsupported(q.transpose(2, 3), q, q, P.sliding_window(8), None, False, 0)
+
+
 def test_band_attention_refuses_with_value_error_on_cpu():
     q, k, v = _qkv(1, 2, 2, 32, 16, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="cuDNN band backend cannot serve"):

@@ -80,6 +80,11 @@ def why_unsupported(q: Tensor, k: Tensor, v: Tensor, pattern, score_mod, return_
         return f"its sink merge needs triton and at most {_sinks.MAX_SINKS} sink tokens, got {pattern.sink_tokens}"
     if score_mod is not None or return_lse:
         return "it takes no score_mod and returns no log-sum-exp"
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        return "it needs the head dim contiguous (stride 1) in q, k and v"
+    if any(t.storage_offset() % 8 or any(st % 8 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+           for t in (q, k, v)):
+        return "it needs q, k and v 16-byte aligned (offsets and strides multiples of 8 elements)"
     if q.device.type != "cuda":
         return f"it runs on CUDA only, got {q.device}"
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -91,8 +96,6 @@ def why_unsupported(q: Tensor, k: Tensor, v: Tensor, pattern, score_mod, return_
         return f"it takes one head dim D for q, k and v, a multiple of 8 and at most 128; got D={D}, Dv={v.shape[3]}"
     if type(pattern) is SinkWindow and D not in (16, 32, 64, 128):
         return f"its sink merge takes head dims 16, 32, 64 or 128, got D={D}"
-    if any(t.stride(-1) != 1 for t in (q, k, v)):
-        return "it needs the head dim contiguous (stride 1) in q, k and v"
     if not available(q.device):
         return ("the cuDNN frontend is not usable here (pip install nvidia-cudnn-frontend; "
                 f"needs compute capability >= 8.0 and cuDNN >= 9.2, found {torch.backends.cudnn.version()})")
