@@ -52,11 +52,11 @@ def kept_key_thresholds(bias: Tensor, pattern, keep_keys: int, q_len: int, q_off
     in ``O(S log S)`` (``rows_per_chunk`` is not used); otherwise rows are processed
     ``rows_per_chunk`` at a time (default 256), each ranking all its keys."""
     B, Hkv, S = bias.shape
+    if S > keep_keys and pattern.kind == "causal" and q_len > 64:  # a few rows (decoding): ranking directly is cheaper
+        return _prefix_thresholds(bias, keep_keys, q_len, q_offset)
     out = bias.new_full((B, Hkv, q_len), float("-inf"))
     if S <= keep_keys:
         return out
-    if pattern.kind == "causal" and q_len > 64:  # a few rows (decoding): ranking their keys directly is cheaper
-        return _prefix_thresholds(bias, keep_keys, q_len, q_offset, out)
     rows_per_chunk = rows_per_chunk or 256
     for start in range(0, q_len, rows_per_chunk):
         stop = min(q_len, start + rows_per_chunk)
@@ -69,15 +69,14 @@ def kept_key_thresholds(bias: Tensor, pattern, keep_keys: int, q_len: int, q_off
     return out
 
 
-def _prefix_thresholds(bias: Tensor, keep: int, q_len: int, q_offset: int, out: Tensor) -> Tensor:
+def _prefix_thresholds(bias: Tensor, keep: int, q_len: int, q_offset: int) -> Tensor:
     """The causal case of :func:`kept_key_thresholds`: a row that sees keys ``0..p`` keeps the
     ``keep`` largest biases of that prefix, so its threshold is the prefix's ``keep``-th largest,
     found for every row at once in ``O(S log S)`` per (batch, KV head) by
     :func:`attnkit.ops.prefix_quantile.kth_largest_of_prefixes` (a wavelet matrix over the ranks)."""
     B, Hkv, S = bias.shape
     seen = (torch.arange(q_len, device=bias.device) + q_offset).clamp(max=S - 1) + 1  # keys each row sees
-    out.copy_(kth_largest_of_prefixes(bias.reshape(B * Hkv, S), keep, seen).view(B, Hkv, q_len))
-    return out
+    return kth_largest_of_prefixes(bias.reshape(B * Hkv, S), keep, seen).view(B, Hkv, q_len)
 
 
 class _KeptKeys(_patterns.Pattern):

@@ -17,10 +17,11 @@ Backends
 ``flex``       FlexAttention with a block mask cached per (pattern, shape); compiled on CUDA.
                Serves every pattern, ``score_mod`` and lse; no backward on CPU.
 ``cudnn``      cuDNN's fused attention on a diagonal band (:mod:`attnkit.ops.cudnn_band`): the
-               sliding window for prefill and training, float16/bfloat16, through the optional
-               cuDNN frontend (``pip install nvidia-cudnn-frontend``).
-``auto``       CUDA: SDPA for plain full/causal, cuDNN for a plain sliding window when the
-               frontend is installed, FlexAttention otherwise. CPU: SDPA, or the
+               sliding window, and sink + window (sinks merged by log-sum-exp), for prefill and
+               training, float16/bfloat16, through the optional cuDNN frontend
+               (``pip install nvidia-cudnn-frontend``).
+``auto``       CUDA: SDPA for plain full/causal, cuDNN for a plain sliding window or sink + window
+               when the frontend is installed, FlexAttention otherwise. CPU: SDPA, or the
                reference when ``score_mod`` or the lse is asked for (FlexAttention has no CPU
                backward in torch 2.13, and the CPU reference costs the same as its forward).
 """
