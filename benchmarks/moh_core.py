@@ -2,10 +2,12 @@
 
 Times the attention core alone (after the projections, before W_o): MHA through ``attend``
 (cuDNN / FlashAttention through SDPA) against :class:`attnkit.layers.MixtureOfHeadsAttention`'s
-``core`` (shared heads through ``attend``, each routed head on only the tokens that picked it,
-through FlexAttention), with the routing of a freshly initialised router on random inputs
-(about balanced). Also times the pieces: the routed heads' block mask, and the routed heads'
-FlexAttention call alone. CUDA only.
+``core`` (shared heads through ``attend``, each routed head on only the tokens that picked it),
+with the routing of a freshly initialised router on random inputs (about balanced). Two
+routed paths (``--paths``): ``picked``, cuDNN on dense rectangles
+(:mod:`attnkit.ops.picked_causal`, what the layer picks when the cuDNN frontend is
+installed) and ``flex``, gathered rows through FlexAttention (its fallback). Also times the
+routed heads alone on each path, and the flex path's block mask. CUDA only.
 
     PYTHONPATH=src python benchmarks/moh_core.py --seq 8192,32768 --out moh-core.json
 """
@@ -21,6 +23,8 @@ from attnkit import patterns
 from attnkit.layers import MixtureOfHeadsAttention
 from attnkit.ops import attend
 from attnkit.ops import attention as attention_module
+from attnkit.layers import mixture_of_heads as moh_module
+from attnkit.ops import picked_causal
 from attnkit.ops.attention import block_mask_for
 from cuda_timing import save_results, timed
 
@@ -36,9 +40,11 @@ def main() -> None:
     p.add_argument("--flex-options", default="{}",
                    help="';'-separated JSON kernel_options sets for the routed heads' FlexAttention "
                         "(attnkit.ops.attention.FLEX_KERNEL_OPTIONS), each timed in turn, e.g. '{};{\"USE_TMA\": true}'")
+    p.add_argument("--paths", default="picked,flex", help="routed-head paths to time: picked (cuDNN), flex")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     option_sets = [json.loads(o) for o in a.flex_options.split(";")]
+    real_supports = picked_causal.supports
     H, D = a.heads, a.head_dim
     rows = []
     for T in (int(s) for s in a.seq.split(",")):
@@ -62,7 +68,11 @@ def main() -> None:
             mha_ms = timed(step(mha, mode == "fwdbwd"), a.repeat)
             rows.append({"seq": T, "batch": B, "mode": mode, "mechanism": "mha", "ms": mha_ms})
             print(f"T={T} B={B} {mode:6s} mha core {mha_ms:8.2f} ms", flush=True)
-        for shared, options in ((int(s), o) for s in a.shared.split(",") for o in option_sets):
+        combos = [(int(s), o, path) for s in a.shared.split(",") for path in a.paths.split(",")
+                  for o in (option_sets if path == "flex" else [{}])]
+        for shared, options, path in combos:
+            # the flex path is the layer's fallback when picked_causal does not serve the inputs
+            moh_module._picked.supports = real_supports if path == "picked" else (lambda *args: False)
             attention_module.FLEX_KERNEL_OPTIONS = dict(options)
             layer = MixtureOfHeadsAttention(H * D, H, shared_heads=shared).to(**shape)
             x = torch.randn(B, T, H * D, **shape)
@@ -86,14 +96,21 @@ def main() -> None:
             qr = torch.randn(B, R, M, D, **shape, requires_grad=True)
             kr, vr = k[:, shared:].detach().requires_grad_(), v[:, shared:].detach().requires_grad_()
 
+            qd = q[:, shared:].detach().requires_grad_()
+
+            def routed_call():
+                if path == "flex":
+                    return attend(qr, kr, vr, pattern=pattern, q_offset=0, backend="flex")
+                return picked_causal.picked_causal_attention(qd, kr, vr, picked, engine="cudnn")
+
             def routed_only(backward):
                 def run():
                     if not backward:
                         with torch.no_grad():
-                            return attend(qr, kr, vr, pattern=pattern, q_offset=0, backend="flex")
-                    for t in (qr, kr, vr):
+                            return routed_call()
+                    for t in (qr, kr, vr, qd):
                         t.grad = None
-                    attend(qr, kr, vr, pattern=pattern, q_offset=0, backend="flex").sum().backward()
+                    routed_call().sum().backward()
                 return run
 
             for mode in ("fwd", "fwdbwd"):
@@ -102,11 +119,12 @@ def main() -> None:
                 mha_ms = next(r["ms"] for r in rows if r["seq"] == T and r["mode"] == mode and r["mechanism"] == "mha")
                 theory = H / (shared + (H - shared) * active / (H - shared))
                 row = {"seq": T, "batch": B, "mode": mode, "mechanism": f"moh shared={shared} active={active}/{R}",
-                       "ms": ms, "speedup_vs_mha": mha_ms / ms, "flop_reduction": theory, "rows_per_routed_head": M,
-                       "routed_flex_ms": routed_ms, "block_mask_ms": mask_ms, "flex_options": options}
+                       "path": path, "ms": ms, "speedup_vs_mha": mha_ms / ms, "flop_reduction": theory,
+                       "rows_per_routed_head": M, "routed_alone_ms": routed_ms,
+                       "block_mask_ms": mask_ms if path == "flex" else None, "flex_options": options}
                 rows.append(row)
-                print(f"T={T} B={B} {mode:6s} moh shared={shared} active={active}/{R} {options}: {ms:8.2f} ms = "
-                      f"{mha_ms / ms:.2f}x mha (FLOPs {theory:.2f}x); routed flex alone {routed_ms:.2f} ms, "
+                print(f"T={T} B={B} {mode:6s} moh shared={shared} active={active}/{R} {path} {options}: {ms:8.2f} ms "
+                      f"= {mha_ms / ms:.2f}x mha (FLOPs {theory:.2f}x); routed heads alone {routed_ms:.2f} ms, "
                       f"block mask {mask_ms:.2f} ms, M={M} of {T}", flush=True)
     save_results(a.out, rows)
 

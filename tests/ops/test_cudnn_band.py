@@ -127,3 +127,15 @@ def test_cuda_band_compiles_and_matches_flex(sinks):
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
     out.float().square().sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_unreadable_layouts_are_copied_inside_the_ops():
+    """Under torch.compile the refusal cannot read storage offsets, so the ops copy such inputs."""
+    padded = torch.zeros(1, 2, 64, 20)[..., 2:18]
+    shifted = torch.arange(4 + 2 * 64 * 16, dtype=torch.float32)[4:].view(1, 2, 64, 16)  # contiguous, offset 4
+    for t in (padded, shifted):
+        assert not cudnn_band._is_readable(t)
+        copy = cudnn_band._readable(t)
+        assert cudnn_band._is_readable(copy) and torch.equal(copy, t)
+    aligned = torch.zeros(1, 2, 64, 16)
+    assert cudnn_band._readable(aligned) is aligned

@@ -17,8 +17,11 @@ with ``f_i`` the fraction of tokens that picked head i and ``P_i`` its mean rout
 probability; the layer exposes ``aux_loss = balance_weight * L_b`` after each training
 forward, which ``attnkit compare`` adds to the loss.
 
-Fast path: a routed head is computed only for the tokens that picked it. Per (batch item,
-head) the picked tokens are gathered (sorted by position) into ``M`` query rows, ``M`` the
+Fast path: a routed head is computed only for the tokens that picked it. On CUDA with the
+cuDNN frontend (``backend="auto"``, prefill and training) the picked rows run through
+:func:`attnkit.ops.picked_causal.picked_causal_attention`: a dyadic split of the positions
+into unmasked rectangles that cuDNN's fused attention computes at its full rate, merged by
+log-sum-exp. Otherwise, per (batch item, head) the picked tokens are gathered (sorted by position) into ``M`` query rows, ``M`` the
 largest count, and attend to all keys through :class:`attnkit.patterns.AtQueryPositions`:
 with half of the routed heads active the attention core of those heads does about half the
 work. Their FlexAttention block mask is built from the gathered positions in closed form
@@ -35,6 +38,7 @@ from torch import Tensor, nn
 
 from .. import patterns as _patterns
 from ..ops import attend
+from ..ops import picked_causal as _picked
 from ..registry import Capabilities, Card, FlopCount, dense_attention_flops, register
 from .multi_head import MultiHeadAttention, head_shape
 
@@ -127,11 +131,18 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
         q_offset = S - T if q_offset is None else q_offset
         if group > 1:  # routed heads need their own K/V
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        shared_out = (attend(q[:, :s_heads], k[:, :s_heads], v[:, :s_heads], pattern=pattern, backend=self.backend,
+                             q_offset=q_offset) if s_heads else None)
+        picked = chosen.transpose(1, 2)  # (B, R, T)
+        q_r, k_r, v_r = q[:, s_heads:], k[:, s_heads:], v[:, s_heads:]
+        if self.backend == "auto" and q_offset == 0 and T == S and _picked.supports(q_r, k_r, v_r, picked):
+            # cuDNN on dense rectangles (attnkit.ops.picked_causal): about cuDNN's rate on the picked rows
+            routed_out = _picked.picked_causal_attention(q_r, k_r, v_r, picked, engine="cudnn")
+            heads = routed_out if shared_out is None else torch.cat([shared_out, routed_out], dim=1)
+            return heads * gate_heads
         out = torch.zeros_like(q)
         if s_heads:
-            out[:, :s_heads] = attend(q[:, :s_heads], k[:, :s_heads], v[:, :s_heads], pattern=pattern,
-                                      backend=self.backend, q_offset=q_offset)
-        picked = chosen.transpose(1, 2)  # (B, R, T)
+            out[:, :s_heads] = shared_out
         counts = picked.sum(-1)
         M = int(counts.max())
         if M > 0:

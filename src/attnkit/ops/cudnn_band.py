@@ -42,7 +42,7 @@ __all__ = ["available", "supports", "band_attention", "run", "why_unsupported", 
 _FRONTEND = None  # the imported ``cudnn`` module, False when it cannot be imported
 _MIN_CUDNN = 90200  # diagonal bands in both directions since cuDNN 9.2
 _GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
-_GRAPH_CACHE_SIZE = 32
+_GRAPH_CACHE_SIZE = 128  # the picked-rows split (attnkit.ops.picked_causal) builds two per level
 _HANDLES: dict = {}
 _AVAILABLE: dict = {}
 
@@ -82,8 +82,8 @@ def why_unsupported(q: Tensor, k: Tensor, v: Tensor, pattern, score_mod, return_
         return "it takes no score_mod and returns no log-sum-exp"
     if any(t.stride(-1) != 1 for t in (q, k, v)):
         return "it needs the head dim contiguous (stride 1) in q, k and v"
-    if any(t.storage_offset() % 8 or any(st % 8 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
-           for t in (q, k, v)):
+    # (under torch.compile the offsets are not traceable: the ops copy such inputs instead, _readable)
+    if not torch.compiler.is_compiling() and not all(_is_readable(t) for t in (q, k, v)):
         return "it needs q, k and v 16-byte aligned (offsets and strides multiples of 8 elements)"
     if q.device.type != "cuda":
         return f"it runs on CUDA only, got {q.device}"
@@ -100,6 +100,16 @@ def why_unsupported(q: Tensor, k: Tensor, v: Tensor, pattern, score_mod, return_
         return ("the cuDNN frontend is not usable here (pip install nvidia-cudnn-frontend; "
                 f"needs compute capability >= 8.0 and cuDNN >= 9.2, found {torch.backends.cudnn.version()})")
     return None
+
+
+def _is_readable(t: Tensor) -> bool:
+    """cuDNN reads 16-byte aligned rows: the offset and every stride a multiple of 8 elements."""
+    return t.storage_offset() % 8 == 0 and all(st % 8 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+
+
+def _readable(t: Tensor) -> Tensor:
+    """``t`` itself, or a fresh (aligned) copy when cuDNN could not read it."""
+    return t if _is_readable(t) else t.contiguous() if not t.is_contiguous() else t.clone()
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, pattern, score_mod=None, return_lse: bool = False, q_offset: int = 0) -> bool:
@@ -133,10 +143,15 @@ def _graph_tensor(graph, name: str, t: Tensor, data_type):
     return graph.tensor(name=name, dim=list(t.shape), stride=list(t.stride()), data_type=data_type)
 
 
-def _band(fe, window: int) -> dict:
+def _mask_options(fe, mask: tuple) -> dict:
+    """Graph options for ``("band", window)``, ``("causal",)`` or ``("full",)`` (no mask)."""
+    if mask[0] == "full":
+        return {}
     # TOP_LEFT alignment with T == S: key j is inside the band of query i iff i - window < j <= i
-    return {"diagonal_alignment": fe.diagonal_alignment.TOP_LEFT, "diagonal_band_left_bound": window,
-            "diagonal_band_right_bound": 0}
+    options = {"diagonal_alignment": fe.diagonal_alignment.TOP_LEFT, "diagonal_band_right_bound": 0}
+    if mask[0] == "band":
+        options["diagonal_band_left_bound"] = mask[1]
+    return options
 
 
 def _finish(graph, fe) -> int:
@@ -165,19 +180,27 @@ def _execute(graph, workspace_size: int, pack: dict, device: torch.device) -> No
     graph.execute(pack, workspace, handle=_handle(device))
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> tuple[Tensor, Tensor]:
+def sdpa_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: tuple, out: Tensor | None = None,
+                 stats: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """cuDNN's fused attention forward, ``(out, stats)``; ``stats`` is the rows' log-sum-exp
+    ``[B, H, T, 1]`` float32. ``mask``: ``("band", window)``, ``("causal",)`` (top-left) or
+    ``("full",)``. Writes into ``out`` and ``stats`` when given (any strides cuDNN reads).
+    No checks: callers validate (:func:`why_unsupported`)."""
     fe = _frontend()
     B, H, T, _ = q.shape
-    out = torch.empty_like(q)  # q's strides: a [B, T, H, D] projection stays free to reshape back
-    stats = torch.empty(B, H, T, 1, dtype=torch.float32, device=q.device)
-    key = ("fwd", q.dtype, q.device, window, scale, _layout(q), _layout(k), _layout(v), _layout(out))
+    if out is None:
+        out = torch.empty_like(q)  # q's strides: a [B, T, H, D] projection stays free to reshape back
+    if stats is None:
+        stats = torch.empty(B, H, T, 1, dtype=torch.float32, device=q.device)
+    key = ("fwd", q.dtype, q.device, mask, scale, _layout(q), _layout(k), _layout(v), _layout(out), _layout(stats))
 
     def build():
         dt = _data_type(q.dtype)
         g = fe.pygraph(io_data_type=dt, intermediate_data_type=fe.data_type.FLOAT,
                        compute_data_type=fe.data_type.FLOAT, handle=_handle(q.device))
         tq, tk, tv = (_graph_tensor(g, n, t, dt) for n, t in (("q", q), ("k", k), ("v", v)))
-        to, tstats = g.sdpa(name="band", q=tq, k=tk, v=tv, generate_stats=True, attn_scale=scale, **_band(fe, window))
+        to, tstats = g.sdpa(name="sdpa", q=tq, k=tk, v=tv, generate_stats=True, attn_scale=scale,
+                            **_mask_options(fe, mask))
         to.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride())).set_data_type(dt)
         tstats.set_output(True).set_dim(list(stats.shape)).set_stride(list(stats.stride()))
         tstats.set_data_type(fe.data_type.FLOAT)
@@ -188,11 +211,18 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> tupl
     return out, stats
 
 
-def _backward(q, k, v, out, grad_out, stats, window: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def sdpa_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, grad_out: Tensor, stats: Tensor, scale: float,
+                  mask: tuple, dq: Tensor | None = None, dk: Tensor | None = None,
+                  dv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """cuDNN's fused attention backward given ``out`` and ``stats`` (which may be a merged
+    output and log-sum-exp: the keys' exact share of the gradients, the ring-attention
+    identity); writes into ``dq, dk, dv`` when given. No checks: callers validate."""
     fe = _frontend()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    key = ("bwd", q.dtype, q.device, window, scale, _layout(q), _layout(k), _layout(v), _layout(out),
-           _layout(grad_out), _layout(dq), _layout(dk), _layout(dv))
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    key = ("bwd", q.dtype, q.device, mask, scale, _layout(q), _layout(k), _layout(v), _layout(out),
+           _layout(grad_out), _layout(stats), _layout(dq), _layout(dk), _layout(dv))
 
     def build():
         dt = _data_type(q.dtype)
@@ -201,8 +231,8 @@ def _backward(q, k, v, out, grad_out, stats, window: int, scale: float) -> tuple
         named = (("q", q), ("k", k), ("v", v), ("o", out), ("do", grad_out))
         tq, tk, tv, to, tdo = (_graph_tensor(g, n, t, dt) for n, t in named)
         tstats = _graph_tensor(g, "stats", stats, fe.data_type.FLOAT)
-        tdq, tdk, tdv = g.sdpa_backward(name="band_backward", q=tq, k=tk, v=tv, o=to, dO=tdo, stats=tstats,
-                                        attn_scale=scale, **_band(fe, window))
+        tdq, tdk, tdv = g.sdpa_backward(name="sdpa_backward", q=tq, k=tk, v=tv, o=to, dO=tdo, stats=tstats,
+                                        attn_scale=scale, **_mask_options(fe, mask))
         for t, like in ((tdq, dq), (tdk, dk), (tdv, dv)):
             t.set_output(True).set_dim(list(like.shape)).set_stride(list(like.stride())).set_data_type(dt)
         return g, _finish(g, fe), (tq, tk, tv, to, tdo, tstats, tdq, tdk, tdv)
@@ -211,6 +241,16 @@ def _backward(q, k, v, out, grad_out, stats, window: int, scale: float) -> tuple
     values = (q, k, v, out, grad_out, stats, dq, dk, dv)
     _execute(g, workspace, dict(zip(tensors, values)), q.device)
     return dq, dk, dv
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> tuple[Tensor, Tensor]:
+    q, k, v = (_readable(t) for t in (q, k, v))
+    return sdpa_forward(q, k, v, scale, ("band", window))
+
+
+def _backward(q, k, v, out, grad_out, stats, window: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v, out, grad_out = (_readable(t) for t in (q, k, v, out, grad_out))
+    return sdpa_backward(q, k, v, out, grad_out, stats, scale, ("band", window))
 
 
 @torch.library.custom_op("attnkit::cudnn_band_fwd", mutates_args=())

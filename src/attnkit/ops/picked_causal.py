@@ -1,0 +1,330 @@
+"""Causal attention for the query rows a router picked, computed as dense rectangles.
+
+MoH's routed heads (:class:`attnkit.layers.MixtureOfHeadsAttention`) run each head only for
+the tokens that picked it. Row ``t`` of head ``h`` attends causally to every key::
+
+    out[b, h, t] = sum_{j <= t} softmax_j(scale * q[b,h,t] . k[b,h,j]) v[b,h,j]   if picked[b, h, t]
+    out[b, h, t] = 0                                                            otherwise
+
+Gathering the picked rows leaves a mask with a different position on every row, which no
+fused kernel of cuDNN's takes, and FlexAttention's kernel runs at about half of cuDNN's rate
+on it (``benchmarks/results/README.md``, session 10). This module splits the work into pieces
+cuDNN does take, by a dyadic split of the positions:
+
+* **leaf:** every row attends, causally, to the keys of its own ``leaf``-token block (one
+  causal call over ``[B*H, T/leaf, leaf, D]``; about ``2 leaf / T`` of the work);
+* **levels** ``L = 2 leaf, 4 leaf, ...`` while ``L/2 < T``: in every segment ``[sL, sL + L)``
+  the picked rows of its second half attend to all keys of its first half, without a mask.
+  Per level one cuDNN call over ``[B*H, segments, M_L, D] x [B*H, segments, L/2, D]``, with
+  the picked rows gathered (``M_L`` the largest count, rounded up so that batches share
+  graphs) and the keys read in place through strides.
+
+Every pair ``j <= t`` lies in exactly one piece (the smallest segment holding both has ``j``
+in its first half and ``t`` in its second, or both are in one leaf block). The pieces'
+``(o, lse)`` are merged by log-sum-exp in one Triton pass over the rows
+(:mod:`attnkit.ops.row_merge_triton`). The backward hands every piece's cuDNN backward the
+*merged* output and lse (the ring-attention identity: each piece then returns its keys'
+exact share of the gradients) and sums the shares per row in one pass per tensor.
+
+Half the levels' work is in the first (the rows of the second half against the keys of the
+first), so nearly all of it runs as large unmasked rectangles, cuDNN's fastest case.
+
+Shapes: q, k, v ``[B, H, T, D]`` (one key and value head per query head; repeat them first for
+GQA), picked ``[B, H, T]`` bool; any strides. Returns ``[B, H, T, D]`` with zero rows where
+nothing was picked. Engines: ``"cudnn"`` (CUDA, float16/bfloat16, the cuDNN frontend,
+:mod:`attnkit.ops.cudnn_band`) and ``"torch"`` (the same split in plain tensor ops, any
+device and dtype: how the CPU tests check the split, the merge and the backward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import cudnn_band as _cudnn
+from . import row_merge_triton as _rows
+
+__all__ = ["picked_causal_attention", "why_unsupported", "supports", "ENGINES"]
+
+ENGINES = ("auto", "cudnn", "torch")
+LEAF = 128
+
+
+def why_unsupported(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, engine: str = "cudnn") -> str | None:
+    """``None`` when ``engine`` can serve these inputs, else the reason (for error messages)."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        return (f"it takes q, k and v of one shape [B, H, T, D] (T == S, one key head per query head), got "
+                f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if picked.shape != q.shape[:3] or picked.dtype != torch.bool:
+        return f"picked must be a bool tensor of shape {tuple(q.shape[:3])}, got {picked.dtype} {tuple(picked.shape)}"
+    if engine == "torch":
+        return None
+    if not _rows.available():
+        return "it needs triton for the row merges"
+    if q.device.type != "cuda":
+        return f"the cudnn engine runs on CUDA only, got {q.device}"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"the cudnn engine takes float16 or bfloat16, got {q.dtype}"
+    D = q.shape[3]
+    if D % 8 or D > 128:
+        return f"the cudnn engine takes a head dim that is a multiple of 8 and at most 128, got {D}"
+    if not _cudnn.available(q.device):
+        return ("the cuDNN frontend is not usable here (pip install nvidia-cudnn-frontend; needs compute "
+                f"capability >= 8.0 and cuDNN >= 9.2, found {torch.backends.cudnn.version()})")
+    return None
+
+
+def supports(q: Tensor, k: Tensor, v: Tensor, picked: Tensor) -> bool:
+    """Whether the cudnn engine serves these inputs."""
+    return why_unsupported(q, k, v, picked, "cudnn") is None
+
+
+def picked_causal_attention(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, scale: float | None = None, *,
+                            engine: str = "auto", leaf: int = LEAF, row_multiple: int | None = None) -> Tensor:
+    """Causal attention of the picked rows only (see the module docstring); differentiable.
+
+    Args:
+        q, k, v: ``[B, H, T, D]``.
+        picked: ``[B, H, T]`` bool, the rows to compute; the others come back as zeros.
+        scale: score scale (default ``D ** -0.5``).
+        engine: ``"auto"`` (``"cudnn"`` when it serves the inputs, else ``"torch"``), ``"cudnn"``
+            or ``"torch"``.
+        leaf: the causal leaf block, in tokens (a positive multiple of 8 for cuDNN).
+        row_multiple: each level's gathered row count is rounded up to a multiple of this
+            (default 128 for cuDNN, whose kernels take whole 128-row tiles, else 1) and of
+            ``L / 128``, so that batches with slightly different routing share graphs.
+
+    Returns:
+        ``[B, H, T, D]`` in q's dtype.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if not isinstance(leaf, int) or leaf < 1:
+        raise ValueError(f"leaf must be a positive int, got {leaf!r}")
+    if row_multiple is not None and (not isinstance(row_multiple, int) or row_multiple < 1):
+        raise ValueError(f"row_multiple must be a positive int or None, got {row_multiple!r}")
+    if engine == "auto":
+        engine = "cudnn" if why_unsupported(q, k, v, picked, "cudnn") is None else "torch"
+    reason = why_unsupported(q, k, v, picked, engine)
+    if reason is not None:
+        raise ValueError(f"picked_causal_attention(engine={engine!r}) cannot serve these inputs: {reason}")
+    if engine == "cudnn" and leaf % 8:
+        raise ValueError(f"the cudnn engine needs leaf to be a multiple of 8, got {leaf}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if row_multiple is None:
+        row_multiple = 128 if engine == "cudnn" else 1
+    kernels = "triton" if (q.is_cuda and _rows.available()) else "torch"
+    return _PickedCausal.apply(q, k, v, picked, float(scale), engine, kernels, leaf, row_multiple)
+
+
+@dataclass
+class _Level:
+    L: int  # segment length; rows of the second half attend to the keys of the first
+    segments: int
+    rows: int  # gathered rows per (head, segment), padded
+    q_offset: int  # first slot of this level in the row-slot buffers
+    k_offset: int  # first slot of this level in the key-slot buffers
+
+
+@dataclass
+class _Plan:
+    BH: int
+    T: int
+    T_pad: int
+    leaf: int
+    levels: list
+    n_qslots: int
+    n_kslots: int
+    row_slot: Tensor  # [levels, BH * T_pad] int32: each row's slot per level, -1 if none
+    key_slot: Tensor  # [levels, BH * T_pad] int32: each key's slot per level, -1 if none
+    slot_row: Tensor  # [n_qslots] int32: each row slot's dense row, -1 for padding
+    weight: Tensor  # [BH * T_pad]: 1 on picked rows, 0 elsewhere
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _plan(picked: Tensor, T: int, leaf: int, row_multiple: int, weight_dtype: torch.dtype) -> _Plan:
+    BH, dev = picked.shape[0], picked.device
+    T_pad = _round_up(T, leaf)
+    N = BH * T_pad
+    pick = F.pad(picked, (0, T_pad - T))
+    weight = pick.reshape(N).to(weight_dtype)
+    sizes = []
+    L = 2 * leaf
+    while L // 2 < T:
+        sizes.append(L)
+        L *= 2
+    n = len(sizes)
+    empty = torch.empty(0, N, dtype=torch.int32, device=dev)
+    if n == 0:
+        return _Plan(BH, T, T_pad, leaf, [], 0, 0, empty, empty, torch.empty(0, dtype=torch.int32, device=dev), weight)
+    Ls = torch.tensor(sizes, device=dev)[:, None, None]  # [n, 1, 1]
+    half = Ls // 2
+    p = torch.arange(T_pad, device=dev)[None, None, :]
+    seg, r = p // Ls, p % Ls
+    bottom = r >= half
+    prefix = F.pad(pick.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))  # picked rows before each position
+    prefix_n = prefix.unsqueeze(0).expand(n, BH, T_pad + 1)
+    start = prefix_n.gather(-1, (seg * Ls + half).clamp_max(T_pad).expand(n, BH, T_pad))
+    end = prefix_n.gather(-1, (seg * Ls + Ls).clamp_max(T_pad).expand(n, BH, T_pad))
+    most = (end - start).amax(dim=(1, 2)).tolist()  # the one host sync: each level's largest row count
+    levels, q_off, k_off = [], 0, 0
+    for L, m in zip(sizes, most):
+        rows = _round_up(m, max(row_multiple, L // 128)) if m else 0
+        segments = -(-(T - L // 2) // L)  # segments whose second half starts before T
+        levels.append(_Level(L, segments, rows, q_off, k_off))
+        q_off += BH * segments * rows
+        k_off += BH * segments * (L // 2) if rows else 0
+    col = lambda attr: torch.tensor([getattr(lv, attr) for lv in levels], device=dev)[:, None, None]  # noqa: E731
+    rows_t, segs_t, qo_t, ko_t = col("rows"), col("segments"), col("q_offset"), col("k_offset")
+    bh = torch.arange(BH, device=dev)[None, :, None]
+    q_valid = pick[None] & bottom
+    q_slot = qo_t + (bh * segs_t + seg) * rows_t + (prefix[None, :, :T_pad] - start)
+    row_slot = torch.where(q_valid, q_slot, -1)
+    k_valid = ~bottom & (seg < segs_t) & (rows_t > 0)
+    key_slot = torch.where(k_valid, ko_t + (bh * segs_t + seg) * half + r, -1)
+    slot_row = torch.full((q_off + 1,), -1, dtype=torch.int32, device=dev)
+    dense_row = (bh * T_pad + p).expand(n, BH, T_pad)
+    slot_row.scatter_(0, torch.where(q_valid, row_slot, q_off).reshape(-1), dense_row.reshape(-1).to(torch.int32))
+    return _Plan(BH, T, T_pad, leaf, levels, q_off, k_off, row_slot.reshape(n, N).to(torch.int32),
+                 key_slot.reshape(n, N).to(torch.int32), slot_row[:q_off], weight)
+
+
+def _dense(t: Tensor, plan: _Plan) -> Tensor:
+    """``[B, H, T, D]`` -> contiguous ``[B*H, T_pad, D]`` (zero rows past T), one copy."""
+    B, H, T, D = t.shape
+    out = t.new_empty(B, H, plan.T_pad, D)
+    out[:, :, :T].copy_(t)
+    out[:, :, T:].zero_()
+    return out.view(plan.BH, plan.T_pad, D)
+
+
+def _key_view(kc: Tensor, level: _Level) -> Tensor:
+    """The first halves of a level's segments, in place: ``[B*H, segments, L/2, D]``."""
+    BH, T_pad, D = kc.shape
+    return kc.as_strided((BH, level.segments, level.L // 2, D), (T_pad * D, level.L * D, D, 1), kc.storage_offset())
+
+
+def _region(buf: Tensor, offset: int, shape: tuple) -> Tensor:
+    n = 1
+    for s in shape[:-1]:
+        n *= s
+    return buf[offset:offset + n].view(*shape)
+
+
+# ---- the two engines: one attention piece, forward and backward, into given buffers ----
+
+def _torch_forward(q, k, v, scale, causal, out, stats):
+    wide = torch.promote_types(q.dtype, torch.float32)
+    s = q.to(wide) @ k.to(wide).transpose(-1, -2) * scale
+    if causal:
+        T = q.shape[-2]
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    out.copy_(torch.exp(s - lse) @ v.to(s.dtype))
+    stats.copy_(lse)
+
+
+def _torch_backward(q, k, v, out, grad_out, stats, scale, causal, dq, dk, dv):
+    wide = torch.promote_types(q.dtype, torch.float32)
+    q, k, v, out, grad_out = (t.to(wide) for t in (q, k, v, out, grad_out))
+    p = torch.exp(q @ k.transpose(-1, -2) * scale - stats.to(wide))
+    if causal:
+        T = q.shape[-2]
+        p = p.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), 0.0)
+    ds = p * (grad_out @ v.transpose(-1, -2) - (grad_out * out).sum(-1, keepdim=True))
+    dq.copy_(scale * ds @ k)
+    dk.copy_(scale * ds.transpose(-1, -2) @ q)
+    dv.copy_(p.transpose(-1, -2) @ grad_out)
+
+
+def _piece_forward(engine, q, k, v, scale, causal, out, stats):
+    if engine == "cudnn":
+        _cudnn.sdpa_forward(q, k, v, scale, ("causal",) if causal else ("full",), out=out, stats=stats)
+    else:
+        _torch_forward(q, k, v, scale, causal, out, stats)
+
+
+def _piece_backward(engine, q, k, v, out, grad_out, stats, scale, causal, dq, dk, dv):
+    if engine == "cudnn":
+        _cudnn.sdpa_backward(q, k, v, out, grad_out, stats, scale, ("causal",) if causal else ("full",),
+                             dq=dq, dk=dk, dv=dv)
+    else:
+        _torch_backward(q, k, v, out, grad_out, stats, scale, causal, dq, dk, dv)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kernels(name: str):
+    if name == "triton":
+        return _rows.gather_rows, _rows.sum_rows, _rows.merge_rows
+    return _rows.gather_rows_torch, _rows.sum_rows_torch, _rows.merge_rows_torch
+
+
+class _PickedCausal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, picked, scale, engine, kernels, leaf, row_multiple):
+        B, H, T, D = q.shape
+        plan = _plan(picked.reshape(B * H, T), T, leaf, row_multiple, q.dtype)
+        gather, _, merge = _kernels(kernels)
+        qc, kc, vc = (_dense(t, plan) for t in (q, k, v))
+        BH, T_pad, N = plan.BH, plan.T_pad, plan.BH * plan.T_pad
+        blocks = (BH, T_pad // leaf, leaf, D)
+        o_leaf = torch.empty(blocks, dtype=q.dtype, device=q.device)
+        stats = _stats_dtype(q.dtype)
+        l_leaf = torch.empty(*blocks[:3], 1, dtype=stats, device=q.device)
+        _piece_forward(engine, qc.view(blocks), kc.view(blocks), vc.view(blocks), scale, True, o_leaf, l_leaf)
+        q_slots = gather(qc.view(N, D), plan.slot_row)
+        o_slots = q.new_empty(plan.n_qslots, D)
+        l_slots = torch.empty(plan.n_qslots, dtype=stats, device=q.device)
+        for lv in plan.levels:
+            if lv.rows:
+                shape = (BH, lv.segments, lv.rows, D)
+                _piece_forward(engine, _region(q_slots, lv.q_offset, shape), _key_view(kc, lv), _key_view(vc, lv),
+                               scale, False, _region(o_slots, lv.q_offset, shape),
+                               _region(l_slots, lv.q_offset, shape[:3] + (1,)))
+        out, lse = merge(o_leaf.view(N, D), l_leaf.view(N), o_slots, l_slots, plan.row_slot, plan.weight)
+        ctx.save_for_backward(qc, kc, vc, q_slots, out, lse)
+        ctx.plan, ctx.scale, ctx.engine, ctx.kernels, ctx.shape = plan, scale, engine, kernels, (B, H, T, D)
+        return out.view(BH, T_pad, D)[:, :T].view(B, H, T, D)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qc, kc, vc, q_slots, out, lse = ctx.saved_tensors
+        plan, scale, engine = ctx.plan, ctx.scale, ctx.engine
+        B, H, T, D = ctx.shape
+        gather, sum_rows, _ = _kernels(ctx.kernels)
+        BH, T_pad, N, leaf = plan.BH, plan.T_pad, plan.BH * plan.T_pad, plan.leaf
+        do = _dense(grad_out.to(qc.dtype), plan).view(N, D)
+        do.mul_(plan.weight[:, None])  # rows nobody picked are outputs of nothing
+        blocks = (BH, T_pad // leaf, leaf, D)
+        dq_leaf, dk_leaf, dv_leaf = (torch.empty_like(t) for t in (qc, kc, vc))
+        # unpicked rows keep their leaf lse (finite) with a zero dO: they add nothing
+        _piece_backward(engine, qc.view(blocks), kc.view(blocks), vc.view(blocks), out.view(blocks), do.view(blocks),
+                        lse.view(*blocks[:3], 1), scale, True, dq_leaf.view(blocks), dk_leaf.view(blocks),
+                        dv_leaf.view(blocks))
+        o_slots, do_slots = gather(out, plan.slot_row), gather(do, plan.slot_row)
+        l_slots = _rows.gather_rows_torch(lse, plan.slot_row)  # padding rows: q = 0 and lse 0 (finite), dO = 0
+        dq_slots = qc.new_empty(plan.n_qslots, D)
+        dk_slots, dv_slots = qc.new_empty(plan.n_kslots, D), qc.new_empty(plan.n_kslots, D)
+        for lv in plan.levels:
+            if lv.rows:
+                shape, kshape = (BH, lv.segments, lv.rows, D), (BH, lv.segments, lv.L // 2, D)
+                _piece_backward(engine, _region(q_slots, lv.q_offset, shape), _key_view(kc, lv), _key_view(vc, lv),
+                                _region(o_slots, lv.q_offset, shape), _region(do_slots, lv.q_offset, shape),
+                                _region(l_slots, lv.q_offset, shape[:3] + (1,)), scale, False,
+                                _region(dq_slots, lv.q_offset, shape), _region(dk_slots, lv.k_offset, kshape),
+                                _region(dv_slots, lv.k_offset, kshape))
+        dq = sum_rows(dq_leaf.view(N, D), dq_slots, plan.row_slot)
+        dk = sum_rows(dk_leaf.view(N, D), dk_slots, plan.key_slot)
+        dv = sum_rows(dv_leaf.view(N, D), dv_slots, plan.key_slot)
+        unpad = lambda t: t.view(BH, T_pad, D)[:, :T].view(B, H, T, D)  # noqa: E731
+        return unpad(dq), unpad(dk), unpad(dv), None, None, None, None, None, None

@@ -1,0 +1,164 @@
+"""Row gathers and log-sum-exp merges over index tables (the picked-rows split's glue).
+
+:mod:`attnkit.ops.picked_causal` computes attention for a row in several pieces, each written
+to a "slot" row of a flat buffer ``[n_slots, D]``; an index table ``idx[level, row]`` names the
+row's slot in each piece (``-1``: the row has no part in that piece). Three passes:
+
+    gather_rows(src, idx)[s]           = src[idx[s]]  (zeros where idx[s] < 0)
+    sum_rows(base, src, idx)[r]        = base[r] + sum_l src[idx[l, r]]
+    merge_rows(o0, l0, o, lse, idx, w) = softmax merge of the row's pieces:
+        lse_r = logsumexp(l0_r, lse[idx[l, r]] ...);
+        out_r = w_r * (exp(l0_r - lse_r) o0_r + sum_l exp(lse[idx[l, r]] - lse_r) o[idx[l, r]])
+
+Each reads every slot row it needs once, in float32, so the merge of ``n`` pieces is one pass
+instead of ``n`` elementwise passes over the rows. ``src``/``o`` are ``[n_slots, D]`` and
+``base``/``o0`` ``[n_rows, D]``, contiguous; any D (masked to the next power of two).
+Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1``); the ``*_torch`` twins are the
+reference the tests compare with, and run anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is optional
+    triton = None
+
+__all__ = ["available", "gather_rows", "sum_rows", "merge_rows", "gather_rows_torch", "sum_rows_torch",
+           "merge_rows_torch"]
+
+_BLOCK_R = 32
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_kernel(SRC, IDX, OUT, n, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        d = tl.arange(0, BLOCK_D)
+        live = rows < n
+        idx = tl.load(IDX + rows, mask=live, other=-1).to(tl.int64)
+        dmask = d[None, :] < D
+        x = tl.load(SRC + idx[:, None] * D + d[None, :], mask=(idx[:, None] >= 0) & dmask, other=0.0)
+        tl.store(OUT + rows.to(tl.int64)[:, None] * D + d[None, :], x, mask=live[:, None] & dmask)
+
+    @triton.jit
+    def _sum_kernel(BASE, SRC, IDX, OUT, n, n_levels, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        d = tl.arange(0, BLOCK_D)
+        live = rows < n
+        dmask = d[None, :] < D
+        at = rows.to(tl.int64)[:, None] * D + d[None, :]
+        acc = tl.load(BASE + at, mask=live[:, None] & dmask, other=0.0).to(tl.float32)
+        for level in range(n_levels):
+            idx = tl.load(IDX + level * n + rows, mask=live, other=-1).to(tl.int64)
+            acc += tl.load(SRC + idx[:, None] * D + d[None, :], mask=(idx[:, None] >= 0) & dmask,
+                           other=0.0).to(tl.float32)
+        tl.store(OUT + at, acc.to(OUT.dtype.element_ty), mask=live[:, None] & dmask)
+
+    @triton.jit
+    def _merge_kernel(O0, L0, O, L, IDX, W, OUT, LSE, n, n_levels, D, BLOCK_R: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        d = tl.arange(0, BLOCK_D)
+        live = rows < n
+        dmask = d[None, :] < D
+        at = rows.to(tl.int64)[:, None] * D + d[None, :]
+        m = tl.load(L0 + rows, mask=live, other=0.0)
+        acc = tl.load(O0 + at, mask=live[:, None] & dmask, other=0.0).to(tl.float32)
+        total = tl.full([BLOCK_R], 1.0, tl.float32)  # sum of exp(lse - m) over the pieces so far
+        for level in range(n_levels):
+            idx = tl.load(IDX + level * n + rows, mask=live, other=-1).to(tl.int64)
+            has = idx >= 0
+            lse = tl.load(L + idx, mask=has, other=float("-inf"))
+            o = tl.load(O + idx[:, None] * D + d[None, :], mask=has[:, None] & dmask, other=0.0).to(tl.float32)
+            m_new = tl.maximum(m, lse)
+            keep = tl.exp(m - m_new)
+            add = tl.exp(lse - m_new)  # 0 where the row has no piece here
+            acc = acc * keep[:, None] + o * add[:, None]
+            total = total * keep + add
+            m = m_new
+        w = tl.load(W + rows, mask=live, other=0.0).to(tl.float32)
+        tl.store(OUT + at, (acc * (w / total)[:, None]).to(OUT.dtype.element_ty), mask=live[:, None] & dmask)
+        tl.store(LSE + rows, m + tl.log(total), mask=live)
+
+
+def _grid(n: int):
+    return (triton.cdiv(max(n, 1), _BLOCK_R),)
+
+
+def _block_d(D: int) -> int:
+    return triton.next_power_of_2(D)
+
+
+def gather_rows(src: Tensor, idx: Tensor, out: Tensor | None = None) -> Tensor:
+    """``out[s] = src[idx[s]]``, zeros where ``idx[s] < 0``; ``src [N, D]``, ``idx [n]`` int."""
+    n, D = idx.shape[0], src.shape[1]
+    out = src.new_empty(n, D) if out is None else out
+    if n:
+        _gather_kernel[_grid(n)](src, idx, out, n, D, BLOCK_R=_BLOCK_R, BLOCK_D=_block_d(D))
+    return out
+
+
+def sum_rows(base: Tensor, src: Tensor, idx: Tensor, out: Tensor | None = None) -> Tensor:
+    """``out[r] = base[r] + sum_l src[idx[l, r]]`` (absent where ``idx < 0``), summed in float32."""
+    n, D = base.shape
+    out = torch.empty_like(base) if out is None else out
+    if n:
+        _sum_kernel[_grid(n)](base, src, idx, out, n, idx.shape[0], D, BLOCK_R=_BLOCK_R, BLOCK_D=_block_d(D))
+    return out
+
+
+def merge_rows(o0: Tensor, lse0: Tensor, o: Tensor, lse: Tensor, idx: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-sum-exp merge of every row's pieces (see the module docstring); ``(out, lse)``."""
+    n, D = o0.shape
+    out = torch.empty_like(o0)
+    merged = torch.empty(n, dtype=torch.float32, device=o0.device)
+    if n:
+        _merge_kernel[_grid(n)](o0, lse0, o, lse, idx, weight, out, merged, n, idx.shape[0], D,
+                                BLOCK_R=_BLOCK_R, BLOCK_D=_block_d(D))
+    return out, merged
+
+
+def _take(src: Tensor, idx: Tensor) -> Tensor:
+    """``src[idx]`` with ``idx < 0`` (and any index into an empty ``src``) giving zeros."""
+    if src.shape[0] == 0:
+        return src.new_zeros(idx.shape + src.shape[1:])
+    return torch.where((idx >= 0).reshape(idx.shape + (1,) * (src.dim() - 1)), src[idx.clamp_min(0).long()], 0)
+
+
+def gather_rows_torch(src: Tensor, idx: Tensor, out: Tensor | None = None) -> Tensor:
+    rows = _take(src, idx)
+    return rows if out is None else out.copy_(rows)
+
+
+def _wide(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def sum_rows_torch(base: Tensor, src: Tensor, idx: Tensor, out: Tensor | None = None) -> Tensor:
+    acc = _wide(base)
+    for level in idx:
+        acc = acc + _wide(gather_rows_torch(src, level))
+    acc = acc.to(base.dtype)
+    return acc if out is None else out.copy_(acc)
+
+
+def merge_rows_torch(o0: Tensor, lse0: Tensor, o: Tensor, lse: Tensor, idx: Tensor,
+                     weight: Tensor) -> tuple[Tensor, Tensor]:
+    has = idx >= 0
+    pieces_lse = torch.cat([_wide(lse0)[None], torch.where(has, _wide(_take(lse, idx)), float("-inf"))])
+    merged = torch.logsumexp(pieces_lse, 0)
+    w = torch.exp(pieces_lse - merged)  # [levels + 1, n]
+    acc = w[0, :, None] * _wide(o0)
+    for level in range(idx.shape[0]):
+        acc = acc + w[level + 1, :, None] * _wide(gather_rows_torch(o, idx[level]))
+    return (acc * _wide(weight)[:, None]).to(o0.dtype), merged
