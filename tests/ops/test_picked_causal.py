@@ -62,7 +62,7 @@ def test_plan_covers_every_picked_row_and_key_once_per_level():
     """The index tables: each level's picked rows of the second halves, each first-half key, once."""
     T, leaf = 100, 4
     picked = torch.rand(3, T, generator=torch.Generator().manual_seed(0)) < 0.5
-    plan = pc._plan(picked, T, leaf, 1, torch.float32)
+    plan = pc._plan(picked, T, leaf, 1, torch.float32, "torch")
     assert [lv.L for lv in plan.levels] == [8, 16, 32, 64, 128]
     pos = torch.arange(plan.T_pad).repeat(3)
     pick = torch.nn.functional.pad(picked, (0, plan.T_pad - T)).reshape(-1)
@@ -75,6 +75,17 @@ def test_plan_covers_every_picked_row_and_key_once_per_level():
         assert torch.equal(plan.slot_row[slots], torch.nonzero(plan.row_slot[i] >= 0).flatten().int())
         assert lv.rows == max(int(((pos // lv.L == s) & second & pick).reshape(3, -1).sum(-1).max())
                               for s in range(lv.segments))
+
+
+@pytest.mark.skipif(not rows.available(), reason="needs triton")
+@pytest.mark.parametrize("T,leaf,share", [(100, 4, 0.5), (64, 8, 0.9), (37, 2, 0.2), (9, 16, 0.5)])
+def test_triton_plan_equals_the_torch_plan(T, leaf, share):
+    picked = (torch.rand(3, T, generator=torch.Generator().manual_seed(T)) < share).to(DEVICE)
+    ref = pc._plan(picked, T, leaf, 4, torch.float32, "torch")
+    fast = pc._plan(picked, T, leaf, 4, torch.float32, "triton")
+    assert fast.levels == ref.levels and (fast.n_qslots, fast.n_kslots) == (ref.n_qslots, ref.n_kslots)
+    for name in ("row_slot", "key_slot", "slot_row", "weight"):
+        assert torch.equal(getattr(fast, name), getattr(ref, name)), name
 
 
 @pytest.mark.skipif(not rows.available(), reason="needs triton")
@@ -94,12 +105,21 @@ def test_row_kernels_match_their_torch_twins():
     torch.testing.assert_close(out, out_t, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(merged, merged_t, atol=1e-5, rtol=1e-5)
     assert (rows.gather_rows(src, idx[0])[idx[0] < 0] == 0).all()
+    strided = torch.randn(9, 3, D, generator=g).to(DEVICE).transpose(0, 1)  # [heads 3, rows 9, D], rows strided
+    flat_idx = torch.randint(-1, 27, (40,), generator=g).int().to(DEVICE)
+    torch.testing.assert_close(rows.gather_rows(strided, flat_idx), rows.gather_rows_torch(strided, flat_idx))
 
 
 @pytest.mark.skipif(not rows.available(), reason="needs triton")
-def test_split_with_triton_kernels_matches_reference():
-    """The whole split with the Triton merges (interpreted on CPU), float32, forward and gradients."""
-    q, k, v, picked = _inputs(1, 2, 50, 24, 0.4, seed=5, dtype=torch.float32, layout="bthd")
+@pytest.mark.parametrize("B,T,layout", [
+    (1, 50, "bthd"),  # padded to the leaf: dense copies
+    (1, 48, "bthd"),  # a projection's layout read in place (strided rows)
+    (2, 48, "bhtd"),  # batch-major heads merge: read in place
+    (2, 48, "bthd"),  # heads do not merge across the batch: dense copies
+])
+def test_split_with_triton_kernels_matches_reference(B, T, layout):
+    """The whole split with the Triton plan and merges (interpreted on CPU), float32, forward and gradients."""
+    q, k, v, picked = _inputs(B, 2, T, 24, 0.4, seed=5, dtype=torch.float32, layout=layout)
     q, k, v = (t.to(DEVICE).requires_grad_() for t in (q, k, v))
     picked = picked.to(DEVICE)
     out = pc._PickedCausal.apply(q, k, v, picked, 24 ** -0.5, "torch", "triton", 8, 1)

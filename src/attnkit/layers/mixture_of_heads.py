@@ -131,15 +131,17 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
         q_offset = S - T if q_offset is None else q_offset
         if group > 1:  # routed heads need their own K/V
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        shared_out = (attend(q[:, :s_heads], k[:, :s_heads], v[:, :s_heads], pattern=pattern, backend=self.backend,
-                             q_offset=q_offset) if s_heads else None)
         picked = chosen.transpose(1, 2)  # (B, R, T)
         q_r, k_r, v_r = q[:, s_heads:], k[:, s_heads:], v[:, s_heads:]
+        shared = lambda: attend(q[:, :s_heads], k[:, :s_heads], v[:, :s_heads], pattern=pattern,  # noqa: E731
+                                backend=self.backend, q_offset=q_offset)
         if self.backend == "auto" and q_offset == 0 and T == S and _picked.supports(q_r, k_r, v_r, picked):
-            # cuDNN on dense rectangles (attnkit.ops.picked_causal): about cuDNN's rate on the picked rows
+            # cuDNN on dense rectangles (attnkit.ops.picked_causal): about cuDNN's rate on the picked rows.
+            # Routed first: its plan waits for the GPU once, before the shared heads are queued
             routed_out = _picked.picked_causal_attention(q_r, k_r, v_r, picked, engine="cudnn")
-            heads = routed_out if shared_out is None else torch.cat([shared_out, routed_out], dim=1)
+            heads = torch.cat([shared(), routed_out], dim=1) if s_heads else routed_out
             return heads * gate_heads
+        shared_out = shared() if s_heads else None
         out = torch.zeros_like(q)
         if s_heads:
             out[:, :s_heads] = shared_out

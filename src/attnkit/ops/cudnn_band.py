@@ -124,10 +124,13 @@ def _handle(device: torch.device):
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _HANDLES:
         with torch.cuda.device(index):
-            _HANDLES[index] = _frontend().create_handle()
-    handle = _HANDLES[index]
-    _frontend().set_stream(handle=handle, stream=torch.cuda.current_stream(index).cuda_stream)
-    return handle
+            _HANDLES[index] = [_frontend().create_handle(), None]
+    entry = _HANDLES[index]
+    stream = torch.cuda.current_stream(index).cuda_stream
+    if entry[1] != stream:  # set once per stream, not on every call
+        _frontend().set_stream(handle=entry[0], stream=stream)
+        entry[1] = stream
+    return entry[0]
 
 
 def _data_type(dtype: torch.dtype):
@@ -176,6 +179,8 @@ def _cached(key, build):
 
 
 def _execute(graph, workspace_size: int, pack: dict, device: torch.device) -> None:
+    # a fresh workspace per call: the caching allocator makes it cheap, and it stays valid
+    # whatever stream the graph runs on
     workspace = torch.empty(max(workspace_size, 1), dtype=torch.uint8, device=device)
     graph.execute(pack, workspace, handle=_handle(device))
 

@@ -10,6 +10,9 @@ row's slot in each piece (``-1``: the row has no part in that piece). Three pass
         lse_r = logsumexp(l0_r, lse[idx[l, r]] ...);
         out_r = w_r * (exp(l0_r - lse_r) o0_r + sum_l exp(lse[idx[l, r]] - lse_r) o[idx[l, r]])
 
+and the split's index tables themselves (:func:`level_row_counts`, :func:`level_tables`: one
+launch each instead of some fifty small tensor ops; the split is otherwise CPU-bound on them).
+
 Each reads every slot row it needs once, in float32, so the merge of ``n`` pieces is one pass
 instead of ``n`` elementwise passes over the rows. ``src``/``o`` are ``[n_slots, D]`` and
 ``base``/``o0`` ``[n_rows, D]``, contiguous; any D (masked to the next power of two).
@@ -29,7 +32,7 @@ except ImportError:  # pragma: no cover - triton is optional
     triton = None
 
 __all__ = ["available", "gather_rows", "sum_rows", "merge_rows", "gather_rows_torch", "sum_rows_torch",
-           "merge_rows_torch"]
+           "merge_rows_torch", "level_row_counts", "level_tables"]
 
 _BLOCK_R = 32
 
@@ -41,13 +44,15 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _gather_kernel(SRC, IDX, OUT, n, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _gather_kernel(SRC, IDX, OUT, n, D, rows_per_head, s_head, s_row, BLOCK_R: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         d = tl.arange(0, BLOCK_D)
         live = rows < n
         idx = tl.load(IDX + rows, mask=live, other=-1).to(tl.int64)
+        at = (idx // rows_per_head) * s_head + (idx % rows_per_head) * s_row
         dmask = d[None, :] < D
-        x = tl.load(SRC + idx[:, None] * D + d[None, :], mask=(idx[:, None] >= 0) & dmask, other=0.0)
+        x = tl.load(SRC + at[:, None] + d[None, :], mask=(idx[:, None] >= 0) & dmask, other=0.0)
         tl.store(OUT + rows.to(tl.int64)[:, None] * D + d[None, :], x, mask=live[:, None] & dmask)
 
     @triton.jit
@@ -91,6 +96,56 @@ if triton is not None:
         tl.store(LSE + rows, m + tl.log(total), mask=live)
 
 
+    @triton.jit
+    def _count_kernel(PREFIX, MOST, T, T_pad, leaf, BLOCK_S: tl.constexpr):
+        """Per (head, level): the largest count of picked rows in a segment's second half -> atomic max."""
+        bh = tl.program_id(0)
+        level = tl.program_id(1)
+        L = (2 * leaf) << level
+        half = L // 2
+        segments = (T - half + L - 1) // L
+        base = PREFIX + bh.to(tl.int64) * (T_pad + 1)
+        most = tl.zeros([BLOCK_S], tl.int32)
+        for s0 in range(0, segments, BLOCK_S):
+            seg = s0 + tl.arange(0, BLOCK_S)
+            live = seg < segments
+            start = tl.load(base + tl.minimum(seg * L + half, T_pad), mask=live, other=0)
+            end = tl.load(base + tl.minimum(seg * L + L, T_pad), mask=live, other=0)
+            most = tl.maximum(most, end - start)
+        tl.atomic_max(MOST + level, tl.max(most, 0))
+
+    @triton.jit
+    def _table_kernel(PICK, PREFIX, PARAMS, ROW_SLOT, KEY_SLOT, SLOT_ROW, T, T_pad, leaf, n_levels,
+                      BLOCK_T: tl.constexpr):
+        """Each position's row slot and key slot per level, and the row slots' dense rows."""
+        bh = tl.program_id(1)
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        live = t < T_pad
+        N = tl.num_programs(1).to(tl.int64) * T_pad
+        row = bh.to(tl.int64) * T_pad + t
+        picked = tl.load(PICK + row, mask=live & (t < T), other=0) != 0
+        before = tl.load(PREFIX + bh.to(tl.int64) * (T_pad + 1) + t, mask=live, other=0)
+        for level in range(n_levels):
+            L = (2 * leaf) << level
+            half = L // 2
+            rows = tl.load(PARAMS + level * 4)
+            segments = tl.load(PARAMS + level * 4 + 1)
+            q_off = tl.load(PARAMS + level * 4 + 2)
+            k_off = tl.load(PARAMS + level * 4 + 3)
+            seg = t // L
+            r = t % L
+            bottom = r >= half
+            start = tl.load(PREFIX + bh.to(tl.int64) * (T_pad + 1) + tl.minimum(seg * L + half, T_pad), mask=live,
+                            other=0)
+            q_slot = q_off + (bh * segments + seg).to(tl.int64) * rows + (before - start)
+            q_ok = picked & bottom
+            tl.store(ROW_SLOT + level * N + row, tl.where(q_ok, q_slot, -1).to(tl.int32), mask=live)
+            tl.store(SLOT_ROW + q_slot, row.to(tl.int32), mask=live & q_ok)
+            k_ok = (~bottom) & (seg < segments) & (rows > 0)
+            k_slot = k_off + (bh * segments + seg).to(tl.int64) * half + r
+            tl.store(KEY_SLOT + level * N + row, tl.where(k_ok, k_slot, -1).to(tl.int32), mask=live)
+
+
 def _grid(n: int):
     return (triton.cdiv(max(n, 1), _BLOCK_R),)
 
@@ -100,11 +155,16 @@ def _block_d(D: int) -> int:
 
 
 def gather_rows(src: Tensor, idx: Tensor, out: Tensor | None = None) -> Tensor:
-    """``out[s] = src[idx[s]]``, zeros where ``idx[s] < 0``; ``src [N, D]``, ``idx [n]`` int."""
-    n, D = idx.shape[0], src.shape[1]
+    """``out[s] = src[idx[s]]``, zeros where ``idx[s] < 0``; ``idx [n]`` int. ``src`` is ``[N, D]``
+    contiguous, or ``[heads, rows, D]`` with any head and row strides (row ``i`` is
+    ``src[i // rows, i % rows]``): a strided projection is read in place."""
+    n, D = idx.shape[0], src.shape[-1]
     out = src.new_empty(n, D) if out is None else out
+    if src.dim() == 2:
+        src = src.unsqueeze(0)
     if n:
-        _gather_kernel[_grid(n)](src, idx, out, n, D, BLOCK_R=_BLOCK_R, BLOCK_D=_block_d(D))
+        _gather_kernel[_grid(n)](src, idx, out, n, D, src.shape[1], src.stride(0), src.stride(1), BLOCK_R=_BLOCK_R,
+                                 BLOCK_D=_block_d(D))
     return out
 
 
@@ -136,7 +196,7 @@ def _take(src: Tensor, idx: Tensor) -> Tensor:
 
 
 def gather_rows_torch(src: Tensor, idx: Tensor, out: Tensor | None = None) -> Tensor:
-    rows = _take(src, idx)
+    rows = _take(src.reshape(-1, src.shape[-1]) if src.dim() == 3 else src, idx)
     return rows if out is None else out.copy_(rows)
 
 
@@ -162,3 +222,29 @@ def merge_rows_torch(o0: Tensor, lse0: Tensor, o: Tensor, lse: Tensor, idx: Tens
     for level in range(idx.shape[0]):
         acc = acc + w[level + 1, :, None] * _wide(gather_rows_torch(o, idx[level]))
     return (acc * _wide(weight)[:, None]).to(o0.dtype), merged
+
+
+def level_row_counts(prefix: Tensor, T: int, leaf: int, n_levels: int) -> Tensor:
+    """``[n_levels]`` int32: per level ``L = leaf * 2**(l+1)``, the largest number of picked rows in
+    the second half of one segment, over heads and segments. ``prefix [BH, T_pad + 1]`` int32 holds
+    the picked rows before each position."""
+    most = torch.zeros(n_levels, dtype=torch.int32, device=prefix.device)
+    if n_levels:
+        _count_kernel[(prefix.shape[0], n_levels)](prefix, most, T, prefix.shape[1] - 1, leaf, BLOCK_S=128)
+    return most
+
+
+def level_tables(pick: Tensor, prefix: Tensor, params: Tensor, T: int, leaf: int, n_qslots: int):
+    """``(row_slot, key_slot, slot_row)`` of the picked-rows split (see
+    :func:`attnkit.ops.picked_causal._plan_torch`, the reference). ``pick [BH, T_pad]`` uint8/bool,
+    ``params [levels, 4]`` int64: rows, segments, first row slot, first key slot."""
+    BH, T_pad = pick.shape
+    n = params.shape[0]
+    row_slot = torch.empty(n, BH * T_pad, dtype=torch.int32, device=pick.device)
+    key_slot = torch.empty_like(row_slot)
+    slot_row = torch.full((n_qslots,), -1, dtype=torch.int32, device=pick.device)
+    if n and BH * T_pad:
+        block = 256
+        _table_kernel[(triton.cdiv(T_pad, block), BH)](pick, prefix, params, row_slot, key_slot, slot_row, T, T_pad,
+                                                       leaf, n, BLOCK_T=block)
+    return row_slot, key_slot, slot_row
