@@ -27,6 +27,8 @@ def main() -> None:
     p.add_argument("--leaf", default="128,512,1024")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--profile", default=None, help="write the profiler table of one step (first leaf) here")
+    p.add_argument("--trace", default=None, help="write the profiler's chrome trace of that step here")
+    p.add_argument("--gaps", action="store_true", help="print where the GPU idles during that step")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     T, H, R, D = a.seq, a.heads, a.routed, a.head_dim
@@ -60,10 +62,29 @@ def main() -> None:
                 step()
                 torch.cuda.synchronize()
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+            if a.trace:
+                prof.export_chrome_trace(a.trace)
+            if a.gaps:
+                _print_gaps(prof)
             with open(a.profile, "w") as f:
                 f.write(table)
             print(table[:6000])
     save_results(a.out, rows)
+
+
+def _print_gaps(prof) -> None:
+    """The GPU's idle intervals over 20 us between the step's first and last kernel, with the kernel after each."""
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    busy_until, idle = None, 0.0
+    for e in kernels:
+        start, end = e.time_range.start, e.time_range.end
+        if busy_until is not None and start - busy_until > 20:
+            idle += start - busy_until
+            print(f"  idle {start - busy_until:7.1f} us before {e.name[:70]}")
+        busy_until = end if busy_until is None else max(busy_until, end)
+    span = kernels[-1].time_range.end - kernels[0].time_range.start if kernels else 0
+    print(f"  GPU span {span / 1e3:.2f} ms, idle gaps over 20 us: {idle / 1e3:.2f} ms")
 
 
 def _step(fn, inputs, grad, mode):

@@ -132,9 +132,10 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
         if group > 1:  # routed heads need their own K/V
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         picked = chosen.transpose(1, 2)  # (B, R, T)
-        q_r, k_r, v_r = q[:, s_heads:], k[:, s_heads:], v[:, s_heads:]
-        shared = lambda: attend(q[:, :s_heads], k[:, :s_heads], v[:, :s_heads], pattern=pattern,  # noqa: E731
-                                backend=self.backend, q_offset=q_offset)
+        # split, not two slices: the backward concatenates the two halves' gradients in one pass
+        # (two slices would each scatter into a zero tensor of the full size, and then add)
+        (q_s, q_r), (k_s, k_r), (v_s, v_r) = (t.split([s_heads, H - s_heads], dim=1) for t in (q, k, v))
+        shared = lambda: attend(q_s, k_s, v_s, pattern=pattern, backend=self.backend, q_offset=q_offset)  # noqa: E731
         if self.backend == "auto" and q_offset == 0 and T == S and _picked.supports(q_r, k_r, v_r, picked):
             # cuDNN on dense rectangles (attnkit.ops.picked_causal): about cuDNN's rate on the picked rows.
             # Routed first: its plan waits for the GPU once, before the shared heads are queued
@@ -142,9 +143,7 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
             heads = torch.cat([shared(), routed_out], dim=1) if s_heads else routed_out
             return heads * gate_heads
         shared_out = shared() if s_heads else None
-        out = torch.zeros_like(q)
-        if s_heads:
-            out[:, :s_heads] = shared_out
+        routed_out = torch.zeros_like(q_r)
         counts = picked.sum(-1)
         M = int(counts.max())
         if M > 0:
@@ -157,13 +156,12 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
             order = torch.argsort((~picked).to(torch.int8), dim=-1, stable=True)[..., :M]  # (B, R, M)
             valid = torch.arange(M, device=q.device) < counts[..., None]
             rows = torch.where(valid, order + q_offset, torch.full_like(order, -1))  # absolute positions, -1 padding
-            q_routed = q[:, s_heads:].gather(2, order[..., None].expand(-1, -1, -1, D))  # (B, R, M, D)
-            routed_out = attend(q_routed, k[:, s_heads:], v[:, s_heads:], q_offset=0, backend=self.backend,
-                                pattern=_patterns.AtQueryPositions(_patterns.causal(), rows))
-            routed_out = routed_out * valid[..., None]
-            out[:, s_heads:] = torch.zeros_like(q[:, s_heads:]).scatter(2, order[..., None].expand(-1, -1, -1, D),
-                                                                        routed_out)
-        return out * gate_heads
+            index = order[..., None].expand(-1, -1, -1, D)
+            gathered = attend(q_r.gather(2, index), k_r, v_r, q_offset=0, backend=self.backend,
+                              pattern=_patterns.AtQueryPositions(_patterns.causal(), rows))  # (B, R, M, D)
+            routed_out = routed_out.scatter(2, index, gathered * valid[..., None])
+        heads = routed_out if shared_out is None else torch.cat([shared_out, routed_out], dim=1)
+        return heads * gate_heads
 
 
 def mixture_of_heads_flops(batch: int, seq: int, config: dict) -> FlopCount:
