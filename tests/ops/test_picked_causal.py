@@ -51,6 +51,15 @@ def test_torch_engine_matches_float64_reference(B, H, T, D, leaf, share):
         assert out.abs().max() == 0
 
 
+def test_a_plan_built_ahead_is_used_and_checked():
+    q, k, v, picked = _inputs(1, 2, 40, 8, 0.5, seed=4)
+    plan = pc.make_plan(q, picked, engine="torch", leaf=4)
+    ahead = pc.picked_causal_attention(q, k, v, picked, engine="torch", leaf=4, plan=plan)
+    torch.testing.assert_close(ahead, pc.picked_causal_attention(q, k, v, picked, engine="torch", leaf=4))
+    with pytest.raises(ValueError, match="plan must come from make_plan"):
+        pc.picked_causal_attention(q, k, v, picked, engine="torch", leaf=8, plan=plan)
+
+
 def test_row_multiple_pads_rows_without_changing_the_result():
     q, k, v, picked = _inputs(1, 2, 90, 8, 0.5, seed=3)
     exact = pc.picked_causal_attention(q, k, v, picked, engine="torch", leaf=4)
@@ -122,7 +131,8 @@ def test_split_with_triton_kernels_matches_reference(B, T, layout):
     q, k, v, picked = _inputs(B, 2, T, 24, 0.4, seed=5, dtype=torch.float32, layout=layout)
     q, k, v = (t.to(DEVICE).requires_grad_() for t in (q, k, v))
     picked = picked.to(DEVICE)
-    out = pc._PickedCausal.apply(q, k, v, picked, 24 ** -0.5, "torch", "triton", 8, 1)
+    plan = pc._plan(picked.reshape(B * 2, T), T, 8, 1, q.dtype, "triton")
+    out = pc._PickedCausal.apply(q, k, v, 24 ** -0.5, "torch", "triton", plan)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = _reference(q64, k64, v64, picked)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)

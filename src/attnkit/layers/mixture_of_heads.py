@@ -138,10 +138,11 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
         shared = lambda: attend(q_s, k_s, v_s, pattern=pattern, backend=self.backend, q_offset=q_offset)  # noqa: E731
         if self.backend == "auto" and q_offset == 0 and T == S and _picked.supports(q_r, k_r, v_r, picked):
             # cuDNN on dense rectangles (attnkit.ops.picked_causal): about cuDNN's rate on the picked rows.
-            # Routed first: its plan waits for the GPU once, before the shared heads are queued
-            routed_out = _picked.picked_causal_attention(q_r, k_r, v_r, picked, engine="cudnn")
-            heads = torch.cat([shared(), routed_out], dim=1) if s_heads else routed_out
-            return heads * gate_heads
+            # Its plan waits for the GPU once; the shared heads queued next keep the GPU busy meanwhile
+            plan = _picked.make_plan(q_r, picked, engine="cudnn")
+            shared_out = shared() if s_heads else None
+            routed_out = _picked.picked_causal_attention(q_r, k_r, v_r, picked, engine="cudnn", plan=plan)
+            return (routed_out if shared_out is None else torch.cat([shared_out, routed_out], dim=1)) * gate_heads
         shared_out = shared() if s_heads else None
         routed_out = torch.zeros_like(q_r)
         counts = picked.sum(-1)

@@ -47,7 +47,7 @@ from torch import Tensor
 from . import cudnn_band as _cudnn
 from . import row_merge_triton as _rows
 
-__all__ = ["picked_causal_attention", "why_unsupported", "supports", "ENGINES"]
+__all__ = ["picked_causal_attention", "make_plan", "why_unsupported", "supports", "ENGINES"]
 
 ENGINES = ("auto", "cudnn", "torch")
 LEAF = 512  # H200, 32k: 13.9 ms per training step against 15.4 ms with 128 and 14.5 ms with 1024
@@ -83,7 +83,8 @@ def supports(q: Tensor, k: Tensor, v: Tensor, picked: Tensor) -> bool:
 
 
 def picked_causal_attention(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, scale: float | None = None, *,
-                            engine: str = "auto", leaf: int = LEAF, row_multiple: int | None = None) -> Tensor:
+                            engine: str = "auto", leaf: int = LEAF, row_multiple: int | None = None,
+                            plan=None) -> Tensor:
     """Causal attention of the picked rows only (see the module docstring); differentiable.
 
     Args:
@@ -96,10 +97,38 @@ def picked_causal_attention(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, sca
         row_multiple: each level's gathered row count is rounded up to a multiple of this
             (default 128 for cuDNN, whose kernels take whole 128-row tiles, else 1) and of
             ``L / 128``, so that batches with slightly different routing share graphs.
+        plan: the split's plan for these ``picked`` rows, from :func:`make_plan` (default: built
+            here). Building it waits for the GPU once (each level's row count sizes its buffers);
+            building it ahead and queueing other work before this call keeps the GPU busy then.
 
     Returns:
         ``[B, H, T, D]`` in q's dtype.
     """
+    engine, row_multiple, kernels = _resolve(q, k, v, picked, engine, leaf, row_multiple)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    B, H, T, _ = q.shape
+    if plan is None:
+        plan = _plan(picked.reshape(B * H, T), T, leaf, row_multiple, q.dtype, kernels)
+    elif not isinstance(plan, _Plan) or (plan.BH, plan.T, plan.leaf, plan.row_multiple, plan.weight.dtype) != (
+            B * H, T, leaf, row_multiple, q.dtype):
+        raise ValueError("plan must come from make_plan() with these picked rows, q's dtype and the same leaf and "
+                         f"row_multiple (B*H={B * H}, T={T}, leaf={leaf}, row_multiple={row_multiple})")
+    return _PickedCausal.apply(q, k, v, float(scale), engine, kernels, plan)
+
+
+def make_plan(q: Tensor, picked: Tensor, *, engine: str = "auto", leaf: int = LEAF,
+              row_multiple: int | None = None):
+    """The split's levels and index tables for ``picked [B, H, T]`` (q ``[B, H, T, D]`` gives the
+    shape, dtype and engine), to pass to :func:`picked_causal_attention` as ``plan``. Waits for
+    the GPU once (the levels' row counts size their buffers)."""
+    engine, row_multiple, kernels = _resolve(q, q, q, picked, engine, leaf, row_multiple)
+    B, H, T, _ = q.shape
+    return _plan(picked.reshape(B * H, T), T, leaf, row_multiple, q.dtype, kernels)
+
+
+def _resolve(q, k, v, picked, engine, leaf, row_multiple):
+    """Validated ``(engine, row_multiple, kernels)``."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if not isinstance(leaf, int) or leaf < 1:
@@ -113,12 +142,10 @@ def picked_causal_attention(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, sca
         raise ValueError(f"picked_causal_attention(engine={engine!r}) cannot serve these inputs: {reason}")
     if engine == "cudnn" and leaf % 8:
         raise ValueError(f"the cudnn engine needs leaf to be a multiple of 8, got {leaf}")
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
     if row_multiple is None:
         row_multiple = 128 if engine == "cudnn" else 1
     kernels = "triton" if (q.is_cuda and _rows.available()) else "torch"
-    return _PickedCausal.apply(q, k, v, picked, float(scale), engine, kernels, leaf, row_multiple)
+    return engine, row_multiple, kernels
 
 
 @dataclass
@@ -136,6 +163,7 @@ class _Plan:
     T: int
     T_pad: int
     leaf: int
+    row_multiple: int
     levels: list
     n_qslots: int
     n_kslots: int
@@ -171,7 +199,7 @@ def _plan(picked: Tensor, T: int, leaf: int, row_multiple: int, weight_dtype: to
         params = torch.tensor([[lv.rows, lv.segments, lv.q_offset, lv.k_offset] for lv in levels],
                               dtype=torch.int64).reshape(-1, 4).to(dev)
         row_slot, key_slot, slot_row = _rows.level_tables(pick.view(torch.uint8), prefix, params, T, leaf, n_q)
-        return _Plan(BH, T, T_pad, leaf, levels, n_q, n_k, row_slot, key_slot, slot_row, weight)
+        return _Plan(BH, T, T_pad, leaf, row_multiple, levels, n_q, n_k, row_slot, key_slot, slot_row, weight)
     return _plan_torch(pick, sizes, T, T_pad, leaf, row_multiple, weight)
 
 
@@ -191,7 +219,7 @@ def _plan_torch(pick: Tensor, sizes: list, T: int, T_pad: int, leaf: int, row_mu
     N, n = BH * T_pad, len(sizes)
     if n == 0:
         empty = torch.empty(0, N, dtype=torch.int32, device=dev)
-        return _Plan(BH, T, T_pad, leaf, [], 0, 0, empty, empty, torch.empty(0, dtype=torch.int32, device=dev), weight)
+        return _Plan(BH, T, T_pad, leaf, row_multiple, [], 0, 0, empty, empty, torch.empty(0, dtype=torch.int32, device=dev), weight)
     Ls = torch.tensor(sizes, device=dev)[:, None, None]  # [n, 1, 1]
     half = Ls // 2
     p = torch.arange(T_pad, device=dev)[None, None, :]
@@ -214,7 +242,7 @@ def _plan_torch(pick: Tensor, sizes: list, T: int, T_pad: int, leaf: int, row_mu
     slot_row = torch.full((q_off + 1,), -1, dtype=torch.int32, device=dev)
     dense_row = (bh * T_pad + p).expand(n, BH, T_pad)
     slot_row.scatter_(0, torch.where(q_valid, row_slot, q_off).reshape(-1), dense_row.reshape(-1).to(torch.int32))
-    return _Plan(BH, T, T_pad, leaf, levels, q_off, k_off, row_slot.reshape(n, N).to(torch.int32),
+    return _Plan(BH, T, T_pad, leaf, row_multiple, levels, q_off, k_off, row_slot.reshape(n, N).to(torch.int32),
                  key_slot.reshape(n, N).to(torch.int32), slot_row[:q_off], weight)
 
 
@@ -315,9 +343,9 @@ def _kernels(name: str):
 
 class _PickedCausal(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, picked, scale, engine, kernels, leaf, row_multiple):
+    def forward(ctx, q, k, v, scale, engine, kernels, plan):
         B, H, T, D = q.shape
-        plan = _plan(picked.reshape(B * H, T), T, leaf, row_multiple, q.dtype, kernels)
+        leaf = plan.leaf
         gather, _, merge = _kernels(kernels)
         qc, kc, vc = (_as_rows(t, plan) for t in (q, k, v))
         BH, T_pad, N = plan.BH, plan.T_pad, plan.BH * plan.T_pad
@@ -372,4 +400,4 @@ class _PickedCausal(torch.autograd.Function):
         dk = sum_rows(dk_leaf.view(N, D), dk_slots, plan.key_slot)
         dv = sum_rows(dv_leaf.view(N, D), dv_slots, plan.key_slot)
         unpad = lambda t: t.view(BH, T_pad, D)[:, :T].view(B, H, T, D)  # noqa: E731
-        return unpad(dq), unpad(dk), unpad(dv), None, None, None, None, None, None
+        return unpad(dq), unpad(dk), unpad(dv), None, None, None, None
