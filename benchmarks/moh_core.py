@@ -40,7 +40,9 @@ def main() -> None:
     p.add_argument("--flex-options", default="{}",
                    help="';'-separated JSON kernel_options sets for the routed heads' FlexAttention "
                         "(attnkit.ops.attention.FLEX_KERNEL_OPTIONS), each timed in turn, e.g. '{};{\"USE_TMA\": true}'")
-    p.add_argument("--paths", default="picked,flex", help="routed-head paths to time: picked (cuDNN), flex")
+    p.add_argument("--paths", default="picked,flex",
+                   help="routed-head paths to time: picked (cuDNN, shared heads on a side stream), picked-serial "
+                        "(the same, one stream), flex")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     option_sets = [json.loads(o) for o in a.flex_options.split(";")]
@@ -72,7 +74,8 @@ def main() -> None:
                   for o in (option_sets if path == "flex" else [{}])]
         for shared, options, path in combos:
             # the flex path is the layer's fallback when picked_causal does not serve the inputs
-            moh_module._picked.supports = real_supports if path == "picked" else (lambda *args: False)
+            moh_module._picked.supports = real_supports if path.startswith("picked") else (lambda *args: False)
+            moh_module.OVERLAP_SHARED_HEADS = path != "picked-serial"  # picked-serial: shared heads on the main stream
             attention_module.FLEX_KERNEL_OPTIONS = dict(options)
             layer = MixtureOfHeadsAttention(H * D, H, shared_heads=shared).to(**shape)
             x = torch.randn(B, T, H * D, **shape)
@@ -101,6 +104,7 @@ def main() -> None:
             def routed_call():
                 if path == "flex":
                     return attend(qr, kr, vr, pattern=pattern, q_offset=0, backend="flex")
+                # picked and picked-serial differ only in where the shared heads run
                 return picked_causal.picked_causal_attention(qd, kr, vr, picked, engine="cudnn")
 
             def routed_only(backward):

@@ -223,6 +223,14 @@ def test_cuda_moh_layer_takes_the_split_and_matches_its_dense_path():
     finally:
         pc.picked_causal_attention = original
     assert calls, "the layer did not take the cuDNN split"
+    from attnkit.layers import mixture_of_heads as moh
+
+    moh.OVERLAP_SHARED_HEADS = False  # the shared heads on the main stream: the same kernels, the same numbers
+    try:
+        serial = layer(x)
+    finally:
+        moh.OVERLAP_SHARED_HEADS = True
+    torch.testing.assert_close(serial, fast, atol=0, rtol=0)
     layer.sparse = False
     dense = layer(x)
     assert rel_rms(dense.float(), fast.float()) < 1e-2

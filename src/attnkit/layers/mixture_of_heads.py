@@ -44,6 +44,18 @@ from .multi_head import MultiHeadAttention, head_shape
 
 __all__ = ["MixtureOfHeadsAttention"]
 
+# run the shared heads on a side stream while the routed heads' split runs (CUDA, cuDNN split only)
+OVERLAP_SHARED_HEADS = True
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
 
 class MixtureOfHeadsAttention(MultiHeadAttention):
     """Multi-head attention whose heads are experts: shared heads plus top-k routed heads.
@@ -138,11 +150,25 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
         shared = lambda: attend(q_s, k_s, v_s, pattern=pattern, backend=self.backend, q_offset=q_offset)  # noqa: E731
         if self.backend == "auto" and q_offset == 0 and T == S and _picked.supports(q_r, k_r, v_r, picked):
             # cuDNN on dense rectangles (attnkit.ops.picked_causal): about cuDNN's rate on the picked rows.
-            # Its plan waits for the GPU once; the shared heads queued next keep the GPU busy meanwhile
+            # The shared heads run on a side stream meanwhile: they fill the GPU while the routed
+            # heads' plan waits for it and while their small pieces are launched (the backward runs
+            # on the same streams)
+            overlap = bool(s_heads) and OVERLAP_SHARED_HEADS and not torch.compiler.is_compiling()
+            if overlap:
+                main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    shared_out = shared()
+                for t in (q_s, k_s, v_s):
+                    t.record_stream(side)  # read there: not to be reused before it finishes
             plan = _picked.make_plan(q_r, picked, engine="cudnn")
-            shared_out = shared() if s_heads else None
+            if s_heads and not overlap:
+                shared_out = shared()
             routed_out = _picked.picked_causal_attention(q_r, k_r, v_r, picked, engine="cudnn", plan=plan)
-            return (routed_out if shared_out is None else torch.cat([shared_out, routed_out], dim=1)) * gate_heads
+            if overlap:
+                main.wait_stream(side)
+                shared_out.record_stream(main)
+            return (torch.cat([shared_out, routed_out], dim=1) if s_heads else routed_out) * gate_heads
         shared_out = shared() if s_heads else None
         routed_out = torch.zeros_like(q_r)
         counts = picked.sum(-1)

@@ -82,6 +82,7 @@ def supports(q: Tensor, k: Tensor, v: Tensor, picked: Tensor) -> bool:
     return why_unsupported(q, k, v, picked, "cudnn") is None
 
 
+@torch.compiler.disable  # host syncs and cuDNN graph calls: runs eagerly inside compiled models
 def picked_causal_attention(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, scale: float | None = None, *,
                             engine: str = "auto", leaf: int = LEAF, row_multiple: int | None = None,
                             plan=None) -> Tensor:
@@ -117,6 +118,7 @@ def picked_causal_attention(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, sca
     return _PickedCausal.apply(q, k, v, float(scale), engine, kernels, plan)
 
 
+@torch.compiler.disable
 def make_plan(q: Tensor, picked: Tensor, *, engine: str = "auto", leaf: int = LEAF,
               row_multiple: int | None = None):
     """The split's levels and index tables for ``picked [B, H, T]`` (q ``[B, H, T, D]`` gives the
