@@ -9,6 +9,7 @@ row's slot in each piece (``-1``: the row has no part in that piece). Three pass
     merge_rows(o0, l0, o, lse, idx, w) = softmax merge of the row's pieces:
         lse_r = logsumexp(l0_r, lse[idx[l, r]] ...);
         out_r = w_r * (exp(l0_r - lse_r) o0_r + sum_l exp(lse[idx[l, r]] - lse_r) o[idx[l, r]])
+        (lse_r is returned as UNPICKED_LSE = 1e30 where w_r = 0: see there)
 
 and the split's index tables themselves (:func:`level_row_counts`, :func:`level_tables`: one
 launch each instead of some fifty small tensor ops; the split is otherwise CPU-bound on them).
@@ -35,6 +36,9 @@ __all__ = ["available", "gather_rows", "sum_rows", "merge_rows", "gather_rows_to
            "merge_rows_torch", "level_row_counts", "level_tables"]
 
 _BLOCK_R = 32
+# merge_rows' lse of a row whose weight is 0: a backward handed it weighs every key exp(s - 1e30) = 0,
+# so such rows add no gradient whatever their dO (no pass to zero it)
+UNPICKED_LSE = 1e30
 
 
 def available() -> bool:
@@ -93,7 +97,7 @@ if triton is not None:
             m = m_new
         w = tl.load(W + rows, mask=live, other=0.0).to(tl.float32)
         tl.store(OUT + at, (acc * (w / total)[:, None]).to(OUT.dtype.element_ty), mask=live[:, None] & dmask)
-        tl.store(LSE + rows, m + tl.log(total), mask=live)
+        tl.store(LSE + rows, tl.where(w != 0, m + tl.log(total), UNPICKED_LSE), mask=live)
 
 
     @triton.jit
@@ -216,7 +220,7 @@ def merge_rows_torch(o0: Tensor, lse0: Tensor, o: Tensor, lse: Tensor, idx: Tens
                      weight: Tensor) -> tuple[Tensor, Tensor]:
     has = idx >= 0
     pieces_lse = torch.cat([_wide(lse0)[None], torch.where(has, _wide(_take(lse, idx)), float("-inf"))])
-    merged = torch.logsumexp(pieces_lse, 0)
+    merged = torch.where(weight != 0, torch.logsumexp(pieces_lse, 0), UNPICKED_LSE)
     w = torch.exp(pieces_lse - merged)  # [levels + 1, n]
     acc = w[0, :, None] * _wide(o0)
     for level in range(idx.shape[0]):
