@@ -97,7 +97,7 @@ if triton is not None:
             m = m_new
         w = tl.load(W + rows, mask=live, other=0.0).to(tl.float32)
         tl.store(OUT + at, (acc * (w / total)[:, None]).to(OUT.dtype.element_ty), mask=live[:, None] & dmask)
-        tl.store(LSE + rows, tl.where(w != 0, m + tl.log(total), 1e30)  # UNPICKED_LSE, mask=live)
+        tl.store(LSE + rows, tl.where(w != 0, m + tl.log(total), 1e30), mask=live)  # 1e30: UNPICKED_LSE
 
 
     @triton.jit
