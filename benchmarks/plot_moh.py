@@ -51,7 +51,8 @@ def main() -> None:
     ax.set_ylabel("speedup over MHA's core (same call)")
     seq = rows[0]["seq"]
     ax.set_title(f"MoH attention core vs MHA, T={seq}, {result.get('device', '')}", fontsize=9)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(paths) + 2)
     fig.tight_layout()
     fig.savefig(a.out, dpi=120)
     print(f"wrote {a.out}")
