@@ -8,8 +8,7 @@ TRITON_INTERPRET=1; on the GPU the ``cudnn`` engine runs.
 import pytest
 import torch
 
-from attnkit.ops import attend_reference
-from attnkit.ops import cudnn_band
+from attnkit.ops import attend_reference, cudnn_band
 from attnkit.ops import picked_causal as pc
 from attnkit.ops import row_merge_triton as rows
 

@@ -267,7 +267,7 @@ def _as_rows(t: Tensor, plan: _Plan) -> Tensor:
     """``[B, H, T, D]`` as ``[B*H, T_pad, D]``: a view when the heads merge and no padding is needed
     (one batch item, or batch-major heads; a projection's ``[B, T, H, D]`` layout is read in place),
     else a dense copy with zero rows past T."""
-    B, H, T, D = t.shape
+    B, H, T, _ = t.shape
     if (T == plan.T_pad and t.stride(-1) == 1 and (B == 1 or t.stride(0) == H * t.stride(1))
             and _cudnn._is_readable(t)):
         return t.flatten(0, 1)
