@@ -109,7 +109,7 @@ def _is_readable(t: Tensor) -> bool:
 
 def _readable(t: Tensor) -> Tensor:
     """``t`` itself, or a fresh (aligned) copy when cuDNN could not read it."""
-    return t if _is_readable(t) else t.contiguous() if not t.is_contiguous() else t.clone()
+    return t if _is_readable(t) else t.clone(memory_format=torch.contiguous_format)
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, pattern, score_mod=None, return_lse: bool = False, q_offset: int = 0) -> bool:
