@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e|session13c|session13d|session13e|session14a|session14b|session14c|session14d|session14e|session14f|session15a|session15b|session15c|session15d|session15e|session15f|session15g|session15h|session16a|session16b
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e|session13c|session13d|session13e|session14a|session14b|session14c|session14d|session14e|session14f|session15a|session15b|session15c|session15d|session15e|session15f|session15g|session15h|session16a|session16b|session16c|session16d
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -268,6 +268,7 @@ print({b: round(timed(lambda: f(v, 2048, seen, backend=b), 10), 3) for b in ('to
     timeout 200 python3 -m pytest -m cuda tests/ops/test_picked_causal.py tests/ops/test_cudnn_band.py tests/layers/test_mixture_of_heads.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
       | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session15h.log" ;;
   session16a)  # S2 on keys reordered per KV head (stripes first): CUDA tests, then natural against reordered
+    # (ran at commit 614f397; the reordered path and benchmarks/s2_order.py were removed after it measured slower)
     timeout 150 python3 -m pytest -m cuda tests/ops/test_s2_reordered.py tests/layers/test_s2.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
       | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session16a.log"
     timeout 170 python3 benchmarks/s2_order.py --seq 32768 --variants natural,reordered --out "$R/h200-s2-order-32k.json" 2>&1 \
@@ -276,8 +277,15 @@ print({b: round(timed(lambda: f(v, 2048, seen, backend=b), 10), 3) for b in ('to
       | grep -E "T=|over SDPA" | cut -c1-300 ;;
   session16b)  # the sigmoid forward with the key loop warp-specialized; its CUDA tests
     timeout 200 python3 benchmarks/sigmoid_fwd.py --seq 8192,32768 --warp-specialize --out "$R/h200-sigmoid-fwd-ws.json" 2>&1 | grep -v Warn | cut -c1-1500
-    timeout 200 python3 -m pytest -m cuda tests/ops/test_sigmoid.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
+    timeout 200 python3 -m pytest -m cuda tests/ops/test_sigmoid.py tests/layers/test_s2.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
       | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session16b.log" ;;
+  session16c)  # the sigmoid kernels' two formulas: elementwise and output accuracy, speed; the CUDA tests
+    timeout 300 python3 benchmarks/sigmoid_formula.py --seq 8192,32768 --out "$R/h200-sigmoid-formula.json" 2>&1 | grep -v Warn | cut -c1-1500
+    timeout 220 python3 -m pytest -m cuda tests/ops/test_sigmoid.py tests/layers/test_s2.py -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
+      | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session16c.log" ;;
+  session16d)  # the CUDA tests on the final sigmoid code (SIGMOID_FORMULA "auto") and S2
+    timeout 300 python3 -m pytest -m cuda tests/ops/test_sigmoid.py tests/layers/test_s2.py "tests/layers/test_every_mechanism.py::test_cuda_fast_path_matches_reference" -k "not cuda_fast_path or sigmoid or s2" -q -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
+      | grep -E "passed|failed|FAILED|ERROR|^E " | cut -c1-300 | tee "$R/h200-pytest-session16d.log" ;;
   issue6)  # everything issue 6 measures, in one call (device time is scarce)
     timeout 170 python3 -m pytest -m cuda tests/layers tests/ops/test_sigmoid.py -q --maxfail=10 -p no:cacheprovider -p no:logging -W ignore \
       2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-300 | tail -40 > "$R/h200-pytest-issue6.log"; tail -12 "$R/h200-pytest-issue6.log"

@@ -84,10 +84,12 @@ def test_bad_inputs(kwargs, match):
 
 
 @pytest.mark.cuda
-def test_cuda_64_token_blocks_match_reference():
-    """64-token S2 blocks run FlexAttention with 64-wide tiles: forward and gradients in bf16."""
+@pytest.mark.parametrize("dense_heads", [(), (1,)])
+def test_cuda_64_token_blocks_match_reference(dense_heads):
+    """64-token S2 blocks run FlexAttention with 64-wide tiles: forward and gradients in bf16, with
+    and without a dense head (its table is read inside the compiled mask_mod)."""
     torch.manual_seed(0)
-    opts = dict(block_size=64, local_blocks=2, vert_stride=4, num_kv_heads=2)
+    opts = dict(block_size=64, local_blocks=2, vert_stride=4, num_kv_heads=2, dense_heads=dense_heads)
     fast = S2Attention(256, 4, **opts).cuda().bfloat16()
     ref = S2Attention(256, 4, backend="reference", **opts).cuda().double()
     ref.load_state_dict(fast.state_dict())

@@ -533,70 +533,16 @@ def _grant_rows_safe(kernel_options: dict, block_mask, pattern, score_mod, B, Hq
     return block_mask
 
 
-class _ReorderKeys(torch.autograd.Function):
-    """``x [B, Hkv, S, D]`` -> ``[B, Hkv, S_pad, D]``: slot ``p`` of KV head ``g`` holds key
-    ``order[g, p]`` (zeros past ``S``). The backward gathers through the inverse order (no scatter)."""
-
-    @staticmethod
-    def forward(ctx, x, order, inverse):
-        ctx.save_for_backward(inverse)
-        ctx.length = x.shape[2]
-        padded = F.pad(x, (0, 0, 0, order.shape[1] - x.shape[2]))
-        return torch.take_along_dim(padded, order[None, :, :, None], dim=2)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return torch.take_along_dim(grad, inverse[None, :, :, None], dim=2)[:, :, : ctx.length], None, None
-
-
-def reordered_keys(pattern, q_len: int, kv_len: int, q_offset: int, device):
-    """``(order, inverse, block_mask)`` when FlexAttention runs this call on keys reordered by the
-    pattern (:meth:`attnkit.patterns.S2Strided.key_order`: self-attention, ``q_offset`` 0,
-    ``T == S``), else ``None``. Cached per (pattern, shape, device) like the block masks."""
-    if not getattr(pattern, "permute_keys", False) or q_offset != 0 or q_len != kv_len:
-        return None
-    device = torch.device(device)
-    pattern = pattern.to(device)
-    blocks = tuple(pattern.permuted_block_size)
-    key = (pattern.cache_key, "reordered", q_len, kv_len, str(device), blocks)
-    if key in _BLOCK_MASK_CACHE and not torch.compiler.is_compiling():
-        _BLOCK_MASK_CACHE.move_to_end(key)
-        return _BLOCK_MASK_CACHE[key]
-    order = pattern.key_order(kv_len, device, blocks[1])
-    inverse = order.argsort(dim=-1)
-    partial, full = pattern.permuted_blocks(q_len, order, blocks)
-    group = pattern.num_heads // order.shape[0]
-    allowed = pattern.allowed
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return allowed(b, h, q_idx, order[h // group, kv_idx])
-
-    entry = (order, inverse, _patterns.block_mask_from_blocks(partial, full, q_len, order.shape[1], blocks, mask_mod))
-    if not torch.compiler.is_compiling():
-        _cache_put(key, entry)
-    return entry
-
-
 def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
     B, Hq, T, _ = q.shape
     S = k.shape[2]
-    reordered = reordered_keys(pattern, T, S, q_offset, q.device)
-    if reordered is not None:
-        order, inverse, block_mask = reordered
-        k, v = _ReorderKeys.apply(k, order, inverse), _ReorderKeys.apply(v, order, inverse)
-        group = Hq // k.shape[1]
-        small_blocks = False
-        key_position = lambda h, kv_idx: order[h // group, kv_idx]  # noqa: E731
-    else:
-        small_blocks = flex_small_blocks(q.device, _needs_grad(q, k, v))
-        block_mask = block_mask_for(pattern, B, Hq, T, S, q_offset, q.device, small_blocks=small_blocks)
-        key_position = lambda h, kv_idx: kv_idx  # noqa: E731
+    small_blocks = flex_small_blocks(q.device, _needs_grad(q, k, v))
+    block_mask = block_mask_for(pattern, B, Hq, T, S, q_offset, q.device, small_blocks=small_blocks)
     flex_score_mod = None
     if score_mod is not None:
 
         def flex_score_mod(score, b, h, q_idx, kv_idx):
-            return score_mod(score, b, h, q_idx + q_offset, key_position(h, kv_idx))
+            return score_mod(score, b, h, q_idx + q_offset, kv_idx)
 
     lse_request = {}
     if return_lse:
@@ -607,11 +553,8 @@ def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
         except ImportError:
             lse_request = {"return_lse": True}
     kernel_options = flex_kernel_options(pattern, q.device, T, _needs_grad(q, k, v), small_blocks)
-    if reordered is None:
-        block_mask = _grant_rows_safe(kernel_options, block_mask, pattern, score_mod, B, Hq, T, S, q_offset, q.device,
-                                      small_blocks)
-    else:  # attnkit verifies the flag on the natural order only
-        kernel_options.pop("ROWS_GUARANTEED_SAFE", None)
+    block_mask = _grant_rows_safe(kernel_options, block_mask, pattern, score_mod, B, Hq, T, S, q_offset, q.device,
+                                  small_blocks)
     result = _flex_impl(q.device)(
         q,
         k,

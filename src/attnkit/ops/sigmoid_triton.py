@@ -29,7 +29,7 @@ try:
 except ImportError:  # pragma: no cover - triton is optional
     triton = None
 
-__all__ = ["available", "sigmoid_attention_triton"]
+__all__ = ["available", "sigmoid_attention_triton", "sigmoid_values"]
 
 LOG2E = 1.4426950408889634
 
@@ -42,13 +42,27 @@ if triton is not None:
 
     @triton.jit
     def _sigmoid_half(s, FAST: tl.constexpr):
-        """sigmoid(2 s) = (1 + tanh(s)) / 2: one MUFU tanh on CUDA (``tanh.approx.f32``, relative
-        error ~2^-11, below bf16's rounding), an exact formula in the interpreter."""
-        if FAST:
+        """sigmoid(2 s). ``FAST`` 1: ``(1 + tanh(s)) / 2``, one MUFU op (``tanh.approx.f32``), but
+        ``1 + tanh`` cancels where sigmoid is small. ``FAST`` 2: ``1 / (1 + 2^(-2 s log2 e))``, two MUFU
+        ops (``ex2.approx``, ``rcp.approx``), accurate at every value. (Measured errors:
+        ``SIGMOID_FORMULA``.) ``FAST`` 0: an exact formula (the interpreter)."""
+        if FAST == 1:
             t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [s], dtype=tl.float32, is_pure=True, pack=1)
+            p = 0.5 + 0.5 * t
+        elif FAST == 2:
+            e = tl.math.exp2(s * (-2.0 * 1.4426950408889634))
+            p = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32,
+                                          is_pure=True, pack=1)
         else:
-            t = 2.0 / (1.0 + tl.exp(-2.0 * s)) - 1.0
-        return 0.5 + 0.5 * t
+            p = 1.0 / (1.0 + tl.exp(-2.0 * s))
+        return p
+
+    @triton.jit
+    def _sigmoid_values(X, Y, N, FAST: tl.constexpr, BLOCK: tl.constexpr):
+        """``Y = sigmoid(X)`` through :func:`_sigmoid_half` (float32; the accuracy tests)."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + offs, mask=offs < N, other=0.0)
+        tl.store(Y + offs, _sigmoid_half(0.5 * x, FAST), mask=offs < N)
 
     @triton.jit
     def _load_rows(base, offs, stride, offs_d, n):
@@ -258,6 +272,48 @@ def _forward_loads(q: Tensor, k: Tensor, v: Tensor) -> tuple[str, ...]:
     return ("pointer", "tma") if q.is_cuda and torch.cuda.get_device_capability(q.device) >= (9, 0) else ("pointer",)
 
 
+#: How the kernels compute sigmoid on CUDA: ``"tanh"``, ``(1 + tanh(x/2)) / 2`` with one MUFU op
+#: (``tanh.approx.f32``), whose error is ~2^-11 *of tanh*, so ``1 + tanh`` cancels for small weights:
+#: measured relative error 1.8e-4 for x in [-8, -4), up to 0.26 in [-15, -8), 1.0 below -15;
+#: ``"exp"``, ``1 / (1 + 2^(-x log2 e))`` with two (``ex2.approx``, ``rcp.approx``), under 2e-6
+#: everywhere, 12-17% slower forwards on the H200 (``h200-sigmoid-formula.json``); ``"auto"``
+#: (default): ``tanh`` while the bias is at least :data:`TANH_MIN_BIAS`, ``exp`` below it (a -log n
+#: bias puts most weights near sigmoid(bias)).
+SIGMOID_FORMULA = "auto"
+#: ``auto``'s threshold: with bias -log 32768 = -10.4 (and N(0, 1) scores) the tanh output's relative
+#: error was 0.0040 against 0.0024 for exp (0.0027 / 0.0023 at -log 8192), both at bf16's level;
+#: longer rows put more weights where tanh's error reaches 26-100%.
+TANH_MIN_BIAS = -10.5
+_FORMULAS = {"tanh": 1, "exp": 2}
+
+
+def _formula(q: Tensor, bias: float) -> int:
+    if SIGMOID_FORMULA not in ("auto", *_FORMULAS):
+        raise ValueError(f"attnkit.ops.sigmoid_triton.SIGMOID_FORMULA must be 'auto', 'exp' or 'tanh', "
+                         f"got {SIGMOID_FORMULA!r}")
+    if not q.is_cuda:
+        return 0
+    if SIGMOID_FORMULA == "auto":
+        return _FORMULAS["tanh" if bias >= TANH_MIN_BIAS else "exp"]
+    return _FORMULAS[SIGMOID_FORMULA]
+
+
+def sigmoid_values(x: Tensor, formula: str | None = None) -> Tensor:
+    """``sigmoid(x)`` (float32, contiguous) as the kernels compute it with ``formula`` ``"exp"``
+    (default) or ``"tanh"`` on CUDA (see :data:`SIGMOID_FORMULA`); exact under the interpreter."""
+    if triton is None:
+        raise ValueError("sigmoid_values needs the triton package")
+    formula = "exp" if formula is None else formula
+    if formula not in _FORMULAS:
+        raise ValueError(f"formula must be 'exp' or 'tanh', got {formula!r}")
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous float32 tensor, got {x.dtype}")
+    y = torch.empty_like(x)
+    _sigmoid_values[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), FAST=_FORMULAS[formula] if x.is_cuda else 0,
+                                                     BLOCK=1024)
+    return y
+
+
 def _size_key(T: int, S: int) -> int:
     """The autotuning bucket of a shape: the bit lengths of T and S."""
     return T.bit_length() * 64 + S.bit_length()
@@ -287,7 +343,7 @@ class _SigmoidAttention(torch.autograd.Function):
         kernel[_grid(T, B * H, "BLOCK_M", fixed)](
             q, k, v, out, *descriptors, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             out.stride(0), out.stride(1), out.stride(2), T, S, H, q_offset, scale, bias, _size_key(T, S),
-            GROUP=H // Hkv, CAUSAL=causal, FAST=q.is_cuda, D=D, **fixed)
+            GROUP=H // Hkv, CAUSAL=causal, FAST=_formula(q, bias), D=D, **fixed)
         ctx.save_for_backward(q, k, v)
         ctx.args = (scale, bias, causal, q_offset)
         return out
@@ -302,7 +358,7 @@ class _SigmoidAttention(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), T, S, H, q_offset, scale, bias,
                   _size_key(T, S))
-        meta = dict(GROUP=H // Hkv, CAUSAL=causal, FAST=q.is_cuda, D=D)
+        meta = dict(GROUP=H // Hkv, CAUSAL=causal, FAST=_formula(q, bias), D=D)
         _DKDV[_grid(S, B * Hkv, "BLOCK_N", _DKDV_META)](q, k, v, dout, dk, dv, *common, **meta, **_DKDV_META)
         _DQ[_grid(T, B * H, "BLOCK_M", _DQ_META)](q, k, v, dout, dq, *common, **meta, **_DQ_META)
         return dq, dk, dv, None, None, None, None

@@ -29,7 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
@@ -411,65 +410,8 @@ class S2Strided(Pattern):
         self._dense_cpu = dense
         self._dense: dict = {}
 
-    #: FlexAttention runs self-attention (``q_offset`` 0, ``T == S``) on the keys reordered per KV
-    #: head, stripe blocks first (:meth:`key_order`): each query block then sees a prefix of the
-    #: stripes and one contiguous run of local blocks, so the blocks FlexAttention visits can be
-    #: ``permuted_block_size`` (128 x 128) instead of S2's 64-token blocks. ``False``: natural order.
-    permute_keys: bool = True
-    #: the FlexAttention block mask's (q_block, kv_block) on reordered keys
-    permuted_block_size: tuple[int, int] = (128, 128)
-
-    def key_order(self, kv_len: int, device, kv_block: int | None = None) -> Tensor:
-        """Where each slot of the reordered keys comes from: ``[Hkv, S_pad]`` original positions,
-        per KV head its stripe blocks in order, then its other blocks in order. ``S_pad`` is
-        ``kv_len`` rounded up to a multiple of ``block_size`` and of ``kv_block`` (default: the
-        second entry of ``permuted_block_size``); positions ``>= kv_len`` are padding."""
-        bs = self.block_size
-        kv_block = self.permuted_block_size[1] if kv_block is None else kv_block
-        unit = bs * kv_block // math.gcd(bs, kv_block)
-        num_blocks = -(-kv_len // unit) * unit // bs
-        j = torch.arange(num_blocks, device=device)
-        g = torch.arange(self.num_kv_heads, device=device)[:, None]
-        stripe = (j + g * self.step + self.offset) % self.vert_stride == 0  # (Hkv, blocks)
-        blocks = torch.where(stripe, j, j + num_blocks).argsort(dim=-1)  # stripes first, each part in order
-        return (blocks[:, :, None] * bs + torch.arange(bs, device=device)).flatten(1)
-
-    def permuted_blocks(self, q_len: int, order: Tensor, block_size: tuple[int, int] | None = None
-                        ) -> tuple[Tensor, Tensor]:
-        """The partial and full FlexAttention blocks (boolean ``[1, H, q_blocks, kv_blocks]``) of
-        self-attention (queries at ``0 .. q_len-1``) over the keys reordered by ``order`` (from
-        :meth:`key_order`). Worked out on cells of ``gcd(block_size, q_block, kv_block)`` tokens, which
-        lie inside one S2 block on both sides: a cell pair is full when its key block is kept and
-        earlier, or the same block and an earlier cell; partial on the diagonal cell; else empty."""
-        bs = self.block_size
-        q_block, kv_block = self.permuted_block_size if block_size is None else block_size
-        cell = math.gcd(bs, math.gcd(q_block, kv_block))
-        groups, padded = order.shape
-        if padded % kv_block or padded % bs:
-            raise ValueError(f"order has {padded} slots, not a multiple of kv_block={kv_block} and block_size={bs}")
-        q_tiles = -(-q_len // q_block)
-        a = torch.arange(q_tiles * q_block // cell, device=order.device)[None, :, None]  # query cells
-        o = (order[:, ::cell] // cell)[:, None, :]  # (Hkv, 1, key cells): original cell of each slot
-        i, j = a * cell // bs, o * cell // bs
-        g = torch.arange(groups, device=order.device)[:, None, None]
-        kept = (i - j < self.local_blocks) | ((j + g * self.step + self.offset) % self.vert_stride == 0)
-        same = j == i
-        full = ((j < i) & kept) | (same & (o < a))  # (Hkv, q cells, key cells)
-        partial = same & (o == a)
-        heads = torch.arange(self.num_heads, device=order.device) // (self.num_heads // groups)
-        full, partial = full[heads], partial[heads]  # (H, q cells, key cells)
-        if self.dense_heads:
-            dense = list(self.dense_heads)
-            full[dense], partial[dense] = (o < a)[heads[dense]], (o == a)[heads[dense]]
-        # tiles: full if every cell is, empty if none is visited; query cells past q_len are free
-        past = (a[0] * cell >= q_len)[None]  # (1, q cells, 1)
-        shape = (self.num_heads, q_tiles, q_block // cell, padded // kv_block, kv_block // cell)
-        full_tiles = (full | past).view(shape).all(-1).all(2)
-        empty_tiles = (~(full | partial) | past).view(shape).all(-1).all(2)
-        return (~full_tiles & ~empty_tiles)[None], full_tiles[None]
-
     def to(self, device):
-        if self.dense_heads:  # filled here: a compiled mask_mod cannot add to the table
+        if self.dense_heads:  # filled here: a mask_mod traced inside FlexAttention cannot add to the table
             self._dense_table(torch.device(device))
         return self
 
