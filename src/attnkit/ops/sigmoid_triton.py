@@ -10,7 +10,8 @@ is a plain tiled ``sum_j p_ij v_j`` and the backward needs no row statistics::
 
 ``dk, dv`` come from one kernel over key blocks (looping over the query heads that share a
 KV head, so GQA needs no expanded copies), ``dq`` from one over query blocks. On Hopper the
-forward's autotuner also times tiles loaded through TMA descriptors (``TMA_FORWARD``). Queries sit at
+forward's autotuner also times tiles loaded through TMA descriptors (``TMA_FORWARD``). Sigmoid itself
+takes one MUFU op (tanh) or two accurate ones (exp, reciprocal) by the bias (``SIGMOID_FORMULA``). Queries sit at
 positions ``q_offset .. q_offset + T - 1`` among keys ``0 .. S-1``. Runs on CUDA, and on
 CPU under ``TRITON_INTERPRET=1`` (how the tests check it against the reference). (The interpreter
 of triton 3.6 needs NumPy < 2.4, which cannot turn its size-1 arrays into loop bounds.)
