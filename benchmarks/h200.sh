@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/h200-*: run from the repository root on the GPU machine
-# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e|session13c|session13d|session13e|session14a|session14b|session14c|session14d|session14e|session14f|session15a|session15b|session15c|session15d|session15e|session15f|session15g|session15h|session16a|session16b|session16c|session16d|session16e
+# (device tool: OUT is the folder whose files come back). Usage: benchmarks/h200.sh tests|speed|patterns|order|compare|decode|s2|sigmoid|flexpatterns|streamdecode|issue6|issue6b|issue7a|issue7tests|issue7b|issue7c|issue7d|issue6c|issue5b|mqar|session10|session10b|flexfwd|session10c|session11a|session11b|session11c|session11d|session11e|session12a|session12b|session12c|session12d|session12e|session13c|session13d|session13e|session14a|session14b|session14c|session14d|session14e|session14f|session15a|session15b|session15c|session15d|session15e|session15f|session15g|session15h|session16a|session16b|session16c|session16d|session16e|session16f
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -289,6 +289,10 @@ print({b: round(timed(lambda: f(v, 2048, seen, backend=b), 10), 3) for b in ('to
   session16e)  # session16d again, fewer tests and every line kept (16d ran past its 300 s limit with nothing printed)
     timeout 330 python3 -m pytest -m cuda tests/layers/test_s2.py tests/ops/test_sigmoid.py -k "s2 or long_rows or exp_formula or (bf16 and auto)" \
       -v -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 | grep --line-buffered -E "PASS|FAIL|ERROR|passed|failed|^E " | cut -c1-300 | tee "$R/h200-pytest-session16e.log" ;;
+  session16f)  # the sigmoid forward with two-programs-per-SM tiles offered; the sigmoid CUDA tests
+    timeout 150 python3 benchmarks/sigmoid_fwd.py --seq 8192,32768 --repeat 20 --out "$R/h200-sigmoid-fwd-2cta.json" 2>&1 | grep -v Warn | cut -c1-2500
+    timeout 100 python3 -m pytest -m cuda tests/ops/test_sigmoid.py -k "auto" -v -rfE -p no:cacheprovider -W ignore -o addopts="" 2>&1 \
+      | grep --line-buffered -E "PASS|FAIL|ERROR|passed|failed|^E " | cut -c1-300 | tee "$R/h200-pytest-session16f.log" ;;
   issue6)  # everything issue 6 measures, in one call (device time is scarce)
     timeout 170 python3 -m pytest -m cuda tests/layers tests/ops/test_sigmoid.py -q --maxfail=10 -p no:cacheprovider -p no:logging -W ignore \
       2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-300 | tail -40 > "$R/h200-pytest-issue6.log"; tail -12 "$R/h200-pytest-issue6.log"
