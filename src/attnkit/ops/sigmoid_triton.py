@@ -244,10 +244,8 @@ if triton is not None:
     # TMA tiles: the ones the H200 picked at 8k and 32k (h200-sigmoid-fwd-tma.json) and two more;
     # few, since each is compiled and timed on a shape's first call
     _FWD_TILES = {"pointer": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
-                              (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 4), (128, 64, 8, 2), (64, 64, 4, 2)],
-                  "tma": [(128, 128, 8, 3), (128, 32, 8, 4), (128, 64, 8, 3), (128, 32, 4, 4),
-                          # two programs per SM (96 / 80 KB of shared memory): session 16's candidates
-                          (128, 64, 8, 2), (64, 64, 4, 2)]}
+                              (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 4)],
+                  "tma": [(128, 128, 8, 3), (128, 32, 8, 4), (128, 64, 8, 3), (128, 32, 4, 4)]}
     #: the forward's autotuners by the loads they may use (see TMA_FORWARD)
     _FWD_BY_LOADS = {loads: _tuned(_fwd, _FWD_TILES, loads) for loads in (("pointer",), ("tma",), ("pointer", "tma"))}
     _DKDV, _DKDV_META = _tuned(_bwd_dkdv, [(64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 8, 3)])
