@@ -32,8 +32,6 @@ except ImportError:  # pragma: no cover - triton is optional
 
 __all__ = ["available", "sigmoid_attention_triton", "sigmoid_values"]
 
-LOG2E = 1.4426950408889634
-
 
 def available() -> bool:
     return triton is not None
@@ -51,7 +49,7 @@ if triton is not None:
             t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [s], dtype=tl.float32, is_pure=True, pack=1)
             p = 0.5 + 0.5 * t
         elif FAST == 2:
-            e = tl.math.exp2(s * (-2.0 * 1.4426950408889634))
+            e = tl.math.exp2(s * (-2.0 * 1.4426950408889634))  # 2^(-2 s log2 e) = e^(-2 s)
             p = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32,
                                           is_pure=True, pack=1)
         else:
