@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from attnkit.layers import RelativeConvAttention
-from attnkit.layers.rcmha import sinusoid
+import attnkit.layers.rcmha as rcmha_module
+from attnkit.layers.rcmha import bias_row_chunks, sinusoid
 
 from layer_checks import assert_forward_and_grads_match, decode_in_chunks
 
@@ -72,3 +73,30 @@ def test_convolution_starts_as_identity():
 def test_bad_inputs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RelativeConvAttention(32, 4, **kwargs)
+
+
+@pytest.mark.parametrize("batch_heads, q_len, q_offset, kv_len, limit", [
+    (64, 8192, 0, 8192, 2**30), (16, 32768, 0, 32768, 2**30), (4, 10, 0, 10, 100), (8, 7, 20, 27, 300),
+    (2, 5, 0, 5, 1)])
+def test_bias_row_chunks_stay_below_the_index_limit(batch_heads, q_len, q_offset, kv_len, limit):
+    """The H200 crash (B=4, H=16 at 8k: one 4.3e9-element bias read past 32-bit indices): every
+    chunk's causal bias fits the limit (or is a single row), and the chunks tile the rows."""
+    chunks = bias_row_chunks(batch_heads, q_len, q_offset, kv_len, max_elements=limit)
+    assert chunks[0][0] == 0 and chunks[-1][1] == q_len
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    for start, stop in chunks:
+        size = batch_heads * (stop - start) * min(kv_len, q_offset + stop)
+        assert size <= limit or stop - start == 1
+        assert size < 2**31
+    assert bias_row_chunks(4 * 16, 8192, 0, 8192) != [(0, 8192)]  # the crashing shape is split
+
+
+@pytest.mark.parametrize("limit", [40, 200])
+def test_row_chunks_equal_the_formula(monkeypatch, limit):
+    """The layer in row chunks (forced small) equals the loop formula, forward and every gradient."""
+    monkeypatch.setattr(rcmha_module, "MAX_BIAS_ELEMENTS", limit)
+    layer = build(num_kv_heads=2)
+    x = torch.randn(2, 8, 32, dtype=torch.float64)
+    assert len(bias_row_chunks(2 * 4, 8, 0, 8)) > 1
+    assert_forward_and_grads_match(layer, lambda x: reference(layer, x), x)
+    torch.testing.assert_close(decode_in_chunks(layer, x, [3, 5]), reference(layer, x))

@@ -94,7 +94,11 @@ class GroupAttention(AttentionLayer):
         # time becomes the batch axis and the series the sequence axis
         q, k, v = self.qkv_proj(x).view(B, T, 3, H, D).permute(2, 1, 3, 0, 4)  # 3 x (T, H, B, D)
         pattern = _patterns.documents(groups[None].expand(T, B))
-        out = attend(q, k, v, pattern=pattern, scale=self.scale, backend=self.backend)  # (T, H, B, D)
+        # the group axis is short (a few series): SDPA with a dense [B, B] mask per step costs
+        # nothing, while FlexAttention's kernel launch failed on the H200 ("CUDA driver error:
+        # invalid argument") once time steps x heads reached 65536 (T = 4096, H = 16)
+        backend = "sdpa" if self.backend == "auto" else self.backend
+        out = attend(q, k, v, pattern=pattern, scale=self.scale, backend=backend)  # (T, H, B, D)
         if state is not None:
             state.offset += T
         return self.o_proj(out.permute(2, 0, 1, 3).reshape(B, T, H * D))

@@ -131,13 +131,48 @@ class RelativeConvAttention(MultiHeadAttention):
     def core(self, q, k, v, pattern, q_offset):
         T, S = q.shape[2], k.shape[2]
         q_offset = S - T if q_offset is None else q_offset
-        bias = self.relative_bias(q, q_offset, S)
-
-        def add_position(score, b, h, q_pos, k_pos):
-            return score + bias[b, h, q_pos - q_offset, k_pos]
-
         q_content = q + self.content_bias[None, :, None].to(q.dtype)
-        return attend(q_content, k, v, pattern=pattern, score_mod=add_position, backend=self.backend, q_offset=q_offset)
+        outs = []
+        for start, stop in bias_row_chunks(q.shape[0] * q.shape[1], T, q_offset, S):
+            # causal: rows start..stop-1 see keys 0 .. q_offset+stop-1 only
+            keys = min(S, q_offset + stop)
+            row_offset = q_offset + start
+            bias = self.relative_bias(q[:, :, start:stop], row_offset, keys)
+
+            def add_position(score, b, h, q_pos, k_pos, bias=bias, row_offset=row_offset):
+                return score + bias[b, h, q_pos - row_offset, k_pos]
+
+            outs.append(attend(q_content[:, :, start:stop], k[:, :, :keys], v[:, :, :keys], pattern=pattern,
+                               score_mod=add_position, backend=self.backend, q_offset=row_offset))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+#: Elements of one relative-bias tensor ``[B, H, rows, keys]``. FlexAttention indexes a captured
+#: tensor with 32-bit arithmetic: a bias of 2**31 elements or more (B=4, H=16 at 8k) read out of
+#: bounds on the H200 ("an illegal memory access"). Rows are processed in chunks below this size,
+#: which also bounds the memory the bias takes.
+MAX_BIAS_ELEMENTS = 2**30
+
+
+def bias_row_chunks(batch_heads: int, q_len: int, q_offset: int, kv_len: int,
+                    max_elements: int | None = None) -> list[tuple[int, int]]:
+    """Query-row ranges ``[start, stop)`` covering ``0 .. q_len-1`` such that each chunk's causal
+    bias ``[B*H, stop-start, min(kv_len, q_offset+stop)]`` holds at most ``max_elements``
+    (default :data:`MAX_BIAS_ELEMENTS`; at least one row per chunk)."""
+    limit = MAX_BIAS_ELEMENTS if max_elements is None else max_elements
+
+    def size(start: int, stop: int) -> int:
+        return batch_heads * (stop - start) * min(kv_len, q_offset + stop)
+
+    chunks, start = [], 0
+    while start < q_len:
+        low, high = start + 1, q_len  # the largest stop whose chunk fits (at least one row)
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if size(start, mid) <= limit else (low, mid - 1)
+        chunks.append((start, low))
+        start = low
+    return chunks
 
 
 def rcmha_flops(batch, seq, config) -> FlopCount:
