@@ -10,14 +10,87 @@ layer.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
 __all__ = ["State", "KVCache", "SinkWindowCache", "RecurrentState"]
 
 
-class State:
-    """Base class of a layer's decode state."""
+class _Constant:
+    """A tensor recorded as its shape and one value (a freshly built state: zeros, ``-inf``, ``-1``)."""
+
+    def __init__(self, t: Tensor, value) -> None:
+        self.shape, self.dtype, self.device, self.value = t.shape, t.dtype, t.device, value
+
+
+def _snapshot(value):
+    """What ``value`` is now, kept apart from later in-place changes; constant tensors compactly."""
+    if isinstance(value, Tensor):
+        t = value.detach()
+        if t.numel() == 0:
+            return _Constant(t, 0)
+        flat = t.reshape(-1)
+        first = flat[:1]
+        same = (flat == first) | (flat.isnan() & first.isnan()) if t.is_floating_point() else flat == first
+        if bool(same.all()):
+            return _Constant(t, first.item())
+        return t.clone()
+    if isinstance(value, dict):
+        snap = copy.copy(value)  # keeps a dict subclass's type (e.g. FlowState)
+        snap.clear()
+        snap.update({k: _snapshot(v) for k, v in value.items()})
+        return snap
+    if isinstance(value, (list, tuple)):
+        return type(value)(_snapshot(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def _restore(snap, current=None):
+    """A fresh copy of a snapshot; a tensor lands on the device and dtype that ``current``
+    (the attribute's present value) has, where a state moved to its inputs' device or dtype."""
+    if isinstance(snap, (_Constant, Tensor)):
+        like = current if isinstance(current, Tensor) else None
+        device = like.device if like is not None else snap.device
+        dtype = like.dtype if like is not None else snap.dtype
+        if isinstance(snap, _Constant):
+            return torch.full(snap.shape, snap.value, device=device, dtype=dtype)
+        return snap.to(device=device, dtype=dtype, copy=True)
+    if isinstance(snap, dict):
+        current = current if isinstance(current, dict) else {}
+        fresh = copy.copy(snap)
+        fresh.clear()
+        fresh.update({k: _restore(v, current.get(k)) for k, v in snap.items()})
+        return fresh
+    if isinstance(snap, (list, tuple)):
+        return type(snap)(_restore(v) for v in snap)
+    return copy.deepcopy(snap)
+
+
+class _RecordsConstruction(type):
+    """Metaclass of :class:`State`: once an object's whole ``__init__`` chain has run (a
+    subclass's included), record its condition, which :meth:`State.reset` restores."""
+
+    def __call__(cls, *args, **kwargs):
+        obj = super().__call__(*args, **kwargs)
+        obj._record_constructed()
+        return obj
+
+
+class State(metaclass=_RecordsConstruction):
+    """Base class of a layer's decode state.
+
+    ``reset()`` returns the state to the condition it was built in, so that it serves a new
+    sequence exactly as a fresh ``layer.init_state(...)`` would: every attribute a subclass
+    set in ``__init__`` is restored (tensors to their built values, ``None`` stays ``None``)
+    and attributes a layer added later (a convolution tail) are removed. Subclasses need no
+    reset of their own; storage whose contents past ``offset`` are never read (a KV cache's
+    buffers) is named in ``_storage`` and kept as it is rather than copied at construction.
+    """
+
+    #: attributes whose content is never read beyond ``offset``: not recorded, kept on reset
+    _storage: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.offset = 0
@@ -25,8 +98,17 @@ class State:
     def nbytes(self) -> int:
         raise NotImplementedError
 
+    def _record_constructed(self) -> None:
+        self._constructed = {name: _snapshot(value) for name, value in vars(self).items()
+                             if name != "_constructed" and name not in self._storage}
+
     def reset(self) -> None:
-        self.offset = 0
+        """Forget every token seen: the state becomes what ``init_state`` built."""
+        for name in list(vars(self)):
+            if name != "_constructed" and name not in self._storage and name not in self._constructed:
+                delattr(self, name)  # added after construction (e.g. a convolution tail)
+        for name, snap in self._constructed.items():
+            setattr(self, name, _restore(snap, getattr(self, name, None)))
 
     def visible(self, pattern, first_position: int):
         """The pattern and query offset under which this call's queries see the keys that
@@ -42,6 +124,8 @@ class KVCache(State):
     token costs O(1) amortised; ``update(k, v)`` appends ``[B, Hkv, T, D]`` and returns
     views of everything cached so far.
     """
+
+    _storage = ("_k", "_v")
 
     def __init__(
         self,
@@ -121,6 +205,8 @@ class SinkWindowCache(State):
     (:class:`attnkit.patterns.AtKeyPositions`). Exact for causal sink/window patterns whose
     ``sink_tokens`` and ``window`` are at most this cache's.
     """
+
+    _storage = ("_k", "_v")  # read only where _slot_positions says a slot is filled
 
     def __init__(
         self,

@@ -87,3 +87,113 @@ def test_loss_only_where_supervised():
         torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="targets"):
         model.loss(tokens, targets[:, :4])
+
+
+# -- persistence: atomic saves, dtype, clear errors ---------------------------------------------
+def test_failed_save_over_a_checkpoint_leaves_it_loadable(tmp_path, monkeypatch):
+    """The weight writer fails halfway (a full disk): the checkpoint already there still loads
+    and equals the model that wrote it, and no temporary folder is left behind."""
+    from attnkit.models import decoder
+
+    old = small_model(dim=32)
+    old.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "README.md").write_text("model card")
+
+    def fail_halfway(model, file):
+        file.write_bytes(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(decoder, "_write_weights", fail_halfway)
+    new = small_model(dim=64, num_heads=8)  # another shape: the old weights would not load under its config
+    with pytest.raises(OSError, match="No space"):
+        new.save_pretrained(tmp_path / "ckpt")
+    loaded = DecoderLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config == old.config
+    for (name, a), b in zip(old.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(b, a, msg=name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert (tmp_path / "ckpt" / "README.md").read_text() == "model card"
+
+
+def test_save_over_a_checkpoint_replaces_it_and_keeps_other_files(tmp_path):
+    small_model(dim=32).save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "notes.txt").write_text("kept")
+    new = small_model(dim=64, num_heads=8)
+    new.save_pretrained(tmp_path / "ckpt")
+    loaded = DecoderLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config == new.config
+    assert (tmp_path / "ckpt" / "notes.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_save_under_a_file_size_limit_keeps_the_old_checkpoint(tmp_path):
+    """A real short write: RLIMIT_FSIZE below the weights' size, in a child process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    resource = pytest.importorskip("resource")
+    old = small_model(dim=32)
+    old.save_pretrained(tmp_path / "ckpt")
+    script = textwrap.dedent(f"""
+        import resource, signal, torch
+        from attnkit.models import DecoderLM
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a short write raises instead of killing
+        model = DecoderLM(vocab_size=50, dim=64, num_layers=2, num_heads=8, attention="gqa")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+        try:
+            model.save_pretrained({str(tmp_path / "ckpt")!r})
+        except Exception as err:  # safetensors raises its own SafetensorError
+            print("failed:", err)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "failed:" in run.stdout, run.stdout + run.stderr
+    loaded = DecoderLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config == old.config
+    torch.testing.assert_close(loaded.embed.weight, old.embed.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_save_and_load_keep_the_dtype(tmp_path, dtype):
+    model = small_model().to(dtype)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = DecoderLM.from_pretrained(tmp_path / "ckpt")
+    assert all(p.dtype == dtype for p in loaded.parameters())
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_save_and_load_keep_mixed_dtypes(tmp_path):
+    model = small_model().to(torch.bfloat16)
+    model.norm.float()  # a float32 final norm in a bfloat16 model
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = DecoderLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.norm.weight.dtype == torch.float32 and loaded.embed.weight.dtype == torch.bfloat16
+
+
+def test_from_pretrained_bad_folders(tmp_path):
+    small_model().save_pretrained(tmp_path / "ckpt")
+    config = tmp_path / "ckpt" / "config.json"
+    text = config.read_text()
+    for bad, match in (("", "config.json is not valid JSON"), ("{nope", "config.json is not valid JSON"),
+                       ("[1, 2]", "config.json must hold a JSON object"),
+                       ('{"dim": 32, "widht": 3}', "config.json does not match"),
+                       (text.replace('"float64"', '"float7"'), "dtype must be one of")):
+        config.write_text(bad)
+        with pytest.raises(ValueError, match=match):
+            DecoderLM.from_pretrained(tmp_path / "ckpt")
+    config.write_text(text)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            DecoderLM.from_pretrained(tmp_path / "ckpt", device="cuda")
+    with pytest.raises(ValueError, match="device must be"):
+        DecoderLM.from_pretrained(tmp_path / "ckpt", device="gpu0")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="has no model.safetensors"):
+        DecoderLM.from_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="has no config.json"):
+        DecoderLM.from_pretrained(tmp_path / "nothing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        small_model().save_pretrained(tmp_path / "file")

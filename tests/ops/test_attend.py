@@ -133,6 +133,44 @@ def test_fully_masked_rows_are_zero(backend):
         assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+def _kill_row_two(score, b, h, q_pos, k_pos):
+    return torch.where(q_pos == 2, float("-inf"), score)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto", "flex"])
+def test_score_mod_that_masks_a_whole_row_gives_zeros(backend):
+    """score_mod -inf on every key of a row: zeros and lse -inf (as for a row the pattern
+    empties), zero gradients; the reference and auto gave NaN."""
+    q, k, v = make_qkv(1, 2, 2, 6, 6, 8, dtype=torch.float32, requires_grad=backend != "flex")
+    out, lse = attend(q, k, v, pattern="causal", score_mod=_kill_row_two, return_lse=True, backend=backend)
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+    assert (lse[:, :, 2] == float("-inf")).all() and torch.isfinite(lse[:, :, [0, 1, 3, 4, 5]]).all()
+    ref = attend(q.detach().double(), k.detach().double(), v.detach().double(), pattern="causal", backend="reference")
+    keep = [0, 1, 3, 4, 5]
+    torch.testing.assert_close(out[:, :, keep].double(), ref[:, :, keep], atol=1e-5, rtol=1e-5)
+    if backend != "flex":
+        (out.sum() + lse[:, :, keep].sum()).backward()
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+        assert torch.equal(q.grad[:, :, 2], torch.zeros_like(q.grad[:, :, 2]))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "auto", "flex"])
+@pytest.mark.parametrize("pattern, q_offset", [("causal", 0), (P.sliding_window(3), None), ("causal", 4)])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_key_outside_a_row_pattern_leaves_the_row_alone(backend, pattern, q_offset, bad):
+    """An inf/NaN in a key: rows whose pattern excludes that key match the reference on every
+    backend (SDPA's boolean mask adds -inf to q.k, and inf + -inf is NaN)."""
+    q, k, v = make_qkv(1, 2, 2, 6, 10 if q_offset == 4 else 6, 8, dtype=torch.float32, requires_grad=False)
+    k[:, :, -1, 0] = bad  # the newest key: outside every row's pattern but the last one's
+    ref = attend(q.double(), k.double(), v.double(), pattern=pattern, q_offset=q_offset, backend="reference")
+    out = attend(q, k, v, pattern=pattern, q_offset=q_offset, backend=backend)
+    assert torch.isfinite(ref[:, :, :-1]).all()
+    # the last row sees the key: a NaN score there has no one answer (kernels' running maxima
+    # may skip it), an infinite one does (a NaN row for +inf, no weight for -inf)
+    rows = slice(None, -1) if bad != bad else slice(None)
+    torch.testing.assert_close(out.double()[:, :, rows], ref[:, :, rows], atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
 def test_score_mod_matches_reference():
     q, k, v = make_qkv(2, 4, 2, 9, 9, 8, requires_grad=False)
 
@@ -177,6 +215,14 @@ def test_block_mask_cache_reuses_masks():
         (dict(q=torch.randn(1, 2, 4, 8), k=torch.randn(1, 2, 4, 8), v=torch.randn(1, 2, 4, 8), pattern="diagonal"), "unknown pattern"),
         (dict(q=torch.randn(1, 2, 4, 8), k=torch.randn(1, 2, 4, 8), v=torch.randn(1, 2, 4, 8), pattern=P.per_head([P.causal()] * 3)), "3 entries"),
         (dict(q=torch.randn(1, 2, 4, 8), k=torch.randn(1, 2, 4, 8), v=torch.randn(1, 2, 4, 8), return_lse=True, backend="sdpa"), "log-sum-exp"),
+        (dict(q=torch.randn(1, 2, 4, 0), k=torch.randn(1, 2, 4, 0), v=torch.randn(1, 2, 4, 8)), "head dims must be >= 1"),
+        (dict(q=torch.randn(0, 2, 4, 8), k=torch.randn(0, 2, 4, 8), v=torch.randn(0, 2, 4, 8)), "B=0"),
+        *[(dict(q=torch.randn(1, 2, 4, 8), k=torch.randn(1, 2, 4, 8), v=torch.randn(1, 2, 4, 8), scale=bad), "scale must be")
+          for bad in (float("nan"), float("inf"), "0.1", True, torch.tensor(0.1))],
+        *[(dict(q=torch.randn(1, 2, 4, 8), k=torch.randn(1, 2, 4, 8), v=torch.randn(1, 2, 4, 8), score_mod=mod, backend=b),
+           "score_mod must return") for b in ("reference", "flex")
+          for mod in (lambda s, b, h, qp, kp: 0.0, lambda s, b, h, qp, kp: s.sum(-1, keepdim=True).expand(2, *s.shape)
+                      if s.dim() else None)],
     ],
 )
 def test_bad_inputs_raise_value_error(kwargs, match):

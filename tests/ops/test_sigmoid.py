@@ -78,7 +78,35 @@ def test_triton_kernels_match_reference(pattern, shape, tma, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_normalised_reference_survives_underflowing_weights(dtype):
+    """A bias so negative that every sigmoid weight underflows (float64: below e^-745): the
+    normalised weights are still well defined, softmax_j(log sigmoid(s_ij)) ~ softmax_j(s_ij);
+    the reference gave 0 there, the log-sigmoid path the right mean."""
+    q, k, v = inputs(T=5, S=7, dtype=dtype)
+    bias = -2000.0 if dtype == torch.float64 else -200.0  # float32 underflows below e^-104; s - 2000 would round
+    tol = {} if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
+    ref = sigmoid_attend_reference(q, k, v, pattern="causal", bias=bias, normalize=True)
+    fast = sigmoid_attend(q, k, v, pattern="causal", bias=bias, normalize=True, backend="flex")
+    scores = torch.einsum("bhtd,bhsd->bhts", q.double(), k.double().repeat_interleave(2, 1)) * 8**-0.5
+    weights = scores.masked_fill(~P.causal().dense(5, 7), float("-inf")).softmax(-1)  # log sigmoid(s + bias) = s + bias + tiny
+    expected = (weights @ v.double().repeat_interleave(2, 1)).to(dtype)
+    assert ref.abs().min() > 0
+    torch.testing.assert_close(ref, expected, **tol)
+    torch.testing.assert_close(fast, expected, **tol)
+
+
+def test_normalised_reference_empty_rows_are_zero_with_zero_gradients():
+    q, k, v = (t.requires_grad_() for t in inputs(Hq=2, Hkv=1, T=4, S=4))
+    out = sigmoid_attend_reference(q, k, v, pattern="causal", q_offset=-2, normalize=True)  # rows 0, 1 see nothing
+    assert torch.equal(out[:, :, :2], torch.zeros_like(out[:, :, :2])) and out[:, :, 2:].abs().min() > 0
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert torch.equal(q.grad[:, :, :2], torch.zeros_like(q.grad[:, :, :2]))
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(backend="sdpa"), "SDPA has no sigmoid"), (dict(bias="x"), "bias"),
+                                           (dict(bias=float("-inf")), "bias"), (dict(scale=float("nan")), "scale"),
                                            (dict(backend="triton", normalize=True), "backend='triton' serves"),
                                            (dict(backend="triton", pattern=P.sliding_window(3)), "backend='triton' serves")])
 def test_bad_inputs(kwargs, match):

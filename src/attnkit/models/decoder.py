@@ -20,6 +20,9 @@ Example::
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -232,29 +235,132 @@ class DecoderLM(nn.Module):
 
     # -- persistence ------------------------------------------------------------------------
     def save_pretrained(self, path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into the folder ``path``."""
-        from safetensors.torch import save_model
+        """Write ``config.json`` and ``model.safetensors`` into the folder ``path``.
 
+        The files are written into a temporary folder beside ``path`` and moved into place
+        only once both are complete, so a failed save (a full disk) leaves an existing
+        checkpoint at ``path`` as it was. Other files in an existing folder are kept. The
+        config records the parameters' dtype, which :meth:`from_pretrained` restores.
+        """
         try:
-            config = json.dumps(self.config, indent=2)
+            config = json.dumps({**self.config, **_dtype_fields(self)}, indent=2)
         except TypeError as err:
             raise ValueError(
                 f"the model config cannot be saved as JSON ({err}); pass attention options as plain values "
                 "(patterns by name, e.g. pattern='causal')"
             ) from None
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).write_text(config)
-        save_model(self, str(path / WEIGHTS_NAME))
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"save_pretrained needs a folder, but {path} is a file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+        try:
+            (staging / CONFIG_NAME).write_text(config)
+            _write_weights(self, staging / WEIGHTS_NAME)
+            _replace_folder(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return path
 
     @classmethod
     def from_pretrained(cls, path, *, device=None) -> "DecoderLM":
+        """Load a folder written by :meth:`save_pretrained` (in the dtype it was saved in)
+        onto ``device`` (default CPU)."""
         from safetensors.torch import load_model
 
         path = Path(path)
-        if not (path / CONFIG_NAME).exists():
+        config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+        if not config_file.exists():
             raise ValueError(f"{path} has no {CONFIG_NAME}; expected a folder written by DecoderLM.save_pretrained")
-        model = cls(**json.loads((path / CONFIG_NAME).read_text()))
-        load_model(model, str(path / WEIGHTS_NAME), device=str(device or "cpu"))
+        if not weights_file.exists():
+            raise ValueError(f"{path} has no {WEIGHTS_NAME}; expected a folder written by DecoderLM.save_pretrained")
+        try:
+            device = torch.device(device or "cpu")
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r} ({err})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} asked for, but no CUDA device is available; use device='cpu'")
+        try:
+            config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{config_file} is not valid JSON ({err}); expected the config written by "
+                             "DecoderLM.save_pretrained") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file} must hold a JSON object of DecoderLM arguments, got {type(config).__name__}")
+        dtype, overrides = _read_dtype_fields(config, config_file)
+        try:
+            model = cls(**config)
+        except TypeError as err:
+            raise ValueError(f"{config_file} does not match DecoderLM's arguments: {err}") from None
+        model.to(device=device, dtype=dtype)
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        for name, tensor_dtype in overrides.items():
+            if name not in tensors:
+                raise ValueError(f"{config_file}: dtype_overrides names {name!r}, which the model does not have")
+            tensors[name].data = tensors[name].data.to(tensor_dtype)
+        load_model(model, str(weights_file), device=str(device))
         return model
+
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def _dtype_fields(model: nn.Module) -> dict:
+    """``{"dtype": ..., "dtype_overrides": {name: dtype}}``: the dtype of most floating
+    parameters and buffers, and the names of those in another (e.g. fp32 norms in a bf16 model)."""
+    tensors = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()}
+    names = [str(t.dtype).removeprefix("torch.") for t in tensors.values()]
+    main = max(set(names), key=names.count) if names else "float32"
+    overrides = {n: d for n, d in zip(tensors, names) if d != main}
+    return {"dtype": main, **({"dtype_overrides": overrides} if overrides else {})}
+
+
+def _read_dtype_fields(config: dict, config_file: Path):
+    """Pop the dtype fields from a loaded config: ``(dtype, {name: dtype})``; float32 for old
+    checkpoints that have none."""
+    def parse(value, where):
+        if value not in _DTYPES:
+            raise ValueError(f"{config_file}: {where} must be one of {', '.join(_DTYPES)}, got {value!r}")
+        return _DTYPES[value]
+
+    dtype = parse(config.pop("dtype", "float32"), "dtype")
+    overrides = config.pop("dtype_overrides", {})
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{config_file}: dtype_overrides must map tensor names to dtypes, got {overrides!r}")
+    return dtype, {name: parse(value, f"dtype_overrides[{name!r}]") for name, value in overrides.items()}
+
+
+def _write_weights(model: nn.Module, file: Path) -> None:
+    from safetensors.torch import save_model
+
+    save_model(model, str(file))
+
+
+def _replace_folder(staging: Path, path: Path) -> None:
+    """Move the complete ``staging`` folder to ``path``. An existing ``path`` keeps its other
+    files (moved into the new folder) and is removed only after the new one is in place."""
+    if not path.exists():
+        os.rename(staging, path)
+        return
+    ours = {CONFIG_NAME, WEIGHTS_NAME}
+    moved = []
+    try:
+        for entry in path.iterdir():
+            if entry.name not in ours:
+                os.rename(entry, staging / entry.name)
+                moved.append(entry.name)
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.rename(path, old / path.name)  # same filesystem: both renames are atomic
+    except BaseException:
+        for name in moved:  # put the other files back: the old checkpoint stays whole
+            os.rename(staging / name, path / name)
+        raise
+    try:
+        os.rename(staging, path)
+    except BaseException:
+        os.rename(old / path.name, path)
+        for name in moved:
+            os.rename(staging / name, path / name)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

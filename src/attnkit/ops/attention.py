@@ -28,6 +28,7 @@ Backends
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import OrderedDict
 from typing import Callable
@@ -73,6 +74,34 @@ def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv} (GQA/MQA)")
     if T == 0 or k.shape[2] == 0:
         raise ValueError(f"empty sequence: q has T={T}, k has S={k.shape[2]}")
+    if B == 0:
+        raise ValueError(f"empty batch: q, k, v have B=0 (shape {tuple(q.shape)}); attention needs B >= 1")
+    if D == 0 or v.shape[3] == 0:
+        raise ValueError(f"head dims must be >= 1, got D={D} (q, k) and Dv={v.shape[3]} (v)")
+
+
+def _check_scale(scale) -> None:
+    """``scale`` must be None or a finite real number (a NaN or infinite scale makes every score NaN)."""
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None (default D ** -0.5), got {scale!r}")
+
+
+def _modified_scores(score_mod, scores: Tensor, *index: Tensor) -> Tensor:
+    """``score_mod(scores, b, h, q_pos, k_pos)``, checked: a tensor that broadcasts to the scores' shape."""
+    out = score_mod(scores, *index)
+    if not isinstance(out, Tensor):
+        raise ValueError(f"score_mod must return a tensor of scores (the modified score), got {type(out).__name__} "
+                         f"{out!r}; for a constant use torch.full_like(score, value)")
+    try:
+        shape = torch.broadcast_shapes(out.shape, scores.shape)
+    except RuntimeError:
+        shape = None
+    if shape != scores.shape:
+        raise ValueError(f"score_mod must return scores shaped like its input {tuple(scores.shape)}, got "
+                         f"{tuple(out.shape)}")
+    return out.expand(scores.shape)
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
@@ -140,6 +169,7 @@ def attend(
         q_offset = S - T
     elif isinstance(q_offset, bool) or not isinstance(q_offset, int):
         raise ValueError(f"q_offset must be an int or None, got {q_offset!r}")
+    _check_scale(scale)
     # scale=None goes through as None: every backend defaults to D ** -0.5 itself, and the
     # compiled FlexAttention kernel is then the same one a direct flex_attention call gets
     if score_mod is not None and not callable(score_mod):
@@ -203,13 +233,15 @@ def attend_reference(
         h = torch.arange(Hq, device=device)[None, :, None, None]
         qi = torch.arange(T, device=device)[None, None, :, None] + q_offset
         ki = torch.arange(S, device=device)[None, None, None, :]
-        scores = score_mod(scores, b, h, qi, ki)
+        scores = _modified_scores(score_mod, scores, b, h, qi, ki)
     mask = pattern.dense(T, S, q_offset=q_offset, batch=B, heads=Hq, device=device)
-    row_has_key = mask.any(dim=-1, keepdim=True)  # (B|1, H|1, T, 1)
-    # Empty rows get constant scores so that softmax stays finite; their weights are then zeroed.
-    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~row_has_key, 0.0)
+    scores = scores.masked_fill(~mask, float("-inf"))  # (NaN or inf scores of masked pairs go too)
+    # A row is empty when the pattern allows no key or score_mod gave -inf to all it allows:
+    # its scores become constants so that softmax stays finite, and its weights are zeroed.
+    row_has_key = scores.detach().amax(dim=-1, keepdim=True) > float("-inf")  # (B, H, T, 1)
+    scores = scores.masked_fill(~row_has_key, 0.0)
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.softmax(scores, dim=-1) * mask
+    probs = torch.softmax(scores, dim=-1).masked_fill(~row_has_key, 0.0)
     out = torch.einsum("bhts,bhsd->bhtd", probs, v.to(compute_dtype)).to(q.dtype)
     if not return_lse:
         return out
@@ -264,6 +296,12 @@ def _attend_sdpa(q, k, v, pattern, scale, q_offset):
     if kind == "causal" and T == 1 and q_offset >= S - 1:
         # a decode step: the one query sees every cached key, so no mask is needed
         return _sdpa_fused(q, k, v, False, scale, gqa)
+    if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(q).all())):
+        # SDPA applies a boolean mask by adding -inf to q.k (CPU flash and math kernels, torch
+        # 2.13), so an inf or NaN score of a pair outside the pattern turns its whole row NaN
+        # (inf + -inf); the reference masks with where. Such inputs are rare: this O((T+S) D)
+        # check keeps the fused kernel for all others.
+        return attend_reference(q, k, v, pattern=pattern, scale=scale, q_offset=q_offset)
     mask = pattern.dense(T, S, q_offset=q_offset, batch=q.shape[0], heads=q.shape[1], device=q.device)
     # A row with no allowed key would come back NaN from SDPA: let it see key 0, then zero it.
     empty = ~mask.any(dim=-1, keepdim=True)  # (B|1, H|1, T, 1)
@@ -274,6 +312,22 @@ def _attend_sdpa(q, k, v, pattern, scale, q_offset):
 
 
 # -- FlexAttention ------------------------------------------------------------------------
+_PROBED_SCORE_MODS: set = set()
+
+
+def _probe_score_mod(score_mod, q: Tensor) -> None:
+    """Run ``score_mod`` once on one scalar score, as FlexAttention will, so that a bad return
+    (a Python number) raises a clear ValueError here rather than a compiler error inside
+    FlexAttention. Once per function body (its code object), so calls in a loop pay nothing."""
+    key = getattr(score_mod, "__code__", None) or type(score_mod)
+    if key in _PROBED_SCORE_MODS or torch.compiler.is_compiling():
+        return
+    index = [torch.zeros((), dtype=torch.int32, device=q.device) for _ in range(4)]
+    score = torch.zeros((), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+    _modified_scores(score_mod, score, *index)
+    _PROBED_SCORE_MODS.add(key)
+
+
 _BLOCK_MASK_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
 _BLOCK_MASK_CACHE_SIZE = 64
 _COMPILED_FLEX = None
@@ -540,6 +594,8 @@ def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
     block_mask = block_mask_for(pattern, B, Hq, T, S, q_offset, q.device, small_blocks=small_blocks)
     flex_score_mod = None
     if score_mod is not None:
+
+        _probe_score_mod(score_mod, q)
 
         def flex_score_mod(score, b, h, q_idx, kv_idx):
             return score_mod(score, b, h, q_idx + q_offset, kv_idx)

@@ -24,12 +24,14 @@ is the math above, materialised.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import patterns as _patterns
-from .attention import _validate, attend
+from .attention import _check_scale, _validate, attend
 
 __all__ = ["sigmoid_attend", "sigmoid_attend_reference", "choose_sigmoid_backend", "SIGMOID_BACKENDS"]
 
@@ -61,8 +63,9 @@ def sigmoid_attend(
     if backend not in SIGMOID_BACKENDS:
         raise ValueError(f"sigmoid_attend backend must be one of {', '.join(SIGMOID_BACKENDS)}, got {backend!r} "
                          "(SDPA has no sigmoid)")
-    if isinstance(bias, bool) or not isinstance(bias, (int, float)):
-        raise ValueError(f"bias must be a float, got {bias!r}")
+    if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+        raise ValueError(f"bias must be a finite float, got {bias!r}")
+    _check_scale(scale)
     if backend == "reference":
         return sigmoid_attend_reference(q, k, v, pattern=pattern, bias=bias, normalize=normalize, scale=scale,
                                         q_offset=q_offset)
@@ -118,9 +121,14 @@ def sigmoid_attend_reference(q, k, v, *, pattern=None, bias: float = 0.0, normal
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     k = k.repeat_interleave(group, dim=1).to(compute)  # (B, Hq, S, D)
     v = v.repeat_interleave(group, dim=1).to(compute)
-    weights = torch.sigmoid(torch.einsum("bhtd,bhsd->bhts", q.to(compute), k) * scale + bias)  # (B, Hq, T, S)
+    scores = torch.einsum("bhtd,bhsd->bhts", q.to(compute), k) * scale + bias  # (B, Hq, T, S)
     mask = pattern.dense(T, S, q_offset=q_offset, batch=B, heads=Hq, device=q.device)
-    weights = weights * mask
+    # in log space: sigmoid(s) underflows to 0 below s ~ -745 (float64), and a normalised row
+    # whose every weight underflowed would divide 0 by 0; its weights are a softmax of log sigmoid
+    log_weights = F.logsigmoid(scores).masked_fill(~mask, float("-inf"))
     if normalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(compute).tiny)
+        row_has_key = log_weights.detach().amax(dim=-1, keepdim=True) > float("-inf")  # (B, Hq, T, 1)
+        weights = torch.softmax(log_weights.masked_fill(~row_has_key, 0.0), dim=-1).masked_fill(~row_has_key, 0.0)
+    else:
+        weights = log_weights.exp()
     return torch.einsum("bhts,bhsd->bhtd", weights, v).to(q.dtype)
