@@ -97,8 +97,8 @@ class LightningAttention(AttentionLayer):
             sets the next four arguments, each of which can still be given to override it.
         activate_values: SiLU on v as well as q, k.
         norm: ``"srms"`` (SRMSNorm, no parameters) or ``"layernorm"`` (gain and bias).
-        gate_rank: rank of the output gate ``W_u1 W_u2`` (an int, capped at C), or ``None``
-            for one full-rank ``C -> H*D`` projection.
+        gate_rank: rank of the output gate ``W_u1 W_u2`` (an int, capped at C, or ``"head_dim"``
+            for D), or ``None`` for one full-rank ``C -> H*D`` projection.
         gate_activation: ``None`` or ``"sigmoid"``, applied to the gate.
         norm_eps: the norm's epsilon (default 1e-6 for SRMSNorm, 1e-5 for LayerNorm, as in
             the official code).
