@@ -1,6 +1,7 @@
-"""Lightning layer: == the formula written out (SiLU, decay, SRMSNorm, low-rank gate; forward
-and every gradient), decode == full forward in any chunking with a constant-size state,
-the per-layer decay schedule, bad inputs."""
+"""Lightning layer: == the formula written out (SiLU, decay, norm, output gate; forward and
+every gradient), each named design == its official module written plainly in float64,
+decode == full forward in any chunking with a constant-size state, the per-layer decay
+schedule, bad inputs."""
 
 import math
 
@@ -33,12 +34,19 @@ def formula(layer, x):
             o[:, i, h] = sum(lam ** (i - j) * (q[:, i, h] * k[:, j, h]).sum(-1, keepdim=True) * v[:, j, h]
                              for j in range(i + 1))
     o = o.reshape(B, T, H * D)
-    o = o / torch.sqrt(o.square().mean(-1, keepdim=True) + layer.norm_eps)
-    return layer.o_proj(o * layer.gate(x))
+    if layer.norm_type == "srms":
+        o = o / torch.sqrt(o.square().mean(-1, keepdim=True) + layer.norm_eps)
+    else:
+        mean, var = o.mean(-1, keepdim=True), o.var(-1, unbiased=False, keepdim=True)
+        o = (o - mean) / torch.sqrt(var + layer.norm_eps) * layer.norm.weight + layer.norm.bias
+    gate = layer.gate(x)
+    gate = torch.sigmoid(gate) if layer.gate_activation == "sigmoid" else gate
+    return layer.o_proj(o * gate)
 
 
 @pytest.mark.parametrize("options", [{}, {"gate_rank": None, "activate_values": False}, {"chunk_size": 3},
-                                     {"backend": "recurrent"}, {"backend": "reference"}])
+                                     {"backend": "recurrent"}, {"backend": "reference"}, {"design": "tnl"},
+                                     {"design": "mixed"}, {"design": "tnl", "bias": True, "norm": "srms"}])
 def test_matches_formula(options):
     layer = build(**options)
     x = torch.randn(2, 9, 32, dtype=torch.float64)
@@ -54,6 +62,71 @@ def test_decode_equals_full_forward_with_a_fixed_size_state(chunks):
     before = state.nbytes()
     layer(x, state)
     assert state.nbytes() == before == 2 * 4 * 8 * 8 * 8  # B * H * D * D float64, whatever T
+
+
+def decayed_linear_attention(q, k, v, slopes):
+    """``o_i = sum_{j <= i} exp(-s_h (i - j)) (q_i . k_j) v_j`` with a materialised decay mask."""
+    T = q.shape[2]
+    i = torch.arange(T, dtype=torch.float64)
+    dist = i[:, None] - i[None, :]
+    mask = torch.where(dist >= 0, torch.exp(-slopes.double()[:, None, None] * dist.clamp(min=0)), 0.0)
+    return ((q @ k.transpose(-1, -2)) * mask) @ v
+
+
+def official_transnormerllm(layer, x):
+    """TransNormerLLM-7B's ``NormLinearAttention`` (training path), float64: one projection to
+    q, k, v, u; SiLU on q and k only; SRMSNorm(eps 1e-6, no gain) of the heads' outputs; times u
+    (no activation); output projection."""
+    B, T, _ = x.shape
+    H, D = layer.num_heads, layer.head_dim
+    w_q, w_k, w_v = layer.qkv_proj.weight.view(3, H * D, -1)
+    w_u = layer.gate.weight
+    heads = lambda t: t.view(B, T, H, D).transpose(1, 2)  # noqa: E731
+    q, k, v = F.silu(heads(x @ w_q.T)), F.silu(heads(x @ w_k.T)), heads(x @ w_v.T)
+    o = decayed_linear_attention(q, k, v, layer.slopes).transpose(1, 2).reshape(B, T, H * D)
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return (o * (x @ w_u.T)) @ layer.o_proj.weight.T
+
+
+def official_tnl(layer, x):
+    """lightning-attention's ``TnlAttention``, float64: SiLU on q, k and v; LayerNorm over the
+    H*D channels (gain, bias, eps 1e-5); a sigmoid of a rank-``head_dim`` gate ``C -> D -> C``
+    (biases on both factors when ``bias``); output projection."""
+    B, T, _ = x.shape
+    H, D = layer.num_heads, layer.head_dim
+    w = layer.qkv_proj.weight.view(3, H * D, -1)
+    b = layer.qkv_proj.bias.view(3, H * D)
+    heads = lambda t: t.view(B, T, H, D).transpose(1, 2)  # noqa: E731
+    q, k, v = (F.silu(heads(x @ w[i].T + b[i])) for i in range(3))
+    o = decayed_linear_attention(q, k, v, layer.slopes).transpose(1, 2).reshape(B, T, H * D)
+    o = F.layer_norm(o, (H * D,), layer.norm.weight, layer.norm.bias, eps=1e-5)
+    down, up = layer.gate
+    gate = torch.sigmoid((x @ down.weight.T + down.bias) @ up.weight.T + up.bias)
+    return (o * gate) @ layer.o_proj.weight.T + layer.o_proj.bias
+
+
+@pytest.mark.parametrize("design, official, bias", [("transnormerllm", official_transnormerllm, False),
+                                                    ("tnl", official_tnl, True)])
+def test_named_designs_match_the_official_modules(design, official, bias):
+    torch.manual_seed(0)
+    layer = LightningAttention(32, 4, design=design, bias=bias).double()
+    with torch.no_grad():  # non-trivial norm parameters, so that a missing gain or bias shows
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), official(layer, x))
+    if design == "tnl":
+        assert layer.gate[0].out_features == layer.head_dim
+
+
+def test_card_builds_transnormerllm():
+    import attnkit
+
+    layer = attnkit.build("lightning", dim=32, num_heads=4)
+    assert (layer.design, layer.norm_type, layer.gate_activation, layer.activate_values) == (
+        "transnormerllm", "srms", None, False)
+    assert isinstance(layer.gate, torch.nn.Linear) and layer.norm_eps == 1e-6
+    assert LightningAttention(32, 4, design="tnl").norm_eps == 1e-5
 
 
 def test_decay_schedule():
@@ -80,6 +153,11 @@ def test_explicit_slopes():
         (dict(backend="sdpa"), "backend must be one of"),
         (dict(gate_rank=0), "gate_rank"),
         (dict(chunk_size=0), "chunk_size"),
+        (dict(design="transnormer"), "design must be one of"),
+        (dict(norm="rms"), "norm must be one of"),
+        (dict(gate_activation="silu"), "gate_activation"),
+        (dict(activate_values=1), "activate_values"),
+        (dict(norm_eps=0.0), "norm_eps"),
     ],
 )
 def test_bad_construction(kwargs, match):

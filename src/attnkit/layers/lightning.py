@@ -1,12 +1,34 @@
 """Lightning Attention: TransNormerLLM's gated linear attention with exponential decay.
 
 TransNormerLLM: A Faster and Better Large Language Model with Improved TransNormer (Qin et
-al., arXiv 2307.14995); Lightning Attention-2 (Qin et al., arXiv 2401.04658). Official
-kernels: OpenNLPLab/lightning-attention. The layer::
+al., arXiv 2307.14995); Lightning Attention-2 (Qin et al., arXiv 2401.04658); Various
+Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention (TNL, Qin et
+al., arXiv 2405.17381). Official code: the TransNormerLLM-7B model (Hugging Face
+``OpenNLPLab/TransNormerLLM-7B``, ``NormLinearAttention``) and OpenNLPLab/lightning-attention
+(``examples/module/tnl_attn.py``, ``TnlAttention``). The layer::
 
-    q, k, v = SiLU(x W_q), SiLU(x W_k), SiLU(x W_v)                      (B, H, T, D)
-    o_i     = sum_{j <= i} lambda_h^(i - j) (q_i . k_j) v_j               no softmax, no 1/sqrt(D)
-    y       = W_o ( SRMSNorm(o) * (x W_u1) W_u2 )                        low-rank output gate
+    q, k = SiLU(x W_q), SiLU(x W_k);  v = x W_v  (or SiLU(x W_v))          (B, H, T, D)
+    o_i  = sum_{j <= i} lambda_h^(i - j) (q_i . k_j) v_j                   no softmax, no 1/sqrt(D)
+    y    = W_o ( Norm(o) * act(gate(x)) )                                  output gate
+
+The two official designs differ in four places; ``design`` picks one by name, and each of
+the four arguments below overrides its part of the design:
+
+=================== ================================ =====================================
+``design``          ``"transnormerllm"`` (default)   ``"tnl"``
+=================== ================================ =====================================
+source              paper 2307.14995 and the 7B code lightning-attention ``TnlAttention``
+``activate_values`` False (SiLU on q, k only)        True (SiLU on q, k and v)
+``norm``            ``"srms"``: SRMSNorm, eps 1e-6   ``"layernorm"``: LayerNorm (gain and
+                                                     bias), eps 1e-5
+``gate_rank``       None: one full-rank ``C -> H*D`` ``head_dim``: ``C -> D -> H*D``
+``gate_activation`` None: ``U = x W_u`` as is        ``"sigmoid"``
+=================== ================================ =====================================
+
+The card (``attnkit.build("lightning", ...)``) builds ``"transnormerllm"``, the design of the
+paper it cites. ``design="mixed"`` is attnkit's former default (values SiLU'd, SRMSNorm,
+rank-64 gate without a sigmoid: a mixture of the two, in neither official code), kept so
+that results made with it can be reproduced.
 
 ``SRMSNorm(o) = o / sqrt(mean(o^2) + eps)`` over the H*D channels, without a gain (the
 paper's "simple RMSNorm"). The decay ``lambda_h = exp(-s_h)`` follows the paper's schedule:
@@ -19,9 +41,6 @@ orders tokens); cost and decode state are linear / constant in the context lengt
 decode state is one ``[D, D]`` float32 matrix per head (:class:`~attnkit.state.RecurrentState`).
 The math lives in :mod:`attnkit.ops.lightning` (reference, PyTorch chunks, recurrence,
 Triton on CUDA).
-
-The TransNormerLLM-7B code applies SiLU to q and k only; ``activate_values=False`` gives
-that variant. Its gate is full rank (``gate_rank=None`` here).
 """
 
 from __future__ import annotations
@@ -37,7 +56,26 @@ from ..state import RecurrentState
 from .base import AttentionLayer, check_input
 from .multi_head import head_shape
 
-__all__ = ["LightningAttention", "lightning_slopes"]
+__all__ = ["LightningAttention", "lightning_slopes", "LIGHTNING_DESIGNS"]
+
+# name -> (activate_values, norm, gate_rank, gate_activation); gate_rank "head_dim" means D
+LIGHTNING_DESIGNS = {
+    "transnormerllm": dict(activate_values=False, norm="srms", gate_rank=None, gate_activation=None),
+    "tnl": dict(activate_values=True, norm="layernorm", gate_rank="head_dim", gate_activation="sigmoid"),
+    "mixed": dict(activate_values=True, norm="srms", gate_rank=64, gate_activation=None),
+}
+NORMS = ("srms", "layernorm")
+GATE_ACTIVATIONS = (None, "sigmoid")
+
+
+class _FromDesign:
+    """Default of the arguments that a ``design`` fills in."""
+
+    def __repr__(self):
+        return "<from design>"
+
+
+FROM_DESIGN = _FromDesign()
 
 
 def lightning_slopes(num_heads: int, layer_idx: int = 0, num_layers: int = 1) -> Tensor:
@@ -55,10 +93,15 @@ class LightningAttention(AttentionLayer):
         dim: width C. num_heads: H. head_dim: D (default C // H).
         layer_idx, num_layers: position in the stack, for the decay schedule.
         slopes: explicit per-head slopes ``[H]`` (>= 0), overriding the schedule.
-        gate_rank: rank of the output gate ``W_u1 W_u2`` (default 64, capped at C;
-            ``None``: one full-rank ``C -> H*D`` projection).
-        activate_values: SiLU on v as well as q, k (default True).
-        norm_eps: SRMSNorm epsilon.
+        design: ``"transnormerllm"`` (default), ``"tnl"`` or ``"mixed"`` (module docstring);
+            sets the next four arguments, each of which can still be given to override it.
+        activate_values: SiLU on v as well as q, k.
+        norm: ``"srms"`` (SRMSNorm, no parameters) or ``"layernorm"`` (gain and bias).
+        gate_rank: rank of the output gate ``W_u1 W_u2`` (an int, capped at C, or ``"head_dim"``
+            for D), or ``None`` for one full-rank ``C -> H*D`` projection.
+        gate_activation: ``None`` or ``"sigmoid"``, applied to the gate.
+        norm_eps: the norm's epsilon (default 1e-6 for SRMSNorm, 1e-5 for LayerNorm, as in
+            the official code).
         chunk_size: block length of the PyTorch chunked path.
         bias: biases in the projections.
         backend: ``auto`` | ``reference`` | ``chunked`` | ``recurrent`` | ``triton``
@@ -87,9 +130,12 @@ class LightningAttention(AttentionLayer):
         layer_idx: int = 0,
         num_layers: int = 1,
         slopes=None,
-        gate_rank: int | None = 64,
-        activate_values: bool = True,
-        norm_eps: float = 1e-6,
+        design: str = "transnormerllm",
+        activate_values=FROM_DESIGN,
+        norm=FROM_DESIGN,
+        gate_rank=FROM_DESIGN,
+        gate_activation=FROM_DESIGN,
+        norm_eps: float | None = None,
         chunk_size: int = 64,
         bias: bool = False,
         backend: str = "auto",
@@ -108,11 +154,33 @@ class LightningAttention(AttentionLayer):
             slopes = torch.as_tensor(slopes, dtype=torch.float32)
             if slopes.shape != (num_heads,) or (slopes < 0).any():
                 raise ValueError(f"slopes must be {num_heads} non-negative values (one per head), got {slopes.tolist()}")
+        if design not in LIGHTNING_DESIGNS:
+            raise ValueError(f"design must be one of {', '.join(map(repr, LIGHTNING_DESIGNS))}, got {design!r}")
+        chosen = dict(LIGHTNING_DESIGNS[design])
+        for name, value in (("activate_values", activate_values), ("norm", norm), ("gate_rank", gate_rank),
+                            ("gate_activation", gate_activation)):
+            if value is not FROM_DESIGN:
+                chosen[name] = value
+        activate_values, norm, gate_rank, gate_activation = (
+            chosen["activate_values"], chosen["norm"], chosen["gate_rank"], chosen["gate_activation"])
+        if gate_rank == "head_dim":
+            gate_rank = head_dim
+        if not isinstance(activate_values, bool):
+            raise ValueError(f"activate_values must be True or False, got {activate_values!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")
         if gate_rank is not None:
             positive_int(gate_rank, "gate_rank")
+        if gate_activation not in GATE_ACTIVATIONS:
+            raise ValueError(f"gate_activation must be None or 'sigmoid', got {gate_activation!r}")
+        if norm_eps is None:
+            norm_eps = 1e-6 if norm == "srms" else 1e-5
+        elif isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not norm_eps > 0:
+            raise ValueError(f"norm_eps must be a positive number, got {norm_eps!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.layer_idx, self.num_layers = layer_idx, num_layers
-        self.activate_values, self.norm_eps = activate_values, norm_eps
+        self.design, self.norm_type, self.gate_activation = design, norm, gate_activation
+        self.activate_values, self.norm_eps = activate_values, float(norm_eps)
         self.chunk_size, self.backend = chunk_size, backend
         inner = num_heads * head_dim
         self.qkv_proj = nn.Linear(dim, 3 * inner, bias=bias)
@@ -120,7 +188,11 @@ class LightningAttention(AttentionLayer):
             self.gate = nn.Linear(dim, inner, bias=bias)
         else:
             rank = min(gate_rank, dim)
-            self.gate = nn.Sequential(nn.Linear(dim, rank, bias=False), nn.Linear(rank, inner, bias=bias))
+            # TNL's low-rank gate has biases on both factors when the layer has biases; attnkit's
+            # former ("mixed") gate had none on the first
+            first_bias = bias and design == "tnl"
+            self.gate = nn.Sequential(nn.Linear(dim, rank, bias=first_bias), nn.Linear(rank, inner, bias=bias))
+        self.norm = nn.LayerNorm(inner, eps=self.norm_eps) if norm == "layernorm" else None
         self.o_proj = nn.Linear(inner, dim, bias=bias)
         self.register_buffer("slopes", slopes, persistent=False)
 
@@ -151,9 +223,15 @@ class LightningAttention(AttentionLayer):
             state["kv"] = final.to(state["kv"].dtype)
             state.offset += T
         o = o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
-        wide = o.to(torch.promote_types(o.dtype, torch.float32))
-        o = o * torch.rsqrt(wide.square().mean(-1, keepdim=True) + self.norm_eps).to(o.dtype)  # SRMSNorm
-        return self.o_proj(o * self.gate(x))
+        if self.norm is not None:
+            o = self.norm(o)
+        else:
+            wide = o.to(torch.promote_types(o.dtype, torch.float32))
+            o = o * torch.rsqrt(wide.square().mean(-1, keepdim=True) + self.norm_eps).to(o.dtype)  # SRMSNorm
+        gate = self.gate(x)
+        if self.gate_activation == "sigmoid":
+            gate = torch.sigmoid(gate)
+        return self.o_proj(o * gate)
 
 
 def lightning_flops(batch: int, seq: int, config: dict) -> FlopCount:
@@ -164,7 +242,8 @@ def lightning_flops(batch: int, seq: int, config: dict) -> FlopCount:
     block = config.get("chunk_size", 64)
     core = batch * heads * seq * (4.0 * block * head_dim + 4.0 * head_dim * head_dim)
     inner = heads * head_dim
-    rank = config.get("gate_rank", 64)
+    rank = config.get("gate_rank", LIGHTNING_DESIGNS[config.get("design", "transnormerllm")]["gate_rank"])
+    rank = head_dim if rank == "head_dim" else rank
     gate = 2.0 * dim * inner if rank is None else 2.0 * min(rank, dim) * (dim + inner)
     projection = batch * seq * (2.0 * dim * 3 * inner + gate + 2.0 * inner * dim)
     return FlopCount(attention_fwd=core, projection_fwd=projection)
@@ -178,7 +257,9 @@ register(
         family="linear",
         layer=LightningAttention,
         flops=lightning_flops,
+        defaults={"design": "transnormerllm"},
         capabilities=Capabilities(bidirectional=False, varlen=False, backends=("reference", "chunked", "recurrent", "triton")),
-        summary="linear attention with per-head exponential decay, SRMSNorm and a low-rank output gate; O(1) decode state",
+        summary="linear attention with per-head exponential decay; TransNormerLLM's design (SiLU q/k, SRMSNorm, "
+                "full-rank output gate; design='tnl' for TNL's); O(1) decode state",
     )
 )

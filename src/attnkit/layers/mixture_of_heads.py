@@ -28,7 +28,9 @@ work. Their FlexAttention block mask is built from the gathered positions in clo
 (:meth:`attnkit.patterns.AtQueryPositions.flex_block_mask`), not by evaluating the mask over
 every (row, key) pair. The reference path computes every head and multiplies by the gates (the unpicked
 heads' gates are zero, so both are exact). Decoding caches every head's keys and values (a
-later token may pick any head).
+later token may pick any head). Under ``torch.compile`` the routed heads take the gathered
+path with every token as a candidate row (``M = T``, the others padding), since ``M`` and the
+cuDNN split's plan are read from the data; the values are the same.
 """
 
 from __future__ import annotations
@@ -148,12 +150,16 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
         # (two slices would each scatter into a zero tensor of the full size, and then add)
         (q_s, q_r), (k_s, k_r), (v_s, v_r) = (t.split([s_heads, H - s_heads], dim=1) for t in (q, k, v))
         shared = lambda: attend(q_s, k_s, v_s, pattern=pattern, backend=self.backend, q_offset=q_offset)  # noqa: E731
-        if self.backend == "auto" and q_offset == 0 and T == S and _picked.supports(q_r, k_r, v_r, picked):
+        # under torch.compile the row count cannot be read from the data (nor the cuDNN split's plan
+        # made on the host): every token becomes a candidate row (below), so the graph has fixed shapes
+        compiling = torch.compiler.is_compiling()
+        if (not compiling and self.backend == "auto" and q_offset == 0 and T == S
+                and _picked.supports(q_r, k_r, v_r, picked)):
             # cuDNN on dense rectangles (attnkit.ops.picked_causal): about cuDNN's rate on the picked rows.
             # The shared heads run on a side stream meanwhile: they fill the GPU while the routed
             # heads' plan waits for it and while their small pieces are launched (the backward runs
             # on the same streams)
-            overlap = bool(s_heads) and OVERLAP_SHARED_HEADS and not torch.compiler.is_compiling()
+            overlap = bool(s_heads) and OVERLAP_SHARED_HEADS
             if overlap:
                 main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
                 side.wait_stream(main)
@@ -172,9 +178,11 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
         shared_out = shared() if s_heads else None
         routed_out = torch.zeros_like(q_r)
         counts = picked.sum(-1)
-        M = int(counts.max())
+        # compiled: M = T rows, those past a head's count are padding that sees no key (the same
+        # values; FlexAttention skips their empty blocks, SDPA on CPU computes and discards them)
+        M = T if compiling else int(counts.max())
         if M > 0:
-            if q.is_cuda:
+            if q.is_cuda and not compiling:
                 # FlexAttention compiles one kernel per shape, and M changes with every batch: round it
                 # up (to 1/32 of T, at least 128 rows) so that training steps share a few kernels
                 bucket = max(128, -(-T // 32 // 128) * 128)

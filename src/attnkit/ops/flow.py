@@ -18,9 +18,13 @@ the current position ``i`` and the flows are normalised by the count ``n_i = i +
     a_i = sigmoid(cI_i)                          c_i = exp(cO_i) / sum_{j<=i} exp(cO_j) * n_i
     o_i = a_i * (q_i I_i / n_i) . sum_{j<=i} k_j (c_j v_j)^T
 
-(The official file divides ``sink_incoming[..., None] / normal`` with a ``[1, 1, T]``
-``normal``, which broadcasts to a ``T x T`` tensor; its RL and NLP variants divide per
-position, ``normal[..., None]``, which is what is written above and implemented here.)
+(The official file, its RL variant and its GPT module all divide the output's flow per
+position, ``sink_incoming[..., None] / normal[..., None]``, and the NLP variant keeps the
+incoming flow from before its scaling by ``n_i``, the same value; that is what is written
+above and implemented here. One commit of ``Flow_Attention.py`` (5414858, 2022-06-18) divided by the
+``[1, 1, T]`` ``normal`` itself, which broadcasts to a ``T x T`` tensor; the next commit,
+e22b781 under a minute later, made it per position. The two commits before left the
+division out.)
 
 Every prefix quantity is a running sum, so the causal version decodes with a fixed-size
 state: the sums of k, q, k O, q I, exp(cO), the count, and the ``[D, E]`` matrix

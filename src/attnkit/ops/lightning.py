@@ -76,7 +76,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, initial_state: Tenso
     if not isinstance(slopes, Tensor) or slopes.shape != (H,):
         got = tuple(slopes.shape) if isinstance(slopes, Tensor) else type(slopes).__name__
         raise ValueError(f"slopes must be a tensor [H] = [{H}], got {got}")
-    if (slopes < 0).any():
+    # a check on the values is a data-dependent branch that torch.compile(fullgraph=True) cannot
+    # trace; it runs eagerly (layers check their slopes at construction)
+    if not torch.compiler.is_compiling() and (slopes < 0).any():
         raise ValueError("slopes must be >= 0 (lambda = exp(-slope) <= 1); a negative slope makes the state grow")
     if initial_state is not None:
         want = (q.shape[0], H, q.shape[3], v.shape[3])

@@ -369,17 +369,34 @@ class S2Strided(Pattern):
     block ``j`` iff ``j <= i`` and (``i - j < local_blocks`` or
     ``(j + g*step + offset) % vert_stride == 0``), where ``g = h // heads_per_group`` is the
     KV head of query head ``h`` (heads sharing a KV head share a pattern, so the kept keys of a
-    KV head are one set) and ``step = max(1, vert_stride // num_groups)``. Within the kept blocks
-    attention is causal token by token, so the diagonal block is always attended. Heads listed
-    in ``dense_heads`` (query-head indices) see the whole causal context. Each head keeps a
-    different ``1/vert_stride`` of the distant blocks; with ``num_groups * step >= vert_stride``
-    the union over heads covers every block.
+    KV head are one set). Within the kept blocks attention is causal token by token, so the
+    diagonal block is always attended. Heads listed in ``dense_heads`` (query-head indices)
+    see the whole causal context.
+
+    ``head_step`` sets ``step``, how far the stripes of consecutive KV heads are shifted:
+
+    - ``"query_heads"`` (default): ``step = max(1, vert_stride // num_heads)``, the official
+      rule (dkernel's ``get_sparse_attn_mask``, ``head_sliding_step``), which divides by the
+      number of *query* heads even under GQA. For MHA each head keeps a different
+      ``1/vert_stride`` of the distant blocks and with ``num_heads >= vert_stride`` their
+      union covers every block.
+    - ``"kv_heads"``: ``step = max(1, vert_stride // num_kv_heads)``, an attnkit variant that
+      spreads the KV heads' stripes evenly over the stride. Under GQA the official rule packs
+      the ``num_kv_heads`` stripe sets next to each other (8 query / 2 KV heads, stride 16:
+      offsets {0, 14}, so a distant key can be 14 blocks from the nearest stripe any head
+      keeps); this one spaces them ``vert_stride // num_kv_heads`` apart ({0, 8}: at most 8).
+      Both keep one block in ``vert_stride`` per head; with ``num_kv_heads * step >= vert_stride`` the
+      union covers every block. It equals the official rule for MHA, one KV head, and
+      whenever ``vert_stride < 2 * num_kv_heads``.
+    - a non-negative int: that step (dkernel's ``head_sliding_step`` override; 0 gives every
+      head the same stripes, dkernel's ``homo_head``).
     """
 
     depends_on_head = True
 
     def __init__(self, *, num_heads: int, block_size: int = 64, local_blocks: int = 1, vert_stride: int = 16,
-                 num_kv_heads: int | None = None, offset: int = 0, dense_heads: Sequence[int] = ()):
+                 num_kv_heads: int | None = None, offset: int = 0, dense_heads: Sequence[int] = (),
+                 head_step: str | int = "query_heads"):
         self.num_heads = positive_int(num_heads, "num_heads")
         self.num_kv_heads = positive_int(num_heads if num_kv_heads is None else num_kv_heads, "num_kv_heads")
         if num_heads % self.num_kv_heads:
@@ -395,7 +412,15 @@ class S2Strided(Pattern):
         if bad:
             raise ValueError(f"dense_heads must be query-head indices in [0, {num_heads}), got {list(dense_heads)}")
         self.dense_heads = dense_heads
-        self.step = max(1, self.vert_stride // self.num_kv_heads)
+        if head_step == "query_heads":
+            self.step = max(1, self.vert_stride // self.num_heads)
+        elif head_step == "kv_heads":
+            self.step = max(1, self.vert_stride // self.num_kv_heads)
+        elif isinstance(head_step, int) and not isinstance(head_step, bool) and head_step >= 0:
+            self.step = head_step
+        else:
+            raise ValueError(f"head_step must be 'query_heads', 'kv_heads' or a non-negative integer, got {head_step!r}")
+        self.head_step = head_step
         # Hopper's TMA loads: S2's training step at 128k (vert_stride 16, 64-token blocks) took
         # 58.6 ms with them against 61.5 without on the H200 (benchmarks/flex_options.py);
         # Inductor drops the option where the GPU or the tensors cannot use TMA. (Not
@@ -458,12 +483,12 @@ class S2Strided(Pattern):
     @property
     def cache_key(self):
         return ("s2_strided", self.num_heads, self.num_kv_heads, self.block_size, self.local_blocks,
-                self.vert_stride, self.offset, self.dense_heads)
+                self.vert_stride, self.offset, self.dense_heads, self.step)
 
     def __repr__(self):
         return (f"S2Strided(num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, block_size={self.block_size}, "
                 f"local_blocks={self.local_blocks}, vert_stride={self.vert_stride}, offset={self.offset}, "
-                f"dense_heads={list(self.dense_heads)})")
+                f"dense_heads={list(self.dense_heads)}, head_step={self.head_step!r})")
 
 
 class AtKeyPositions(Pattern):
