@@ -144,7 +144,9 @@ class _Progress:
         if self.plain:
             self.printer.line(f"warning: {message}")
         else:
-            (self.bar.console if self.bar else err_console()).print(f"[yellow]warning:[/] {message}", markup=True,
+            from rich.markup import escape
+
+            (self.bar.console if self.bar else err_console()).print(f"[yellow]warning:[/] {escape(message)}",
                                                                      highlight=False)
 
     def close(self):
@@ -183,8 +185,10 @@ def print_table(result: dict, console) -> None:
                   f"{run['tokens_per_s']:,.0f}", "yes" if run.get("reused") else ""]
         table.add_row(run["mechanism"], *cells)
     console.print(table)
+    from rich.markup import escape
+
     for warning in result.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 def cmd_compare(args) -> int:

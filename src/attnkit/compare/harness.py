@@ -51,7 +51,7 @@ from ..patterns import Pattern
 from ..tasks import MQAR, Passkey, Task, TextCorpus
 
 __all__ = ["CompareConfig", "PRESETS", "TASKS", "make_task", "run_compare", "train_one", "SCHEMA",
-           "TRAIN_KEYS", "MODEL_KEYS", "task_option_keys"]
+           "TRAIN_KEYS", "MODEL_KEYS", "task_option_keys", "prepare"]
 
 SCHEMA = "attnkit.compare/2"
 TASKS = ("mqar", "text", "passkey")
