@@ -56,7 +56,9 @@ def _cmd_sinks(args) -> int:
         table.add_row(name, fmt(r["first_token_share"]), fmt(r["first_token_weight"]), fmt(r["sink_heads"]))
     console().print(table)
     if args.out:
-        out = {"schema": "attnkit.sinks/1", "command": invoked_command("sinks"), "corpus": task.info,
+        from .._meta import run_metadata
+
+        out = {"schema": "attnkit.sinks/1", "command": invoked_command("sinks"), **run_metadata("cpu"), "corpus": task.info,
                "seq_len": args.seq_len, "windows": args.windows, "models": results}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))
