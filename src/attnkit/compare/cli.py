@@ -7,7 +7,8 @@ import sys
 
 from .._checks import parse_number
 from .._console import StepPrinter, err_console
-from .harness import DEFAULT_MECHANISMS, MODEL_KEYS, PRESETS, TASKS, TRAIN_DEFAULTS, TRAIN_KEYS, CompareConfig, run_compare, task_option_keys
+from .harness import (DEFAULT_MECHANISMS, MODEL_KEYS, PRESETS, TASKS, TRAIN_DEFAULTS, TRAIN_KEYS, CompareConfig, run_compare,
+                      task_option_keys)
 
 
 def _names(text: str) -> list[str]:
