@@ -5,37 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+# re-exported: the subcommands imported these from here before they moved to _console
+from ._console import console, invoked_command, write_outputs  # noqa: F401
+
 __all__ = ["main"]
-
-
-def console():
-    """A rich console for stdout; wide when stdout is not a terminal (logs, pipes)."""
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=200)
-
-
-def invoked_command(name: str) -> str | None:
-    """The command line as typed, for result files (None when not run as ``attnkit <name>``)."""
-    import shlex
-
-    return "attnkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == [name] else None
-
-
-def write_outputs(result: dict, out: str, plot: str | None, plot_fn, out_console) -> None:
-    """Write the JSON to ``out`` and, unless ``plot == 'none'``, the PNG (default: next to the JSON)."""
-    import json
-    from pathlib import Path
-
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    written = [str(path)]
-    if plot != "none":
-        plot_path = Path(plot or path.with_suffix(".png"))
-        plot_fn(result, plot_path)
-        written.append(str(plot_path))
-    out_console.print(f"wrote {', '.join(written)}")
 
 
 def _cmd_list(args) -> int:
@@ -63,8 +36,20 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _version_text() -> str:
+    import torch
+
+    from . import __version__
+    from ._meta import git_commit
+
+    commit = git_commit()
+    return f"attnkit {__version__}" + (f" (git {commit[:12]})" if commit else "") + f", torch {torch.__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnkit", description="attention mechanisms from recent research, one API")
+    parser.add_argument("--version", action="version", version=_version_text(),
+                        help="print attnkit's version, the git commit it runs from (if any) and torch's version")
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="list the registered mechanisms")
     p_list.set_defaults(func=_cmd_list)

@@ -74,3 +74,4 @@ def test_sinks_command(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["models"]) == {"mha", "sigmoid-nobias"}
     assert 0 <= result["models"]["mha"]["first_token_share"] <= 1
+    assert {"git", "code_hash", "versions", "cpu"} <= set(result)  # provenance, as in compare's JSON

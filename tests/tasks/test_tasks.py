@@ -136,3 +136,77 @@ def test_text_eval_bits_per_byte_of_uniform_model_is_8():
 def test_text_bad_path():
     with pytest.raises(ValueError, match="does not exist"):
         TextCorpus(path="/nonexistent/corpus")
+
+
+def test_mqar_plain_training_batches_are_the_evaluation_generator():
+    """Without the training-data knobs, train_batch is generate (the data of earlier versions)."""
+    task = MQAR(vocab_size=64, seq_len=32, num_pairs=4)
+    a = task.train_batch(8, torch.Generator().manual_seed(1))
+    b = task.generate(8, torch.Generator().manual_seed(1))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _check_rows(task, inputs, targets):
+    """Every row is a valid MQAR example of some (length, pairs) of the mixture; returns them."""
+    seen = []
+    for row_in, row_t in zip(inputs, targets):
+        queried = (row_t != -100).nonzero().flatten()
+        N = len(queried)
+        keys, values = row_in[0 : 2 * N : 2], row_in[1 : 2 * N : 2]
+        pairs = dict(zip(keys.tolist(), values.tolist()))
+        assert len(pairs) == N and (keys < task.vocab_size // 2).all() and (values >= task.vocab_size // 2).all()
+        assert sorted(int(row_in[p]) for p in queried) == sorted(keys.tolist())
+        assert all(int(row_t[p]) == pairs[int(row_in[p])] for p in queried)
+        length = min(length for length, pairs_ in task._train_combos if pairs_ == N and length > int(queried.max()))
+        seen.append((length, N))
+    return seen
+
+
+def test_mqar_training_mixture_of_pairs_and_lengths():
+    task = MQAR(vocab_size=64, seq_len=32, num_pairs=4, train_num_pairs="2/4/8", train_seq_lens=(16, 32))
+    assert task.train_num_pairs == (2, 4, 8) and task._train_combos == [(16, 2), (16, 4), (32, 2), (32, 4), (32, 8)]
+    inputs, targets = task.train_batch(200, torch.Generator().manual_seed(0))
+    assert inputs.shape == targets.shape == (200, 32)
+    seen = _check_rows(task, inputs, targets)
+    assert {n for _, n in seen} == {2, 4, 8}  # every pair count drawn
+    short = [i for i, row in enumerate(targets) if (row[16:] == -100).all()]
+    assert 40 < len(short) < 160  # about 2 of the 5 combinations ask only within the first 16 tokens
+    assert task.config()["train_num_pairs"] == (2, 4, 8)  # part of the cache key
+    # evaluation data is unchanged by the mixture
+    plain = MQAR(vocab_size=64, seq_len=32, num_pairs=4)
+    assert torch.equal(task.generate(4, torch.Generator().manual_seed(3))[0], plain.generate(4, torch.Generator().manual_seed(3))[0])
+
+
+def test_mqar_gap_power_asks_soon_after_the_pairs():
+    def median_slot(power):
+        task = MQAR(vocab_size=256, seq_len=128, num_pairs=4, train_gap_power=power)
+        inputs, targets = task.train_batch(256, torch.Generator().manual_seed(0))
+        _check_rows(task, inputs, targets)
+        pos = (targets != -100).nonzero()[:, 1].double()
+        return float(((pos - 8) / 2).median())  # slot index after the 4 pairs
+
+    zoology, uniform = median_slot(0.01), median_slot(1.0)
+    # 60 slots: uniform's median is about 30; with weight ~1/g half of the mass lies in the first ~5 slots
+    assert zoology < 10 < 25 < uniform
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(train_num_pairs="2/x"), "train_num_pairs must be integers"),
+    (dict(train_num_pairs=(0, 2)), "train_num_pairs must be in"),
+    (dict(train_seq_lens=(128,)), r"train_seq_lens must lie in \[4, seq_len=64\]"),
+    (dict(train_seq_lens=(8,), train_num_pairs=(4,)), "leave no combination"),
+    (dict(train_gap_power=0), r"train_gap_power must be a number in \(0, 1\]"),
+    (dict(eval_examples=0), "eval_examples must be an integer >= 1"),
+    (dict(seq_len="64"), "seq_len must be an integer"),
+])
+def test_mqar_bad_training_knobs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MQAR(**kwargs)
+
+
+def test_passkey_and_text_option_types(tmp_path):
+    assert Passkey(eval_depths="0/0.5/1").eval_depths == (0.0, 0.5, 1.0)  # the command line's form
+    with pytest.raises(ValueError, match="eval_per_depth must be an integer >= 1"):
+        Passkey(eval_per_depth=0)
+    with pytest.raises(ValueError, match="eval_windows must be an integer >= 1"):
+        TextCorpus(seq_len=32, eval_windows=0, path=str(tmp_path))

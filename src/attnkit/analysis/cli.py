@@ -13,10 +13,10 @@ def add_sinks_parser(sub) -> None:
     )
     p.add_argument("models", nargs="+", help="model folders (each with config.json and model.safetensors)")
     p.add_argument("--corpus", default=None, help="text file or folder (default: Python's stdlib source)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--windows", type=int, default=16, help="validation windows to average over")
-    p.add_argument("--epsilon", type=float, default=0.3, help="sink threshold on the mean first-token weight")
-    p.add_argument("--out", default=None, help="JSON file")
+    p.add_argument("--seq-len", type=int, default=256, help="window length in bytes, an integer >= 2 (default: 256)")
+    p.add_argument("--windows", type=int, default=16, help="validation windows to average over, an integer >= 1 (default: 16)")
+    p.add_argument("--epsilon", type=float, default=0.3, help="sink threshold on the mean first-token weight, in (0, 1) (default: 0.3)")
+    p.add_argument("--out", default=None, help="JSON file (default: none, the table only)")
     p.set_defaults(func=_cmd_sinks)
 
 
@@ -27,11 +27,19 @@ def _cmd_sinks(args) -> int:
     import torch
     from rich.table import Table
 
-    from ..cli import console, invoked_command
+    from .._console import console, invoked_command
     from ..models import DecoderLM
     from ..tasks import TextCorpus
     from .sinks import sink_report
 
+    if args.windows < 1:
+        raise ValueError(f"--windows must be an integer >= 1, got {args.windows}")
+    if not 0 < args.epsilon < 1:
+        raise ValueError(f"--epsilon must be in (0, 1), got {args.epsilon}")
+    for folder in args.models:
+        if not (Path(folder) / "config.json").is_file():
+            raise ValueError(f"model folder {folder!r} holds no config.json; give folders written by "
+                             "'attnkit compare --save DIR' (DIR/<mechanism>)")
     task = TextCorpus(seq_len=args.seq_len, path=args.corpus)
     generator = torch.Generator().manual_seed(task.eval_seed)
     starts = torch.randint(0, len(task._val) - args.seq_len - 1, (args.windows,), generator=generator)
@@ -48,7 +56,9 @@ def _cmd_sinks(args) -> int:
         table.add_row(name, fmt(r["first_token_share"]), fmt(r["first_token_weight"]), fmt(r["sink_heads"]))
     console().print(table)
     if args.out:
-        out = {"schema": "attnkit.sinks/1", "command": invoked_command("sinks"), "corpus": task.info,
+        from .._meta import run_metadata
+
+        out = {"schema": "attnkit.sinks/1", "command": invoked_command("sinks"), **run_metadata("cpu"), "corpus": task.info,
                "seq_len": args.seq_len, "windows": args.windows, "models": results}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))

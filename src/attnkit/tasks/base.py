@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Task", "masked_accuracy"]
+__all__ = ["Task", "masked_accuracy", "number_tuple", "whole_number"]
 
 
 class Task:
@@ -39,3 +39,30 @@ def masked_accuracy(model, inputs: Tensor, targets: Tensor) -> tuple[int, int]:
     keep = targets != -100
     correct = (logits.argmax(-1) == targets) & keep
     return int(correct.sum()), int(keep.sum())
+
+
+def whole_number(value, name: str, *, minimum: int | None = None) -> int:
+    """``value`` if it is an int (bools excluded) that is at least ``minimum``, else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        accepted = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+    return value
+
+
+def number_tuple(value, name: str, kind=int) -> tuple:
+    """A tuple of numbers from a tuple, a list, one number or a ``"/"``-separated string
+    (``"2/4/8"``: the command line's form, where commas already separate the options)."""
+    items = value.split("/") if isinstance(value, str) else value if isinstance(value, (tuple, list)) else [value]
+    out = []
+    for item in items:
+        try:
+            number = kind(item.strip()) if isinstance(item, str) else item
+        except ValueError:
+            number = item
+        if isinstance(number, bool) or not isinstance(number, (int, float) if kind is float else int):
+            what = "numbers" if kind is float else "integers"
+            raise ValueError(f"{name} must be {what} (a list, or separated by '/', e.g. 2/4/8), got {value!r}")
+        out.append(kind(number))
+    if not out:
+        raise ValueError(f"{name} must not be empty, got {value!r}")
+    return tuple(out)

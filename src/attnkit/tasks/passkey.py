@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import Task
+from .base import Task, number_tuple, whole_number
 
 __all__ = ["Passkey"]
 
@@ -43,6 +43,10 @@ class Passkey(Task):
     higher_is_better = True
 
     def __post_init__(self):
+        for name in ("length", "digits", "eval_seed"):
+            whole_number(getattr(self, name), name)
+        whole_number(self.eval_per_depth, "eval_per_depth", minimum=1)
+        self.eval_depths = number_tuple(self.eval_depths, "eval_depths", float)
         if not 1 <= self.digits <= 12:
             raise ValueError(f"digits must be in [1, 12], got {self.digits}")
         fixed = len(_needle("0" * self.digits)) + len(QUESTION)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .base import Task
+from .base import Task, whole_number
 
 __all__ = ["TextCorpus", "stdlib_path", "load_corpus"]
 
@@ -77,8 +77,9 @@ class TextCorpus(Task):
     vocab_size = 256
 
     def __post_init__(self):
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        whole_number(self.seq_len, "seq_len", minimum=2)
+        whole_number(self.eval_windows, "eval_windows", minimum=1)
+        whole_number(self.eval_seed, "eval_seed")
         train, val, self.info = load_corpus(self.path)
         if len(train) <= self.seq_len + 1 or len(val) <= self.seq_len + 1:
             raise ValueError(f"corpus too small for seq_len={self.seq_len}: {self.info}")
