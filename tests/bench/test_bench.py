@@ -1,73 +1,169 @@
-"""attnkit bench: JSON schema, derived numbers, errors, an end-to-end CLI run on a tiny config."""
+"""attnkit bench: JSON schema, interleaved timing, derived numbers, faults, bad options, an end-to-end CLI run."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from attnkit.bench import BenchConfig, parse_pattern, run_bench
-from attnkit.bench.harness import Cell, _derive
+from attnkit.bench import harness
+from attnkit.bench.harness import Cell, _interleave, _sample, _summarise, _Timed
 from attnkit.cli import main
 
-CELL_KEYS = {"name", "kind", "seq", "batch", "status", "message", "backend", "latency_ms", "peak_memory_bytes", "flops",
-             "tflops", "pct_matmul_peak", "speedup_vs_dense", "flop_reduction", "realised_fraction", "speedup_vs_dense_flex",
+CELL_KEYS = {"name", "kind", "family", "seq", "batch", "status", "message", "backend", "latency_ms", "dense_latency_ms",
+             "speedup_vs_dense", "speedup_p10", "speedup_p90", "noise", "noisy", "peak_memory_bytes", "flops", "tflops",
+             "peak_tflops", "pct_peak", "flop_reduction", "realised_fraction", "speedup_vs_dense_flex",
              "realised_fraction_vs_flex", "state_bytes"}
 
 
 def tiny(**kwargs):
     cfg = dict(mechanisms=["mha", "mqa"], ops=["dense-sdpa", "attend", "reference"], seqs=[16, 32], batch=1, dim=32,
-               heads=4, head_dim=8, dtype="float32", device="cpu", mode="fwd", repeat=2, warmup=1)
+               heads=4, head_dim=8, dtype="float32", device="cpu", mode="fwd", repeat=2, warmup=1, max_time=0.05)
     cfg.update(kwargs)
     return BenchConfig(**cfg)
 
 
 def test_result_schema_and_cells():
     result = run_bench(tiny(), command="attnkit bench --test")
-    assert result["schema"] == "attnkit.bench/1"
-    assert {"command", "created", "device", "versions", "config", "matmul_tflops", "cells"} <= set(result)
-    assert result["versions"]["torch"] == torch.__version__
-    assert result["matmul_tflops"] > 0
+    assert result["schema"] == "attnkit.bench/2"
+    assert {"command", "created", "complete", "stopped", "git_commit", "device", "versions", "config", "timer", "peak",
+            "cells"} <= set(result)
+    assert result["complete"] is True and result["stopped"] is None
+    assert result["versions"]["torch"] == torch.__version__ and "triton" in result["versions"]
+    assert "cpu_model" in result["device"] and result["device"]["name"]
+    # run from a git checkout here: the commit is recorded (null only outside one)
+    assert result["git_commit"] is None or len(result["git_commit"]) == 40
+    assert result["peak"]["source"] == "measured beside each cell"
     assert len(result["cells"]) == 2 * (2 + 3)
     for cell in result["cells"]:
         assert set(cell) == CELL_KEYS
         assert cell["status"] == "ok", cell
         lat = cell["latency_ms"]
-        assert lat["samples"] == 2 and lat["min"] <= lat["median"] <= lat["max"]
-        assert cell["flops"] > 0 and cell["tflops"] > 0
+        assert lat["samples"] >= 2 and lat["min"] <= lat["median"] <= lat["max"]
+        assert cell["flops"] > 0 and cell["tflops"] > 0 and cell["peak_tflops"] > 0
+        assert cell["speedup_p10"] <= cell["speedup_vs_dense"] <= cell["speedup_p90"]
+        assert isinstance(cell["noisy"], bool) and cell["noise"] >= 0
     json.dumps(result)  # serialisable
+    assert {c["family"] for c in result["cells"]} == {"baseline", "op"}
     mha = [c for c in result["cells"] if c["name"] == "mha"]
     assert all(c["speedup_vs_dense"] == 1.0 and c["flop_reduction"] == 1.0 for c in mha)
     mqa = next(c for c in result["cells"] if c["name"] == "mqa" and c["seq"] == 16)
+    assert mqa["dense_latency_ms"] > 0  # the interleaved mha samples
     # MQA's FLOP reduction over MHA comes from its smaller K/V projections only
     assert mqa["flop_reduction"] == pytest.approx(
         (2 * 16 * 32 * (4 + 8) * 8 + 2 * 16 * 32 * 32 + 4 * 4 * 136 * 8) / (2 * 16 * 32 * (4 + 2) * 8 + 2 * 16 * 32 * 32 + 4 * 4 * 136 * 8)
     )
 
 
-def test_derived_numbers_by_hand():
-    cells = [Cell("mha", "layer", 8, 1, latency_ms={"median": 2.0}, flops=4e9),
-             Cell("gqa", "layer", 8, 1, latency_ms={"median": 1.0}, flops=1e9),
-             Cell("dense-sdpa", "op", 8, 1, latency_ms={"median": 4.0}, flops=8e9),
-             Cell("flex", "op", 8, 1, status="oom")]
-    _derive(cells, matmul_tflops=10.0)
-    mha, gqa, sdpa, flex = cells
-    assert mha.tflops == pytest.approx(2.0) and mha.pct_matmul_peak == pytest.approx(20.0)
-    assert gqa.speedup_vs_dense == 2.0 and gqa.flop_reduction == 4.0 and gqa.realised_fraction == 0.5
-    assert sdpa.speedup_vs_dense == 1.0
-    assert flex.tflops is None
+def test_speedup_is_the_median_of_interleaved_ratios_by_hand():
+    """The speedup comes from the pairs (reference, row) of the same round, the % of peak from the
+    best matmul sample beside the cell (or the vendor's peak); noise from the ratios' band."""
+    cell = Cell("gqa", "layer", 8, 1, flops=1e9)
+    # the machine slows down 10x in round 3: the paired ratio is still 2
+    timed = _Timed(row=[1.0, 1.0, 10.0, 1.0, 1.0], ref=[2.0, 2.0, 20.0, 2.0, 2.0], peak_tflops=[0.5, 2.0, 1.0, 1.0, 1.0])
+    _summarise(cell, timed, is_reference=False, ref_flops=4e9, vendor_peak=None)
+    assert cell.speedup_vs_dense == 2.0 and cell.speedup_p10 == cell.speedup_p90 == 2.0
+    assert cell.noise == 0.0 and cell.noisy is False
+    assert cell.dense_latency_ms == 2.0 and cell.latency_ms["median"] == 1.0
+    assert cell.flop_reduction == 4.0 and cell.realised_fraction == 0.5
+    assert cell.tflops == pytest.approx(1.0) and cell.peak_tflops == 2.0 and cell.pct_peak == pytest.approx(50.0)
+    vendor = Cell("gqa", "layer", 8, 1, flops=1e9)
+    _summarise(vendor, timed, is_reference=False, ref_flops=4e9, vendor_peak=989.4)
+    assert vendor.peak_tflops == 989.4
+    # ratios spread 1x-3x over 5 rounds: a rerun could easily differ by 25 %, flagged
+    noisy = Cell("gqa", "layer", 8, 1, flops=1e9)
+    _summarise(noisy, _Timed([1.0] * 5, [1.0, 1.5, 2.0, 2.5, 3.0], []), is_reference=False, ref_flops=None, vendor_peak=None)
+    assert noisy.noisy is True and noisy.noise > harness.NOISE_LIMIT and noisy.pct_peak is None
+    ref = Cell("mha", "layer", 8, 1, flops=4e9)
+    _summarise(ref, _Timed([2.0, 2.1, 2.0], [], []), is_reference=True, ref_flops=None, vendor_peak=None)
+    assert ref.speedup_vs_dense == 1.0 and ref.dense_latency_ms == 2.0
+    few = Cell("gqa", "layer", 8, 1)
+    _summarise(few, _Timed([1.0, 1.0], [2.0, 2.0], []), is_reference=False, ref_flops=None, vendor_peak=None)
+    assert few.noisy is True  # two rounds cannot estimate their noise
+
+
+class _Peak:
+    measured = True
+
+    def __init__(self, log):
+        self.log = log
+
+    def sample(self):
+        self.log.append("peak")
+        return 1.0
+
+
+def test_interleave_alternates_pairs_and_stops():
+    log = []
+    timed = _interleave(lambda: log.append("row"), lambda: log.append("ref"), _Peak(log), torch.device("cpu"), burst=1,
+                        min_rounds=3, max_time=60.0, max_rounds=3)
+    # ABBA: reference first in even rounds, row first in odd rounds; a peak matmul after each pair
+    assert log == ["ref", "row", "peak", "row", "ref", "peak", "ref", "row", "peak"]
+    assert len(timed.row) == len(timed.ref) == len(timed.peak_tflops) == 3
+    # the time cap ends sampling once the minimum is in, however noisy the samples are
+    import random
+
+    timed = _interleave(lambda: [0] * random.randint(1, 20000), None, _Peak([]), torch.device("cpu"), burst=1,
+                        min_rounds=4, max_time=0.0)
+    assert len(timed.row) == 4 and timed.ref == []
+
+
+def test_throughput_timing_queues_a_burst_per_sample():
+    """timing='throughput': each sample is the mean over THROUGHPUT_BURST back-to-back calls;
+    latency: one call per sample. The config records the choice."""
+    calls = []
+    assert _sample(lambda: calls.append(1), torch.device("cpu"), burst=harness.THROUGHPUT_BURST) >= 0
+    assert len(calls) == harness.THROUGHPUT_BURST
+    result = run_bench(tiny(mechanisms=["mha"], ops=["attend"], seqs=[16], timing="throughput"))
+    assert result["config"]["timing"] == "throughput"
+    assert all(c["status"] == "ok" and c["latency_ms"]["samples"] >= 2 for c in result["cells"])
 
 
 def test_decode_mode_reports_state_bytes():
     result = run_bench(tiny(mode="decode", ops=[], seqs=[8]))
     cells = {c["name"]: c for c in result["cells"]}
-    # 8 prefill + 1 warm-up + 2 timed + 1 memory-measuring token; k and v; fp32
-    assert cells["mha"]["state_bytes"] == (8 + 4) * 2 * 4 * 8 * 4
-    assert cells["mqa"]["state_bytes"] == (8 + 4) * 2 * 1 * 8 * 4
+    # the state holding exactly the 8 prefilled tokens: k and v, fp32
+    assert cells["mha"]["state_bytes"] == 8 * 2 * 4 * 8 * 4
+    assert cells["mqa"]["state_bytes"] == 8 * 2 * 1 * 8 * 4
+    assert cells["mqa"]["speedup_vs_dense"] > 0
 
 
 def test_unsupported_cells_are_reported_not_raised():
     result = run_bench(tiny(mechanisms=[], ops=["flex", "dense-sdpa-cudnn"], mode="fwdbwd", seqs=[16]))
     assert [c["status"] for c in result["cells"]] == ["unsupported", "unsupported"]
+
+
+def test_fixed_mixing_is_built_long_enough_for_the_cell():
+    """fixed-mixing's learned position table defaults to 2048 positions; the bench builds it with
+    max_len >= seq (plus the decoded tokens in decode mode) instead of failing at seq 2049+."""
+    card = harness.registry.get("fixed-mixing")
+    assert harness._layer_options(card, tiny(), 4096)["max_len"] == 4096
+    decode = tiny(mode="decode", warmup=2)
+    assert harness._layer_options(card, decode, 4096)["max_len"] >= 4096 + 2 + harness.MAX_SAMPLES
+    result = run_bench(tiny(mechanisms=["fixed-mixing"], ops=[], seqs=[2050], dim=16, heads=2, head_dim=8, repeat=1,
+                            warmup=0, max_time=0.01))
+    assert result["cells"][0]["status"] == "ok", result["cells"][0]["message"]
+
+
+def test_a_shape_a_layer_refuses_is_unsupported(monkeypatch):
+    """A ValueError from a layer (the project's error for inputs it cannot serve) marks the cell
+    unsupported with the layer's reason; the run goes on."""
+    from attnkit.layers.multi_head import MultiHeadAttention
+
+    card = harness.registry.get("mqa")
+    original = card.layer.forward
+
+    def forward(self, x, *args, **kwargs):
+        if self.num_kv_heads == 1:
+            raise ValueError(f"sequence length {x.shape[1]} is beyond this layer")
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(MultiHeadAttention, "forward", forward)
+    result = run_bench(tiny(ops=[], seqs=[16]))
+    cells = {c["name"]: c for c in result["cells"]}
+    assert cells["mqa"]["status"] == "unsupported" and "beyond this layer" in cells["mqa"]["message"]
+    assert cells["mha"]["status"] == "ok"
 
 
 def test_kv_heads_give_gqa_shaped_op_rows():
@@ -81,19 +177,61 @@ def test_kv_heads_give_gqa_shaped_op_rows():
     assert gqa["config"]["kv_heads"] == 1
 
 
-def test_throughput_timing_queues_a_burst_per_sample():
-    """timing='throughput': each sample is the mean over THROUGHPUT_BURST back-to-back calls;
-    latency: one call per sample. Same number of samples; the config records the choice."""
-    from attnkit.bench.harness import THROUGHPUT_BURST, _time_calls
+def _raise_on(monkeypatch, message):
+    """Make the ``reference`` op row raise ``RuntimeError(message)`` when called."""
+    def broken(*args, **kwargs):
+        raise RuntimeError(message)
 
-    calls = []
-    times = _time_calls(lambda: calls.append(1), torch.device("cpu"), repeat=3, warmup=1, burst=THROUGHPUT_BURST)
-    assert len(times) == 3 and len(calls) == 1 + 3 * THROUGHPUT_BURST
-    calls.clear()
-    assert len(_time_calls(lambda: calls.append(1), torch.device("cpu"), repeat=3, warmup=1)) == 3 and len(calls) == 4
-    result = run_bench(tiny(mechanisms=["mha"], ops=["attend"], seqs=[16], timing="throughput"))
-    assert result["config"]["timing"] == "throughput"
-    assert all(c["status"] == "ok" and c["latency_ms"]["samples"] == 2 for c in result["cells"])
+    monkeypatch.setattr(harness, "attend_reference", broken)
+
+
+ILLEGAL = "CUDA error: an illegal memory access was encountered"
+
+
+def test_context_fault_stops_the_run_keeping_finished_cells(tmp_path, monkeypatch, capsys):
+    _raise_on(monkeypatch, ILLEGAL)
+    out = tmp_path / "r.json"
+    code = main(["bench", "--mechanisms", "mha", "--ops", "dense-sdpa,reference,attend", "--seq", "16,32", "--dim", "32",
+                 "--heads", "4", "--repeat", "1", "--warmup", "0", "--max-time", "0.01", "--out", str(out), "--plot", "none"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "stopped at cell reference @ 16 (op)" in err and "illegal memory access" in err
+    lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert lines[0]["header"]["schema"] == "attnkit.bench/2"
+    streamed = [(c["name"], c["seq"], c["status"]) for c in lines[1:]]
+    assert streamed == [("mha", 16, "ok"), ("dense-sdpa", 16, "ok"), ("reference", 16, "error")]
+    assert "CUDA context fault" in lines[-1]["message"]
+    result = json.loads(out.read_text())  # the partial JSON holds the same cells, and says where it stopped
+    assert result["complete"] is False and result["stopped"]["cell"] == "reference @ 16 (op)"
+    assert [(c["name"], c["seq"], c["status"]) for c in result["cells"]] == streamed
+
+
+def test_context_fault_in_the_dense_reference_names_it(monkeypatch):
+    import torch.nn.functional as F
+
+    real = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, **kwargs):
+        if q.shape[1] != k.shape[1]:  # the mqa row itself runs; its mha reference faults
+            return real(q, k, v, **kwargs)
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    seen = []
+    result = run_bench(tiny(mechanisms=["mqa", "gqa"], ops=[], seqs=[16]), on_cell=seen.append)
+    assert result["stopped"]["cell"] == "mqa @ 16 (layer)" and "dense reference mha" in result["stopped"]["message"]
+    assert [c["name"] for c in seen] == ["mqa"]
+
+
+def test_a_normal_error_in_one_cell_does_not_stop_the_run(monkeypatch):
+    _raise_on(monkeypatch, "something else went wrong")
+    seen = []
+    result = run_bench(tiny(mechanisms=["mha"], ops=["dense-sdpa", "reference", "attend"]), on_cell=seen.append)
+    assert result["complete"] is True and result["stopped"] is None
+    status = {(c["name"], c["seq"]): c["status"] for c in result["cells"]}
+    assert status[("reference", 16)] == status[("reference", 32)] == "error"
+    assert status[("attend", 16)] == status[("attend", 32)] == status[("mha", 32)] == "ok"
+    assert len(seen) == len(result["cells"]) == 8
 
 
 @pytest.mark.parametrize(
@@ -104,9 +242,21 @@ def test_throughput_timing_queues_a_burst_per_sample():
         (dict(mode="train"), "unknown --mode"),
         (dict(dtype="int8"), "unknown --dtype"),
         (dict(pattern="window:x"), "unknown --pattern"),
-        (dict(seqs=[0]), "positive"),
+        (dict(seqs=[0]), "--seq values must be a positive integer, got 0"),
+        (dict(seqs=[]), "--seq is empty"),
         (dict(kv_heads=3), "--kv-heads must be a positive divisor of --heads 4"),
         (dict(timing="wall"), "unknown --timing 'wall'; accepted: latency, throughput"),
+        (dict(repeat=0), "--repeat must be a positive integer, got 0"),
+        (dict(repeat=1000), "--repeat must be at most 100"),
+        (dict(warmup=-1), "--warmup must be an integer >= 0, got -1"),
+        (dict(batch=0), "--batch must be a positive integer, got 0"),
+        (dict(batch=-2), "--batch must be a positive integer, got -2"),
+        (dict(heads=0), "--heads must be a positive integer, got 0"),
+        (dict(dim=0), "--dim must be a positive integer, got 0"),
+        (dict(head_dim=0), "--head-dim must be a positive integer, got 0"),
+        (dict(max_time=0.0), "--max-time must be a positive number of seconds, got 0.0"),
+        (dict(max_time=math.inf), "--max-time must be a positive"),
+        (dict(mechanisms=[], ops=[]), "nothing to measure"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -114,10 +264,68 @@ def test_bad_config(kwargs, match):
         run_bench(tiny(**kwargs))
 
 
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--repeat", "0"], "--repeat must be a positive integer, got 0"),
+        (["--heads", "0"], "--heads must be a positive integer, got 0"),
+        (["--dim", "0"], "--dim must be a positive integer, got 0"),
+        (["--batch", "0"], "--batch must be a positive integer, got 0"),
+        (["--batch", "-1"], "--batch must be a positive integer, got -1"),
+        (["--head-dim", "0"], "--head-dim must be a positive integer, got 0"),
+        (["--kv-heads", "0"], "--kv-heads must be a positive divisor"),
+        (["--warmup", "-1"], "--warmup must be an integer >= 0"),
+        (["--max-time", "-1"], "--max-time must be a positive number"),
+        (["--seq", ","], "--seq is empty"),
+        (["--mechanisms", "none", "--ops", "none"], "nothing to measure"),
+        (["--out", "/proc/attnkit-bench.json"], "is not writable"),
+        (["--out", "{tmp}"], "is a directory"),
+        (["--plot", "{tmp}/r.json"], "would overwrite the results"),
+        (["--plot", "/proc/x.png"], "--plot '/proc/x.png' is not writable"),
+    ],
+)
+def test_bad_cli_options_are_refused_before_running(argv, match, tmp_path, capsys, monkeypatch):
+    """Every option is checked up front (exit 2, a clear message), not defaulted and not found after the run."""
+    monkeypatch.setattr(harness, "_run_cell", lambda *a, **k: pytest.fail("a cell ran despite a bad option"))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    base = ["bench", "--mechanisms", "mha", "--ops", "none", "--seq", "16", "--out", str(tmp_path / "r.json")]
+    assert main(base + argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_every_option_help_names_its_default():
+    from attnkit.cli import build_parser
+
+    parser = build_parser()
+    bench = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "bench")[1]
+    for action in bench._actions:
+        if action.dest == "help":
+            continue
+        assert "default" in (action.help or ""), f"--{action.dest} help has no default: {action.help!r}"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is absent")
 def test_cuda_absent_is_a_clear_error():
     with pytest.raises(ValueError, match="no CUDA device"):
         run_bench(tiny(device="cuda"))
+
+
+def test_vendor_peak_on_known_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    cuda = torch.device("cuda")
+    assert harness._vendor_peak(cuda, torch.bfloat16) == 989.4
+    assert harness._vendor_peak(cuda, torch.float32) is None  # measured beside the cells instead
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert harness._vendor_peak(cuda, torch.float16) == 756.0
+    assert harness._vendor_peak(torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_context_fault_messages():
+    for text in (ILLEGAL, "CUDA error: device-side assert triggered", "CUDA driver error: unknown error",
+                 "Triton Error [CUDA]: an illegal memory access was encountered"):
+        assert harness.is_context_fault(RuntimeError(text))
+    assert not harness.is_context_fault(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not harness.is_context_fault(ValueError("x must be a tensor"))
 
 
 def test_parse_pattern():
@@ -131,17 +339,43 @@ def test_parse_pattern():
 def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "r.json"
     code = main(["bench", "--mechanisms", "gqa", "--ops", "attend", "--seq", "16", "--dim", "32", "--heads", "4",
-                 "--repeat", "1", "--warmup", "0", "--out", str(out)])
+                 "--repeat", "1", "--warmup", "0", "--max-time", "0.01", "--out", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert [c["name"] for c in result["cells"]] == ["gqa", "attend"]
+    assert result["config"]["repeat"] == 1 and result["config"]["max_time"] == 0.01
+    lines = (tmp_path / "r.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and [json.loads(line)["name"] for line in lines[1:]] == ["gqa", "attend"]
     assert (tmp_path / "r.png").stat().st_size > 1000
     assert "gqa" in capsys.readouterr().out
     assert main(["bench", "--mechanisms", "nope", "--out", str(out)]) == 2
     assert "registered: mha" in capsys.readouterr().err
 
 
+def test_plot_groups_rows_by_family(tmp_path):
+    """Many rows of several families, noisy and failed cells: one panel per family, a PNG is written."""
+    from attnkit.bench.plot import _families, plot_bench
+
+    cells = []
+    for family, names in {"baseline": ["mha", "gqa"], "pattern": ["s2", "streaming", "dma"], "op": ["dense-sdpa"]}.items():
+        for name in names:
+            for i, seq in enumerate((256, 512, 1024)):
+                ok = not (name == "dma" and seq == 1024)
+                cells.append({"name": name, "kind": "op" if family == "op" else "layer", "family": family, "seq": seq,
+                              "status": "ok" if ok else "error", "message": "" if ok else "boom",
+                              "speedup_vs_dense": 1.0 + i if ok else None, "noisy": name == "s2" and seq == 512,
+                              "dense_latency_ms": 1.0 + seq / 256, "peak_memory_bytes": 1000 * (i + 1),
+                              "state_bytes": None})
+    result = {"config": {"mode": "fwd", "dtype": "float32", "dim": 32, "heads": 4, "head_dim": 8, "batch": 1,
+                         "pattern": "causal"}, "device": {"name": "cpu"}, "peak": {"source": "measured"},
+                "git_commit": None, "cells": cells}
+    assert list(_families(cells)) == ["baseline", "pattern", "op"]
+    plot_bench(result, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
 def test_cli_list(capsys):
     assert main(["list"]) == 0
     text = capsys.readouterr().out
     assert "mha" in text and "1706.03762" in text
+

@@ -15,24 +15,66 @@ Rows of a run
   auto dispatch, ``--pattern``) and ``reference`` (where it fits in memory); dense
   reference = ``dense-sdpa``.
 
-Per (row, seq) cell: median and spread of latency after warm-up (CUDA events on GPU),
-peak memory (CUDA allocator on GPU; process RSS sampled by a thread on CPU), FLOPs,
-TFLOP/s, % of the matmul peak measured in the same run, speedup over the dense
-reference, the FLOP reduction against it and the realised fraction
-``speedup / flop_reduction``. Decode mode: per-token latency after a prefill of ``seq``
-tokens and the bytes of the decode state.
+How a cell is timed
+-------------------
+A cell's row and its dense reference (``mha`` for layers, ``dense-sdpa`` for ops, built
+afresh for the cell at the same shapes) are warmed up, then sampled *interleaved*: each
+round times one reference sample and one row sample (ABBA order, so neither always runs
+first) and, unless the vendor peak is used, in the first three rounds and every fifth, one
+square matmul of the cell's dtype. Both
+members of a pair see the same machine state, so the speedup is the median of the
+per-round ratios ``reference / row``, not a ratio of medians taken minutes apart. Rounds
+go on until the p10-p90 band of the row's latency and of the ratio are within
+``STOP_SPREAD`` of their medians (after at least ``repeat`` rounds), or ``max_time``
+seconds of sampling have passed, or ``MAX_SAMPLES`` rounds were taken. ``noise`` is the
+estimated relative standard error of the median speedup (of the median latency for the
+reference rows themselves), ``~0.49 * (p90 - p10) / median / sqrt(n)``; a cell is
+``noisy`` when it exceeds ``NOISE_LIMIT`` or has fewer than 3 samples: a second run may
+then disagree by more than ~25 %. Timing uses CUDA events on GPU and ``perf_counter`` on
+CPU, with Python's garbage collector paused while sampling.
 
-JSON schema (``"schema": "attnkit.bench/1"``)::
+Peak memory is measured on the last warm-up call (CUDA allocator above what was allocated
+before; process RSS sampled by a thread on CPU). The % of peak divides the cell's
+TFLOP/s (median latency) by the vendor's dense peak where the device and dtype are known
+(H200 / H100 SXM bf16 and fp16: 989.4 TFLOP/s), otherwise by the best matmul sample
+interleaved with the cell's own rounds (``peak.source`` says which). Decode mode:
+per-token latency after a prefill of ``seq`` tokens, and the bytes of the decode state
+holding exactly those ``seq`` tokens.
 
-    {schema, command, created, device: {type, name, cores}, versions: {attnkit, torch, python, triton},
-     config: {mechanisms, ops, seqs, batch, dim, heads, head_dim, dtype, device, mode, pattern, repeat, warmup,
-             timing (latency: one call per sample | throughput: the mean of a burst of 10 queued calls), ...},
-     matmul_tflops,
-     cells: [{name, kind: "layer"|"op", seq, batch, status: "ok"|"oom"|"unsupported"|"skipped"|"error",
-              message, backend, latency_ms: {median, p10, p90, min, max, samples},
-              peak_memory_bytes, flops, tflops, pct_matmul_peak,
-              speedup_vs_dense, flop_reduction, realised_fraction,
-              speedup_vs_dense_flex, realised_fraction_vs_flex, state_bytes}]}
+A cell whose shape a layer cannot serve (a build-time or input ``ValueError``, a position
+table shorter than ``seq``, a missing feature) is ``unsupported`` with the reason. A
+failure inside a cell is recorded as ``error`` and the run goes on, except a CUDA context
+fault (illegal memory access, device-side assert, driver error): the context cannot be
+used afterwards, so the run stops there with ``stopped`` naming the cell; every cell
+finished before it has already been handed to ``on_cell`` (the CLI streams them to a
+JSON-lines file).
+
+JSON schema (``"schema": "attnkit.bench/2"``)::
+
+    {schema, command, created, complete: bool, stopped: null | {cell, kind, name, seq, message},
+     git_commit (null outside a git checkout),
+     device: {type, name, cores, cpu_model, torch_threads (CPU)},
+     versions: {attnkit, torch, python, triton},
+     config: {mechanisms, ops, seqs, batch, dim, heads, head_dim, dtype, device, mode, pattern,
+              repeat (minimum rounds), warmup, max_time (seconds of sampling per cell), tokens_per_batch,
+              compile, kv_heads, timing (latency: one call per sample | throughput: the mean of a burst of 10
+              queued calls)},
+     timer: {stop_spread, noise_limit, max_samples},
+     peak: {source: "vendor spec" | "measured beside each cell", tflops (the vendor's, else null), note},
+     cells: [{name, kind: "layer"|"op", family (the card's; "op" for ops), seq, batch,
+              status: "ok"|"oom"|"unsupported"|"skipped"|"error", message, backend,
+              latency_ms: {median, p10, p90, min, max, samples, spread ((p90-p10)/median)},
+              dense_latency_ms (median of the interleaved reference samples),
+              speedup_vs_dense, speedup_p10, speedup_p90 (per-round ratios), noise, noisy,
+              peak_memory_bytes, flops, tflops, peak_tflops, pct_peak,
+              flop_reduction, realised_fraction (speedup / flop_reduction),
+              speedup_vs_dense_flex, realised_fraction_vs_flex (against the dense-flex cell's median, not interleaved),
+              state_bytes}]}
+
+Allocator note: on CPU, :func:`run_bench` fixes glibc's mmap threshold (``mallopt``) so that
+RSS follows tensor lifetimes. glibc offers no way to restore its dynamic threshold, so the
+setting stays for the rest of the process: harmless for the ``attnkit bench`` CLI (one
+process per run), worth knowing when ``run_bench`` is called from a long-lived process.
 """
 
 from __future__ import annotations
@@ -42,11 +84,13 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -56,9 +100,9 @@ from .. import patterns as _patterns
 from ..ops import attend, attend_reference, block_mask_for
 from ..ops.attention import _flex_impl, flex_small_blocks, flex_tiles
 
-__all__ = ["BenchConfig", "run_bench", "parse_pattern", "OPS", "default_config", "SCHEMA"]
+__all__ = ["BenchConfig", "run_bench", "parse_pattern", "OPS", "default_config", "SCHEMA", "validate_config"]
 
-SCHEMA = "attnkit.bench/1"
+SCHEMA = "attnkit.bench/2"
 OPS = ("dense-sdpa", "dense-sdpa-cudnn", "dense-sdpa-flash", "dense-sdpa-efficient", "dense-flex", "flex", "attend",
        "sigmoid", "lightning", "fla-lightning", "reference")
 LINEAR_OPS = ("lightning", "fla-lightning")  # causal linear attention; FLOPs of the chunked form, not the pattern's
@@ -66,11 +110,22 @@ MODES = ("fwd", "fwdbwd", "decode")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 REFERENCE_MEMORY_FRACTION = 0.25
-
+DENSE_LAYER, DENSE_OP = "mha", "dense-sdpa"
 
 TIMINGS = ("latency", "throughput")
 #: calls queued back to back per sample with ``timing="throughput"`` (the sample is their mean)
 THROUGHPUT_BURST = 10
+#: sampling stops early once the p10-p90 band of the latency and of the speedup ratio is within this of the median
+STOP_SPREAD = 0.10
+#: a cell is flagged noisy above this estimated relative standard error of its median speedup (latency)
+NOISE_LIMIT = 0.07
+#: most rounds per cell (decode: each round appends a token to the state)
+MAX_SAMPLES = 100
+#: dense bf16/fp16 tensor-core peaks (TFLOP/s, vendor spec sheets), matched on the device name in order
+VENDOR_PEAKS = (("H100 PCIe", 756.0), ("H200", 989.4), ("H100", 989.4), ("A100", 312.0))
+#: messages after which the CUDA context is unusable: the run stops instead of going on
+CONTEXT_FAULTS = ("illegal memory access", "device-side assert", "cuda driver error", "unspecified launch failure",
+                  "misaligned address", "illegal instruction", "uncorrectable ecc error")
 
 
 @dataclass
@@ -86,8 +141,9 @@ class BenchConfig:
     device: str
     mode: str = "fwd"
     pattern: str = "causal"
-    repeat: int = 5
+    repeat: int = 3  # fewest rounds per cell
     warmup: int = 2
+    max_time: float = 0.5  # seconds of sampling per cell once ``repeat`` rounds are in
     tokens_per_batch: int = 32768
     compile: bool = False
     kv_heads: int | None = None  # op rows: key/value heads (GQA-shaped core); None = heads
@@ -109,9 +165,9 @@ def default_config(device: str) -> dict:
     """The built-in defaults: a small layer on CPU, a 1B-class layer on CUDA."""
     if device.startswith("cuda"):
         return dict(seqs=[2048, 4096, 8192, 16384, 32768], batch=None, dim=2048, heads=16, head_dim=128,
-                    dtype="bfloat16", repeat=20, warmup=5)
+                    dtype="bfloat16", repeat=20, warmup=5, max_time=2.0)
     return dict(seqs=[256, 512, 1024, 2048], batch=1, dim=512, heads=8, head_dim=64, dtype="float32",
-                repeat=5, warmup=2)
+                repeat=3, warmup=2, max_time=0.5)
 
 
 def parse_pattern(spec: str, heads: int = 1) -> _patterns.Pattern:
@@ -159,7 +215,7 @@ class _RssSampler:
             time.sleep(self.interval)
 
     def __enter__(self):
-        gc.collect()
+        gc.collect()  # cheap: run_bench froze the objects that existed before it
         self.base = self._rss()
         self.peak = self.base
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -176,30 +232,144 @@ class _RssSampler:
         return max(0, self.peak - self.base)
 
 
-def _time_calls(fn: Callable[[], None], device: torch.device, repeat: int, warmup: int, burst: int = 1) -> list[float]:
-    """``repeat`` samples in ms per call. Each sample times ``burst`` calls queued back to back
-    (divided by ``burst``): 1 gives each call's latency, host launch gaps included; more gives
-    throughput, where the host queues the next call while the GPU runs the previous one."""
-    for _ in range(warmup):
+def _sample(fn: Callable[[], object], device: torch.device, burst: int = 1) -> float:
+    """One sample in ms per call: ``burst`` calls queued back to back, divided by ``burst``
+    (1 gives a call's latency, host launch gaps included; more gives throughput, where the
+    host queues the next call while the GPU runs the previous one)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(burst):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / burst
+    t0 = time.perf_counter()
+    for _ in range(burst):
         fn()
-    times = []
+    return (time.perf_counter() - t0) * 1e3 / burst
+
+
+def _warm_up(fn: Callable[[], object], device: torch.device, warmup: int, *, memory: bool = True) -> int | None:
+    """``warmup`` untimed calls (at least one); with ``memory``, the last measures peak memory
+    (bytes above what was allocated before it): the allocator's peak on CUDA, sampled RSS on CPU."""
+    for _ in range(warmup - 1 if memory else max(warmup, 1)):
+        fn()
+    if not memory:
+        return None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        for _ in range(repeat):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(burst):
-                fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / burst)
-    else:
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            for _ in range(burst):
-                fn()
-            times.append((time.perf_counter() - t0) * 1e3 / burst)
-    return times
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with _RssSampler() as sampler:
+        fn()
+    return sampler.used
+
+
+def _percentile(ordered: list[float], p: float) -> float:
+    return ordered[min(len(ordered) - 1, int(round(p * (len(ordered) - 1))))]
+
+
+def _spread(values: list[float]) -> float:
+    """Width of the p10-p90 band relative to the median (0 for fewer than two values)."""
+    if len(values) < 2:
+        return 0.0
+    ordered = sorted(values)
+    median = statistics.median(ordered)
+    return (_percentile(ordered, 0.9) - _percentile(ordered, 0.1)) / median if median > 0 else math.inf
+
+
+def _rel_stderr(values: list[float]) -> float:
+    """Relative standard error of the median, estimated from the p10-p90 band: for a normal
+    sample the band is 2.563 sigma wide and the median's error 1.2533 sigma / sqrt(n)."""
+    return 1.2533 / 2.563 * _spread(values) / math.sqrt(len(values)) if values else math.inf
+
+
+@dataclass
+class _Timed:
+    row: list[float]
+    ref: list[float]  # empty when the row was timed alone
+    peak_tflops: list[float]  # the interleaved matmul samples (empty with a vendor peak)
+
+    @property
+    def ratios(self) -> list[float]:
+        return [r / t for r, t in zip(self.ref, self.row)]
+
+
+def _interleave(fn: Callable, ref: Callable | None, peak: "_Peak", device: torch.device, *, burst: int,
+                min_rounds: int, max_time: float, max_rounds: int = MAX_SAMPLES) -> _Timed:
+    """Time ``fn`` and ``ref`` alternately (ABBA) and a peak matmul beside them, round by round,
+    until the spreads are small (after ``min_rounds``), ``max_time`` s of sampling pass, or
+    ``max_rounds`` rounds were taken."""
+    timed = _Timed([], [], [])
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection inside one sample of a pair would skew that pair
+    try:
+        start = time.perf_counter()
+        while True:
+            if ref is None:
+                timed.row.append(_sample(fn, device, burst))
+            elif len(timed.row) % 2 == 0:
+                timed.ref.append(_sample(ref, device, burst))
+                timed.row.append(_sample(fn, device, burst))
+            else:
+                timed.row.append(_sample(fn, device, burst))
+                timed.ref.append(_sample(ref, device, burst))
+            n = len(timed.row)
+            if peak.measured and (n <= 3 or n % 5 == 0):  # a matmul costs more than a short row: not every round
+                timed.peak_tflops.append(peak.sample())
+            if n >= max_rounds:
+                break
+            if n >= min_rounds:
+                if time.perf_counter() - start >= max_time:
+                    break
+                if _spread(timed.row) <= STOP_SPREAD and (ref is None or _spread(timed.ratios) <= STOP_SPREAD):
+                    break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return timed
+
+
+class _Peak:
+    """The % of peak denominator: the vendor's dense peak where known, otherwise square
+    matmuls of the run's dtype timed beside every cell (its best sample is the cell's peak)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device = device
+        self.vendor = _vendor_peak(device, dtype)
+        self.measured = self.vendor is None
+        if self.measured:
+            n = 8192 if device.type == "cuda" else 1024
+            self._a = torch.randn(n, n, device=device, dtype=dtype)
+            self._b = torch.randn(n, n, device=device, dtype=dtype)
+            self._flops = 2.0 * n**3
+            self.size = n
+            _sample(self._mm, device)  # warm-up: the first call picks and loads the kernel
+
+    def _mm(self):
+        return torch.mm(self._a, self._b)
+
+    def sample(self) -> float:
+        return self._flops / (_sample(self._mm, self.device) * 1e-3) / 1e12
+
+    def describe(self) -> dict:
+        if not self.measured:
+            return {"source": "vendor spec", "tflops": self.vendor,
+                    "note": "dense bf16/fp16 tensor-core peak from the vendor's spec sheet, matched on the device name"}
+        return {"source": "measured beside each cell", "tflops": None,
+                "note": f"best of the {self.size}x{self.size} matmuls of the run's dtype timed in the cell's own rounds"}
+
+
+def _vendor_peak(device: torch.device, dtype: torch.dtype) -> float | None:
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in VENDOR_PEAKS if key in name), None)
 
 
 def _fixed_mmap_threshold() -> None:
@@ -207,7 +377,8 @@ def _fixed_mmap_threshold() -> None:
 
     glibc raises its mmap threshold after large frees and keeps later blocks on the heap,
     which would hide a cell's allocations behind the previous cell's. Fixing the threshold
-    (128 KiB) turns that off; a no-op where glibc is absent.
+    (128 KiB) turns that off, for the rest of the process (glibc cannot switch its dynamic
+    threshold back on); a no-op where glibc is absent.
     """
     try:
         import ctypes
@@ -219,34 +390,25 @@ def _fixed_mmap_threshold() -> None:
         pass
 
 
-def _measure(fn, device, repeat, warmup, burst: int = 1) -> tuple[list[float], int]:
-    """Latencies (ms) and peak memory (bytes above what was allocated before) of ``fn``."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        times = _time_calls(fn, device, repeat, warmup, burst)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        return times, peak
-    times = _time_calls(fn, device, repeat, warmup, burst)
-    # memory in one extra call, so that the sampling thread does not disturb the timings
-    with _RssSampler() as sampler:
-        fn()
-    return times, sampler.used
-
-
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Peak matmul throughput on this device and dtype, measured now (the % of peak denominator)."""
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    times = _time_calls(lambda: torch.mm(a, b), device, repeat=10 if device.type == "cuda" else 5, warmup=3)
-    return 2 * n**3 / (statistics.median(times) * 1e-3) / 1e12
-
-
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def is_context_fault(err: BaseException) -> bool:
+    """An error after which the CUDA context cannot be used (so the run must stop)."""
+    text = str(err).lower()
+    return any(key in text for key in CONTEXT_FAULTS)
+
+
+class _ContextFault(Exception):
+    def __init__(self, cell: "Cell", where: str):
+        super().__init__(cell.message)
+        self.cell, self.where = cell, where
+
+
+class _Unsupported(Exception):
+    """A cell that cannot run here (missing optional package, wrong device, a shape the layer
+    refuses): reported with the reason, not failed."""
 
 
 # -- rows -----------------------------------------------------------------------------------------
@@ -263,8 +425,6 @@ def _op_callable(name: str, q, k, v, pattern, dense_pattern) -> tuple[Callable, 
 
     is_causal = dense_pattern.kind == "causal"
     gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
-    if gqa and name in ("sigmoid", *LINEAR_OPS):
-        raise _Unsupported(f"the {name} op row takes as many key/value heads as query heads (no --kv-heads)")
     if name == "dense-sdpa":
         return (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, **gqa)), "sdpa"
     if name.startswith("dense-sdpa-"):
@@ -305,9 +465,7 @@ def _op_callable(name: str, q, k, v, pattern, dense_pattern) -> tuple[Callable, 
         return (lambda: attend(q, k, v, pattern=pattern)), backend
     if name == "sigmoid":
         from ..ops import sigmoid_attend
-
         from ..ops.attention import choose_backend
-
         from ..ops.sigmoid import choose_sigmoid_backend
 
         backend = choose_sigmoid_backend(q, v, pattern)
@@ -321,13 +479,9 @@ def _op_callable(name: str, q, k, v, pattern, dense_pattern) -> tuple[Callable, 
         backend = "triton" if q.is_cuda else "chunked"
         return (lambda: lightning_attend(q, k, v, slopes, backend=backend)[0]), backend
     if name == "fla-lightning":
-        try:
-            from fla.ops.lightning_attn import chunk_lightning_attn
-        except ImportError as err:
-            raise _Unsupported("flash-linear-attention (fla) is not installed: pip install fla-core") from err
-        if not q.is_cuda:
-            raise _Unsupported("fla's kernels run on CUDA only")
+        from fla.ops.lightning_attn import chunk_lightning_attn  # present: _op_unsupported checked
         qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(t.requires_grad) for t in (q, k, v))
+
         def run_fla():
             for t in (qt, kt, vt):
                 t.grad = None
@@ -339,8 +493,29 @@ def _op_callable(name: str, q, k, v, pattern, dense_pattern) -> tuple[Callable, 
     raise ValueError(f"unknown op {name!r}; accepted: {', '.join(OPS)}")
 
 
-class _Unsupported(Exception):
-    """An op that cannot run here (missing optional package, wrong device): reported, not failed."""
+def _op_unsupported(name: str, cfg: BenchConfig, device: torch.device) -> str | None:
+    """Why op row ``name`` cannot run in this configuration (None when it can); decided
+    before any tensor is made."""
+    if cfg.mode == "decode":
+        return "ops are measured in fwd / fwdbwd; decode measures layers"
+    if name.startswith("dense-sdpa-") and device.type != "cuda":
+        return "SDPA backend choice is a CUDA feature"
+    if name in ("flex", "dense-flex") and device.type == "cpu" and cfg.mode == "fwdbwd":
+        return "FlexAttention has no backward on CPU"
+    if name in ("sigmoid", *LINEAR_OPS) and cfg.op_kv_heads != cfg.heads:
+        return f"the {name} op row takes as many key/value heads as query heads (no --kv-heads)"
+    if name == "fla-lightning":
+        try:
+            import fla.ops.lightning_attn  # noqa: F401
+        except ImportError:
+            return "flash-linear-attention (fla) is not installed: pip install fla-core"
+        if device.type != "cuda":
+            return "fla's kernels run on CUDA only"
+    return None
+
+
+class _Skipped(Exception):
+    """A cell left out on purpose (the reference op where its scores would not fit)."""
 
 
 def _with_backward(fn: Callable, leaves: list[torch.Tensor]) -> Callable:
@@ -354,83 +529,167 @@ def _with_backward(fn: Callable, leaves: list[torch.Tensor]) -> Callable:
 
 
 @dataclass
-class Cell:
-    name: str
-    kind: str
-    seq: int
-    batch: int
-    status: str = "ok"
-    message: str = ""
+class _Work:
+    """A built row, ready to call: ``fn()`` runs one step (forward, forward+backward or one decode token)."""
+
+    fn: Callable[[], object]
     backend: str = ""
-    latency_ms: dict = field(default_factory=dict)
-    peak_memory_bytes: int | None = None
     flops: float | None = None
-    tflops: float | None = None
-    pct_matmul_peak: float | None = None
-    speedup_vs_dense: float | None = None
-    flop_reduction: float | None = None
-    realised_fraction: float | None = None
-    speedup_vs_dense_flex: float | None = None
-    realised_fraction_vs_flex: float | None = None
     state_bytes: int | None = None
 
 
-def _stats(times: list[float]) -> dict:
-    ordered = sorted(times)
-
-    def pct(p):
-        return ordered[min(len(ordered) - 1, int(round(p * (len(ordered) - 1))))]
-
-    return {"median": statistics.median(times), "p10": pct(0.1), "p90": pct(0.9), "min": ordered[0],
-            "max": ordered[-1], "samples": len(times)}
-
-
-def _run_op_cell(name, cfg, seq, device, dtype, pattern, dense_pattern) -> Cell:
+def _op_work(name, cfg: BenchConfig, seq: int, device, dtype, pattern, dense_pattern) -> _Work:
     B = cfg.batch_for(seq)
-    cell = Cell(name=name, kind="op", seq=seq, batch=B)
-    if cfg.mode == "decode":
-        cell.status, cell.message = "unsupported", "ops are measured in fwd / fwdbwd; decode measures layers"
-        return cell
     row_pattern = dense_pattern if name.startswith("dense-") else pattern
-    if name.startswith("dense-sdpa-") and device.type != "cuda":
-        cell.status, cell.message = "unsupported", "SDPA backend choice is a CUDA feature"
-        return cell
-    if name in ("flex", "dense-flex") and device.type == "cpu" and cfg.mode == "fwdbwd":
-        cell.status, cell.message = "unsupported", "FlexAttention has no backward on CPU"
-        return cell
     H, D, Hkv = cfg.heads, cfg.head_dim, cfg.op_kv_heads
     if name == "reference":
         elem = 8 if dtype == torch.float64 else 4
         need = B * H * seq * seq * elem * (4 if cfg.mode == "fwdbwd" else 3)
         limit = _free_memory(device) * REFERENCE_MEMORY_FRACTION
         if need > limit:
-            cell.status = "skipped"
-            cell.message = f"reference needs ~{need / 2**30:.1f} GiB of scores (limit {limit / 2**30:.1f} GiB)"
-            return cell
+            raise _Skipped(f"reference needs ~{need / 2**30:.1f} GiB of scores (limit {limit / 2**30:.1f} GiB)")
     if name in LINEAR_OPS:  # the chunked form: 4*64*D per token in its block + 4*D*D through the state
         flops = B * H * seq * (4.0 * 64 * D + 4.0 * D * D)
         row_pattern = dense_pattern
     else:
         flops = registry.dense_attention_flops(B, seq, num_heads=H, head_dim=D, pattern=row_pattern)
-    cell.flops = registry.FlopCount(attention_fwd=flops, projection_fwd=0.0).total(cfg.mode)
+    gen = torch.Generator(device=device).manual_seed(seq)
+    q, k, v = (torch.randn(B, h, seq, D, device=device, dtype=dtype, generator=gen) for h in (H, Hkv, Hkv))
+    if cfg.mode == "fwdbwd":
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    fn, backend = _op_callable(name, q, k, v, row_pattern, dense_pattern)
+    fn = _with_backward(fn, [q, k, v]) if cfg.mode == "fwdbwd" else torch.no_grad()(fn)
+    return _Work(fn, backend, registry.FlopCount(attention_fwd=flops, projection_fwd=0.0).total(cfg.mode))
+
+
+def _accepted(card) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(card.layer.__init__).parameters)
+
+
+def _layer_options(card, cfg: BenchConfig, seq: int) -> dict:
+    """Build options the run sets: the head dim, and a learned position table (``max_len``)
+    long enough for every position the cell reaches (decode appends up to a token per call)."""
+    accepted = _accepted(card)
+    options = {"head_dim": cfg.head_dim} if "head_dim" in accepted else {}
+    if "max_len" in accepted:
+        options["max_len"] = seq + ((cfg.warmup + 1 + MAX_SAMPLES) * cfg.burst if cfg.mode == "decode" else 0)
+    return options
+
+
+def _layer_work(name, cfg: BenchConfig, seq: int, device, dtype) -> _Work:
+    card = registry.get(name)
+    if cfg.mode == "decode" and not card.capabilities.decode:
+        raise _Unsupported(f"{name} does not decode")
+    B = cfg.batch_for(seq)
+    options = _layer_options(card, cfg, seq)
     try:
-        gen = torch.Generator(device=device).manual_seed(seq)
-        q, k, v = (torch.randn(B, h, seq, D, device=device, dtype=dtype, generator=gen) for h in (H, Hkv, Hkv))
-        if cfg.mode == "fwdbwd":
-            for t in (q, k, v):
-                t.requires_grad_(True)
-        fn, cell.backend = _op_callable(name, q, k, v, row_pattern, dense_pattern)
-        if cfg.mode == "fwdbwd":
-            fn = _with_backward(fn, [q, k, v])
-        else:
-            fn = torch.no_grad()(fn)
-        times, cell.peak_memory_bytes = _measure(fn, device, cfg.repeat, cfg.warmup, cfg.burst)
-        cell.latency_ms = _stats(times)
-    except _Unsupported as err:
-        cell.status, cell.message = "unsupported", str(err)
-    except Exception as err:  # noqa: BLE001 - a cell's failure is reported, the run goes on
-        _fail(cell, err)
-    return cell
+        layer = card.build(cfg.dim, cfg.heads, **options)
+    except ValueError as err:
+        raise _Unsupported(f"{name} cannot be built at dim={cfg.dim}, heads={cfg.heads}: {err}") from None
+    layer = layer.to(device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(seq)
+    backend = str(getattr(layer, "backend", "") or "")
+    if cfg.mode == "decode":
+        layer.eval()
+        state = layer.init_state(B, device=device, dtype=dtype)
+        with torch.no_grad():
+            prefill = torch.randn(B, seq, cfg.dim, device=device, dtype=dtype, generator=gen)
+            layer(prefill, state)
+            del prefill
+        token = torch.randn(B, 1, cfg.dim, device=device, dtype=dtype, generator=gen)
+        step = card.flop_count(B, 1, cfg.dim, cfg.heads, **options)
+        attn_step = registry.dense_attention_flops(B, 1, num_heads=cfg.heads, head_dim=cfg.head_dim,
+                                                   pattern=getattr(layer, "pattern", "causal"), kv_len=seq)
+        # each call appends one token: time and memory are per token at ~seq context
+        return _Work(torch.no_grad()(lambda: layer(token, state)), backend, step.projection_fwd + attn_step,
+                     state_bytes=state.nbytes())
+    x = torch.randn(B, seq, cfg.dim, device=device, dtype=dtype, generator=gen)
+    model = torch.compile(layer) if cfg.compile else layer
+    if cfg.mode == "fwdbwd":
+        x.requires_grad_(True)
+        fn = _with_backward(lambda: model(x), [x, *layer.parameters()])
+    else:
+        fn = torch.no_grad()(lambda: model(x))
+    return _Work(fn, backend, card.flop_count(B, seq, cfg.dim, cfg.heads, **options).total(cfg.mode))
+
+
+@dataclass
+class Cell:
+    name: str
+    kind: str
+    seq: int
+    batch: int
+    family: str = ""
+    status: str = "ok"
+    message: str = ""
+    backend: str = ""
+    latency_ms: dict = field(default_factory=dict)
+    dense_latency_ms: float | None = None
+    speedup_vs_dense: float | None = None
+    speedup_p10: float | None = None
+    speedup_p90: float | None = None
+    noise: float | None = None
+    noisy: bool | None = None
+    peak_memory_bytes: int | None = None
+    flops: float | None = None
+    tflops: float | None = None
+    peak_tflops: float | None = None
+    pct_peak: float | None = None
+    flop_reduction: float | None = None
+    realised_fraction: float | None = None
+    speedup_vs_dense_flex: float | None = None
+    realised_fraction_vs_flex: float | None = None
+    state_bytes: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} @ {self.seq} ({self.kind})"
+
+
+def _stats(times: list[float]) -> dict:
+    ordered = sorted(times)
+    return {"median": statistics.median(times), "p10": _percentile(ordered, 0.1), "p90": _percentile(ordered, 0.9),
+            "min": ordered[0], "max": ordered[-1], "samples": len(times), "spread": _spread(times)}
+
+
+def _summarise(cell: Cell, timed: _Timed, *, is_reference: bool, ref_flops: float | None,
+               vendor_peak: float | None) -> None:
+    """Fill the cell's numbers from its interleaved samples."""
+    cell.latency_ms = _stats(timed.row)
+    ms = cell.latency_ms["median"]
+    if cell.flops:
+        cell.tflops = cell.flops / (ms * 1e-3) / 1e12
+        cell.peak_tflops = vendor_peak if vendor_peak is not None else max(timed.peak_tflops, default=None)
+        if cell.peak_tflops:
+            cell.pct_peak = 100.0 * cell.tflops / cell.peak_tflops
+    if is_reference:
+        cell.dense_latency_ms = ms
+        cell.speedup_vs_dense = cell.speedup_p10 = cell.speedup_p90 = 1.0
+        cell.flop_reduction = cell.realised_fraction = 1.0 if cell.flops else None
+        cell.noise = _rel_stderr(timed.row)
+    elif timed.ref:
+        ratios = sorted(timed.ratios)
+        cell.dense_latency_ms = statistics.median(timed.ref)
+        cell.speedup_vs_dense = statistics.median(ratios)
+        cell.speedup_p10, cell.speedup_p90 = _percentile(ratios, 0.1), _percentile(ratios, 0.9)
+        cell.noise = _rel_stderr(ratios)
+        if cell.flops and ref_flops:
+            cell.flop_reduction = ref_flops / cell.flops
+            cell.realised_fraction = cell.speedup_vs_dense / cell.flop_reduction
+    else:
+        cell.noise = _rel_stderr(timed.row)
+    cell.noisy = len(timed.row) < 3 or cell.noise > NOISE_LIMIT
+
+
+def _vs_flex(cell: Cell, flex_ref: Cell | None) -> None:
+    """The comparison against dense causal FlexAttention (the patterned op rows' own kernel),
+    from the two cells' medians."""
+    if cell.kind == "op" and cell.status == "ok" and flex_ref is not None and cell.flops and flex_ref.flops:
+        cell.speedup_vs_dense_flex = flex_ref.latency_ms["median"] / cell.latency_ms["median"]
+        cell.realised_fraction_vs_flex = cell.speedup_vs_dense_flex / (flex_ref.flops / cell.flops)
 
 
 def _free_memory(device) -> float:
@@ -447,89 +706,76 @@ def _free_memory(device) -> float:
     return 8 * 2**30
 
 
-def _fail(cell: Cell, err: BaseException) -> None:
-    if _is_oom(err):
-        cell.status, cell.message = "oom", "out of memory"
-    else:
-        cell.status, cell.message = "error", f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-    cell.latency_ms = {}
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+
+
+def _release(device: torch.device) -> None:
     gc.collect()
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def _run_layer_cell(name, cfg, seq, device, dtype) -> Cell:
-    B = cfg.batch_for(seq)
-    card = registry.get(name)
-    cell = Cell(name=name, kind="layer", seq=seq, batch=B)
-    options = {"head_dim": cfg.head_dim} if "head_dim" in _accepted(card) else {}
+def _run_cell(kind: str, name: str, cfg: BenchConfig, seq: int, device, dtype, peak: _Peak, pattern,
+              dense_pattern) -> Cell:
+    """Build, warm up and time one (row, seq) cell interleaved with its dense reference.
+
+    Raises :class:`_ContextFault` (carrying the finished cell) when the CUDA context broke."""
+    dense_name = DENSE_LAYER if kind == "layer" else DENSE_OP
+    cell = Cell(name=name, kind=kind, seq=seq, batch=cfg.batch_for(seq),
+                family=registry.get(name).family if kind == "layer" else "op")
+
+    def build(row: str) -> _Work:
+        if kind == "layer":
+            return _layer_work(row, cfg, seq, device, dtype)
+        return _op_work(row, cfg, seq, device, dtype, pattern, dense_pattern)
+
+    where, work, ref = "row", None, None
     try:
-        layer = card.build(cfg.dim, cfg.heads, **options).to(device=device, dtype=dtype)
-        gen = torch.Generator(device=device).manual_seed(seq)
-        if cfg.mode == "decode":
-            if not card.capabilities.decode:
-                cell.status, cell.message = "unsupported", f"{name} does not decode"
-                return cell
-            layer.eval()
-            state = layer.init_state(B, device=device, dtype=dtype)
-            with torch.no_grad():
-                prefill = torch.randn(B, seq, cfg.dim, device=device, dtype=dtype, generator=gen)
-                layer(prefill, state)
-                del prefill
-                token = torch.randn(B, 1, cfg.dim, device=device, dtype=dtype, generator=gen)
-                # each timed step appends one token; time and memory are per token at ~seq context
-                times, cell.peak_memory_bytes = _measure(lambda: layer(token, state), device, cfg.repeat, cfg.warmup, cfg.burst)
-            cell.state_bytes = state.nbytes()
-            step = card.flop_count(B, 1, cfg.dim, cfg.heads, **options)
-            attn_step = registry.dense_attention_flops(B, 1, num_heads=cfg.heads, head_dim=cfg.head_dim,
-                                                       pattern=getattr(layer, "pattern", "causal"), kv_len=seq)
-            cell.flops = step.projection_fwd + attn_step
+        reason = _op_unsupported(name, cfg, device) if kind == "op" else None
+        if reason:
+            raise _Unsupported(reason)
+        work = build(name)
+        cell.backend, cell.flops, cell.state_bytes = work.backend, work.flops, work.state_bytes
+        cell.peak_memory_bytes = _warm_up(work.fn, device, cfg.warmup)
+        if name != dense_name:
+            where = f"its dense reference {dense_name}"
+            try:
+                ref = build(dense_name)
+                _warm_up(ref.fn, device, 1, memory=False)  # the same layer or op at this shape ran in earlier cells
+            except Exception as err:  # noqa: BLE001 - the row is still timed, alone
+                if is_context_fault(err):
+                    raise
+                ref = None
+                cell.message = f"dense reference {dense_name} failed ({_first_line(err)}); timed alone, no speedup"
+                _release(device)
+            where = "row"
+        timed = _interleave(work.fn, ref.fn if ref else None, peak, device, burst=cfg.burst, min_rounds=cfg.repeat,
+                            max_time=cfg.max_time)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # an asynchronous fault surfaces here, in the cell that caused it
+        _summarise(cell, timed, is_reference=name == dense_name, ref_flops=ref.flops if ref else None,
+                   vendor_peak=peak.vendor)
+    except _Unsupported as err:
+        cell.status, cell.message = "unsupported", str(err)
+    except _Skipped as err:
+        cell.status, cell.message = "skipped", str(err)
+    except Exception as err:  # noqa: BLE001 - a cell's failure is reported, the run goes on
+        cell.latency_ms = {}
+        if is_context_fault(err):
+            cell.status = "error"
+            cell.message = f"CUDA context fault in {where}: {_first_line(err)}"
+            raise _ContextFault(cell, where) from err
+        if _is_oom(err):
+            cell.status, cell.message = "oom", "out of memory" + (f" in {where}" if where != "row" else "")
+        elif isinstance(err, ValueError):  # the project's errors for inputs a layer or op refuses (e.g. a shape)
+            cell.status, cell.message = "unsupported", str(err).splitlines()[0][:300]
         else:
-            x = torch.randn(B, seq, cfg.dim, device=device, dtype=dtype, generator=gen)
-            model = torch.compile(layer) if cfg.compile else layer
-            if cfg.mode == "fwdbwd":
-                x.requires_grad_(True)
-                fn = _with_backward(lambda: model(x), [x, *layer.parameters()])
-            else:
-                fn = torch.no_grad()(lambda: model(x))
-            times, cell.peak_memory_bytes = _measure(fn, device, cfg.repeat, cfg.warmup, cfg.burst)
-            cell.flops = card.flop_count(B, seq, cfg.dim, cfg.heads, **options).total(cfg.mode)
-            cell.backend = getattr(layer, "backend", "") or ""
-        cell.latency_ms = _stats(times)
-    except Exception as err:  # noqa: BLE001
-        _fail(cell, err)
+            cell.status, cell.message = "error", _first_line(err)
+    finally:
+        del work, ref
+    _release(device)
     return cell
-
-
-def _accepted(card) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(card.layer.__init__).parameters)
-
-
-def _derive(cells: list[Cell], matmul_tflops: float) -> None:
-    """Throughput and the comparisons against the dense reference of each kind."""
-    dense = {("layer", c.seq): c for c in cells if c.kind == "layer" and c.name == "mha" and c.status == "ok"}
-    dense.update({("op", c.seq): c for c in cells if c.kind == "op" and c.name == "dense-sdpa" and c.status == "ok"})
-    dense_flex = {c.seq: c for c in cells if c.kind == "op" and c.name == "dense-flex" and c.status == "ok"}
-    for c in cells:
-        if c.status != "ok":
-            continue
-        ms = c.latency_ms["median"]
-        if c.flops:
-            c.tflops = c.flops / (ms * 1e-3) / 1e12
-            c.pct_matmul_peak = 100.0 * c.tflops / matmul_tflops if matmul_tflops else None
-        ref = dense.get((c.kind, c.seq))
-        if ref is not None:
-            c.speedup_vs_dense = ref.latency_ms["median"] / ms
-            if c.flops and ref.flops:
-                c.flop_reduction = ref.flops / c.flops
-                c.realised_fraction = c.speedup_vs_dense / c.flop_reduction
-        flex_ref = dense_flex.get(c.seq)
-        if c.kind == "op" and flex_ref is not None and c.flops and flex_ref.flops:
-            # the same comparison against dense causal FlexAttention (the patterned rows' own kernel)
-            c.speedup_vs_dense_flex = flex_ref.latency_ms["median"] / ms
-            c.realised_fraction_vs_flex = c.speedup_vs_dense_flex / (flex_ref.flops / c.flops)
 
 
 def _versions() -> dict:
@@ -543,14 +789,43 @@ def _versions() -> dict:
     return out
 
 
+def _git_commit() -> str | None:
+    """The commit of the checkout attnkit runs from (None when installed from a package)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def _device_info(device: torch.device) -> dict:
+    info = {"type": device.type, "cores": os.cpu_count(), "cpu_model": _cpu_model()}
     if device.type == "cuda":
-        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "cores": os.cpu_count()}
-    return {"type": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+        return {**info, "name": torch.cuda.get_device_name(device)}
+    return {**info, "name": _cpu_model() or platform.machine(), "torch_threads": torch.get_num_threads()}
+
+
+def _positive_int(value, option: str, *, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        accepted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{option} must be {accepted}, got {value!r}")
 
 
 def validate_config(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
+    """Check every field before anything runs; a ``ValueError`` names the option, the value and what is accepted."""
     if cfg.mode not in MODES:
         raise ValueError(f"unknown --mode {cfg.mode!r}; accepted: {', '.join(MODES)}")
     if cfg.dtype not in DTYPES:
@@ -559,10 +834,13 @@ def validate_config(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
         device = torch.device(cfg.device)
     except RuntimeError:
         raise ValueError(f"unknown --device {cfg.device!r}; accepted: cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA device here; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported --device {cfg.device!r}; accepted: cpu, cuda, cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA device here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {cfg.device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"accepted: cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     known = [c.name for c in registry.mechanisms()]
     for name in cfg.mechanisms:
         if name not in known:
@@ -570,50 +848,112 @@ def validate_config(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
     for name in cfg.ops:
         if name not in OPS:
             raise ValueError(f"unknown op {name!r}; accepted: {', '.join(OPS)}")
+    if not cfg.mechanisms and not cfg.ops:
+        raise ValueError("nothing to measure: --mechanisms and --ops are both empty ('none'); name at least one row")
+    if not cfg.seqs:
+        raise ValueError("--seq is empty; accepted: comma-separated positive integers, e.g. 256,1024")
     for s in cfg.seqs:
-        if s <= 0:
-            raise ValueError(f"--seq values must be positive, got {s}")
+        _positive_int(s, "--seq values")
+    if cfg.batch is not None:
+        _positive_int(cfg.batch, "--batch")
+    _positive_int(cfg.tokens_per_batch, "tokens_per_batch")
+    _positive_int(cfg.dim, "--dim")
+    _positive_int(cfg.heads, "--heads")
+    _positive_int(cfg.head_dim, "--head-dim")
     if cfg.dim % cfg.heads:
         raise ValueError(f"--dim {cfg.dim} must be divisible by --heads {cfg.heads}")
-    if cfg.kv_heads is not None and (cfg.kv_heads < 1 or cfg.heads % cfg.kv_heads):
-        raise ValueError(f"--kv-heads must be a positive divisor of --heads {cfg.heads}, got {cfg.kv_heads}")
+    if cfg.kv_heads is not None and (isinstance(cfg.kv_heads, bool) or not isinstance(cfg.kv_heads, int)
+                                     or cfg.kv_heads < 1 or cfg.heads % cfg.kv_heads):
+        raise ValueError(f"--kv-heads must be a positive divisor of --heads {cfg.heads}, got {cfg.kv_heads!r}")
     if cfg.timing not in TIMINGS:
         raise ValueError(f"unknown --timing {cfg.timing!r}; accepted: {', '.join(TIMINGS)}")
-    if cfg.repeat < 1 or cfg.warmup < 0:
-        raise ValueError(f"--repeat must be >= 1 and warm-up >= 0, got {cfg.repeat}, {cfg.warmup}")
+    _positive_int(cfg.repeat, "--repeat")
+    if cfg.repeat > MAX_SAMPLES:
+        raise ValueError(f"--repeat must be at most {MAX_SAMPLES} (the most rounds a cell takes), got {cfg.repeat}")
+    _positive_int(cfg.warmup, "--warmup", minimum=0)
+    if isinstance(cfg.max_time, bool) or not isinstance(cfg.max_time, (int, float)) or not 0 < cfg.max_time < math.inf:
+        raise ValueError(f"--max-time must be a positive number of seconds, got {cfg.max_time!r}")
     parse_pattern(cfg.pattern, cfg.heads)
     return device, DTYPES[cfg.dtype]
 
 
-def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None, command: str | None = None) -> dict:
-    """Run every (row, seq) cell; returns the JSON-ready result dict."""
+def rows(cfg: BenchConfig) -> list[tuple[str, str]]:
+    """(kind, name) of every row, in the order of a run."""
+    return [("layer", n) for n in cfg.mechanisms] + [("op", n) for n in cfg.ops]
+
+
+def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None, command: str | None = None,
+              on_start: Callable[[dict], None] | None = None, on_cell: Callable[[dict], None] | None = None) -> dict:
+    """Run every (row, seq) cell; returns the JSON-ready result dict.
+
+    ``on_start(header)`` gets the result without cells before the first cell, ``on_cell(cell)``
+    each cell as it finishes (so that a caller can stream them to disk). A CUDA context fault
+    stops the run: the result then has ``complete: false`` and ``stopped`` naming the cell; so
+    does Ctrl-C."""
     device, dtype = validate_config(cfg)
     if device.type == "cpu":
         _fixed_mmap_threshold()
     pattern = parse_pattern(cfg.pattern, cfg.heads)
     dense_pattern = _patterns.full() if pattern.kind == "full" else _patterns.causal()
-    matmul = measure_matmul_tflops(device, dtype)
-    cells: list[Cell] = []
-    for seq in cfg.seqs:
-        for name in cfg.mechanisms:
-            if progress:
-                progress(f"{name} @ {seq}")
-            cells.append(_run_layer_cell(name, cfg, seq, device, dtype))
-        for name in cfg.ops:
-            if progress:
-                progress(f"{name} @ {seq}")
-            cells.append(_run_op_cell(name, cfg, seq, device, dtype, pattern, dense_pattern))
-    _derive(cells, matmul)
-    return {
+    peak = _Peak(device, dtype)
+    result = {
         "schema": SCHEMA,
         "command": command or " ".join(["attnkit", *sys.argv[1:]]),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "complete": False,
+        "stopped": None,
+        "git_commit": _git_commit(),
         "device": _device_info(device),
         "versions": _versions(),
         "config": {**asdict(cfg), "batch": cfg.batch if cfg.batch is not None else f"{cfg.tokens_per_batch}/seq"},
-        "matmul_tflops": matmul,
-        "cells": [asdict(c) for c in cells],
+        "timer": {"stop_spread": STOP_SPREAD, "noise_limit": NOISE_LIMIT, "max_samples": MAX_SAMPLES},
+        "peak": peak.describe(),
     }
+    if on_start:
+        on_start(dict(result))
+    # the collections between cells (so that memory follows tensor lifetimes) then only walk
+    # the objects made during the run, not the whole of torch's: 5 ms instead of 300
+    gc.collect()
+    gc.freeze()
+    try:
+        return _run_cells(cfg, result, device, dtype, peak, pattern, dense_pattern, progress, on_cell)
+    finally:
+        gc.unfreeze()
+
+
+def _run_cells(cfg, result, device, dtype, peak, pattern, dense_pattern, progress, on_cell) -> dict:
+    cells: list[Cell] = []
+    dense_flex: dict[int, Cell] = {}
+    stopped = None
+    label = ""
+    try:
+        for seq in cfg.seqs:
+            for kind, name in rows(cfg):
+                label = f"{name} @ {seq} ({kind})"
+                if progress:
+                    progress(f"{name} @ {seq}")
+                try:
+                    cell = _run_cell(kind, name, cfg, seq, device, dtype, peak, pattern, dense_pattern)
+                except _ContextFault as fault:
+                    cell = fault.cell
+                    stopped = {"cell": cell.label, "kind": kind, "name": name, "seq": seq, "message": cell.message}
+                if kind == "op" and name == "dense-flex" and cell.status == "ok":
+                    dense_flex[seq] = cell
+                _vs_flex(cell, dense_flex.get(seq))
+                cells.append(cell)
+                if on_cell:
+                    on_cell(asdict(cell))
+                if stopped:
+                    break
+            if stopped:
+                break
+    except KeyboardInterrupt:
+        stopped = {"cell": label, "kind": None, "name": None, "seq": None, "message": "interrupted (Ctrl-C)"}
+    for cell in cells:  # dense-flex rows listed after the patterned ones
+        if cell.speedup_vs_dense_flex is None:
+            _vs_flex(cell, dense_flex.get(cell.seq))
+    result.update(complete=stopped is None, stopped=stopped, cells=[asdict(c) for c in cells])
+    return result
 
 
 def count_cells(cfg: BenchConfig) -> int:
@@ -628,4 +968,3 @@ def fmt_bytes(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
