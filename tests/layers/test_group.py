@@ -72,3 +72,22 @@ def test_bad_group_ids(ids, match):
 def test_bad_scale():
     with pytest.raises(ValueError, match="scale"):
         GroupAttention(16, 2, scale=-1.0)
+
+
+def test_auto_runs_the_group_axis_through_sdpa(monkeypatch):
+    """Under ``auto`` the short group axis runs through SDPA with a dense mask (FlexAttention's
+    launch failed on the H200 at T x H = 65536); an explicit backend is honoured."""
+    import attnkit.layers.group as group_module
+
+    seen = []
+    real = group_module.attend
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["backend"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(group_module, "attend", spy)
+    x = torch.randn(3, 5, 32)
+    GroupAttention(32, 4)(x)
+    GroupAttention(32, 4, backend="reference")(x)
+    assert seen == ["sdpa", "reference"]
