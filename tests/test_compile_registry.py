@@ -20,17 +20,9 @@ SMALL = {"window": 5, "sink_tokens": 2, "keep_keys": 6, "block_size": 4, "local_
          "max_len": 64}
 
 # cards that fail in files this test does not fix: strict, so that a fix shows up
-GRAPH_BREAKS = {
-    "fixed-mixing": "layers/deconstructed.py:66 reads int(positions.max()) to check max_len, a data-dependent "
-                    "branch that fullgraph cannot trace",
-}
-# fails on CPU only: torch 2.13's CPU softplus_backward returns its gradient's strides while its
-# fake-tensor kernel assumes the input's, so AOTAutograd's traced backward views a tensor it
-# cannot (layers/dynamic_mask.py:164, F.softplus fed a transposed gradient)
-CPU_FAILURES = {
-    "dma": "torch 2.13 CPU softplus_backward strides differ from its fake kernel's; "
-           "layers/dynamic_mask.py:164's backward under aot_eager fails with a view error",
-}
+GRAPH_BREAKS: dict[str, str] = {}
+# fails on CPU only (none today; dma's softplus backward once did under torch 2.13)
+CPU_FAILURES: dict[str, str] = {}
 
 NAMES = [c.name for c in attnkit.mechanisms()]
 

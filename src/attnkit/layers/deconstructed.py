@@ -63,9 +63,13 @@ class SequenceIndependentAttention(MultiHeadAttention):
         return None, None, v
 
     def adjust(self, x, q, k, v, positions, state):
-        if int(positions.max()) >= self.max_len:
-            raise ValueError(f"position {int(positions.max())} is beyond max_len={self.max_len} of SequenceIndependentAttention")
         B, T = x.shape[0], x.shape[1]
+        # positions never exceed offset + T - 1 (document positions restart below T): a bound known
+        # without reading the tensor, so the check costs no sync and torch.compile traces it
+        last = (state.offset if state is not None else 0) + T - 1
+        if last >= self.max_len:
+            raise ValueError(f"position {last} is beyond max_len={self.max_len} of SequenceIndependentAttention; "
+                             f"build it with max_len >= the longest sequence (max_len={last + 1} here)")
         pos = positions.expand(B, T)
         q = self.position_queries[pos].transpose(1, 2).to(v.dtype)  # (B, H, T, D)
         k = self.position_keys[pos].transpose(1, 2).to(v.dtype)  # (B, Hkv, T, D)

@@ -161,7 +161,11 @@ class DynamicMaskAttention(MultiHeadAttention):
     def key_bias(self, v: Tensor) -> Tensor:
         """v ``[B, Hkv, T, D]`` -> bias ``[B, Hkv, T]``."""
         B, Hkv, T, D = v.shape
-        delta = F.softplus(self.dt_proj(v.transpose(1, 2).reshape(B, T, Hkv * D)))  # (B, T, Hkv)
+        z = self.dt_proj(v.transpose(1, 2).reshape(B, T, Hkv * D))  # (B, T, Hkv)
+        # softplus as logaddexp(z, 0), the same function: torch 2.13's CPU softplus backward returns
+        # its gradient's strides where its traced (fake) kernel assumes the input's, which broke
+        # the backward under torch.compile (a view error); logaddexp has no such mismatch
+        delta = torch.logaddexp(z, torch.zeros_like(z))
         return (self.A * delta).transpose(1, 2)
 
     def adjust(self, x, q, k, v, positions, state):
