@@ -29,7 +29,7 @@ def _snapshot(value):
     """What ``value`` is now, kept apart from later in-place changes; constant tensors compactly."""
     if isinstance(value, Tensor):
         t = value.detach()
-        if t.numel() == 0:
+        if t.numel() == 0 or t.is_meta:  # meta: a state built only for its shapes (layers.base.check_state)
             return _Constant(t, 0)
         flat = t.reshape(-1)
         first = flat[:1]

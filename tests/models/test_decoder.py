@@ -68,6 +68,12 @@ def test_bad_inputs():
         model(torch.randn(2, 3))
     with pytest.raises(ValueError, match="init_state"):
         model(torch.randint(0, 50, (1, 3)), state=[None])
+    with pytest.raises(ValueError, match="batch_size"):
+        model.init_state(0)
+    with pytest.raises(ValueError, match="init_state"):  # a state built for another batch size
+        model(torch.randint(0, 50, (2, 3)), state=model.init_state(3))
+    with pytest.raises(ValueError, match="B=0"):
+        model(torch.randint(0, 50, (0, 3)))
 
 
 def test_loss_only_where_supervised():

@@ -160,6 +160,7 @@ class DecoderLM(nn.Module):
 
     def init_state(self, batch_size: int, *, max_len: int | None = None) -> list:
         """One decode state per layer."""
+        positive_int(batch_size, "batch_size")
         return [block.attn.init_state(batch_size, max_len=max_len) for block in self.layers]
 
     def forward(self, tokens: Tensor, state: list | None = None, *, document_ids: Tensor | None = None,
