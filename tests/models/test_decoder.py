@@ -203,3 +203,13 @@ def test_from_pretrained_bad_folders(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         small_model().save_pretrained(tmp_path / "file")
+
+
+@pytest.mark.cuda
+def test_cuda_load_onto_the_gpu_in_the_saved_dtype(tmp_path):
+    model = small_model().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = DecoderLM.from_pretrained(tmp_path / "ckpt", device="cuda")
+    assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in loaded.parameters())
+    tokens = torch.randint(0, 50, (2, 7))
+    torch.testing.assert_close(loaded(tokens.cuda()).float().cpu(), model(tokens).float(), atol=2e-2, rtol=2e-2)
