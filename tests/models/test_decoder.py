@@ -121,6 +121,21 @@ def test_failed_save_over_a_checkpoint_leaves_it_loadable(tmp_path, monkeypatch)
     assert (tmp_path / "ckpt" / "README.md").read_text() == "model card"
 
 
+def test_saved_folder_has_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        small_model().save_pretrained(tmp_path / "ckpt")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    (tmp_path / "ckpt").chmod(0o750)
+    small_model().save_pretrained(tmp_path / "ckpt")  # over an existing folder: its mode is kept
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o750
+
+
 def test_save_over_a_checkpoint_replaces_it_and_keeps_other_files(tmp_path):
     small_model(dim=32).save_pretrained(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "notes.txt").write_text("kept")

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -254,8 +255,12 @@ class DecoderLM(nn.Module):
         if path.exists() and not path.is_dir():
             raise ValueError(f"save_pretrained needs a folder, but {path} is a file")
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+        # not tempfile.mkdtemp: its 0700 mode would become the checkpoint's once renamed
+        staging = path.parent / f".{path.name}.saving-{uuid.uuid4().hex[:12]}"
+        staging.mkdir()
         try:
+            if path.exists():
+                shutil.copymode(path, staging)
             (staging / CONFIG_NAME).write_text(config)
             _write_weights(self, staging / WEIGHTS_NAME)
             _replace_folder(staging, path)
