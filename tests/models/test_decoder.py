@@ -228,3 +228,28 @@ def test_cuda_load_onto_the_gpu_in_the_saved_dtype(tmp_path):
     assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in loaded.parameters())
     tokens = torch.randint(0, 50, (2, 7))
     torch.testing.assert_close(loaded(tokens.cuda()).float().cpu(), model(tokens).float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_failed_swap_puts_the_old_checkpoint_and_its_files_back(tmp_path, monkeypatch):
+    """The last rename (new folder into place) fails: the old folder and its other files return."""
+    import os
+
+    from attnkit.models import decoder
+
+    old = small_model(dim=32)
+    old.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "notes.txt").write_text("kept")
+    rename = os.rename
+
+    def failing_rename(src, dst):
+        if ".saving-" in str(src) and str(dst) == str(tmp_path / "ckpt"):
+            raise OSError("simulated failure")
+        return rename(src, dst)
+
+    monkeypatch.setattr(decoder.os, "rename", failing_rename)
+    with pytest.raises(OSError, match="simulated"):
+        small_model(dim=64, num_heads=8).save_pretrained(tmp_path / "ckpt")
+    monkeypatch.undo()
+    assert DecoderLM.from_pretrained(tmp_path / "ckpt").config == old.config
+    assert (tmp_path / "ckpt" / "notes.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
