@@ -1,6 +1,7 @@
 """Decode states: ``reset()`` returns a state to the condition it was built in (every registered
 mechanism: tests/layers/test_state_reset.py)."""
 
+import pytest
 import torch
 
 from attnkit.state import KVCache, RecurrentState, SinkWindowCache, State
@@ -57,3 +58,15 @@ def test_reset_of_a_plain_state():
     state.offset = 4
     state.reset()
     assert state.offset == 0
+
+
+@pytest.mark.cuda
+def test_reset_keeps_a_cache_on_the_device_its_inputs_moved_it_to():
+    cache = SinkWindowCache(1, 1, 2, sink_tokens=1, window=2)  # built on the CPU
+    for t in range(4):
+        cache.update(torch.randn(1, 1, 1, 2, device="cuda"), torch.randn(1, 1, 1, 2, device="cuda"))
+    cache.reset()
+    assert cache._slot_positions.is_cuda
+    k = torch.randn(1, 1, 3, 2, device="cuda")
+    keys, _ = cache.update(k, k)
+    torch.testing.assert_close(keys, k)

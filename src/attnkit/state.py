@@ -5,7 +5,7 @@ Every state knows ``offset`` (tokens seen so far, the absolute position of the n
 and ``nbytes()`` (memory held, reported by ``attnkit bench --mode decode``). Softmax layers
 keep a :class:`KVCache`; linear-attention layers keep a :class:`RecurrentState` of fixed
 size. A layer creates its own with ``layer.init_state(batch_size)``; a model keeps one per
-layer.
+layer. ``reset()`` makes a state what ``init_state`` built, ready for a new sequence.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _snapshot(value):
     """What ``value`` is now, kept apart from later in-place changes; constant tensors compactly."""
     if isinstance(value, Tensor):
         t = value.detach()
-        if t.numel() == 0:
+        if t.numel() == 0 or t.is_meta:  # meta: a state built only for its shapes (layers.base.check_state)
             return _Constant(t, 0)
         flat = t.reshape(-1)
         first = flat[:1]
@@ -43,8 +43,8 @@ def _snapshot(value):
         snap.update({k: _snapshot(v) for k, v in value.items()})
         return snap
     if isinstance(value, (list, tuple)):
-        return type(value)(_snapshot(v) for v in value)
-    return copy.deepcopy(value)
+        return _same_sequence(value, [_snapshot(v) for v in value])
+    return value  # numbers, None, strings; other objects are kept by reference (never deep-copied)
 
 
 def _restore(snap, current=None):
@@ -64,8 +64,15 @@ def _restore(snap, current=None):
         fresh.update({k: _restore(v, current.get(k)) for k, v in snap.items()})
         return fresh
     if isinstance(snap, (list, tuple)):
-        return type(snap)(_restore(v) for v in snap)
-    return copy.deepcopy(snap)
+        return _same_sequence(snap, [_restore(v) for v in snap])
+    return snap
+
+
+def _same_sequence(like, items: list):
+    """``items`` as a sequence of ``like``'s type (a named tuple takes them as arguments)."""
+    if isinstance(like, tuple) and hasattr(like, "_fields"):
+        return type(like)(*items)
+    return type(like)(items)
 
 
 class _RecordsConstruction(type):

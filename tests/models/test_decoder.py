@@ -68,6 +68,12 @@ def test_bad_inputs():
         model(torch.randn(2, 3))
     with pytest.raises(ValueError, match="init_state"):
         model(torch.randint(0, 50, (1, 3)), state=[None])
+    with pytest.raises(ValueError, match="batch_size"):
+        model.init_state(0)
+    with pytest.raises(ValueError, match="init_state"):  # a state built for another batch size
+        model(torch.randint(0, 50, (2, 3)), state=model.init_state(3))
+    with pytest.raises(ValueError, match="B=0"):
+        model(torch.randint(0, 50, (0, 3)))
 
 
 def test_loss_only_where_supervised():
@@ -113,6 +119,21 @@ def test_failed_save_over_a_checkpoint_leaves_it_loadable(tmp_path, monkeypatch)
         torch.testing.assert_close(b, a, msg=name)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert (tmp_path / "ckpt" / "README.md").read_text() == "model card"
+
+
+def test_saved_folder_has_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        small_model().save_pretrained(tmp_path / "ckpt")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    (tmp_path / "ckpt").chmod(0o750)
+    small_model().save_pretrained(tmp_path / "ckpt")  # over an existing folder: its mode is kept
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o750
 
 
 def test_save_over_a_checkpoint_replaces_it_and_keeps_other_files(tmp_path):
@@ -197,3 +218,38 @@ def test_from_pretrained_bad_folders(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         small_model().save_pretrained(tmp_path / "file")
+
+
+@pytest.mark.cuda
+def test_cuda_load_onto_the_gpu_in_the_saved_dtype(tmp_path):
+    model = small_model().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = DecoderLM.from_pretrained(tmp_path / "ckpt", device="cuda")
+    assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in loaded.parameters())
+    tokens = torch.randint(0, 50, (2, 7))
+    torch.testing.assert_close(loaded(tokens.cuda()).float().cpu(), model(tokens).float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_failed_swap_puts_the_old_checkpoint_and_its_files_back(tmp_path, monkeypatch):
+    """The last rename (new folder into place) fails: the old folder and its other files return."""
+    import os
+
+    from attnkit.models import decoder
+
+    old = small_model(dim=32)
+    old.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "notes.txt").write_text("kept")
+    rename = os.rename
+
+    def failing_rename(src, dst):
+        if ".saving-" in str(src) and str(dst) == str(tmp_path / "ckpt"):
+            raise OSError("simulated failure")
+        return rename(src, dst)
+
+    monkeypatch.setattr(decoder.os, "rename", failing_rename)
+    with pytest.raises(OSError, match="simulated"):
+        small_model(dim=64, num_heads=8).save_pretrained(tmp_path / "ckpt")
+    monkeypatch.undo()
+    assert DecoderLM.from_pretrained(tmp_path / "ckpt").config == old.config
+    assert (tmp_path / "ckpt" / "notes.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

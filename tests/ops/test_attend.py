@@ -289,6 +289,31 @@ def test_cuda_lse_and_score_mod_match_reference():
     torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["auto", "flex"])
+def test_cuda_score_mod_emptied_rows_are_zero_with_zero_gradients(backend):
+    """Compiled FlexAttention: a row score_mod empties gives zeros, lse -inf, and zero
+    (not NaN) gradients, forward and backward."""
+    q, k, v = (t.cuda().float().requires_grad_() for t in make_qkv(1, 2, 2, 130, 130, 64, requires_grad=False))
+    out, lse = attend(q, k, v, pattern="causal", score_mod=_kill_row_two, return_lse=True, backend=backend)
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2])) and (lse[:, :, 2] == float("-inf")).all()
+    keep = torch.arange(130, device="cuda") != 2
+    (out.sum() + lse[:, :, keep].sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert torch.equal(q.grad[:, :, 2], torch.zeros_like(q.grad[:, :, 2]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["sdpa", "auto", "flex"])
+@pytest.mark.parametrize("pattern, T, S", [("causal", 64, 200), (P.sliding_window(16), 200, 200)])
+def test_cuda_inf_key_outside_a_row_pattern_leaves_the_row_alone(backend, pattern, T, S):
+    q, k, v = make_qkv(1, 4, 2, T, S, 64, requires_grad=False)
+    k[:, :, -1, 0] = float("inf")
+    ref = attend(q, k, v, pattern=pattern, backend="reference")
+    out = attend(*(t.cuda().float() for t in (q, k, v)), pattern=pattern, backend=backend)
+    torch.testing.assert_close(out.cpu().double()[:, :, :-1], ref[:, :, :-1], atol=1e-4, rtol=1e-4)
+
+
 def test_flex_kernel_options_per_pattern_and_override(monkeypatch):
     """S2 asks FlexAttention for TMA loads on CUDA; FLEX_KERNEL_OPTIONS overrides a pattern's
     options; the tiles small blocks need and the short-query flag win over both; nothing on CPU."""

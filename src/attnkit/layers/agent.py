@@ -198,7 +198,7 @@ class AgentAttention(AttentionLayer):
         return q, k, v, agents, *self.biases(h, w), local
 
     def forward(self, x: Tensor, state=None, *, document_ids: Tensor | None = None) -> Tensor:
-        check_input(x, self.dim)
+        check_input(x, self.dim, self)
         if state is not None:
             raise ValueError("AgentAttention is bidirectional and does not decode; use CausalAgentAttention")
         if document_ids is not None:
@@ -286,7 +286,7 @@ class CausalAgentAttention(AttentionLayer):
         return torch.einsum("bhtn,bhntd->bhtd", p, agent_v).to(dtype)
 
     def forward(self, x: Tensor, state: RecurrentState | None = None, *, document_ids: Tensor | None = None) -> Tensor:
-        check_input(x, self.dim)
+        check_input(x, self.dim, self, state)
         if document_ids is not None:
             raise ValueError("CausalAgentAttention does not take document_ids (its agents sum over the prefix)")
         B, T, _ = x.shape

@@ -150,7 +150,7 @@ class CompressedConvAttention(AttentionLayer):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: Tensor, state: _CCACache | None = None, *, document_ids: Tensor | None = None) -> Tensor:
-        check_input(x, self.dim)
+        check_input(x, self.dim, self, state)
         if document_ids is not None:
             raise ValueError("CompressedConvAttention does not take document_ids (its convolutions and value shift "
                              "would cross documents)")

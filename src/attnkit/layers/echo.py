@@ -114,7 +114,7 @@ class EchoAttention(AttentionLayer):
 
     def forward(self, x: Tensor, state: KVCache | None = None, *, document_ids: Tensor | None = None,
                 context: dict | None = None) -> Tensor:
-        check_input(x, self.dim)
+        check_input(x, self.dim, self, state)
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)

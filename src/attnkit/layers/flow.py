@@ -86,7 +86,7 @@ class FlowAttention(AttentionLayer):
                                                 device=device or weight.device, dtype=acc))
 
     def forward(self, x: Tensor, state: State | None = None, *, document_ids: Tensor | None = None) -> Tensor:
-        check_input(x, self.dim)
+        check_input(x, self.dim, self, state)
         if document_ids is not None:
             raise ValueError("FlowAttention does not take document_ids (its flows sum over the whole sequence)")
         B, T, _ = x.shape

@@ -152,7 +152,7 @@ class MultiHeadAttention(AttentionLayer):
     def attention_weights(self, x: Tensor) -> Tensor:
         """The weights this layer puts on each key, materialised: ``x [B, T, C] -> [B, H, T, T]``
         (for analysis, e.g. attention sinks; the forward never builds them)."""
-        check_input(x, self.dim)
+        check_input(x, self.dim, self)
         B, T, _ = x.shape
         q, k, v = self.project(x)
         positions = torch.arange(T, device=x.device)[None]
@@ -165,7 +165,7 @@ class MultiHeadAttention(AttentionLayer):
         return self.weights_from_scores(scores, mask)
 
     def forward(self, x: Tensor, state=None, *, document_ids: Tensor | None = None) -> Tensor:
-        check_input(x, self.dim)
+        check_input(x, self.dim, self, state)
         B, T, _ = x.shape
         q, k, v = self.project(x, state)
         pattern, positions = with_documents(self.pattern, document_ids, state, B, T)

@@ -53,7 +53,7 @@ class NoMixing(AttentionLayer):
         return _Counter()
 
     def forward(self, x: Tensor, state: State | None = None, *, document_ids: Tensor | None = None) -> Tensor:
-        check_input(x, self.dim)
+        check_input(x, self.dim, self, state)
         if state is not None:
             state.offset += x.shape[1]
         return self.o_proj(self.v_proj(x))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..ops import sigmoid_attend
 from ..ops.sigmoid import SIGMOID_BACKENDS
@@ -69,10 +70,12 @@ class SigmoidAttention(MultiHeadAttention):
                               backend=self.backend, q_offset=q_offset)
 
     def weights_from_scores(self, scores, mask):
-        weights = torch.sigmoid(scores + self.score_bias) * mask
+        # in log space, as sigmoid_attend_reference: normalised rows whose every weight
+        # underflows keep their (well-defined) weights; rows with no key are zeros
+        log_weights = F.logsigmoid(scores + self.score_bias).masked_fill(~mask, float("-inf"))
         if self.normalize:
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
-        return weights
+            return log_weights.softmax(-1).nan_to_num(0.0)
+        return log_weights.exp()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, score_bias={self.score_bias:.4g}, normalize={self.normalize}"

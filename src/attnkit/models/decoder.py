@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -160,6 +161,7 @@ class DecoderLM(nn.Module):
 
     def init_state(self, batch_size: int, *, max_len: int | None = None) -> list:
         """One decode state per layer."""
+        positive_int(batch_size, "batch_size")
         return [block.attn.init_state(batch_size, max_len=max_len) for block in self.layers]
 
     def forward(self, tokens: Tensor, state: list | None = None, *, document_ids: Tensor | None = None,
@@ -253,13 +255,17 @@ class DecoderLM(nn.Module):
         if path.exists() and not path.is_dir():
             raise ValueError(f"save_pretrained needs a folder, but {path} is a file")
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+        # not tempfile.mkdtemp: its 0700 mode would become the checkpoint's once renamed
+        staging = path.parent / f".{path.name}.saving-{uuid.uuid4().hex[:12]}"
+        staging.mkdir()
         try:
+            if path.exists():
+                shutil.copymode(path, staging)
             (staging / CONFIG_NAME).write_text(config)
             _write_weights(self, staging / WEIGHTS_NAME)
             _replace_folder(staging, path)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            _discard(staging)
             raise
         return path
 
@@ -337,6 +343,17 @@ def _write_weights(model: nn.Module, file: Path) -> None:
     save_model(model, str(file))
 
 
+def _discard(staging: Path) -> None:
+    """Remove a staging folder after a failed save: our files only, so that anything else in it
+    (an existing folder's other files, had putting them back failed) stays for the user."""
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        (staging / name).unlink(missing_ok=True)
+    try:
+        staging.rmdir()
+    except OSError:
+        pass
+
+
 def _replace_folder(staging: Path, path: Path) -> None:
     """Move the complete ``staging`` folder to ``path``. An existing ``path`` keeps its other
     files (moved into the new folder) and is removed only after the new one is in place."""
@@ -344,7 +361,7 @@ def _replace_folder(staging: Path, path: Path) -> None:
         os.rename(staging, path)
         return
     ours = {CONFIG_NAME, WEIGHTS_NAME}
-    moved = []
+    moved, old = [], None
     try:
         for entry in path.iterdir():
             if entry.name not in ours:
@@ -353,6 +370,8 @@ def _replace_folder(staging: Path, path: Path) -> None:
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
         os.rename(path, old / path.name)  # same filesystem: both renames are atomic
     except BaseException:
+        if old is not None:
+            old.rmdir()
         for name in moved:  # put the other files back: the old checkpoint stays whole
             os.rename(staging / name, path / name)
         raise
@@ -360,6 +379,7 @@ def _replace_folder(staging: Path, path: Path) -> None:
         os.rename(staging, path)
     except BaseException:
         os.rename(old / path.name, path)
+        old.rmdir()
         for name in moved:
             os.rename(staging / name, path / name)
         raise

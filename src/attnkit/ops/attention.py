@@ -296,12 +296,13 @@ def _attend_sdpa(q, k, v, pattern, scale, q_offset):
     if kind == "causal" and T == 1 and q_offset >= S - 1:
         # a decode step: the one query sees every cached key, so no mask is needed
         return _sdpa_fused(q, k, v, False, scale, gqa)
-    if not torch.compiler.is_compiling() and not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(q).all())):
-        # SDPA applies a boolean mask by adding -inf to q.k (CPU flash and math kernels, torch
-        # 2.13), so an inf or NaN score of a pair outside the pattern turns its whole row NaN
-        # (inf + -inf); the reference masks with where. Such inputs are rare: this O((T+S) D)
-        # check keeps the fused kernel for all others. Skipped while torch.compile traces (a
-        # data-dependent branch would break the graph): compiled code keeps SDPA's behaviour.
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(k).all() & torch.isfinite(q).all()):
+        # SDPA turns a boolean mask into an additive one (0 / -inf: convert_boolean_attn_mask,
+        # for the CPU flash and math kernels and CUDA's efficient one), so an inf or NaN score
+        # of a pair outside the pattern gives inf + -inf = NaN and its whole row turns NaN; the
+        # reference masks with where. Such inputs are rare: this O((T + S) D) check (one host
+        # sync on CUDA, on this dense-mask path only) keeps SDPA for all others. A compiled
+        # graph cannot branch on data: it keeps SDPA's behaviour.
         return attend_reference(q, k, v, pattern=pattern, scale=scale, q_offset=q_offset)
     mask = pattern.dense(T, S, q_offset=q_offset, batch=q.shape[0], heads=q.shape[1], device=q.device)
     # A row with no allowed key would come back NaN from SDPA: let it see key 0, then zero it.
