@@ -15,10 +15,7 @@ DECODING = [n for n in NAMES if attnkit.get(n).capabilities.decode]
 
 #: layers whose forward does not yet pass itself and its state to check_input (files owned
 #: elsewhere): the one-line change each needs, in layers/<file>.py
-NEEDS_ONE_LINER = {
-    "lightning": "lightning.py LightningAttention.forward: check_input(x, self.dim, self, state)",
-    "chronos2-group": "group.py GroupAttention.forward: check_input(x, self.dim, self, state)",
-}
+NEEDS_ONE_LINER: dict[str, str] = {}  # every layer calls check_input(x, dim, self, state) now
 
 
 def _pending(name, *checks):

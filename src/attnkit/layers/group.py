@@ -87,7 +87,7 @@ class GroupAttention(AttentionLayer):
 
     def forward(self, x: Tensor, state: State | None = None, *, document_ids: Tensor | None = None,
                 group_ids: Tensor | None = None) -> Tensor:
-        check_input(x, self.dim)
+        check_input(x, self.dim, self, state)
         B, T, _ = x.shape
         groups = check_group_ids(group_ids, B, x.device)
         H, D = self.num_heads, self.head_dim
@@ -132,7 +132,7 @@ class Chronos2Attention(AttentionLayer):
 
     def forward(self, x: Tensor, state: State | None = None, *, document_ids: Tensor | None = None,
                 group_ids: Tensor | None = None) -> Tensor:
-        check_input(x, self.dim)
+        check_input(x, self.dim, self, state)
         h = x + self.time(self.time_norm(x), state, document_ids=document_ids)
         h = h + self.group(self.group_norm(h), group_ids=group_ids)
         return h - x

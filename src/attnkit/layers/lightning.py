@@ -210,7 +210,7 @@ class LightningAttention(AttentionLayer):
         return q, k, (F.silu(v) if self.activate_values else v)
 
     def forward(self, x: Tensor, state: RecurrentState | None = None, *, document_ids: Tensor | None = None) -> Tensor:
-        check_input(x, self.dim)
+        check_input(x, self.dim, self, state)
         if document_ids is not None:
             raise ValueError("LightningAttention does not take document_ids (its state would carry across documents); "
                              "run each document as its own sequence")
