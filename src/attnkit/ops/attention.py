@@ -339,50 +339,83 @@ def clear_block_mask_cache() -> None:
     _BLOCK_MASK_CACHE.clear()
 
 
-_SMALL_TILES_READY: bool | None = None
+_SMALL_TILES_ENABLED = False
+_ORIGINAL_BWD_CONFIGS = None
 #: FlexAttention backward tiles (block_m1, block_n1, block_m2, block_n2, stages, warps) offered to
-#: Inductor beside its own, for key blocks under 128 tokens (see ``_allow_small_backward_tiles``).
+#: Inductor beside its own, for key blocks under 128 tokens (see :func:`enable_small_flex_backward_tiles`).
 SMALL_BWD_TILES: tuple[tuple[int, ...], ...] = ((64, 64, 64, 64, 3, 4),)
 
 
-def _allow_small_backward_tiles() -> bool:
-    """Let Inductor's FlexAttention backward run on key blocks under 128 tokens; ``False`` if it cannot.
+def enable_small_flex_backward_tiles(enabled: bool = True) -> bool:
+    """Opt in to (or out of) training patterns on their own sub-128-token blocks; returns whether on.
 
-    On sm90 Inductor offers the flex backward exactly one tile shape (64 x 128 / 128 x 64) unless
-    max-autotune is on, and a 64-token key block is not divisible by it: torch 2.11 then has no
-    kernel at all (NoValidChoicesError). This appends the 64 x 64 tile that the sm8x / small-head
-    heuristics use to the candidate list (Inductor drops candidates that do not divide the blocks,
-    and picks among several by timing them). Done once per process, when a pattern with
-    sub-128 blocks is first trained; max-autotune would do the same with ~20 candidates, minutes of
-    compilation per shape.
+    On sm90 Inductor offers the FlexAttention backward exactly one tile shape (64 x 128 / 128 x 64)
+    unless max-autotune is on, and a 64-token key block is not divisible by it: torch 2.11 then has
+    no kernel at all (NoValidChoicesError). So by default a training step runs a pattern with
+    64-token blocks (S2's, a window's) on 128-token blocks (exact: the mask is applied inside each
+    partial block; only fewer blocks are skipped). Opting in appends the 64 x 64 tile that the sm8x
+    / small-head heuristics use to Inductor's candidates (it drops those that do not divide the
+    blocks and times the rest), which is a process-wide change to Inductor's choices: it applies to
+    every FlexAttention backward compiled while it is on, attnkit's or not, hence opt-in. Kernels
+    compiled before a change keep their tiles. ``False`` if this torch release has no such hook.
+
+    Also usable as ``with small_flex_backward_tiles(): ...``.
     """
-    global _SMALL_TILES_READY
-    if _SMALL_TILES_READY is not None:
-        return _SMALL_TILES_READY
+    global _SMALL_TILES_ENABLED, _ORIGINAL_BWD_CONFIGS
     try:
         from torch._inductor.choices import InductorChoices
         from torch._inductor.template_heuristics.triton import FlexBwDConfig
-
+    except ImportError:
+        return False
+    if not enabled:
+        if _ORIGINAL_BWD_CONFIGS is not None:
+            InductorChoices.get_flex_attention_bwd_configs = _ORIGINAL_BWD_CONFIGS
+            _ORIGINAL_BWD_CONFIGS = None
+        _SMALL_TILES_ENABLED = False
+        return False
+    if _SMALL_TILES_ENABLED:
+        return True
+    original = getattr(InductorChoices, "get_flex_attention_bwd_configs", None)
+    if original is None:
+        return False
+    try:
         extras = [FlexBwDConfig(*tile) for tile in SMALL_BWD_TILES]
-        original = InductorChoices.get_flex_attention_bwd_configs
+    except TypeError:  # another torch release: keep 128-token blocks
+        return False
 
-        def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
-            configs = list(original(self, head_dim, dtype, device_type))
-            if device_type == "cuda" and head_dim <= 128:
-                configs += [extra for extra in extras if extra not in configs]
-            return configs
+    def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
+        configs = list(original(self, head_dim, dtype, device_type))
+        if device_type == "cuda" and head_dim <= 128:
+            configs += [extra for extra in extras if extra not in configs]
+        return configs
 
-        InductorChoices.get_flex_attention_bwd_configs = get_flex_attention_bwd_configs
-        _SMALL_TILES_READY = True
-    except (ImportError, AttributeError, TypeError):  # another torch release: keep 128-token blocks
-        _SMALL_TILES_READY = False
-    return _SMALL_TILES_READY
+    _ORIGINAL_BWD_CONFIGS = original
+    InductorChoices.get_flex_attention_bwd_configs = get_flex_attention_bwd_configs
+    _SMALL_TILES_ENABLED = True
+    return True
+
+
+class small_flex_backward_tiles:
+    """Context manager form of :func:`enable_small_flex_backward_tiles` (restores the previous setting)."""
+
+    def __enter__(self):
+        self._before = _SMALL_TILES_ENABLED
+        return enable_small_flex_backward_tiles(True)
+
+    def __exit__(self, *exc):
+        enable_small_flex_backward_tiles(self._before)
 
 
 def flex_small_blocks(device: torch.device, training: bool) -> bool:
     """Whether FlexAttention runs a pattern's own ``flex_block_size`` (blocks under 128 tokens):
-    on CUDA, in training only where the backward has a tile for them."""
-    return device.type == "cuda" and (not training or _allow_small_backward_tiles())
+    on CUDA, always for inference, in training only after :func:`enable_small_flex_backward_tiles`."""
+    return device.type == "cuda" and (not training or _SMALL_TILES_ENABLED)
+
+
+#: dynamo's recompile limit while attnkit's compiled FlexAttention runs: every (shape, mask_mod,
+#: score_mod) is its own kernel, and past dynamo's default of 8 it would fall back to the slow
+#: unfused path. Raised only inside attnkit's calls (``torch._dynamo.config.patch``), not for the process.
+FLEX_RECOMPILE_LIMIT = 256
 
 
 def _flex_impl(device: torch.device):
@@ -396,8 +429,14 @@ def _flex_impl(device: torch.device):
         # default of 8 before it falls back to the slow unfused path
         from torch import _dynamo
 
-        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 256)
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        compiled = torch.compile(flex_attention, dynamic=False)
+
+        def run(*args, **kwargs):
+            limit = max(_dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+            with _dynamo.config.patch(recompile_limit=limit):
+                return compiled(*args, **kwargs)
+
+        _COMPILED_FLEX = run
     return _COMPILED_FLEX
 
 

@@ -1,0 +1,50 @@
+"""Using attnkit changes nothing process-wide: Inductor's FlexAttention backward tiles are extended
+only on request, and dynamo's recompile limit is raised only inside attnkit's own compiled calls."""
+
+import torch
+from torch import _dynamo
+
+import attnkit
+from attnkit import patterns
+from attnkit.ops import attention as attention_module
+
+
+def _bwd_configs_hook():
+    from torch._inductor.choices import InductorChoices
+
+    return InductorChoices.get_flex_attention_bwd_configs
+
+
+def test_attend_leaves_dynamo_and_inductor_alone():
+    limit, hook = _dynamo.config.recompile_limit, _bwd_configs_hook()
+    q = torch.randn(1, 2, 40, 16, requires_grad=True)
+    for backend in ("reference", "sdpa", "auto"):
+        attnkit.attend(q, q, q, pattern=patterns.sliding_window(8), backend=backend).sum().backward()
+    layer = attnkit.build("s2", dim=32, num_heads=2, block_size=4, local_blocks=2, vert_stride=2)
+    layer(torch.randn(1, 40, 32)).sum().backward()
+    assert _dynamo.config.recompile_limit == limit
+    assert _bwd_configs_hook() is hook
+
+
+def test_small_backward_tiles_are_opt_in_and_reversible():
+    hook = _bwd_configs_hook()
+    cuda = torch.device("cuda")
+    assert not attention_module.flex_small_blocks(cuda, training=True)  # default: 128-token blocks in training
+    assert attention_module.flex_small_blocks(cuda, training=False)  # inference needs no new tile
+    assert not attention_module.flex_small_blocks(torch.device("cpu"), training=False)
+    try:
+        assert attention_module.enable_small_flex_backward_tiles() is True
+        assert _bwd_configs_hook() is not hook
+        assert attention_module.flex_small_blocks(cuda, training=True)
+        if torch.cuda.is_available():  # Inductor's own heuristics read the device
+            from torch._inductor.choices import InductorChoices
+
+            configs = _bwd_configs_hook()(InductorChoices(), 64, torch.bfloat16, "cuda")
+            assert any((c.block_m1, c.block_n1) == (64, 64) for c in configs)
+    finally:
+        attention_module.enable_small_flex_backward_tiles(False)
+    assert _bwd_configs_hook() is hook
+    assert not attention_module.flex_small_blocks(cuda, training=True)
+    with attention_module.small_flex_backward_tiles():
+        assert attention_module.flex_small_blocks(cuda, training=True)
+    assert _bwd_configs_hook() is hook and not attention_module.flex_small_blocks(cuda, training=True)
