@@ -5,6 +5,8 @@
 #   benchmarks/gpu_check.sh tests     # every test marked cuda (pytest-xdist when installed)
 #   benchmarks/gpu_check.sh bench     # the default CUDA bench: every mechanism and op, seq 2k-32k
 #   benchmarks/gpu_check.sh bench-layers-a | bench-layers-b | bench-ops   # the same bench in three parts
+#   benchmarks/gpu_check.sh bench-args NAME ARGS...   # any other bench run, logged the same way
+# TEST_TIMEOUT / BENCH_TIMEOUT (seconds) shorten the parts' limits.
 #
 # Logs and results go to $OUT (default benchmarks/results/h200): pytest-cuda.log, bench-*.log,
 # bench-*.json / .jsonl / .png. Optional wheels in .whl/ (the GPU machine has no package registry)
@@ -33,14 +35,14 @@ half() {  # half a|b of the registered mechanisms
 bench() {  # bench NAME ARGS...: one part of the default CUDA bench, its log and results under $OUT
   local name=$1; shift
   { header; echo "# attnkit bench --device cuda $*"; } > "$OUT/$name.log"
-  timeout 570 python3 -m attnkit.cli bench --device cuda "$@" --out "$OUT/$name.json" 2>&1 | tee -a "$OUT/$name.log" | grep -E "│|Error|error" | cut -c1-200
+  timeout "${BENCH_TIMEOUT:-570}" python3 -m attnkit.cli bench --device cuda "$@" --out "$OUT/$name.json" 2>&1 | tee -a "$OUT/$name.log" | grep -E "│|Error|error" | cut -c1-200
   echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
 }
 case "${1:-}" in
   tests)
     { header; echo "# python3 -m pytest -m cuda tests"; } > "$OUT/pytest-cuda.log"
     xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n 12)  # compilation is CPU-bound: run tests side by side
-    timeout 560 python3 -m pytest -m cuda tests "${xdist[@]}" -o addopts="" -q -rfEs -p no:cacheprovider -W ignore \
+    timeout "${TEST_TIMEOUT:-560}" python3 -m pytest -m cuda tests "${xdist[@]}" -o addopts="" -q -rfEs -p no:cacheprovider -W ignore \
       --durations=15 2>&1 | tee -a "$OUT/pytest-cuda.log" | grep -E "passed|failed|FAILED|ERROR" | cut -c1-300 ;;
   bench)
     bench bench-cuda-fwd ;;
@@ -50,6 +52,8 @@ case "${1:-}" in
     bench bench-cuda-fwd-layers-b --mechanisms "$(half b)" --ops none ;;
   bench-ops)
     bench bench-cuda-fwd-ops --mechanisms mha ;;
+  bench-args)  # bench-args NAME ARGS...: any bench command, logged like the parts above
+    shift; bench "$@" ;;
   *)
-    echo "usage: benchmarks/gpu_check.sh tests|bench|bench-layers-a|bench-layers-b|bench-ops" >&2; exit 2 ;;
+    echo "usage: benchmarks/gpu_check.sh tests|bench|bench-layers-a|bench-layers-b|bench-ops|bench-args NAME ARGS..." >&2; exit 2 ;;
 esac
