@@ -36,8 +36,10 @@ CPU, with Python's garbage collector paused while sampling.
 Peak memory is measured on the last warm-up call (CUDA allocator above what was allocated
 before; process RSS sampled by a thread on CPU). The % of peak divides the cell's
 TFLOP/s (median latency) by the vendor's dense peak where the device and dtype are known
-(H200 / H100 SXM bf16 and fp16: 989.4 TFLOP/s), otherwise by the best matmul sample
-interleaved with the cell's own rounds (``peak.source`` says which). Decode mode:
+(H200 / H100 SXM bf16 and fp16: 989.4 TFLOP/s), otherwise by the best of the matmul
+samples taken in every cell's rounds over the whole run (``peak.source`` says which; the
+streamed cells carry the best so far, the final JSON the run's best): one matmul timed once
+at the start, caught in a busy moment, made "% of peak" exceed 100. Decode mode:
 per-token latency after a prefill of ``seq`` tokens, and the bytes of the decode state
 holding exactly those ``seq`` tokens.
 
@@ -53,14 +55,15 @@ JSON schema (``"schema": "attnkit.bench/2"``)::
 
     {schema, command, created, complete: bool, stopped: null | {cell, kind, name, seq, message},
      git_commit (null outside a git checkout),
-     device: {type, name, cores, cpu_model, torch_threads (CPU)},
+     device: {type, name, cores, cpu_model, torch_threads, load_average: [1, 5, 15 min] at the start,
+              load_average_end (the machine's load: other processes make CPU timings noisy)},
      versions: {attnkit, torch, python, triton},
      config: {mechanisms, ops, seqs, batch, dim, heads, head_dim, dtype, device, mode, pattern,
               repeat (minimum rounds), warmup, max_time (seconds of sampling per cell), tokens_per_batch,
-              compile, kv_heads, timing (latency: one call per sample | throughput: the mean of a burst of 10
+              compile, kv_heads, threads (torch CPU threads; null = torch's default), timing (latency: one call per sample | throughput: the mean of a burst of 10
               queued calls)},
      timer: {stop_spread, noise_limit, max_samples},
-     peak: {source: "vendor spec" | "measured beside each cell", tflops (the vendor's, else null), note},
+     peak: {source: "vendor spec" | "measured beside each cell", tflops (the vendor's, or the run's best matmul), note},
      cells: [{name, kind: "layer"|"op", family (the card's; "op" for ops), seq, batch,
               status: "ok"|"oom"|"unsupported"|"skipped"|"error", message, backend,
               latency_ms: {median, p10, p90, min, max, samples, spread ((p90-p10)/median)},
@@ -147,6 +150,7 @@ class BenchConfig:
     tokens_per_batch: int = 32768
     compile: bool = False
     kv_heads: int | None = None  # op rows: key/value heads (GQA-shaped core); None = heads
+    threads: int | None = None  # torch CPU threads during the run; None = leave torch's setting
     timing: str = "latency"  # latency: one call per sample; throughput: a burst of THROUGHPUT_BURST calls per sample
 
     @property
@@ -337,12 +341,13 @@ def _interleave(fn: Callable, ref: Callable | None, peak: "_Peak", device: torch
 
 class _Peak:
     """The % of peak denominator: the vendor's dense peak where known, otherwise square
-    matmuls of the run's dtype timed beside every cell (its best sample is the cell's peak)."""
+    matmuls of the run's dtype timed beside every cell (the best sample so far is the peak)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device = device
         self.vendor = _vendor_peak(device, dtype)
         self.measured = self.vendor is None
+        self.best: float | None = self.vendor
         if self.measured:
             n = 8192 if device.type == "cuda" else 1024
             self._a = torch.randn(n, n, device=device, dtype=dtype)
@@ -355,14 +360,16 @@ class _Peak:
         return torch.mm(self._a, self._b)
 
     def sample(self) -> float:
-        return self._flops / (_sample(self._mm, self.device) * 1e-3) / 1e12
+        tflops = self._flops / (_sample(self._mm, self.device) * 1e-3) / 1e12
+        self.best = max(self.best or 0.0, tflops)
+        return tflops
 
     def describe(self) -> dict:
         if not self.measured:
             return {"source": "vendor spec", "tflops": self.vendor,
                     "note": "dense bf16/fp16 tensor-core peak from the vendor's spec sheet, matched on the device name"}
-        return {"source": "measured beside each cell", "tflops": None,
-                "note": f"best of the {self.size}x{self.size} matmuls of the run's dtype timed in the cell's own rounds"}
+        return {"source": "measured beside each cell", "tflops": self.best,
+                "note": f"best of the {self.size}x{self.size} matmuls of the run's dtype timed in every cell's rounds"}
 
 
 def _vendor_peak(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -655,16 +662,20 @@ def _stats(times: list[float]) -> dict:
             "min": ordered[0], "max": ordered[-1], "samples": len(times), "spread": _spread(times)}
 
 
+def _set_peak(cell: Cell, peak_tflops: float | None) -> None:
+    if cell.tflops is not None and peak_tflops:
+        cell.peak_tflops = peak_tflops
+        cell.pct_peak = 100.0 * cell.tflops / peak_tflops
+
+
 def _summarise(cell: Cell, timed: _Timed, *, is_reference: bool, ref_flops: float | None,
-               vendor_peak: float | None) -> None:
-    """Fill the cell's numbers from its interleaved samples."""
+               peak_tflops: float | None) -> None:
+    """Fill the cell's numbers from its interleaved samples (``peak_tflops``: the % of peak denominator)."""
     cell.latency_ms = _stats(timed.row)
     ms = cell.latency_ms["median"]
     if cell.flops:
         cell.tflops = cell.flops / (ms * 1e-3) / 1e12
-        cell.peak_tflops = vendor_peak if vendor_peak is not None else max(timed.peak_tflops, default=None)
-        if cell.peak_tflops:
-            cell.pct_peak = 100.0 * cell.tflops / cell.peak_tflops
+        _set_peak(cell, peak_tflops)
     if is_reference:
         cell.dense_latency_ms = ms
         cell.speedup_vs_dense = cell.speedup_p10 = cell.speedup_p90 = 1.0
@@ -755,7 +766,7 @@ def _run_cell(kind: str, name: str, cfg: BenchConfig, seq: int, device, dtype, p
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # an asynchronous fault surfaces here, in the cell that caused it
         _summarise(cell, timed, is_reference=name == dense_name, ref_flops=ref.flops if ref else None,
-                   vendor_peak=peak.vendor)
+                   peak_tflops=peak.best)
     except _Unsupported as err:
         cell.status, cell.message = "unsupported", str(err)
     except _Skipped as err:
@@ -811,8 +822,15 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _device_info(device: torch.device) -> dict:
-    info = {"type": device.type, "cores": os.cpu_count(), "cpu_model": _cpu_model()}
+    info = {"type": device.type, "cores": os.cpu_count(), "cpu_model": _cpu_model(), "load_average": _load_average()}
     if device.type == "cuda":
         return {**info, "name": torch.cuda.get_device_name(device)}
     return {**info, "name": _cpu_model() or platform.machine(), "torch_threads": torch.get_num_threads()}
@@ -871,6 +889,8 @@ def validate_config(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
     if cfg.repeat > MAX_SAMPLES:
         raise ValueError(f"--repeat must be at most {MAX_SAMPLES} (the most rounds a cell takes), got {cfg.repeat}")
     _positive_int(cfg.warmup, "--warmup", minimum=0)
+    if cfg.threads is not None:
+        _positive_int(cfg.threads, "--threads")
     if isinstance(cfg.max_time, bool) or not isinstance(cfg.max_time, (int, float)) or not 0 < cfg.max_time < math.inf:
         raise ValueError(f"--max-time must be a positive number of seconds, got {cfg.max_time!r}")
     parse_pattern(cfg.pattern, cfg.heads)
@@ -891,6 +911,16 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
     stops the run: the result then has ``complete: false`` and ``stopped`` naming the cell; so
     does Ctrl-C."""
     device, dtype = validate_config(cfg)
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_bench(cfg, device, dtype, progress, command, on_start, on_cell)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(cfg, device, dtype, progress, command, on_start, on_cell) -> dict:
     if device.type == "cpu":
         _fixed_mmap_threshold()
     pattern = parse_pattern(cfg.pattern, cfg.heads)
@@ -952,6 +982,10 @@ def _run_cells(cfg, result, device, dtype, peak, pattern, dense_pattern, progres
     for cell in cells:  # dense-flex rows listed after the patterned ones
         if cell.speedup_vs_dense_flex is None:
             _vs_flex(cell, dense_flex.get(cell.seq))
+    for cell in cells:  # the run's best matmul, now that every cell's samples are in
+        _set_peak(cell, peak.best)
+    result["peak"] = peak.describe()
+    result["device"]["load_average_end"] = _load_average()
     result.update(complete=stopped is None, stopped=stopped, cells=[asdict(c) for c in cells])
     return result
 
