@@ -95,15 +95,32 @@ def test_interleave_alternates_pairs_and_stops():
     log = []
     timed = _interleave(lambda: log.append("row"), lambda: log.append("ref"), _Peak(log), torch.device("cpu"), burst=1,
                         min_rounds=3, max_time=60.0, max_rounds=3)
-    # ABBA: reference first in even rounds, row first in odd rounds; a peak matmul after each pair
-    assert log == ["ref", "row", "peak", "row", "ref", "peak", "ref", "row", "peak"]
-    assert len(timed.row) == len(timed.ref) == len(timed.peak_tflops) == 3
+    # ABBA: reference first in even rounds, row first in odd rounds; a peak matmul in the first round and every third
+    assert log == ["ref", "row", "peak", "row", "ref", "ref", "row", "peak"]
+    assert len(timed.row) == len(timed.ref) == 3 and len(timed.peak_tflops) == 2
     # the time cap ends sampling once the minimum is in, however noisy the samples are
     import random
 
     timed = _interleave(lambda: [0] * random.randint(1, 20000), None, _Peak([]), torch.device("cpu"), burst=1,
                         min_rounds=4, max_time=0.0)
     assert len(timed.row) == 4 and timed.ref == []
+
+
+@pytest.mark.parametrize("mode, mha_builds", [("fwd", 2 + 2), ("decode", 2 + 2 * 2)])
+def test_dense_reference_is_shared_by_the_cells_of_a_length(monkeypatch, mode, mha_builds):
+    """Built and warmed once per sequence length (the mha row itself is timed alone); decode
+    builds one per cell, since every timed step grows its state."""
+    built = []
+    real = harness._layer_work
+
+    def counting(name, *args, **kwargs):
+        built.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "_layer_work", counting)
+    result = run_bench(tiny(mechanisms=["mha", "mqa", "gqa"], ops=[], mode=mode))
+    assert built.count("mha") == mha_builds
+    assert all(c["dense_latency_ms"] > 0 for c in result["cells"])
 
 
 def test_throughput_timing_queues_a_burst_per_sample():

@@ -17,11 +17,12 @@ Rows of a run
 
 How a cell is timed
 -------------------
-A cell's row and its dense reference (``mha`` for layers, ``dense-sdpa`` for ops, built
-afresh for the cell at the same shapes) are warmed up, then sampled *interleaved*: each
-round times one reference sample and one row sample (ABBA order, so neither always runs
-first) and, unless the vendor peak is used, in the first three rounds and every fifth, one
-square matmul of the cell's dtype. Both
+A cell's row and its dense reference (``mha`` for layers, ``dense-sdpa`` for ops, at the
+same shapes) are warmed up, then sampled *interleaved*: each round times one reference
+sample and one row sample (ABBA order, so neither always runs first) and, unless the
+vendor peak is used, in the first round and every third, one square matmul of the cell's
+dtype. The reference of a sequence length is built and warmed once and shared by that
+length's cells (decode: one per cell, since every timed step grows its state). Both
 members of a pair see the same machine state, so the speedup is the median of the
 per-round ratios ``reference / row``, not a ratio of medians taken minutes apart. Rounds
 go on until the p10-p90 band of the row's latency and of the ratio are within
@@ -324,7 +325,7 @@ def _interleave(fn: Callable, ref: Callable | None, peak: "_Peak", device: torch
                 timed.row.append(_sample(fn, device, burst))
                 timed.ref.append(_sample(ref, device, burst))
             n = len(timed.row)
-            if peak.measured and (n <= 3 or n % 5 == 0):  # a matmul costs more than a short row: not every round
+            if peak.measured and (n == 1 or n % 3 == 0):  # a matmul costs more than a short row: not every round
                 timed.peak_tflops.append(peak.sample())
             if n >= max_rounds:
                 break
@@ -727,11 +728,34 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+class _References:
+    """The dense references of the current sequence length, built and warmed once and shared by
+    the cells of that length (decode builds one per cell: every timed step grows its state)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self._built: dict[tuple[str, int], _Work] = {}
+
+    def get(self, kind: str, seq: int, build: Callable[[], _Work], device) -> _Work:
+        key = (kind, seq)
+        if key in self._built:
+            return self._built[key]
+        if any(s != seq for _, s in self._built):  # a new length: free the previous one's tensors
+            self._built.clear()
+            _release(device)
+        work = build()
+        _warm_up(work.fn, device, 1, memory=False)
+        if self.mode != "decode":
+            self._built[key] = work  # failures are not kept: the next cell tries again
+        return work
+
+
 def _run_cell(kind: str, name: str, cfg: BenchConfig, seq: int, device, dtype, peak: _Peak, pattern,
-              dense_pattern) -> Cell:
+              dense_pattern, references: _References | None = None) -> Cell:
     """Build, warm up and time one (row, seq) cell interleaved with its dense reference.
 
     Raises :class:`_ContextFault` (carrying the finished cell) when the CUDA context broke."""
+    references = references or _References(cfg.mode)
     dense_name = DENSE_LAYER if kind == "layer" else DENSE_OP
     cell = Cell(name=name, kind=kind, seq=seq, batch=cfg.batch_for(seq),
                 family=registry.get(name).family if kind == "layer" else "op")
@@ -752,8 +776,7 @@ def _run_cell(kind: str, name: str, cfg: BenchConfig, seq: int, device, dtype, p
         if name != dense_name:
             where = f"its dense reference {dense_name}"
             try:
-                ref = build(dense_name)
-                _warm_up(ref.fn, device, 1, memory=False)  # the same layer or op at this shape ran in earlier cells
+                ref = references.get(kind, seq, lambda: build(dense_name), device)
             except Exception as err:  # noqa: BLE001 - the row is still timed, alone
                 if is_context_fault(err):
                     raise
@@ -953,6 +976,7 @@ def _run_bench(cfg, device, dtype, progress, command, on_start, on_cell) -> dict
 
 def _run_cells(cfg, result, device, dtype, peak, pattern, dense_pattern, progress, on_cell) -> dict:
     cells: list[Cell] = []
+    references = _References(cfg.mode)
     dense_flex: dict[int, Cell] = {}
     stopped = None
     label = ""
@@ -963,7 +987,7 @@ def _run_cells(cfg, result, device, dtype, peak, pattern, dense_pattern, progres
                 if progress:
                     progress(f"{name} @ {seq}")
                 try:
-                    cell = _run_cell(kind, name, cfg, seq, device, dtype, peak, pattern, dense_pattern)
+                    cell = _run_cell(kind, name, cfg, seq, device, dtype, peak, pattern, dense_pattern, references)
                 except _ContextFault as fault:
                     cell = fault.cell
                     stopped = {"cell": cell.label, "kind": kind, "name": name, "seq": seq, "message": cell.message}
