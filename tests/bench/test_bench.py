@@ -180,6 +180,27 @@ def test_a_shape_a_layer_refuses_is_unsupported(monkeypatch):
     assert cells["mha"]["status"] == "ok"
 
 
+def test_meta_preflight_finds_a_refused_shape_before_launching(monkeypatch):
+    """On CUDA each layer first runs on the meta device at the cell's shape: its own ValueError
+    is reported (unsupported) before anything is launched; failures meta cannot run say nothing."""
+    from attnkit.layers.multi_head import MultiHeadAttention
+
+    card = harness.registry.get("mqa")
+    cfg = tiny()
+    assert harness._meta_preflight(card, cfg, 64, {"head_dim": 8}, torch.float32) is None
+    original = MultiHeadAttention.forward
+
+    def forward(self, x, *args, **kwargs):
+        if x.shape[1] > 32:
+            raise ValueError(f"T={x.shape[1]} is beyond this layer")
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(MultiHeadAttention, "forward", forward)
+    assert harness._meta_preflight(card, cfg, 64, {"head_dim": 8}, torch.float32) == "T=64 is beyond this layer"
+    monkeypatch.setattr(MultiHeadAttention, "forward", lambda self, x, *a, **k: x.sum().item())
+    assert harness._meta_preflight(card, cfg, 64, {"head_dim": 8}, torch.float32) is None  # .item() on meta
+
+
 def test_kv_heads_give_gqa_shaped_op_rows():
     """--kv-heads: the op rows run a GQA-shaped core (SQA's attention cost); FLOPs follow the query heads."""
     full = run_bench(tiny(mechanisms=[], ops=["dense-sdpa", "attend", "reference", "sigmoid"], seqs=[32]))

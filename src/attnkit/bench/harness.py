@@ -44,8 +44,11 @@ at the start, caught in a busy moment, made "% of peak" exceed 100. Decode mode:
 per-token latency after a prefill of ``seq`` tokens, and the bytes of the decode state
 holding exactly those ``seq`` tokens.
 
-A cell whose shape a layer cannot serve (a build-time or input ``ValueError``, a position
-table shorter than ``seq``, a missing feature) is ``unsupported`` with the reason. A
+A cell whose shape a layer cannot serve is ``unsupported`` with the reason: layers with a
+learned position table (``max_len``) are built long enough for the cell; on CUDA each layer
+first runs on the meta device at the cell's shape, so that its own ``ValueError`` speaks
+before any kernel is launched; and a ``ValueError`` during the cell (the project's error
+for refused inputs) marks it unsupported too. A
 failure inside a cell is recorded as ``error`` and the run goes on, except a CUDA context
 fault (illegal memory access, device-side assert, driver error): the context cannot be
 used afterwards, so the run stops there with ``stopped`` naming the cell; every cell
@@ -587,6 +590,25 @@ def _layer_options(card, cfg: BenchConfig, seq: int) -> dict:
     return options
 
 
+def _meta_preflight(card, cfg: BenchConfig, seq: int, options: dict, dtype) -> str | None:
+    """Run the layer at the cell's shape on the meta device (shapes only, no data, no kernels):
+    a ``ValueError`` from its own checks then says why the shape cannot be served before
+    anything is launched on the GPU, where a bad launch can break the CUDA context. Other
+    failures on meta (e.g. ``.item()`` of a meta tensor) say nothing and are ignored."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            layer = card.build(cfg.dim, cfg.heads, **options).to(dtype=dtype)
+            layer(torch.empty(cfg.batch_for(seq), seq, cfg.dim, dtype=dtype))
+    except ValueError as err:
+        return str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+    except Exception:  # noqa: BLE001 - meta cannot run everything; the real run decides
+        return None
+    return None
+
+
 def _layer_work(name, cfg: BenchConfig, seq: int, device, dtype) -> _Work:
     card = registry.get(name)
     if cfg.mode == "decode" and not card.capabilities.decode:
@@ -597,6 +619,10 @@ def _layer_work(name, cfg: BenchConfig, seq: int, device, dtype) -> _Work:
         layer = card.build(cfg.dim, cfg.heads, **options)
     except ValueError as err:
         raise _Unsupported(f"{name} cannot be built at dim={cfg.dim}, heads={cfg.heads}: {err}") from None
+    if device.type == "cuda":  # on CPU a refusal after some work costs nothing; the ValueError still says why
+        reason = _meta_preflight(card, cfg, seq, options, dtype)
+        if reason:
+            raise _Unsupported(f"{name} refuses [B, T, C] = [{B}, {seq}, {cfg.dim}]: {reason}")
     layer = layer.to(device=device, dtype=dtype)
     gen = torch.Generator(device=device).manual_seed(seq)
     backend = str(getattr(layer, "backend", "") or "")
