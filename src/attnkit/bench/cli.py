@@ -176,7 +176,10 @@ def print_table(result: dict, console) -> None:
 
     mode = result["config"]["mode"]
     peak = result["peak"]
-    peak_text = f"{peak['tflops']:.0f} TFLOP/s vendor peak" if peak["tflops"] else "peak: best matmul beside each cell"
+    if peak["source"] == "vendor spec":
+        peak_text = f"peak {peak['tflops']:.0f} TFLOP/s (vendor spec)"
+    else:
+        peak_text = "peak " + ("-" if peak["tflops"] is None else f"{peak['tflops']:.3g}") + " TFLOP/s (best matmul of the run)"
     table = Table(title=f"attnkit bench · {mode} · {result['device']['name']} · {peak_text}",
                   caption="speedup: median of per-round ratios against the dense reference timed interleaved "
                   "(p10-p90 band); noisy = a second run may differ by more than ~25 %")
