@@ -123,6 +123,14 @@ def test_dense_reference_is_shared_by_the_cells_of_a_length(monkeypatch, mode, m
     assert all(c["dense_latency_ms"] > 0 for c in result["cells"])
 
 
+def test_threads_are_set_for_the_run_and_restored():
+    before = torch.get_num_threads()
+    result = run_bench(tiny(mechanisms=["mha"], ops=[], seqs=[16], threads=1))
+    assert result["device"]["torch_threads"] == 1 and result["config"]["threads"] == 1
+    assert torch.get_num_threads() == before
+    assert result["device"]["load_average"] is None or len(result["device"]["load_average"]) == 3
+
+
 def test_throughput_timing_queues_a_burst_per_sample():
     """timing='throughput': each sample is the mean over THROUGHPUT_BURST back-to-back calls;
     latency: one call per sample. The config records the choice."""
@@ -311,6 +319,7 @@ def test_bad_config(kwargs, match):
         (["--kv-heads", "0"], "--kv-heads must be a positive divisor"),
         (["--warmup", "-1"], "--warmup must be an integer >= 0"),
         (["--max-time", "-1"], "--max-time must be a positive number"),
+        (["--threads", "0"], "--threads must be a positive integer, got 0"),
         (["--seq", ","], "--seq is empty"),
         (["--mechanisms", "none", "--ops", "none"], "nothing to measure"),
         (["--out", "/proc/attnkit-bench.json"], "is not writable"),
@@ -389,6 +398,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert [c["name"] for c in result["cells"]] == ["gqa", "attend"]
     assert result["config"]["repeat"] == 1 and result["config"]["max_time"] == 0.01
+    assert result["config"]["threads"] == 1  # the CPU default
     lines = (tmp_path / "r.jsonl").read_text().splitlines()
     assert len(lines) == 3 and [json.loads(line)["name"] for line in lines[1:]] == ["gqa", "attend"]
     assert (tmp_path / "r.png").stat().st_size > 1000

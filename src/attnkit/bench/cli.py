@@ -78,9 +78,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--max-time", type=_seconds, default=None,
                    help=f"seconds of sampling per cell once --repeat rounds are in, > 0 (default: {_both('max_time')})")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads during the run, positive; 1 is steadier on a machine shared with other "
-                   "work, where a thread waiting for a descheduled one stalls every op (default: torch's own, "
-                   "usually one per core)")
+                   help="torch CPU threads during the run, positive; more use more cores, 1 is steadier on a machine "
+                   "shared with other work, where a thread waiting for a descheduled one stalls every op "
+                   "(default: 1 on CPU, torch's own on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the layers (default: off)")
     p.add_argument("--timing", default="latency", choices=TIMINGS,
                    help="latency (each call timed alone, host launch gaps included) | throughput (each sample is the "
@@ -126,7 +126,7 @@ def make_config(args) -> BenchConfig:
         max_time=args.max_time if args.max_time is not None else defaults["max_time"],
         compile=args.compile,
         kv_heads=args.kv_heads,
-        threads=args.threads,
+        threads=args.threads if args.threads is not None else defaults["threads"],
         timing=args.timing,
     )
 
@@ -249,7 +249,7 @@ def cmd_bench(args) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if device == "cpu" and load > (os.cpu_count() or 1):
         err_console.print(f"[yellow]attnkit bench: the load average is {load:.1f} on {os.cpu_count()} cores: other work "
-                          "shares the CPU, expect noisy cells (they are flagged); --threads 1 is steadier[/]")
+                          "shares the CPU, expect noisy cells (they are flagged)[/]")
     command = invoked_command("bench")
     stream = _Stream(stream_file)
     try:

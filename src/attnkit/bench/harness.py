@@ -173,9 +173,12 @@ def default_config(device: str) -> dict:
     """The built-in defaults: a small layer on CPU, a 1B-class layer on CUDA."""
     if device.startswith("cuda"):
         return dict(seqs=[2048, 4096, 8192, 16384, 32768], batch=None, dim=2048, heads=16, head_dim=128,
-                    dtype="bfloat16", repeat=20, warmup=5, max_time=2.0)
+                    dtype="bfloat16", repeat=20, warmup=5, max_time=2.0, threads=None)
+    # one CPU thread: on a machine shared with other work, an op split over two threads waits
+    # for whichever is descheduled (measured here under load: mha at 256 tokens 440 ms with 2
+    # threads, 19 ms with 1), which made two identical runs disagree by up to 10x
     return dict(seqs=[256, 512, 1024, 2048], batch=1, dim=512, heads=8, head_dim=64, dtype="float32",
-                repeat=3, warmup=2, max_time=0.5)
+                repeat=3, warmup=2, max_time=0.5, threads=1)
 
 
 def parse_pattern(spec: str, heads: int = 1) -> _patterns.Pattern:
