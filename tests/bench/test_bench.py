@@ -337,8 +337,12 @@ def test_bad_cli_options_are_refused_before_running(argv, match, tmp_path, capsy
     assert match in capsys.readouterr().err
 
 
-def test_every_option_help_names_its_default():
+def test_every_option_help_names_its_default(capsys):
     from attnkit.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:  # the help renders (a bare % in a help string breaks it)
+        main(["bench", "--help"])
+    assert exit_.value.code == 0 and "--max-time" in capsys.readouterr().out
 
     parser = build_parser()
     bench = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "bench")[1]
