@@ -44,7 +44,7 @@ def add_bench_parser(sub) -> None:
         "across sequence lengths, each cell timed interleaved with its dense reference (mha for layers, "
         "dense-sdpa for ops). Defaults: CPU, C=512, 8 heads, seq 256-2048, fp32; on CUDA a 1B-class "
         "layer (C=2048, 16 heads, head dim 128, bf16, seq 2k-32k, batch = 32k/seq). Cells are streamed "
-        "to <out>l (JSON lines) as they finish; a CUDA context fault stops the run with them kept.",
+        "to the --out path with .jsonl (JSON lines) as they finish; a CUDA context fault stops the run with them kept.",
     )
     p.add_argument("--mechanisms", type=_name_list, default=None,
                    help="comma-separated registered names (see 'attnkit list'), or 'none' for ops only "
@@ -73,16 +73,21 @@ def add_bench_parser(sub) -> None:
                    help="pattern of the op rows: causal | full | window:W | sink:N:W | s2:BLOCK:LOCAL:STRIDE (default: causal)")
     p.add_argument("--repeat", type=int, default=None,
                    help=f"fewest timed rounds per cell, 1 to {MAX_SAMPLES}; more are taken until the p10-p90 band is "
-                   f"within {STOP_SPREAD:.0%} of the median or --max-time runs out (default: {_both('repeat')})")
-    p.add_argument("--warmup", type=int, default=None, help=f"untimed warm-up calls per cell, >= 0 (default: {_both('warmup')})")
+                   f"within {STOP_SPREAD * 100:.0f}%% of the median or --max-time runs out (default: {_both('repeat')})")
+    p.add_argument("--warmup", type=int, default=None, help=f"untimed warm-up calls per cell, >= 0; the last (an extra one when 0) measures peak memory "
+                   f"(default: {_both('warmup')})")
     p.add_argument("--max-time", type=_seconds, default=None,
                    help=f"seconds of sampling per cell once --repeat rounds are in, > 0 (default: {_both('max_time')})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads during the run, positive; more use more cores, 1 is steadier on a machine "
+                   "shared with other work, where a thread waiting for a descheduled one stalls every op "
+                   "(default: 1 on CPU, torch's own on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the layers (default: off)")
     p.add_argument("--timing", default="latency", choices=TIMINGS,
                    help="latency (each call timed alone, host launch gaps included) | throughput (each sample is the "
                    "mean of 10 calls queued back to back: tokens/s of a busy GPU) (default: latency)")
     p.add_argument("--out", default=None,
-                   help="JSON file, written at the end; the cells also go to <out>l (.json -> .jsonl) as they finish "
+                   help="JSON file, written at the end; the cells also go, as they finish, to the same path with .jsonl "
                    "(default: attnkit-bench-<cpu|cuda>-<mode>.json)")
     p.add_argument("--plot", default=None, help="PNG file, or 'none' to skip (default: --out with .png)")
     p.set_defaults(func=cmd_bench)
@@ -122,6 +127,7 @@ def make_config(args) -> BenchConfig:
         max_time=args.max_time if args.max_time is not None else defaults["max_time"],
         compile=args.compile,
         kv_heads=args.kv_heads,
+        threads=args.threads if args.threads is not None else defaults["threads"],
         timing=args.timing,
     )
 
@@ -171,7 +177,10 @@ def print_table(result: dict, console) -> None:
 
     mode = result["config"]["mode"]
     peak = result["peak"]
-    peak_text = f"{peak['tflops']:.0f} TFLOP/s vendor peak" if peak["tflops"] else "peak: best matmul beside each cell"
+    if peak["source"] == "vendor spec":
+        peak_text = f"peak {peak['tflops']:.0f} TFLOP/s (vendor spec)"
+    else:
+        peak_text = "peak " + ("-" if peak["tflops"] is None else f"{peak['tflops']:.3g}") + " TFLOP/s (best matmul of the run)"
     table = Table(title=f"attnkit bench · {mode} · {result['device']['name']} · {peak_text}",
                   caption="speedup: median of per-round ratios against the dense reference timed interleaved "
                   "(p10-p90 band); noisy = a second run may differ by more than ~25 %")
@@ -238,6 +247,10 @@ def cmd_bench(args) -> int:
     out = Path(args.out or f"attnkit-bench-{device}-{cfg.mode}.json")
     stream_file, plot_path = check_outputs(out, args.plot)
     err_console = Console(stderr=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device == "cpu" and load > (os.cpu_count() or 1):
+        err_console.print(f"[yellow]attnkit bench: the load average is {load:.1f} on {os.cpu_count()} cores: other work "
+                          "shares the CPU, expect noisy cells (they are flagged)[/]")
     command = invoked_command("bench")
     stream = _Stream(stream_file)
     try:

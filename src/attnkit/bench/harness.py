@@ -17,11 +17,12 @@ Rows of a run
 
 How a cell is timed
 -------------------
-A cell's row and its dense reference (``mha`` for layers, ``dense-sdpa`` for ops, built
-afresh for the cell at the same shapes) are warmed up, then sampled *interleaved*: each
-round times one reference sample and one row sample (ABBA order, so neither always runs
-first) and, unless the vendor peak is used, in the first three rounds and every fifth, one
-square matmul of the cell's dtype. Both
+A cell's row and its dense reference (``mha`` for layers, ``dense-sdpa`` for ops, at the
+same shapes) are warmed up, then sampled *interleaved*: each round times one reference
+sample and one row sample (ABBA order, so neither always runs first) and, unless the
+vendor peak is used, in the first round and every third, one square matmul of the cell's
+dtype. The reference of a sequence length is built and warmed once and shared by that
+length's cells (decode: one per cell, since every timed step grows its state). Both
 members of a pair see the same machine state, so the speedup is the median of the
 per-round ratios ``reference / row``, not a ratio of medians taken minutes apart. Rounds
 go on until the p10-p90 band of the row's latency and of the ratio are within
@@ -36,13 +37,18 @@ CPU, with Python's garbage collector paused while sampling.
 Peak memory is measured on the last warm-up call (CUDA allocator above what was allocated
 before; process RSS sampled by a thread on CPU). The % of peak divides the cell's
 TFLOP/s (median latency) by the vendor's dense peak where the device and dtype are known
-(H200 / H100 SXM bf16 and fp16: 989.4 TFLOP/s), otherwise by the best matmul sample
-interleaved with the cell's own rounds (``peak.source`` says which). Decode mode:
+(H200 / H100 SXM bf16 and fp16: 989.4 TFLOP/s), otherwise by the best of the matmul
+samples taken in every cell's rounds over the whole run (``peak.source`` says which; the
+streamed cells carry the best so far, the final JSON the run's best): one matmul timed once
+at the start, caught in a busy moment, made "% of peak" exceed 100. Decode mode:
 per-token latency after a prefill of ``seq`` tokens, and the bytes of the decode state
 holding exactly those ``seq`` tokens.
 
-A cell whose shape a layer cannot serve (a build-time or input ``ValueError``, a position
-table shorter than ``seq``, a missing feature) is ``unsupported`` with the reason. A
+A cell whose shape a layer cannot serve is ``unsupported`` with the reason: layers with a
+learned position table (``max_len``) are built long enough for the cell; on CUDA each layer
+first runs on the meta device at the cell's shape, so that its own ``ValueError`` speaks
+before any kernel is launched; and a ``ValueError`` during the cell (the project's error
+for refused inputs) marks it unsupported too. A
 failure inside a cell is recorded as ``error`` and the run goes on, except a CUDA context
 fault (illegal memory access, device-side assert, driver error): the context cannot be
 used afterwards, so the run stops there with ``stopped`` naming the cell; every cell
@@ -53,14 +59,15 @@ JSON schema (``"schema": "attnkit.bench/2"``)::
 
     {schema, command, created, complete: bool, stopped: null | {cell, kind, name, seq, message},
      git_commit (null outside a git checkout),
-     device: {type, name, cores, cpu_model, torch_threads (CPU)},
+     device: {type, name, cores, cpu_model, torch_threads, load_average: [1, 5, 15 min] at the start,
+              load_average_end (the machine's load: other processes make CPU timings noisy)},
      versions: {attnkit, torch, python, triton},
      config: {mechanisms, ops, seqs, batch, dim, heads, head_dim, dtype, device, mode, pattern,
               repeat (minimum rounds), warmup, max_time (seconds of sampling per cell), tokens_per_batch,
-              compile, kv_heads, timing (latency: one call per sample | throughput: the mean of a burst of 10
+              compile, kv_heads, threads (torch CPU threads; null = torch's default), timing (latency: one call per sample | throughput: the mean of a burst of 10
               queued calls)},
      timer: {stop_spread, noise_limit, max_samples},
-     peak: {source: "vendor spec" | "measured beside each cell", tflops (the vendor's, else null), note},
+     peak: {source: "vendor spec" | "measured beside each cell", tflops (the vendor's, or the run's best matmul), note},
      cells: [{name, kind: "layer"|"op", family (the card's; "op" for ops), seq, batch,
               status: "ok"|"oom"|"unsupported"|"skipped"|"error", message, backend,
               latency_ms: {median, p10, p90, min, max, samples, spread ((p90-p10)/median)},
@@ -147,6 +154,7 @@ class BenchConfig:
     tokens_per_batch: int = 32768
     compile: bool = False
     kv_heads: int | None = None  # op rows: key/value heads (GQA-shaped core); None = heads
+    threads: int | None = None  # torch CPU threads during the run; None = leave torch's setting
     timing: str = "latency"  # latency: one call per sample; throughput: a burst of THROUGHPUT_BURST calls per sample
 
     @property
@@ -165,9 +173,12 @@ def default_config(device: str) -> dict:
     """The built-in defaults: a small layer on CPU, a 1B-class layer on CUDA."""
     if device.startswith("cuda"):
         return dict(seqs=[2048, 4096, 8192, 16384, 32768], batch=None, dim=2048, heads=16, head_dim=128,
-                    dtype="bfloat16", repeat=20, warmup=5, max_time=2.0)
+                    dtype="bfloat16", repeat=20, warmup=5, max_time=2.0, threads=None)
+    # one CPU thread: on a machine shared with other work, an op split over two threads waits
+    # for whichever is descheduled (measured here under load: mha at 256 tokens 440 ms with 2
+    # threads, 19 ms with 1), which made two identical runs disagree by up to 10x
     return dict(seqs=[256, 512, 1024, 2048], batch=1, dim=512, heads=8, head_dim=64, dtype="float32",
-                repeat=3, warmup=2, max_time=0.5)
+                repeat=3, warmup=2, max_time=0.5, threads=1)
 
 
 def parse_pattern(spec: str, heads: int = 1) -> _patterns.Pattern:
@@ -320,7 +331,7 @@ def _interleave(fn: Callable, ref: Callable | None, peak: "_Peak", device: torch
                 timed.row.append(_sample(fn, device, burst))
                 timed.ref.append(_sample(ref, device, burst))
             n = len(timed.row)
-            if peak.measured and (n <= 3 or n % 5 == 0):  # a matmul costs more than a short row: not every round
+            if peak.measured and (n == 1 or n % 3 == 0):  # a matmul costs more than a short row: not every round
                 timed.peak_tflops.append(peak.sample())
             if n >= max_rounds:
                 break
@@ -337,12 +348,13 @@ def _interleave(fn: Callable, ref: Callable | None, peak: "_Peak", device: torch
 
 class _Peak:
     """The % of peak denominator: the vendor's dense peak where known, otherwise square
-    matmuls of the run's dtype timed beside every cell (its best sample is the cell's peak)."""
+    matmuls of the run's dtype timed beside every cell (the best sample so far is the peak)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device = device
         self.vendor = _vendor_peak(device, dtype)
         self.measured = self.vendor is None
+        self.best: float | None = self.vendor
         if self.measured:
             n = 8192 if device.type == "cuda" else 1024
             self._a = torch.randn(n, n, device=device, dtype=dtype)
@@ -355,14 +367,16 @@ class _Peak:
         return torch.mm(self._a, self._b)
 
     def sample(self) -> float:
-        return self._flops / (_sample(self._mm, self.device) * 1e-3) / 1e12
+        tflops = self._flops / (_sample(self._mm, self.device) * 1e-3) / 1e12
+        self.best = max(self.best or 0.0, tflops)
+        return tflops
 
     def describe(self) -> dict:
         if not self.measured:
             return {"source": "vendor spec", "tflops": self.vendor,
                     "note": "dense bf16/fp16 tensor-core peak from the vendor's spec sheet, matched on the device name"}
-        return {"source": "measured beside each cell", "tflops": None,
-                "note": f"best of the {self.size}x{self.size} matmuls of the run's dtype timed in the cell's own rounds"}
+        return {"source": "measured beside each cell", "tflops": self.best,
+                "note": f"best of the {self.size}x{self.size} matmuls of the run's dtype timed in every cell's rounds"}
 
 
 def _vendor_peak(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -579,6 +593,25 @@ def _layer_options(card, cfg: BenchConfig, seq: int) -> dict:
     return options
 
 
+def _meta_preflight(card, cfg: BenchConfig, seq: int, options: dict, dtype) -> str | None:
+    """Run the layer at the cell's shape on the meta device (shapes only, no data, no kernels):
+    a ``ValueError`` from its own checks then says why the shape cannot be served before
+    anything is launched on the GPU, where a bad launch can break the CUDA context. Other
+    failures on meta (e.g. ``.item()`` of a meta tensor) say nothing and are ignored."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            layer = card.build(cfg.dim, cfg.heads, **options).to(dtype=dtype)
+            layer(torch.empty(cfg.batch_for(seq), seq, cfg.dim, dtype=dtype))
+    except ValueError as err:
+        return str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+    except Exception:  # noqa: BLE001 - meta cannot run everything; the real run decides
+        return None
+    return None
+
+
 def _layer_work(name, cfg: BenchConfig, seq: int, device, dtype) -> _Work:
     card = registry.get(name)
     if cfg.mode == "decode" and not card.capabilities.decode:
@@ -589,6 +622,10 @@ def _layer_work(name, cfg: BenchConfig, seq: int, device, dtype) -> _Work:
         layer = card.build(cfg.dim, cfg.heads, **options)
     except ValueError as err:
         raise _Unsupported(f"{name} cannot be built at dim={cfg.dim}, heads={cfg.heads}: {err}") from None
+    if device.type == "cuda":  # on CPU a refusal after some work costs nothing; the ValueError still says why
+        reason = _meta_preflight(card, cfg, seq, options, dtype)
+        if reason:
+            raise _Unsupported(f"{name} refuses [B, T, C] = [{B}, {seq}, {cfg.dim}]: {reason}")
     layer = layer.to(device=device, dtype=dtype)
     gen = torch.Generator(device=device).manual_seed(seq)
     backend = str(getattr(layer, "backend", "") or "")
@@ -655,16 +692,20 @@ def _stats(times: list[float]) -> dict:
             "min": ordered[0], "max": ordered[-1], "samples": len(times), "spread": _spread(times)}
 
 
+def _set_peak(cell: Cell, peak_tflops: float | None) -> None:
+    if cell.tflops is not None and peak_tflops:
+        cell.peak_tflops = peak_tflops
+        cell.pct_peak = 100.0 * cell.tflops / peak_tflops
+
+
 def _summarise(cell: Cell, timed: _Timed, *, is_reference: bool, ref_flops: float | None,
-               vendor_peak: float | None) -> None:
-    """Fill the cell's numbers from its interleaved samples."""
+               peak_tflops: float | None) -> None:
+    """Fill the cell's numbers from its interleaved samples (``peak_tflops``: the % of peak denominator)."""
     cell.latency_ms = _stats(timed.row)
     ms = cell.latency_ms["median"]
     if cell.flops:
         cell.tflops = cell.flops / (ms * 1e-3) / 1e12
-        cell.peak_tflops = vendor_peak if vendor_peak is not None else max(timed.peak_tflops, default=None)
-        if cell.peak_tflops:
-            cell.pct_peak = 100.0 * cell.tflops / cell.peak_tflops
+        _set_peak(cell, peak_tflops)
     if is_reference:
         cell.dense_latency_ms = ms
         cell.speedup_vs_dense = cell.speedup_p10 = cell.speedup_p90 = 1.0
@@ -716,11 +757,34 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+class _References:
+    """The dense references of the current sequence length, built and warmed once and shared by
+    the cells of that length (decode builds one per cell: every timed step grows its state)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self._built: dict[tuple[str, int], _Work] = {}
+
+    def get(self, kind: str, seq: int, build: Callable[[], _Work], device) -> _Work:
+        key = (kind, seq)
+        if key in self._built:
+            return self._built[key]
+        if any(s != seq for _, s in self._built):  # a new length: free the previous one's tensors
+            self._built.clear()
+            _release(device)
+        work = build()
+        _warm_up(work.fn, device, 1, memory=False)
+        if self.mode != "decode":
+            self._built[key] = work  # failures are not kept: the next cell tries again
+        return work
+
+
 def _run_cell(kind: str, name: str, cfg: BenchConfig, seq: int, device, dtype, peak: _Peak, pattern,
-              dense_pattern) -> Cell:
+              dense_pattern, references: _References | None = None) -> Cell:
     """Build, warm up and time one (row, seq) cell interleaved with its dense reference.
 
     Raises :class:`_ContextFault` (carrying the finished cell) when the CUDA context broke."""
+    references = references or _References(cfg.mode)
     dense_name = DENSE_LAYER if kind == "layer" else DENSE_OP
     cell = Cell(name=name, kind=kind, seq=seq, batch=cfg.batch_for(seq),
                 family=registry.get(name).family if kind == "layer" else "op")
@@ -741,8 +805,7 @@ def _run_cell(kind: str, name: str, cfg: BenchConfig, seq: int, device, dtype, p
         if name != dense_name:
             where = f"its dense reference {dense_name}"
             try:
-                ref = build(dense_name)
-                _warm_up(ref.fn, device, 1, memory=False)  # the same layer or op at this shape ran in earlier cells
+                ref = references.get(kind, seq, lambda: build(dense_name), device)
             except Exception as err:  # noqa: BLE001 - the row is still timed, alone
                 if is_context_fault(err):
                     raise
@@ -755,7 +818,7 @@ def _run_cell(kind: str, name: str, cfg: BenchConfig, seq: int, device, dtype, p
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # an asynchronous fault surfaces here, in the cell that caused it
         _summarise(cell, timed, is_reference=name == dense_name, ref_flops=ref.flops if ref else None,
-                   vendor_peak=peak.vendor)
+                   peak_tflops=peak.best)
     except _Unsupported as err:
         cell.status, cell.message = "unsupported", str(err)
     except _Skipped as err:
@@ -811,8 +874,15 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _device_info(device: torch.device) -> dict:
-    info = {"type": device.type, "cores": os.cpu_count(), "cpu_model": _cpu_model()}
+    info = {"type": device.type, "cores": os.cpu_count(), "cpu_model": _cpu_model(), "load_average": _load_average()}
     if device.type == "cuda":
         return {**info, "name": torch.cuda.get_device_name(device)}
     return {**info, "name": _cpu_model() or platform.machine(), "torch_threads": torch.get_num_threads()}
@@ -871,6 +941,8 @@ def validate_config(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
     if cfg.repeat > MAX_SAMPLES:
         raise ValueError(f"--repeat must be at most {MAX_SAMPLES} (the most rounds a cell takes), got {cfg.repeat}")
     _positive_int(cfg.warmup, "--warmup", minimum=0)
+    if cfg.threads is not None:
+        _positive_int(cfg.threads, "--threads")
     if isinstance(cfg.max_time, bool) or not isinstance(cfg.max_time, (int, float)) or not 0 < cfg.max_time < math.inf:
         raise ValueError(f"--max-time must be a positive number of seconds, got {cfg.max_time!r}")
     parse_pattern(cfg.pattern, cfg.heads)
@@ -891,6 +963,16 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
     stops the run: the result then has ``complete: false`` and ``stopped`` naming the cell; so
     does Ctrl-C."""
     device, dtype = validate_config(cfg)
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_bench(cfg, device, dtype, progress, command, on_start, on_cell)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(cfg, device, dtype, progress, command, on_start, on_cell) -> dict:
     if device.type == "cpu":
         _fixed_mmap_threshold()
     pattern = parse_pattern(cfg.pattern, cfg.heads)
@@ -923,6 +1005,7 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
 
 def _run_cells(cfg, result, device, dtype, peak, pattern, dense_pattern, progress, on_cell) -> dict:
     cells: list[Cell] = []
+    references = _References(cfg.mode)
     dense_flex: dict[int, Cell] = {}
     stopped = None
     label = ""
@@ -933,7 +1016,7 @@ def _run_cells(cfg, result, device, dtype, peak, pattern, dense_pattern, progres
                 if progress:
                     progress(f"{name} @ {seq}")
                 try:
-                    cell = _run_cell(kind, name, cfg, seq, device, dtype, peak, pattern, dense_pattern)
+                    cell = _run_cell(kind, name, cfg, seq, device, dtype, peak, pattern, dense_pattern, references)
                 except _ContextFault as fault:
                     cell = fault.cell
                     stopped = {"cell": cell.label, "kind": kind, "name": name, "seq": seq, "message": cell.message}
@@ -952,6 +1035,10 @@ def _run_cells(cfg, result, device, dtype, peak, pattern, dense_pattern, progres
     for cell in cells:  # dense-flex rows listed after the patterned ones
         if cell.speedup_vs_dense_flex is None:
             _vs_flex(cell, dense_flex.get(cell.seq))
+    for cell in cells:  # the run's best matmul, now that every cell's samples are in
+        _set_peak(cell, peak.best)
+    result["peak"] = peak.describe()
+    result["device"]["load_average_end"] = _load_average()
     result.update(complete=stopped is None, stopped=stopped, cells=[asdict(c) for c in cells])
     return result
 

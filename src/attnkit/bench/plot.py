@@ -82,6 +82,20 @@ def _axes_seq(ax, seqs: list[int]) -> None:
     ax.grid(True, which="major", alpha=0.3)
 
 
+def _log_y(ax) -> None:
+    """Log y with plain numbers (0.5, 2) instead of powers of ten; minor ticks labelled only
+    where the range is narrow enough to leave room for them."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda y, _: f"{y:g}")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(plain)
+    low, high = ax.get_ylim()
+    ax.yaxis.set_minor_formatter(plain if high / low < 12 else NullFormatter())
+    ax.tick_params(axis="y", which="both", labelsize=7)
+
+
 def _note(ax, notes: list[str]) -> None:
     if notes:
         text = "\n".join(notes[:4] + ([f"+{len(notes) - 4} more (see JSON)"] if len(notes) > 4 else []))
@@ -102,17 +116,18 @@ def plot_bench(result: dict, path) -> None:
     cells = result["cells"]
     seqs = sorted({c["seq"] for c in cells})
     families = _families(cells)
-    n_panels = len(families) + 2
+    n_panels = len(families) + 1  # and the latency panel; memory gets a column of its own
     ncols = 3
-    nrows = math.ceil(n_panels / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.0 * ncols, 3.9 * nrows), squeeze=False)
-    flat = list(axes.flat)
+    nrows = max(2, math.ceil(n_panels / ncols))
+    fig = plt.figure(figsize=(6.0 * ncols + 4.6, 3.9 * nrows))
+    grid = fig.add_gridspec(nrows, ncols + 1, width_ratios=[6.0] * ncols + [4.6])
+    flat = [fig.add_subplot(grid[r, c]) for r in range(nrows) for c in range(ncols)]
     speedup = lambda c: c["speedup_vs_dense"]  # noqa: E731
     for ax, (family, rows) in zip(flat, families.items()):
         reference = "dense-sdpa" if family == "op" else "mha" if "mha" in rows else None
         notes = _row_lines(ax, rows, speedup, reference)
         ax.axhline(1.0, color="black", linewidth=0.7, linestyle="--", zorder=1)
-        ax.set_yscale("log")
+        _log_y(ax)
         _axes_seq(ax, seqs)
         title = "ops (attention core) vs dense-sdpa" if family == "op" else f"{family} layers vs mha"
         ax.set_title(title, fontsize=9.5)
@@ -131,15 +146,14 @@ def plot_bench(result: dict, path) -> None:
         xs = sorted(by_seq)
         med = [sorted(by_seq[s])[len(by_seq[s]) // 2] for s in xs]
         ax.plot(xs, med, marker="o", color=("black", "tab:blue")[i % 2], label=label)
-    ax.set_yscale("log")
+    _log_y(ax)
     _axes_seq(ax, seqs)
     ax.set_title("dense reference latency (median over its interleaved samples)", fontsize=9.5)
     ax.set_ylabel("per-token latency (ms)" if mode == "decode" else "latency (ms)", fontsize=8)
     if lat_rows:
         ax.legend(fontsize=7.5)
     # memory against dense at the longest sequence where the dense reference row ran
-    ax = flat[len(families) + 1]
-    _memory_bars(ax, cells, mode)
+    _memory_bars(fig.add_subplot(grid[:, ncols]), cells, mode)
     for ax in flat[n_panels:]:
         ax.set_visible(False)
     peak = result.get("peak", {})
@@ -151,7 +165,7 @@ def plot_bench(result: dict, path) -> None:
         f"hollow grey = noisy (a rerun may differ by >25 %); % of peak: {peak.get('source', '?')}; full table in the JSON",
         fontsize=9.5,
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 0.955))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -178,10 +192,15 @@ def _memory_bars(ax, cells: list[dict], mode: str) -> None:
     ys = range(len(rows))
     ax.barh(ys, ratios, color=[fam_colour[c["family"]] for c in rows], height=0.75)
     ax.set_yticks(list(ys), [c["name"] if c["kind"] == "layer" else f"[op] {c['name']}" for c in rows],
-                  fontsize=max(4.5, min(7.5, 260 / max(len(rows), 1))))
+                  fontsize=max(5.0, min(8.0, 420 / max(len(rows), 1))))
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.7, linestyle="--")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=fam_colour[f]) for f in fam_colour], labels=list(fam_colour),
+              fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=4, frameon=False)
     ax.set_xlabel(f"{what} / dense's (x; left of the line = less)", fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
     ax.grid(True, axis="x", alpha=0.3)
