@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-# re-exported: the subcommands imported these from here before they moved to _console
+# re-exported for code that imported these from attnkit.cli before they moved to _console
 from ._console import console, invoked_command, write_outputs  # noqa: F401
 
 __all__ = ["main"]

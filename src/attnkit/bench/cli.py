@@ -239,7 +239,7 @@ def cmd_bench(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..cli import console, invoked_command, write_outputs
+    from .._console import console, invoked_command, write_outputs
 
     cfg = make_config(args)
     validate_config(cfg)

@@ -91,18 +91,17 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .. import __version__, registry
+from .._meta import code_hash, cpu_model, git_commit
 from .. import patterns as _patterns
 from ..ops import attend, attend_reference, block_mask_for
 from ..ops.attention import _flex_impl, flex_small_blocks, flex_tiles
@@ -852,28 +851,6 @@ def _versions() -> dict:
     return out
 
 
-def _git_commit() -> str | None:
-    """The commit of the checkout attnkit runs from (None when installed from a package)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and commit else None
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
 def _load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -882,10 +859,10 @@ def _load_average() -> list[float] | None:
 
 
 def _device_info(device: torch.device) -> dict:
-    info = {"type": device.type, "cores": os.cpu_count(), "cpu_model": _cpu_model(), "load_average": _load_average()}
+    info = {"type": device.type, "cores": os.cpu_count(), "cpu_model": cpu_model(), "load_average": _load_average()}
     if device.type == "cuda":
         return {**info, "name": torch.cuda.get_device_name(device)}
-    return {**info, "name": _cpu_model() or platform.machine(), "torch_threads": torch.get_num_threads()}
+    return {**info, "name": cpu_model() or platform.machine(), "torch_threads": torch.get_num_threads()}
 
 
 def _positive_int(value, option: str, *, minimum: int = 1) -> None:
@@ -984,7 +961,8 @@ def _run_bench(cfg, device, dtype, progress, command, on_start, on_cell) -> dict
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
         "stopped": None,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
+        "code_hash": code_hash(),
         "device": _device_info(device),
         "versions": _versions(),
         "config": {**asdict(cfg), "batch": cfg.batch if cfg.batch is not None else f"{cfg.tokens_per_batch}/seq"},

@@ -635,7 +635,6 @@ def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
     block_mask = block_mask_for(pattern, B, Hq, T, S, q_offset, q.device, small_blocks=small_blocks)
     flex_score_mod = None
     if score_mod is not None:
-
         _probe_score_mod(score_mod, q)
 
         def flex_score_mod(score, b, h, q_idx, kv_idx):
