@@ -23,7 +23,8 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=src:/tmp/site
 fi
 header() {
-  echo "# commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+  # the device tool copies the working tree, not always its git HEAD: the code hash says which code ran
+  echo "# commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown) (as the copy's git says), code hash $(python3 -c 'from attnkit._meta import code_hash; print(code_hash())'), $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 }

@@ -48,3 +48,26 @@ def test_small_backward_tiles_are_opt_in_and_reversible():
     with attention_module.small_flex_backward_tiles():
         assert attention_module.flex_small_blocks(cuda, training=True)
     assert _bwd_configs_hook() is hook and not attention_module.flex_small_blocks(cuda, training=True)
+
+
+def test_flex_pads_head_dims_below_16_exactly(monkeypatch):
+    """FlexAttention's CUDA kernels refuse head dims under 16 (Inductor's NYI error inside
+    torch.compile on the H200): attend zero-pads them. The padded path, forced here on CPU, equals the
+    reference: output and lse, with a score_mod and GQA, for D = 8 and Dv = 4."""
+    real = attention_module._flex_pads_head_dims
+    assert not real(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))  # CPU's flex takes any head dim
+    monkeypatch.setattr(attention_module, "_flex_pads_head_dims", lambda q, v: True)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 20, 8), torch.randn(2, 2, 20, 8), torch.randn(2, 2, 20, 4)
+
+    def bias(score, b, h, q_pos, k_pos):
+        return score + 0.1 * (q_pos - k_pos)
+
+    for scale in (None, 0.3):
+        out, lse = attnkit.attend(q, k, v, pattern="causal", score_mod=bias, scale=scale, return_lse=True,
+                                  backend="flex")
+        ref, ref_lse = attnkit.attend(q, k, v, pattern="causal", score_mod=bias, scale=scale, return_lse=True,
+                                      backend="reference")
+        assert out.shape == (2, 4, 20, 4)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)

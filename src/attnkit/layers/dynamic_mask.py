@@ -177,7 +177,9 @@ class DynamicMaskAttention(MultiHeadAttention):
         q_offset = S - T if q_offset is None else q_offset
         group = q.shape[1] // k.shape[1]
         if S > self.keep_keys:
-            detached = bias.detach()
+            # a copy, not a view of the bias that score_mod differentiates: the mask's buffers and
+            # the score's then share no storage inside FlexAttention (B * Hkv * S values)
+            detached = bias.detach().clone()
             thresholds = kept_key_thresholds(detached, pattern, self.keep_keys, T, q_offset)
             pattern = _KeptKeys(pattern, detached, thresholds, q_offset, group)
 

@@ -628,7 +628,31 @@ def _grant_rows_safe(kernel_options: dict, block_mask, pattern, score_mod, B, Hq
     return block_mask
 
 
+#: FlexAttention's CUDA kernels take head dims of at least 16 (Inductor: "NYI: embedding dimension of
+#: the query, key, and value must be at least 16"); smaller ones are zero-padded up to it.
+FLEX_MIN_HEAD_DIM = 16
+
+
+def _flex_pads_head_dims(q: Tensor, v: Tensor) -> bool:
+    return q.device.type == "cuda" and min(q.shape[-1], v.shape[-1]) < FLEX_MIN_HEAD_DIM
+
+
 def _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
+    if _flex_pads_head_dims(q, v):
+        # exact: zero columns of q and k leave every q . k as it is (the scale stays the unpadded
+        # D's), zero columns of v give zero output columns, which are cut off; gradients follow
+        D, Dv = q.shape[-1], v.shape[-1]
+        scale = D**-0.5 if scale is None else scale
+        pad, pad_v = max(0, FLEX_MIN_HEAD_DIM - D), max(0, FLEX_MIN_HEAD_DIM - Dv)
+        q, k, v = F.pad(q, (0, pad)), F.pad(k, (0, pad)), F.pad(v, (0, pad_v))
+        result = _flex_call(q, k, v, pattern, score_mod, scale, return_lse, q_offset)
+        if not return_lse:
+            return result[..., :Dv]
+        return result[0][..., :Dv], result[1]
+    return _flex_call(q, k, v, pattern, score_mod, scale, return_lse, q_offset)
+
+
+def _flex_call(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
     B, Hq, T, _ = q.shape
     S = k.shape[2]
     small_blocks = flex_small_blocks(q.device, _needs_grad(q, k, v))
