@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["positive_int", "head_dim_of", "parse_number"]
+__all__ = ["positive_int", "head_dim_of", "parse_number", "parse_device"]
 
 
 def positive_int(value, name: str) -> int:
@@ -29,3 +29,21 @@ def parse_number(text: str):
         except ValueError:
             continue
     return text
+
+
+def parse_device(text: str, option: str = "--device"):
+    """``text`` as a ``torch.device`` that exists here (cpu, cuda, cuda:N), else a ValueError naming ``option``."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown {option} {text!r}; accepted: cpu, cuda, cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported {option} {text!r}; accepted: cpu, cuda, cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{option} {text} was asked for, but PyTorch sees no CUDA device here; use {option} cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"{option} {text!r}: this machine has {count} CUDA device(s), accepted: cuda:0 to cuda:{count - 1}")
+    return device

@@ -101,6 +101,7 @@ from typing import Callable
 import torch
 
 from .. import __version__, registry
+from .._checks import parse_device
 from .._meta import code_hash, cpu_model, git_commit
 from .. import patterns as _patterns
 from ..ops import attend, attend_reference, block_mask_for
@@ -877,17 +878,7 @@ def validate_config(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
         raise ValueError(f"unknown --mode {cfg.mode!r}; accepted: {', '.join(MODES)}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown --dtype {cfg.dtype!r}; accepted: {', '.join(DTYPES)}")
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {cfg.device!r}; accepted: cpu, cuda, cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported --device {cfg.device!r}; accepted: cpu, cuda, cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA device here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {cfg.device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                         f"accepted: cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    device = parse_device(cfg.device)
     known = [c.name for c in registry.mechanisms()]
     for name in cfg.mechanisms:
         if name not in known:

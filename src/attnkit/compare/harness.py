@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 
 from .. import registry
-from .._checks import parse_number
+from .._checks import parse_device, parse_number
 from .._meta import code_hash, run_metadata
 from ..models import DecoderLM
 from ..patterns import Pattern
@@ -431,14 +431,7 @@ def prepare(cfg: CompareConfig) -> tuple[dict, list[int], Task, torch.device, li
     warnings). Every mistake is a ``ValueError`` naming the option, the value and what is accepted."""
     resolved = cfg.resolved()
     seeds = cfg.seed_list()
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        raise ValueError(f"--device {cfg.device!r} is not a device; accepted: cpu, cuda, cuda:<index>") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {cfg.device!r}: accepted: cpu, cuda, cuda:<index>")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA device here; use --device cpu")
+    device = parse_device(cfg.device)
     known = [c.name for c in registry.mechanisms()]
     if not cfg.mechanisms:
         raise ValueError(f"--mechanisms is empty; registered: {', '.join(known)}")
