@@ -438,3 +438,23 @@ def test_cli_list(capsys):
     text = capsys.readouterr().out
     assert "mha" in text and "1706.03762" in text
 
+
+
+def test_small_flex_tiles_are_on_during_the_run_only(monkeypatch):
+    """``--small-flex-tiles`` turns the opt-in FlexAttention backward tile on for the run and off after it."""
+    from attnkit.ops import attention as attention_module
+
+    seen = []
+    real = harness._run_bench
+
+    def spy(*args, **kwargs):
+        seen.append(attention_module.flex_small_blocks(torch.device("cuda"), training=True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "_run_bench", spy)
+    for flag in (True, False):
+        cfg = harness.BenchConfig(mechanisms=["mha"], ops=[], seqs=[16], batch=1, dim=32, heads=4, head_dim=8,
+                                  dtype="float32", device="cpu", repeat=1, warmup=0, small_flex_tiles=flag)
+        harness.run_bench(cfg)
+        assert not attention_module.flex_small_blocks(torch.device("cuda"), training=True)
+    assert seen == [True, False]

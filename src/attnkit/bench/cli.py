@@ -83,6 +83,9 @@ def add_bench_parser(sub) -> None:
                    "shared with other work, where a thread waiting for a descheduled one stalls every op "
                    "(default: 1 on CPU, torch's own on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the layers (default: off)")
+    p.add_argument("--small-flex-tiles", action="store_true",
+                   help="let training steps run patterns on their own 64-token FlexAttention blocks "
+                        "(attnkit.ops.attention.enable_small_flex_backward_tiles, for this run only; default: off)")
     p.add_argument("--timing", default="latency", choices=TIMINGS,
                    help="latency (each call timed alone, host launch gaps included) | throughput (each sample is the "
                    "mean of 10 calls queued back to back: tokens/s of a busy GPU) (default: latency)")
@@ -126,6 +129,7 @@ def make_config(args) -> BenchConfig:
         warmup=args.warmup if args.warmup is not None else defaults["warmup"],
         max_time=args.max_time if args.max_time is not None else defaults["max_time"],
         compile=args.compile,
+        small_flex_tiles=args.small_flex_tiles,
         kv_heads=args.kv_heads,
         threads=args.threads if args.threads is not None else defaults["threads"],
         timing=args.timing,

@@ -153,6 +153,7 @@ class BenchConfig:
     max_time: float = 0.5  # seconds of sampling per cell once ``repeat`` rounds are in
     tokens_per_batch: int = 32768
     compile: bool = False
+    small_flex_tiles: bool = False  # enable_small_flex_backward_tiles() during the run (patterns' own 64-token blocks in training)
     kv_heads: int | None = None  # op rows: key/value heads (GQA-shaped core); None = heads
     threads: int | None = None  # torch CPU threads during the run; None = leave torch's setting
     timing: str = "latency"  # latency: one call per sample; throughput: a burst of THROUGHPUT_BURST calls per sample
@@ -934,7 +935,12 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    from ..ops.attention import small_flex_backward_tiles
+
     try:
+        if cfg.small_flex_tiles:
+            with small_flex_backward_tiles():
+                return _run_bench(cfg, device, dtype, progress, command, on_start, on_cell)
         return _run_bench(cfg, device, dtype, progress, command, on_start, on_cell)
     finally:
         torch.set_num_threads(threads)
