@@ -1,0 +1,79 @@
+"""The import rules of docs/architecture.md: every module's attnkit imports, module-level and inside
+functions, stay within what its package may import."""
+
+import ast
+from pathlib import Path
+
+import attnkit
+
+PACKAGE = Path(attnkit.__file__).resolve().parent
+BASE = {"_checks", "_meta", "_console", "__version__"}
+LOW = BASE | {"patterns", "rope", "state"}
+CORE = LOW | {"ops"}
+LAYERS = CORE | {"registry", "layers"}
+MODELS = LAYERS | {"models", "tasks"}
+METHODS = MODELS  # hf, diffusion, distributed: never each other
+TOOLS = METHODS | {"hf", "diffusion", "distributed"}
+
+ALLOWED = {
+    "_checks": BASE, "_meta": BASE, "_console": BASE,
+    "patterns": BASE | {"patterns"},
+    "rope": LOW, "state": LOW,
+    "ops": CORE,
+    "registry": LAYERS,  # registry -> layers: the cards load on import (an exception the house issue removes)
+    "layers": LAYERS,
+    "models": MODELS,
+    "tasks": BASE | {"tasks"},
+    "hf": METHODS | {"hf"}, "diffusion": METHODS | {"diffusion"}, "distributed": METHODS | {"distributed"},
+    "analysis": TOOLS | {"analysis"}, "bench": TOOLS | {"bench"}, "compare": TOOLS | {"compare"},
+    "eval": TOOLS | {"eval"},
+    "cli": None,  # the command imports everything
+    "__init__": LOW | {"ops", "registry", "layers", "models"},
+}
+# (module, imported package): each a documented exception (docs/architecture.md)
+EXCEPTIONS = {("layers/attention_experts.py", "models")}
+
+
+def _imports(path: Path) -> set[str]:
+    """The top-level attnkit packages ``path`` imports (relative or absolute imports)."""
+    rel = path.relative_to(PACKAGE)
+    parts = list(rel.with_suffix("").parts)
+    if rel.name == "__init__.py":
+        parts = parts[:-1] + ["__init__"]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = parts[:-node.level]
+            target = base + (node.module.split(".") if node.module else [])
+            out |= {target[0]} if target else {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "attnkit":
+            names = node.module.split(".")
+            out |= {names[1]} if len(names) > 1 else {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("attnkit.")}
+    return out
+
+
+def test_every_package_imports_only_what_architecture_allows():
+    problems = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        package = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        assert package in ALLOWED, f"{rel}: package {package!r} is not in docs/architecture.md's table"
+        allowed = ALLOWED[package]
+        if allowed is None:
+            continue
+        for imported in _imports(path) - allowed - {package}:
+            if (rel.as_posix(), imported) not in EXCEPTIONS:
+                problems.append(f"{rel} imports attnkit.{imported}")
+    assert not problems, "imports that cross docs/architecture.md's rules:\n" + "\n".join(problems)
+
+
+def test_the_reader_sees_relative_and_absolute_imports(tmp_path, monkeypatch):
+    """The check itself can fail: a layer importing bench, relatively or absolutely, is caught."""
+    fake = tmp_path / "attnkit"
+    (fake / "layers").mkdir(parents=True)
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    bad = fake / "layers" / "bad.py"
+    bad.write_text("from ..bench import harness\ndef f():\n    import attnkit.compare\n")
+    assert _imports(bad) == {"bench", "compare"}
