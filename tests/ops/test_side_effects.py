@@ -71,3 +71,43 @@ def test_flex_pads_head_dims_below_16_exactly(monkeypatch):
         assert out.shape == (2, 4, 20, 4)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def _sdp_state():
+    C = torch._C
+    flags = tuple(getattr(C, f"_get_{f}_sdp_enabled")() for f in ("cudnn", "flash", "mem_efficient", "math"))
+    return flags, C._get_sdp_priority_order()
+
+
+def test_sdpa_backend_choice_matches_sdpa_kernel_and_restores():
+    """attend's per-call SDPA backend choice (cheaper than sdpa_kernel's context manager) sets the
+    same switches as ``sdpa_kernel(order, set_priority=True)`` during the call, and restores them
+    after it, also when the call raises."""
+    from torch.nn.attention import sdpa_kernel
+
+    before = _sdp_state()
+    for order in [("cudnn", "flash", "efficient", "math"), ("flash", "efficient", "math"), ("math",)]:
+        choice = attention_module._sdpa_choice(order)
+        with sdpa_kernel(choice.backends, set_priority=True):
+            expected = _sdp_state()
+        seen = []
+        real = torch.nn.functional.scaled_dot_product_attention
+
+        def spy(*args, **kwargs):
+            seen.append(_sdp_state())
+            return real(*args, **kwargs)
+
+        q = torch.randn(1, 2, 5, 8)
+        try:
+            torch.nn.functional.scaled_dot_product_attention = spy
+            out = choice(q, q, q, True, None, False)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = real
+        assert seen == [expected]
+        torch.testing.assert_close(out, real(q, q, q, is_causal=True))
+        assert _sdp_state() == before
+        try:
+            choice(q, q, torch.randn(1, 2, 6, 8), True, None, False)  # mismatched v: SDPA raises
+        except RuntimeError:
+            pass
+        assert _sdp_state() == before
