@@ -111,3 +111,17 @@ def test_sdpa_backend_choice_matches_sdpa_kernel_and_restores():
         except RuntimeError:
             pass
         assert _sdp_state() == before
+
+
+def test_a_nan_score_gives_nan_not_zeros():
+    """A NaN key inside a row's pattern makes that row NaN on the reference, as on SDPA and flex (a
+    diverging model must not be hidden behind zeros); a row that only sees finite keys is unharmed."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
+    k[:, :, 2] = float("nan")
+    for backend in ("reference", "auto", "flex"):
+        out, lse = attnkit.attend(q, k, v, pattern="causal", return_lse=True, backend=backend)
+        assert torch.isfinite(out[:, :, :2]).all() and torch.isfinite(lse[:, :, :2]).all(), backend
+        assert torch.isnan(out[:, :, 2:]).all() and torch.isnan(lse[:, :, 2:]).all(), backend
+    out = attnkit.ops.sigmoid_attend(q, k, v, pattern="causal", normalize=True, backend="reference")
+    assert torch.isfinite(out[:, :, :2]).all() and torch.isnan(out[:, :, 2:]).all()

@@ -238,7 +238,9 @@ def attend_reference(
     scores = scores.masked_fill(~mask, float("-inf"))  # (NaN or inf scores of masked pairs go too)
     # A row is empty when the pattern allows no key or score_mod gave -inf to all it allows:
     # its scores become constants so that softmax stays finite, and its weights are zeroed.
-    row_has_key = scores.detach().amax(dim=-1, keepdim=True) > float("-inf")  # (B, H, T, 1)
+    # "!= -inf", not "> -inf": a NaN score must reach the output as NaN (as in SDPA and flex), not
+    # mark its row empty and hide a diverging model behind zeros
+    row_has_key = scores.detach().amax(dim=-1, keepdim=True) != float("-inf")  # (B, H, T, 1)
     scores = scores.masked_fill(~row_has_key, 0.0)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.softmax(scores, dim=-1).masked_fill(~row_has_key, 0.0)

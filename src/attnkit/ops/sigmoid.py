@@ -127,7 +127,7 @@ def sigmoid_attend_reference(q, k, v, *, pattern=None, bias: float = 0.0, normal
     # whose every weight underflowed would divide 0 by 0; its weights are a softmax of log sigmoid
     log_weights = F.logsigmoid(scores).masked_fill(~mask, float("-inf"))
     if normalize:
-        row_has_key = log_weights.detach().amax(dim=-1, keepdim=True) > float("-inf")  # (B, Hq, T, 1)
+        row_has_key = log_weights.detach().amax(dim=-1, keepdim=True) != float("-inf")  # (B, Hq, T, 1); NaN stays NaN
         weights = torch.softmax(log_weights.masked_fill(~row_has_key, 0.0), dim=-1).masked_fill(~row_has_key, 0.0)
     else:
         weights = log_weights.exp()
