@@ -253,3 +253,58 @@ def test_a_failed_swap_puts_the_old_checkpoint_and_its_files_back(tmp_path, monk
     assert DecoderLM.from_pretrained(tmp_path / "ckpt").config == old.config
     assert (tmp_path / "ckpt" / "notes.txt").read_text() == "kept"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_save_edge_paths_and_modes(tmp_path, monkeypatch):
+    """The probe's cases: the weights get the usual file mode (not 0600); "." (the folder the process
+    runs in) is refused clearly instead of failing mid-swap; a symlinked checkpoint folder is written
+    through (the link stays, the user's other files stay in its target)."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        small_model().save_pretrained(tmp_path / "ckpt")
+        assert stat.S_IMODE((tmp_path / "ckpt" / "model.safetensors").stat().st_mode) == 0o644
+        (tmp_path / "here").mkdir()
+        monkeypatch.chdir(tmp_path / "here")
+        for folder in (".", "", ".."):  # the swap would leave the process in a replaced folder
+            with pytest.raises(ValueError, match="would replace the folder this process runs in"):
+                small_model().save_pretrained(folder)
+        small_model().save_pretrained("sub")
+        DecoderLM.from_pretrained("sub")
+        (tmp_path / "real").mkdir()
+        (tmp_path / "real" / "README.txt").write_text("mine")
+        (tmp_path / "link").symlink_to(tmp_path / "real")
+        model = small_model()
+        model.save_pretrained(tmp_path / "link")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "link").is_symlink()
+    assert (tmp_path / "real" / "README.txt").read_text() == "mine"
+    loaded = DecoderLM.from_pretrained(tmp_path / "link")
+    tokens = torch.randint(0, 50, (1, 6))
+    torch.testing.assert_close(loaded(tokens), model(tokens))
+
+
+def test_from_pretrained_names_the_file_when_weights_do_not_fit(tmp_path):
+    import json
+
+    small_model().save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "dim": 64}))
+    with pytest.raises(ValueError, match="model.safetensors cannot be loaded"):
+        DecoderLM.from_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.safetensors cannot be loaded"):
+        DecoderLM.from_pretrained(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_init_state_checks_its_batch_size(batch_size):
+    import attnkit
+
+    for name in ("mha", "lightning", "cca", "rcmha", "streaming"):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            attnkit.build(name, dim=32, num_heads=4).init_state(batch_size)

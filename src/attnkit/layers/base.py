@@ -15,9 +15,12 @@ another batch size or another width built.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
+from .._checks import positive_int
 from ..state import State, _Constant
 
 __all__ = ["AttentionLayer", "check_input", "check_state"]
@@ -132,6 +135,21 @@ class AttentionLayer(nn.Module):
     """Base class: ``forward(x, state=None, *, document_ids=None)`` and ``init_state``."""
 
     dim: int
+
+    def __init_subclass__(cls, **kwargs):
+        # every layer's own init_state checks batch_size first: a negative or fractional size
+        # otherwise fails deep inside torch.empty, and 0 builds a state no forward accepts
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("init_state")
+        if own is not None and not getattr(own, "_checks_batch_size", False):
+
+            @functools.wraps(own)
+            def init_state(self, batch_size, *args, **options):
+                positive_int(batch_size, "batch_size")
+                return own(self, batch_size, *args, **options)
+
+            init_state._checks_batch_size = True
+            cls.init_state = init_state
 
     def init_state(self, batch_size: int, *, max_len: int | None = None, device=None, dtype=None) -> State:
         raise NotImplementedError(f"{type(self).__name__} does not decode")

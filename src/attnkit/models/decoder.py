@@ -251,9 +251,17 @@ class DecoderLM(nn.Module):
                 f"the model config cannot be saved as JSON ({err}); pass attention options as plain values "
                 "(patterns by name, e.g. pattern='causal')"
             ) from None
-        path = Path(path)
+        given = Path(path)
+        # resolved: "." has no name to stage beside, and a symlinked folder is written through
+        # (its target gets the new files) rather than replaced by a real folder
+        path = given.resolve()
         if path.exists() and not path.is_dir():
-            raise ValueError(f"save_pretrained needs a folder, but {path} is a file")
+            raise ValueError(f"save_pretrained needs a folder, but {given} is a file")
+        cwd = Path.cwd().resolve()
+        if path == cwd or path in cwd.parents:
+            # the save swaps in a new folder: the process (and its shell) would be left in the old one
+            raise ValueError(f"save_pretrained({str(given)!r}) would replace the folder this process runs in "
+                             f"({cwd}); save into a subfolder, e.g. save_pretrained('checkpoint')")
         path.parent.mkdir(parents=True, exist_ok=True)
         # not tempfile.mkdtemp: its 0700 mode would become the checkpoint's once renamed
         staging = path.parent / f".{path.name}.saving-{uuid.uuid4().hex[:12]}"
@@ -263,11 +271,13 @@ class DecoderLM(nn.Module):
                 shutil.copymode(path, staging)
             (staging / CONFIG_NAME).write_text(config)
             _write_weights(self, staging / WEIGHTS_NAME)
+            # the weights get the config's mode (the umask's), not the writer's private 0600
+            shutil.copymode(staging / CONFIG_NAME, staging / WEIGHTS_NAME)
             _replace_folder(staging, path)
         except BaseException:
             _discard(staging)
             raise
-        return path
+        return given
 
     @classmethod
     def from_pretrained(cls, path, *, device=None) -> "DecoderLM":
@@ -305,7 +315,12 @@ class DecoderLM(nn.Module):
             if name not in tensors:
                 raise ValueError(f"{config_file}: dtype_overrides names {name!r}, which the model does not have")
             tensors[name].data = tensors[name].data.to(tensor_dtype)
-        load_model(model, str(weights_file), device=str(device))
+        try:
+            load_model(model, str(weights_file), device=str(device))
+        except Exception as err:  # noqa: BLE001 - safetensors' and torch's errors, named by file
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{weights_file} cannot be loaded into the model that {config_file} describes: "
+                             f"{type(err).__name__}: {first[:400]}") from None
         return model
 
 
