@@ -33,17 +33,64 @@ def invoked_command(name: str) -> str | None:
     return "attnkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == [name] else None
 
 
+def plot_path_for(out, plot: str | None):
+    """The PNG path of ``--plot`` (``None`` for 'none'; default: next to the JSON). A name without
+    a suffix gets ``.png``, which is what matplotlib writes anyway, so the path printed is the real one."""
+    from pathlib import Path
+
+    if plot == "none":
+        return None
+    if plot and Path(plot).is_dir():
+        raise ValueError(f"--plot {plot!r} is a directory; accepted: a PNG file path, or 'none'")
+    path = Path(plot) if plot else Path(out).with_suffix(".png")
+    return path if path.suffix else path.with_name(path.name + ".png")
+
+
+def check_writable(path, option: str) -> None:
+    """Refuse an output path that cannot be written, before a run rather than after it: the file is
+    opened for appending (and removed again if it did not exist), the only check that also holds
+    for root, read-only mounts and pseudo file systems."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a directory; accepted: a file path")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"{option} {str(path)!r}: {str(path.parent)!r} is a file, not a folder")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{option} {str(path)!r} is not writable ({err.strerror or err})") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+
+
+def check_folder(path, option: str) -> None:
+    """Refuse a folder option (``--save``, ``--cache-dir``) that names an existing file."""
+    from pathlib import Path
+
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a file; accepted: a folder (created if missing)")
+
+
 def write_outputs(result: dict, out: str, plot: str | None, plot_fn, out_console) -> None:
-    """Write the JSON to ``out`` and, unless ``plot == 'none'``, the PNG (default: next to the JSON)."""
+    """Write the JSON to ``out`` (atomically: a result file it replaces is never left half
+    written) and, unless ``plot == 'none'``, the PNG (default: next to the JSON)."""
     import json
+    import os
     from pathlib import Path
 
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(result, indent=1))
+    os.replace(partial, path)
     written = [str(path)]
-    if plot != "none":
-        plot_path = Path(plot or path.with_suffix(".png"))
+    plot_path = plot_path_for(path, plot)
+    if plot_path is not None:
         plot_fn(result, plot_path)
         written.append(str(plot_path))
     out_console.print(f"wrote {', '.join(written)}")

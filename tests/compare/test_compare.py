@@ -314,3 +314,32 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("compare: no-mixing: step")]
     assert [line.split()[3] for line in lines] == ["10/20", "20/20"]  # log_every 10: each 10% mark it passes
     assert "loss" in lines[0] and lines[0].endswith(" s")
+
+
+@pytest.mark.parametrize("option, make", [("--out", "dir"), ("--save", "file"), ("--cache-dir", "file"),
+                                          ("--plot", "dir")])
+def test_output_paths_are_checked_before_training(tmp_path, capsys, monkeypatch, option, make):
+    """The probe's case: an unwritable --out / --plot, or a --save / --cache-dir that is a file, used
+    to fail after training with a raw traceback; now exit 2 before any training."""
+    import attnkit.compare.cli as compare_cli
+    from attnkit.cli import main
+
+    target = tmp_path / "target"
+    if make == "dir":
+        target.mkdir()
+    else:
+        target.write_text("a file")
+    monkeypatch.setattr(compare_cli, "run_compare", lambda *a, **k: pytest.fail("training started"))
+    args = ["compare", "--mechanisms", "mha", "--steps", "2", "--seeds", "1", option, str(target)]
+    if option != "--out":
+        args += ["--out", str(tmp_path / "r.json")]
+    assert main(args) == 2
+    assert option in capsys.readouterr().err
+
+
+def test_plot_name_without_suffix_is_written_and_reported_as_png(tmp_path):
+    from attnkit._console import plot_path_for
+
+    assert plot_path_for(tmp_path / "r.json", str(tmp_path / "c1")) == tmp_path / "c1.png"
+    assert plot_path_for(tmp_path / "r.json", None) == tmp_path / "r.png"
+    assert plot_path_for(tmp_path / "r.json", "none") is None

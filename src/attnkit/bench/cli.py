@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from .._console import check_writable, plot_path_for
 from .harness import DTYPES, MAX_SAMPLES, MODES, OPS, STOP_SPREAD, TIMINGS, BenchConfig, count_cells, default_config, \
     fmt_bytes, run_bench, validate_config
 
@@ -141,33 +142,16 @@ def stream_path(out: Path) -> Path:
     return out.with_suffix(".jsonl") if out.suffix == ".json" else out.with_name(out.name + ".jsonl")
 
 
-def _check_writable(path: Path, option: str) -> None:
-    """Refuse an output path that cannot be written, before the run rather than after it: the
-    file is opened for appending (and removed again if it did not exist), which is the only
-    check that also holds for root, read-only mounts and pseudo file systems."""
-    if path.is_dir():
-        raise ValueError(f"{option} {str(path)!r} is a directory; accepted: a file path")
-    existed = path.exists()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a"):
-            pass
-    except OSError as err:
-        raise ValueError(f"{option} {str(path)!r} is not writable ({err.strerror or err})") from None
-    if not existed:
-        path.unlink(missing_ok=True)
-
-
 def check_outputs(out: Path, plot: str | None) -> tuple[Path, Path | None]:
     """The JSON, JSON-lines and PNG paths, each checked writable (and matplotlib present for a plot)."""
-    plot_path = None if plot == "none" else Path(plot) if plot else out.with_suffix(".png")
+    plot_path = plot_path_for(out, plot)
     stream = stream_path(out)
-    _check_writable(out, "--out")
-    _check_writable(stream, "--out (its JSON-lines stream)")
+    check_writable(out, "--out")
+    check_writable(stream, "--out (its JSON-lines stream)")
     if plot_path is not None:
         if plot_path.resolve() in (out.resolve(), stream.resolve()):
             raise ValueError(f"--plot {str(plot_path)!r} would overwrite the results; accepted: another path, or 'none'")
-        _check_writable(plot_path, "--plot")
+        check_writable(plot_path, "--plot")
         try:
             import matplotlib  # noqa: F401
         except ImportError:

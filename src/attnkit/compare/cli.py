@@ -193,8 +193,20 @@ def print_table(result: dict, console) -> None:
 
 
 def cmd_compare(args) -> int:
-    from .._console import console, invoked_command, write_outputs
+    from pathlib import Path
 
+    from .._console import check_folder, check_writable, console, invoked_command, plot_path_for, write_outputs
+
+    # the outputs first: a path that cannot be written must not cost a finished training run
+    out = args.out or f"attnkit-compare-{args.task}.json"
+    check_writable(Path(out), "--out")
+    plot_path = plot_path_for(out, args.plot)
+    if plot_path is not None:
+        if plot_path.resolve() == Path(out).resolve():
+            raise ValueError(f"--plot {args.plot!r} would overwrite --out; accepted: another path, or 'none'")
+        check_writable(plot_path, "--plot")
+    check_folder(args.save, "--save")
+    check_folder(args.cache_dir, "--cache-dir")
     cfg = CompareConfig(task=args.task, mechanisms=args.mechanisms, preset=args.preset, steps=args.steps, seed=args.seed,
                         seeds=args.seeds, device=args.device, task_options=args.task_options, model=args.model,
                         train=args.train, corpus=args.corpus, cache_dir=args.cache_dir)
@@ -208,5 +220,5 @@ def cmd_compare(args) -> int:
     print_table(result, out_console)
     from .plot import plot_compare
 
-    write_outputs(result, args.out or f"attnkit-compare-{cfg.task}.json", args.plot, plot_compare, out_console)
+    write_outputs(result, out, args.plot, plot_compare, out_console)
     return 0
