@@ -75,3 +75,15 @@ def test_sinks_command(tmp_path):
     assert set(result["models"]) == {"mha", "sigmoid-nobias"}
     assert 0 <= result["models"]["mha"]["first_token_share"] <= 1
     assert {"git", "code_hash", "versions", "cpu"} <= set(result)  # provenance, as in compare's JSON
+
+
+def test_sinks_refuses_a_model_too_small_for_byte_text(tmp_path, capsys):
+    """An MQAR model (vocab 32) fed byte-level text ended in an IndexError inside F.embedding."""
+    from attnkit.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x + 1\n" * 400)
+    DecoderLM(vocab_size=32, dim=16, num_layers=1, num_heads=2).save_pretrained(tmp_path / "mqar-model")
+    code = main(["sinks", str(tmp_path / "mqar-model"), "--corpus", str(corpus), "--seq-len", "32", "--windows", "2"])
+    assert code == 2
+    assert "vocab_size=32" in capsys.readouterr().err

@@ -458,3 +458,14 @@ def test_small_flex_tiles_are_on_during_the_run_only(monkeypatch):
         harness.run_bench(cfg)
         assert not attention_module.flex_small_blocks(torch.device("cuda"), training=True)
     assert seen == [True, False]
+
+
+@pytest.mark.parametrize("args", [["--seq", "16,16"], ["--seq", "16,,32"], ["--mechanisms", "mha,mha"],
+                                  ["--ops", "dense-sdpa,dense-sdpa"]])
+def test_repeated_or_empty_list_items_are_refused(args, capsys):
+    try:
+        code = main(["bench", "--mechanisms", "mha", "--ops", "none", "--seq", "16", *args, "--plot", "none"])
+    except SystemExit as exit:  # argparse's own refusal of a malformed list
+        code = exit.code
+    assert code == 2
+    assert args[0] in capsys.readouterr().err

@@ -148,14 +148,17 @@ def _cache_files(root, suffix=".json"):
     return sorted(p for p in (root / "mqar").iterdir() if p.name.endswith(suffix))
 
 
-@pytest.mark.parametrize("damage", ["", '{"mechanism": "mha", "metric"', "missing-metric", "[1, 2]"])
+@pytest.mark.parametrize("damage", ["", '{"mechanism": "mha", "metric"', "missing-metric", "[1, 2]",
+                                    "params-str", "eval-number"])
 def test_a_bad_cache_file_is_named_set_aside_and_recomputed(tmp_path, damage):
     cfg = CompareConfig(mechanisms=["mha"], steps=2, cache_dir=str(tmp_path), log_every=1, **MICRO)
     first = run_compare(cfg, command="test")
     (path,) = _cache_files(tmp_path)
-    if damage == "missing-metric":
+    edits = {"missing-metric": lambda r: r.pop("metric"), "params-str": lambda r: r.update(params="x"),
+             "eval-number": lambda r: r.update(eval=5)}  # the last two: reused before, then a crash
+    if damage in edits:
         record = json.loads(path.read_text())
-        del record["metric"]
+        edits[damage](record)
         damage = json.dumps(record)
     path.write_text(damage)
     with pytest.warns(UserWarning, match=f"cache file {path}") as caught:
@@ -343,3 +346,8 @@ def test_plot_name_without_suffix_is_written_and_reported_as_png(tmp_path):
     assert plot_path_for(tmp_path / "r.json", str(tmp_path / "c1")) == tmp_path / "c1.png"
     assert plot_path_for(tmp_path / "r.json", None) == tmp_path / "r.png"
     assert plot_path_for(tmp_path / "r.json", "none") is None
+
+
+def test_a_mechanism_named_twice_is_refused(capsys):
+    assert main(["compare", "--mechanisms", "mha,gqa,mha", "--steps", "2"]) == 2
+    assert "more than once" in capsys.readouterr().err

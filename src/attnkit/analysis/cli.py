@@ -47,6 +47,11 @@ def _cmd_sinks(args) -> int:
     results = {}
     for folder in args.models:
         model = DecoderLM.from_pretrained(folder).eval()
+        vocab = model.config.get("vocab_size", 256)
+        if vocab < task.vocab_size:
+            raise ValueError(f"model {folder!r} has vocab_size={vocab}, but attnkit sinks reads byte-level text "
+                             f"({task.vocab_size} symbols): give models trained on text, e.g. "
+                             "'attnkit compare --task text --save DIR'")
         results[Path(folder).name] = {"attention": model.config["attention"], **sink_report(model, tokens, epsilon=args.epsilon)}
     table = Table(title=f"attention sinks · {args.windows} windows of {args.seq_len} bytes · epsilon {args.epsilon}")
     for column in ("model", "first-token share", "first-token weight", "sink heads"):

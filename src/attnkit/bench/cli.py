@@ -16,8 +16,10 @@ CUDA_ONLY_OPS = tuple(o for o in OPS if o.startswith("dense-sdpa-") or o == "fla
 
 
 def _int_list(text: str) -> list[int]:
+    if not text.strip(", "):
+        return []  # reported as "--seq is empty" by the checks
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        return [int(s) for s in text.split(",")]  # an empty item ("16,,32") is an error, not skipped
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 

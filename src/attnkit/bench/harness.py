@@ -875,6 +875,10 @@ def _positive_int(value, option: str, *, minimum: int = 1) -> None:
 
 def validate_config(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
     """Check every field before anything runs; a ``ValueError`` names the option, the value and what is accepted."""
+    for option, values in (("--seq", cfg.seqs), ("--mechanisms", cfg.mechanisms), ("--ops", cfg.ops)):
+        repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if repeated:
+            raise ValueError(f"{option} names {', '.join(repeated)} more than once; each row and length is measured once")
     if cfg.mode not in MODES:
         raise ValueError(f"unknown --mode {cfg.mode!r}; accepted: {', '.join(MODES)}")
     if cfg.dtype not in DTYPES:

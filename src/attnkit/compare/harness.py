@@ -350,8 +350,15 @@ def _read_cached(path: Path, key: str) -> tuple[dict | None, str | None]:
         return None, f"missing field(s) {', '.join(missing)}"
     if record["key"] != key or record["status"] != "ok":
         return None, f"key {record['key']!r} / status {record['status']!r} do not match ({key!r} / 'ok')"
-    if not isinstance(record["metric"], (int, float)) or not isinstance(record["loss_curve"], list) or not record["loss_curve"]:
-        return None, "metric or loss_curve malformed"
+    number = (int, float)
+    types = {"params": int, "steps": int, "wall_s": number, "tokens_per_s": number, "final_train_loss": number,
+             "metric": number, "eval": dict, "loss_curve": list}
+    wrong = [f"{name} ({type(record[name]).__name__})" for name, kind in types.items()
+             if not isinstance(record[name], kind) or isinstance(record[name], bool)]
+    if wrong:
+        return None, f"field(s) of the wrong type: {', '.join(wrong)}"
+    if not record["loss_curve"]:
+        return None, "loss_curve is empty"
     return record, None
 
 
@@ -438,6 +445,9 @@ def prepare(cfg: CompareConfig) -> tuple[dict, list[int], Task, torch.device, li
     task = make_task(cfg.task, resolved["task_options"], cfg.corpus)
     m = resolved["model"]
     notes = []
+    repeated = sorted({m for m in cfg.mechanisms if list(cfg.mechanisms).count(m) > 1})
+    if repeated:
+        raise ValueError(f"--mechanisms names {', '.join(repeated)} more than once; each trains once per seed")
     for spec in cfg.mechanisms:
         name, options = parse_mechanism(spec)
         if name not in known:
