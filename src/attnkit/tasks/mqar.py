@@ -39,6 +39,9 @@ slots, so runs with different training data are scored on the same examples):
   random slots of the evaluation data.
 
 Left at their defaults (``None``) the training batches are exactly those of earlier versions.
+With ``train_num_pairs=(1, 2, 4, 8)`` on the CPU preset, MHA left the plateau at all of seeds 0-9
+(accuracy 0.948-0.993, mean 0.968; 0.95 by step 800 at 9 of them) and the no-mixing control
+stayed at chance (0.008): ``benchmarks/mqar_seed_sweep.py --recipes mix-pairs``.
 """
 
 from __future__ import annotations
