@@ -8,13 +8,10 @@ generation, so the 31 cards compile in well under a minute. The CUDA variant run
 check with the default backend (Inductor).
 """
 
-import inspect
-
 import pytest
 import torch
 
 import attnkit
-from attnkit.layers import MultiHeadAttention
 
 SMALL = {"window": 5, "sink_tokens": 2, "keep_keys": 6, "block_size": 4, "local_blocks": 2, "vert_stride": 4,
          "max_len": 64}
@@ -27,17 +24,9 @@ CPU_FAILURES: dict[str, str] = {}
 NAMES = [c.name for c in attnkit.mechanisms()]
 
 
-def accepted_options(card) -> set:
-    params = inspect.signature(card.layer.__init__).parameters
-    names = set(params)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        names |= set(inspect.signature(MultiHeadAttention.__init__).parameters)
-    return names
-
-
 def build(name, device):
     card = attnkit.get(name)
-    accepted = accepted_options(card)
+    accepted = card.accepted_options()
     options = {k: v for k, v in SMALL.items() if k in accepted or k in card.defaults}
     torch.manual_seed(0)
     layer = card.build(32, 4, **options).to(device)

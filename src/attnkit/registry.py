@@ -98,6 +98,21 @@ class Card:
                 raise
             raise ValueError(f"{self.name}: {err}") from None
 
+    def accepted_options(self) -> set[str]:
+        """The keyword names the layer takes: its own ``__init__``'s and, where that forwards
+        ``**options`` to its base class (as the MultiHeadAttention variants do), the base's too."""
+        names: set[str] = set()
+        for cls in self.layer.__mro__:
+            init = cls.__dict__.get("__init__")
+            if init is None:
+                continue
+            params = inspect.signature(init).parameters.values()
+            names |= {p.name for p in params if p.name != "self"
+                      and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                break
+        return names
+
     def flop_count(self, batch: int, seq: int, dim: int, num_heads: int, **options) -> FlopCount:
         return self.flops(batch, seq, self.config(dim, num_heads, **options))
 

@@ -1,8 +1,6 @@
 """Every registered card: builds at the common signature, keeps [B, T, C], decodes like its
 full forward where it says it decodes, and on CUDA its fast path matches its reference path."""
 
-import inspect
-
 import pytest
 import torch
 
@@ -13,20 +11,9 @@ SMALL = {"window": 5, "sink_tokens": 2, "keep_keys": 6, "block_size": 4, "local_
          "max_len": 64}
 
 
-def accepted_options(card) -> set:
-    """The layer's own keyword names, plus MultiHeadAttention's when it forwards ``**options`` to it."""
-    params = inspect.signature(card.layer.__init__).parameters
-    names = set(params)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        from attnkit.layers import MultiHeadAttention
-
-        names |= set(inspect.signature(MultiHeadAttention.__init__).parameters)
-    return names
-
-
 def build(name, dim=32, heads=4, **extra):
     card = attnkit.get(name)
-    accepted = accepted_options(card)
+    accepted = card.accepted_options()
     options = {k: v for k, v in SMALL.items() if k in accepted or k in card.defaults}
     options.update({k: v for k, v in extra.items() if k in accepted})
     torch.manual_seed(0)
@@ -83,3 +70,10 @@ def test_cuda_fast_path_matches_reference(name):
         # as Agent's row bias on a 1 x N grid) has only rounding noise to compare
         if b.grad is not None and b.grad.norm() > 1e-9 * max(1.0, float(b.norm())):
             assert (a.grad.double() - b.grad).norm() / b.grad.norm() < 1e-3, pname
+
+
+def test_accepted_options_follow_forwarded_keywords():
+    """A card's options: its layer's own, plus its base's where the layer forwards ``**options``."""
+    dma = attnkit.get("dma").accepted_options()
+    assert {"keep_keys", "head_dim", "num_kv_heads", "pattern"} <= dma and "options" not in dma and "self" not in dma
+    assert "pattern" not in attnkit.get("lightning").accepted_options()  # no forwarding: its own only
