@@ -546,8 +546,11 @@ def block_mask_from_blocks(partial_blocks: Tensor, full_blocks: Tensor, q_len: i
     from torch.nn.attention.flex_attention import BlockMask
 
     def ordered(blocks):  # per row: how many, then their column indices first, ascending
-        return (blocks.sum(-1, dtype=torch.int32),
-                torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32))
+        # contiguous: FlexAttention's Triton kernels step through an index row assuming stride 1,
+        # and argsort of the transposed grid keeps the transpose's strides, so the backward's
+        # q-side indices were read across rows (wrong dk/dv on CUDA once blocks are skipped)
+        return (blocks.sum(-1, dtype=torch.int32).contiguous(),
+                torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32).contiguous())
 
     kv_num, kv_indices = ordered(partial_blocks)
     full_kv_num, full_kv_indices = ordered(full_blocks)
