@@ -1,6 +1,6 @@
 """Triton kernels for Lightning attention (forward and backward), chunk-parallel.
 
-The math is :mod:`attnkit.ops.lightning`'s block form with chunks of ``BT = 64`` tokens.
+The math is :mod:`attnkit.ops.linear.lightning`'s block form with chunks of ``BT = 64`` tokens.
 Instead of one program walking the whole sequence (Lightning Attention-2's kernel), the
 work is split so that most of it runs in parallel over chunks, and the one sequential part,
 the walk of the state over the chunks, runs in parallel over *segments* of chunks:
@@ -50,7 +50,7 @@ import os
 import torch
 from torch import Tensor
 
-from .._checks import positive_int
+from ..._checks import positive_int
 
 try:
     import triton

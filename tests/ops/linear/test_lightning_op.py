@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import rel_rms
 
-from attnkit.ops.lightning import (
+from attnkit.ops.linear.lightning import (
     alibi_slopes,
     lightning_attend,
     lightning_attend_chunked,
@@ -139,7 +139,7 @@ def test_triton_kernels_match_reference(B, H, T, D, E, segment):
     the state walk in one segment and in several (``segment`` chunks each: 300 tokens in
     segments of 2, 2 and a partial 1 chunk; 256 in four of 1; 200 in 3 + a partial 1)."""
     pytest.importorskip("triton")
-    from attnkit.ops.lightning_triton import lightning_attention_triton
+    from attnkit.ops.linear.lightning_triton import lightning_attention_triton
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(1)
@@ -161,7 +161,7 @@ def test_triton_kernels_match_reference(B, H, T, D, E, segment):
 @pytest.mark.parametrize("segment", [0, -1, 1.5, True, "2"])
 def test_triton_bad_segment_chunks(segment):
     pytest.importorskip("triton")
-    from attnkit.ops.lightning_triton import lightning_attention_triton
+    from attnkit.ops.linear.lightning_triton import lightning_attention_triton
 
     q = torch.randn(1, 1, 64, 16)
     with pytest.raises(ValueError, match="segment_chunks must be a positive integer"):
@@ -172,7 +172,7 @@ def test_triton_bad_segment_chunks(segment):
 def test_triton_segments_on_cuda_equal_one_walk():
     """B = 1 at 16k: the default splits the walk into segments (about 4 walks per SM); the
     result matches one walk over all 256 chunks, forward and gradients."""
-    from attnkit.ops.lightning_triton import _segments, lightning_attention_triton
+    from attnkit.ops.linear.lightning_triton import _segments, lightning_attention_triton
 
     T = 16384
     seg, G = _segments(T // 64, 16 * 4, torch.device("cuda"), None)
@@ -206,7 +206,7 @@ def test_triton_bf16_on_cuda(T):
 
 @pytest.mark.parametrize("n", [1, 64, 65, 1000, 5000])
 def test_prefix_sum_equals_cumsum(n):
-    from attnkit.ops.lightning import prefix_sum
+    from attnkit.ops.linear.prefix_sum import prefix_sum
 
     x = torch.randn(2, 3, n, 4, dtype=torch.float64)
     torch.testing.assert_close(prefix_sum(x), x.cumsum(2))

@@ -22,7 +22,7 @@ Three paths, one math: :func:`lightning_attend_reference` (materialised ``T x S`
 matrix, the float64 reference), :func:`lightning_attend_chunked` (the block loop in PyTorch,
 any device, autograd backward), :func:`lightning_attend_recurrent` (token by token; what a
 decode step runs). On CUDA :func:`lightning_attend` dispatches to the Triton kernels of
-:mod:`attnkit.ops.lightning_triton`. Every decay is ``exp(-s * distance)`` with a
+:mod:`attnkit.ops.linear.lightning_triton`. Every decay is ``exp(-s * distance)`` with a
 non-negative distance, so nothing overflows however long the sequence.
 
 Layout: q, k ``[B, H, T, D]``, v ``[B, H, T, E]``, slopes ``[H]``, state ``[B, H, D, E]``
@@ -199,22 +199,3 @@ def lightning_attend(q, k, v, slopes, *, initial_state=None, backend: str = "aut
         return _recurrent(q, k, v, slopes, initial_state)
     return _chunked(q, k, v, slopes, initial_state, chunk_size)
 
-
-def prefix_sum(x: Tensor, dim: int = 2, chunk: int = 64) -> Tensor:
-    """Inclusive cumulative sum along ``dim``, computed in two levels (within blocks of
-    ``chunk``, then over the block totals, recursively). Same values as ``x.cumsum(dim)``;
-    on CUDA a long scan along a non-innermost dim runs one sequential thread per column,
-    which made Flow's and Agent's prefix sums grow faster than linearly with T."""
-    n = x.shape[dim]
-    if n <= chunk:
-        return x.cumsum(dim)
-    x = x.movedim(dim, -2)  # (..., n, F)
-    pad = (-n) % chunk
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    blocks = x.unflatten(-2, (-1, chunk))  # (..., N, chunk, F)
-    local = blocks.cumsum(-2)
-    totals = local[..., -1, :]  # (..., N, F)
-    carry = prefix_sum(totals, dim=-2, chunk=chunk) - totals  # exclusive prefix of the block totals
-    out = (local + carry[..., None, :]).flatten(-3, -2)[..., :n, :]
-    return out.movedim(-2, dim)
