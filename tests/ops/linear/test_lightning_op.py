@@ -39,6 +39,22 @@ def loop_formula(q, k, v, slopes, s0):
     return out
 
 
+NAMES = ("o", "state", "dq", "dk", "dv", "dstate0")
+
+
+def against_reference(outputs, q, k, v, slopes, s0, leaves):
+    """``(o, final state, *gradients of leaves)`` of a path's ``outputs`` and of the float64
+    reference on the same inputs, the gradients of one random loss ``sum(o * go) + sum(state * gs)``
+    (the reference's state taken in the path's state dtype)."""
+    o, state = outputs
+    go, gs = torch.randn_like(o), torch.randn_like(state)
+    both = []
+    for o, state in (outputs, lightning_attend_reference(q, k, v, slopes, initial_state=s0)):
+        loss = (o * go).sum() + (state.to(gs.dtype) * gs).sum()
+        both.append((o, state, *torch.autograd.grad(loss, leaves)))
+    return both
+
+
 def test_reference_is_the_formula():
     q, k, v, slopes, s0 = inputs(T=9)
     o, _ = lightning_attend_reference(q, k, v, slopes, initial_state=s0)
@@ -55,15 +71,9 @@ def test_paths_match_reference_forward_grads_and_state(path, with_state):
     else:
         size = int(path.split("-")[1])
         fn = lambda *a, **kw: lightning_attend_chunked(*a, chunk_size=size, **kw)  # noqa: E731
-    o, state = fn(q, k, v, slopes, initial_state=s0)
-    o_ref, state_ref = lightning_attend_reference(q, k, v, slopes, initial_state=s0)
-    torch.testing.assert_close(o, o_ref)
-    torch.testing.assert_close(state, state_ref)
-    g, gs = torch.randn_like(o), torch.randn_like(state)
-    grads = torch.autograd.grad((o * g).sum() + (state * gs).sum(), leaves)
-    ref_grads = torch.autograd.grad((o_ref * g).sum() + (state_ref * gs).sum(), leaves)
-    for name, a, b in zip("qkvs", grads, ref_grads):
-        torch.testing.assert_close(a, b, msg=lambda m: f"d{name}: {m}")
+    got, want = against_reference(fn(q, k, v, slopes, initial_state=s0), q, k, v, slopes, s0, leaves)
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
 
 
 def test_state_carries_a_split_sequence():
@@ -148,13 +158,10 @@ def test_triton_kernels_match_reference(B, H, T, D, E, segment):
     s0 = torch.randn(B, H, D, E, generator=g).to(device)
     slopes = torch.tensor([0.3, 0.01][:H], device=device)
     leaves = [t.requires_grad_() for t in (q, k, v, s0)]
-    o, state = lightning_attention_triton(q, k, v, slopes, initial_state=s0, segment_chunks=segment)
-    o_ref, state_ref = lightning_attend_reference(q, k, v, slopes, initial_state=s0)
-    go, gs = torch.randn_like(o), torch.randn_like(state)
-    grads = torch.autograd.grad((o * go).sum() + (state * gs).sum(), leaves)
-    ref_grads = torch.autograd.grad((o_ref * go).sum() + (state_ref.float() * gs).sum(), leaves)
+    outputs = lightning_attention_triton(q, k, v, slopes, initial_state=s0, segment_chunks=segment)
+    got, want = against_reference(outputs, q, k, v, slopes, s0, leaves)
     tol = 1e-5 if device == "cpu" else 5e-3  # tf32 tensor cores on CUDA
-    for name, a, b in zip(["o", "state", "dq", "dk", "dv", "dstate0"], [o, state, *grads], [o_ref, state_ref, *ref_grads]):
+    for name, a, b in zip(NAMES, got, want):
         assert rel_rms(b, a) < tol, name
 
 
