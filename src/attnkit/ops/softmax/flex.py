@@ -23,7 +23,6 @@ def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-# -- FlexAttention ------------------------------------------------------------------------
 _PROBED_SCORE_MODS: set = set()
 
 
