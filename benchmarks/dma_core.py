@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from attnkit import patterns
 from attnkit.layers.dynamic_mask import _KeptKeys, kept_key_thresholds
 from attnkit.ops import attend
-from attnkit.ops.attention import block_mask_for
+from attnkit.ops.softmax.flex import block_mask_for
 from cuda_timing import save_results, timed, training_step
 
 

@@ -1,5 +1,5 @@
 """FlexAttention ``kernel_options`` on the patterned mechanisms' training step: forward +
-backward through ``attend(backend="flex")`` with each set of options (``attnkit.ops.attention.
+backward through ``attend(backend="flex")`` with each set of options (``attnkit.ops.softmax.flex.
 FLEX_KERNEL_OPTIONS``, which override each pattern's own ``flex_kernel_options``), for S2 (vert_stride 16, 64-token blocks, 16 local) at ``--s2-seq``,
 and dense causal, window 1024 and sink 4 + 1024 at ``--seq``; dense causal SDPA (cuDNN) at
 both lengths in the same process for the ratios. bf16, B = 1, 16 heads, D = 128. CUDA only.
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from attnkit import patterns
 from attnkit.ops import attend
-from attnkit.ops import attention as attention_module
+from attnkit.ops.softmax import flex as attention_module
 from cuda_timing import save_results, timed
 
 VARIANTS = {

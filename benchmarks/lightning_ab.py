@@ -1,10 +1,10 @@
 """Two versions of the Lightning Triton kernels timed in one process, interleaved (A B A B):
 ``--modules`` names importable modules that define ``lightning_attention_triton`` (e.g. the
-current ``attnkit.ops.lightning_triton`` and an older copy of it saved beside it), for a
+current ``attnkit.ops.linear.lightning_triton`` and an older copy of it saved beside it), for a
 refactor that must not cost time. Forward and forward + backward, bf16, 16 heads, D = 128,
 batch = tokens / seq. Also the largest output difference between the two. CUDA only.
 
-    PYTHONPATH=src python benchmarks/lightning_ab.py --modules attnkit.ops.lightning_triton,attnkit.ops._old --out ab.json
+    PYTHONPATH=src python benchmarks/lightning_ab.py --modules attnkit.ops.linear.lightning_triton,attnkit.ops.linear._old --out ab.json
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 
 import torch
 
-from attnkit.ops.lightning import alibi_slopes
+from attnkit.ops.linear.lightning import alibi_slopes
 from cuda_timing import save_results, timed
 
 

@@ -15,8 +15,8 @@ import json
 
 import torch
 
-from attnkit.ops.lightning import alibi_slopes
-from attnkit.ops.lightning_triton import CHUNK, _blocks, _segments, lightning_attention_triton
+from attnkit.ops.linear.lightning import alibi_slopes
+from attnkit.ops.linear.lightning_triton import CHUNK, _blocks, _segments, lightning_attention_triton
 from cuda_timing import timed
 
 

@@ -5,7 +5,7 @@ Times the attention core alone (after the projections, before W_o): MHA through 
 ``core`` (shared heads through ``attend``, each routed head on only the tokens that picked it),
 with the routing of a freshly initialised router on random inputs (about balanced). Two
 routed paths (``--paths``): ``picked``, cuDNN on dense rectangles
-(:mod:`attnkit.ops.picked_causal`, what the layer picks when the cuDNN frontend is
+(:mod:`attnkit.ops.softmax.picked_causal`, what the layer picks when the cuDNN frontend is
 installed) and ``flex``, gathered rows through FlexAttention (its fallback). Also times the
 routed heads alone on each path, and the flex path's block mask. CUDA only.
 
@@ -22,10 +22,10 @@ import torch
 from attnkit import patterns
 from attnkit.layers import MixtureOfHeadsAttention
 from attnkit.ops import attend
-from attnkit.ops import attention as attention_module
+from attnkit.ops.softmax import flex as attention_module
 from attnkit.layers import mixture_of_heads as moh_module
-from attnkit.ops import picked_causal
-from attnkit.ops.attention import block_mask_for
+from attnkit.ops.softmax import picked_causal
+from attnkit.ops.softmax.flex import block_mask_for
 from cuda_timing import save_results, timed
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--flex-options", default="{}",
                    help="';'-separated JSON kernel_options sets for the routed heads' FlexAttention "
-                        "(attnkit.ops.attention.FLEX_KERNEL_OPTIONS), each timed in turn, e.g. '{};{\"USE_TMA\": true}'")
+                        "(attnkit.ops.softmax.flex.FLEX_KERNEL_OPTIONS), each timed in turn, e.g. '{};{\"USE_TMA\": true}'")
     p.add_argument("--paths", default="picked,flex",
                    help="routed-head paths to time: picked (cuDNN, shared heads on a side stream), picked-serial "
                         "(the same, one stream), flex")

@@ -1,4 +1,4 @@
-"""Where the time of :func:`attnkit.ops.picked_causal.picked_causal_attention` goes, on one GPU.
+"""Where the time of :func:`attnkit.ops.softmax.picked_causal.picked_causal_attention` goes, on one GPU.
 
 MoH's routed heads at the issue's shape (12 routed heads of 16, each token picking 6, head dim
 128, bf16): the split's forward and forward + backward for several leaf sizes, its plan alone,
@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from attnkit.ops import picked_causal as pc
+from attnkit.ops.softmax import picked_causal as pc
 from cuda_timing import save_results, timed
 
 

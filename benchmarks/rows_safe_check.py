@@ -18,7 +18,7 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 from attnkit import patterns
-from attnkit.ops.attention import block_mask_for, diagonal_first, first_tiles_cover_rows
+from attnkit.ops.softmax.flex import block_mask_for, diagonal_first, first_tiles_cover_rows
 from cuda_timing import save_results
 
 

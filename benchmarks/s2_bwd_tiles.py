@@ -1,7 +1,7 @@
 """S2-Attention's training step with one FlexAttention backward tile offered to Inductor.
 
 Inductor's sm90 backward tile (64 x 128 / 128 x 64) does not divide S2's 64-token key blocks,
-so attnkit offers its own (``attnkit.ops.attention.SMALL_BWD_TILES``). This times
+so attnkit offers its own (``attnkit.ops.softmax.flex.SMALL_BWD_TILES``). This times
 ``attend`` forward + backward on the S2 pattern (vert_stride 16, 64-token blocks, 16 local
 blocks) with the tile given on the command line, against dense causal SDPA in the same
 process: run it once per tile (a fresh process each, so that Inductor compiles anew). CUDA only.
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from attnkit import patterns
 from attnkit.ops import attend
-from attnkit.ops import attention as attention_module
+from attnkit.ops.softmax import flex as attention_module
 from cuda_timing import timed, training_step
 
 

@@ -1,7 +1,7 @@
 """How the Triton sigmoid kernels compute sigmoid: accuracy and speed of the two formulas.
 
 ``tanh``: ``(1 + tanh(x/2)) / 2`` with one MUFU ``tanh.approx.f32``; ``exp``: ``1 / (1 + 2^(-x log2 e))``
-with ``ex2.approx`` and ``rcp.approx`` (:data:`attnkit.ops.sigmoid_triton.SIGMOID_FORMULA`). Under a
+with ``ex2.approx`` and ``rcp.approx`` (:data:`attnkit.ops.sigmoid.sigmoid_triton.SIGMOID_FORMULA`). Under a
 ``-log n`` bias nearly every weight is small, where ``1 + tanh`` cancels. Measures, per formula:
 the elementwise relative error over ``x`` in [-30, 10]; the attention output's error against a
 float64 reference (batch item 0, heads 0-1, in row chunks) at the benchmark shape (causal, bias
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from cuda_timing import save_results, timed, training_step
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attnkit.ops import sigmoid_triton
+from attnkit.ops.sigmoid import sigmoid_triton
 from attnkit.ops.sigmoid import sigmoid_attend, sigmoid_attend_reference
 
 FORMULAS = ("exp", "tanh")

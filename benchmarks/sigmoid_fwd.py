@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attnkit.ops import sigmoid_triton
+from attnkit.ops.sigmoid import sigmoid_triton
 from attnkit.ops.sigmoid import sigmoid_attend
 from cuda_timing import save_results, timed
 

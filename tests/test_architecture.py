@@ -77,3 +77,48 @@ def test_the_reader_sees_relative_and_absolute_imports(tmp_path, monkeypatch):
     bad = fake / "layers" / "bad.py"
     bad.write_text("from ..bench import harness\ndef f():\n    import attnkit.compare\n")
     assert _imports(bad) == {"bench", "compare"}
+
+
+# ops by family (docs/architecture.md, level 2): each family a package with its reference beside its
+# kernels; a family imports no other family but softmax (sigmoid's FlexAttention path runs on attend)
+OPS_FAMILIES = {"softmax": set(), "sigmoid": {"softmax"}, "linear": set(), "select": set()}
+
+
+def _ops_families(path: Path) -> set[str]:
+    """The ``attnkit.ops`` families that ``path`` (a module of ``ops/<family>/``) imports."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            target = parts[:-node.level] + (node.module.split(".") if node.module else [])
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("attnkit."):
+            target = node.module.split(".")[1:]
+        else:
+            continue
+        if target[:1] == ["ops"]:
+            out |= {target[1]} if len(target) > 1 else {a.name for a in node.names}
+    return out
+
+
+def test_ops_families_import_only_softmax():
+    problems = []
+    for path in sorted((PACKAGE / "ops").rglob("*.py")):
+        rel = path.relative_to(PACKAGE / "ops")
+        if len(rel.parts) == 1:
+            assert rel.name == "__init__.py", f"ops/{rel}: an op belongs in its family's package (ops/<family>/)"
+            continue
+        family = rel.parts[0]
+        assert family in OPS_FAMILIES, f"ops/{family} is not a family of docs/architecture.md"
+        for imported in _ops_families(path) - OPS_FAMILIES[family] - {family}:
+            problems.append(f"ops/{rel.as_posix()} imports attnkit.ops.{imported}")
+    assert not problems, "ops families crossing docs/architecture.md's rule:\n" + "\n".join(problems)
+
+
+def test_the_ops_reader_sees_relative_and_absolute_imports(tmp_path, monkeypatch):
+    fake = tmp_path / "attnkit"
+    (fake / "ops" / "linear").mkdir(parents=True)
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    bad = fake / "ops" / "linear" / "bad.py"
+    bad.write_text("from ..softmax.flex import block_mask_for\nfrom .. import sigmoid\n"
+                   "from .lightning import x\ndef f():\n    from attnkit.ops.select import prefix_quantile\n")
+    assert _ops_families(bad) == {"softmax", "sigmoid", "linear", "select"}

@@ -442,7 +442,7 @@ def test_cli_list(capsys):
 
 def test_small_flex_tiles_are_on_during_the_run_only(monkeypatch):
     """``--small-flex-tiles`` turns the opt-in FlexAttention backward tile on for the run and off after it."""
-    from attnkit.ops import attention as attention_module
+    from attnkit.ops.softmax import flex as attention_module
 
     seen = []
     real = harness._run_bench

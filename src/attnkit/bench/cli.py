@@ -88,7 +88,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the layers (default: off)")
     p.add_argument("--small-flex-tiles", action="store_true",
                    help="let training steps run patterns on their own 64-token FlexAttention blocks "
-                        "(attnkit.ops.attention.enable_small_flex_backward_tiles, for this run only; default: off)")
+                        "(attnkit.ops.softmax.flex.enable_small_flex_backward_tiles, for this run only; default: off)")
     p.add_argument("--timing", default="latency", choices=TIMINGS,
                    help="latency (each call timed alone, host launch gaps included) | throughput (each sample is the "
                    "mean of 10 calls queued back to back: tokens/s of a busy GPU) (default: latency)")

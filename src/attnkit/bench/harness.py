@@ -9,7 +9,7 @@ Rows of a run
   causal; on CUDA also ``dense-sdpa-cudnn``, ``-flash``, ``-efficient``), ``flex`` (raw
   compiled FlexAttention on the ``--pattern`` block mask; ``dense-flex`` the same on dense causal),
   ``sigmoid`` (:func:`attnkit.ops.sigmoid_attend` on ``--pattern``, bias -log T), ``lightning``
-  (:func:`attnkit.ops.lightning.lightning_attend`, causal linear attention with ALiBi-slope
+  (:func:`attnkit.ops.linear.lightning.lightning_attend`, causal linear attention with ALiBi-slope
   decay; Triton on CUDA), ``fla-lightning`` (flash-linear-attention's ``chunk_lightning_attn``
   on its own ``[B, T, H, D]`` layout, when ``fla`` is installed), ``attend`` (``attnkit.attend``,
   auto dispatch, ``--pattern``) and ``reference`` (where it fits in memory); dense
@@ -105,7 +105,7 @@ from .._checks import parse_device
 from .._meta import code_hash, cpu_model, git_commit
 from .. import patterns as _patterns
 from ..ops import attend, attend_reference, block_mask_for
-from ..ops.attention import _flex_impl, flex_small_blocks, flex_tiles
+from ..ops.softmax.flex import _flex_impl, flex_small_blocks, flex_tiles
 
 __all__ = ["BenchConfig", "run_bench", "parse_pattern", "OPS", "default_config", "SCHEMA", "validate_config"]
 
@@ -474,13 +474,13 @@ def _op_callable(name: str, q, k, v, pattern, dense_pattern) -> tuple[Callable, 
 
         return eager, "flex (eager)"
     if name == "attend":
-        from ..ops.attention import choose_backend
+        from ..ops.softmax.dispatch import choose_backend
 
         backend = choose_backend(q, k, v, pattern, None, False, 0)
         return (lambda: attend(q, k, v, pattern=pattern)), backend
     if name == "sigmoid":
         from ..ops import sigmoid_attend
-        from ..ops.attention import choose_backend
+        from ..ops.softmax.dispatch import choose_backend
         from ..ops.sigmoid import choose_sigmoid_backend
 
         backend = choose_sigmoid_backend(q, v, pattern)
@@ -488,7 +488,7 @@ def _op_callable(name: str, q, k, v, pattern, dense_pattern) -> tuple[Callable, 
             backend = choose_backend(q, k, v, pattern, "score_mod", True, 0) + " (log-sigmoid)"
         return (lambda: sigmoid_attend(q, k, v, pattern=pattern, bias=-math.log(q.shape[2]))), backend
     if name == "lightning":
-        from ..ops.lightning import alibi_slopes, lightning_attend
+        from ..ops.linear.lightning import alibi_slopes, lightning_attend
 
         slopes = torch.tensor(alibi_slopes(q.shape[1]), device=q.device)
         backend = "triton" if q.is_cuda else "chunked"
@@ -939,7 +939,7 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    from ..ops.attention import small_flex_backward_tiles
+    from ..ops.softmax.flex import small_flex_backward_tiles
 
     try:
         if cfg.small_flex_tiles:

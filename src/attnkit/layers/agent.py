@@ -34,7 +34,7 @@ call, and with scores bounded to ``[-cap, cap]`` no weight underflows (``e^-60``
 inside float32 and bf16 range). Without the cap, training on MQAR hit NaN at step 690.
 Writing ``phi_k(j)_a = exp(s a_a . k_j - m_a)`` and ``phi_q(t)_a = softmax_a(...) /
 Z_a(t)`` gives ``o_t = sum_{j<=t} (phi_q(t) . phi_k(j)) v_j``: causal linear attention with
-an n-dimensional feature map, run on :func:`attnkit.ops.lightning.lightning_attend` with
+an n-dimensional feature map, run on :func:`attnkit.ops.linear.lightning.lightning_attend` with
 zero decay. ``m_a`` is a detached stabiliser (the running maximum of the agent's scores),
 which cancels exactly. Decode state per head: ``[n, D]`` + ``[n]`` + ``[n]`` plus the conv
 tail: constant in the context length.
@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import head_dim_of, positive_int
-from ..ops.lightning import lightning_attend, prefix_sum
+from ..ops.linear.lightning import lightning_attend
+from ..ops.linear.prefix_sum import prefix_sum
 from ..registry import Capabilities, Card, FlopCount, register
 from ..state import RecurrentState
 from .base import AttentionLayer, check_input

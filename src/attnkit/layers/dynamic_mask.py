@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .. import patterns as _patterns
 from .._checks import positive_int
 from ..ops import attend
-from ..ops.prefix_quantile import kth_largest_of_prefixes
+from ..ops.select.prefix_quantile import kth_largest_of_prefixes
 from ..registry import Capabilities, Card, FlopCount, register
 from .multi_head import MultiHeadAttention, head_shape, multi_head_flops
 
@@ -73,7 +73,7 @@ def _prefix_thresholds(bias: Tensor, keep: int, q_len: int, q_offset: int) -> Te
     """The causal case of :func:`kept_key_thresholds`: a row that sees keys ``0..p`` keeps the
     ``keep`` largest biases of that prefix, so its threshold is the prefix's ``keep``-th largest,
     found for every row at once in ``O(S log S)`` per (batch, KV head) by
-    :func:`attnkit.ops.prefix_quantile.kth_largest_of_prefixes` (a wavelet matrix over the ranks)."""
+    :func:`attnkit.ops.select.prefix_quantile.kth_largest_of_prefixes` (a wavelet matrix over the ranks)."""
     B, Hkv, S = bias.shape
     seen = (torch.arange(q_len, device=bias.device) + q_offset).clamp(max=S - 1) + 1  # keys each row sees
     return kth_largest_of_prefixes(bias.reshape(B * Hkv, S), keep, seen).view(B, Hkv, q_len)

@@ -9,8 +9,8 @@ al., arXiv 2202.06258).
 What differs from multi-head attention: no softmax over keys (competition is a softmax
 over the *sources'* conserved flow, allocation a sigmoid of the sinks'); cost linear in T;
 the causal version decodes through fixed-size running sums
-(:class:`attnkit.ops.flow.FlowState`). The math and its reference are in
-:mod:`attnkit.ops.flow`. ``causal=False`` is the paper's bidirectional version (no decode).
+(:class:`attnkit.ops.linear.flow.FlowState`). The math and its reference are in
+:mod:`attnkit.ops.linear.flow`. ``causal=False`` is the paper's bidirectional version (no decode).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import head_dim_of, positive_int
-from ..ops.flow import FLOW_BACKENDS, FlowState, flow_attend
+from ..ops.linear.flow import FLOW_BACKENDS, FlowState, flow_attend
 from ..registry import Capabilities, Card, FlopCount, register
 from ..state import State
 from .base import AttentionLayer, check_input
@@ -47,7 +47,7 @@ class FlowAttention(AttentionLayer):
         clamp: bound of the conserved source flow before the competition (official 1.0).
         bias: biases in the projections (the official code has them).
         backend: ``auto`` | ``reference`` | ``chunked`` | ``recurrent`` | ``triton``
-            (:func:`attnkit.ops.flow.flow_attend`).
+            (:func:`attnkit.ops.linear.flow.flow_attend`).
 
     Shapes: ``x [B, T, C] -> [B, T, C]``; causal decode state: ``4*D + 1`` floats plus one
     ``[D, D]`` matrix per head, whatever the context length.

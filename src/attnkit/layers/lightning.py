@@ -39,7 +39,7 @@ decays fastest and the last barely at all. :class:`~attnkit.models.DecoderLM` pa
 What differs from multi-head attention: no softmax and no positional encoding (the decay
 orders tokens); cost and decode state are linear / constant in the context length. The
 decode state is one ``[D, D]`` float32 matrix per head (:class:`~attnkit.state.RecurrentState`).
-The math lives in :mod:`attnkit.ops.lightning` (reference, PyTorch chunks, recurrence,
+The math lives in :mod:`attnkit.ops.linear.lightning` (reference, PyTorch chunks, recurrence,
 Triton on CUDA).
 """
 
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import head_dim_of, positive_int
-from ..ops.lightning import LIGHTNING_BACKENDS, alibi_slopes, lightning_attend
+from ..ops.linear.lightning import LIGHTNING_BACKENDS, alibi_slopes, lightning_attend
 from ..registry import Capabilities, Card, FlopCount, register
 from ..state import RecurrentState
 from .base import AttentionLayer, check_input
@@ -105,7 +105,7 @@ class LightningAttention(AttentionLayer):
         chunk_size: block length of the PyTorch chunked path.
         bias: biases in the projections.
         backend: ``auto`` | ``reference`` | ``chunked`` | ``recurrent`` | ``triton``
-            (:func:`attnkit.ops.lightning.lightning_attend`).
+            (:func:`attnkit.ops.linear.lightning.lightning_attend`).
 
     Shapes: ``x [B, T, C] -> [B, T, C]``; decode state ``[B, H, D, D]`` float32.
 

@@ -19,7 +19,7 @@ forward, which ``attnkit compare`` adds to the loss.
 
 Fast path: a routed head is computed only for the tokens that picked it. On CUDA with the
 cuDNN frontend (``backend="auto"``, prefill and training) the picked rows run through
-:func:`attnkit.ops.picked_causal.picked_causal_attention`: a dyadic split of the positions
+:func:`attnkit.ops.softmax.picked_causal.picked_causal_attention`: a dyadic split of the positions
 into unmasked rectangles that cuDNN's fused attention computes at its full rate, merged by
 log-sum-exp. Otherwise, per (batch item, head) the picked tokens are gathered (sorted by position) into ``M`` query rows, ``M`` the
 largest count, and attend to all keys through :class:`attnkit.patterns.AtQueryPositions`:
@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .. import patterns as _patterns
 from ..ops import attend
-from ..ops import picked_causal as _picked
+from ..ops.softmax import picked_causal as _picked
 from ..registry import Capabilities, Card, FlopCount, dense_attention_flops, register
 from .multi_head import MultiHeadAttention, head_shape
 
@@ -155,7 +155,7 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
         compiling = torch.compiler.is_compiling()
         if (not compiling and self.backend == "auto" and q_offset == 0 and T == S
                 and _picked.supports(q_r, k_r, v_r, picked)):
-            # cuDNN on dense rectangles (attnkit.ops.picked_causal): about cuDNN's rate on the picked rows.
+            # cuDNN on dense rectangles (attnkit.ops.softmax.picked_causal): about cuDNN's rate on the picked rows.
             # The shared heads run on a side stream meanwhile: they fill the GPU while the routed
             # heads' plan waits for it and while their small pieces are launched (the backward runs
             # on the same streams)

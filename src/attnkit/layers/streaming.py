@@ -15,7 +15,7 @@ RoPE phase of their original position (the model was trained that way), so decod
 the full forward exactly.
 
 Speed: on CUDA with the cuDNN frontend installed (``pip install "attnkit[cudnn]"``), prefill
-and training run on cuDNN's fused band attention (:mod:`attnkit.ops.cudnn_band`; the sinks
+and training run on cuDNN's fused band attention (:mod:`attnkit.ops.softmax.cudnn_band`; the sinks
 merged in by log-sum-exp); otherwise on FlexAttention. H200, training step of the core at
 32k, window 1024: 2.44 ms (sink 4 + window: 2.80 ms) against 3.39 (4.79) ms on FlexAttention
 and 26.4 ms for dense causal cuDNN.

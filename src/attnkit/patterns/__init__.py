@@ -77,7 +77,7 @@ class Pattern:
     #: (FlexAttention's default, 128).
     flex_block_size: int | tuple[int, int] | None = None
     #: FlexAttention ``kernel_options`` this pattern runs with on CUDA (chosen by measurement;
-    #: ``attnkit.ops.attention.FLEX_KERNEL_OPTIONS`` overrides them). ``ROWS_GUARANTEED_SAFE`` here is
+    #: ``attnkit.ops.softmax.flex.FLEX_KERNEL_OPTIONS`` overrides them). ``ROWS_GUARANTEED_SAFE`` here is
     #: a request that ``attend`` grants only where it can verify it for the shape.
     flex_kernel_options: Mapping[str, object] = MappingProxyType({})
 

@@ -5,7 +5,7 @@ every gradient; a state carries a split sequence; bad inputs."""
 import pytest
 import torch
 
-from attnkit.ops.flow import FlowState, flow_attend, flow_attend_reference
+from attnkit.ops.linear.flow import FlowState, flow_attend, flow_attend_reference
 
 EPS = 1e-6
 

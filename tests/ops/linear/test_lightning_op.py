@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import rel_rms
 
-from attnkit.ops.lightning import (
+from attnkit.ops.linear.lightning import (
     alibi_slopes,
     lightning_attend,
     lightning_attend_chunked,
@@ -39,6 +39,22 @@ def loop_formula(q, k, v, slopes, s0):
     return out
 
 
+NAMES = ("o", "state", "dq", "dk", "dv", "dstate0")
+
+
+def against_reference(outputs, q, k, v, slopes, s0, leaves):
+    """``(o, final state, *gradients of leaves)`` of a path's ``outputs`` and of the float64
+    reference on the same inputs, the gradients of one random loss ``sum(o * go) + sum(state * gs)``
+    (the reference's state taken in the path's state dtype)."""
+    o, state = outputs
+    go, gs = torch.randn_like(o), torch.randn_like(state)
+    both = []
+    for o, state in (outputs, lightning_attend_reference(q, k, v, slopes, initial_state=s0)):
+        loss = (o * go).sum() + (state.to(gs.dtype) * gs).sum()
+        both.append((o, state, *torch.autograd.grad(loss, leaves)))
+    return both
+
+
 def test_reference_is_the_formula():
     q, k, v, slopes, s0 = inputs(T=9)
     o, _ = lightning_attend_reference(q, k, v, slopes, initial_state=s0)
@@ -55,15 +71,9 @@ def test_paths_match_reference_forward_grads_and_state(path, with_state):
     else:
         size = int(path.split("-")[1])
         fn = lambda *a, **kw: lightning_attend_chunked(*a, chunk_size=size, **kw)  # noqa: E731
-    o, state = fn(q, k, v, slopes, initial_state=s0)
-    o_ref, state_ref = lightning_attend_reference(q, k, v, slopes, initial_state=s0)
-    torch.testing.assert_close(o, o_ref)
-    torch.testing.assert_close(state, state_ref)
-    g, gs = torch.randn_like(o), torch.randn_like(state)
-    grads = torch.autograd.grad((o * g).sum() + (state * gs).sum(), leaves)
-    ref_grads = torch.autograd.grad((o_ref * g).sum() + (state_ref * gs).sum(), leaves)
-    for name, a, b in zip("qkvs", grads, ref_grads):
-        torch.testing.assert_close(a, b, msg=lambda m: f"d{name}: {m}")
+    got, want = against_reference(fn(q, k, v, slopes, initial_state=s0), q, k, v, slopes, s0, leaves)
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
 
 
 def test_state_carries_a_split_sequence():
@@ -139,7 +149,7 @@ def test_triton_kernels_match_reference(B, H, T, D, E, segment):
     the state walk in one segment and in several (``segment`` chunks each: 300 tokens in
     segments of 2, 2 and a partial 1 chunk; 256 in four of 1; 200 in 3 + a partial 1)."""
     pytest.importorskip("triton")
-    from attnkit.ops.lightning_triton import lightning_attention_triton
+    from attnkit.ops.linear.lightning_triton import lightning_attention_triton
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(1)
@@ -148,20 +158,17 @@ def test_triton_kernels_match_reference(B, H, T, D, E, segment):
     s0 = torch.randn(B, H, D, E, generator=g).to(device)
     slopes = torch.tensor([0.3, 0.01][:H], device=device)
     leaves = [t.requires_grad_() for t in (q, k, v, s0)]
-    o, state = lightning_attention_triton(q, k, v, slopes, initial_state=s0, segment_chunks=segment)
-    o_ref, state_ref = lightning_attend_reference(q, k, v, slopes, initial_state=s0)
-    go, gs = torch.randn_like(o), torch.randn_like(state)
-    grads = torch.autograd.grad((o * go).sum() + (state * gs).sum(), leaves)
-    ref_grads = torch.autograd.grad((o_ref * go).sum() + (state_ref.float() * gs).sum(), leaves)
+    outputs = lightning_attention_triton(q, k, v, slopes, initial_state=s0, segment_chunks=segment)
+    got, want = against_reference(outputs, q, k, v, slopes, s0, leaves)
     tol = 1e-5 if device == "cpu" else 5e-3  # tf32 tensor cores on CUDA
-    for name, a, b in zip(["o", "state", "dq", "dk", "dv", "dstate0"], [o, state, *grads], [o_ref, state_ref, *ref_grads]):
+    for name, a, b in zip(NAMES, got, want):
         assert rel_rms(b, a) < tol, name
 
 
 @pytest.mark.parametrize("segment", [0, -1, 1.5, True, "2"])
 def test_triton_bad_segment_chunks(segment):
     pytest.importorskip("triton")
-    from attnkit.ops.lightning_triton import lightning_attention_triton
+    from attnkit.ops.linear.lightning_triton import lightning_attention_triton
 
     q = torch.randn(1, 1, 64, 16)
     with pytest.raises(ValueError, match="segment_chunks must be a positive integer"):
@@ -172,7 +179,7 @@ def test_triton_bad_segment_chunks(segment):
 def test_triton_segments_on_cuda_equal_one_walk():
     """B = 1 at 16k: the default splits the walk into segments (about 4 walks per SM); the
     result matches one walk over all 256 chunks, forward and gradients."""
-    from attnkit.ops.lightning_triton import _segments, lightning_attention_triton
+    from attnkit.ops.linear.lightning_triton import _segments, lightning_attention_triton
 
     T = 16384
     seg, G = _segments(T // 64, 16 * 4, torch.device("cuda"), None)
@@ -206,7 +213,7 @@ def test_triton_bf16_on_cuda(T):
 
 @pytest.mark.parametrize("n", [1, 64, 65, 1000, 5000])
 def test_prefix_sum_equals_cumsum(n):
-    from attnkit.ops.lightning import prefix_sum
+    from attnkit.ops.linear.prefix_sum import prefix_sum
 
     x = torch.randn(2, 3, n, 4, dtype=torch.float64)
     torch.testing.assert_close(prefix_sum(x), x.cumsum(2))

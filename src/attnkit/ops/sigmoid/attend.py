@@ -9,7 +9,7 @@ training length; When Attention Sink Emerges in Language Models (Gu et al., arXi
 2410.10781), which trains it without bias, with and without the row normalisation.
 
 Fast paths. On CUDA, full and causal attention in bf16/fp16 run through Triton kernels of
-our own (``backend="triton"``, :mod:`attnkit.ops.sigmoid_triton`): no softmax means no
+our own (``backend="triton"``, :mod:`attnkit.ops.sigmoid.sigmoid_triton`): no softmax means no
 running maximum and no row statistics, so the kernels are plain tiled sums. Every other
 case: ``log sigmoid`` as a score modifier turns softmax into the normalised form,
 ``softmax_j(log sigmoid(s_ij)) = sigmoid(s_ij) / sum_j sigmoid(s_ij)``, and the row's
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import patterns as _patterns
-from .attention import _check_scale, _validate, attend
+from ... import patterns as _patterns
+from ..softmax.dispatch import _check_scale, _validate, attend
 
 __all__ = ["sigmoid_attend", "sigmoid_attend_reference", "choose_sigmoid_backend", "SIGMOID_BACKENDS"]
 

@@ -257,7 +257,7 @@ TMA_FORWARD: bool | str = "auto"
 
 def _forward_loads(q: Tensor, k: Tensor, v: Tensor) -> tuple[str, ...]:
     if TMA_FORWARD not in (True, False, "auto") or isinstance(TMA_FORWARD, int) and not isinstance(TMA_FORWARD, bool):
-        raise ValueError(f"attnkit.ops.sigmoid_triton.TMA_FORWARD must be True, False or 'auto', got {TMA_FORWARD!r}")
+        raise ValueError(f"attnkit.ops.sigmoid.sigmoid_triton.TMA_FORWARD must be True, False or 'auto', got {TMA_FORWARD!r}")
     if TMA_FORWARD is False:
         return ("pointer",)
     try:
@@ -288,7 +288,7 @@ _FORMULAS = {"tanh": 1, "exp": 2}
 
 def _formula(q: Tensor, bias: float) -> int:
     if SIGMOID_FORMULA not in ("auto", *_FORMULAS):
-        raise ValueError(f"attnkit.ops.sigmoid_triton.SIGMOID_FORMULA must be 'auto', 'exp' or 'tanh', "
+        raise ValueError(f"attnkit.ops.sigmoid.sigmoid_triton.SIGMOID_FORMULA must be 'auto', 'exp' or 'tanh', "
                          f"got {SIGMOID_FORMULA!r}")
     if not q.is_cuda:
         return 0

@@ -65,7 +65,7 @@ def test_triton_kernels_match_reference(pattern, shape, tma, monkeypatch):
     forward with pointer loads and with TMA descriptors (whose tiles run past a head's last row
     into the next head's: the kernel must mask them)."""
     pytest.importorskip("triton")
-    from attnkit.ops import sigmoid_triton
+    from attnkit.ops.sigmoid import sigmoid_triton
 
     monkeypatch.setattr(sigmoid_triton, "TMA_FORWARD", tma)
     Hq, Hkv, T, S = shape
@@ -121,7 +121,7 @@ def test_bad_inputs(kwargs, match):
 def test_cuda_bf16_matches_reference(normalize, pattern, tma, monkeypatch):
     """bf16 through auto dispatch: the Triton kernels (full/causal; the forward's loads through
     pointers, TMA descriptors, or the autotuner's pick) or FlexAttention (the rest)."""
-    from attnkit.ops import sigmoid_triton
+    from attnkit.ops.sigmoid import sigmoid_triton
 
     if tma != "auto" and not isinstance(pattern, str):
         pytest.skip("FlexAttention serves this pattern: no Triton loads to choose")
@@ -143,7 +143,7 @@ def test_cuda_bf16_matches_reference(normalize, pattern, tma, monkeypatch):
 def test_tma_forward_switch_is_checked(monkeypatch):
     """A mistyped ``TMA_FORWARD`` is a clear ValueError, not a silent choice of loads."""
     pytest.importorskip("triton")
-    from attnkit.ops import sigmoid_triton
+    from attnkit.ops.sigmoid import sigmoid_triton
 
     monkeypatch.setattr(sigmoid_triton, "TMA_FORWARD", "yes")
     q, k, v = (t.float() for t in inputs(Hq=2, Hkv=2, T=8, S=8, D=16))
@@ -158,7 +158,7 @@ def test_sigmoid_values_and_formula_switch(monkeypatch):
     """The kernels' sigmoid helper (exact formula under the interpreter) against torch, and a
     mistyped formula is a clear ValueError."""
     pytest.importorskip("triton")
-    from attnkit.ops import sigmoid_triton
+    from attnkit.ops.sigmoid import sigmoid_triton
 
     x = torch.linspace(-30, 10, 3000)
     torch.testing.assert_close(sigmoid_triton.sigmoid_values(x), torch.sigmoid(x), rtol=1e-6, atol=0)
@@ -179,7 +179,7 @@ def test_auto_formula_follows_the_bias(monkeypatch):
     pytest.importorskip("triton")
     from types import SimpleNamespace
 
-    from attnkit.ops import sigmoid_triton
+    from attnkit.ops.sigmoid import sigmoid_triton
 
     cuda, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
     tanh, exp = sigmoid_triton._FORMULAS["tanh"], sigmoid_triton._FORMULAS["exp"]
@@ -200,7 +200,7 @@ def test_cuda_exp_formula_is_accurate_for_small_weights():
     """The exp formula keeps ~2^-19 relative accuracy down to sigmoid(-30) ~ 1e-13 (measured 1.8e-6):
     under a -log n bias nearly every weight is small. (tanh's measured: 1.8e-4 in [-8, -4), 0.26 in
     [-15, -8), 1.0 below)"""
-    from attnkit.ops import sigmoid_triton
+    from attnkit.ops.sigmoid import sigmoid_triton
 
     x = torch.linspace(-30, 10, 1 << 16, device="cuda")
     rel = ((sigmoid_triton.sigmoid_values(x, "exp").double() - torch.sigmoid(x.double())) / torch.sigmoid(x.double())).abs()
@@ -212,7 +212,7 @@ def test_cuda_exp_formula_is_accurate_for_small_weights():
 def test_cuda_long_rows_match_reference(formula, monkeypatch):
     """T = 8192 with the -log T bias (the benchmark's setting): the output against float64, with
     either formula (measured: 0.0023 exp, 0.0027 tanh; h200-sigmoid-formula.json)."""
-    from attnkit.ops import sigmoid_triton
+    from attnkit.ops.sigmoid import sigmoid_triton
 
     monkeypatch.setattr(sigmoid_triton, "SIGMOID_FORMULA", formula)
     T = 8192

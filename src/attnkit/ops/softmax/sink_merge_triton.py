@@ -1,7 +1,7 @@
 """The sink keys of StreamingLLM's pattern, merged into a band's attention by log-sum-exp.
 
 ``sink_window(n, W)`` lets query ``i`` see keys ``j <= i`` with ``i - j < W`` (a band) or
-``j < n`` (the sinks). A band kernel (cuDNN's, :mod:`attnkit.ops.cudnn_band`) computes the
+``j < n`` (the sinks). A band kernel (cuDNN's, :mod:`attnkit.ops.softmax.cudnn_band`) computes the
 band part ``(o_band, lse_band)``; the sinks that lie outside the band (``i - j >= W``) are
 few keys per row, so one pass over the rows adds them:
 

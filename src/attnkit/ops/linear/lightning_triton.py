@@ -1,6 +1,6 @@
 """Triton kernels for Lightning attention (forward and backward), chunk-parallel.
 
-The math is :mod:`attnkit.ops.lightning`'s block form with chunks of ``BT = 64`` tokens.
+The math is :mod:`attnkit.ops.linear.lightning`'s block form with chunks of ``BT = 64`` tokens.
 Instead of one program walking the whole sequence (Lightning Attention-2's kernel), the
 work is split so that most of it runs in parallel over chunks, and the one sequential part,
 the walk of the state over the chunks, runs in parallel over *segments* of chunks:
@@ -50,7 +50,7 @@ import os
 import torch
 from torch import Tensor
 
-from .._checks import positive_int
+from ..._checks import positive_int
 
 try:
     import triton
@@ -91,6 +91,12 @@ if triton is not None:
         return tl.where(dist >= 0, tl.exp(-s * tl.maximum(dist, 0).to(tl.float32)), 0.0)
 
     @triton.jit
+    def _key_decay(s, ot, L):
+        """``exp(-s (L-1-t))`` for the ``L`` tokens of a chunk, 0 past them: key ``t``'s weight in
+        the state leaving the chunk (the forward walk, ``dK`` and ``dV``)."""
+        return tl.where(ot < L, tl.exp(-s * (L - 1 - ot).to(tl.float32)), 0.0)
+
+    @triton.jit
     def _state_walk(a, b, h, init, ends, slopes, T, NT, SEG, G, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_INIT: tl.constexpr,
                     STORE: tl.constexpr, STORE_END: tl.constexpr, REVERSE: tl.constexpr):
@@ -127,7 +133,7 @@ if triton is not None:
             if REVERSE:
                 decay = tl.where(ot < L, tl.exp(-s * (ot + 1).to(tl.float32)), 0.0)
             else:
-                decay = tl.where(ot < L, tl.exp(-s * (L - 1 - ot).to(tl.float32)), 0.0)
+                decay = _key_decay(s, ot, L)
             value = value * tl.exp(-s * L.to(tl.float32)) + tl.dot(tl.trans((ac * decay[:, None]).to(bc.dtype)), bc)
         if STORE_END:
             tl.store(ends + i_bhg * D * E + tile, value)
@@ -201,7 +207,7 @@ if triton is not None:
         kc = _rows(k, t, T, ok, D)
         ds = (dov * _decay_mask(s, ot)).to(qc.dtype)
         grad_q = acc_q * tl.exp(-s * (ot + 1).to(tl.float32))[:, None] + tl.dot(ds, kc)
-        k_decay = tl.where(ot < L, tl.exp(-s * (L - 1 - ot).to(tl.float32)), 0.0)
+        k_decay = _key_decay(s, ot, L)
         grad_k = acc_k * k_decay[:, None] + tl.dot(tl.trans(ds), qc)
         out = t[:, None] * D + ok[None, :]
         tl.store(dq + i_bh * T * D + out, grad_q.to(dq.dtype.element_ty), mask=t[:, None] < T)
@@ -225,7 +231,7 @@ if triton is not None:
             scores += tl.dot(_rows(q, t, T, ok, D), tl.trans(kc))
             acc_v += tl.dot(kc, tl.load(dh + ok[:, None] * E + ov[None, :]))
         doc = _rows(do, t, T, ov, E)
-        k_decay = tl.where(ot < L, tl.exp(-s * (L - 1 - ot).to(tl.float32)), 0.0)
+        k_decay = _key_decay(s, ot, L)
         grad_v = acc_v * k_decay[:, None] + tl.dot(tl.trans((scores * _decay_mask(s, ot)).to(doc.dtype)), doc)
         tl.store(dv + i_bh * T * E + t[:, None] * E + ov[None, :], grad_v.to(dv.dtype.element_ty), mask=t[:, None] < T)
 

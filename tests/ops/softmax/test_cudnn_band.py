@@ -5,8 +5,8 @@ import torch
 
 from attnkit import patterns as P
 from attnkit.ops import attend
-from attnkit.ops import cudnn_band
-from attnkit.ops.attention import choose_backend
+from attnkit.ops.softmax import cudnn_band
+from attnkit.ops.softmax.dispatch import choose_backend
 
 
 def _qkv(B, Hq, Hkv, T, D, dtype=torch.float64, seed=0, layout="bhtd"):

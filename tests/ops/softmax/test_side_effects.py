@@ -6,7 +6,8 @@ from torch import _dynamo
 
 import attnkit
 from attnkit import patterns
-from attnkit.ops import attention as attention_module
+from attnkit.ops.softmax import flex as flex_module
+from attnkit.ops.softmax import sdpa as sdpa_module
 
 
 def _bwd_configs_hook():
@@ -29,34 +30,34 @@ def test_attend_leaves_dynamo_and_inductor_alone():
 def test_small_backward_tiles_are_opt_in_and_reversible():
     hook = _bwd_configs_hook()
     cuda = torch.device("cuda")
-    assert not attention_module.flex_small_blocks(cuda, training=True)  # default: 128-token blocks in training
-    assert attention_module.flex_small_blocks(cuda, training=False)  # inference needs no new tile
-    assert not attention_module.flex_small_blocks(torch.device("cpu"), training=False)
+    assert not flex_module.flex_small_blocks(cuda, training=True)  # default: 128-token blocks in training
+    assert flex_module.flex_small_blocks(cuda, training=False)  # inference needs no new tile
+    assert not flex_module.flex_small_blocks(torch.device("cpu"), training=False)
     try:
-        assert attention_module.enable_small_flex_backward_tiles() is True
+        assert flex_module.enable_small_flex_backward_tiles() is True
         assert _bwd_configs_hook() is not hook
-        assert attention_module.flex_small_blocks(cuda, training=True)
+        assert flex_module.flex_small_blocks(cuda, training=True)
         if torch.cuda.is_available():  # Inductor's own heuristics read the device
             from torch._inductor.choices import InductorChoices
 
             configs = _bwd_configs_hook()(InductorChoices(), 64, torch.bfloat16, "cuda")
             assert any((c.block_m1, c.block_n1) == (64, 64) for c in configs)
     finally:
-        attention_module.enable_small_flex_backward_tiles(False)
+        flex_module.enable_small_flex_backward_tiles(False)
     assert _bwd_configs_hook() is hook
-    assert not attention_module.flex_small_blocks(cuda, training=True)
-    with attention_module.small_flex_backward_tiles():
-        assert attention_module.flex_small_blocks(cuda, training=True)
-    assert _bwd_configs_hook() is hook and not attention_module.flex_small_blocks(cuda, training=True)
+    assert not flex_module.flex_small_blocks(cuda, training=True)
+    with flex_module.small_flex_backward_tiles():
+        assert flex_module.flex_small_blocks(cuda, training=True)
+    assert _bwd_configs_hook() is hook and not flex_module.flex_small_blocks(cuda, training=True)
 
 
 def test_flex_pads_head_dims_below_16_exactly(monkeypatch):
     """FlexAttention's CUDA kernels refuse head dims under 16 (Inductor's NYI error inside
     torch.compile on the H200): attend zero-pads them. The padded path, forced here on CPU, equals the
     reference: output and lse, with a score_mod and GQA, for D = 8 and Dv = 4."""
-    real = attention_module._flex_pads_head_dims
+    real = flex_module._flex_pads_head_dims
     assert not real(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))  # CPU's flex takes any head dim
-    monkeypatch.setattr(attention_module, "_flex_pads_head_dims", lambda q, v: True)
+    monkeypatch.setattr(flex_module, "_flex_pads_head_dims", lambda q, v: True)
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 20, 8), torch.randn(2, 2, 20, 8), torch.randn(2, 2, 20, 4)
 
@@ -87,7 +88,7 @@ def test_sdpa_backend_choice_matches_sdpa_kernel_and_restores():
 
     before = _sdp_state()
     for order in [("cudnn", "flash", "efficient", "math"), ("flash", "efficient", "math"), ("math",)]:
-        choice = attention_module._sdpa_choice(order)
+        choice = sdpa_module._sdpa_choice(order)
         with sdpa_kernel(choice.backends, set_priority=True):
             expected = _sdp_state()
         seen = []

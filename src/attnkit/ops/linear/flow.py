@@ -29,7 +29,7 @@ division out.)
 Every prefix quantity is a running sum, so the causal version decodes with a fixed-size
 state: the sums of k, q, k O, q I, exp(cO), the count, and the ``[D, E]`` matrix
 ``sum k (c v)^T``. The last prefix product is causal linear attention without decay, so it
-runs on :func:`attnkit.ops.lightning.lightning_attend` with zero slopes (chunked in
+runs on :func:`attnkit.ops.linear.lightning.lightning_attend` with zero slopes (chunked in
 PyTorch, Triton on CUDA). ``flow_attend_reference`` materialises the ``T x T`` masks.
 
 Layout: q, k ``[B, H, T, D]`` (already through ``phi``), v ``[B, H, T, E]``.
@@ -40,7 +40,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .lightning import lightning_attend, prefix_sum
+from .lightning import lightning_attend
+from .prefix_sum import prefix_sum
 
 __all__ = ["flow_attend", "flow_attend_reference", "FlowState", "FLOW_BACKENDS"]
 

@@ -8,7 +8,7 @@ also takes a band around the diagonal, which is exactly the causal sliding windo
 
 with ``g(h) = h // (Hq // Hkv)``. StreamingLLM's ``sink_window(n, window)`` adds the first
 ``n`` keys to every row: the band runs through cuDNN and the sinks outside it are merged in by
-log-sum-exp (:mod:`attnkit.ops.sink_merge_triton`, one pass over the rows each way; the backward
+log-sum-exp (:mod:`attnkit.ops.softmax.sink_merge_triton`, one pass over the rows each way; the backward
 hands cuDNN the merged output and lse, the ring-attention identity).
 
 Shapes: q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]`` (prefill and training: as many keys as
@@ -34,7 +34,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from ..patterns import SinkWindow, SlidingWindow
+from ...patterns import SinkWindow, SlidingWindow
 from . import sink_merge_triton as _sinks
 
 __all__ = ["available", "supports", "band_attention", "run", "why_unsupported", "clear_graph_cache"]
@@ -42,7 +42,7 @@ __all__ = ["available", "supports", "band_attention", "run", "why_unsupported", 
 _FRONTEND = None  # the imported ``cudnn`` module, False when it cannot be imported
 _MIN_CUDNN = 90200  # diagonal bands in both directions since cuDNN 9.2
 _GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
-_GRAPH_CACHE_SIZE = 128  # the picked-rows split (attnkit.ops.picked_causal) builds two per level
+_GRAPH_CACHE_SIZE = 128  # the picked-rows split (attnkit.ops.softmax.picked_causal) builds two per level
 _HANDLES: dict = {}
 _AVAILABLE: dict = {}
 

@@ -1,6 +1,6 @@
 """Row gathers and log-sum-exp merges over index tables (the picked-rows split's glue).
 
-:mod:`attnkit.ops.picked_causal` computes attention for a row in several pieces, each written
+:mod:`attnkit.ops.softmax.picked_causal` computes attention for a row in several pieces, each written
 to a "slot" row of a flat buffer ``[n_slots, D]``; an index table ``idx[level, row]`` names the
 row's slot in each piece (``-1``: the row has no part in that piece). Three passes:
 
@@ -240,7 +240,7 @@ def level_row_counts(prefix: Tensor, T: int, leaf: int, n_levels: int) -> Tensor
 
 def level_tables(pick: Tensor, prefix: Tensor, params: Tensor, T: int, leaf: int, n_qslots: int):
     """``(row_slot, key_slot, slot_row)`` of the picked-rows split (see
-    :func:`attnkit.ops.picked_causal._plan_torch`, the reference). ``pick [BH, T_pad]`` uint8/bool,
+    :func:`attnkit.ops.softmax.picked_causal._plan_torch`, the reference). ``pick [BH, T_pad]`` uint8/bool,
     ``params [levels, 4]`` int64: rows, segments, first row slot, first key slot."""
     BH, T_pad = pick.shape
     n = params.shape[0]

@@ -317,8 +317,8 @@ def test_cuda_inf_key_outside_a_row_pattern_leaves_the_row_alone(backend, patter
 def test_flex_kernel_options_per_pattern_and_override(monkeypatch):
     """S2 asks FlexAttention for TMA loads on CUDA; FLEX_KERNEL_OPTIONS overrides a pattern's
     options; the tiles small blocks need and the short-query flag win over both; nothing on CPU."""
-    from attnkit.ops import attention as attention_module
-    from attnkit.ops.attention import flex_kernel_options
+    from attnkit.ops.softmax import flex as flex_module
+    from attnkit.ops.softmax.flex import flex_kernel_options
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     s2 = P.s2_strided(num_heads=4, block_size=64, local_blocks=2, vert_stride=4)
@@ -326,7 +326,7 @@ def test_flex_kernel_options_per_pattern_and_override(monkeypatch):
     assert flex_kernel_options(s2, cuda, 4096, False, False) == {"USE_TMA": True}
     assert flex_kernel_options(s2, cuda, 4096, True, True) == {"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 64}
     assert flex_kernel_options(P.causal(), cuda, 64, True, True) == {"FORCE_USE_FLEX_ATTENTION": True}
-    monkeypatch.setattr(attention_module, "FLEX_KERNEL_OPTIONS", {"USE_TMA": False, "BLOCK_N": 128})
+    monkeypatch.setattr(flex_module, "FLEX_KERNEL_OPTIONS", {"USE_TMA": False, "BLOCK_N": 128})
     assert flex_kernel_options(s2, cuda, 4096, True, True) == {"USE_TMA": False, "BLOCK_M": 128, "BLOCK_N": 64}
     with pytest.raises(TypeError):
         s2.flex_kernel_options["USE_TMA"] = False  # read-only: a pattern's options are not shared state
@@ -375,7 +375,7 @@ def test_rows_safe_check_agrees_with_the_kernel_loop(pattern, T, S, block_n):
     """``first_tiles_cover_rows`` says yes exactly when the unguarded loop has no NaN row, on
     FlexAttention's own visiting order and on ``diagonal_first``'s; the guarded loop never NaNs;
     reordering keeps the mask."""
-    from attnkit.ops.attention import diagonal_first, first_tiles_cover_rows
+    from attnkit.ops.softmax.flex import diagonal_first, first_tiles_cover_rows
 
     allowed = pattern.dense(T, S)[0, 0]
     own = block_mask_for(pattern, 1, 1, T, S, S - T, "cpu")  # the pattern's flex_block_size
@@ -390,7 +390,7 @@ def test_rows_safe_check_agrees_with_the_kernel_loop(pattern, T, S, block_n):
 def test_rows_safe_granted_only_where_verified():
     """S2 with one local block cannot be made safe; with 16 it can after reordering; never with a
     score_mod, for the short-query decoding kernel, or when the key tile is not pinned."""
-    from attnkit.ops.attention import _grant_rows_safe
+    from attnkit.ops.softmax.flex import _grant_rows_safe
 
     cpu = torch.device("cpu")
     T = 2048  # past the 16 local blocks, where FlexAttention's own order starts at the band's far edge
@@ -419,10 +419,10 @@ def test_cuda_s2_rows_safe_matches_reference(monkeypatch):
     with no NaN (on FlexAttention's own block order 45% of the rows were NaN: h200-rows-safe.json)."""
     from conftest import rel_rms
 
-    from attnkit.ops import attention as attention_module
-    from attnkit.ops.attention import _grant_rows_safe, flex_kernel_options
+    from attnkit.ops.softmax import flex as flex_module
+    from attnkit.ops.softmax.flex import _grant_rows_safe, flex_kernel_options
 
-    monkeypatch.setattr(attention_module, "FLEX_KERNEL_OPTIONS", {"ROWS_GUARANTEED_SAFE": True})
+    monkeypatch.setattr(flex_module, "FLEX_KERNEL_OPTIONS", {"ROWS_GUARANTEED_SAFE": True})
     H, T, D = 4, 2048, 64
     pattern = P.s2_strided(num_heads=H, block_size=64, local_blocks=16, vert_stride=4)
     opts = flex_kernel_options(pattern, torch.device("cuda"), T, True, True)

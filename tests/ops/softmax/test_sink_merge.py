@@ -10,7 +10,7 @@ import torch
 
 from attnkit import patterns as P
 from attnkit.ops import attend_reference
-from attnkit.ops import sink_merge_triton as sm
+from attnkit.ops.softmax import sink_merge_triton as sm
 
 pytestmark = pytest.mark.skipif(not sm.available(), reason="needs triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels need CUDA tensors unless interpreted

@@ -8,9 +8,10 @@ TRITON_INTERPRET=1; on the GPU the ``cudnn`` engine runs.
 import pytest
 import torch
 
-from attnkit.ops import attend_reference, cudnn_band
-from attnkit.ops import picked_causal as pc
-from attnkit.ops import row_merge_triton as rows
+from attnkit.ops import attend_reference
+from attnkit.ops.softmax import cudnn_band
+from attnkit.ops.softmax import picked_causal as pc
+from attnkit.ops.softmax import row_merge_triton as rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

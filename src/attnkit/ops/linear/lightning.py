@@ -22,7 +22,7 @@ Three paths, one math: :func:`lightning_attend_reference` (materialised ``T x S`
 matrix, the float64 reference), :func:`lightning_attend_chunked` (the block loop in PyTorch,
 any device, autograd backward), :func:`lightning_attend_recurrent` (token by token; what a
 decode step runs). On CUDA :func:`lightning_attend` dispatches to the Triton kernels of
-:mod:`attnkit.ops.lightning_triton`. Every decay is ``exp(-s * distance)`` with a
+:mod:`attnkit.ops.linear.lightning_triton`. Every decay is ``exp(-s * distance)`` with a
 non-negative distance, so nothing overflows however long the sequence.
 
 Layout: q, k ``[B, H, T, D]``, v ``[B, H, T, E]``, slopes ``[H]``, state ``[B, H, D, E]``
@@ -86,6 +86,18 @@ def _check(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, initial_state: Tenso
             raise ValueError(f"initial_state must be [B, H, D, E] = {list(want)}, got {tuple(initial_state.shape)}")
 
 
+def _decays(s: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The decays of one block of ``n`` tokens, for slopes ``s [H, 1, 1]`` (in its dtype):
+    ``mask [H, n, n]`` (``lambda^(i-j)`` for ``i >= j``, else 0), ``q_decay [H, n, 1]``
+    (``lambda^(i+1)``: how much of the state entering the block row ``i`` sees) and ``k_decay
+    [H, n, 1]`` (``lambda^(n-1-j)``: key ``j``'s weight in the state leaving the block). The
+    reference takes the whole sequence as one block, the chunked path each block of ``C``."""
+    i = torch.arange(n, device=s.device, dtype=s.dtype)
+    dist = i[:, None] - i[None, :]  # (n, n)
+    mask = torch.where(dist >= 0, torch.exp(-s * dist.clamp(min=0)), torch.zeros((), dtype=s.dtype, device=s.device))
+    return mask, torch.exp(-s * (i + 1)[None, :, None]), torch.exp(-s * (n - 1 - i)[None, :, None])
+
+
 def lightning_attend_reference(q, k, v, slopes, *, initial_state=None) -> tuple[Tensor, Tensor]:
     """The parallel form, materialised: ``(o [B, H, T, E], final state [B, H, D, E])``.
     Computed in float64 whatever the inputs (returned in q's dtype; the state in float64)."""
@@ -97,18 +109,14 @@ def _reference(q, k, v, slopes, initial_state) -> tuple[Tensor, Tensor]:
     dtype = q.dtype
     q, k, v = q.double(), k.double(), v.double()
     s = slopes.double()[:, None, None]  # (H, 1, 1)
-    T = q.shape[2]
-    i = torch.arange(T, device=q.device, dtype=torch.float64)
-    dist = i[:, None] - i[None, :]  # (T, T)
-    decay = torch.where(dist >= 0, torch.exp(-s * dist.clamp(min=0)), torch.zeros((), dtype=torch.float64, device=q.device))
+    decay, q_decay, k_decay = _decays(s, q.shape[2])  # the whole sequence as one block
     o = ((q @ k.transpose(-1, -2)) * decay) @ v  # (B, H, T, E)
     # final state: sum_j lambda^(T-1-j) k_j^T v_j (+ lambda^T S0)
-    k_decay = torch.exp(-s * (T - 1 - i)[None, :, None])  # (H, T, 1)
     state = (k * k_decay).transpose(-1, -2) @ v
     if initial_state is not None:
         s0 = initial_state.double()
-        o = o + torch.exp(-s * (i + 1)[None, :, None]) * (q @ s0)
-        state = state + torch.exp(-s * T) * s0
+        o = o + q_decay * (q @ s0)
+        state = state + q_decay[:, -1:] * s0
     return o.to(dtype), state
 
 
@@ -127,10 +135,7 @@ def _chunked(q, k, v, slopes, initial_state, chunk_size: int) -> tuple[Tensor, T
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = slopes.to(acc)[:, None, None]  # (H, 1, 1)
     C = min(chunk_size, T)
-    idx = torch.arange(C, device=q.device, dtype=acc)
-    dist = idx[:, None] - idx[None, :]
-    intra_decay = torch.where(dist >= 0, torch.exp(-s * dist.clamp(min=0)), torch.zeros((), dtype=acc, device=q.device))
-    q_decay = torch.exp(-s * (idx + 1)[None, :, None])  # (H, C, 1)
+    intra_decay, q_decay, k_decay = _decays(s, C)
     state = torch.zeros(B, H, D, E, dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
     outs = []
     for start in range(0, T, C):
@@ -139,8 +144,8 @@ def _chunked(q, k, v, slopes, initial_state, chunk_size: int) -> tuple[Tensor, T
         scores = (qc @ kc.transpose(-1, -2)).to(acc) * intra_decay[:, :n, :n]  # (B, H, n, n)
         o = scores @ vc.to(acc) + (qc.to(acc) * q_decay[:, :n]) @ state
         outs.append(o)
-        k_decay = torch.exp(-s * (n - 1 - idx[:n])[None, :, None])  # (H, n, 1)
-        state = torch.exp(-s * n) * state + (kc.to(acc) * k_decay).transpose(-1, -2) @ vc.to(acc)
+        # a last block of n < C tokens: its keys' decays are the last n of C's, lambda^n is q_decay's n-th
+        state = q_decay[:, n - 1 : n] * state + (kc.to(acc) * k_decay[:, C - n :]).transpose(-1, -2) @ vc.to(acc)
     return torch.cat(outs, dim=2).to(q.dtype), state
 
 
@@ -199,22 +204,3 @@ def lightning_attend(q, k, v, slopes, *, initial_state=None, backend: str = "aut
         return _recurrent(q, k, v, slopes, initial_state)
     return _chunked(q, k, v, slopes, initial_state, chunk_size)
 
-
-def prefix_sum(x: Tensor, dim: int = 2, chunk: int = 64) -> Tensor:
-    """Inclusive cumulative sum along ``dim``, computed in two levels (within blocks of
-    ``chunk``, then over the block totals, recursively). Same values as ``x.cumsum(dim)``;
-    on CUDA a long scan along a non-innermost dim runs one sequential thread per column,
-    which made Flow's and Agent's prefix sums grow faster than linearly with T."""
-    n = x.shape[dim]
-    if n <= chunk:
-        return x.cumsum(dim)
-    x = x.movedim(dim, -2)  # (..., n, F)
-    pad = (-n) % chunk
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    blocks = x.unflatten(-2, (-1, chunk))  # (..., N, chunk, F)
-    local = blocks.cumsum(-2)
-    totals = local[..., -1, :]  # (..., N, F)
-    carry = prefix_sum(totals, dim=-2, chunk=chunk) - totals  # exclusive prefix of the block totals
-    out = (local + carry[..., None, :]).flatten(-3, -2)[..., :n, :]
-    return out.movedim(-2, dim)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attnkit.ops import prefix_quantile as pq
+from attnkit.ops.select import prefix_quantile as pq
 
 
 def _brute(values, k, seen):

@@ -22,7 +22,7 @@ cuDNN does take, by a dyadic split of the positions:
 Every pair ``j <= t`` lies in exactly one piece (the smallest segment holding both has ``j``
 in its first half and ``t`` in its second, or both are in one leaf block). The pieces'
 ``(o, lse)`` are merged by log-sum-exp in one Triton pass over the rows
-(:mod:`attnkit.ops.row_merge_triton`). The backward hands every piece's cuDNN backward the
+(:mod:`attnkit.ops.softmax.row_merge_triton`). The backward hands every piece's cuDNN backward the
 *merged* output and lse (the ring-attention identity: each piece then returns its keys'
 exact share of the gradients) and sums the shares per row in one pass per tensor. The leaf
 computes every row; a row nobody picked gets lse = 1e30 from the merge, so its keys weigh 0 in
@@ -38,7 +38,7 @@ of GPU time) and the host (``benchmarks/results/README.md``, session 15).
 Shapes: q, k, v ``[B, H, T, D]`` (one key and value head per query head; repeat them first for
 GQA), picked ``[B, H, T]`` bool; any strides. Returns ``[B, H, T, D]`` with zero rows where
 nothing was picked. Engines: ``"cudnn"`` (CUDA, float16/bfloat16, the cuDNN frontend,
-:mod:`attnkit.ops.cudnn_band`) and ``"torch"`` (the same split in plain tensor ops, any
+:mod:`attnkit.ops.softmax.cudnn_band`) and ``"torch"`` (the same split in plain tensor ops, any
 device and dtype: how the CPU tests check the split, the merge and the backward).
 """
 
@@ -53,7 +53,7 @@ from torch import Tensor
 
 from . import cudnn_band as _cudnn
 from . import row_merge_triton as _rows
-from .attention import attend_reference
+from .reference import attend_reference
 
 __all__ = ["picked_causal_attention", "make_plan", "why_unsupported", "supports", "ENGINES"]
 
