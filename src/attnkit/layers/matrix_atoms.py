@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import positive_int
-from ..registry import Card, FlopCount, register
+from ..cards import Card, FlopCount
 from .multi_head import MultiHeadAttention, head_shape, multi_head_flops
 
 __all__ = ["MatrixAtomAttention", "MatrixAtoms"]
@@ -121,7 +121,7 @@ def masa_flops(batch: int, seq: int, config: dict) -> FlopCount:
     return FlopCount(attention_fwd=base.attention_fwd, projection_fwd=base.projection_fwd + 2.0 * atoms * entries)
 
 
-register(
+CARDS = (
     Card(
         name="masa",
         title="Share Your Attention: Transformer Weight Sharing via Matrix-based Dictionary Learning",
@@ -130,5 +130,5 @@ register(
         layer=MatrixAtomAttention,
         flops=masa_flops,
         summary="q/k/v/o weights = per-layer combinations of matrix atoms shared across layers",
-    )
+    ),
 )
