@@ -49,9 +49,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import head_dim_of, positive_int
+from ..cards import Capabilities, Card, FlopCount
 from ..ops.linear.lightning import lightning_attend
 from ..ops.linear.prefix_sum import prefix_sum
-from ..registry import Capabilities, Card, FlopCount, register
 from ..state import RecurrentState
 from .base import AttentionLayer, check_input
 from .multi_head import head_shape
@@ -345,7 +345,7 @@ def causal_agent_flops(batch: int, seq: int, config: dict) -> FlopCount:
     return FlopCount(attention_fwd=core, projection_fwd=batch * seq * (8.0 * dim * inner + 2.0 * 3 * inner))
 
 
-register(
+CARDS = (
     Card(
         name="agent",
         title="Agent Attention: On the Integration of Softmax and Linear Attention",
@@ -356,10 +356,7 @@ register(
         defaults={"agent_num": 16},
         capabilities=Capabilities(causal=False, decode=False, varlen=False, backends=("reference", "materialised")),
         summary="bidirectional: agents pooled from queries aggregate, then broadcast; + depthwise conv on V",
-    )
-)
-
-register(
+    ),
     Card(
         name="agent-causal",
         title="Agent Attention: On the Integration of Softmax and Linear Attention",
@@ -369,5 +366,5 @@ register(
         flops=causal_agent_flops,
         capabilities=Capabilities(bidirectional=False, varlen=False, backends=("reference", "chunked", "recurrent", "triton")),
         summary="attnkit's causal variant: learned agents, prefix-softmax stage 1 as linear attention; O(1) decode state",
-    )
+    ),
 )
