@@ -1,10 +1,11 @@
-"""FlexAttention ``kernel_options`` on the patterned mechanisms' training step: forward +
+"""Which FlexAttention ``kernel_options`` should each pattern ask for? The options on the patterned mechanisms' training step: forward +
 backward through ``attend(backend="flex")`` with each set of options (``attnkit.ops.attention.
 FLEX_KERNEL_OPTIONS``, which override each pattern's own ``flex_kernel_options``), for S2 (vert_stride 16, 64-token blocks, 16 local) at ``--s2-seq``,
 and dense causal, window 1024 and sink 4 + 1024 at ``--seq``; dense causal SDPA (cuDNN) at
 both lengths in the same process for the ratios. bf16, B = 1, 16 heads, D = 128. CUDA only.
 
-    PYTHONPATH=src python benchmarks/flex_options.py --variants default,tma --out flex-options.json
+    PYTHONPATH=src python benchmarks/flex_kernel_options.py --variants default,no-tma,tma --cases s2,window,sink \\
+        --out benchmarks/results/h200/flex-kernel-options.json
 """
 
 from __future__ import annotations

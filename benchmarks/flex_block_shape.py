@@ -4,7 +4,8 @@ Times ``attend`` (and dense causal FlexAttention, the same kernel family) on one
 pattern's block shape overridden, and prints each pattern's realised fraction of its FLOP
 reduction. The data behind the patterns' ``flex_block_size`` choices (issue 6). CUDA only.
 
-    PYTHONPATH=src python benchmarks/flex_blocks.py --seq 32768 --out results.json
+    PYTHONPATH=src python benchmarks/flex_block_shape.py --seq 131072 --cases s2 --blocks 128x64,64x64 --sdpa \\
+        --out benchmarks/results/h200/flex-block-shape-s2.json
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def main() -> None:
                   f"{reduction:5.2f}x -> realised {realised:.2f}  (incl. compile {time.perf_counter() - t0:.0f} s)")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"command": "python benchmarks/flex_blocks.py " + f"--seq {T} --heads {H} --head-dim {D} "
+            json.dump({"command": "python benchmarks/flex_block_shape.py " + f"--seq {T} --heads {H} --head-dim {D} "
                        f"--cases {a.cases} --blocks {a.blocks}" + (" --sdpa" if a.sdpa else ""),
                        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
 

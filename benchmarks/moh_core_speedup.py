@@ -1,4 +1,4 @@
-"""Mixture-of-Head attention's core against MHA's, on one GPU (issue 5's MoH target).
+"""How much faster is Mixture-of-Head attention's core than MHA's? On one GPU (issue 5's MoH target: 1.5x).
 
 Times the attention core alone (after the projections, before W_o): MHA through ``attend``
 (cuDNN / FlashAttention through SDPA) against :class:`attnkit.layers.MixtureOfHeadsAttention`'s
@@ -9,7 +9,9 @@ routed paths (``--paths``): ``picked``, cuDNN on dense rectangles
 installed) and ``flex``, gathered rows through FlexAttention (its fallback). Also times the
 routed heads alone on each path, and the flex path's block mask. CUDA only.
 
-    PYTHONPATH=src python benchmarks/moh_core.py --seq 8192,32768 --out moh-core.json
+    PYTHONPATH=src python benchmarks/moh_core_speedup.py --seq 32768 --shared 4,0 --paths picked,picked-serial,flex \\
+        --out benchmarks/results/h200/moh-core.json --plot benchmarks/results/h200/moh-core.png
+    python benchmarks/moh_core_speedup.py --replot benchmarks/results/h200/moh-core.json   # the chart alone
 """
 
 from __future__ import annotations
@@ -29,6 +31,46 @@ from attnkit.ops.attention import block_mask_for
 from cuda_timing import save_results, timed
 
 
+def plot(result: dict, out: str, target: float) -> None:
+    """Bar chart: one group per (MoH configuration, mode), one bar per routed path (speedup over
+    MHA's core in the same call), beside the FLOP reduction and the target line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["mechanism"] != "mha"]
+    groups = sorted({(r["mechanism"], r["mode"]) for r in rows}, key=lambda g: (g[0], g[1] != "fwd"))
+    order = {"picked": 0, "picked-serial": 1, "flex": 2}
+    paths = sorted({r["path"] for r in rows}, key=lambda x: order.get(x, 3))
+    fig, ax = plt.subplots(figsize=(3 + 2.4 * len(groups), 4.6))
+    width = 0.8 / (len(paths) + 1)
+    for i, (mechanism, mode) in enumerate(groups):
+        cells = {r["path"]: r for r in rows if (r["mechanism"], r["mode"]) == (mechanism, mode)}
+        for j, path in enumerate(paths):
+            if path in cells:
+                x = i + (j - len(paths) / 2) * width
+                speedup = cells[path]["speedup_vs_mha"]
+                ax.bar(x, speedup, width * 0.9, color=f"C{j}", label=path if i == 0 else None)
+                ax.text(x, speedup + 0.02, f"{speedup:.2f}", ha="center", fontsize=8)
+        flops = next(iter(cells.values()))["flop_reduction"]
+        x = i + (len(paths) / 2) * width
+        ax.bar(x, flops, width * 0.9, color="lightgray", label="FLOP reduction" if i == 0 else None)
+        ax.text(x, flops + 0.02, f"{flops:.2f}", ha="center", fontsize=8)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axhline(target, color="red", ls="--", lw=1, label=f"target {target}x")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{m.replace('moh ', '')}\n{mode}" for m, mode in groups], fontsize=8)
+    ax.set_ylabel("speedup over MHA's core (same call)")
+    seq = rows[0]["seq"]
+    ax.set_title(f"MoH attention core vs MHA, T={seq}, {result.get('device', '')}", fontsize=9)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(paths) + 2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seq", default="8192,32768")
@@ -44,7 +86,14 @@ def main() -> None:
                    help="routed-head paths to time: picked (cuDNN, shared heads on a side stream), picked-serial "
                         "(the same, one stream), flex")
     p.add_argument("--out", default=None)
+    p.add_argument("--plot", default=None, help="PNG bar chart of the speedups (matplotlib)")
+    p.add_argument("--target", type=float, default=1.5, help="the speedup line drawn on the chart")
+    p.add_argument("--replot", default=None, metavar="JSON",
+                   help="draw --plot from a JSON this script wrote, without measuring (any machine)")
     a = p.parse_args()
+    if a.replot:
+        plot(json.load(open(a.replot)), a.plot or a.replot.rsplit(".", 1)[0] + ".png", a.target)
+        return
     option_sets = [json.loads(o) for o in a.flex_options.split(";")]
     real_supports = picked_causal.supports
     H, D = a.heads, a.head_dim
@@ -131,6 +180,8 @@ def main() -> None:
                       f"= {mha_ms / ms:.2f}x mha (FLOPs {theory:.2f}x); routed heads alone {routed_ms:.2f} ms, "
                       f"block mask {mask_ms:.2f} ms, M={M} of {T}", flush=True)
     save_results(a.out, rows)
+    if a.plot:
+        plot({"rows": rows, "device": torch.cuda.get_device_name()}, a.plot, a.target)
 
 
 if __name__ == "__main__":

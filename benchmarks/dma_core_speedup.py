@@ -1,4 +1,4 @@
-"""DMA's attention core against dense attention on one GPU (issue 6's realised-fraction target).
+"""How much of its FLOP reduction does DMA's attention core realise against dense attention? One GPU (issue 6).
 
 Times fwd+bwd of what :class:`attnkit.layers.DynamicMaskAttention` runs after its projections:
 the per-row thresholds (``kept_key_thresholds``), the block mask of the kept keys, and
@@ -7,7 +7,7 @@ dense causal FlexAttention with the same bias (the patterned rows' own kernel). 
 per key (the kept keys scattered over every block) and constant over 128-key spans (the kept keys
 in whole blocks: the best case for block-sparse kernels). bf16, B = 1, 16 heads, D = 128. CUDA only.
 
-    PYTHONPATH=src python benchmarks/dma_core.py --seq 32768 --keep 2048 --out dma-core.json
+    PYTHONPATH=src python benchmarks/dma_core_speedup.py --seq 32768 --keep 2048 --out benchmarks/results/h200/dma-core.json
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""FlexAttention forward tiles on this GPU: dense causal attention through FlexAttention with
-each ``kernel_options`` tile, against SDPA's fastest backend at the same shape.
+"""Would another forward tile close FlexAttention's gap to SDPA? Dense causal attention through
+FlexAttention with each ``kernel_options`` tile, against SDPA's fastest backend at the same shape.
 
 Inductor picks one forward tile per (head dim, dtype, GPU) unless max-autotune is on; this
 measures what the others would give (bf16, B=1, 16 heads, D=128). CUDA only.
 
-    PYTHONPATH=src python benchmarks/flex_fwd_tiles.py --seq 32768 --out flex-fwd-tiles.json
+    PYTHONPATH=src python benchmarks/flex_tile_choice.py --seq 32768 --out benchmarks/results/h200/flex-tile-choice.json
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main() -> None:
             print(f"{str(tile or 'inductor default'):22s} {ms:7.3f} ms = {sdpa / ms:.2f} of sdpa's speed", flush=True)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"command": f"python benchmarks/flex_fwd_tiles.py --seq {T} --heads {H}", "device":
+            json.dump({"command": f"python benchmarks/flex_tile_choice.py --seq {T} --heads {H}", "device":
                        torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
 
 

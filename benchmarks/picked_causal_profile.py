@@ -4,7 +4,8 @@ MoH's routed heads at the issue's shape (12 routed heads of 16, each token picki
 128, bf16): the split's forward and forward + backward for several leaf sizes, its plan alone,
 and a profiler table of one training step (GPU time per kernel). CUDA and the cuDNN frontend only.
 
-    PYTHONPATH=src python benchmarks/picked_profile.py --seq 32768 --leaf 128,512,1024 --out picked-profile.json
+    PYTHONPATH=src python benchmarks/picked_causal_profile.py --seq 32768 --leaf 512 --repeat 10 \\
+        --profile benchmarks/results/h200/picked-causal-profile.txt --out benchmarks/results/h200/picked-causal-profile.json
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ order and (b) attnkit's reordered one (``diagonal_first``), each with and withou
 NaN rows and the largest difference from the guarded output. Also times attnkit's check and
 reordering (once per shape, then cached). CUDA only.
 
-    PYTHONPATH=src python benchmarks/rows_safe_check.py --seq 32768 --out rows-safe.json
+    PYTHONPATH=src python benchmarks/flex_rows_safe.py --seq 32768 --out benchmarks/results/h200/flex-rows-safe.json
 """
 
 from __future__ import annotations
