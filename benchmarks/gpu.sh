@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# The GPU check: the whole CUDA test suite and the default `attnkit bench --device cuda`, each part
-# within the GPU machine's 10 minutes per command. Run from the repository root on a CUDA machine:
+# The GPU script: the CUDA test suite, the default CUDA bench and the bench suites, each part within the GPU
+# machine's 10 minutes per command. Run from the repository root on a CUDA machine:
 #
-#   benchmarks/gpu_check.sh tests     # every test marked cuda (pytest-xdist when installed)
-#   benchmarks/gpu_check.sh bench     # the default CUDA bench: every mechanism and op, seq 2k-32k
-#   benchmarks/gpu_check.sh bench-layers-a | bench-layers-b | bench-ops   # the same bench in three parts
-#   benchmarks/gpu_check.sh bench-args NAME ARGS...   # any other bench run, logged the same way
-# TEST_TIMEOUT / BENCH_TIMEOUT (seconds) shorten the parts' limits.
+#   benchmarks/gpu.sh tests               # every test marked cuda (pytest-xdist when installed) -> pytest-cuda.log
+#   benchmarks/gpu.sh bench               # the default `attnkit bench --device cuda`: every mechanism and op, seq 2k-32k
+#   benchmarks/gpu.sh bench-layers-a | bench-layers-b | bench-ops   # the same bench in three parts of ~equal time
+#   benchmarks/gpu.sh SUITE [MODE]        # `attnkit bench --suite SUITE` in each of its modes (or MODE only)
+#                                         # -> SUITE-MODE.json; SUITE: dense patterns linear heads sigmoid decode
+#   benchmarks/gpu.sh bench-args NAME ARGS...   # any other bench run, logged the same way -> NAME.json
+#   benchmarks/gpu.sh readme              # regenerate benchmarks/results/README.md from the result files
+# TEST_TIMEOUT / BENCH_TIMEOUT (seconds) shorten the parts' limits (BENCH_TIMEOUT is per bench run: a suite
+# with two modes runs two; give it one MODE per device command where 10 minutes would not hold both).
 #
-# Logs and results go to $OUT (default benchmarks/results/h200): pytest-cuda.log, bench-*.log,
-# bench-*.json / .jsonl / .png. Optional wheels in .whl/ (the GPU machine has no package registry)
-# are installed first: nvidia-cudnn-frontend (the cuDNN band backend) and fla-core (the
-# fla-lightning baseline), fetched with
+# Logs and results go to $OUT (default benchmarks/results/h200): pytest-cuda.log; per bench run NAME.log (the
+# header below, the command and the terminal table), NAME.json, NAME.jsonl (cells as they finished) and NAME.png.
+# After a bench case the results README is regenerated when $OUT is under benchmarks/results; results copied
+# back from elsewhere need `python benchmarks/results_readme.py` (tests/bench/test_results_readme.py checks it).
+# Optional wheels in .whl/ (the GPU machine has no package registry) are installed first: nvidia-cudnn-frontend
+# (the cuDNN band backend) and fla-core (the fla-lightning baseline), fetched with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 -d .whl fla-core==0.6.0 nvidia-cudnn-frontend==1.18.0
 set -uo pipefail
@@ -28,17 +34,23 @@ header() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 }
-# the default run's rows, in three parts of about equal time
-mechanisms() { python3 -c "import attnkit; print(','.join(c.name for c in attnkit.mechanisms()))"; }
-half() {  # half a|b of the registered mechanisms
+half() {  # half a|b of the registered mechanisms (b starts with mha, the layers' dense reference)
   python3 -c "import attnkit, sys; n=[c.name for c in attnkit.mechanisms()]; h=len(n)//2; print(','.join(n[:h] if sys.argv[1]=='a' else ['mha', *n[h:]]))" "$1"
 }
-bench() {  # bench NAME ARGS...: one part of the default CUDA bench, its log and results under $OUT
+readme() {  # the results README follows the files (only where they are the repository's own results)
+  case "$(realpath -m "$OUT")/" in
+    "$(realpath -m benchmarks/results)"/*) python3 benchmarks/results_readme.py >/dev/null && echo "benchmarks/results/README.md regenerated" ;;
+  esac
+}
+bench() {  # bench NAME ARGS...: one bench run, its log and results under $OUT
   local name=$1; shift
   { header; echo "# attnkit bench --device cuda $*"; } > "$OUT/$name.log"
   timeout "${BENCH_TIMEOUT:-570}" python3 -m attnkit.cli bench --device cuda "$@" --out "$OUT/$name.json" 2>&1 | tee -a "$OUT/$name.log" | grep -E "│|Error|error" | cut -c1-200
-  echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "exit $rc" | tee -a "$OUT/$name.log"
+  return "$rc"
 }
+suites=$(python3 -c "from attnkit.bench.suites import SUITES; print(' '.join(SUITES))")
 case "${1:-}" in
   tests)
     { header; echo "# python3 -m pytest -m cuda tests"; } > "$OUT/pytest-cuda.log"
@@ -46,15 +58,29 @@ case "${1:-}" in
     timeout "${TEST_TIMEOUT:-560}" python3 -m pytest -m cuda tests "${xdist[@]}" -o addopts="" -q -rfEs -p no:cacheprovider -W ignore \
       --durations=15 2>&1 | tee -a "$OUT/pytest-cuda.log" | grep -E "passed|failed|FAILED|ERROR" | cut -c1-300 ;;
   bench)
-    bench bench-cuda-fwd ;;
+    bench bench-cuda-fwd; readme ;;
   bench-layers-a)
-    bench bench-cuda-fwd-layers-a --mechanisms "$(half a)" --ops none ;;
+    bench bench-cuda-fwd-layers-a --mechanisms "$(half a)" --ops none; readme ;;
   bench-layers-b)
-    bench bench-cuda-fwd-layers-b --mechanisms "$(half b)" --ops none ;;
+    bench bench-cuda-fwd-layers-b --mechanisms "$(half b)" --ops none; readme ;;
   bench-ops)
-    bench bench-cuda-fwd-ops --mechanisms mha ;;
+    bench bench-cuda-fwd-ops --mechanisms mha; readme ;;
   bench-args)  # bench-args NAME ARGS...: any bench command, logged like the parts above
-    shift; bench "$@" ;;
+    [ $# -ge 2 ] || { echo "usage: benchmarks/gpu.sh bench-args NAME ARGS..." >&2; exit 2; }
+    shift; bench "$@"; readme ;;
+  readme)
+    python3 benchmarks/results_readme.py ;;
   *)
-    echo "usage: benchmarks/gpu_check.sh tests|bench|bench-layers-a|bench-layers-b|bench-ops|bench-args NAME ARGS..." >&2; exit 2 ;;
+    if [ -n "${1:-}" ] && [[ " $suites " == *" $1 "* ]]; then
+      suite=$1
+      modes=${2:-$(python3 -m attnkit.bench.suites "$suite")}
+      for mode in $modes; do
+        bench "$suite-$mode" --suite "$suite" --mode "$mode"
+      done
+      readme
+    else
+      echo "usage: benchmarks/gpu.sh tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|bench-args NAME ARGS...|SUITE [MODE]" >&2
+      echo "  SUITE: $suites" >&2
+      exit 2
+    fi ;;
 esac
