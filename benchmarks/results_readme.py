@@ -272,8 +272,10 @@ def section_bench(files: list[tuple[Path, dict]], root: Path) -> list[str]:
                     f"`attnkit bench --suite {suite}` (on the GPU `benchmarks/gpu.sh {suite}`, which writes "
                     f"`{suite}-MODE.json`).", ""]
         elif suite == "bench":
-            out += ["### bench (the default run)", "", "Every registered mechanism and op at the default sizes "
-                    "(`attnkit bench`; on the GPU `benchmarks/gpu.sh bench`, or its parts).", ""]
+            out += ["### bench (the default run and other runs)", "", "The default run measures every registered "
+                    "mechanism and op at the default sizes (`attnkit bench`; on the GPU `benchmarks/gpu.sh bench`, or "
+                    "its parts `bench-layers-a`, `bench-layers-b`, `bench-ops`); `benchmarks/gpu.sh bench-args NAME "
+                    "ARGS...` runs any other rows.", ""]
         else:
             out += ["### other bench runs", ""]
         for path, data in groups[suite]:

@@ -110,7 +110,7 @@ def test_other_files_tests_streams_compare_and_scripts(gen, results):
            "**1 failed, 170 passed, 5 skipped in 180.00s (0:03:00)** (commit abc1234 (as the copy's git says)" in text
     # a run killed before its JSON was written is read back from its stream, and says so
     assert "#### [bench-cuda-fwd-ops.jsonl](h200/bench-cuda-fwd-ops.jsonl) **(incomplete" in text
-    assert "### bench (the default run)" in text and "| mha | x | 1.00 | 4.000 |" in text
+    assert "### bench (the default run and other runs)" in text and "| mha | x | 1.00 | 4.000 |" in text
     assert "| mha | 0.976 | 262,784 | 1000 | 36.4k | ok |" in text
     assert "| no-mixing | 0.008 | 200,000 | 1000 | 50k | ok |" in text
     # a question script's file: the question from the script's docstring, under its current name
