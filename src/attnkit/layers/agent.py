@@ -70,7 +70,7 @@ def agent_attend(q, k, v, agents, bias1, bias2, scale, *, compute_dtype=None):
     their gradients without a scatter. (Measured on the H200 at 128k tokens, fwd+bwd:
     FlexAttention with the bias as a captured score modifier 1.9 s; attend's materialised
     path with an indexed bias 2.3 s, its backward a scatter-add; this form: see
-    ``benchmarks/results/h200-agent-fwdbwd.json``.) ``compute_dtype`` defaults to float32
+    ``benchmarks/results/h200/linear-agent-fwdbwd.json``.) ``compute_dtype`` defaults to float32
     (float64 for float64 inputs); the result is in q's dtype."""
     dtype = q.dtype
     acc = compute_dtype or torch.promote_types(dtype, torch.float32)

@@ -460,7 +460,7 @@ class S2Strided(Pattern):
             raise ValueError(f"head_step must be 'query_heads', 'kv_heads' or a non-negative integer, got {head_step!r}")
         self.head_step = head_step
         # Hopper's TMA loads: S2's training step at 128k (vert_stride 16, 64-token blocks) took
-        # 58.6 ms with them against 61.5 without on the H200 (benchmarks/flex_options.py);
+        # 58.6 ms with them against 61.5 without on the H200 (benchmarks/flex_kernel_options.py);
         # Inductor drops the option where the GPU or the tensors cannot use TMA. (Not
         # ROWS_GUARANTEED_SAFE: granted where verified, it measured 57.86 ms against 57.87 without)
         self.flex_kernel_options = MappingProxyType({"USE_TMA": True})
