@@ -88,3 +88,9 @@ def test_unknown_name_error_unchanged():
         attnkit.get("nope")
     with pytest.raises(ValueError, match=r"gqa does not take option\(s\) \['bogus'\]"):
         attnkit.build("gqa", dim=32, num_heads=4, bogus=1)
+
+
+def test_a_misspelt_option_of_a_forwarding_layer_lists_the_accepted_keys():
+    # sliding-window forwards **options to MultiHeadAttention: the message still names every key
+    with pytest.raises(ValueError, match=r"sliding-window does not take option\(s\) \['windw'\]; accepted: .*num_kv_heads.*window"):
+        registry.build("sliding-window", dim=64, num_heads=4, windw=4)

@@ -97,11 +97,10 @@ class Card:
 
     def build(self, dim: int, num_heads: int, **options):
         config = self.config(dim, num_heads, **options)
-        accepted = inspect.signature(self.layer.__init__).parameters
+        accepted = self.accepted_options()  # through **options into the base classes
         unknown = sorted(k for k in config if k not in accepted)
-        if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-            names = sorted(k for k in accepted if k != "self")
-            raise ValueError(f"{self.name} does not take option(s) {unknown}; accepted: {', '.join(names)}")
+        if unknown:
+            raise ValueError(f"{self.name} does not take option(s) {unknown}; accepted: {', '.join(sorted(accepted))}")
         try:
             return self.layer(**config)
         except TypeError as err:  # a layer forwarding **options to its parent

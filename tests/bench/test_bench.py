@@ -132,6 +132,12 @@ def test_threads_are_set_for_the_run_and_restored():
     assert result["device"]["load_average"] is None or len(result["device"]["load_average"]) == 3
 
 
+def test_more_threads_than_cores_is_refused(monkeypatch):
+    monkeypatch.setattr(harness.os, "cpu_count", lambda: 4)
+    with pytest.raises(ValueError, match=r"--threads 5 is more than this machine's 4 CPU cores; accepted: 1..4"):
+        run_bench(tiny(mechanisms=["mha"], ops=[], seqs=[16], threads=5))
+
+
 def test_throughput_timing_queues_a_burst_per_sample():
     """timing='throughput': each sample is the mean over THROUGHPUT_BURST back-to-back calls;
     latency: one call per sample. The config records the choice."""
@@ -435,6 +441,15 @@ def test_plot_groups_rows_by_family(tmp_path):
     assert list(_families(cells)) == ["baseline", "pattern", "op"]
     plot_bench(result, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_cli_exits_nonzero_when_no_cell_was_measured(tmp_path, capsys, monkeypatch):
+    args = ["bench", "--mechanisms", "gqa", "--ops", "none", "--seq", "16", "--dim", "32", "--heads", "4",
+            "--repeat", "1", "--warmup", "0", "--max-time", "0.01", "--plot", "none", "--out", str(tmp_path / "r.json")]
+    monkeypatch.setattr(harness, "_layer_work", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("broken row")))
+    assert main(args) == 1
+    assert "no cell was measured (statuses: error)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r.json").read_text())["cells"][0]["status"] == "error"
 
 
 def test_cli_list(capsys):

@@ -287,6 +287,13 @@ def cmd_bench(args) -> int:
     write_outputs(result, str(out), "none" if plot_path is None else str(plot_path), plot_bench, out_console)
     stopped = result["stopped"]
     if stopped is None:
+        if result["cells"] and not any(c["status"] == "ok" for c in result["cells"]):
+            # nothing was measured (every row unsupported here, skipped or failed): a script
+            # running the bench should not take the empty table for a result
+            statuses = sorted({c["status"] for c in result["cells"]})
+            print(f"attnkit bench: no cell was measured (statuses: {', '.join(statuses)}); "
+                  "see the message column for why", file=sys.stderr)
+            return 1
         return 0
     finished = len(result["cells"]) - (1 if stopped["kind"] else 0)  # a context fault's own cell is the last
     print(f"attnkit bench: stopped at cell {stopped['cell']}: {stopped['message']}\n"

@@ -933,6 +933,10 @@ def validate_config(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
     _positive_int(cfg.warmup, "--warmup", minimum=0)
     if cfg.threads is not None:
         _positive_int(cfg.threads, "--threads")
+        cores = os.cpu_count() or 1
+        if cfg.threads > cores:
+            # more threads than cores only adds contention: the timings would measure the scheduler
+            raise ValueError(f"--threads {cfg.threads} is more than this machine's {cores} CPU cores; accepted: 1..{cores}")
     if isinstance(cfg.max_time, bool) or not isinstance(cfg.max_time, (int, float)) or not 0 < cfg.max_time < math.inf:
         raise ValueError(f"--max-time must be a positive number of seconds, got {cfg.max_time!r}")
     specs = cfg.patterns
