@@ -105,3 +105,28 @@ def test_readme_keeps_the_quickstart_and_links_the_docs():
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)\s]*)?\)", readme):
         if "://" not in target:
             assert (ROOT / target).exists(), f"the README links {target}, which does not exist"
+
+
+def test_cited_result_files_exist_under_their_current_names():
+    # benchmarks/results/ was reorganised by device (h200/, cpu/) and superseded files were removed:
+    # a page or docstring citing a result file names it as h200/NAME or cpu/NAME (a glob such as
+    # cpu/compare-*-heads.json must match at least one file), and an old flat name (h200-....json)
+    # only as history, followed by "in git at <commit>"
+    results = ROOT / "benchmarks" / "results"
+    sources = [p for p in DOCS.rglob("*.md")] + [ROOT / "README.md", results / "findings.md"]
+    sources += [p for p in (ROOT / "src" / "attnkit").rglob("*.py")]
+    ext = r"\.(?:json|jsonl|png|log|txt)\b"
+    current = re.compile(r"(?<![\w.-])((?:h200|cpu)/[\w.*-]+" + ext + ")")
+    old = re.compile(r"(?<![\w-])((?:h200|cpu)-[\w.*-]+" + ext + ")")
+    missing, stale = [], []
+    for path in sources:
+        text = path.read_text()
+        where = path.relative_to(ROOT)
+        for m in current.finditer(text):
+            if not any(results.glob(m.group(1))):
+                missing.append(f"{where}: {m.group(1)}")
+        for m in old.finditer(text):
+            if not re.match(r"[`'\"\s(#,]*in git at [0-9a-f]{7,40}", text[m.end():]):
+                stale.append(f"{where}: {m.group(1)}")
+    assert sources and not missing, f"cited result files missing from benchmarks/results/: {missing}"
+    assert not stale, f"old result names (cite h200/... or cpu/..., or '`OLD` (in git at COMMIT)'): {stale}"

@@ -76,7 +76,8 @@ PRESETS = {
     },
     "gpu": {
         # 2 layers, lr 3e-3: MHA reaches 0.988 MQAR at 16 pairs / seq 256 / vocab 8192 in 3000 steps on
-        # the H200, where 4 layers (lr 1e-3 or 3e-3) stayed near 0.06 (benchmarks/results/README.md)
+        # the H200 (benchmarks/results/h200/compare-mqar.json), where 4 layers (lr 1e-3 or 3e-3) stayed
+        # near 0.06 (0.051 at lr 3e-3: h200-mqar-sweep-a-lr3e-3.json, in git at 9c8ea52)
         "model": dict(dim=256, num_layers=2, num_heads=8),
         "train": dict(batch_size=64, lr=3e-3, warmup=200, weight_decay=0.1),
         "seeds": 3,

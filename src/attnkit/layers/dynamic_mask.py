@@ -24,8 +24,8 @@ the 128 causal blocks per query block: the whole core runs 3.4x faster than dens
 with the bias (thresholds 4.5 ms and block mask 1.5 ms of its 16.8 ms included; the attention
 alone about 5x); kept keys scattered one by one leave every block visited, and DMA is then
 slower than dense attention. The per-row thresholds cost O(S log S) per head (a
-wavelet matrix over the keys' ranks), not a top-k over every row (``benchmarks/results/README.md``,
-sessions 13 and 14).
+wavelet matrix over the keys' ranks), not a top-k over every row
+(``benchmarks/results/h200/dma-core.json``).
 """
 
 from __future__ import annotations

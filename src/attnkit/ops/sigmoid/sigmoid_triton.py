@@ -104,7 +104,8 @@ if triton is not None:
              D: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # grid (query blocks, B*H), blocks start x fastest: head after head, each head's longest
         # causal rows first. (Every head's longest rows first across heads, LPT, measured 13% slower
-        # at 8k: the heads running at once no longer share K and V in L2; h200-sigmoid-fwd-order.json)
+        # at 8k: the heads running at once no longer share K and V in L2; h200-sigmoid-fwd-order.json,
+        # in git at 9c8ea52)
         pid_m = tl.program_id(0)
         if CAUSAL:
             pid_m = tl.num_programs(0) - 1 - pid_m
@@ -239,8 +240,8 @@ if triton is not None:
                    for m, n, w, st, t in tiles]
         return triton.autotune(configs=choices, key=["D", "CAUSAL", "GROUP", "SIZE_KEY"])(kernel), {}
 
-    # TMA tiles: the ones the H200 picked at 8k and 32k (h200-sigmoid-fwd-tma.json) and two more;
-    # few, since each is compiled and timed on a shape's first call
+    # TMA tiles: the ones the H200 picked at 8k and 32k (h200-sigmoid-fwd-tma.json, in git at 9c8ea52)
+    # and two more; few, since each is compiled and timed on a shape's first call
     _FWD_TILES = {"pointer": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
                               (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 4)],
                   "tma": [(128, 128, 8, 3), (128, 32, 8, 4), (128, 64, 8, 3), (128, 32, 4, 4)]}
@@ -275,7 +276,7 @@ def _forward_loads(q: Tensor, k: Tensor, v: Tensor) -> tuple[str, ...]:
 #: (``tanh.approx.f32``), whose error is ~2^-11 *of tanh*, so ``1 + tanh`` cancels for small weights:
 #: measured relative error 1.8e-4 for x in [-8, -4), up to 0.26 in [-15, -8), 1.0 below -15;
 #: ``"exp"``, ``1 / (1 + 2^(-x log2 e))`` with two (``ex2.approx``, ``rcp.approx``), under 2e-6
-#: everywhere, 12-17% slower forwards on the H200 (``h200-sigmoid-formula.json``); ``"auto"``
+#: everywhere, 12-17% slower forwards on the H200 (``h200/sigmoid-formula.json``); ``"auto"``
 #: (default): ``tanh`` while the bias is at least :data:`TANH_MIN_BIAS`, ``exp`` below it (a -log n
 #: bias puts most weights near sigmoid(bias)).
 SIGMOID_FORMULA = "auto"

@@ -19,7 +19,8 @@ Why: FlexAttention visits 9 key blocks per 128-row query block for a 1024-key wi
 kernel runs at about 0.72 of cuDNN's rate on dense causal attention. On the H200 (training
 step at 32k, bf16, 16 heads, D = 128) it realised 0.67 of the window's FLOP reduction over
 dense FlexAttention and 0.47 of the sink + window's; this backend realises 0.93 and 0.81
-(``benchmarks/results/README.md``, session 14).
+(``benchmarks/results/h200/patterns-window-1024-fwdbwd.json`` and
+``h200/patterns-sink-4-1024-fwdbwd.json``).
 
 :func:`attnkit.attend` picks this backend (``backend="auto"``) for these patterns on CUDA when
 :func:`supports` says yes, and runs it when asked (``backend="cudnn"``). One execution graph is

@@ -8,7 +8,7 @@ the tokens that picked it. Row ``t`` of head ``h`` attends causally to every key
 
 Gathering the picked rows leaves a mask with a different position on every row, which no
 fused kernel of cuDNN's takes, and FlexAttention's kernel runs at about half of cuDNN's rate
-on it (``benchmarks/results/README.md``, session 10). This module splits the work into pieces
+on it (``benchmarks/results/h200/moh-core.json``, its ``flex`` path). This module splits the work into pieces
 cuDNN does take, by a dyadic split of the positions:
 
 * **leaf:** every row attends, causally, to the keys of its own ``leaf``-token block (one
@@ -33,7 +33,7 @@ first), so nearly all of it runs as large unmasked rectangles, cuDNN's fastest c
 H200 (bf16, 32k, 12 heads, half the rows picked) a training step takes 13.1-13.7 ms against
 21.2-21.7 ms for causal SDPA over all the rows (the ideal: half); the cuDNN calls themselves
 run at causal SDPA's rate, and the rest is the glue (merges, gathers, the plan: about 1.5 ms
-of GPU time) and the host (``benchmarks/results/README.md``, session 15).
+of GPU time) and the host (``benchmarks/results/h200/picked-causal-profile.json`` and ``.txt``).
 
 Shapes: q, k, v ``[B, H, T, D]`` (one key and value head per query head; repeat them first for
 GQA), picked ``[B, H, T]`` bool; any strides. Returns ``[B, H, T, D]`` with zero rows where
