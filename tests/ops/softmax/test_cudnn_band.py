@@ -139,3 +139,22 @@ def test_unreadable_layouts_are_copied_inside_the_ops():
         assert cudnn_band._is_readable(copy) and torch.equal(copy, t)
     aligned = torch.zeros(1, 2, 64, 16)
     assert cudnn_band._readable(aligned) is aligned
+
+
+def test_availability_is_a_constant_to_torch_compile(monkeypatch):
+    """The first availability check may happen inside a graph compiled with fullgraph=True (a
+    layer compiled in a fresh process picks its backend while traced); torch.backends.cudnn.version()
+    there was a graph break that failed the CUDA suite's compile tests. Made to look like a CUDA
+    machine on CPU: the check must trace as a constant."""
+    monkeypatch.setattr(cudnn_band, "_cuda_available", lambda: True)
+    monkeypatch.setattr(cudnn_band, "_frontend", lambda: object())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(cudnn_band, "_AVAILABLE", {})
+    torch._dynamo.reset()
+
+    def pick(x):
+        return x + 1 if cudnn_band.available(torch.device("cuda", 0)) else x - 1
+
+    expected = pick(torch.zeros(2))
+    monkeypatch.setattr(cudnn_band, "_AVAILABLE", {})
+    torch.testing.assert_close(torch.compile(pick, fullgraph=True)(torch.zeros(2)), expected)

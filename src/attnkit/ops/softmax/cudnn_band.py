@@ -60,11 +60,22 @@ def _frontend():
     return _FRONTEND or None
 
 
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
 def available(device=None) -> bool:
     """Whether the band backend can run here: CUDA, compute capability >= 8.0, cuDNN >= 9.2, the frontend."""
-    if not torch.cuda.is_available() or _frontend() is None:
+    return _available_on(torch.device(device).index if device is not None else None)
+
+
+@torch.compiler.assume_constant_result
+def _available_on(index: int | None) -> bool:
+    # a constant to torch.compile: the first call may come inside a compiled graph (a layer
+    # compiled with fullgraph=True in a fresh process), where torch.backends.cudnn.version(),
+    # a torch function returning an int, is a graph break (found by the CUDA suite on the H200)
+    if not _cuda_available() or _frontend() is None:
         return False
-    index = torch.device(device).index if device is not None else None
     if index is None:
         index = torch.cuda.current_device()
     if index not in _AVAILABLE:
