@@ -7,6 +7,9 @@ from hf_models import ARCHS, VOCAB, tiny
 
 hf = pytest.importorskip("attnkit.hf")
 
+# transformers 5.25 renames past_key_values to cache; 5.17 knows only past_key_values
+pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+
 
 def _batch(seed=0, B=2, T=11, pad=(0, 4)):
     g = torch.Generator().manual_seed(seed)

@@ -80,9 +80,11 @@ def _bool_mask(mask) -> Tensor | None:
     return allowed
 
 
-def _first_real(mask: Tensor | None, batch: int, seen_before: int, device) -> Tensor:
-    """Per row, the first key position that some query may attend (its first non-padding token);
-    ``-1`` where no key of this call is attended yet."""
+def _first_real(handle, mask: Tensor | None, batch: int, device) -> Tensor:
+    """Per row, the first non-padding position (``-1`` where none is known yet): from the 2D
+    padding mask the model was called with, else the first key some query of this call may attend."""
+    if handle._forward_start is not None and handle._forward_start.shape[0] == batch:
+        return handle._forward_start.to(device)
     if mask is None:
         return torch.zeros(batch, dtype=torch.long, device=device)
     real = mask.any(dim=2)[:, 0]  # [B, S]
@@ -130,9 +132,15 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     layer_idx = module.layer_idx
     B, Hq, T, _ = query.shape
     Hkv = key.shape[1]
-    staged = handle._take_staged(layer_idx)
-    cache_layer = staged
+    cache_layer = handle._take_staged(layer_idx)
     if cache_layer is None:
+        if handle.evicts(layer_idx, Hkv) and handle._sliding_cache_layer(layer_idx):
+            # the model's own cache drops keys outside its window, so their positions (and a row's
+            # sinks) are unknown here; the head-wise cache keeps what the policy needs
+            raise ValueError(
+                f"{handle.policy!r} on {type(module).__name__} layer {layer_idx} (a sliding-window layer) needs the "
+                "head-wise cache: pass past_key_values=handle.cache() to the model or to generate()"
+            )
         out = _attend_given(handle, layer_idx, query, key, value, mask, scaling, score_mod)
     else:
         out = _attend_headwise(handle, cache_layer, query, mask, scaling, score_mod, Hkv)
@@ -153,7 +161,7 @@ def _attend_given(handle, layer_idx, query, key, value, mask, scaling, score_mod
         return _run(handle, query, key, value, mask, scaling, score_mod)
     q_pos = torch.arange(S - T, S, device=query.device)
     k_pos = torch.arange(S, device=query.device)
-    start = _first_real(mask, B, S - T, query.device).clamp(min=0)
+    start = _first_real(handle, mask, B, query.device).clamp(min=0)
     base = mask if mask is not None else (k_pos <= q_pos[:, None]).expand(B, 1, T, S)
     out = query.new_empty(B, Hq, T, value.shape[3])
     g = Hq // Hkv
@@ -175,7 +183,7 @@ def _attend_headwise(handle, layer, query, mask, scaling, score_mod, Hkv) -> Ten
     device = query.device
     start = layer.start
     if start is None or bool((start < 0).any()):
-        found = _first_real(mask, B, S - T, device)
+        found = _first_real(handle, mask, B, device)
         start = found if start is None else torch.where(start < 0, found, start)
     start_c = start.clamp(min=0)
     q_pos = torch.arange(S - T, S, device=device)
@@ -254,6 +262,9 @@ class Handle:
         self._staged: dict = {}
         self._modules: list = []
         self._saved: list = []
+        self._hook = None
+        self._forward_cache = None
+        self._forward_start = None
         self.active = False
 
     def plan(self, layer_idx: int, num_kv_heads: int):
@@ -261,6 +272,10 @@ class Handle:
         if key not in self._plans:
             self._plans[key] = self.policy.plan(layer_idx, num_kv_heads)
         return self._plans[key]
+
+    def evicts(self, layer_idx: int, num_kv_heads: int) -> bool:
+        """Whether some KV head of this layer keeps fewer than all tokens."""
+        return any(g.rule is not None for g in self.plan(layer_idx, num_kv_heads))
 
     def cache(self):
         """A fresh :class:`HeadwiseCache` for this model and policy (``past_key_values=``)."""
@@ -271,6 +286,25 @@ class Handle:
         cache = HeadwiseCache(self.policy, self.num_layers, self.num_kv_heads)
         cache._handle = weakref.ref(self)
         return cache
+
+    def _see_cache(self, module, args, kwargs):
+        """Forward pre-hook on the model: remember which cache this forward runs with."""
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        self._forward_cache = weakref.ref(cache) if cache is not None else None
+        # each row's first non-padding position, from the 2D padding mask (the 4D mask cannot
+        # say it once a window hides a row's first tokens from this call's queries)
+        padding = kwargs.get("attention_mask")
+        self._forward_start = None
+        if isinstance(padding, Tensor) and padding.dim() == 2:
+            real = padding != 0
+            first = real.to(torch.int8).argmax(dim=1)
+            self._forward_start = torch.where(real.any(dim=1), first, torch.full_like(first, -1))
+
+    def _sliding_cache_layer(self, layer_idx: int) -> bool:
+        """Whether the model's own cache of this forward keeps only a window at this layer."""
+        cache = self._forward_cache() if self._forward_cache is not None else None
+        is_sliding = getattr(cache, "is_sliding", None)
+        return bool(is_sliding) and layer_idx < len(is_sliding) and bool(is_sliding[layer_idx])
 
     def _take_staged(self, layer_idx: int):
         """The head-wise cache layer that staged keys for this layer's current call, if any."""
@@ -285,6 +319,7 @@ class Handle:
                 _ROUTED.pop(m, None)
             for config, value in self._saved:
                 config._attn_implementation_internal = value
+            self._hook.remove()
             self.active = False
 
     def __enter__(self):
@@ -364,5 +399,6 @@ def apply(model, method="full", *, backend: str = "auto", **options) -> Handle:
         for m in modules:
             _ROUTED[m] = handle
         handle._modules = modules
+        handle._hook = model.register_forward_pre_hook(handle._see_cache, with_kwargs=True)
         handle.active = True
     return handle
