@@ -27,6 +27,7 @@ except ImportError as _err:  # pragma: no cover - exercised by a subprocess test
 from .attention import IMPLEMENTATION, Handle, apply, attention_forward
 from .cache import HeadwiseCache, HeadwiseLayer
 from .cards import CARDS
+from .convert import from_hf, to_hf
 from .policies import METHODS, Full, Group, Headwise, Policy, SinkWindow, Streaming
 
 __all__ = [
@@ -44,4 +45,6 @@ __all__ = [
     "Group",
     "METHODS",
     "CARDS",
+    "to_hf",
+    "from_hf",
 ]
