@@ -18,7 +18,7 @@ attention, "retrieval heads", and sink + window, "streaming heads").
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -223,8 +223,9 @@ def resolve(method, options: dict) -> Policy:
         if name not in METHODS:
             raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)} or a Policy object")
         cls = METHODS[name]
-        try:
-            return cls(**options)
-        except TypeError as err:
-            raise ValueError(f"method {name!r}: {err}") from None
+        accepted = [f.name for f in fields(cls) if f.init]
+        unknown = sorted(k for k in options if k not in accepted)
+        if unknown:
+            raise ValueError(f"method {name!r} does not take option(s) {unknown}; accepted: {', '.join(accepted) or 'none'}")
+        return cls(**options)
     raise ValueError(f"method must be a method name ({', '.join(METHODS)}) or a Policy, got {type(method).__name__}")
