@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.attnkit-installed
 
-.PHONY: bench test list clean
+.PHONY: bench test list docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,5 +23,9 @@ list: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# the documentation site (mkdocs.yml, docs/) into site/; --strict: a warning fails the build
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis site

@@ -37,11 +37,16 @@ def training_step(fn, inputs, grad):
 
 
 def save_results(path: str | None, rows) -> None:
-    """Write ``rows`` to ``path`` (if given) as JSON beside the command line that made them,
-    the GPU and the torch version."""
+    """Write ``rows`` to ``path`` (if given) as JSON beside the command line that made them, the
+    time, the code hash, the GPU and the torch version (``benchmarks/results_readme.py`` lists them)."""
     if not path:
         return
+    from datetime import datetime, timezone
+
+    from attnkit._meta import code_hash
+
     command = "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
     with open(path, "w") as f:
-        json.dump({"command": command, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        json.dump({"command": command, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "code_hash": code_hash(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "rows": rows}, f, indent=1)

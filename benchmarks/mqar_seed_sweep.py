@@ -13,7 +13,7 @@ with the picked recipe reuses the runs. The JSON is rewritten after every finish
 
     PYTHONPATH=src python benchmarks/mqar_seed_sweep.py --list
     PYTHONPATH=src python benchmarks/mqar_seed_sweep.py --device cuda --recipes default,mix-pairs \\
-        --out benchmarks/results/h200-mqar-seed-sweep.json
+        --out benchmarks/results/h200/mqar-seed-sweep.json
     # CPU numbers exactly as on a 2-core machine, 8 runs at a time on 16 cores:
     PYTHONPATH=src python benchmarks/mqar_seed_sweep.py --device cpu --threads 2 --jobs 8 --time-limit 540
 

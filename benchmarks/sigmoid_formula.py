@@ -1,4 +1,4 @@
-"""How the Triton sigmoid kernels compute sigmoid: accuracy and speed of the two formulas.
+"""Which formula should the Triton sigmoid kernels compute sigmoid with? Accuracy and speed of the two.
 
 ``tanh``: ``(1 + tanh(x/2)) / 2`` with one MUFU ``tanh.approx.f32``; ``exp``: ``1 / (1 + 2^(-x log2 e))``
 with ``ex2.approx`` and ``rcp.approx`` (:data:`attnkit.ops.sigmoid.sigmoid_triton.SIGMOID_FORMULA`). Under a
@@ -8,7 +8,7 @@ float64 reference (batch item 0, heads 0-1, in row chunks) at the benchmark shap
 -log T, bf16, B = tokens / T, 16 heads, D = 128); forward and forward + backward times next to
 causal SDPA through cuDNN, in one process. CUDA only.
 
-    PYTHONPATH=src python benchmarks/sigmoid_formula.py --seq 8192,32768 --out sigmoid-formula.json
+    PYTHONPATH=src python benchmarks/sigmoid_formula.py --seq 8192,32768 --out benchmarks/results/h200/sigmoid-formula.json
 """
 
 from __future__ import annotations

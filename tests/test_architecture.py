@@ -9,9 +9,10 @@ import attnkit
 PACKAGE = Path(attnkit.__file__).resolve().parent
 BASE = {"_checks", "_meta", "_console", "__version__"}
 LOW = BASE | {"patterns", "rope", "state"}
-CORE = LOW | {"ops"}
-LAYERS = CORE | {"registry", "layers"}
-MODELS = LAYERS | {"models", "tasks"}
+CORE = LOW | {"ops", "cards"}
+LAYERS = CORE | {"layers"}  # never registry: the registry lists the layers' cards, not the reverse
+REGISTRY = LAYERS | {"registry"}
+MODELS = REGISTRY | {"models", "tasks"}
 METHODS = MODELS  # hf, diffusion, distributed: never each other
 TOOLS = METHODS | {"hf", "diffusion", "distributed"}
 
@@ -19,16 +20,17 @@ ALLOWED = {
     "_checks": BASE, "_meta": BASE, "_console": BASE,
     "patterns": BASE | {"patterns"},
     "rope": LOW, "state": LOW,
-    "ops": CORE,
-    "registry": LAYERS,  # registry -> layers: the cards load on import (an exception the house issue removes)
+    "ops": LOW | {"ops"},
+    "cards": BASE | {"patterns"},
     "layers": LAYERS,
+    "registry": REGISTRY,
     "models": MODELS,
     "tasks": BASE | {"tasks"},
     "hf": METHODS | {"hf"}, "diffusion": METHODS | {"diffusion"}, "distributed": METHODS | {"distributed"},
     "analysis": TOOLS | {"analysis"}, "bench": TOOLS | {"bench"}, "compare": TOOLS | {"compare"},
     "eval": TOOLS | {"eval"},
     "cli": None,  # the command imports everything
-    "__init__": LOW | {"ops", "registry", "layers", "models"},
+    "__init__": LOW | {"ops", "cards", "registry", "layers", "models"},
 }
 # (module, imported package): each a documented exception (docs/architecture.md)
 EXCEPTIONS = {("layers/attention_experts.py", "models")}
@@ -122,3 +124,22 @@ def test_the_ops_reader_sees_relative_and_absolute_imports(tmp_path, monkeypatch
     bad.write_text("from ..softmax.flex import block_mask_for\nfrom .. import sigmoid\n"
                    "from .lightning import x\ndef f():\n    from attnkit.ops.select import prefix_quantile\n")
     assert _ops_families(bad) == {"softmax", "sigmoid", "linear", "select"}
+
+
+def test_layers_never_import_the_registry():
+    """Registration is explicit: a layer module defines its cards as data and imports the
+    ``Card`` type from ``attnkit.cards``; only the registry imports the layers."""
+    offenders = [path.relative_to(PACKAGE).as_posix() for path in sorted((PACKAGE / "layers").rglob("*.py"))
+                 if "registry" in _imports(path)]
+    assert not offenders, f"layer modules importing attnkit.registry: {offenders}"
+    assert "layers" in _imports(PACKAGE / "registry.py")
+    assert "registry" not in _imports(PACKAGE / "cards.py")
+
+
+def test_no_module_imports_the_command():
+    """``attnkit.cli`` imports the subcommands; none of them (nor anything else) imports it back:
+    their shared console and output helpers live in ``attnkit._console``."""
+    offenders = [path.relative_to(PACKAGE).as_posix() for path in sorted(PACKAGE.rglob("*.py"))
+                 if path.name != "cli.py" or path.parent != PACKAGE
+                 if "cli" in _imports(path)]
+    assert not offenders, f"modules importing attnkit.cli: {offenders}"

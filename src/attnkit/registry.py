@@ -1,9 +1,23 @@
-"""Mechanism registry: one card per mechanism, name -> card.
+"""Mechanism registry: name -> card, from one explicit list.
 
-A card says what a mechanism is (paper, family), how to build it (layer class and
-defaults), what it costs (a FLOP model) and what it can do (capabilities). ``attnkit
-list``, ``attnkit bench`` and ``attnkit compare`` read nothing else, so registering a card
-puts a new mechanism into every command and every shared test.
+A card (:mod:`attnkit.cards`) says what a mechanism is (paper, family), how to build it (layer
+class and defaults), what it costs (a FLOP model) and what it can do (capabilities). ``attnkit
+list``, ``attnkit bench`` and ``attnkit compare`` read nothing else, so listing a card in
+:data:`LAYER_CARDS` puts a new mechanism into every command and every shared test.
+
+Registration is explicit, as kvpress lists its presses: each layer module defines its cards as
+plain module data (``CARDS = (Card(...), ...)``, no side effect on import), and
+:data:`LAYER_CARDS` below names every module's tuple, in the order ``attnkit list`` shows them
+(the baselines first). The import goes one way: this module imports ``layers``; a layer imports
+``attnkit.cards`` (the ``Card`` type) and never this module (``tests/test_architecture.py``
+enforces both, and that every ``CARDS`` tuple in ``layers/`` is listed here).
+
+Each kind of card (:data:`attnkit.cards.KINDS`) has one explicit list. ``"layer"`` cards are
+listed here. ``"hf"`` (methods on transformers models) and ``"diffusion"`` (diffusers attention
+processors) sit above this module in docs/architecture.md's table, so the package of each keeps
+its own ``CARDS`` list (``attnkit.hf``, ``attnkit.diffusion``) built from the same ``Card`` type
+with ``kind="hf"`` / ``"diffusion"``, and the ``attnkit`` command, which imports everything,
+concatenates the lists. :func:`register` adds a card of one's own at run time, explicitly.
 
     >>> import attnkit
     >>> [c.name for c in attnkit.mechanisms()][:3]
@@ -13,132 +27,82 @@ puts a new mechanism into every command and every shared test.
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, field
-from typing import Callable
+from .cards import KINDS, Capabilities, Card, FlopCount, dense_attention_flops
+from .layers import (
+    agent,
+    attention_experts,
+    compressed_conv,
+    deconstructed,
+    dynamic_mask,
+    echo,
+    flow,
+    group,
+    lightning,
+    matrix_atoms,
+    mixture_of_heads,
+    multi_head,
+    no_mixing,
+    rcmha,
+    s2,
+    selective,
+    sigmoid,
+    sparse_query,
+    streaming,
+)
 
-from . import patterns as _patterns
+__all__ = ["Card", "Capabilities", "FlopCount", "LAYER_CARDS", "register", "mechanisms", "get", "build",
+           "dense_attention_flops"]
 
-__all__ = ["Card", "Capabilities", "FlopCount", "register", "mechanisms", "get", "build", "dense_attention_flops"]
-
-
-@dataclass(frozen=True)
-class FlopCount:
-    """FLOPs of one layer call. Backward: 2.5 x forward for the attention core (the
-    FlashAttention convention), 2 x forward for the projections (two matmuls per matmul)."""
-
-    attention_fwd: float
-    projection_fwd: float
-
-    @property
-    def attention_bwd(self) -> float:
-        return 2.5 * self.attention_fwd
-
-    @property
-    def projection_bwd(self) -> float:
-        return 2.0 * self.projection_fwd
-
-    @property
-    def fwd(self) -> float:
-        return self.attention_fwd + self.projection_fwd
-
-    @property
-    def bwd(self) -> float:
-        return self.attention_bwd + self.projection_bwd
-
-    def total(self, mode: str = "fwd") -> float:
-        return self.fwd if mode in ("fwd", "decode") else self.fwd + self.bwd
-
-    def attention(self, mode: str = "fwd") -> float:
-        return self.attention_fwd if mode in ("fwd", "decode") else self.attention_fwd + self.attention_bwd
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    causal: bool = True
-    bidirectional: bool = True
-    decode: bool = True
-    varlen: bool = True
-    backends: tuple[str, ...] = ("reference", "sdpa", "flex")
-
-
-@dataclass(frozen=True)
-class Card:
-    name: str
-    title: str
-    arxiv: str | None
-    family: str
-    layer: type
-    flops: Callable[[int, int, dict], FlopCount]
-    defaults: dict = field(default_factory=dict)
-    capabilities: Capabilities = field(default_factory=Capabilities)
-    summary: str = ""
-
-    @property
-    def paper(self) -> str:
-        return f"{self.title} (arXiv {self.arxiv})" if self.arxiv else self.title
-
-    def config(self, dim: int, num_heads: int, **options) -> dict:
-        """Defaults, then options: the full keyword set the layer is built with. A default
-        may be a function of ``(dim, num_heads)`` (e.g. GQA's ``num_kv_heads = H // 4``)."""
-        defaults = {k: (v(dim, num_heads) if callable(v) else v) for k, v in self.defaults.items()}
-        return {"dim": dim, "num_heads": num_heads, **defaults, **options}
-
-    def build(self, dim: int, num_heads: int, **options):
-        config = self.config(dim, num_heads, **options)
-        accepted = inspect.signature(self.layer.__init__).parameters
-        unknown = sorted(k for k in config if k not in accepted)
-        if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-            names = sorted(k for k in accepted if k != "self")
-            raise ValueError(f"{self.name} does not take option(s) {unknown}; accepted: {', '.join(names)}")
-        try:
-            return self.layer(**config)
-        except TypeError as err:  # a layer forwarding **options to its parent
-            if "unexpected keyword argument" not in str(err):
-                raise
-            raise ValueError(f"{self.name}: {err}") from None
-
-    def accepted_options(self) -> set[str]:
-        """The keyword names the layer takes: its own ``__init__``'s and, where that forwards
-        ``**options`` to its base class (as the MultiHeadAttention variants do), the base's too."""
-        names: set[str] = set()
-        for cls in self.layer.__mro__:
-            init = cls.__dict__.get("__init__")
-            if init is None:
-                continue
-            params = inspect.signature(init).parameters.values()
-            names |= {p.name for p in params if p.name != "self"
-                      and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
-            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-                break
-        return names
-
-    def flop_count(self, batch: int, seq: int, dim: int, num_heads: int, **options) -> FlopCount:
-        return self.flops(batch, seq, self.config(dim, num_heads, **options))
-
+#: every layer card, in ``attnkit list`` order
+LAYER_CARDS: tuple[Card, ...] = (
+    *multi_head.CARDS,  # mha, gqa, mqa: the baselines lead
+    *agent.CARDS,  # agent, agent-causal
+    *attention_experts.CARDS,  # bam
+    *compressed_conv.CARDS,  # cca, ccgqa
+    *deconstructed.CARDS,  # fixed-mixing, l2-attention, static-qk
+    *dynamic_mask.CARDS,  # dma
+    *echo.CARDS,  # echo
+    *flow.CARDS,  # flow
+    *group.CARDS,  # chronos2-group, chronos2
+    *lightning.CARDS,  # lightning
+    *matrix_atoms.CARDS,  # masa
+    *mixture_of_heads.CARDS,  # moh
+    *no_mixing.CARDS,  # no-mixing
+    *rcmha.CARDS,  # rcmha
+    *s2.CARDS,  # s2
+    *selective.CARDS,  # selective
+    *sigmoid.CARDS,  # sigmoid, sigmoid-nobias
+    *sparse_query.CARDS,  # sqa, ssqa, xsqa, xsmqa
+    *streaming.CARDS,  # sliding-window, streaming
+)
 
 _REGISTRY: dict[str, Card] = {}
 
 
 def register(card: Card) -> Card:
+    """Add ``card`` (a mechanism of one's own) to the registry, after the listed ones. Names
+    are unique across kinds."""
+    if not isinstance(card, Card):
+        raise ValueError(f"register takes an attnkit.Card, got {type(card).__name__}")
     if card.name in _REGISTRY:
         raise ValueError(f"a mechanism named {card.name!r} is already registered")
     _REGISTRY[card.name] = card
     return card
 
 
-def _ensure_loaded() -> None:
-    from . import layers  # noqa: F401  (importing the layers registers their cards)
+for _card in LAYER_CARDS:
+    register(_card)
 
 
-def mechanisms(family: str | None = None) -> list[Card]:
-    """All registered cards, in registration order (optionally of one family)."""
-    _ensure_loaded()
-    return [c for c in _REGISTRY.values() if family is None or c.family == family]
+def mechanisms(family: str | None = None, *, kind: str | None = None) -> list[Card]:
+    """All registered cards, in :data:`LAYER_CARDS` order then registration order (optionally
+    of one family, or of one kind, see :data:`attnkit.cards.KINDS`)."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return [c for c in _REGISTRY.values() if (family is None or c.family == family) and (kind is None or c.kind == kind)]
 
 
 def get(name: str) -> Card:
-    _ensure_loaded()
     if name not in _REGISTRY:
         raise ValueError(f"unknown mechanism {name!r}; registered: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
@@ -147,15 +111,3 @@ def get(name: str) -> Card:
 def build(name: str, *, dim: int, num_heads: int, **options):
     """Build the layer of mechanism ``name`` at width ``dim`` with ``num_heads`` heads."""
     return get(name).build(dim, num_heads, **options)
-
-
-def dense_attention_flops(
-    batch: int, seq: int, *, num_heads: int, head_dim: int, pattern="causal", kv_len: int | None = None
-) -> float:
-    """Forward FLOPs of the softmax attention core: ``4 * B * H * pairs * D``, where
-    ``pairs`` counts the (query, key) pairs the pattern keeps (T*S for full,
-    T(T+1)/2 for causal)."""
-    pattern = _patterns.resolve(pattern)
-    kv_len = seq if kv_len is None else kv_len
-    pairs = pattern.pairs(seq, kv_len, heads=num_heads)
-    return 4.0 * batch * num_heads * pairs * head_dim

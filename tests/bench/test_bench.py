@@ -11,7 +11,7 @@ from attnkit.bench import harness
 from attnkit.bench.harness import Cell, _interleave, _sample, _summarise, _Timed
 from attnkit.cli import main
 
-CELL_KEYS = {"name", "kind", "family", "seq", "batch", "status", "message", "backend", "latency_ms", "dense_latency_ms",
+CELL_KEYS = {"name", "kind", "family", "pattern", "seq", "batch", "status", "message", "backend", "latency_ms", "dense_latency_ms",
              "speedup_vs_dense", "speedup_p10", "speedup_p90", "noise", "noisy", "peak_memory_bytes", "flops", "tflops",
              "peak_tflops", "pct_peak", "flop_reduction", "realised_fraction", "speedup_vs_dense_flex",
              "realised_fraction_vs_flex", "state_bytes"}
@@ -28,7 +28,8 @@ def test_result_schema_and_cells():
     result = run_bench(tiny(), command="attnkit bench --test")
     assert result["schema"] == "attnkit.bench/2"
     assert {"command", "created", "complete", "stopped", "git_commit", "device", "versions", "config", "timer", "peak",
-            "cells"} <= set(result)
+            "suite", "cells"} <= set(result)
+    assert result["suite"] is None
     assert result["complete"] is True and result["stopped"] is None
     assert result["versions"]["torch"] == torch.__version__ and "triton" in result["versions"]
     assert "cpu_model" in result["device"] and result["device"]["name"]
@@ -300,6 +301,9 @@ def test_a_normal_error_in_one_cell_does_not_stop_the_run(monkeypatch):
         (dict(max_time=0.0), "--max-time must be a positive number of seconds, got 0.0"),
         (dict(max_time=math.inf), "--max-time must be a positive"),
         (dict(mechanisms=[], ops=[]), "nothing to measure"),
+        (dict(pattern="window:8,window:8"), "--pattern names window:8 more than once"),
+        (dict(pattern="window:8,,sink:1:8"), "has an empty item"),
+        (dict(pattern="full,window:8"), "mixes 'full' with other patterns"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -469,3 +473,67 @@ def test_repeated_or_empty_list_items_are_refused(args, capsys):
         code = exit.code
     assert code == 2
     assert args[0] in capsys.readouterr().err
+
+
+def test_several_patterns_measure_the_patterned_rows_once_per_pattern():
+    """--pattern a,b: flex/attend/reference once per pattern (each cell records it, its FLOPs follow
+    it), the dense rows and layers once per length."""
+    cfg = tiny(mechanisms=["mha"], ops=["dense-sdpa", "attend", "reference"], seqs=[32], pattern="window:8,sink:2:8")
+    assert harness.count_cells(cfg) == 1 + 1 + 2 * 2
+    result = run_bench(cfg)
+    rows = [(c["name"], c["pattern"]) for c in result["cells"]]
+    assert rows == [("mha", ""), ("dense-sdpa", ""), ("attend", "window:8"), ("attend", "sink:2:8"),
+                    ("reference", "window:8"), ("reference", "sink:2:8")]
+    assert all(c["status"] == "ok" for c in result["cells"]), result["cells"]
+    flops = {(c["name"], c["pattern"]): c["flops"] for c in result["cells"]}
+    dense = flops[("dense-sdpa", "")]
+    # a window of 8 keys (sink 2 + window 8: up to 10) over 32 causal rows: fewer FLOPs than dense, the sink's more
+    assert flops[("attend", "window:8")] < flops[("attend", "sink:2:8")] < dense
+    assert flops[("attend", "window:8")] == flops[("reference", "window:8")]
+    assert harness.Cell(name="attend", kind="op", seq=32, batch=1, pattern="window:8").label == "attend [window:8] @ 32 (op)"
+
+
+def test_every_suite_runs_on_cpu_at_tiny_sizes(tmp_path):
+    """Each --suite preset builds a valid configuration on CPU and runs (tiny sizes given beside it
+    override the suite's); the JSON records the suite, the rows are the suite's."""
+    from attnkit.bench.suites import SUITES
+
+    for name, suite in SUITES.items():
+        out = tmp_path / f"{name}.json"
+        code = main(["bench", "--suite", name, "--seq", "32", "--dim", "32", "--heads", "4", "--repeat", "1",
+                     "--warmup", "0", "--max-time", "0.01", "--plot", "none", "--out", str(out)])
+        assert code == 0, name
+        result = json.loads(out.read_text())
+        assert result["suite"] == name and result["config"]["mode"] == suite.modes[0]
+        assert [c["name"] for c in result["cells"] if c["kind"] == "layer"] == suite.options["mechanisms"]
+        ops = [o for o in suite.options["ops"] if not o.startswith("dense-sdpa-") and o != "fla-lightning"]
+        assert list(dict.fromkeys(c["name"] for c in result["cells"] if c["kind"] == "op")) == ops
+        assert result["config"]["pattern"] == suite.options.get("pattern", "causal")
+        bad = [c for c in result["cells"] if c["status"] not in ("ok", "unsupported")]
+        assert not bad, (name, bad)
+
+
+def test_suite_values_and_overrides():
+    """A suite replaces the device's defaults (its CUDA sizes on CUDA, its CPU ones on CPU); options
+    given beside it win; the CPU run leaves out the CUDA-only rows."""
+    from attnkit.bench.cli import make_config
+    from attnkit.cli import build_parser
+
+    parse = lambda *argv: make_config(build_parser().parse_args(["bench", *argv]))  # noqa: E731
+    cuda = parse("--suite", "patterns", "--device", "cuda")
+    assert cuda.seqs == [32768, 131072] and cuda.mode == "fwdbwd" and cuda.repeat == 10 and cuda.dtype == "bfloat16"
+    assert cuda.patterns == ["window:1024", "sink:4:1024", "s2:64:16:16"] and "dense-sdpa-cudnn" in cuda.ops
+    cpu = parse("--suite", "patterns")
+    assert cpu.seqs == [2048, 4096] and cpu.dtype == "float32" and "dense-sdpa-cudnn" not in cpu.ops
+    mine = parse("--suite", "patterns", "--mode", "fwd", "--seq", "64", "--pattern", "window:16", "--ops", "attend")
+    assert (mine.mode, mine.seqs, mine.pattern, mine.ops) == ("fwd", [64], "window:16", ["attend"])
+    assert parse("--suite", "decode", "--device", "cuda").batch == 1
+    assert parse().mode == "fwd" and parse().pattern == "causal"  # no suite: the plain defaults
+
+
+def test_unknown_suite_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--suite", "nope"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--suite" in err and "'nope'" in err and "patterns" in err

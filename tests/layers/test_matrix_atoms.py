@@ -1,12 +1,18 @@
 """MASA: every layer's q/k/v/o weights are its coefficients times the shared atoms (checked
-against the formula, forward and every gradient, atoms included), one dictionary per model
-counted and saved once, parameter counts, decode == full forward, bad inputs."""
+against the formula, forward and every gradient, atoms included), one dictionary per model,
+owned by the model (``model.shared``) and counted and saved once, parameter counts, decode ==
+full forward, bad inputs. The model-level checks (old checkpoints, FSDP per block) are in
+tests/models/test_shared_modules.py."""
+
+from copy import deepcopy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import attnkit
 from attnkit.layers import MatrixAtomAttention, MultiHeadAttention
+from attnkit.layers.matrix_atoms import MatrixAtoms
 from attnkit.models import DecoderLM
 
 from layer_checks import assert_forward_and_grads_match, decode_in_chunks
@@ -40,18 +46,56 @@ def test_layer_matches_formula(kv):
 def test_one_dictionary_per_model():
     model = DecoderLM(vocab_size=64, dim=32, num_layers=6, num_heads=4, attention="masa")
     layers = [b.attn for b in model.layers]
-    assert [layer.owns_atoms for layer in layers] == [True] + [False] * 5
-    assert all(layer.qkv_proj._atoms is layers[0].atoms for layer in layers)
-    assert layers[0].atoms.q.shape == (2, 32, 32)  # S = L / 3 atoms
+    dictionary = model.shared["masa"]
+    assert list(model.shared) == ["masa"]
+    assert not any(layer.owns_atoms for layer in layers)
+    assert all(layer.dictionary is dictionary and layer.qkv_proj._atoms is dictionary for layer in layers)
+    assert dictionary.q.shape == (2, 32, 32)  # S = L / 3 atoms
+    # the model owns it: no block holds it as a submodule, the state dict has one copy
+    assert not any(isinstance(m, MatrixAtoms) for b in model.layers for m in b.modules())
+    keys = list(model.state_dict())
+    assert [k for k in keys if k.startswith("shared.")] == ["shared.masa.q", "shared.masa.k", "shared.masa.v", "shared.masa.o"]
+    assert not any("atoms" in k for k in keys)
     # attention parameters: 4 S C^2 atoms + 4 S coefficients per layer, against 4 L C^2
-    attn = sum(p.numel() for b in model.layers for p in b.attn.parameters())
+    coefficients = sum(p.numel() for b in model.layers for p in b.attn.parameters())
+    assert coefficients == 6 * 4 * 2
+    attn = coefficients + sum(p.numel() for p in model.shared.parameters())
     assert attn == 4 * 2 * 32 * 32 + 6 * 4 * 2
     mha = DecoderLM(vocab_size=64, dim=32, num_layers=6, num_heads=4)
     assert model.num_parameters() == mha.num_parameters() - 4 * 6 * 32 * 32 + attn
+    assert len(list(model.parameters())) == len({id(p) for p in model.parameters()})
     # a gradient step moves the shared atoms through every layer
     model(torch.randint(0, 64, (2, 8))).square().mean().backward()
     assert all(layer.qkv_proj.coefficients.grad is not None for layer in layers)
-    assert layers[0].atoms.q.grad.abs().sum() > 0
+    assert dictionary.q.grad.abs().sum() > 0
+
+
+def test_standalone_layer_owns_its_dictionary():
+    layer = attnkit.build("masa", dim=32, num_heads=4)
+    assert layer.owns_atoms and layer.dictionary is layer.atoms
+    assert [k for k in layer.state_dict() if "atoms" in k] == ["atoms.q", "atoms.k", "atoms.v", "atoms.o"]
+    assert layer(torch.randn(2, 5, 32)).shape == (2, 5, 32)
+
+
+def test_dictionaries_of_other_shapes_get_their_own_key():
+    """A stack mixing MASA layers of different head layouts needs one dictionary per shape."""
+    model = DecoderLM(vocab_size=64, dim=32, num_layers=4, num_heads=4, attention=["masa", "mha", "masa", "masa"],
+                      attention_options=[{}, {}, {"num_kv_heads": 2}, {}])
+    assert list(model.shared) == ["masa", "masa_1"]
+    attn = [b.attn for b in model.layers]
+    assert attn[0].dictionary is attn[3].dictionary is model.shared["masa"]
+    assert attn[2].dictionary is model.shared["masa_1"] and attn[2].shared_key == "masa_1"
+    assert model.shared["masa_1"].k.shape == (1, 16, 32)
+    assert model(torch.randint(0, 64, (2, 5))).shape == (2, 5, 64)
+
+
+def test_whole_model_copies_keep_one_dictionary():
+    model = DecoderLM(vocab_size=64, dim=32, num_layers=3, num_heads=4, attention="masa")
+    twin = deepcopy(model).double()
+    assert all(b.attn.dictionary is twin.shared["masa"] for b in twin.layers)
+    assert twin.shared["masa"] is not model.shared["masa"] and twin.shared["masa"].q.dtype == torch.float64
+    tokens = torch.randint(0, 64, (2, 5))
+    torch.testing.assert_close(twin(tokens), model(tokens).double())
 
 
 def test_save_and_load(tmp_path):
@@ -75,4 +119,6 @@ def test_bad_inputs():
         MatrixAtomAttention(32, 4, num_atoms=0)
     with pytest.raises(ValueError, match="bias"):
         MatrixAtomAttention(32, 4, bias=True)
+    with pytest.raises(ValueError, match="shared must be the model's nn.ModuleDict .* got dict"):
+        MatrixAtomAttention(32, 4, shared={})
     assert isinstance(MatrixAtomAttention(32, 4), MultiHeadAttention)

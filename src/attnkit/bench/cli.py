@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from .._console import check_writable, plot_path_for
+from .suites import SUITES, get_suite, suite_help
 from .harness import DTYPES, MAX_SAMPLES, MODES, OPS, STOP_SPREAD, TIMINGS, BenchConfig, count_cells, default_config, \
     fmt_bytes, run_bench, validate_config
 
@@ -47,8 +48,13 @@ def add_bench_parser(sub) -> None:
         "across sequence lengths, each cell timed interleaved with its dense reference (mha for layers, "
         "dense-sdpa for ops). Defaults: CPU, C=512, 8 heads, seq 256-2048, fp32; on CUDA a 1B-class "
         "layer (C=2048, 16 heads, head dim 128, bf16, seq 2k-32k, batch = 32k/seq). Cells are streamed "
-        "to the --out path with .jsonl (JSON lines) as they finish; a CUDA context fault stops the run with them kept.",
+        "to the --out path with .jsonl (JSON lines) as they finish; a CUDA context fault stops the run with them kept. "
+        "--suite NAME runs a named preset of rows (the project's kept measurements); options given beside it override "
+        "its values.",
     )
+    p.add_argument("--suite", default=None, choices=list(SUITES), metavar="NAME",
+                   help=f"a named preset of the options below ({suite_help()}); on CUDA at the sizes of "
+                   "benchmarks/results/h200/<suite>-<mode>.json, on CPU at shorter lengths (default: none)")
     p.add_argument("--mechanisms", type=_name_list, default=None,
                    help="comma-separated registered names (see 'attnkit list'), or 'none' for ops only "
                    "(default: all registered)")
@@ -71,9 +77,12 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--dtype", default=None, choices=list(DTYPES), metavar="DTYPE",
                    help=f"one of {', '.join(DTYPES)} (default: {_both('dtype')})")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
-    p.add_argument("--mode", default="fwd", choices=MODES, help=f"one of {', '.join(MODES)} (default: fwd)")
-    p.add_argument("--pattern", default="causal",
-                   help="pattern of the op rows: causal | full | window:W | sink:N:W | s2:BLOCK:LOCAL:STRIDE (default: causal)")
+    p.add_argument("--mode", default=None, choices=MODES,
+                   help=f"one of {', '.join(MODES)} (default: fwd, or the suite's first mode)")
+    p.add_argument("--pattern", default=None,
+                   help="pattern of the op rows: causal | full | window:W | sink:N:W | s2:BLOCK:LOCAL:STRIDE; several "
+                   "comma-separated measure the patterned rows (flex, attend, sigmoid, reference) once per pattern "
+                   "(default: causal, or the suite's)")
     p.add_argument("--repeat", type=int, default=None,
                    help=f"fewest timed rounds per cell, 1 to {MAX_SAMPLES}; more are taken until the p10-p90 band is "
                    f"within {STOP_SPREAD * 100:.0f}%% of the median or --max-time runs out (default: {_both('repeat')})")
@@ -103,6 +112,13 @@ def make_config(args) -> BenchConfig:
     from .. import registry
 
     defaults = default_config(args.device)
+    cuda = args.device.startswith("cuda")
+    suite = getattr(args, "suite", None)
+    if suite is not None:  # the suite's values replace the device's defaults; options given explicitly still win
+        fields = get_suite(suite).config_fields(args.device)
+        if not cuda and "ops" in fields:
+            fields["ops"] = [o for o in fields["ops"] if o not in CUDA_ONLY_OPS]
+        defaults = {**defaults, **fields}
     dim = args.dim if args.dim is not None else defaults["dim"]
     heads = args.heads if args.heads is not None else defaults["heads"]
     if args.head_dim is not None:
@@ -111,13 +127,18 @@ def make_config(args) -> BenchConfig:
         head_dim = defaults["head_dim"]
     else:
         head_dim = dim // heads if heads > 0 else 0  # heads <= 0 is refused by validate_config
-    if args.ops is None:
-        cuda = args.device.startswith("cuda")
-        ops = [o for o in OPS if cuda or o not in CUDA_ONLY_OPS]
-    else:
+    if args.ops is not None:
         ops = args.ops
+    elif "ops" in defaults:
+        ops = defaults["ops"]
+    else:
+        ops = [o for o in OPS if cuda or o not in CUDA_ONLY_OPS]
+    if args.mechanisms is not None:
+        mechanisms = args.mechanisms
+    else:
+        mechanisms = defaults.get("mechanisms", [c.name for c in registry.mechanisms()])
     return BenchConfig(
-        mechanisms=args.mechanisms if args.mechanisms is not None else [c.name for c in registry.mechanisms()],
+        mechanisms=mechanisms,
         ops=ops,
         seqs=args.seq if args.seq is not None else defaults["seqs"],
         batch=args.batch if args.batch is not None else defaults["batch"],
@@ -126,8 +147,8 @@ def make_config(args) -> BenchConfig:
         head_dim=head_dim,
         dtype=args.dtype if args.dtype is not None else defaults["dtype"],
         device=args.device,
-        mode=args.mode,
-        pattern=args.pattern,
+        mode=args.mode if args.mode is not None else defaults.get("mode", "fwd"),
+        pattern=args.pattern if args.pattern is not None else defaults.get("pattern", "causal"),
         repeat=args.repeat if args.repeat is not None else defaults["repeat"],
         warmup=args.warmup if args.warmup is not None else defaults["warmup"],
         max_time=args.max_time if args.max_time is not None else defaults["max_time"],
@@ -182,6 +203,8 @@ def print_table(result: dict, console) -> None:
     f = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     for c in result["cells"]:
         row = c["name"] if c["kind"] == "layer" else escape(f"[op] {c['name']}")
+        if c.get("pattern") not in (None, "", "causal"):
+            row += escape(f" [{c['pattern']}]")
         if c["status"] != "ok":
             table.add_row(row, str(c["seq"]), str(c["batch"]), c["status"].upper(), escape(c["message"][:90]),
                           *[""] * (len(cols) - 5))
@@ -234,7 +257,8 @@ def cmd_bench(args) -> int:
     cfg = make_config(args)
     validate_config(cfg)
     device = "cuda" if cfg.device.startswith("cuda") else "cpu"
-    out = Path(args.out or f"attnkit-bench-{device}-{cfg.mode}.json")
+    suite = getattr(args, "suite", None)
+    out = Path(args.out or f"attnkit-bench-{device}-{suite + '-' if suite else ''}{cfg.mode}.json")
     stream_file, plot_path = check_outputs(out, args.plot)
     err_console = Console(stderr=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
@@ -253,7 +277,7 @@ def cmd_bench(args) -> int:
                 bar.advance(task)
 
             result = run_bench(cfg, progress=lambda desc: bar.update(task, description=desc), command=command,
-                               on_start=stream.header, on_cell=on_cell)
+                               on_start=stream.header, on_cell=on_cell, suite=suite)
     finally:
         stream.close()
     from .plot import plot_bench

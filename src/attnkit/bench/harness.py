@@ -13,7 +13,9 @@ Rows of a run
   decay; Triton on CUDA), ``fla-lightning`` (flash-linear-attention's ``chunk_lightning_attn``
   on its own ``[B, T, H, D]`` layout, when ``fla`` is installed), ``attend`` (``attnkit.attend``,
   auto dispatch, ``--pattern``) and ``reference`` (where it fits in memory); dense
-  reference = ``dense-sdpa``.
+  reference = ``dense-sdpa``. ``--pattern`` may name several patterns (comma-separated):
+  the patterned rows (``PATTERNED_OPS``) are then measured once per pattern, the dense
+  and linear rows once, and each cell records its ``pattern``.
 
 How a cell is timed
 -------------------
@@ -68,7 +70,9 @@ JSON schema (``"schema": "attnkit.bench/2"``)::
               queued calls)},
      timer: {stop_spread, noise_limit, max_samples},
      peak: {source: "vendor spec" | "measured beside each cell", tflops (the vendor's, or the run's best matmul), note},
+     suite (the ``--suite`` preset the run started from; null without one),
      cells: [{name, kind: "layer"|"op", family (the card's; "op" for ops), seq, batch,
+              pattern (patterned op rows: the pattern spec; "" for the others),
               status: "ok"|"oom"|"unsupported"|"skipped"|"error", message, backend,
               latency_ms: {median, p10, p90, min, max, samples, spread ((p90-p10)/median)},
               dense_latency_ms (median of the interleaved reference samples),
@@ -112,6 +116,8 @@ __all__ = ["BenchConfig", "run_bench", "parse_pattern", "OPS", "default_config",
 SCHEMA = "attnkit.bench/2"
 OPS = ("dense-sdpa", "dense-sdpa-cudnn", "dense-sdpa-flash", "dense-sdpa-efficient", "dense-flex", "flex", "attend",
        "sigmoid", "lightning", "fla-lightning", "reference")
+#: op rows computed on ``--pattern`` (once per pattern); the others run dense causal (or full)
+PATTERNED_OPS = ("flex", "attend", "sigmoid", "reference")
 LINEAR_OPS = ("lightning", "fla-lightning")  # causal linear attention; FLOPs of the chunked form, not the pattern's
 MODES = ("fwd", "fwdbwd", "decode")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -147,7 +153,7 @@ class BenchConfig:
     dtype: str
     device: str
     mode: str = "fwd"
-    pattern: str = "causal"
+    pattern: str = "causal"  # one spec, or several comma-separated (patterned op rows run once per pattern)
     repeat: int = 3  # fewest rounds per cell
     warmup: int = 2
     max_time: float = 0.5  # seconds of sampling per cell once ``repeat`` rounds are in
@@ -157,6 +163,11 @@ class BenchConfig:
     kv_heads: int | None = None  # op rows: key/value heads (GQA-shaped core); None = heads
     threads: int | None = None  # torch CPU threads during the run; None = leave torch's setting
     timing: str = "latency"  # latency: one call per sample; throughput: a burst of THROUGHPUT_BURST calls per sample
+
+    @property
+    def patterns(self) -> list[str]:
+        """The pattern specs of the run (``pattern`` split at commas)."""
+        return [p.strip() for p in self.pattern.split(",")]
 
     @property
     def burst(self) -> int:
@@ -661,6 +672,7 @@ class Cell:
     seq: int
     batch: int
     family: str = ""
+    pattern: str = ""
     status: str = "ok"
     message: str = ""
     backend: str = ""
@@ -684,7 +696,12 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{self.name} @ {self.seq} ({self.kind})"
+        return f"{row_label(self.name, self.pattern)} @ {self.seq} ({self.kind})"
+
+
+def row_label(name: str, pattern: str) -> str:
+    """A row's name with its pattern, unless that is dense causal (the default) or the row has none."""
+    return f"{name} [{pattern}]" if pattern and pattern != "causal" else name
 
 
 def _stats(times: list[float]) -> dict:
@@ -781,13 +798,13 @@ class _References:
 
 
 def _run_cell(kind: str, name: str, cfg: BenchConfig, seq: int, device, dtype, peak: _Peak, pattern,
-              dense_pattern, references: _References | None = None) -> Cell:
+              dense_pattern, references: _References | None = None, pattern_spec: str = "") -> Cell:
     """Build, warm up and time one (row, seq) cell interleaved with its dense reference.
 
     Raises :class:`_ContextFault` (carrying the finished cell) when the CUDA context broke."""
     references = references or _References(cfg.mode)
     dense_name = DENSE_LAYER if kind == "layer" else DENSE_OP
-    cell = Cell(name=name, kind=kind, seq=seq, batch=cfg.batch_for(seq),
+    cell = Cell(name=name, kind=kind, seq=seq, batch=cfg.batch_for(seq), pattern=pattern_spec,
                 family=registry.get(name).family if kind == "layer" else "op")
 
     def build(row: str) -> _Work:
@@ -918,23 +935,38 @@ def validate_config(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
         _positive_int(cfg.threads, "--threads")
     if isinstance(cfg.max_time, bool) or not isinstance(cfg.max_time, (int, float)) or not 0 < cfg.max_time < math.inf:
         raise ValueError(f"--max-time must be a positive number of seconds, got {cfg.max_time!r}")
-    parse_pattern(cfg.pattern, cfg.heads)
+    specs = cfg.patterns
+    if any(not p for p in specs):
+        raise ValueError(f"--pattern {cfg.pattern!r} has an empty item; accepted: comma-separated patterns, "
+                         "e.g. window:1024,sink:4:1024")
+    repeated = sorted({p for p in specs if specs.count(p) > 1})
+    if repeated:
+        raise ValueError(f"--pattern names {', '.join(repeated)} more than once; each pattern is measured once")
+    kinds = {parse_pattern(p, cfg.heads).kind for p in specs}
+    if "full" in kinds and len(specs) > 1:
+        raise ValueError(f"--pattern {cfg.pattern!r} mixes 'full' with other patterns; the dense rows are either "
+                         "full or causal: run 'full' on its own")
     return device, DTYPES[cfg.dtype]
 
 
-def rows(cfg: BenchConfig) -> list[tuple[str, str]]:
-    """(kind, name) of every row, in the order of a run."""
-    return [("layer", n) for n in cfg.mechanisms] + [("op", n) for n in cfg.ops]
+def rows(cfg: BenchConfig) -> list[tuple[str, str, str]]:
+    """(kind, name, pattern spec) of every row, in the order of a run: a patterned op row once
+    per pattern (its spec), every other row once (spec "")."""
+    out = [("layer", n, "") for n in cfg.mechanisms]
+    for n in cfg.ops:
+        out += [("op", n, p) for p in cfg.patterns] if n in PATTERNED_OPS else [("op", n, "")]
+    return out
 
 
 def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None, command: str | None = None,
-              on_start: Callable[[dict], None] | None = None, on_cell: Callable[[dict], None] | None = None) -> dict:
+              on_start: Callable[[dict], None] | None = None, on_cell: Callable[[dict], None] | None = None,
+              suite: str | None = None) -> dict:
     """Run every (row, seq) cell; returns the JSON-ready result dict.
 
     ``on_start(header)`` gets the result without cells before the first cell, ``on_cell(cell)``
     each cell as it finishes (so that a caller can stream them to disk). A CUDA context fault
     stops the run: the result then has ``complete: false`` and ``stopped`` naming the cell; so
-    does Ctrl-C."""
+    does Ctrl-C. ``suite`` (the ``--suite`` preset the configuration came from) is recorded."""
     device, dtype = validate_config(cfg)
     threads = torch.get_num_threads()
     if cfg.threads is not None:
@@ -944,17 +976,18 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
     try:
         if cfg.small_flex_tiles:
             with small_flex_backward_tiles():
-                return _run_bench(cfg, device, dtype, progress, command, on_start, on_cell)
-        return _run_bench(cfg, device, dtype, progress, command, on_start, on_cell)
+                return _run_bench(cfg, device, dtype, progress, command, on_start, on_cell, suite)
+        return _run_bench(cfg, device, dtype, progress, command, on_start, on_cell, suite)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_bench(cfg, device, dtype, progress, command, on_start, on_cell) -> dict:
+def _run_bench(cfg, device, dtype, progress, command, on_start, on_cell, suite) -> dict:
     if device.type == "cpu":
         _fixed_mmap_threshold()
-    pattern = parse_pattern(cfg.pattern, cfg.heads)
-    dense_pattern = _patterns.full() if pattern.kind == "full" else _patterns.causal()
+    patterns = {spec: parse_pattern(spec, cfg.heads) for spec in cfg.patterns}
+    full = any(p.kind == "full" for p in patterns.values())  # validate_config: then it is the only one
+    dense_pattern = _patterns.full() if full else _patterns.causal()
     peak = _Peak(device, dtype)
     result = {
         "schema": SCHEMA,
@@ -969,6 +1002,7 @@ def _run_bench(cfg, device, dtype, progress, command, on_start, on_cell) -> dict
         "config": {**asdict(cfg), "batch": cfg.batch if cfg.batch is not None else f"{cfg.tokens_per_batch}/seq"},
         "timer": {"stop_spread": STOP_SPREAD, "noise_limit": NOISE_LIMIT, "max_samples": MAX_SAMPLES},
         "peak": peak.describe(),
+        "suite": suite,
     }
     if on_start:
         on_start(dict(result))
@@ -977,12 +1011,12 @@ def _run_bench(cfg, device, dtype, progress, command, on_start, on_cell) -> dict
     gc.collect()
     gc.freeze()
     try:
-        return _run_cells(cfg, result, device, dtype, peak, pattern, dense_pattern, progress, on_cell)
+        return _run_cells(cfg, result, device, dtype, peak, patterns, dense_pattern, progress, on_cell)
     finally:
         gc.unfreeze()
 
 
-def _run_cells(cfg, result, device, dtype, peak, pattern, dense_pattern, progress, on_cell) -> dict:
+def _run_cells(cfg, result, device, dtype, peak, patterns, dense_pattern, progress, on_cell) -> dict:
     cells: list[Cell] = []
     references = _References(cfg.mode)
     dense_flex: dict[int, Cell] = {}
@@ -990,12 +1024,14 @@ def _run_cells(cfg, result, device, dtype, peak, pattern, dense_pattern, progres
     label = ""
     try:
         for seq in cfg.seqs:
-            for kind, name in rows(cfg):
-                label = f"{name} @ {seq} ({kind})"
+            for kind, name, spec in rows(cfg):
+                row = row_label(name, spec)
+                label = f"{row} @ {seq} ({kind})"
                 if progress:
-                    progress(f"{name} @ {seq}")
+                    progress(f"{row} @ {seq}")
                 try:
-                    cell = _run_cell(kind, name, cfg, seq, device, dtype, peak, pattern, dense_pattern, references)
+                    cell = _run_cell(kind, name, cfg, seq, device, dtype, peak, patterns.get(spec, dense_pattern),
+                                     dense_pattern, references, pattern_spec=spec)
                 except _ContextFault as fault:
                     cell = fault.cell
                     stopped = {"cell": cell.label, "kind": kind, "name": name, "seq": seq, "message": cell.message}
@@ -1023,7 +1059,7 @@ def _run_cells(cfg, result, device, dtype, peak, pattern, dense_pattern, progres
 
 
 def count_cells(cfg: BenchConfig) -> int:
-    return len(cfg.seqs) * (len(cfg.mechanisms) + len(cfg.ops))
+    return len(cfg.seqs) * len(rows(cfg))
 
 
 def fmt_bytes(n: int | None) -> str:

@@ -19,9 +19,14 @@ def _families(cells: list[dict]) -> dict[str, dict[str, list[dict]]]:
     """family -> row name -> its cells (every status), in family order then run order."""
     out: dict[str, dict[str, list[dict]]] = defaultdict(dict)
     for c in cells:
-        out[c.get("family") or c["kind"]].setdefault(c["name"], []).append(c)
+        out[c.get("family") or c["kind"]].setdefault(row_name(c), []).append(c)
     order = {f: i for i, f in enumerate(FAMILY_ORDER)}
     return dict(sorted(out.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def row_name(cell: dict) -> str:
+    """A row's name, with its pattern when the run measured the row once per pattern."""
+    return f"{cell['name']} {cell['pattern']}" if cell.get("pattern") not in (None, "", "causal") else cell["name"]
 
 
 def _spread_labels(ys: list[float], gap: float) -> list[float]:
@@ -191,7 +196,7 @@ def _memory_bars(ax, cells: list[dict], mode: str) -> None:
     ratios = [max(c[key] / dense[(c["kind"], seq)], 1e-3) for c in rows]
     ys = range(len(rows))
     ax.barh(ys, ratios, color=[fam_colour[c["family"]] for c in rows], height=0.75)
-    ax.set_yticks(list(ys), [c["name"] if c["kind"] == "layer" else f"[op] {c['name']}" for c in rows],
+    ax.set_yticks(list(ys), [row_name(c) if c["kind"] == "layer" else f"[op] {row_name(c)}" for c in rows],
                   fontsize=max(5.0, min(8.0, 420 / max(len(rows), 1))))
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.7, linestyle="--")

@@ -1,7 +1,6 @@
-"""One file per mechanism; importing this package registers every card."""
-
-# first: the baselines (mha, gqa, mqa) lead the registry order
-from .multi_head import MultiHeadAttention  # isort: skip
+"""One file per mechanism: the layer classes, and each module's cards as plain data
+(``CARDS``), which :data:`attnkit.registry.LAYER_CARDS` lists explicitly. Importing this
+package registers nothing."""
 
 from .agent import AgentAttention, CausalAgentAttention
 from .attention_experts import AttentionExperts, upcycle_attention, upcycle_models
@@ -15,6 +14,7 @@ from .group import Chronos2Attention, GroupAttention
 from .lightning import LightningAttention
 from .matrix_atoms import MatrixAtomAttention
 from .mixture_of_heads import MixtureOfHeadsAttention
+from .multi_head import MultiHeadAttention
 from .no_mixing import NoMixing
 from .rcmha import RelativeConvAttention
 from .s2 import S2Attention

@@ -49,9 +49,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import head_dim_of, positive_int
+from ..cards import Capabilities, Card, FlopCount
 from ..ops.linear.lightning import lightning_attend
 from ..ops.linear.prefix_sum import prefix_sum
-from ..registry import Capabilities, Card, FlopCount, register
 from ..state import RecurrentState
 from .base import AttentionLayer, check_input
 from .multi_head import head_shape
@@ -70,7 +70,7 @@ def agent_attend(q, k, v, agents, bias1, bias2, scale, *, compute_dtype=None):
     their gradients without a scatter. (Measured on the H200 at 128k tokens, fwd+bwd:
     FlexAttention with the bias as a captured score modifier 1.9 s; attend's materialised
     path with an indexed bias 2.3 s, its backward a scatter-add; this form: see
-    ``benchmarks/results/h200-agent-fwdbwd.json``.) ``compute_dtype`` defaults to float32
+    ``benchmarks/results/h200/linear-agent-fwdbwd.json``.) ``compute_dtype`` defaults to float32
     (float64 for float64 inputs); the result is in q's dtype."""
     dtype = q.dtype
     acc = compute_dtype or torch.promote_types(dtype, torch.float32)
@@ -345,7 +345,7 @@ def causal_agent_flops(batch: int, seq: int, config: dict) -> FlopCount:
     return FlopCount(attention_fwd=core, projection_fwd=batch * seq * (8.0 * dim * inner + 2.0 * 3 * inner))
 
 
-register(
+CARDS = (
     Card(
         name="agent",
         title="Agent Attention: On the Integration of Softmax and Linear Attention",
@@ -356,10 +356,7 @@ register(
         defaults={"agent_num": 16},
         capabilities=Capabilities(causal=False, decode=False, varlen=False, backends=("reference", "materialised")),
         summary="bidirectional: agents pooled from queries aggregate, then broadcast; + depthwise conv on V",
-    )
-)
-
-register(
+    ),
     Card(
         name="agent-causal",
         title="Agent Attention: On the Integration of Softmax and Linear Attention",
@@ -369,5 +366,5 @@ register(
         flops=causal_agent_flops,
         capabilities=Capabilities(bidirectional=False, varlen=False, backends=("reference", "chunked", "recurrent", "triton")),
         summary="attnkit's causal variant: learned agents, prefix-softmax stage 1 as linear attention; O(1) decode state",
-    )
+    ),
 )

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import head_dim_of, positive_int
-from ..registry import Capabilities, Card, FlopCount, dense_attention_flops, register
+from ..cards import Capabilities, Card, FlopCount, dense_attention_flops
 from .multi_head import MultiHeadAttention, head_shape
 
 __all__ = ["AttentionExperts", "upcycle_attention", "upcycle_models"]
@@ -189,7 +189,7 @@ def attention_experts_flops(batch: int, seq: int, config: dict) -> FlopCount:
     return FlopCount(attention_fwd=core, projection_fwd=projection)
 
 
-register(
+CARDS = (
     Card(
         name="bam",
         title="BAM! Just Like That: Simple and Efficient Parameter Upcycling for Mixture of Experts",
@@ -200,5 +200,5 @@ register(
         defaults={"num_experts": 4},
         capabilities=Capabilities(bidirectional=False),
         summary="soft-routed mixture of attention experts (optionally sharing K/V); upcycled from dense layers",
-    )
+    ),
 )

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import head_dim_of, positive_int
+from ..cards import Capabilities, Card, FlopCount, dense_attention_flops
 from ..ops import BACKENDS, attend
-from ..registry import Capabilities, Card, FlopCount, dense_attention_flops, register
 from ..rope import RotaryEmbedding
 from ..state import KVCache
 from .base import AttentionLayer, check_input
@@ -177,7 +177,7 @@ def cca_flops(batch: int, seq: int, config: dict) -> FlopCount:
     return FlopCount(attention_fwd=core, projection_fwd=projection)
 
 
-register(
+CARDS = (
     Card(
         name="cca",
         title="Compressed Convolutional Attention: Efficient Attention in a Compressed Latent Space",
@@ -188,10 +188,7 @@ register(
         defaults={"compression": 4},
         capabilities=Capabilities(bidirectional=False, varlen=False),
         summary="attention in a compressed latent: causal convs on q/k, qk-mean, value shift, L2-normed q/k",
-    )
-)
-
-register(
+    ),
     Card(
         name="ccgqa",
         title="Compressed Convolutional Attention: Efficient Attention in a Compressed Latent Space",
@@ -202,5 +199,5 @@ register(
         defaults={"compression": 2, "num_kv_heads": lambda dim, heads: max(1, heads // 8)},
         capabilities=Capabilities(bidirectional=False, varlen=False),
         summary="CCA with grouped K/V in the latent (query compression 2, KV heads H/8)",
-    )
+    ),
 )

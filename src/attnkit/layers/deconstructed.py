@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import positive_int
+from ..cards import Card, FlopCount
 from ..ops import attend
-from ..registry import Card, FlopCount, register
 from .multi_head import MultiHeadAttention, head_shape, multi_head_flops
 
 __all__ = ["SequenceIndependentAttention", "DistanceAttention", "StaticEmbeddingAttention"]
@@ -144,10 +144,12 @@ def _fixed_mixing_flops(batch, seq, config) -> FlopCount:
 
 
 _TITLE = "Deconstructing Attention: Investigating Design Principles for Effective Language Modeling"
-register(Card(name="fixed-mixing", title=_TITLE, arxiv="2510.11602", family="control",
-              layer=SequenceIndependentAttention, flops=_fixed_mixing_flops,
-              summary="weights from learned per-position queries/keys: the same mixing for every input"))
-register(Card(name="l2-attention", title=_TITLE, arxiv="2510.11602", family="control", layer=DistanceAttention,
-              flops=multi_head_flops, summary="softmax of negative squared distances instead of dot products"))
-register(Card(name="static-qk", title=_TITLE, arxiv="2510.11602", family="control", layer=StaticEmbeddingAttention,
-              flops=_static_qk_flops, summary="queries/keys from the token embeddings, values from the current layer"))
+CARDS = (
+    Card(name="fixed-mixing", title=_TITLE, arxiv="2510.11602", family="control",
+         layer=SequenceIndependentAttention, flops=_fixed_mixing_flops,
+         summary="weights from learned per-position queries/keys: the same mixing for every input"),
+    Card(name="l2-attention", title=_TITLE, arxiv="2510.11602", family="control", layer=DistanceAttention,
+         flops=multi_head_flops, summary="softmax of negative squared distances instead of dot products"),
+    Card(name="static-qk", title=_TITLE, arxiv="2510.11602", family="control", layer=StaticEmbeddingAttention,
+         flops=_static_qk_flops, summary="queries/keys from the token embeddings, values from the current layer"),
+)

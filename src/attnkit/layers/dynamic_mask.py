@@ -36,9 +36,9 @@ from torch import Tensor, nn
 
 from .. import patterns as _patterns
 from .._checks import positive_int
+from ..cards import Capabilities, Card, FlopCount
 from ..ops import attend
 from ..ops.select.prefix_quantile import kth_largest_of_prefixes
-from ..registry import Capabilities, Card, FlopCount, register
 from .multi_head import MultiHeadAttention, head_shape, multi_head_flops
 
 __all__ = ["DynamicMaskAttention", "kept_key_thresholds"]
@@ -200,7 +200,7 @@ def dma_flops(batch, seq, config) -> FlopCount:
     return FlopCount(attention_fwd=4.0 * batch * heads * pairs * head_dim, projection_fwd=base.projection_fwd + extra)
 
 
-register(
+CARDS = (
     Card(
         name="dma",
         title="Trainable Dynamic Mask Sparse Attention",
@@ -211,5 +211,5 @@ register(
         defaults={"keep_keys": 2048},
         capabilities=Capabilities(bidirectional=False, backends=("reference", "flex")),
         summary="value-derived key bias A*softplus(W_dt v); each query keeps its top keep_keys keys by that bias",
-    )
+    ),
 )

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from .. import patterns as _patterns
 from .._checks import head_dim_of, positive_int
+from ..cards import Capabilities, Card
 from ..ops import BACKENDS, attend
-from ..registry import Capabilities, Card, register
 from ..rope import RotaryEmbedding
 from ..state import KVCache
 from .base import AttentionLayer, check_input
@@ -162,7 +162,7 @@ class EchoAttention(AttentionLayer):
         return scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
 
 
-register(
+CARDS = (
     Card(
         name="echo",
         title="EchoAtt: Attend, Copy, then Adjust for More Efficient Large Language Models",
@@ -172,5 +172,5 @@ register(
         flops=multi_head_flops,
         capabilities=Capabilities(bidirectional=False, backends=("reference", "sdpa", "flex")),
         summary="blocks of layers share one attention map: followers reuse the leader's q/k (no q/k projections)",
-    )
+    ),
 )

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import head_dim_of, positive_int
+from ..cards import Capabilities, Card, FlopCount
 from ..ops.linear.flow import FLOW_BACKENDS, FlowState, flow_attend
-from ..registry import Capabilities, Card, FlopCount, register
 from ..state import State
 from .base import AttentionLayer, check_input
 from .multi_head import head_shape
@@ -107,7 +107,7 @@ def flow_flops(batch: int, seq: int, config: dict) -> FlopCount:
     return FlopCount(attention_fwd=core, projection_fwd=batch * seq * 8.0 * dim * inner)
 
 
-register(
+CARDS = (
     Card(
         name="flow",
         title="Flowformer: Linearizing Transformers with Conservation Flows",
@@ -117,5 +117,5 @@ register(
         flops=flow_flops,
         capabilities=Capabilities(varlen=False, backends=("reference", "chunked", "recurrent", "triton")),
         summary="linear attention with flow conservation: source competition, sink allocation; O(1) decode state",
-    )
+    ),
 )

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from .. import patterns as _patterns
 from .._checks import head_dim_of, positive_int
+from ..cards import Capabilities, Card, FlopCount
 from ..ops import BACKENDS, attend
-from ..registry import Capabilities, Card, FlopCount, register
 from ..state import State
 from .base import AttentionLayer, check_input
 from .multi_head import MultiHeadAttention, multi_head_flops
@@ -165,7 +165,7 @@ def chronos2_flops(batch, seq, config) -> FlopCount:
                      projection_fwd=time.projection_fwd + group.projection_fwd)
 
 
-register(
+CARDS = (
     Card(
         name="chronos2-group",
         title="Chronos-2: From Univariate to Universal Forecasting",
@@ -175,9 +175,7 @@ register(
         flops=group_flops,
         capabilities=Capabilities(causal=True, bidirectional=True, decode=True, varlen=False),
         summary="attention across the series of a group at each time step (no mixing over time)",
-    )
-)
-register(
+    ),
     Card(
         name="chronos2",
         title="Chronos-2: From Univariate to Universal Forecasting",
@@ -187,5 +185,5 @@ register(
         flops=chronos2_flops,
         capabilities=Capabilities(varlen=True),
         summary="time attention then group attention (unscaled scores), as a Chronos-2 encoder block pair",
-    )
+    ),
 )

@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import head_dim_of, positive_int
+from ..cards import Capabilities, Card, FlopCount
 from ..ops.linear.lightning import LIGHTNING_BACKENDS, alibi_slopes, lightning_attend
-from ..registry import Capabilities, Card, FlopCount, register
 from ..state import RecurrentState
 from .base import AttentionLayer, check_input
 from .multi_head import head_shape
@@ -249,7 +249,7 @@ def lightning_flops(batch: int, seq: int, config: dict) -> FlopCount:
     return FlopCount(attention_fwd=core, projection_fwd=projection)
 
 
-register(
+CARDS = (
     Card(
         name="lightning",
         title="TransNormerLLM: A Faster and Better Large Language Model with Improved TransNormer",
@@ -261,5 +261,5 @@ register(
         capabilities=Capabilities(bidirectional=False, varlen=False, backends=("reference", "chunked", "recurrent", "triton")),
         summary="linear attention with per-head exponential decay; TransNormerLLM's design (SiLU q/k, SRMSNorm, "
                 "full-rank output gate; design='tnl' for TNL's); O(1) decode state",
-    )
+    ),
 )

@@ -12,10 +12,16 @@ about a third: ``S = L / 3``, the default here, at least 1). Atoms and coefficie
 to end. What differs from :class:`~attnkit.layers.MultiHeadAttention`: only the source of
 the projection weights; the attention, RoPE, patterns and KV cache are the same.
 
-The dictionary lives in the first MASA layer of a :class:`~attnkit.models.DecoderLM` (which
-passes the layers a ``shared`` dict at construction; see ``accepts_shared_modules``); the
-other layers hold a reference, so the parameters are counted and saved once. A standalone
-layer owns its own dictionary.
+Who owns the dictionary. A standalone layer (``attnkit.build("masa", ...)``) owns its own, as
+the submodule ``atoms``. In a model, the model owns it: :class:`~attnkit.models.DecoderLM`
+passes its layers its ``shared`` :class:`~torch.nn.ModuleDict` at construction (see
+``accepts_shared_modules``); the first MASA layer puts the dictionary there (key ``"masa"``,
+``"masa_1"``, ... for dictionaries of other shapes) and every MASA layer keeps a plain
+reference to it, not a submodule. So the dictionary is one module at the model's top level:
+one copy in ``state_dict`` (``shared.masa.q``, ...), counted once by ``parameters()``, and a
+per-block FSDP wrapping leaves it to the root unit, whose parameters stay gathered for the
+whole forward and backward (a dictionary inside block 0 would be resharded after block 0 ran,
+before block 5 reads it).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import positive_int
-from ..registry import Card, FlopCount, register
+from ..cards import Card, FlopCount
 from .multi_head import MultiHeadAttention, head_shape, multi_head_flops
 
 __all__ = ["MatrixAtomAttention", "MatrixAtoms"]
@@ -37,11 +43,16 @@ class MatrixAtoms(nn.Module):
 
     def __init__(self, dim: int, q_features: int, kv_features: int, num_atoms: int, std: float = 0.02):
         super().__init__()
+        self.shape = (dim, q_features, kv_features, num_atoms)
         self.num_atoms = num_atoms
         self.q = nn.Parameter(torch.randn(num_atoms, q_features, dim) * std)
         self.k = nn.Parameter(torch.randn(num_atoms, kv_features, dim) * std)
         self.v = nn.Parameter(torch.randn(num_atoms, kv_features, dim) * std)
         self.o = nn.Parameter(torch.randn(num_atoms, dim, q_features) * std)
+
+    def extra_repr(self) -> str:
+        dim, q_features, kv_features, num_atoms = self.shape
+        return f"dim={dim}, q_features={q_features}, kv_features={kv_features}, num_atoms={num_atoms}"
 
 
 class _AtomLinear(nn.Module):
@@ -49,7 +60,7 @@ class _AtomLinear(nn.Module):
 
     def __init__(self, atoms: MatrixAtoms, names: tuple[str, ...], generator: torch.Generator | None = None):
         super().__init__()
-        self.__dict__["_atoms"] = atoms  # a reference, not a submodule: the owner layer registers it
+        self.__dict__["_atoms"] = atoms  # a reference, not a submodule: the layer or the model owns it
         self.names = names
         # unit-norm random coefficients: W starts with the atoms' scale and differs across layers
         c = torch.randn(len(names), atoms.num_atoms, generator=generator)
@@ -73,43 +84,70 @@ class MatrixAtomAttention(MultiHeadAttention):
             :class:`~attnkit.layers.MultiHeadAttention` (no projection biases).
         num_atoms: atoms per dictionary (default ``max(1, num_layers // 3)``).
         layer_idx, num_layers: place in the stack (DecoderLM passes them).
-        shared: the dict through which the layers of one model find the dictionary
-            (DecoderLM passes it; ``None``: this layer owns its atoms).
+        shared: the model's :class:`~torch.nn.ModuleDict` of modules shared by its layers
+            (DecoderLM passes its ``shared``): the dictionary is found or put there, and the
+            model owns it. ``None``: this layer owns its dictionary (``self.atoms``).
 
     Example::
 
         >>> from attnkit.models import DecoderLM
         >>> model = DecoderLM(vocab_size=256, dim=64, num_layers=6, num_heads=4, attention="masa")
-        >>> model.layers[0].attn.atoms.q.shape          # 2 atoms shared by the 6 layers
+        >>> model.shared["masa"].q.shape          # 2 atoms shared by the 6 layers, owned by the model
         torch.Size([2, 64, 64])
+        >>> model.layers[5].attn.dictionary is model.shared["masa"]
+        True
     """
 
     accepts_layer_position = True
     accepts_shared_modules = True
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, *, num_atoms: int | None = None,
-                 layer_idx: int = 0, num_layers: int = 1, shared: dict | None = None, **options):
+                 layer_idx: int = 0, num_layers: int = 1, shared: nn.ModuleDict | None = None, **options):
         if options.get("bias"):
             raise ValueError("MatrixAtomAttention has no projection biases (bias=True is not accepted)")
+        if shared is not None and not isinstance(shared, nn.ModuleDict):
+            raise ValueError(f"shared must be the model's nn.ModuleDict of shared modules (DecoderLM passes its "
+                             f"`shared`) or None for a layer that owns its dictionary, got {type(shared).__name__}")
         super().__init__(dim, num_heads, num_kv_heads, **options)
         positive_int(num_layers, "num_layers")
         num_atoms = max(1, num_layers // 3) if num_atoms is None else num_atoms
         positive_int(num_atoms, "num_atoms")
         q_features, kv_features = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        key = ("masa", dim, q_features, kv_features, num_atoms)
-        if shared is not None and key in shared:
-            atoms = shared[key]
-            self.owns_atoms = False
+        shape = (dim, q_features, kv_features, num_atoms)
+        self.owns_atoms = shared is None
+        if self.owns_atoms:
+            atoms = self.atoms = MatrixAtoms(*shape)
+            self.shared_key = None
         else:
-            atoms = MatrixAtoms(dim, q_features, kv_features, num_atoms)
-            self.atoms = atoms  # registered here only: parameters counted and saved once
-            self.owns_atoms = True
-            if shared is not None:
-                shared[key] = atoms
+            self.shared_key = _dictionary_key(shared, shape)
+            if self.shared_key not in shared:
+                shared[self.shared_key] = MatrixAtoms(*shape)
+            atoms = shared[self.shared_key]
+            # a reference, not a submodule: the model owns the dictionary (counted and saved once)
+            self.__dict__["_shared_atoms"] = atoms
         self.num_atoms, self.layer_idx = num_atoms, layer_idx
         generator = torch.Generator().manual_seed(1000 + layer_idx)
         self.qkv_proj = _AtomLinear(atoms, ("q", "k", "v"), generator)
         self.o_proj = _AtomLinear(atoms, ("o",), generator)
+
+    @property
+    def dictionary(self) -> MatrixAtoms:
+        """The atoms this layer combines: its own, or the model's shared dictionary."""
+        return self.atoms if self.owns_atoms else self._shared_atoms
+
+    def extra_repr(self) -> str:
+        where = "own" if self.owns_atoms else f"shared[{self.shared_key!r}]"
+        return f"{super().extra_repr()}, num_atoms={self.num_atoms}, dictionary={where}"
+
+
+def _dictionary_key(shared: nn.ModuleDict, shape: tuple) -> str:
+    """The key of the dictionary of ``shape`` in ``shared``: an existing one of that shape, else
+    the next free name (``masa``, then ``masa_1``, ... for layers of other widths or heads)."""
+    keys = [k for k in shared if k == "masa" or k.startswith("masa_")]
+    for key in keys:
+        if isinstance(shared[key], MatrixAtoms) and shared[key].shape == shape:
+            return key
+    return "masa" if not keys else f"masa_{len(keys)}"
 
 
 def masa_flops(batch: int, seq: int, config: dict) -> FlopCount:
@@ -121,7 +159,7 @@ def masa_flops(batch: int, seq: int, config: dict) -> FlopCount:
     return FlopCount(attention_fwd=base.attention_fwd, projection_fwd=base.projection_fwd + 2.0 * atoms * entries)
 
 
-register(
+CARDS = (
     Card(
         name="masa",
         title="Share Your Attention: Transformer Weight Sharing via Matrix-based Dictionary Learning",
@@ -130,5 +168,5 @@ register(
         layer=MatrixAtomAttention,
         flops=masa_flops,
         summary="q/k/v/o weights = per-layer combinations of matrix atoms shared across layers",
-    )
+    ),
 )

@@ -39,9 +39,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import patterns as _patterns
+from ..cards import Capabilities, Card, FlopCount, dense_attention_flops
 from ..ops import attend
 from ..ops.softmax import picked_causal as _picked
-from ..registry import Capabilities, Card, FlopCount, dense_attention_flops, register
 from .multi_head import MultiHeadAttention, head_shape
 
 __all__ = ["MixtureOfHeadsAttention"]
@@ -213,7 +213,7 @@ def mixture_of_heads_flops(batch: int, seq: int, config: dict) -> FlopCount:
     return FlopCount(attention_fwd=core, projection_fwd=projection)
 
 
-register(
+CARDS = (
     Card(
         name="moh",
         title="MoH: Multi-Head Attention as Mixture-of-Head Attention",
@@ -223,5 +223,5 @@ register(
         flops=mixture_of_heads_flops,
         capabilities=Capabilities(bidirectional=False),
         summary="shared heads + top-k routed heads per token, gated before W_o; load-balance aux loss",
-    )
+    ),
 )

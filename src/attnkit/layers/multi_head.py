@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from .. import patterns as _patterns
 from .._checks import head_dim_of, positive_int
+from ..cards import Card, FlopCount, dense_attention_flops
 from ..ops import BACKENDS, attend
-from ..registry import Card, FlopCount, dense_attention_flops, register
 from ..rope import RotaryEmbedding, positions_from_documents
 from ..state import KVCache, SinkWindowCache
 from .base import AttentionLayer, check_input
@@ -239,7 +239,7 @@ def _gqa_kv_heads(dim: int, num_heads: int) -> int:
     return max(d for d in range(1, target + 1) if num_heads % d == 0)
 
 
-register(
+CARDS = (
     Card(
         name="mha",
         title="Attention Is All You Need",
@@ -248,9 +248,7 @@ register(
         layer=MultiHeadAttention,
         flops=multi_head_flops,
         summary="dense softmax attention, one K/V head per query head",
-    )
-)
-register(
+    ),
     Card(
         name="gqa",
         title="GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints",
@@ -260,9 +258,7 @@ register(
         flops=multi_head_flops,
         defaults={"num_kv_heads": _gqa_kv_heads},
         summary="query heads share K/V heads in groups (default Hkv = H/4)",
-    )
-)
-register(
+    ),
     Card(
         name="mqa",
         title="Fast Transformer Decoding: One Write-Head is All You Need",
@@ -272,5 +268,5 @@ register(
         flops=multi_head_flops,
         defaults={"num_kv_heads": 1},
         summary="all query heads share one K/V head",
-    )
+    ),
 )

@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .._checks import head_dim_of, positive_int
-from ..registry import Capabilities, Card, FlopCount, register
+from ..cards import Capabilities, Card, FlopCount
 from ..state import State
 from .base import AttentionLayer, check_input
 
@@ -65,7 +65,7 @@ def no_mixing_flops(batch: int, seq: int, config: dict) -> FlopCount:
     return FlopCount(attention_fwd=0.0, projection_fwd=4.0 * batch * seq * dim * inner)
 
 
-register(
+CARDS = (
     Card(
         name="no-mixing",
         title="Deconstructing Attention: Investigating Design Principles for Effective Language Modeling",
@@ -75,5 +75,5 @@ register(
         flops=no_mixing_flops,
         capabilities=Capabilities(backends=("reference",)),
         summary="control: identity attention (each token sees only itself)",
-    )
+    ),
 )

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import positive_int
+from ..cards import Capabilities, Card, FlopCount
 from ..ops import attend
-from ..registry import Capabilities, Card, FlopCount, register
 from ..state import KVCache
 from .multi_head import MultiHeadAttention, head_shape, multi_head_flops
 
@@ -183,7 +183,7 @@ def rcmha_flops(batch, seq, config) -> FlopCount:
     return FlopCount(attention_fwd=base.attention_fwd + position, projection_fwd=base.projection_fwd + conv)
 
 
-register(
+CARDS = (
     Card(
         name="rcmha",
         title="RCMHA: Relative Convolutional Multi-Head Attention for Natural Language Modelling",
@@ -193,5 +193,5 @@ register(
         flops=rcmha_flops,
         capabilities=Capabilities(bidirectional=False, varlen=False, backends=("reference", "flex")),
         summary="depthwise causal conv on q/k/v + Transformer-XL relative position scores (no RoPE)",
-    )
+    ),
 )

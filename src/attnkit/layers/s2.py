@@ -24,7 +24,7 @@ over heads needs every token).
 from __future__ import annotations
 
 from .. import patterns as _patterns
-from ..registry import Capabilities, Card, register
+from ..cards import Capabilities, Card
 from .multi_head import MultiHeadAttention, multi_head_flops
 
 __all__ = ["S2Attention"]
@@ -77,7 +77,7 @@ def s2_flops(batch, seq, config):
     return multi_head_flops(batch, seq, {**config, "pattern": pattern})
 
 
-register(
+CARDS = (
     Card(
         name="s2",
         title="Efficient LLM Training and Serving with Heterogeneous Context Sharding among Attention Heads",
@@ -88,5 +88,5 @@ register(
         defaults={"block_size": 64, "local_blocks": 16, "vert_stride": 16},
         capabilities=Capabilities(bidirectional=False),
         summary="per-head strided block shards (64-token blocks, 16 local, stride 16); heads cover the context together",
-    )
+    ),
 )

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import Card, FlopCount, register
+from ..cards import Card, FlopCount
 from .multi_head import MultiHeadAttention, head_shape, multi_head_flops
 
 __all__ = ["SelectiveAttention", "selective_temperatures", "SELECTIVE_FORMS"]
@@ -125,7 +125,7 @@ def selective_flops(batch, seq, config) -> FlopCount:
     return FlopCount(attention_fwd=base.attention_fwd, projection_fwd=base.projection_fwd + extra)
 
 
-register(
+CARDS = (
     Card(
         name="selective",
         title="Selective Attention: Enhancing Transformer through Principled Context Control",
@@ -135,5 +135,5 @@ register(
         flops=selective_flops,
         summary="query temperature (token + log-position) and value temperature, per head; form='official' for the "
                 "official code's one log-position temperature per layer; softmax unchanged",
-    )
+    ),
 )

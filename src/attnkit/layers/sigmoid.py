@@ -18,9 +18,9 @@ import math
 
 import torch.nn.functional as F
 
+from ..cards import Capabilities, Card
 from ..ops import sigmoid_attend
 from ..ops.sigmoid import SIGMOID_BACKENDS
-from ..registry import Capabilities, Card, register
 from .multi_head import MultiHeadAttention, multi_head_flops
 
 __all__ = ["SigmoidAttention"]
@@ -80,7 +80,7 @@ class SigmoidAttention(MultiHeadAttention):
         return f"{super().extra_repr()}, score_bias={self.score_bias:.4g}, normalize={self.normalize}"
 
 
-register(
+CARDS = (
     Card(
         name="sigmoid",
         title="Theory, Analysis, and Best Practices for Sigmoid Self-Attention",
@@ -90,9 +90,7 @@ register(
         flops=multi_head_flops,
         capabilities=Capabilities(backends=("reference", "flex", "triton")),
         summary="sigmoid(qk/sqrt(D) - log n) weights, no softmax (n = train_length)",
-    )
-)
-register(
+    ),
     Card(
         name="sigmoid-nobias",
         title="When Attention Sink Emerges in Language Models",
@@ -103,5 +101,5 @@ register(
         defaults={"score_bias": 0.0},
         capabilities=Capabilities(backends=("reference", "flex", "triton")),
         summary="sigmoid weights without bias or normalisation (no attention sink); normalize=True for the other variant",
-    )
+    ),
 )

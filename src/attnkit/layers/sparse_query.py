@@ -20,7 +20,7 @@ KV heads), ``ssqa`` (H/2, H/2), ``xsqa`` (H/4, H/4), ``xsmqa`` (H/4, 1).
 from __future__ import annotations
 
 from .._checks import positive_int
-from ..registry import Card, register
+from ..cards import Card
 from .multi_head import MultiHeadAttention, multi_head_flops
 
 __all__ = ["SparseQueryAttention"]
@@ -77,12 +77,14 @@ def sqa_flops(batch, seq, config):
 
 
 _TITLE = "Sparse Query Attention (SQA): A Computationally Efficient Attention Mechanism with Query Heads Reduction"
-for _name, _q, _kv, _summary in (
-    ("sqa", lambda c, h: max(1, h // 2), lambda c, h: max(1, h // 4), "H/2 query heads, H/4 K/V heads"),
-    ("ssqa", lambda c, h: max(1, h // 2), lambda c, h: max(1, h // 2), "symmetric: H/2 query and K/V heads"),
-    ("xsqa", lambda c, h: max(1, h // 4), lambda c, h: max(1, h // 4), "extreme: H/4 query and K/V heads"),
-    ("xsmqa", lambda c, h: max(1, h // 4), 1, "extreme + MQA: H/4 query heads, one K/V head"),
-):
-    register(Card(name=_name, title=_TITLE, arxiv="2510.01817", family="heads", layer=SparseQueryAttention,
-                  flops=sqa_flops, defaults={"num_query_heads": _q, "num_kv_heads": _kv},
-                  summary=f"sparse query attention: {_summary}, head dim C/H"))
+CARDS = tuple(
+    Card(name=name, title=_TITLE, arxiv="2510.01817", family="heads", layer=SparseQueryAttention,
+         flops=sqa_flops, defaults={"num_query_heads": q, "num_kv_heads": kv},
+         summary=f"sparse query attention: {summary}, head dim C/H")
+    for name, q, kv, summary in (
+        ("sqa", lambda c, h: max(1, h // 2), lambda c, h: max(1, h // 4), "H/2 query heads, H/4 K/V heads"),
+        ("ssqa", lambda c, h: max(1, h // 2), lambda c, h: max(1, h // 2), "symmetric: H/2 query and K/V heads"),
+        ("xsqa", lambda c, h: max(1, h // 4), lambda c, h: max(1, h // 4), "extreme: H/4 query and K/V heads"),
+        ("xsmqa", lambda c, h: max(1, h // 4), 1, "extreme + MQA: H/4 query heads, one K/V head"),
+    )
+)

@@ -24,7 +24,7 @@ and 26.4 ms for dense causal cuDNN.
 from __future__ import annotations
 
 from .. import patterns as _patterns
-from ..registry import Capabilities, Card, register
+from ..cards import Capabilities, Card
 from .multi_head import MultiHeadAttention, multi_head_flops
 
 __all__ = ["SlidingWindowAttention", "StreamingAttention"]
@@ -83,7 +83,7 @@ def _pattern_flops(pattern_of):
     return flops
 
 
-register(
+CARDS = (
     Card(
         name="sliding-window",
         title="Longformer: The Long-Document Transformer",
@@ -94,9 +94,7 @@ register(
         defaults={"window": 1024},
         capabilities=Capabilities(bidirectional=False, backends=("reference", "sdpa", "flex", "cudnn")),
         summary="causal sliding window (default 1024 keys); decode cache bounded to the window",
-    )
-)
-register(
+    ),
     Card(
         name="streaming",
         title="Efficient Streaming Language Models with Attention Sinks",
@@ -107,5 +105,5 @@ register(
         defaults={"sink_tokens": 4, "window": 1024},
         capabilities=Capabilities(bidirectional=False, backends=("reference", "sdpa", "flex", "cudnn")),
         summary="attention sinks + sliding window (4 + 1024); decode cache bounded to 1028 tokens",
-    )
+    ),
 )

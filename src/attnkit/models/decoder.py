@@ -8,6 +8,11 @@
 per layer (interleaving, e.g. ``["mha", "sliding", "sliding", "mha"]``);
 ``attention_options`` is one dict for all layers or a list of dicts.
 
+Modules that several layers use (MASA's dictionary of matrix atoms) belong to the model, in
+``model.shared`` (an ``nn.ModuleDict``, empty for most mechanisms): one copy in the state dict
+(``shared.masa.q``, ...), and, under a per-block FSDP wrapping, part of the root unit rather
+than of one block that the others would reach into.
+
 Example::
 
     >>> import torch
@@ -82,10 +87,11 @@ def _per_layer(value, num_layers: int, name: str, kind):
     return value
 
 
-def _with_position(name: str, layer_idx: int, num_layers: int, options: dict, shared: dict) -> dict:
+def _with_position(name: str, layer_idx: int, num_layers: int, options: dict, shared: nn.ModuleDict) -> dict:
     """Options plus the layer's place in the stack, for layers whose math depends on it
-    (``accepts_layer_position``, e.g. Lightning's per-layer decay schedule), and the dict
-    through which layers share modules (``accepts_shared_modules``, e.g. MASA's atoms)."""
+    (``accepts_layer_position``, e.g. Lightning's per-layer decay schedule), and the model's
+    ``ModuleDict`` of modules its layers share (``accepts_shared_modules``, e.g. MASA's atoms:
+    the layer puts its module there, the model owns it)."""
     layer = registry.get(name).layer
     extra = {}
     if getattr(layer, "accepts_layer_position", False):
@@ -138,14 +144,16 @@ class DecoderLM(nn.Module):
             "norm_eps": norm_eps,
         }
         self.embed = nn.Embedding(vocab_size, dim)
-        shared: dict = {}
+        # modules shared across layers, owned here (filled by the layers as they are built)
+        self.shared = nn.ModuleDict()
         self.layers = nn.ModuleList(
-            Block(dim, registry.build(n, dim=dim, num_heads=num_heads, **_with_position(n, i, num_layers, o, shared)),
+            Block(dim, registry.build(n, dim=dim, num_heads=num_heads, **_with_position(n, i, num_layers, o, self.shared)),
                   mlp_hidden, norm_eps)
             for i, (n, o) in enumerate(zip(names, options))
         )
         self.norm = nn.RMSNorm(dim, eps=norm_eps)
         self.apply(self._init_weights)
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -311,6 +319,7 @@ class DecoderLM(nn.Module):
             raise ValueError(f"{config_file} does not match DecoderLM's arguments: {err}") from None
         model.to(device=device, dtype=dtype)
         tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        overrides = {_legacy_name(model, name): tensor_dtype for name, tensor_dtype in overrides.items()}
         for name, tensor_dtype in overrides.items():
             if name not in tensors:
                 raise ValueError(f"{config_file}: dtype_overrides names {name!r}, which the model does not have")
@@ -322,6 +331,34 @@ class DecoderLM(nn.Module):
             raise ValueError(f"{weights_file} cannot be loaded into the model that {config_file} describes: "
                              f"{type(err).__name__}: {first[:400]}") from None
         return model
+
+
+# Checkpoints written before the model owned the shared modules (issue 21) kept MASA's dictionary
+# in the first MASA layer, as ``layers.<i>.attn.atoms.*``; they load with those names moved to
+# ``shared.<key>.*``, the layer's dictionary in ``model.shared``.
+_LEGACY_SHARED = "attn.atoms."
+
+
+def _legacy_prefixes(model: "DecoderLM") -> dict[str, str]:
+    """``{old prefix: new prefix}`` for the layers that use one of ``model.shared``'s modules."""
+    return {f"layers.{i}.{_LEGACY_SHARED}": f"shared.{block.attn.shared_key}."
+            for i, block in enumerate(model.layers) if getattr(block.attn, "shared_key", None)}
+
+
+def _legacy_name(model: "DecoderLM", name: str) -> str:
+    for old, new in _legacy_prefixes(model).items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def _rename_legacy_keys(model, state_dict, prefix, *args) -> None:
+    """``load_state_dict`` pre-hook: an old checkpoint's names for the shared modules, renamed in
+    place (a key already under its new name wins)."""
+    for old, new in _legacy_prefixes(model).items():
+        for key in [k for k in state_dict if k.startswith(prefix + old)]:
+            value = state_dict.pop(key)
+            state_dict.setdefault(prefix + new + key[len(prefix + old):], value)
 
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}

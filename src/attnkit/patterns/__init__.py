@@ -45,6 +45,7 @@ __all__ = [
     "SinkWindow",
     "PerHead",
     "Documents",
+    "KeyPadding",
     "S2Strided",
     "AtKeyPositions",
     "AtQueryPositions",
@@ -56,6 +57,7 @@ __all__ = [
     "sink_window",
     "per_head",
     "documents",
+    "key_padding",
     "s2_strided",
     "resolve",
     "PATTERN_NAMES",
@@ -362,6 +364,42 @@ class Documents(Pattern):
             )
 
 
+class KeyPadding(Pattern):
+    """Padded keys: query rows of batch item ``b`` see only the keys where ``valid[b, key]``.
+
+    ``valid`` is a boolean tensor ``[B, S]`` (True: a real token; Hugging Face's
+    ``attention_mask`` convention, so left and right padding both work). Combine with the
+    sequence pattern: ``causal() & key_padding(valid)``; ``attend(..., key_mask=...)`` does this.
+    A row whose keys are all padding returns zeros (``attend``'s rule for empty rows).
+    """
+
+    depends_on_batch = True
+
+    def __init__(self, valid: Tensor):
+        if not isinstance(valid, Tensor) or valid.dim() != 2 or valid.dtype != torch.bool:
+            got = (f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, Tensor) else type(valid).__name__)
+            raise ValueError(f"valid must be a boolean tensor [B, S] (True = a real key), got {got}")
+        self.valid = valid
+
+    def allowed(self, b, h, q_pos, k_pos):
+        valid = self.valid
+        if valid.device != k_pos.device:
+            valid = valid.to(k_pos.device)
+        return valid[b, k_pos]
+
+    def to(self, device):
+        device = torch.device(device)
+        return self if self.valid.device == device else KeyPadding(self.valid.to(device))
+
+    def validate(self, batch, heads, kv_len):
+        if tuple(self.valid.shape) != (batch, kv_len):
+            raise ValueError(f"the key padding mask has shape {tuple(self.valid.shape)} but the keys need "
+                             f"[B, S] = [{batch}, {kv_len}]")
+
+    def __repr__(self):
+        return f"KeyPadding(B={self.valid.shape[0]}, S={self.valid.shape[1]})"
+
+
 class S2Strided(Pattern):
     """S2-Attention's per-head strided block pattern (arXiv 2407.17678), causal.
 
@@ -422,7 +460,7 @@ class S2Strided(Pattern):
             raise ValueError(f"head_step must be 'query_heads', 'kv_heads' or a non-negative integer, got {head_step!r}")
         self.head_step = head_step
         # Hopper's TMA loads: S2's training step at 128k (vert_stride 16, 64-token blocks) took
-        # 58.6 ms with them against 61.5 without on the H200 (benchmarks/flex_options.py);
+        # 58.6 ms with them against 61.5 without on the H200 (benchmarks/flex_kernel_options.py);
         # Inductor drops the option where the GPU or the tensors cannot use TMA. (Not
         # ROWS_GUARANTEED_SAFE: granted where verified, it measured 57.86 ms against 57.87 without)
         self.flex_kernel_options = MappingProxyType({"USE_TMA": True})
@@ -712,6 +750,10 @@ def per_head(patterns: Sequence[Pattern]) -> Pattern:
 
 def documents(document_ids: Tensor) -> Pattern:
     return Documents(document_ids)
+
+
+def key_padding(valid: Tensor) -> Pattern:
+    return KeyPadding(valid)
 
 
 def s2_strided(**options) -> Pattern:

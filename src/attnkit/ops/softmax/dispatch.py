@@ -85,12 +85,47 @@ def _check_scale(scale) -> None:
         raise ValueError(f"scale must be a finite number or None (default D ** -0.5), got {scale!r}")
 
 
+def _key_mask(key_mask, q: Tensor, k: Tensor) -> Tensor | None:
+    """``key_mask`` as a boolean ``[B, S]`` on q's device (True: a real key), or None."""
+    if key_mask is None:
+        return None
+    B, S = k.shape[0], k.shape[2]
+    accepted = ("accepted: a boolean tensor [B, S] (True = the key may be attended, as Hugging Face's "
+                "attention_mask) or an integer tensor [B] of valid lengths (keys at positions >= length are padding)")
+    if not isinstance(key_mask, Tensor):
+        raise ValueError(f"key_mask must be a tensor or None, got {type(key_mask).__name__}; {accepted}")
+    if key_mask.dtype == torch.bool:
+        if tuple(key_mask.shape) != (B, S):
+            raise ValueError(f"key_mask is a boolean tensor of shape {tuple(key_mask.shape)} but the keys need "
+                             f"[B, S] = [{B}, {S}]; {accepted}")
+        return key_mask.to(q.device)
+    if key_mask.is_floating_point() or key_mask.is_complex():
+        raise ValueError(f"key_mask has dtype {key_mask.dtype}; {accepted}")
+    if tuple(key_mask.shape) != (B,):
+        raise ValueError(f"key_mask holds integer lengths of shape {tuple(key_mask.shape)} but the batch needs "
+                         f"[B] = [{B}]; {accepted}")
+    lengths = key_mask.to(q.device)
+    if not torch.compiler.is_compiling() and bool(((lengths < 0) | (lengths > S)).any()):
+        raise ValueError(f"key_mask lengths must lie in 0..S={S}, got {key_mask.tolist()}")
+    return torch.arange(S, device=q.device) < lengths[:, None]
+
+
+def _padded_plain(pattern) -> bool:
+    """``base & KeyPadding`` with a plain full or causal base: SDPA's masked kernels serve it."""
+    return (isinstance(pattern, _patterns.And) and isinstance(pattern.right, _patterns.KeyPadding)
+            and pattern.left.kind in ("full", "causal"))
+
+
 def choose_backend(q: Tensor, k: Tensor, v: Tensor, pattern, score_mod, return_lse: bool, q_offset: int) -> str:
     """The backend ``auto`` picks for these inputs (exposed so benchmarks can report it)."""
     T, S = q.shape[2], k.shape[2]
     plain = score_mod is None and not return_lse
     if q.device.type == "cuda":
         if plain and (pattern.kind == "full" or (pattern.kind == "causal" and q_offset == S - T)):
+            return "sdpa"
+        if plain and _padded_plain(pattern) and q.dtype != torch.float64:
+            # padded batches (Hugging Face's attention_mask): one boolean [B, 1, T, S] mask for
+            # SDPA's masked kernel, instead of a FlexAttention block mask rebuilt for every new mask
             return "sdpa"
         if plain and _cudnn_band.supports(q, k, v, pattern, q_offset=q_offset):
             return "cudnn"
@@ -111,6 +146,7 @@ def attend(
     return_lse: bool = False,
     backend: str = "auto",
     q_offset: int | None = None,
+    key_mask: Tensor | None = None,
 ):
     """Exact softmax attention. See the module docstring for the math and the backends.
 
@@ -124,6 +160,11 @@ def attend(
         backend: one of ``auto``, ``reference``, ``sdpa``, ``flex``, ``cudnn``.
         q_offset: absolute position of the first query; default ``S - T`` (queries are the
             newest tokens, as in a decode step).
+        key_mask: padding of the keys, on every backend but ``cudnn``: a boolean ``[B, S]``
+            (True: a real key, Hugging Face's ``attention_mask`` convention, so left padding
+            works) or integer valid lengths ``[B]`` (keys at positions ``>= length`` are
+            padding). It narrows ``pattern`` (``pattern & patterns.key_padding(mask)``); a row
+            left with no key returns zeros. ``None`` (default): no padding.
 
     Returns:
         ``out [B, Hq, T, Dv]`` or ``(out, lse)``.
@@ -141,6 +182,9 @@ def attend(
     pattern = _patterns.resolve(pattern)
     B, Hq, T, D = q.shape
     S = k.shape[2]
+    valid = _key_mask(key_mask, q, k)
+    if valid is not None:
+        pattern = pattern & _patterns.KeyPadding(valid)
     pattern.validate(B, Hq, S)
     if q_offset is None:
         q_offset = S - T
@@ -166,6 +210,9 @@ def attend(
             raise ValueError("backend='sdpa' does not return the log-sum-exp; use backend='flex' (or 'reference', or 'auto')")
         return _attend_sdpa(q, k, v, pattern, scale, q_offset)
     if backend == "cudnn":
+        if valid is not None:
+            raise ValueError("backend='cudnn' takes no key_mask (its band kernels have no padding); "
+                             "use backend='auto', 'sdpa' or 'flex'")
         reason = _cudnn_band.why_unsupported(q, k, v, pattern, score_mod, return_lse, q_offset)
         if reason is not None:
             raise ValueError(f"backend='cudnn' cannot serve these inputs: {reason}; use backend='auto' or 'flex'")

@@ -206,7 +206,7 @@ def _cache_put(key, value) -> None:
 #: (e.g. ``{"USE_TMA": True}``): they win over a pattern's own ``flex_kernel_options``; the
 #: tiles that small blocks need win over both. ``ROWS_GUARANTEED_SAFE`` is granted only where
 #: attnkit verified it for the shape (:func:`first_tiles_cover_rows`, after :func:`diagonal_first`):
-#: set blindly it turned 45% of S2's rows to NaN (``benchmarks/rows_safe_check.py``).
+#: set blindly it turned 45% of S2's rows to NaN (``benchmarks/flex_rows_safe.py``).
 FLEX_KERNEL_OPTIONS: dict = {}
 
 

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The GPU script: the CUDA test suite, the default CUDA bench and the bench suites, each part within the GPU
+# machine's 10 minutes per command. Run from the repository root on a CUDA machine:
+#
+#   benchmarks/gpu.sh tests               # every test marked cuda (pytest-xdist when installed) -> pytest-cuda.log
+#   benchmarks/gpu.sh bench               # the default `attnkit bench --device cuda`: every mechanism and op, seq 2k-32k
+#   benchmarks/gpu.sh bench-layers-a | bench-layers-b | bench-ops   # the same bench in three parts of ~equal time
+#   benchmarks/gpu.sh SUITE [MODE]        # `attnkit bench --suite SUITE` in each of its modes (or MODE only)
+#                                         # -> SUITE-MODE.json; SUITE: dense patterns linear heads sigmoid decode
+#   benchmarks/gpu.sh bench-args NAME ARGS...   # any other bench run, logged the same way -> NAME.json
+#   benchmarks/gpu.sh readme              # regenerate benchmarks/results/README.md from the result files
+# TEST_TIMEOUT / BENCH_TIMEOUT (seconds) shorten the parts' limits (BENCH_TIMEOUT is per bench run: a suite
+# with two modes runs two; give it one MODE per device command where 10 minutes would not hold both).
+#
+# Logs and results go to $OUT (default benchmarks/results/h200): pytest-cuda.log; per bench run NAME.log (the
+# header below, the command and the terminal table), NAME.json, NAME.jsonl (cells as they finished) and NAME.png.
+# After a bench case the results README is regenerated when $OUT is under benchmarks/results; results copied
+# back from elsewhere need `python benchmarks/results_readme.py` (tests/bench/test_results_readme.py checks it).
+# Optional wheels in .whl/ (the GPU machine has no package registry) are installed first: nvidia-cudnn-frontend
+# (the cuDNN band backend) and fla-core (the fla-lightning baseline), fetched with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 -d .whl fla-core==0.6.0 nvidia-cudnn-frontend==1.18.0
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-benchmarks/results/h200}
+mkdir -p "$OUT"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=src:/tmp/site
+fi
+header() {
+  # the device tool copies the working tree, not always its git HEAD: the code hash says which code ran
+  echo "# commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown) (as the copy's git says), code hash $(python3 -c 'from attnkit._meta import code_hash; print(code_hash())'), $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+}
+half() {  # half a|b of the registered mechanisms (b starts with mha, the layers' dense reference)
+  python3 -c "import attnkit, sys; n=[c.name for c in attnkit.mechanisms()]; h=len(n)//2; print(','.join(n[:h] if sys.argv[1]=='a' else ['mha', *n[h:]]))" "$1"
+}
+readme() {  # the results README follows the files (only where they are the repository's own results)
+  case "$(realpath -m "$OUT")/" in
+    "$(realpath -m benchmarks/results)"/*) python3 benchmarks/results_readme.py >/dev/null && echo "benchmarks/results/README.md regenerated" ;;
+  esac
+}
+bench() {  # bench NAME ARGS...: one bench run, its log and results under $OUT
+  local name=$1; shift
+  { header; echo "# attnkit bench --device cuda $*"; } > "$OUT/$name.log"
+  timeout "${BENCH_TIMEOUT:-570}" python3 -m attnkit.cli bench --device cuda "$@" --out "$OUT/$name.json" 2>&1 | tee -a "$OUT/$name.log" | grep -E "│|Error|error" | cut -c1-200
+  local rc=${PIPESTATUS[0]}
+  echo "exit $rc" | tee -a "$OUT/$name.log"
+  return "$rc"
+}
+suites=$(python3 -c "from attnkit.bench.suites import SUITES; print(' '.join(SUITES))")
+case "${1:-}" in
+  tests)
+    { header; echo "# python3 -m pytest -m cuda tests"; } > "$OUT/pytest-cuda.log"
+    xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n 12)  # compilation is CPU-bound: run tests side by side
+    timeout "${TEST_TIMEOUT:-560}" python3 -m pytest -m cuda tests "${xdist[@]}" -o addopts="" -q -rfEs -p no:cacheprovider -W ignore \
+      --durations=15 2>&1 | tee -a "$OUT/pytest-cuda.log" | grep -E "passed|failed|FAILED|ERROR" | cut -c1-300 ;;
+  bench)
+    bench bench-cuda-fwd; readme ;;
+  bench-layers-a)
+    bench bench-cuda-fwd-layers-a --mechanisms "$(half a)" --ops none; readme ;;
+  bench-layers-b)
+    bench bench-cuda-fwd-layers-b --mechanisms "$(half b)" --ops none; readme ;;
+  bench-ops)
+    bench bench-cuda-fwd-ops --mechanisms mha; readme ;;
+  bench-args)  # bench-args NAME ARGS...: any bench command, logged like the parts above
+    [ $# -ge 2 ] || { echo "usage: benchmarks/gpu.sh bench-args NAME ARGS..." >&2; exit 2; }
+    shift; bench "$@"; readme ;;
+  readme)
+    python3 benchmarks/results_readme.py ;;
+  *)
+    if [ -n "${1:-}" ] && [[ " $suites " == *" $1 "* ]]; then
+      suite=$1
+      modes=${2:-$(python3 -m attnkit.bench.suites "$suite")}
+      for mode in $modes; do
+        bench "$suite-$mode" --suite "$suite" --mode "$mode"
+      done
+      readme
+    else
+      echo "usage: benchmarks/gpu.sh tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|bench-args NAME ARGS...|SUITE [MODE]" >&2
+      echo "  SUITE: $suites" >&2
+      exit 2
+    fi ;;
+esac
