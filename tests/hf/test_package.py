@@ -32,7 +32,7 @@ def test_import_without_transformers():
 def test_cards_are_hf_family_and_name_their_papers():
     names = [c.name for c in hf.CARDS]
     assert names == ["hf-full", "hf-streaming", "hf-headwise"]
-    assert {c.family for c in hf.CARDS} == {"hf"}
+    assert {c.family for c in hf.CARDS} == {c.kind for c in hf.CARDS} == {"hf"}
     assert [c.arxiv for c in hf.CARDS] == [None, "2309.17453", "2410.10819"]
     for card in hf.CARDS:
         policy = card.layer(**card.defaults) if card.name != "hf-headwise" else card.layer(
@@ -47,4 +47,6 @@ def test_cards_are_hf_family_and_name_their_papers():
 def test_cards_stay_out_of_the_layer_registry():
     import attnkit
 
-    assert not any(c.family == "hf" for c in attnkit.mechanisms())
+    # the layer registry builds every card it holds as a layer: hf cards stay in attnkit.hf.CARDS
+    assert not any(c.kind == "hf" for c in attnkit.mechanisms())
+    assert not {c.name for c in hf.CARDS} & {c.name for c in attnkit.mechanisms()}
