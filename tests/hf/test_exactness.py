@@ -73,3 +73,21 @@ def test_removed_model_refuses_the_stale_cache(llama):
     handle.remove()
     with pytest.raises(RuntimeError, match="not applied any more"):
         llama(torch.randint(0, VOCAB, (1, 5)), past_key_values=cache)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_full_through_the_headwise_cache_and_backends(llama, backend):
+    ids, mask = _batch(2)
+    with torch.no_grad():
+        ref = llama.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        ref_logits = llama(ids, attention_mask=mask).logits
+        with hf.apply(llama, "full", backend=backend) as handle:
+            cache = handle.cache()
+            gen = llama.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, past_key_values=cache)
+            logits = llama(ids, attention_mask=mask).logits
+    assert torch.equal(gen, ref)
+    valid = mask.bool()
+    torch.testing.assert_close(logits[valid], ref_logits[valid], atol=1e-5, rtol=0)
+    # one full group per layer holding every token: the bytes of a plain KV cache
+    B, S, Hkv, D = 2, ids.shape[1] + 7, 2, 16  # the last generated token is never fed back
+    assert cache.nbytes() == 2 * B * Hkv * S * D * 4 * 2  # 2 layers, keys and values, fp32

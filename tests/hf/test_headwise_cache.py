@@ -47,19 +47,20 @@ def _policy():
     return hf.Headwise(full_heads=[[True, False], [False, False]], sink=SINK, window=WINDOW)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3"])
 def test_headwise_decode_equals_float64_reference(arch):
     model = tiny(arch, dtype=torch.float64)
     ids, mask = _inputs()
     with hf.apply(model, _policy()) as handle:
         got = _decode(model, ids, mask, handle.cache(), steps=10)
-        ref = _decode(model, ids, mask, DynamicCache(), steps=10)  # full layers only: never evicts
+        with pytest.warns(UserWarning, match="no memory is saved"):
+            ref = _decode(model, ids, mask, DynamicCache(), steps=10)  # full layers only: never evicts
     valid = mask.bool()
     torch.testing.assert_close(got[0][valid], ref[0][valid], atol=1e-10, rtol=0)
     for a, b in zip(got[1:], ref[1:]):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
     # the model's own cache (sliding layers for Gemma 3) cannot serve the policy: a clear error
-    if arch == "gemma3":
+    if arch in ("mistral", "gemma3"):
         with hf.apply(model, _policy()), pytest.raises(ValueError, match="needs the head-wise cache"):
             _decode(model, ids, mask, DynamicCache(config=model.config), steps=1)
     # and the policy really changes the model (else the comparison proves little)

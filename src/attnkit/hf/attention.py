@@ -14,6 +14,7 @@ causal attention over the given keys is exact (no padding; the window does not b
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 
 import torch
@@ -141,6 +142,10 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
                 f"{handle.policy!r} on {type(module).__name__} layer {layer_idx} (a sliding-window layer) needs the "
                 "head-wise cache: pass past_key_values=handle.cache() to the model or to generate()"
             )
+        if not handle._warned and key.shape[2] != T and handle.evicts(layer_idx, Hkv):
+            handle._warned = True
+            warnings.warn(f"{handle.policy!r} runs on the model's own KV cache, which keeps every token: the outputs "
+                          "are the policy's, but no memory is saved; pass past_key_values=handle.cache()", stacklevel=2)
         out = _attend_given(handle, layer_idx, query, key, value, mask, scaling, score_mod)
     else:
         out = _attend_headwise(handle, cache_layer, query, mask, scaling, score_mod, Hkv)
@@ -265,6 +270,7 @@ class Handle:
         self._hook = None
         self._forward_cache = None
         self._forward_start = None
+        self._warned = False
         self.active = False
 
     def plan(self, layer_idx: int, num_kv_heads: int):
