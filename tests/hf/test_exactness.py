@@ -91,3 +91,29 @@ def test_full_through_the_headwise_cache_and_backends(llama, backend):
     # one full group per layer holding every token: the bytes of a plain KV cache
     B, S, Hkv, D = 2, ids.shape[1] + 7, 2, 16  # the last generated token is never fed back
     assert cache.nbytes() == 2 * B * Hkv * S * D * 4 * 2  # 2 layers, keys and values, fp32
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_cuda_full_and_headwise(arch):
+    """On CUDA (fp32): full equals sdpa; the head-wise cache's decode equals the masked reference."""
+    model = tiny(arch).cuda()
+    ids, mask = _batch()
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        gen_ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        with hf.apply(model, "full"):
+            out = model(ids, attention_mask=mask).logits
+            gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        policy = hf.Headwise(full_heads=[[True, False], [False, False]], sink=2, window=4)
+        with hf.apply(model, policy) as handle:
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                 past_key_values=handle.cache(), output_scores=True, return_dict_in_generate=True)
+            with pytest.warns(UserWarning):
+                want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                      output_scores=True, return_dict_in_generate=True)
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-4, rtol=0)
+    assert torch.equal(gen, gen_ref)
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), atol=1e-4, rtol=0)
