@@ -1,5 +1,6 @@
 """Tiny random transformers models, built offline from their configs (no download)."""
 
+import pytest
 import torch
 
 VOCAB = 128
@@ -34,3 +35,9 @@ def tiny(arch: str, dtype=torch.float32, seed: int = 0, **overrides):
 
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma3", "phi3")
+
+
+@pytest.fixture
+def llama():
+    """A tiny random Llama (2 layers, 4 query heads, 2 KV heads, head dim 16), fp32, eval mode."""
+    return tiny("llama")

@@ -5,6 +5,8 @@ import torch
 
 hf = pytest.importorskip("attnkit.hf")
 
+from hf_models import llama  # noqa: E402, F401  (fixture)
+
 
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_models import ARCHS, VOCAB, tiny
+from hf_models import ARCHS, VOCAB, llama, tiny  # noqa: F401  (llama: a fixture)
 
 hf = pytest.importorskip("attnkit.hf")
 

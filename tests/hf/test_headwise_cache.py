@@ -4,12 +4,12 @@ reference of the same policy (the rule as a materialised mask over a cache that 
 
 import pytest
 import torch
-from transformers import DynamicCache
-
 from attnkit import patterns
-from hf_models import VOCAB, tiny
+from hf_models import VOCAB, llama, tiny  # noqa: F401  (llama: a fixture)
 
 hf = pytest.importorskip("attnkit.hf")
+
+from transformers import DynamicCache  # noqa: E402
 
 # transformers 5.25 renames past_key_values to cache; 5.17 knows only past_key_values
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
