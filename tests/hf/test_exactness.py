@@ -55,6 +55,7 @@ def test_apply_remove_round_trip_is_bit_identical(llama):
     assert not torch.equal(streamed, ref)  # the method did act
     assert torch.equal(after, ref)
     assert [c._attn_implementation_internal for c in configs] == before
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in llama.modules())  # the hooks are gone
 
 
 def test_apply_twice_and_remove_twice_raise(llama):

@@ -146,3 +146,17 @@ def test_headwise_prefill_longer_than_budget_and_short_prompt(llama):
         with torch.no_grad():
             llama(torch.randint(1, VOCAB, (1, 100)), past_key_values=cache)
         assert cache.layers[0].stores()[0][0].shape[2] == 68
+
+
+def test_base_model_called_alone_reads_its_own_padding(llama):
+    """The padding a call was made with is recorded per call, also when the inner model is called alone."""
+    model = llama.double()
+    ids, mask = _inputs(pads=(0, 5))
+    with hf.apply(model, "streaming", sink=SINK, window=WINDOW) as handle:
+        with torch.no_grad():
+            model(ids, attention_mask=mask)  # a padded call first: nothing of it may leak into the next
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            inner = model.model(ids, attention_mask=mask, position_ids=pos, past_key_values=handle.cache())
+            alone = model.model(ids[1:, 5:], past_key_values=handle.cache())
+        assert handle._forward_start is None  # forgotten after the call
+    torch.testing.assert_close(inner.last_hidden_state[1, 5:], alone.last_hidden_state[0], atol=1e-10, rtol=0)

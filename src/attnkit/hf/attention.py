@@ -267,7 +267,7 @@ class Handle:
         self._staged: dict = {}
         self._modules: list = []
         self._saved: list = []
-        self._hook = None
+        self._hooks: list = []
         self._forward_cache = None
         self._forward_start = None
         self._warned = False
@@ -306,6 +306,10 @@ class Handle:
             first = real.to(torch.int8).argmax(dim=1)
             self._forward_start = torch.where(real.any(dim=1), first, torch.full_like(first, -1))
 
+    def _forget_call(self, module, args, kwargs, output):
+        """Forward hook: what ``_see_cache`` recorded belongs to that call only."""
+        self._forward_cache = self._forward_start = None
+
     def _sliding_cache_layer(self, layer_idx: int) -> bool:
         """Whether the model's own cache of this forward keeps only a window at this layer."""
         cache = self._forward_cache() if self._forward_cache is not None else None
@@ -325,7 +329,8 @@ class Handle:
                 _ROUTED.pop(m, None)
             for config, value in self._saved:
                 config._attn_implementation_internal = value
-            self._hook.remove()
+            for hook in self._hooks:
+                hook.remove()
             self.active = False
 
     def __enter__(self):
@@ -405,6 +410,10 @@ def apply(model, method="full", *, backend: str = "auto", **options) -> Handle:
         for m in modules:
             _ROUTED[m] = handle
         handle._modules = modules
-        handle._hook = model.register_forward_pre_hook(handle._see_cache, with_kwargs=True)
+        # on the model and every transformers model inside it (the base model can be called alone)
+        for sub in model.modules():
+            if isinstance(sub, PreTrainedModel):
+                handle._hooks.append(sub.register_forward_pre_hook(handle._see_cache, with_kwargs=True))
+                handle._hooks.append(sub.register_forward_hook(handle._forget_call, with_kwargs=True))
         handle.active = True
     return handle
