@@ -160,3 +160,28 @@ def test_base_model_called_alone_reads_its_own_padding(llama):
             alone = model.model(ids[1:, 5:], past_key_values=handle.cache())
         assert handle._forward_start is None  # forgotten after the call
     torch.testing.assert_close(inner.last_hidden_state[1, 5:], alone.last_hidden_state[0], atol=1e-10, rtol=0)
+
+
+def test_unpadded_prefill_takes_the_pattern_path(llama, monkeypatch):
+    """Without padding, a first prefill hands the rule to attend as patterns.sink_window (no dense
+    mask); its outputs equal the dense-mask path's (the same prompt with an all-ones padding mask
+    row beside a padded one goes through the dense path)."""
+    from attnkit.hf import attention as A
+
+    seen = []
+    run = A._run
+    monkeypatch.setattr(A, "_run", lambda h, q, k, v, allowed, *a: seen.append(type(allowed).__name__) or
+                        run(h, q, k, v, allowed, *a))
+    model = llama.double()
+    ids, mask = _inputs(pads=(0, 3))
+    with torch.no_grad(), hf.apply(model, "streaming", sink=SINK, window=WINDOW) as handle:
+        alone = model(ids[:1], past_key_values=handle.cache()).logits
+        assert "SinkWindow" in seen and "Tensor" not in seen
+        seen.clear()
+        given = model(ids[:1]).logits  # no cache: the model's keys as they are, same shortcut
+        assert "SinkWindow" in seen
+        seen.clear()
+        batch = model(ids, attention_mask=mask, past_key_values=handle.cache()).logits
+        assert "Tensor" in seen
+    torch.testing.assert_close(alone[0], batch[0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(given, alone, atol=1e-10, rtol=0)

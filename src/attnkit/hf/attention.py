@@ -94,10 +94,12 @@ def _first_real(handle, mask: Tensor | None, batch: int, device) -> Tensor:
     return torch.where(has, first, torch.full_like(first, -1))
 
 
-def _run(handle: "Handle", q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale, score_mod) -> Tensor:
-    """attend with a dense mask (or plain causal when ``allowed`` is None)."""
-    if allowed is None:
-        return attend(q, k, v, pattern="causal", scale=scale, score_mod=score_mod, backend=handle.backend)
+def _run(handle: "Handle", q: Tensor, k: Tensor, v: Tensor, allowed, scale, score_mod) -> Tensor:
+    """attend with a dense mask ``allowed`` [B, 1, T, S], an attnkit pattern (keys at positions
+    0 .. S-1, queries the last T), or plain causal when ``allowed`` is None."""
+    if allowed is None or isinstance(allowed, _patterns.Pattern):
+        pattern = "causal" if allowed is None else allowed
+        return attend(q, k, v, pattern=pattern, scale=scale, score_mod=score_mod, backend=handle.backend)
     backend = handle.backend
     if backend == "auto":
         # a materialised mask is served best by SDPA; a score_mod only by the reference on a dense mask
@@ -156,6 +158,15 @@ def _query_heads(kv_heads, group: int, device) -> Tensor:
     return (torch.tensor(kv_heads, device=device)[:, None] * group + torch.arange(group, device=device)).reshape(-1)
 
 
+def _plain_rule(rule, mask, T: int, S: int, start: Tensor):
+    """The rule as an attnkit pattern where no mask needs materialising: no padding or window mask
+    (``mask`` None), every key from position 0 in the call (a prefill), every row starting at 0.
+    Then the rule is ``patterns.sink_window`` (FlexAttention / the cuDNN band on CUDA). Else None."""
+    if mask is not None or T != S or bool((start != 0).any()):
+        return None
+    return _patterns.sink_window(rule.sink, rule.window)
+
+
 def _attend_given(handle, layer_idx, query, key, value, mask, scaling, score_mod) -> Tensor:
     """Attention over the keys the model's own cache returned (a ``DynamicCache``, or none):
     every token from position 0 is there, so a policy's rule is a mask (no memory saved)."""
@@ -167,16 +178,20 @@ def _attend_given(handle, layer_idx, query, key, value, mask, scaling, score_mod
     q_pos = torch.arange(S - T, S, device=query.device)
     k_pos = torch.arange(S, device=query.device)
     start = _first_real(handle, mask, B, query.device).clamp(min=0)
-    base = mask if mask is not None else (k_pos <= q_pos[:, None]).expand(B, 1, T, S)
+    base = mask  # None: plain causal
     out = query.new_empty(B, Hq, T, value.shape[3])
     g = Hq // Hkv
     for group in plan:
         qh = _query_heads(group.kv_heads, g, query.device)
         kh = torch.tensor(group.kv_heads, device=query.device)
-        allowed = base
+        allowed = mask
         if group.rule is not None:
-            allowed = base & group.rule.allowed(q_pos[None, None, :, None], k_pos[None, None, None, :],
-                                                start[:, None, None, None])
+            allowed = _plain_rule(group.rule, mask, T, S, start)
+            if allowed is None:
+                if base is None:
+                    base = (k_pos <= q_pos[:, None]).expand(B, 1, T, S)
+                allowed = base & group.rule.allowed(q_pos[None, None, :, None], k_pos[None, None, None, :],
+                                                    start[:, None, None, None])
         out[:, qh] = _run(handle, query[:, qh], key[:, kh], value[:, kh], allowed, scaling, score_mod)
     return out
 
@@ -199,6 +214,8 @@ def _attend_headwise(handle, layer, query, mask, scaling, score_mod, Hkv) -> Ten
         q = query if single else query[:, _query_heads(group.kv_heads, g, device)]
         if pos is None:  # a full group: positions 0 .. S-1, the model's mask as it is
             allowed = mask
+        elif pos.shape[1] == S and (allowed := _plain_rule(group.rule, mask, T, S, start_c)) is not None:
+            pass  # a first prefill without padding: the rule as a pattern, nothing materialised
         else:
             valid = pos >= 0
             pc = pos.clamp(min=0)
