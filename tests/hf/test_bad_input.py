@@ -67,6 +67,10 @@ def test_headwise_shape_and_indices(llama):
         hf.Headwise.from_heads({5: [0]}, num_layers=2, num_kv_heads=2)
     with pytest.raises(ValueError, match="must be a boolean tensor"):
         hf.Headwise(full_heads=torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"nested list \[num_layers, num_kv_heads\], got \[\]"):
+        hf.Headwise(full_heads=[])
+    with pytest.raises(ValueError, match="must be non-empty"):
+        hf.Headwise(full_heads=[[]])
     with pytest.raises(ValueError, match="must hold booleans"):
         hf.Headwise(full_heads=[[1, 0], [0, 1]])
     with pytest.raises(ValueError, match="one entry per KV head"):

@@ -161,8 +161,9 @@ class Headwise(Policy):
                 raise ValueError(f"Headwise: full_heads rows must all have one entry per KV head, got lengths "
                                  f"{[len(r) for r in rows]}")
         else:
+            got = repr(table) if isinstance(table, (list, tuple)) else type(table).__name__
             raise ValueError("Headwise: full_heads must be a boolean tensor or nested list [num_layers, num_kv_heads], "
-                             f"got {type(table).__name__}")
+                             f"got {got[:80]}")
         if not rows or not rows[0]:
             raise ValueError(f"Headwise: full_heads must be non-empty [num_layers, num_kv_heads], got {table!r}")
         object.__setattr__(self, "_table", rows)
