@@ -1,0 +1,50 @@
+"""attnkit.hf: attention methods on pretrained Hugging Face transformers models.
+
+    >>> import attnkit.hf
+    >>> handle = attnkit.hf.apply(model, "streaming", sink=4, window=256)   # any causal LM
+    >>> out = model.generate(ids, past_key_values=handle.cache(), max_new_tokens=32)
+    >>> handle.remove()                                                      # the model as it was
+
+A method is a policy (:mod:`attnkit.hf.policies`) deciding per layer and per KV head which keys
+a head keeps and how it attends; :func:`apply` routes the model's attention through transformers'
+``AttentionInterface`` to ``attnkit.attend`` (no per-architecture code); :class:`HeadwiseCache`
+stores each group of heads on its own, so evicted tokens free their memory. ``to_hf`` /
+``from_hf`` convert between attnkit's ``DecoderLM`` and ``LlamaForCausalLM``.
+
+Needs the ``hf`` extra: ``pip install "attnkit[hf]"`` (transformers >= 5.17, < 5.26).
+"""
+
+from __future__ import annotations
+
+try:
+    import transformers as _transformers  # noqa: F401
+except ImportError as _err:  # pragma: no cover - exercised by a subprocess test
+    raise ImportError(
+        'attnkit.hf needs transformers, which is not installed: pip install "attnkit[hf]" '
+        "(transformers >= 5.17, < 5.26)"
+    ) from _err
+
+from .attention import IMPLEMENTATION, Handle, apply, attention_forward
+from .cache import HeadwiseCache, HeadwiseLayer
+from .cards import CARDS
+from .convert import from_hf, to_hf
+from .policies import METHODS, Full, Group, Headwise, Policy, SinkWindow, Streaming
+
+__all__ = [
+    "apply",
+    "Handle",
+    "attention_forward",
+    "IMPLEMENTATION",
+    "HeadwiseCache",
+    "HeadwiseLayer",
+    "Policy",
+    "Full",
+    "Streaming",
+    "Headwise",
+    "SinkWindow",
+    "Group",
+    "METHODS",
+    "CARDS",
+    "to_hf",
+    "from_hf",
+]

@@ -1,0 +1,54 @@
+"""The hf methods' cards (``kind="hf"``, family ``"hf"``): one per policy, listed explicitly here.
+
+``layer`` is the policy class (built with the card's defaults: ``card.layer(**card.defaults)``),
+not an ``nn.Module``. As docs/architecture.md says, each kind keeps its own list: the registry
+(level 3) may not import ``attnkit.hf`` (level 5), so these cards live in :data:`CARDS` and the
+``attnkit`` command, which imports everything, lists them. The FLOP model counts the attention
+core of a model layer of width ``dim`` with ``num_heads`` heads under the policy's pattern (the
+model's projections are not attnkit's).
+"""
+
+from __future__ import annotations
+
+from .. import patterns as _patterns
+from ..cards import Capabilities, Card, FlopCount, dense_attention_flops
+from .policies import Full, Headwise, Streaming
+
+__all__ = ["CARDS"]
+
+_CAPS = Capabilities(causal=True, bidirectional=False, decode=True, varlen=True, backends=("reference", "sdpa"))
+
+
+def _flops(pattern_of):
+    def flops(batch: int, seq: int, config: dict) -> FlopCount:
+        dim, heads = config["dim"], config["num_heads"]
+        attention = dense_attention_flops(batch, seq, num_heads=heads, head_dim=dim // heads,
+                                          pattern=pattern_of(config))
+        return FlopCount(attention_fwd=attention, projection_fwd=0.0)
+
+    return flops
+
+
+def _streaming_pattern(config):
+    return _patterns.sink_window(config["sink"], config["window"])
+
+
+def _headwise_pattern(config):
+    # the card's FLOP model: half of the heads full, half sink + window (DuoAttention's typical split)
+    half = [_patterns.causal(), _streaming_pattern(config)]
+    return _patterns.per_head(half * max(1, config["num_heads"] // 2) + half[: config["num_heads"] % 2])
+
+
+CARDS: tuple[Card, ...] = (
+    Card(name="hf-full", title="The model's own attention through attnkit.attend", arxiv=None, family="hf", kind="hf",
+         layer=Full, flops=_flops(lambda c: _patterns.causal()), capabilities=_CAPS,
+         summary="every head attends to every cached key (exactly the model's sdpa attention)"),
+    Card(name="hf-streaming", title="Efficient Streaming Language Models with Attention Sinks", arxiv="2309.17453",
+         family="hf", kind="hf", layer=Streaming, flops=_flops(_streaming_pattern), defaults={"sink": 4, "window": 1024},
+         capabilities=_CAPS, summary="StreamingLLM: every head keeps sink + window tokens; the cache frees the rest"),
+    Card(name="hf-headwise",
+         title="DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads",
+         arxiv="2410.10819", family="hf", kind="hf", layer=Headwise, flops=_flops(_headwise_pattern),
+         defaults={"sink": 4, "window": 1024}, capabilities=_CAPS,
+         summary="per (layer, KV head): full (retrieval head) or sink + window (streaming head); memory really freed"),
+)
