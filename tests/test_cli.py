@@ -84,3 +84,12 @@ def test_sinks_bad_inputs(tmp_path, capsys):
     assert "holds no config.json" in capsys.readouterr().err
     assert main(["sinks", str(tmp_path), "--windows", "0"]) == 2
     assert "--windows must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_list_shows_the_hf_methods_after_the_layers(capsys):
+    pytest.importorskip("transformers")
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "attnkit.hf methods" in out
+    assert out.index("hf-headwise") > out.index("attnkit.hf methods") > out.index("sliding-window")
+    assert "2410.10819" in out and "2309.17453" in out

@@ -33,6 +33,17 @@ def _cmd_list(args) -> int:
             yes(caps.varlen),
         )
     console().print(table)
+    try:  # the methods on Hugging Face models: their own list (attnkit.hf needs the hf extra)
+        from .hf import CARDS as hf_cards
+    except ImportError:
+        console().print('attnkit.hf methods: not available here (pip install "attnkit[hf]")')
+        return 0
+    methods = Table(title="attnkit.hf methods (attnkit.hf.apply(model, name))")
+    for column in ("name", "paper", "what it does"):
+        methods.add_column(column, overflow="fold")
+    for card in hf_cards:
+        methods.add_row(card.name, card.paper, card.summary)
+    console().print(methods)
     return 0
 
 
