@@ -8,7 +8,8 @@
   becomes the file's path in code; a link to a file that exists nowhere stays a link, so the strict
   build still reports it.
 - Docstrings cross-reference in Sphinx's roles, which Markdown renders as the role's name beside
-  a code span; the role's name is dropped.
+  a code span; the role's name is dropped, and a ``~`` path shows its last name only (as Sphinx
+  does: ``:class:`~attnkit.models.DecoderLM``` reads ``DecoderLM``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from mkdocs.structure.files import File
 
 _INCLUDED = "benchmarks"
 _LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s#]+)(#[^)\s]*)?\)")
-_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj):\s*(?=<code>)")
+_ROLES = r":(?:class|func|meth|mod|attr|data|obj):\s*"
+_ROLE = re.compile(_ROLES + r"(?=<code>)")
+_SHORT_ROLE = re.compile(_ROLES + r"<code>~(?:\w+\.)*(\w+)</code>")
 
 
 def _root(config) -> Path:
@@ -56,4 +59,4 @@ def on_page_markdown(markdown, page, config, files):
 
 
 def on_page_content(html, page, config, files):
-    return _ROLE.sub("", html)
+    return _ROLE.sub("", _SHORT_ROLE.sub(r"<code>\1</code>", html))
