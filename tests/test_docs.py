@@ -66,9 +66,12 @@ def test_site_builds_strict_offline(tmp_path):
         assert (site / page).is_file(), page
     api = (site / "api" / "ops" / "index.html").read_text()
     assert 'id="attnkit.attend"' in api and "Exact softmax attention" in api
+    # the hook renders :class:`~attnkit.models.DecoderLM` as DecoderLM, as Sphinx does
+    assert "<code>~" not in (site / "api" / "layers" / "index.html").read_text()
     assert elapsed < 120, f"the docs build took {elapsed:.0f} s"
 
 
+@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")  # transformers 5.25 renames it; 5.17 knows only it
 @pytest.mark.parametrize("path", _example_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_python_examples_run(path):
     blocks = _python_blocks(path)
