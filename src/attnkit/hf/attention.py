@@ -162,7 +162,9 @@ def _plain_rule(rule, mask, T: int, S: int, start: Tensor):
     """The rule as an attnkit pattern where no mask needs materialising: no padding or window mask
     (``mask`` None), every key from position 0 in the call (a prefill), every row starting at 0.
     Then the rule is ``patterns.sink_window`` (FlexAttention / the cuDNN band on CUDA). Else None."""
-    if mask is not None or T != S or bool((start != 0).any()):
+    if mask is not None or T != S:
+        return None
+    if start.device.type != "meta" and bool((start != 0).any()):  # meta tensors hold no values
         return None
     return _patterns.sink_window(rule.sink, rule.window)
 
@@ -288,6 +290,7 @@ class Handle:
         self._forward_cache = None
         self._forward_start = None
         self._warned = False
+        self._calls = 0  # forwards of the routed model in progress (its head-wise caches may update)
         self.active = False
 
     def plan(self, layer_idx: int, num_kv_heads: int):
@@ -312,6 +315,9 @@ class Handle:
 
     def _see_cache(self, module, args, kwargs):
         """Forward pre-hook on the model: remember which cache this forward runs with."""
+        if self._calls == 0:
+            self._staged.clear()  # what an interrupted call staged is not this call's
+        self._calls += 1
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         self._forward_cache = weakref.ref(cache) if cache is not None else None
         # each row's first non-padding position, from the 2D padding mask (the 4D mask cannot
@@ -324,7 +330,8 @@ class Handle:
             self._forward_start = torch.where(real.any(dim=1), first, torch.full_like(first, -1))
 
     def _forget_call(self, module, args, kwargs, output):
-        """Forward hook: what ``_see_cache`` recorded belongs to that call only."""
+        """Forward hook (also when the forward raised): what ``_see_cache`` recorded belongs to that call only."""
+        self._calls = max(0, self._calls - 1)
         self._forward_cache = self._forward_start = None
 
     def _sliding_cache_layer(self, layer_idx: int) -> bool:
@@ -431,6 +438,7 @@ def apply(model, method="full", *, backend: str = "auto", **options) -> Handle:
         for sub in model.modules():
             if isinstance(sub, PreTrainedModel):
                 handle._hooks.append(sub.register_forward_pre_hook(handle._see_cache, with_kwargs=True))
-                handle._hooks.append(sub.register_forward_hook(handle._forget_call, with_kwargs=True))
+                handle._hooks.append(sub.register_forward_hook(handle._forget_call, with_kwargs=True,
+                                                               always_call=True))
         handle.active = True
     return handle

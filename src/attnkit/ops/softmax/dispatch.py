@@ -90,10 +90,21 @@ def _key_mask(key_mask, q: Tensor, k: Tensor) -> Tensor | None:
     if key_mask is None:
         return None
     B, S = k.shape[0], k.shape[2]
-    accepted = ("accepted: a boolean tensor [B, S] (True = the key may be attended, as Hugging Face's "
-                "attention_mask) or an integer tensor [B] of valid lengths (keys at positions >= length are padding)")
+    accepted = ("accepted: a boolean tensor [B, S] (True = the key may be attended), Hugging Face's integer "
+                "attention_mask [B, S] of 0 / 1, or an integer tensor [B] of valid lengths (keys at positions "
+                ">= length are padding)")
     if not isinstance(key_mask, Tensor):
         raise ValueError(f"key_mask must be a tensor or None, got {type(key_mask).__name__}; {accepted}")
+    if key_mask.device.type == "meta" and q.device.type != "meta":
+        raise ValueError(f"key_mask is on the meta device (no values) but q is on {q.device}; {accepted}")
+    # values can be checked unless traced or shape-only (meta tensors hold none)
+    checkable = not torch.compiler.is_compiling() and q.device.type != "meta"
+    if tuple(key_mask.shape) == (B, S) and not (key_mask.dtype == torch.bool or key_mask.is_floating_point()
+                                    or key_mask.is_complex()):
+        # Hugging Face's attention_mask: integers, 1 = a real token, 0 = padding
+        if checkable and bool(((key_mask != 0) & (key_mask != 1)).any()):
+            raise ValueError(f"key_mask is an integer tensor [B, S] holding values other than 0 and 1; {accepted}")
+        key_mask = key_mask != 0
     if key_mask.dtype == torch.bool:
         if tuple(key_mask.shape) != (B, S):
             raise ValueError(f"key_mask is a boolean tensor of shape {tuple(key_mask.shape)} but the keys need "
@@ -105,7 +116,7 @@ def _key_mask(key_mask, q: Tensor, k: Tensor) -> Tensor | None:
         raise ValueError(f"key_mask holds integer lengths of shape {tuple(key_mask.shape)} but the batch needs "
                          f"[B] = [{B}]; {accepted}")
     lengths = key_mask.to(q.device)
-    if not torch.compiler.is_compiling() and bool(((lengths < 0) | (lengths > S)).any()):
+    if checkable and bool(((lengths < 0) | (lengths > S)).any()):
         raise ValueError(f"key_mask lengths must lie in 0..S={S}, got {key_mask.tolist()}")
     return torch.arange(S, device=q.device) < lengths[:, None]
 
@@ -161,8 +172,8 @@ def attend(
         q_offset: absolute position of the first query; default ``S - T`` (queries are the
             newest tokens, as in a decode step).
         key_mask: padding of the keys, on every backend but ``cudnn``: a boolean ``[B, S]``
-            (True: a real key, Hugging Face's ``attention_mask`` convention, so left padding
-            works) or integer valid lengths ``[B]`` (keys at positions ``>= length`` are
+            (True: a real key, so left padding works), Hugging Face's integer ``attention_mask``
+            ``[B, S]`` of 0 / 1 (1: a real key), or integer valid lengths ``[B]`` (keys at positions ``>= length`` are
             padding). It narrows ``pattern`` (``pattern & patterns.key_padding(mask)``); a row
             left with no key returns zeros. ``None`` (default): no padding.
 
@@ -195,6 +206,12 @@ def attend(
     # compiled FlexAttention kernel is then the same one a direct flex_attention call gets
     if score_mod is not None and not callable(score_mod):
         raise ValueError(f"score_mod must be callable(score, b, h, q_pos, k_pos) or None, got {type(score_mod).__name__}")
+
+    if q.device.type == "meta":
+        # shape inference (a model built on the meta device): no kernel can run on tensors without values
+        out = q.new_empty(B, Hq, T, v.shape[3])
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return (out, q.new_empty(B, Hq, T, dtype=lse_dtype)) if return_lse else out
 
     if backend == "auto":
         backend = choose_backend(q, k, v, pattern, score_mod, return_lse, q_offset)
