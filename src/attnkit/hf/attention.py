@@ -13,6 +13,7 @@ causal attention over the given keys is exact (no padding; the window does not b
 
 from __future__ import annotations
 
+import copy
 import threading
 import warnings
 import weakref
@@ -116,7 +117,8 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     if handle is None:
         raise RuntimeError(
             f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) runs attn_implementation="
-            f"{IMPLEMENTATION!r} but no attnkit.hf.apply(...) handle routes it; apply a method to this model"
+            f"{IMPLEMENTATION!r} but no attnkit.hf.apply(...) handle routes it (its config was set by hand, or "
+            "copied from an applied model); apply a method to this model, or model.set_attn_implementation('sdpa')"
         )
     if dropout and module.training:
         raise ValueError(f"attnkit.hf attention has no dropout; got dropout={dropout} in training mode "
@@ -357,6 +359,31 @@ class Handle:
                 hook.remove()
             self.active = False
 
+    @staticmethod
+    def of(model) -> "Handle | None":
+        """The active handle routing ``model`` (e.g. the one a ``copy.deepcopy`` of an applied model
+        got), or None."""
+        with _LOCK:
+            for m in _attention_modules(model):
+                if m in _ROUTED:
+                    return _ROUTED[m]
+        return None
+
+    def __deepcopy__(self, memo):
+        # reached when an applied model is deep-copied (its forward hooks are bound to this handle):
+        # the copy runs the same policy through its own handle, which Handle.of(copy) returns
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            if name not in ("_forward_cache", "_forward_start", "_staged", "_calls"):
+                setattr(new, name, copy.deepcopy(value, memo))
+        new._staged, new._forward_cache, new._forward_start, new._calls = {}, None, None, 0
+        if new.active:
+            with _LOCK:
+                for m in new._modules:
+                    _ROUTED[m] = new
+        return new
+
     def __enter__(self):
         return self
 
@@ -403,6 +430,11 @@ def apply(model, method="full", *, backend: str = "auto", **options) -> Handle:
             f"{type(model).__name__} does not route its attention through transformers' AttentionInterface "
             "(its modeling code calls its own attention), so attnkit cannot replace it"
         )
+    config = _text_config(model)
+    if getattr(config, "alibi", False) or getattr(config, "position_embedding_type", None) == "alibi":
+        raise ValueError(f"{type(model).__name__} adds ALiBi position biases to its attention scores (config.alibi="
+                         "True), which no attnkit.hf policy represents; accepted: models with boolean masks (RoPE or "
+                         "learned positions)")
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no attention modules with layer_idx and is_causal "
@@ -415,7 +447,8 @@ def apply(model, method="full", *, backend: str = "auto", **options) -> Handle:
         routed = [m for m in modules if m in _ROUTED]
         if routed:
             raise RuntimeError(f"{type(model).__name__} already has an attnkit.hf method applied "
-                               f"({_ROUTED[routed[0]].policy!r}); remove() that handle first")
+                               f"({_ROUTED[routed[0]].policy!r}); remove() that handle first "
+                               "(attnkit.hf.Handle.of(model) returns it)")
         handle = Handle(model, policy, backend)
         policy.check(handle.num_layers, handle.num_kv_heads)
         layer_ids = sorted({m.layer_idx for m in modules})

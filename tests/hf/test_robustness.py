@@ -1,0 +1,123 @@
+"""Realistic usages found wrong or obscure by probing attnkit.hf (issue 22): each was a deep crash,
+a misleading error or a refused valid input before its fix."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from hf_models import VOCAB, llama, tiny  # noqa: F401  (llama: a fixture)
+
+hf = pytest.importorskip("attnkit.hf")
+
+from transformers import DynamicCache  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+
+
+def _ids(B=2, T=10, seed=0):
+    return torch.randint(1, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _greedy(model, ids, cache, steps):
+    """Prefill then ``steps`` greedy tokens through ``cache``; the logits of every call."""
+    out = []
+    with torch.no_grad():
+        r = model(ids, past_key_values=cache, use_cache=True)
+        out.append(r.logits)
+        for _ in range(steps):
+            r = model(r.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+            out.append(r.logits)
+    return out
+
+
+def test_sink_zero_is_the_models_own_sliding_window():
+    """Streaming(sink=0, window=W) is a plain sliding window: on a Mistral whose own window is
+    switched off it equals the same model decoding with its own window W (transformers' mask)."""
+    model = tiny("mistral", dtype=torch.float64)  # sliding_window=6
+    ids = _ids(T=9)
+    ref = _greedy(model, ids, DynamicCache(config=model.config), steps=6)
+    model.config.sliding_window = None  # the model's own attention is now plain causal
+    with hf.apply(model, "streaming", sink=0, window=6) as handle:
+        cache = handle.cache()
+        got = _greedy(model, ids, cache, steps=6)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    assert cache.layers[0].stores()[0][0].shape[2] == 6  # only the window is kept
+    assert hf.Headwise(full_heads=[[True]], sink=0, window=2).sink == 0
+
+
+@pytest.mark.parametrize("table", [
+    np.array([[True, False], [False, False]]),
+    [[np.True_, np.False_], [False, False]],
+    [torch.tensor([True, False]), torch.tensor([False, False])],
+])
+def test_headwise_tables_from_numpy_and_tensor_rows(table):
+    want = hf.Headwise(full_heads=[[True, False], [False, False]], sink=1, window=2)
+    got = hf.Headwise(full_heads=table, sink=1, window=2)
+    assert [got.plan(i, 2) for i in range(2)] == [want.plan(i, 2) for i in range(2)]
+
+
+def test_headwise_table_without_values_is_refused():
+    with pytest.raises(ValueError, match="meta device, which holds no values"):
+        hf.Headwise(full_heads=torch.ones(2, 2, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="numpy array of dtype int64"):
+        hf.Headwise(full_heads=np.ones((2, 2), dtype=np.int64))
+
+
+def test_a_cache_used_by_another_model_or_batch_is_refused(llama):
+    other = tiny("llama", seed=1)
+    ids = _ids()
+    with torch.no_grad(), hf.apply(llama, "streaming", sink=1, window=3) as handle:
+        cache = handle.cache()
+        # before: the plain model attended only the new keys of each call, silently, then a misleading error
+        with pytest.raises(ValueError, match="built by the handle on LlamaForCausalLM .* used by a model that handle "
+                                             "does not route"):
+            other(ids, past_key_values=cache)
+        cache = handle.cache()
+        llama(ids[:1], past_key_values=cache)
+        with pytest.raises(ValueError, match="holds a batch of 1 sequences but got keys of batch 2"):
+            llama(ids[:, :1], past_key_values=cache)
+        # the interrupted call left nothing behind: a fresh cache works
+        torch.testing.assert_close(llama(ids, past_key_values=handle.cache()).logits, llama(ids).logits)
+
+
+def test_meta_model_gives_shapes():
+    with torch.device("meta"):
+        model = tiny("llama")
+    ids = _ids().to("meta")
+    for method, options in (("full", {}), ("streaming", {"sink": 1, "window": 3})):
+        with hf.apply(model, method, **options) as handle:
+            assert model(ids).logits.shape == (2, 10, VOCAB)
+            with pytest.raises(ValueError, match="HeadwiseCache cannot run on the meta device"):
+                model(ids, past_key_values=handle.cache())
+
+
+def test_deepcopy_of_an_applied_model_runs_the_same_policy(llama):
+    ids = _ids()
+    with torch.no_grad():
+        plain = llama(ids).logits
+        handle = hf.apply(llama, "streaming", sink=1, window=3)
+        streamed = llama(ids).logits
+        twin = copy.deepcopy(llama)
+        torch.testing.assert_close(twin(ids).logits, streamed, atol=0, rtol=0)
+        handle.remove()
+        torch.testing.assert_close(llama(ids).logits, plain, atol=0, rtol=0)
+        torch.testing.assert_close(twin(ids).logits, streamed, atol=0, rtol=0)  # the copy keeps its own handle
+        twin_handle = hf.Handle.of(twin)
+        assert twin_handle is not handle and twin_handle.model is twin and hf.Handle.of(llama) is None
+        _greedy(twin, ids, twin_handle.cache(), steps=2)  # its head-wise cache works too
+        twin_handle.remove()
+        torch.testing.assert_close(twin(ids).logits, plain, atol=0, rtol=0)
+        assert twin.config._attn_implementation == "sdpa"
+
+
+def test_alibi_model_is_refused_when_applied():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    model = FalconForCausalLM(FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           vocab_size=VOCAB, alibi=True))
+    with pytest.raises(ValueError, match=r"ALiBi position biases .*config.alibi=True"):
+        hf.apply(model, "full")
+    assert model.config._attn_implementation != hf.IMPLEMENTATION
