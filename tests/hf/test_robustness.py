@@ -79,6 +79,11 @@ def test_a_cache_used_by_another_model_or_batch_is_refused(llama):
         llama(ids[:1], past_key_values=cache)
         with pytest.raises(ValueError, match="holds a batch of 1 sequences but got keys of batch 2"):
             llama(ids[:, :1], past_key_values=cache)
+        assert handle._calls == 0  # the raising call is over: the cache refuses other models again
+        with pytest.raises(ValueError, match="used by a model that handle does not route"):
+            other(ids, past_key_values=handle.cache())
+        with pytest.raises(ValueError, match=r"HeadwiseCache cannot be cropped \(crop\(-2\) was asked"):
+            cache.crop(-2)  # assisted generation crops; before: AttributeError deep in transformers
         # the interrupted call left nothing behind: a fresh cache works
         torch.testing.assert_close(llama(ids, past_key_values=handle.cache()).logits, llama(ids).logits)
 
@@ -111,6 +116,21 @@ def test_deepcopy_of_an_applied_model_runs_the_same_policy(llama):
         twin_handle.remove()
         torch.testing.assert_close(twin(ids).logits, plain, atol=0, rtol=0)
         assert twin.config._attn_implementation == "sdpa"
+
+
+def test_pickled_applied_model_runs_the_same_policy(llama):
+    import io
+
+    ids = _ids()
+    with torch.no_grad(), hf.apply(llama, "streaming", sink=1, window=3):
+        streamed = llama(ids).logits
+        buffer = io.BytesIO()
+        torch.save(llama, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        torch.testing.assert_close(loaded(ids).logits, streamed, atol=0, rtol=0)
+    hf.Handle.of(loaded).remove()
+    assert loaded.config._attn_implementation == "sdpa"
 
 
 def test_alibi_model_is_refused_when_applied():

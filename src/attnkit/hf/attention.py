@@ -378,11 +378,25 @@ class Handle:
             if name not in ("_forward_cache", "_forward_start", "_staged", "_calls"):
                 setattr(new, name, copy.deepcopy(value, memo))
         new._staged, new._forward_cache, new._forward_start, new._calls = {}, None, None, 0
-        if new.active:
-            with _LOCK:
-                for m in new._modules:
-                    _ROUTED[m] = new
+        new._route_copy()
         return new
+
+    def __getstate__(self):
+        # pickled with an applied model (torch.save(model)): what belongs to a call in progress stays
+        state = dict(self.__dict__)
+        state.update(_staged={}, _forward_cache=None, _forward_start=None, _calls=0)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._route_copy()
+
+    def _route_copy(self) -> None:
+        """A copied or unpickled active handle routes the copied attention modules."""
+        if self.active:
+            with _LOCK:
+                for m in self._modules:
+                    _ROUTED[m] = self
 
     def __enter__(self):
         return self

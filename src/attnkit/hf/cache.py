@@ -130,6 +130,12 @@ class HeadwiseLayer(CacheLayerMixin):
     def get_max_cache_shape(self) -> int:  # transformers 5.17 asks for it
         return -1
 
+    def crop(self, tokens_to_remove: int) -> None:
+        # a streaming group has already dropped tokens: rolling back would need them (assisted decoding)
+        raise ValueError(f"HeadwiseCache cannot be cropped (crop({tokens_to_remove}) was asked; e.g. by assisted "
+                         "generation): its streaming heads have already evicted tokens; accepted: generation "
+                         "without assistant_model / prompt lookup, or the model's own cache")
+
     def reset(self) -> None:
         self.seen, self.start, self.pending = 0, None, None
         self._stores = [None] * len(self.groups)
