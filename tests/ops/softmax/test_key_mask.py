@@ -140,3 +140,5 @@ def test_meta_tensors():
     q, k, v = (t.to("meta") for t in (q, k, v))
     out, lse = attend(q, k, v, pattern="causal", key_mask=torch.tensor([S, 3, 0], device="meta"), return_lse=True)
     assert out.shape == (B, HQ, S, D) and lse.shape == (B, HQ, S) and out.device.type == "meta"
+    with pytest.raises(ValueError, match="backend='sdpa' cannot apply a score_mod"):  # checks run as on any device
+        attend(q, k, v, score_mod=lambda s, b, h, i, j: s, backend="sdpa")

@@ -121,6 +121,15 @@ def _key_mask(key_mask, q: Tensor, k: Tensor) -> Tensor | None:
     return torch.arange(S, device=q.device) < lengths[:, None]
 
 
+def _meta_outputs(q: Tensor, v: Tensor, return_lse: bool):
+    """Outputs of the right shapes on the meta device (a model built there, for shape inference):
+    no kernel runs on tensors without values; the argument checks above have run as on any device."""
+    B, Hq, T, _ = q.shape
+    out = q.new_empty(B, Hq, T, v.shape[3])
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (out, q.new_empty(B, Hq, T, dtype=lse_dtype)) if return_lse else out
+
+
 def _padded_plain(pattern) -> bool:
     """``base & KeyPadding`` with a plain full or causal base: SDPA's masked kernels serve it."""
     return (isinstance(pattern, _patterns.And) and isinstance(pattern.right, _patterns.KeyPadding)
@@ -207,16 +216,12 @@ def attend(
     if score_mod is not None and not callable(score_mod):
         raise ValueError(f"score_mod must be callable(score, b, h, q_pos, k_pos) or None, got {type(score_mod).__name__}")
 
-    if q.device.type == "meta":
-        # shape inference (a model built on the meta device): no kernel can run on tensors without values
-        out = q.new_empty(B, Hq, T, v.shape[3])
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return (out, q.new_empty(B, Hq, T, dtype=lse_dtype)) if return_lse else out
-
     if backend == "auto":
         backend = choose_backend(q, k, v, pattern, score_mod, return_lse, q_offset)
 
     if backend == "reference":
+        if q.device.type == "meta":
+            return _meta_outputs(q, v, return_lse)
         return attend_reference(
             q, k, v, pattern=pattern, score_mod=score_mod, scale=scale, return_lse=return_lse, q_offset=q_offset
         )
@@ -225,6 +230,8 @@ def attend(
             raise ValueError("backend='sdpa' cannot apply a score_mod; use backend='flex' (or 'reference', or 'auto')")
         if return_lse:
             raise ValueError("backend='sdpa' does not return the log-sum-exp; use backend='flex' (or 'reference', or 'auto')")
+        if q.device.type == "meta":
+            return _meta_outputs(q, v, return_lse)
         return _attend_sdpa(q, k, v, pattern, scale, q_offset)
     if backend == "cudnn":
         if valid is not None:
@@ -240,4 +247,6 @@ def attend(
             "backend='flex' has no backward on CPU (FlexAttention raises in torch); "
             "use backend='sdpa' or 'reference' for training on CPU, or 'auto'"
         )
+    if q.device.type == "meta":
+        return _meta_outputs(q, v, return_lse)
     return _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset)
