@@ -478,6 +478,15 @@ def apply(model, method="full", *, backend: str = "auto", **options) -> Handle:
                 config._attn_implementation_internal = value
             raise ValueError(f"{type(model).__name__}: set_attn_implementation({IMPLEMENTATION!r}) did not reach the "
                              "attention modules' config; this model cannot be routed through AttentionInterface")
+        # set_attn_implementation reaches every sub-config: a vision tower's (bidirectional, not routed)
+        # attention keeps its own; only the routed decoder and the models that contain it switch
+        routed = set(modules)
+        keep = {id(getattr(m, "config", None)) for m in modules}
+        keep |= {id(sub.config) for sub in model.modules()
+                 if getattr(sub, "config", None) is not None and any(x in routed for x in sub.modules())}
+        for config, value in handle._saved:
+            if id(config) not in keep:
+                config._attn_implementation_internal = value
         for m in modules:
             _ROUTED[m] = handle
         handle._modules = modules
