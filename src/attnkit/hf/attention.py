@@ -144,12 +144,14 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
             # sinks) are unknown here; the head-wise cache keeps what the policy needs
             raise ValueError(
                 f"{handle.policy!r} on {type(module).__name__} layer {layer_idx} (a sliding-window layer) needs the "
-                "head-wise cache: pass past_key_values=handle.cache() to the model or to generate()"
+                "head-wise cache: pass past_key_values=handle.cache() (cache=, its newer name) to the model or to "
+                "generate()"
             )
         if not handle._warned and key.shape[2] != T and handle.evicts(layer_idx, Hkv):
             handle._warned = True
             warnings.warn(f"{handle.policy!r} runs on the model's own KV cache, which keeps every token: the outputs "
-                          "are the policy's, but no memory is saved; pass past_key_values=handle.cache()", stacklevel=2)
+                          "are the policy's, but no memory is saved; pass past_key_values=handle.cache() (cache=, its "
+                          "newer name)", stacklevel=2)
         out = _attend_given(handle, layer_idx, query, key, value, mask, scaling, score_mod)
     else:
         out = _attend_headwise(handle, cache_layer, query, mask, scaling, score_mod, Hkv)

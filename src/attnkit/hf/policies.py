@@ -45,8 +45,8 @@ def _table_rows(table) -> tuple:
     accepted = "accepted: a boolean tensor or numpy array [num_layers, num_kv_heads], or nested lists of bools"
     if type(table).__module__ == "numpy" and hasattr(table, "dtype"):
         if table.ndim != 2 or table.dtype != bool:
-            raise ValueError(f"Headwise: full_heads is a numpy array of dtype {table.dtype} shape {tuple(table.shape)}; "
-                             f"{accepted}")
+            raise ValueError(f"Headwise: full_heads is a numpy array of dtype {table.dtype} shape "
+                             f"{tuple(table.shape)}; {accepted}")
         return tuple(tuple(bool(x) for x in row) for row in table.tolist())
     if isinstance(table, Tensor):
         if table.dim() != 2 or table.dtype != torch.bool:
@@ -197,7 +197,8 @@ class Headwise(Policy):
             raise ValueError(f"Headwise: full_heads rows must all have one entry per KV head, got lengths "
                              f"{[len(r) for r in rows]}")
         if not rows or not rows[0]:
-            raise ValueError(f"Headwise: full_heads must be non-empty [num_layers, num_kv_heads], got {self.full_heads!r}")
+            raise ValueError(f"Headwise: full_heads must be non-empty [num_layers, num_kv_heads], "
+                             f"got {self.full_heads!r}")
         object.__setattr__(self, "_table", rows)
 
     @property
