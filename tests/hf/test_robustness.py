@@ -167,3 +167,19 @@ def test_a_vision_tower_keeps_its_own_attention():
             assert model.config.text_config._attn_implementation == hf.IMPLEMENTATION
             out = model(**inputs).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_a_cache_reused_by_a_second_generate(llama):
+    """Continuing through the same head-wise cache equals one generate over the whole sequence; a
+    new, shorter prompt on a used cache names the problem (before: a reshape error in the model)."""
+    model = llama.double()
+    ids = _ids(T=9)
+    with torch.no_grad(), hf.apply(model, "streaming", sink=1, window=3) as handle:
+        cache = handle.cache()
+        first = model.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=cache)
+        more = torch.cat([first, _ids(T=2, seed=1)], dim=1)  # 15 tokens; the cache then holds 15 + 3
+        got = model.generate(more, max_new_tokens=4, do_sample=False, past_key_values=cache)
+        want = model.generate(more, max_new_tokens=4, do_sample=False, past_key_values=handle.cache())
+        assert torch.equal(got, want)
+        with pytest.raises(ValueError, match="already holds 18 tokens and this call brings no new ones"):
+            model.generate(ids[:, :5], max_new_tokens=2, do_sample=False, past_key_values=cache)

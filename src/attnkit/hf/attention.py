@@ -277,7 +277,11 @@ class Handle:
     Use as a context manager (``with attnkit.hf.apply(model, "streaming"): ...``) or keep it and
     call :meth:`remove`, which restores the model's attention implementation (every config's
     ``_attn_implementation``, exactly as it was). ``cache()`` builds the head-wise KV cache the
-    policy asks for (:class:`attnkit.hf.HeadwiseCache`)."""
+    policy asks for (:class:`attnkit.hf.HeadwiseCache`); a cache serves only this handle's model
+    and one batch. Only the causal decoder is routed (a vision tower keeps its attention).
+
+    A ``copy.deepcopy`` (or ``torch.save`` / ``torch.load``) of an applied model runs the same
+    policy through its own handle: ``Handle.of(copy)`` returns it, its ``remove()`` restores the copy."""
 
     def __init__(self, model, policy: Policy, backend: str):
         self.model = model
@@ -319,10 +323,20 @@ class Handle:
 
     def _see_cache(self, module, args, kwargs):
         """Forward pre-hook on the model: remember which cache this forward runs with."""
+        from .cache import HeadwiseCache
+
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        if (isinstance(cache, HeadwiseCache) and isinstance(tokens, Tensor) and tokens.dim() >= 2
+                and tokens.shape[1] == 0 and cache.get_seq_length() > 0):
+            # generate() feeds only the tokens past the cached ones: a new prompt no longer than the
+            # cache leaves none (transformers' own caches then fail deep in a reshape)
+            raise ValueError(f"the HeadwiseCache already holds {cache.get_seq_length()} tokens and this call brings "
+                             "no new ones (generate() passes only the prompt past the cached tokens); to continue, "
+                             "pass the whole sequence so far; for a new prompt, a fresh handle.cache()")
         if self._calls == 0:
             self._staged.clear()  # what an interrupted call staged is not this call's
         self._calls += 1
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
         self._forward_cache = weakref.ref(cache) if cache is not None else None
         # each row's first non-padding position, from the 2D padding mask (the 4D mask cannot
         # say it once a window hides a row's first tokens from this call's queries)
