@@ -183,3 +183,29 @@ def test_a_cache_reused_by_a_second_generate(llama):
         assert torch.equal(got, want)
         with pytest.raises(ValueError, match="already holds 18 tokens and this call brings no new ones"):
             model.generate(ids[:, :5], max_new_tokens=2, do_sample=False, past_key_values=cache)
+
+
+class _Checkerboard(hf.Policy):
+    """A user's own policy: KV head h of layer l streams where l + h is even."""
+
+    def rule(self, layer_idx, kv_head):
+        return None if (layer_idx + kv_head) % 2 else hf.SinkWindow(1, 2)
+
+
+class _BadRule(hf.Policy):
+    def rule(self, layer_idx, kv_head):
+        return (1, 2)  # a (sink, window) tuple instead of a SinkWindow
+
+
+def test_a_users_own_policy_and_a_bad_rule(llama):
+    model = llama.double()
+    ids = _ids()
+    with torch.no_grad(), hf.apply(model, _Checkerboard()) as handle:
+        got = model.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=handle.cache())
+        with pytest.warns(UserWarning, match="no memory is saved"):
+            want = model.generate(ids, max_new_tokens=4, do_sample=False)  # the rule as a mask
+    assert torch.equal(got, want)
+    # before: AttributeError ('tuple' object has no attribute 'budget') in the first forward
+    with pytest.raises(ValueError, match=r"_BadRule.rule\(0, 0\) returned \(1, 2\); accepted: None"):
+        hf.apply(model, _BadRule())
+    assert model.config._attn_implementation == "sdpa"

@@ -481,6 +481,8 @@ def apply(model, method="full", *, backend: str = "auto", **options) -> Handle:
                                "(attnkit.hf.Handle.of(model) returns it)")
         handle = Handle(model, policy, backend)
         policy.check(handle.num_layers, handle.num_kv_heads)
+        for layer_idx in range(handle.num_layers):  # a policy's bad rule fails here, not mid-forward
+            handle.plan(layer_idx, handle.num_kv_heads)
         layer_ids = sorted({m.layer_idx for m in modules})
         if layer_ids[-1] >= handle.num_layers:
             raise ValueError(f"attention module layer_idx {layer_ids[-1]} >= num_hidden_layers {handle.num_layers}")

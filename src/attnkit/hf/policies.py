@@ -121,7 +121,7 @@ class Policy:
     name: str = ""
 
     def rule(self, layer_idx: int, kv_head: int) -> SinkWindow | None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement rule(layer_idx, kv_head) -> SinkWindow | None")
 
     def check(self, num_layers: int, num_kv_heads: int) -> None:
         """Raise ``ValueError`` if this policy cannot serve a model of this shape."""
@@ -130,7 +130,11 @@ class Policy:
         """The layer's KV heads grouped by rule, full heads first."""
         by_rule: dict = {}
         for h in range(num_kv_heads):
-            by_rule.setdefault(self.rule(layer_idx, h), []).append(h)
+            rule = self.rule(layer_idx, h)
+            if rule is not None and not isinstance(rule, SinkWindow):
+                raise ValueError(f"{type(self).__name__}.rule({layer_idx}, {h}) returned {rule!r}; accepted: None "
+                                 "(full attention) or an attnkit.hf.SinkWindow(sink, window)")
+            by_rule.setdefault(rule, []).append(h)
         order = sorted(by_rule, key=lambda r: (r is not None, 0 if r is None else r.budget))
         return tuple(Group(tuple(by_rule[r]), r) for r in order)
 
