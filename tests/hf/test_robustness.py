@@ -209,3 +209,20 @@ def test_a_users_own_policy_and_a_bad_rule(llama):
     with pytest.raises(ValueError, match=r"_BadRule.rule\(0, 0\) returned \(1, 2\); accepted: None"):
         hf.apply(model, _BadRule())
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_save_pretrained_while_applied_saves_a_plain_model(llama, tmp_path):
+    """The saved config never names 'attnkit' (a fresh process could not load it): reloading gives
+    the model's own attention and its own logits."""
+    from transformers import AutoModelForCausalLM
+
+    ids = _ids()
+    with torch.no_grad():
+        plain = llama(ids).logits
+        with hf.apply(llama, "streaming", sink=1, window=3):
+            llama.save_pretrained(tmp_path)
+    assert "attnkit" not in (tmp_path / "config.json").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, plain, atol=0, rtol=0)
