@@ -226,3 +226,12 @@ def test_save_pretrained_while_applied_saves_a_plain_model(llama, tmp_path):
     assert reloaded.config._attn_implementation == "sdpa"
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, plain, atol=0, rtol=0)
+
+
+def test_headwise_policies_compare_by_their_table():
+    tables = [np.array([[True, False]]), torch.tensor([[True, False]]), [[True, False]]]
+    policies = [hf.Headwise(full_heads=t, sink=1, window=2) for t in tables]
+    assert policies[0] == policies[1] == policies[2]  # before: ValueError / RuntimeError (ambiguous truth value)
+    assert len({hash(p) for p in policies}) == 1  # before: TypeError for the numpy table
+    assert policies[0] != hf.Headwise(full_heads=[[False, False]], sink=1, window=2)
+    assert policies[0] != hf.Headwise(full_heads=[[True, False]], sink=1, window=3)

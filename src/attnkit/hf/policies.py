@@ -188,10 +188,12 @@ class Headwise(Policy):
     """
 
     name = "headwise"
-    full_heads: object = None
+    # equality and hashing go by the normalised table: a tensor, an array and lists that say the
+    # same compare equal (comparing the tensors themselves would raise)
+    full_heads: object = field(default=None, compare=False)
     sink: int = 4
     window: int = 1024
-    _table: tuple = field(default=(), init=False, repr=False, compare=False)
+    _table: tuple = field(default=(), init=False, repr=False)
 
     def __post_init__(self):
         _sink_count(self.sink, "Headwise")
