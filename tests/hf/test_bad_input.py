@@ -34,10 +34,10 @@ def test_model_with_its_own_attention_code_is_refused(llama, monkeypatch):
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"sink": 0}, "sink must be a positive integer, got 0"),
+    ({"sink": -1}, "sink must be a non-negative integer \\(0: no sink tokens\\), got -1"),
     ({"window": -3}, "window must be a positive integer, got -3"),
     ({"window": 2.5}, "window must be a positive integer, got 2.5"),
-    ({"sink": True}, "sink must be a positive integer, got True"),
+    ({"sink": True}, "sink must be a non-negative integer \\(0: no sink tokens\\), got True"),
     ({"budget": 3}, r"method 'streaming' does not take option\(s\) \['budget'\]; accepted: sink, window"),
 ])
 def test_streaming_options(llama, options, match):
@@ -67,7 +67,7 @@ def test_headwise_shape_and_indices(llama):
         hf.Headwise.from_heads({5: [0]}, num_layers=2, num_kv_heads=2)
     with pytest.raises(ValueError, match="must be a boolean tensor"):
         hf.Headwise(full_heads=torch.zeros(2, 2))
-    with pytest.raises(ValueError, match=r"nested list \[num_layers, num_kv_heads\], got \[\]"):
+    with pytest.raises(ValueError, match=r"\[num_layers, num_kv_heads\] booleans, got \[\]; accepted"):
         hf.Headwise(full_heads=[])
     with pytest.raises(ValueError, match="must be non-empty"):
         hf.Headwise(full_heads=[[]])

@@ -13,6 +13,7 @@ causal attention over the given keys is exact (no padding; the window does not b
 
 from __future__ import annotations
 
+import copy
 import threading
 import warnings
 import weakref
@@ -116,7 +117,8 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     if handle is None:
         raise RuntimeError(
             f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) runs attn_implementation="
-            f"{IMPLEMENTATION!r} but no attnkit.hf.apply(...) handle routes it; apply a method to this model"
+            f"{IMPLEMENTATION!r} but no attnkit.hf.apply(...) handle routes it (its config was set by hand, or "
+            "copied from an applied model); apply a method to this model, or model.set_attn_implementation('sdpa')"
         )
     if dropout and module.training:
         raise ValueError(f"attnkit.hf attention has no dropout; got dropout={dropout} in training mode "
@@ -142,12 +144,14 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
             # sinks) are unknown here; the head-wise cache keeps what the policy needs
             raise ValueError(
                 f"{handle.policy!r} on {type(module).__name__} layer {layer_idx} (a sliding-window layer) needs the "
-                "head-wise cache: pass past_key_values=handle.cache() to the model or to generate()"
+                "head-wise cache: pass past_key_values=handle.cache() (cache=, its newer name) to the model or to "
+                "generate()"
             )
         if not handle._warned and key.shape[2] != T and handle.evicts(layer_idx, Hkv):
             handle._warned = True
             warnings.warn(f"{handle.policy!r} runs on the model's own KV cache, which keeps every token: the outputs "
-                          "are the policy's, but no memory is saved; pass past_key_values=handle.cache()", stacklevel=2)
+                          "are the policy's, but no memory is saved; pass past_key_values=handle.cache() (cache=, its "
+                          "newer name)", stacklevel=2)
         out = _attend_given(handle, layer_idx, query, key, value, mask, scaling, score_mod)
     else:
         out = _attend_headwise(handle, cache_layer, query, mask, scaling, score_mod, Hkv)
@@ -162,7 +166,9 @@ def _plain_rule(rule, mask, T: int, S: int, start: Tensor):
     """The rule as an attnkit pattern where no mask needs materialising: no padding or window mask
     (``mask`` None), every key from position 0 in the call (a prefill), every row starting at 0.
     Then the rule is ``patterns.sink_window`` (FlexAttention / the cuDNN band on CUDA). Else None."""
-    if mask is not None or T != S or bool((start != 0).any()):
+    if mask is not None or T != S:
+        return None
+    if start.device.type != "meta" and bool((start != 0).any()):  # meta tensors hold no values
         return None
     return _patterns.sink_window(rule.sink, rule.window)
 
@@ -271,7 +277,11 @@ class Handle:
     Use as a context manager (``with attnkit.hf.apply(model, "streaming"): ...``) or keep it and
     call :meth:`remove`, which restores the model's attention implementation (every config's
     ``_attn_implementation``, exactly as it was). ``cache()`` builds the head-wise KV cache the
-    policy asks for (:class:`attnkit.hf.HeadwiseCache`)."""
+    policy asks for (:class:`attnkit.hf.HeadwiseCache`); a cache serves only this handle's model
+    and one batch. Only the causal decoder is routed (a vision tower keeps its attention).
+
+    A ``copy.deepcopy`` (or ``torch.save`` / ``torch.load``) of an applied model runs the same
+    policy through its own handle: ``Handle.of(copy)`` returns it, its ``remove()`` restores the copy."""
 
     def __init__(self, model, policy: Policy, backend: str):
         self.model = model
@@ -288,6 +298,7 @@ class Handle:
         self._forward_cache = None
         self._forward_start = None
         self._warned = False
+        self._calls = 0  # forwards of the routed model in progress (its head-wise caches may update)
         self.active = False
 
     def plan(self, layer_idx: int, num_kv_heads: int):
@@ -312,7 +323,20 @@ class Handle:
 
     def _see_cache(self, module, args, kwargs):
         """Forward pre-hook on the model: remember which cache this forward runs with."""
+        from .cache import HeadwiseCache
+
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        if (isinstance(cache, HeadwiseCache) and isinstance(tokens, Tensor) and tokens.dim() >= 2
+                and tokens.shape[1] == 0 and cache.get_seq_length() > 0):
+            # generate() feeds only the tokens past the cached ones: a new prompt no longer than the
+            # cache leaves none (transformers' own caches then fail deep in a reshape)
+            raise ValueError(f"the HeadwiseCache already holds {cache.get_seq_length()} tokens and this call brings "
+                             "no new ones (generate() passes only the prompt past the cached tokens); to continue, "
+                             "pass the whole sequence so far; for a new prompt, a fresh handle.cache()")
+        if self._calls == 0:
+            self._staged.clear()  # what an interrupted call staged is not this call's
+        self._calls += 1
         self._forward_cache = weakref.ref(cache) if cache is not None else None
         # each row's first non-padding position, from the 2D padding mask (the 4D mask cannot
         # say it once a window hides a row's first tokens from this call's queries)
@@ -324,7 +348,8 @@ class Handle:
             self._forward_start = torch.where(real.any(dim=1), first, torch.full_like(first, -1))
 
     def _forget_call(self, module, args, kwargs, output):
-        """Forward hook: what ``_see_cache`` recorded belongs to that call only."""
+        """Forward hook (also when the forward raised): what ``_see_cache`` recorded belongs to that call only."""
+        self._calls = max(0, self._calls - 1)
         self._forward_cache = self._forward_start = None
 
     def _sliding_cache_layer(self, layer_idx: int) -> bool:
@@ -349,6 +374,45 @@ class Handle:
             for hook in self._hooks:
                 hook.remove()
             self.active = False
+
+    @staticmethod
+    def of(model) -> "Handle | None":
+        """The active handle routing ``model`` (e.g. the one a ``copy.deepcopy`` of an applied model
+        got), or None."""
+        with _LOCK:
+            for m in _attention_modules(model):
+                if m in _ROUTED:
+                    return _ROUTED[m]
+        return None
+
+    def __deepcopy__(self, memo):
+        # reached when an applied model is deep-copied (its forward hooks are bound to this handle):
+        # the copy runs the same policy through its own handle, which Handle.of(copy) returns
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            if name not in ("_forward_cache", "_forward_start", "_staged", "_calls"):
+                setattr(new, name, copy.deepcopy(value, memo))
+        new._staged, new._forward_cache, new._forward_start, new._calls = {}, None, None, 0
+        new._route_copy()
+        return new
+
+    def __getstate__(self):
+        # pickled with an applied model (torch.save(model)): what belongs to a call in progress stays
+        state = dict(self.__dict__)
+        state.update(_staged={}, _forward_cache=None, _forward_start=None, _calls=0)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._route_copy()
+
+    def _route_copy(self) -> None:
+        """A copied or unpickled active handle routes the copied attention modules."""
+        if self.active:
+            with _LOCK:
+                for m in self._modules:
+                    _ROUTED[m] = self
 
     def __enter__(self):
         return self
@@ -396,6 +460,11 @@ def apply(model, method="full", *, backend: str = "auto", **options) -> Handle:
             f"{type(model).__name__} does not route its attention through transformers' AttentionInterface "
             "(its modeling code calls its own attention), so attnkit cannot replace it"
         )
+    config = _text_config(model)
+    if getattr(config, "alibi", False) or getattr(config, "position_embedding_type", None) == "alibi":
+        raise ValueError(f"{type(model).__name__} adds ALiBi position biases to its attention scores (config.alibi="
+                         "True), which no attnkit.hf policy represents; accepted: models with boolean masks (RoPE or "
+                         "learned positions)")
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no attention modules with layer_idx and is_causal "
@@ -408,9 +477,12 @@ def apply(model, method="full", *, backend: str = "auto", **options) -> Handle:
         routed = [m for m in modules if m in _ROUTED]
         if routed:
             raise RuntimeError(f"{type(model).__name__} already has an attnkit.hf method applied "
-                               f"({_ROUTED[routed[0]].policy!r}); remove() that handle first")
+                               f"({_ROUTED[routed[0]].policy!r}); remove() that handle first "
+                               "(attnkit.hf.Handle.of(model) returns it)")
         handle = Handle(model, policy, backend)
         policy.check(handle.num_layers, handle.num_kv_heads)
+        for layer_idx in range(handle.num_layers):  # a policy's bad rule fails here, not mid-forward
+            handle.plan(layer_idx, handle.num_kv_heads)
         layer_ids = sorted({m.layer_idx for m in modules})
         if layer_ids[-1] >= handle.num_layers:
             raise ValueError(f"attention module layer_idx {layer_ids[-1]} >= num_hidden_layers {handle.num_layers}")
@@ -424,6 +496,15 @@ def apply(model, method="full", *, backend: str = "auto", **options) -> Handle:
                 config._attn_implementation_internal = value
             raise ValueError(f"{type(model).__name__}: set_attn_implementation({IMPLEMENTATION!r}) did not reach the "
                              "attention modules' config; this model cannot be routed through AttentionInterface")
+        # set_attn_implementation reaches every sub-config: a vision tower's (bidirectional, not routed)
+        # attention keeps its own; only the routed decoder and the models that contain it switch
+        routed = set(modules)
+        keep = {id(getattr(m, "config", None)) for m in modules}
+        keep |= {id(sub.config) for sub in model.modules()
+                 if getattr(sub, "config", None) is not None and any(x in routed for x in sub.modules())}
+        for config, value in handle._saved:
+            if id(config) not in keep:
+                config._attn_implementation_internal = value
         for m in modules:
             _ROUTED[m] = handle
         handle._modules = modules
@@ -431,6 +512,7 @@ def apply(model, method="full", *, backend: str = "auto", **options) -> Handle:
         for sub in model.modules():
             if isinstance(sub, PreTrainedModel):
                 handle._hooks.append(sub.register_forward_pre_hook(handle._see_cache, with_kwargs=True))
-                handle._hooks.append(sub.register_forward_hook(handle._forget_call, with_kwargs=True))
+                handle._hooks.append(sub.register_forward_hook(handle._forget_call, with_kwargs=True,
+                                                               always_call=True))
         handle.active = True
     return handle

@@ -62,7 +62,15 @@ class HeadwiseLayer(CacheLayerMixin):
         if key_states.shape[1] != self.num_kv_heads:
             raise ValueError(f"HeadwiseCache layer built for {self.num_kv_heads} KV heads got keys "
                              f"{tuple(key_states.shape)}")
+        if key_states.device.type == "meta":
+            # what a head keeps depends on the positions' values (padding), which meta tensors lack
+            raise ValueError("HeadwiseCache cannot run on the meta device (which tokens a head keeps depends on "
+                             "values); run the model on the meta device without past_key_values=handle.cache()")
         B, _, T, _ = key_states.shape
+        held = self._batch()
+        if held and held != B:
+            raise ValueError(f"HeadwiseCache holds a batch of {held} sequences but got keys of batch {B} "
+                             f"{tuple(key_states.shape)}; use a fresh handle.cache() for a new batch")
         positions = torch.arange(self.seen, self.seen + T, device=key_states.device)
         pending = []
         for group, index, store in zip(self.groups, self._index, self._stores):
@@ -122,6 +130,12 @@ class HeadwiseLayer(CacheLayerMixin):
     def get_max_cache_shape(self) -> int:  # transformers 5.17 asks for it
         return -1
 
+    def crop(self, tokens_to_remove: int) -> None:
+        # a streaming group has already dropped tokens: rolling back would need them (assisted decoding)
+        raise ValueError(f"HeadwiseCache cannot be cropped (crop({tokens_to_remove}) was asked; e.g. by assisted "
+                         "generation): its streaming heads have already evicted tokens; accepted: generation "
+                         "without assistant_model / prompt lookup, or the model's own cache")
+
     def reset(self) -> None:
         self.seen, self.start, self.pending = 0, None, None
         self._stores = [None] * len(self.groups)
@@ -179,6 +193,11 @@ class HeadwiseCache(Cache):
         if handle is None or not handle.active:
             raise RuntimeError("HeadwiseCache: the attnkit.hf handle that built this cache is not applied any more; "
                                "a head-wise cache needs its method applied (handle.cache() of an active handle)")
+        if not handle._calls:
+            # another model (or a plain call of this layer) would attend only the new keys, silently
+            raise ValueError(f"HeadwiseCache: this cache was built by the handle on {type(handle.model).__name__} "
+                             f"({handle.policy!r}) but is used by a model that handle does not route; build the "
+                             "cache with handle.cache() of the handle applied to the model that runs it")
         out = self.layers[layer_idx].update(key_states, value_states)
         handle._staged[layer_idx] = self.layers[layer_idx]  # the attention function attends it next
         return out

@@ -32,9 +32,52 @@ def _positive_int(value, name: str, owner: str) -> int:
     return value
 
 
+def _sink_count(value, owner: str) -> int:
+    # 0 is allowed: a pure sliding window, StreamingLLM's "no sink" ablation
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{owner}: sink must be a non-negative integer (0: no sink tokens), got {value!r}")
+    return value
+
+
+def _table_rows(table) -> tuple:
+    """``full_heads`` as rows of Python bools: a boolean tensor or numpy array ``[L, H]``, or nested
+    sequences of bools (Python, numpy or 0-d boolean tensors). Anything else raises ``ValueError``."""
+    accepted = "accepted: a boolean tensor or numpy array [num_layers, num_kv_heads], or nested lists of bools"
+    if type(table).__module__ == "numpy" and hasattr(table, "dtype"):
+        if table.ndim != 2 or table.dtype != bool:
+            raise ValueError(f"Headwise: full_heads is a numpy array of dtype {table.dtype} shape "
+                             f"{tuple(table.shape)}; {accepted}")
+        return tuple(tuple(bool(x) for x in row) for row in table.tolist())
+    if isinstance(table, Tensor):
+        if table.dim() != 2 or table.dtype != torch.bool:
+            raise ValueError(f"Headwise: full_heads must be a boolean tensor [num_layers, num_kv_heads], "
+                             f"got dtype {table.dtype} shape {tuple(table.shape)}")
+        if table.device.type == "meta":
+            raise ValueError("Headwise: full_heads is a tensor on the meta device, which holds no values; "
+                             f"{accepted}")
+        return tuple(tuple(bool(x) for x in row) for row in table.tolist())
+
+    def is_bool(x):
+        if isinstance(x, Tensor):
+            return x.dim() == 0 and x.dtype == torch.bool and x.device.type != "meta"
+        return isinstance(x, bool) or (type(x).__module__ == "numpy" and type(x).__name__ == "bool")
+
+    def is_row(r):
+        return isinstance(r, (list, tuple)) or (isinstance(r, Tensor) and r.dim() == 1) or (
+            type(r).__module__ == "numpy" and getattr(r, "ndim", None) == 1)
+
+    if isinstance(table, (list, tuple)) and table and all(is_row(r) for r in table):
+        if not all(is_bool(x) for r in table for x in r):
+            raise ValueError(f"Headwise: full_heads must hold booleans (True = full head), got {table!r}"[:300])
+        return tuple(tuple(bool(x) for x in r) for r in table)
+    got = repr(table) if isinstance(table, (list, tuple)) else type(table).__name__
+    raise ValueError(f"Headwise: full_heads must be [num_layers, num_kv_heads] booleans, got {got[:80]}; {accepted}")
+
+
 @dataclass(frozen=True)
 class SinkWindow:
-    """Keep the first ``sink`` real tokens and the last ``window`` tokens (the query's own included).
+    """Keep the first ``sink`` real tokens (``sink >= 0``) and the last ``window`` tokens (the
+    query's own included).
 
     A query at position ``i`` of a row whose first non-padding token is at ``start`` sees key
     ``j`` iff ``j <= i`` and (``i - j < window`` or ``j - start < sink``)."""
@@ -43,7 +86,7 @@ class SinkWindow:
     window: int
 
     def __post_init__(self):
-        _positive_int(self.sink, "sink", "SinkWindow")
+        _sink_count(self.sink, "SinkWindow")
         _positive_int(self.window, "window", "SinkWindow")
 
     @property
@@ -78,7 +121,7 @@ class Policy:
     name: str = ""
 
     def rule(self, layer_idx: int, kv_head: int) -> SinkWindow | None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement rule(layer_idx, kv_head) -> SinkWindow | None")
 
     def check(self, num_layers: int, num_kv_heads: int) -> None:
         """Raise ``ValueError`` if this policy cannot serve a model of this shape."""
@@ -87,7 +130,11 @@ class Policy:
         """The layer's KV heads grouped by rule, full heads first."""
         by_rule: dict = {}
         for h in range(num_kv_heads):
-            by_rule.setdefault(self.rule(layer_idx, h), []).append(h)
+            rule = self.rule(layer_idx, h)
+            if rule is not None and not isinstance(rule, SinkWindow):
+                raise ValueError(f"{type(self).__name__}.rule({layer_idx}, {h}) returned {rule!r}; accepted: None "
+                                 "(full attention) or an attnkit.hf.SinkWindow(sink, window)")
+            by_rule.setdefault(rule, []).append(h)
         order = sorted(by_rule, key=lambda r: (r is not None, 0 if r is None else r.budget))
         return tuple(Group(tuple(by_rule[r]), r) for r in order)
 
@@ -114,14 +161,15 @@ class Full(Policy):
 @dataclass(frozen=True)
 class Streaming(Policy):
     """StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks",
-    arXiv 2309.17453): every head keeps the first ``sink`` tokens and the last ``window``."""
+    arXiv 2309.17453): every head keeps the first ``sink`` tokens and the last ``window``.
+    ``sink=0`` is a plain sliding window (the paper's ablation without attention sinks)."""
 
     name = "streaming"
     sink: int = 4
     window: int = 1024
 
     def __post_init__(self):
-        _positive_int(self.sink, "sink", "Streaming")
+        _sink_count(self.sink, "Streaming")
         _positive_int(self.window, "window", "Streaming")
 
     def rule(self, layer_idx, kv_head):
@@ -134,38 +182,29 @@ class Headwise(Policy):
     Retrieval and Streaming Heads", arXiv 2410.10819): per (layer, KV head) either full
     attention (a retrieval head) or sink + window (a streaming head).
 
-    ``full_heads``: booleans ``[num_layers, num_kv_heads]`` (a tensor or nested lists), True
-    where the KV head keeps every token. DuoAttention learns these gates; here they are given.
+    ``full_heads``: booleans ``[num_layers, num_kv_heads]`` (a boolean tensor or numpy array, or
+    nested lists of bools), True where the KV head keeps every token. ``sink`` may be 0 (a plain
+    sliding window on the streaming heads). DuoAttention learns these gates; here they are given.
     """
 
     name = "headwise"
-    full_heads: object = None
+    # equality and hashing go by the normalised table: a tensor, an array and lists that say the
+    # same compare equal (comparing the tensors themselves would raise)
+    full_heads: object = field(default=None, compare=False)
     sink: int = 4
     window: int = 1024
-    _table: tuple = field(default=(), init=False, repr=False, compare=False)
+    _table: tuple = field(default=(), init=False, repr=False)
 
     def __post_init__(self):
-        _positive_int(self.sink, "sink", "Headwise")
+        _sink_count(self.sink, "Headwise")
         _positive_int(self.window, "window", "Headwise")
-        table = self.full_heads
-        if isinstance(table, Tensor):
-            if table.dim() != 2 or table.dtype != torch.bool:
-                raise ValueError(f"Headwise: full_heads must be a boolean tensor [num_layers, num_kv_heads], "
-                                 f"got dtype {table.dtype} shape {tuple(table.shape)}")
-            rows = tuple(tuple(bool(x) for x in row) for row in table.tolist())
-        elif isinstance(table, (list, tuple)) and table and all(isinstance(r, (list, tuple)) for r in table):
-            if not all(isinstance(x, bool) for r in table for x in r):
-                raise ValueError(f"Headwise: full_heads must hold booleans (True = full head), got {table!r}")
-            rows = tuple(tuple(r) for r in table)
-            if len({len(r) for r in rows}) != 1:
-                raise ValueError(f"Headwise: full_heads rows must all have one entry per KV head, got lengths "
-                                 f"{[len(r) for r in rows]}")
-        else:
-            got = repr(table) if isinstance(table, (list, tuple)) else type(table).__name__
-            raise ValueError("Headwise: full_heads must be a boolean tensor or nested list [num_layers, num_kv_heads], "
-                             f"got {got[:80]}")
+        rows = _table_rows(self.full_heads)
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError(f"Headwise: full_heads rows must all have one entry per KV head, got lengths "
+                             f"{[len(r) for r in rows]}")
         if not rows or not rows[0]:
-            raise ValueError(f"Headwise: full_heads must be non-empty [num_layers, num_kv_heads], got {table!r}")
+            raise ValueError(f"Headwise: full_heads must be non-empty [num_layers, num_kv_heads], "
+                             f"got {self.full_heads!r}")
         object.__setattr__(self, "_table", rows)
 
     @property

@@ -120,3 +120,25 @@ def test_key_mask_on_cuda_forward_and_gradients(backend):
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
     for a, b in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_hugging_face_integer_attention_mask_equals_the_boolean_mask():
+    q, k, v = _inputs(S, dtype=torch.float32)
+    valid = _left_padded([S, 13, 4])
+    want = attend(q, k, v, pattern="causal", key_mask=valid)
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        torch.testing.assert_close(attend(q, k, v, pattern="causal", key_mask=valid.to(dtype)), want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"integer tensor \[B, S\] holding values other than 0 and 1"):
+        attend(q, k, v, pattern="causal", key_mask=valid.long() * 2)
+
+
+def test_meta_tensors():
+    q, k, v = _inputs(S, dtype=torch.float32)
+    with pytest.raises(ValueError, match="key_mask is on the meta device .* but q is on cpu"):
+        attend(q, k, v, key_mask=torch.ones(B, S, dtype=torch.bool, device="meta"))
+    # shape inference: a meta model through attend gets outputs of the right shape, no kernel runs
+    q, k, v = (t.to("meta") for t in (q, k, v))
+    out, lse = attend(q, k, v, pattern="causal", key_mask=torch.tensor([S, 3, 0], device="meta"), return_lse=True)
+    assert out.shape == (B, HQ, S, D) and lse.shape == (B, HQ, S) and out.device.type == "meta"
+    with pytest.raises(ValueError, match="backend='sdpa' cannot apply a score_mod"):  # checks run as on any device
+        attend(q, k, v, score_mod=lambda s, b, h, i, j: s, backend="sdpa")

@@ -90,10 +90,21 @@ def _key_mask(key_mask, q: Tensor, k: Tensor) -> Tensor | None:
     if key_mask is None:
         return None
     B, S = k.shape[0], k.shape[2]
-    accepted = ("accepted: a boolean tensor [B, S] (True = the key may be attended, as Hugging Face's "
-                "attention_mask) or an integer tensor [B] of valid lengths (keys at positions >= length are padding)")
+    accepted = ("accepted: a boolean tensor [B, S] (True = the key may be attended), Hugging Face's integer "
+                "attention_mask [B, S] of 0 / 1, or an integer tensor [B] of valid lengths (keys at positions "
+                ">= length are padding)")
     if not isinstance(key_mask, Tensor):
         raise ValueError(f"key_mask must be a tensor or None, got {type(key_mask).__name__}; {accepted}")
+    if key_mask.device.type == "meta" and q.device.type != "meta":
+        raise ValueError(f"key_mask is on the meta device (no values) but q is on {q.device}; {accepted}")
+    # values can be checked unless traced or shape-only (meta tensors hold none)
+    checkable = not torch.compiler.is_compiling() and q.device.type != "meta"
+    if tuple(key_mask.shape) == (B, S) and not (key_mask.dtype == torch.bool or key_mask.is_floating_point()
+                                    or key_mask.is_complex()):
+        # Hugging Face's attention_mask: integers, 1 = a real token, 0 = padding
+        if checkable and bool(((key_mask != 0) & (key_mask != 1)).any()):
+            raise ValueError(f"key_mask is an integer tensor [B, S] holding values other than 0 and 1; {accepted}")
+        key_mask = key_mask != 0
     if key_mask.dtype == torch.bool:
         if tuple(key_mask.shape) != (B, S):
             raise ValueError(f"key_mask is a boolean tensor of shape {tuple(key_mask.shape)} but the keys need "
@@ -105,9 +116,18 @@ def _key_mask(key_mask, q: Tensor, k: Tensor) -> Tensor | None:
         raise ValueError(f"key_mask holds integer lengths of shape {tuple(key_mask.shape)} but the batch needs "
                          f"[B] = [{B}]; {accepted}")
     lengths = key_mask.to(q.device)
-    if not torch.compiler.is_compiling() and bool(((lengths < 0) | (lengths > S)).any()):
+    if checkable and bool(((lengths < 0) | (lengths > S)).any()):
         raise ValueError(f"key_mask lengths must lie in 0..S={S}, got {key_mask.tolist()}")
     return torch.arange(S, device=q.device) < lengths[:, None]
+
+
+def _meta_outputs(q: Tensor, v: Tensor, return_lse: bool):
+    """Outputs of the right shapes on the meta device (a model built there, for shape inference):
+    no kernel runs on tensors without values; the argument checks above have run as on any device."""
+    B, Hq, T, _ = q.shape
+    out = q.new_empty(B, Hq, T, v.shape[3])
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (out, q.new_empty(B, Hq, T, dtype=lse_dtype)) if return_lse else out
 
 
 def _padded_plain(pattern) -> bool:
@@ -161,8 +181,8 @@ def attend(
         q_offset: absolute position of the first query; default ``S - T`` (queries are the
             newest tokens, as in a decode step).
         key_mask: padding of the keys, on every backend but ``cudnn``: a boolean ``[B, S]``
-            (True: a real key, Hugging Face's ``attention_mask`` convention, so left padding
-            works) or integer valid lengths ``[B]`` (keys at positions ``>= length`` are
+            (True: a real key, so left padding works), Hugging Face's integer ``attention_mask``
+            ``[B, S]`` of 0 / 1 (1: a real key), or integer valid lengths ``[B]`` (keys at positions ``>= length`` are
             padding). It narrows ``pattern`` (``pattern & patterns.key_padding(mask)``); a row
             left with no key returns zeros. ``None`` (default): no padding.
 
@@ -200,6 +220,8 @@ def attend(
         backend = choose_backend(q, k, v, pattern, score_mod, return_lse, q_offset)
 
     if backend == "reference":
+        if q.device.type == "meta":
+            return _meta_outputs(q, v, return_lse)
         return attend_reference(
             q, k, v, pattern=pattern, score_mod=score_mod, scale=scale, return_lse=return_lse, q_offset=q_offset
         )
@@ -208,6 +230,8 @@ def attend(
             raise ValueError("backend='sdpa' cannot apply a score_mod; use backend='flex' (or 'reference', or 'auto')")
         if return_lse:
             raise ValueError("backend='sdpa' does not return the log-sum-exp; use backend='flex' (or 'reference', or 'auto')")
+        if q.device.type == "meta":
+            return _meta_outputs(q, v, return_lse)
         return _attend_sdpa(q, k, v, pattern, scale, q_offset)
     if backend == "cudnn":
         if valid is not None:
@@ -223,4 +247,6 @@ def attend(
             "backend='flex' has no backward on CPU (FlexAttention raises in torch); "
             "use backend='sdpa' or 'reference' for training on CPU, or 'auto'"
         )
+    if q.device.type == "meta":
+        return _meta_outputs(q, v, return_lse)
     return _attend_flex(q, k, v, pattern, score_mod, scale, return_lse, q_offset)
