@@ -1,9 +1,14 @@
 """attnkit.hf: attention methods on pretrained Hugging Face transformers models.
 
     >>> import attnkit.hf
-    >>> handle = attnkit.hf.apply(model, "streaming", sink=4, window=256)   # any causal LM
+    >>> handle = attnkit.hf.apply(model, "streaming", sink=4, window=256)
     >>> out = model.generate(ids, past_key_values=handle.cache(), max_new_tokens=32)
     >>> handle.remove()                                                      # the model as it was
+
+``model`` is a causal decoder whose attention goes through transformers' ``AttentionInterface``
+(Llama, Qwen2, Mistral, Gemma 2/3, Phi-3 and most current models; encoders, ALiBi models and
+models with their own attention code are refused with the reason). ``past_key_values=`` is
+the cache's name that transformers 5.17 knows; 5.25 also calls it ``cache=``.
 
 A method is a policy (:mod:`attnkit.hf.policies`) deciding per layer and per KV head which keys
 a head keeps and how it attends; :func:`apply` routes the model's attention through transformers'

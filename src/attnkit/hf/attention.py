@@ -27,8 +27,9 @@ from .policies import Policy, resolve
 
 __all__ = ["IMPLEMENTATION", "apply", "Handle", "attention_forward"]
 
-#: the name under which attnkit's attention function is registered in transformers
 IMPLEMENTATION = "attnkit"
+"""The name under which attnkit's attention function (and transformers' ``sdpa_mask`` for its
+masks) is registered in transformers' ``AttentionInterface`` / ``AttentionMaskInterface``."""
 
 # attention module -> the Handle that routes it (weak: a dropped model leaves nothing behind)
 _ROUTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -302,6 +303,7 @@ class Handle:
         self.active = False
 
     def plan(self, layer_idx: int, num_kv_heads: int):
+        """The policy's groups of KV heads for this layer (``Policy.plan``), computed once per layer."""
         key = (layer_idx, num_kv_heads)
         if key not in self._plans:
             self._plans[key] = self.policy.plan(layer_idx, num_kv_heads)
@@ -439,8 +441,8 @@ def apply(model, method="full", *, backend: str = "auto", **options) -> Handle:
         backend: ``attnkit.attend``'s backend (``"auto"``: SDPA where a mask is materialised).
 
     Returns:
-        a :class:`Handle` (a context manager; ``remove()`` undoes it). Applying to a model that
-        is already routed raises ``RuntimeError``.
+        Handle: a context manager; ``remove()`` undoes it. Applying to a model that is already
+        routed raises ``RuntimeError``.
     """
     from ..ops.softmax.dispatch import BACKENDS
 

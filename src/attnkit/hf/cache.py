@@ -189,6 +189,8 @@ class HeadwiseCache(Cache):
         self._handle = None  # weakref to the attnkit.hf Handle that built it (set by Handle.cache)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        """transformers' cache hook: stage layer ``layer_idx``'s new k ``[B, Hkv, T, D]`` and v
+        ``[B, Hkv, T, Dv]`` for this call's attention (the policy trims the stores after it)."""
         handle = self._handle() if self._handle is not None else None
         if handle is None or not handle.active:
             raise RuntimeError("HeadwiseCache: the attnkit.hf handle that built this cache is not applied any more; "
@@ -203,4 +205,5 @@ class HeadwiseCache(Cache):
         return out
 
     def nbytes(self) -> int:
+        """Bytes of every layer's cached keys and values: what the policy keeps, as stored."""
         return sum(layer.nbytes() for layer in self.layers)

@@ -1,7 +1,7 @@
 """The hf methods' cards (``kind="hf"``, family ``"hf"``): one per policy, listed explicitly here.
 
-``layer`` is the policy class (built with the card's defaults: ``card.layer(**card.defaults)``),
-not an ``nn.Module``. As docs/architecture.md says, each kind keeps its own list: the registry
+``layer`` is the policy class, not an ``nn.Module``: ``card.layer(**card.defaults)`` builds
+``full`` and ``streaming``; ``headwise`` also needs its ``full_heads`` table. As docs/architecture.md says, each kind keeps its own list: the registry
 (level 3) may not import ``attnkit.hf`` (level 5), so these cards live in :data:`CARDS` and the
 ``attnkit`` command, which imports everything, lists them. The FLOP model counts the attention
 core of a model layer of width ``dim`` with ``num_heads`` heads under the policy's pattern (the

@@ -3,16 +3,12 @@
 The two architectures agree exactly when the DecoderLM's attention is dense softmax attention
 (the ``mha``, ``gqa`` and ``mqa`` cards: ``MultiHeadAttention``):
 
-=====================  ===================================  ==========================================
-part                   DecoderLM                            LlamaForCausalLM
-=====================  ===================================  ==========================================
-embedding / output     ``embed`` (tied output)              ``embed_tokens``, ``tie_word_embeddings``
-norms                  ``nn.RMSNorm(eps=norm_eps)``         ``LlamaRMSNorm(rms_norm_eps)``
-attention              ``qkv_proj`` [(H + 2 Hkv) D, C]      ``q_proj``, ``k_proj``, ``v_proj``
-                       ``o_proj``; ``bias`` on all four     ``o_proj``; ``attention_bias``
-RoPE                   rotate-half, base ``rope_base``      rotate-half, ``rope_theta`` (default type)
-MLP                    SwiGLU ``gate_up`` = [gate; up]      ``gate_proj``, ``up_proj``, ``down_proj``
-=====================  ===================================  ==========================================
+- embedding / output: ``embed`` (tied output) -> ``embed_tokens`` with ``tie_word_embeddings``;
+- norms: ``nn.RMSNorm(eps=norm_eps)`` -> ``LlamaRMSNorm(rms_norm_eps)``;
+- attention: ``qkv_proj`` ``[(H + 2 Hkv) D, C]`` and ``o_proj`` (``bias`` on all four) ->
+  ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (``attention_bias``);
+- RoPE: rotate-half with base ``rope_base`` -> rotate-half with ``rope_theta`` (default type);
+- MLP: SwiGLU ``gate_up`` = [gate; up] -> ``gate_proj``, ``up_proj``, ``down_proj``.
 
 What has no Llama counterpart raises ``ValueError``: another mechanism, a pattern other than
 causal, ``qk_norm``, ``rope=False``, layers with different KV-head counts or head dims; and

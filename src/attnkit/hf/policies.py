@@ -121,6 +121,8 @@ class Policy:
     name: str = ""
 
     def rule(self, layer_idx: int, kv_head: int) -> SinkWindow | None:
+        """What KV head ``kv_head`` of layer ``layer_idx`` keeps: ``None`` for every token (full
+        attention) or a :class:`SinkWindow`. The method a policy of your own implements."""
         raise NotImplementedError(f"{type(self).__name__} must implement rule(layer_idx, kv_head) -> SinkWindow | None")
 
     def check(self, num_layers: int, num_kv_heads: int) -> None:
@@ -182,8 +184,9 @@ class Headwise(Policy):
     Retrieval and Streaming Heads", arXiv 2410.10819): per (layer, KV head) either full
     attention (a retrieval head) or sink + window (a streaming head).
 
-    ``full_heads``: booleans ``[num_layers, num_kv_heads]`` (a boolean tensor or numpy array, or
-    nested lists of bools), True where the KV head keeps every token. ``sink`` may be 0 (a plain
+    ``full_heads`` (required; its ``None`` default only keeps the dataclass's field order):
+    booleans ``[num_layers, num_kv_heads]`` (a boolean tensor or numpy array, or nested lists of
+    bools), True where the KV head keeps every token. ``sink`` may be 0 (a plain
     sliding window on the streaming heads). DuoAttention learns these gates; here they are given.
     """
 
