@@ -21,6 +21,11 @@ import re
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":  # this checkout's attnkit (its suites, its formatting), not an installed copy
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from attnkit.bench.harness import fmt_bytes  # one formatting of sizes for the bench table and this README
+
 ROOT = Path(__file__).resolve().parent / "results"
 DEVICES = {"h200": "H200", "cpu": "CPU (this project's 2-core machine)"}
 SUITE_ORDER = ("dense", "patterns", "linear", "heads", "sigmoid", "decode", "bench")
@@ -68,14 +73,6 @@ def fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def fmt_rate(x: float | None) -> str:
@@ -398,5 +395,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's suites, not an installed copy
     sys.exit(main())
