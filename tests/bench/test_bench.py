@@ -552,3 +552,13 @@ def test_unknown_suite_is_refused(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "--suite" in err and "'nope'" in err and "patterns" in err
+
+
+def test_suite_given_twice_is_refused(capsys):
+    """`--suite dense --suite heads` ran heads alone (argparse keeps the last value) while the
+    recorded command names both: refused instead."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--suite", "dense", "--suite", "heads", "--seq", "32"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--suite" in err and "'dense'" in err and "'heads'" in err and "twice" in err

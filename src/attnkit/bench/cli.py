@@ -29,6 +29,17 @@ def _name_list(text: str) -> list[str]:
     return [] if text in ("", "none") else [s.strip() for s in text.split(",") if s.strip()]
 
 
+class _Once(argparse.Action):
+    """Store an option's value, refusing it a second time: ``--suite dense --suite heads`` would
+    otherwise run ``heads`` alone while the command line names both."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"argument {option_string}: given twice ({getattr(namespace, self.dest)!r} and {values!r}); "
+                         "accepted: one value")
+        setattr(namespace, self.dest, values)
+
+
 def _seconds(text: str) -> float:
     try:
         return float(text)
@@ -52,7 +63,7 @@ def add_bench_parser(sub) -> None:
         "--suite NAME runs a named preset of rows (the project's kept measurements); options given beside it override "
         "its values.",
     )
-    p.add_argument("--suite", default=None, choices=list(SUITES), metavar="NAME",
+    p.add_argument("--suite", default=None, choices=list(SUITES), metavar="NAME", action=_Once,
                    help=f"a named preset of the options below ({suite_help()}); on CUDA at the sizes of "
                    "benchmarks/results/h200/<suite>-<mode>.json, on CPU at shorter lengths (default: none)")
     p.add_argument("--mechanisms", type=_name_list, default=None,
