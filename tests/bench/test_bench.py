@@ -310,6 +310,10 @@ def test_a_normal_error_in_one_cell_does_not_stop_the_run(monkeypatch):
         (dict(pattern="window:8,window:8"), "--pattern names window:8 more than once"),
         (dict(pattern="window:8,,sink:1:8"), "has an empty item"),
         (dict(pattern="full,window:8"), "mixes 'full' with other patterns"),
+        # one pattern spelled two ways was measured twice under two labels
+        (dict(pattern="window:016, window:16"), "--pattern names window:16 more than once"),
+        # the pattern's own check did not say which option it was about
+        (dict(pattern="window:0"), "--pattern 'window:0': window must be a positive integer, got 0"),
     ],
 )
 def test_bad_config(kwargs, match):

@@ -166,8 +166,9 @@ class BenchConfig:
 
     @property
     def patterns(self) -> list[str]:
-        """The pattern specs of the run (``pattern`` split at commas)."""
-        return [p.strip() for p in self.pattern.split(",")]
+        """The pattern specs of the run (``pattern`` split at commas), each in its canonical spelling
+        (``window:016`` -> ``window:16``), so that one pattern written two ways is one pattern."""
+        return [_canonical_pattern(p) for p in self.pattern.split(",")]
 
     @property
     def burst(self) -> int:
@@ -193,6 +194,16 @@ def default_config(device: str) -> dict:
                 repeat=3, warmup=2, max_time=0.5, threads=1)
 
 
+def _canonical_pattern(spec: str) -> str:
+    """``spec`` without blanks and with its numbers written plainly (``window: 016`` -> ``window:16``);
+    a spec whose numbers do not parse is returned stripped (parse_pattern then refuses it)."""
+    kind, *numbers = spec.strip().split(":")
+    try:
+        return ":".join([kind.strip(), *(str(int(n)) for n in numbers)])
+    except ValueError:
+        return spec.strip()
+
+
 def parse_pattern(spec: str, heads: int = 1) -> _patterns.Pattern:
     """``causal`` | ``full`` | ``window:W`` | ``sink:N:W`` | ``s2:BLOCK:LOCAL:STRIDE`` -> a Pattern
     (S2-Attention's per-head pattern is built for ``heads`` heads)."""
@@ -209,7 +220,8 @@ def parse_pattern(spec: str, heads: int = 1) -> _patterns.Pattern:
             return _patterns.s2_strided(num_heads=heads, block_size=block, local_blocks=local, vert_stride=stride)
     except ValueError as err:
         if "invalid literal" not in str(err):
-            raise
+            # the pattern's own check ("window must be a positive integer, got 0"): say which option it was
+            raise ValueError(f"--pattern {spec!r}: {err}") from None
     raise ValueError(f"unknown --pattern {spec!r}; accepted: causal, full, window:W, sink:N:W, s2:BLOCK:LOCAL:STRIDE")
 
 
