@@ -165,3 +165,37 @@ def test_gpu_script_refuses_an_unknown_case(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert "usage: benchmarks/gpu.sh" in run.stderr and "dense patterns linear heads sigmoid decode" in run.stderr
+
+
+@pytest.mark.parametrize("name, content, reason", [
+    ("broken.json", '{"schema": "attnkit.bench/2", "cells": [', "is not valid JSON"),
+    ("empty.json", "", "is empty"),
+    ("empty.jsonl", "", "is empty"),
+    ("garbage.jsonl", "not json\n", "line 1 is not JSON"),
+    ("header.jsonl", '{"header": 5}\n', "is not a bench stream's header"),
+    ("cells.json", '{"schema": "attnkit.bench/2", "cells": [{"foo": 1}]}', "not a readable attnkit.bench/2 result"),
+    ("config.json", '{"schema": "attnkit.bench/2", "config": null, "cells": []}', "not a readable attnkit.bench/2"),
+    ("runs.json", '{"schema": "attnkit.compare/1", "runs": [{"x": 1}]}', "not a readable attnkit.compare/1 result"),
+])
+def test_an_unreadable_result_file_is_named_and_the_readme_left_alone(gen, results, capsys, name, content, reason):
+    """A broken or empty JSON was listed silently among the "other files" (no command, no numbers), and a
+    bench or compare file lacking a key stopped the generator with a KeyError: now each is named, with why,
+    and the README is not written."""
+    (results / "README.md").write_text("old\n")
+    (results / "h200" / name).write_text(content)
+    with pytest.raises(gen.Unreadable, match=f"h200/{name}: .*{reason}"):
+        gen.render(results)
+    assert gen.main(["--root", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert f"h200/{name}" in err and "the README was not written" in err
+    assert (results / "README.md").read_text() == "old\n"
+
+
+def test_a_stream_cut_off_mid_line_keeps_its_finished_cells(gen, results):
+    """A run killed while writing a cell leaves a last line without its end: that line is dropped, the
+    cells before it are read (the stream exists so that a killed run keeps them)."""
+    path = results / "h200" / "bench-cuda-fwd-ops.jsonl"
+    path.write_text(path.read_text() + '{"name": "mqa", "ki')
+    data = gen.load(path)
+    assert [c["name"] for c in data["cells"]] == ["mha"] and data["stream_only"]
+    assert "| mha | x | 1.00 | 4.000 |" in gen.render(results)
