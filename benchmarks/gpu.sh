@@ -23,6 +23,29 @@
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results/h200}
+suites=$(python3 -c "from attnkit.bench.suites import SUITES; print(' '.join(SUITES))")
+usage() {  # usage [WHY]: the arguments are refused before anything is installed, run or written
+  [ -n "${1:-}" ] && echo "benchmarks/gpu.sh: $1" >&2
+  echo "usage: benchmarks/gpu.sh tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|bench-args NAME ARGS...|SUITE [MODE]" >&2
+  echo "  SUITE: $suites" >&2
+  exit 2
+}
+case "${1:-}" in
+  tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme)
+    # extra words were ignored: `gpu.sh bench --seq 1024` ran the default sizes
+    [ $# -eq 1 ] || usage "'$1' takes no arguments, got: ${*:2} (any other bench run: bench-args NAME ARGS...)" ;;
+  bench-args)
+    [ $# -ge 2 ] || usage "bench-args needs a NAME (the files' name under \$OUT)"
+    # NAME becomes $OUT/NAME.json: an option in its place (bench-args --seq 64) or a path is a mistake
+    [[ "$2" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || usage "bench-args NAME must be a file name (letters, digits, . _ -), got '$2'" ;;
+  *)
+    { [ -n "${1:-}" ] && [[ " $suites " == *" $1 "* ]]; } || usage "${1:+unknown case '$1'}"
+    [ $# -le 2 ] || usage "SUITE [MODE] takes at most one MODE, got: ${*:2}"
+    if [ $# -eq 2 ]; then
+      [[ " $(python3 -m attnkit.bench.suites "$1") " == *" $2 "* ]] \
+        || usage "'$2' is not a mode of suite $1; accepted: $(python3 -m attnkit.bench.suites "$1") (another mode: bench-args NAME --suite $1 --mode MODE)"
+    fi ;;
+esac
 mkdir -p "$OUT"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -39,7 +62,9 @@ half() {  # half a|b of the registered mechanisms (b starts with mha, the layers
 }
 readme() {  # the results README follows the files (only where they are the repository's own results)
   case "$(realpath -m "$OUT")/" in
-    "$(realpath -m benchmarks/results)"/*) python3 benchmarks/results_readme.py >/dev/null && echo "benchmarks/results/README.md regenerated" ;;
+    "$(realpath -m benchmarks/results)"/*)
+      if python3 benchmarks/results_readme.py >/dev/null; then echo "benchmarks/results/README.md regenerated"
+      else status=2; fi ;;  # it named the unreadable files
   esac
 }
 bench() {  # bench NAME ARGS...: one bench run, its log and results under $OUT
@@ -50,37 +75,32 @@ bench() {  # bench NAME ARGS...: one bench run, its log and results under $OUT
   echo "exit $rc" | tee -a "$OUT/$name.log"
   return "$rc"
 }
-suites=$(python3 -c "from attnkit.bench.suites import SUITES; print(' '.join(SUITES))")
-case "${1:-}" in
+status=0
+run_bench() { bench "$@" || status=$?; }  # a failed bench run fails the script (the README is still regenerated)
+case "$1" in
   tests)
     { header; echo "# python3 -m pytest -m cuda tests"; } > "$OUT/pytest-cuda.log"
     xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n 12)  # compilation is CPU-bound: run tests side by side
     timeout "${TEST_TIMEOUT:-560}" python3 -m pytest -m cuda tests "${xdist[@]}" -o addopts="" -q -rfEs -p no:cacheprovider -W ignore \
-      --durations=15 2>&1 | tee -a "$OUT/pytest-cuda.log" | grep -E "passed|failed|FAILED|ERROR" | cut -c1-300 ;;
+      --durations=15 2>&1 | tee -a "$OUT/pytest-cuda.log" | grep -E "passed|failed|FAILED|ERROR" | cut -c1-300
+    status=${PIPESTATUS[0]} ;;
   bench)
-    bench bench-cuda-fwd; readme ;;
+    run_bench bench-cuda-fwd; readme ;;
   bench-layers-a)
-    bench bench-cuda-fwd-layers-a --mechanisms "$(half a)" --ops none; readme ;;
+    run_bench bench-cuda-fwd-layers-a --mechanisms "$(half a)" --ops none; readme ;;
   bench-layers-b)
-    bench bench-cuda-fwd-layers-b --mechanisms "$(half b)" --ops none; readme ;;
+    run_bench bench-cuda-fwd-layers-b --mechanisms "$(half b)" --ops none; readme ;;
   bench-ops)
-    bench bench-cuda-fwd-ops --mechanisms mha; readme ;;
+    run_bench bench-cuda-fwd-ops --mechanisms mha; readme ;;
   bench-args)  # bench-args NAME ARGS...: any bench command, logged like the parts above
-    [ $# -ge 2 ] || { echo "usage: benchmarks/gpu.sh bench-args NAME ARGS..." >&2; exit 2; }
-    shift; bench "$@"; readme ;;
+    shift; run_bench "$@"; readme ;;
   readme)
-    python3 benchmarks/results_readme.py ;;
-  *)
-    if [ -n "${1:-}" ] && [[ " $suites " == *" $1 "* ]]; then
-      suite=$1
-      modes=${2:-$(python3 -m attnkit.bench.suites "$suite")}
-      for mode in $modes; do
-        bench "$suite-$mode" --suite "$suite" --mode "$mode"
-      done
-      readme
-    else
-      echo "usage: benchmarks/gpu.sh tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|bench-args NAME ARGS...|SUITE [MODE]" >&2
-      echo "  SUITE: $suites" >&2
-      exit 2
-    fi ;;
+    python3 benchmarks/results_readme.py || status=$? ;;
+  *)  # SUITE [MODE]
+    suite=$1
+    for mode in ${2:-$(python3 -m attnkit.bench.suites "$suite")}; do
+      run_bench "$suite-$mode" --suite "$suite" --mode "$mode"
+    done
+    readme ;;
 esac
+exit "$status"

@@ -159,12 +159,44 @@ def test_every_committed_bench_file_has_its_command(gen):
         assert gen.command_of(data) or rel in gen.LEGACY_COMMANDS, f"{rel} records no command"
 
 
+def gpu_sh(out: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OUT": str(out), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_gpu_script_refuses_an_unknown_case(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "nope"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
+    run = gpu_sh(tmp_path, "nope")
     assert run.returncode == 2
     assert "usage: benchmarks/gpu.sh" in run.stderr and "dense patterns linear heads sigmoid decode" in run.stderr
+
+
+@pytest.mark.parametrize("args, why", [
+    # extra words were ignored: these ran the default bench, the whole test suite, every mode of dense
+    (["bench", "--seq", "1024"], "'bench' takes no arguments, got: --seq 1024"),
+    (["tests", "-k", "flex"], "'tests' takes no arguments"),
+    (["dense", "fwd", "--seq", "64"], "takes at most one MODE, got: fwd --seq 64"),
+    # a MODE the suite does not run was handed to attnkit only after the log file was written
+    (["dense", "decode"], "'decode' is not a mode of suite dense; accepted: fwdbwd fwd"),
+    # an option in NAME's place wrote $OUT/--seq.log and ran `bench 64`
+    (["bench-args", "--seq", "64"], "bench-args NAME must be a file name"),
+    (["bench-args", "../x"], "bench-args NAME must be a file name"),
+    (["bench-args"], "bench-args needs a NAME"),
+])
+def test_gpu_script_refuses_bad_arguments_before_writing(tmp_path, args, why):
+    out = tmp_path / "out"
+    run = gpu_sh(out, *args)
+    assert run.returncode == 2, run.stderr
+    assert why in run.stderr and "usage: benchmarks/gpu.sh" in run.stderr
+    assert not out.exists()  # nothing made: no folder, no log
+
+
+def test_gpu_script_exits_with_a_failed_bench_runs_status(tmp_path):
+    """The script's status was the README step's (0) after a bench run that failed; `--seq x` fails in
+    attnkit's argument parsing on any machine, so this runs no bench even where CUDA is present."""
+    run = gpu_sh(tmp_path, "bench-args", "probe", "--seq", "x")
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "exit 2" in (tmp_path / "probe.log").read_text()
 
 
 @pytest.mark.parametrize("name, content, reason", [
