@@ -566,3 +566,29 @@ def test_suite_given_twice_is_refused(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "--suite" in err and "'dense'" in err and "'heads'" in err and "twice" in err
+
+
+def test_plot_end_labels_stay_inside_their_panel():
+    """Rows within a few % of each other (here at one length) get their end labels spread apart; the
+    spread put them above and below the y range, outside the panel, and tight_layout then squeezed
+    every panel of the figure into a strip. The y range now takes the labels in."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from attnkit.bench.plot import _log_y, _row_lines
+
+    rows = {name: [{"seq": 64, "status": "ok", "speedup_vs_dense": s, "noisy": False}]
+            for name, s in (("s2", 1.03), ("streaming", 0.96), ("sliding-window", 0.90))}
+    fig, ax = plt.subplots()
+    try:
+        _row_lines(ax, rows, lambda c: c["speedup_vs_dense"], None)
+        ax.axhline(1.0)
+        _log_y(ax)
+        low, high = ax.get_ylim()
+        labels = [a.xyann[1] for a in ax.texts]
+        assert len(labels) == 3 and all(low <= y <= high for y in labels), (low, high, labels)
+    finally:
+        plt.close(fig)

@@ -71,6 +71,9 @@ def _row_lines(ax, rows: dict[str, list[dict]], get, reference: str | None) -> l
         ends.append((name, x, y, NOISY_COLOUR if noisy else colour))
     if ends:
         heights = _spread_labels([math.log10(y) for _, _, y, _ in ends], gap=0.07)
+        # the spread labels can sit above or below the data (rows within a few % of each other): the
+        # y range takes them in, else they stood outside the panel and tight_layout shrank it to a strip
+        ax.plot([x for _, x, _, _ in ends], [10**h for h in heights], linestyle="none", marker="none")
         for (name, x, y, colour), h in zip(ends, heights):
             ax.annotate(f"{name} {y:.2g}", xy=(x, y), xytext=(x * 1.12, 10**h), fontsize=7.5, color=colour,
                         va="center", ha="left", arrowprops=dict(arrowstyle="-", color=colour, linewidth=0.5, alpha=0.6))
@@ -183,7 +186,9 @@ def _memory_bars(ax, cells: list[dict], mode: str) -> None:
     rows = [c for c in cells if c["seq"] == seq and c["status"] == "ok" and c[key] is not None
             and dense.get((c["kind"], seq))]
     what = "decode state" if mode == "decode" else "peak memory"
-    ax.set_title(f"{what} vs dense at seq {seq}" if seq else f"{what}: no dense reference row", fontsize=9.5)
+    # the family legend sits between the title and the bars (below them it covered the x label)
+    ax.set_title(f"{what} vs dense at seq {seq}" if seq else f"{what}: no dense reference row", fontsize=9.5,
+                 pad=20 if seq else None)
     if not rows:
         ax.set_axis_off()
         return
@@ -205,7 +210,7 @@ def _memory_bars(ax, cells: list[dict], mode: str) -> None:
 
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=fam_colour[f]) for f in fam_colour], labels=list(fam_colour),
-              fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=4, frameon=False)
+              fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
     ax.set_xlabel(f"{what} / dense's (x; left of the line = less)", fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
     ax.grid(True, axis="x", alpha=0.3)
