@@ -592,3 +592,11 @@ def test_plot_end_labels_stay_inside_their_panel():
         assert len(labels) == 3 and all(low <= y <= high for y in labels), (low, high, labels)
     finally:
         plt.close(fig)
+
+
+def test_config_records_the_patterns_as_the_cells_name_them():
+    """`--pattern " window:08, sink:2:8"` measured window:8 and sink:2:8 (the cells' labels) while the
+    JSON's config kept the typed text, blanks and leading zero included."""
+    result = run_bench(tiny(mechanisms=[], ops=["attend"], seqs=[16], repeat=1, warmup=0, pattern=" window:08, sink:2:8"))
+    assert result["config"]["pattern"] == "window:8,sink:2:8"
+    assert [c["pattern"] for c in result["cells"]] == ["window:8", "sink:2:8"]

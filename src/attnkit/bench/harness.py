@@ -1015,7 +1015,9 @@ def _run_bench(cfg, device, dtype, progress, command, on_start, on_cell, suite) 
         "code_hash": code_hash(),
         "device": _device_info(device),
         "versions": _versions(),
-        "config": {**asdict(cfg), "batch": cfg.batch if cfg.batch is not None else f"{cfg.tokens_per_batch}/seq"},
+        # the pattern as the cells name it (canonical spelling), not as typed: " window:016" was recorded verbatim
+        "config": {**asdict(cfg), "pattern": ",".join(cfg.patterns),
+                   "batch": cfg.batch if cfg.batch is not None else f"{cfg.tokens_per_batch}/seq"},
         "timer": {"stop_spread": STOP_SPREAD, "noise_limit": NOISE_LIMIT, "max_samples": MAX_SAMPLES},
         "peak": peak.describe(),
         "suite": suite,
