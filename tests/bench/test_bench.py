@@ -314,6 +314,10 @@ def test_a_normal_error_in_one_cell_does_not_stop_the_run(monkeypatch):
         (dict(pattern="window:016, window:16"), "--pattern names window:16 more than once"),
         # the pattern's own check did not say which option it was about
         (dict(pattern="window:0"), "--pattern 'window:0': window must be a positive integer, got 0"),
+        # no row computes a pattern: it was recorded (config, plot, README) as if measured
+        (dict(ops=["dense-sdpa"], pattern="window:8"), "--pattern 'window:8' applies to the op rows flex, attend"),
+        (dict(ops=[], pattern="sink:2:8"), r"none is measured \(--ops none\)"),
+        (dict(ops=["lightning"], pattern="full"), "applies to the op rows"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -547,6 +551,9 @@ def test_suite_values_and_overrides():
     mine = parse("--suite", "patterns", "--mode", "fwd", "--seq", "64", "--pattern", "window:16", "--ops", "attend")
     assert (mine.mode, mine.seqs, mine.pattern, mine.ops) == ("fwd", [64], "window:16", ["attend"])
     assert parse("--suite", "decode", "--device", "cuda").batch == 1
+    # the suite's patterns with no patterned row left: the run is causal, and says so (was recorded as patterned)
+    assert parse("--suite", "patterns", "--ops", "none").pattern == "causal"
+    assert parse("--suite", "patterns", "--ops", "dense-sdpa,attend").pattern == "window:1024,sink:4:1024,s2:64:16:16"
     assert parse().mode == "fwd" and parse().pattern == "causal"  # no suite: the plain defaults
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .._console import check_writable, plot_path_for
 from .suites import SUITES, get_suite, suite_help
-from .harness import DTYPES, MAX_SAMPLES, MODES, OPS, STOP_SPREAD, TIMINGS, BenchConfig, count_cells, default_config, \
+from .harness import DTYPES, MAX_SAMPLES, MODES, OPS, PATTERNED_OPS, STOP_SPREAD, TIMINGS, BenchConfig, count_cells, default_config, \
     fmt_bytes, run_bench, validate_config
 
 CPU, CUDA = default_config("cpu"), default_config("cuda")
@@ -148,6 +148,9 @@ def make_config(args) -> BenchConfig:
         mechanisms = args.mechanisms
     else:
         mechanisms = defaults.get("mechanisms", [c.name for c in registry.mechanisms()])
+    pattern = args.pattern if args.pattern is not None else defaults.get("pattern", "causal")
+    if args.pattern is None and not any(o in PATTERNED_OPS for o in ops):
+        pattern = "causal"  # the suite's patterns, with no row left to compute them (e.g. --suite patterns --ops none)
     return BenchConfig(
         mechanisms=mechanisms,
         ops=ops,
@@ -159,7 +162,7 @@ def make_config(args) -> BenchConfig:
         dtype=args.dtype if args.dtype is not None else defaults["dtype"],
         device=args.device,
         mode=args.mode if args.mode is not None else defaults.get("mode", "fwd"),
-        pattern=args.pattern if args.pattern is not None else defaults.get("pattern", "causal"),
+        pattern=pattern,
         repeat=args.repeat if args.repeat is not None else defaults["repeat"],
         warmup=args.warmup if args.warmup is not None else defaults["warmup"],
         max_time=args.max_time if args.max_time is not None else defaults["max_time"],

@@ -962,6 +962,12 @@ def validate_config(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
     if "full" in kinds and len(specs) > 1:
         raise ValueError(f"--pattern {cfg.pattern!r} mixes 'full' with other patterns; the dense rows are either "
                          "full or causal: run 'full' on its own")
+    # a pattern no row computes would still be recorded (config, plot title, results README) as if measured
+    touched = [o for o in cfg.ops if o in PATTERNED_OPS or ("full" in kinds and o not in LINEAR_OPS)]
+    if specs != ["causal"] and not touched:
+        raise ValueError(f"--pattern {cfg.pattern!r} applies to the op rows {', '.join(PATTERNED_OPS)} ('full' also to "
+                         f"the dense ones), and none is measured (--ops {','.join(cfg.ops) or 'none'}); accepted: "
+                         "add one of them to --ops, or leave --pattern out")
     return device, DTYPES[cfg.dtype]
 
 
