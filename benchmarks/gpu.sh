@@ -9,6 +9,8 @@
 #                                         # -> SUITE-MODE.json; SUITE: dense patterns linear heads sigmoid decode
 #   benchmarks/gpu.sh bench-args NAME ARGS...   # any other bench run, logged the same way -> NAME.json
 #   benchmarks/gpu.sh readme              # regenerate benchmarks/results/README.md from the result files
+# Arguments are checked before anything is installed or written (usage and exit 2 otherwise); the script exits
+# non-zero when a test or bench run failed (or the results README could not be regenerated).
 # TEST_TIMEOUT / BENCH_TIMEOUT (seconds) shorten the parts' limits (BENCH_TIMEOUT is per bench run: a suite
 # with two modes runs two; give it one MODE per device command where 10 minutes would not hold both).
 #
