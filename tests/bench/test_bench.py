@@ -318,6 +318,7 @@ def test_a_normal_error_in_one_cell_does_not_stop_the_run(monkeypatch):
         (dict(ops=["dense-sdpa"], pattern="window:8"), "--pattern 'window:8' applies to the op rows flex, attend"),
         (dict(ops=[], pattern="sink:2:8"), r"none is measured \(--ops none\)"),
         (dict(ops=["lightning"], pattern="full"), "applies to the op rows"),
+        (dict(ops=[], kv_heads=2), "--kv-heads 2 shapes the op rows, and none is measured"),
     ],
 )
 def test_bad_config(kwargs, match):

@@ -937,6 +937,9 @@ def validate_config(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
     if cfg.kv_heads is not None and (isinstance(cfg.kv_heads, bool) or not isinstance(cfg.kv_heads, int)
                                      or cfg.kv_heads < 1 or cfg.heads % cfg.kv_heads):
         raise ValueError(f"--kv-heads must be a positive divisor of --heads {cfg.heads}, got {cfg.kv_heads!r}")
+    if cfg.kv_heads is not None and not cfg.ops:  # layers take their own head layout: it would be recorded, unused
+        raise ValueError(f"--kv-heads {cfg.kv_heads} shapes the op rows, and none is measured (--ops none); "
+                         "accepted: add op rows, or leave --kv-heads out")
     if cfg.timing not in TIMINGS:
         raise ValueError(f"unknown --timing {cfg.timing!r}; accepted: {', '.join(TIMINGS)}")
     _positive_int(cfg.repeat, "--repeat")
