@@ -215,11 +215,11 @@ def _check_out(out, force: bool) -> Path:
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; accepted: a folder (created; an existing one must be empty "
                          "unless --force)")
-    if path.exists() and any(path.iterdir()) and not force:
-        raise ValueError(f"--out {str(out)!r} is not empty; pass --force to replace it, or name a new folder")
     cwd = Path.cwd().resolve()
     if path.resolve() == cwd or path.resolve() in cwd.parents:
         raise ValueError(f"--out {str(out)!r} is the folder this process runs in (or holds it); name a subfolder")
+    if path.exists() and any(path.iterdir()) and not force:
+        raise ValueError(f"--out {str(out)!r} is not empty; pass --force to replace it, or name a new folder")
     return path
 
 
@@ -477,7 +477,13 @@ def cmd_train_subject(args) -> int:
 
     steps = args.steps if args.steps is not None else _check_preset(args.preset)["train"]["steps"]
     whole_number(steps, "--steps", minimum=1)
+    from .._checks import parse_device
+
+    whole_number(args.seed, "--seed", minimum=0)
+    parse_device(args.device)
     _check_out(args.out, args.force)  # before the corpus is read and anything trains
+    if args.corpus is not None and not Path(args.corpus).exists():
+        raise ValueError(f"--corpus: corpus path {args.corpus!r} does not exist; give a text file or a folder of text files")
     stream = sys.stderr
     bar = None
     if stream.isatty():
