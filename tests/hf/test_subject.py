@@ -110,6 +110,22 @@ def test_out_is_refused_when_not_empty_and_replaced_with_force(tmp_path, quick_e
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
+def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, quick_eval):
+    whole = subject.train_subject(tmp_path / "whole", preset="tiny", steps=12, corpus=CORPUS)
+    out = tmp_path / "resumed"
+    stopped = subject.train_subject(out, preset="tiny", steps=12, corpus=CORPUS, max_minutes=1e-9)
+    assert stopped == {"finished": False, "step": 5, "steps": 12, "checkpoint": str(subject.checkpoint_path(out))}
+    assert subject.checkpoint_path(out).exists() and not out.exists()
+    with pytest.raises(ValueError, match="holds an unfinished run with other settings"):
+        subject.train_subject(out, preset="tiny", steps=13, corpus=CORPUS)
+    resumed = subject.train_subject(out, preset="tiny", steps=12, corpus=CORPUS)
+    assert resumed["finished"] and resumed["resumed_at_steps"] == [5]
+    assert not subject.checkpoint_path(out).exists()
+    assert resumed["loss_curve"][:1] == whole["loss_curve"][:1] and len(resumed["loss_curve"]) == len(whole["loss_curve"])
+    for (name, a), b in zip(whole["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch, quick_eval):
     def broken(*args):
         raise OSError("disk full")
@@ -127,6 +143,7 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch, quick_eval):
     (["--device", "tpu"], "unknown --device 'tpu'; accepted: cpu, cuda, cuda:N"),
     (["--out", "FILE"], "is a file; accepted: a folder"),
     (["--out", "."], "the folder this process runs in"),
+    (["--max-minutes", "0"], "--max-minutes must be a number > 0, got 0.0"),
     (["--corpus", "/nonexistent/corpus"], "corpus path '/nonexistent/corpus' does not exist"),
 ])
 def test_bad_options_give_clear_errors(argv, match, tmp_path, monkeypatch, capsys):

@@ -49,7 +49,7 @@ PRESETS = {
     "tiny": {
         "model": dict(dim=64, num_layers=2, num_heads=4, num_kv_heads=2, rope_base=10000.0),
         "data": dict(seq_len=256, max_pairs=2, max_shots=8),
-        "train": dict(batch_size=8, steps=150, lr=3e-3, warmup=20, weight_decay=0.1, min_lr_ratio=0.1, grad_clip=1.0),
+        "train": dict(batch_size=8, steps=100, lr=3e-3, warmup=20, weight_decay=0.1, min_lr_ratio=0.1, grad_clip=1.0),
         "eval": dict(lengths=(128, 256), per_cell=4, bpb_windows=8, multikey=8, fewshot=8),
         "log_every": 5,
     },
@@ -223,13 +223,34 @@ def _check_out(out, force: bool) -> Path:
     return path
 
 
+def checkpoint_path(out) -> Path:
+    """Where an unfinished run keeps its state: a hidden file beside ``out``."""
+    path = Path(out)
+    return path.parent / f".{path.name}.checkpoint.pt"
+
+
+def _save_checkpoint(file: Path, state: dict) -> None:
+    partial = file.with_name(file.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, file)  # a kill during the save leaves the previous checkpoint whole
+
+
 def train_subject(out, *, preset: str = "default", steps: int | None = None, device: str = "cpu", seed: int = 0,
-                  force: bool = False, corpus=None, progress=None, command: str | None = None) -> dict:
+                  force: bool = False, corpus=None, progress=None, command: str | None = None,
+                  max_minutes: float | None = None, checkpoint_minutes: float = 2.0) -> dict:
     """Train the subject, evaluate it and write the HF folder ``out``; returns the record written to
-    ``out/training.json`` plus ``"model"`` (the trained DecoderLM, fp32 holding the bf16-rounded weights).
+    ``out/training.json`` plus ``"model"`` (the trained DecoderLM, fp32 holding the bf16-rounded weights)
+    and ``"finished": True``.
 
     ``corpus``: a text file or folder instead of the standard library (tests use a small one).
     ``progress``: ``on_step(step, loss)`` called every ``log_every`` steps.
+
+    Resuming: every ``checkpoint_minutes`` the model, the optimiser and the loss curve are saved to
+    :func:`checkpoint_path` ``(out)``; a later call with the same settings continues from there
+    (the batch of step ``i`` is drawn from its own generator seeded by ``(seed, i)``, so a resumed
+    run sees the same data as an uninterrupted one). ``max_minutes``: stop training after so many
+    minutes, save the checkpoint and return ``{"finished": False, "step": ..., "steps": ...}``
+    (a device that limits each command's time can then run the same command again).
     """
     from .._checks import parse_device
     from ..compare.harness import lr_at
@@ -240,6 +261,9 @@ def train_subject(out, *, preset: str = "default", steps: int | None = None, dev
     steps = config["train"]["steps"] if steps is None else steps
     whole_number(steps, "--steps", minimum=1)
     whole_number(seed, "--seed", minimum=0)
+    if max_minutes is not None and (isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float))
+                                    or not max_minutes > 0):
+        raise ValueError(f"--max-minutes must be a number > 0, got {max_minutes!r}")
     torch_device = parse_device(device)
     path = _check_out(out, force)
     t, data = config["train"], config["data"]
@@ -259,15 +283,33 @@ def train_subject(out, *, preset: str = "default", steps: int | None = None, dev
                             lr=t["lr"], betas=(0.9, 0.95), fused=torch_device.type == "cuda")
     cuda = torch_device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    rng = random.Random(seed)
     warmup = min(t["warmup"], max(1, steps // 10))
     curve, window = [], []
     log_every = min(config["log_every"], steps)
-    start = time.perf_counter()
-    for step in range(steps):
+    settings = {"preset": preset, "steps": steps, "seed": seed, "model": _model_args(config), "corpus": corpus_info}
+    ckpt, first, wall_before, resumed = checkpoint_path(path), 0, 0.0, []
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=torch_device, weights_only=True)
+        if state["settings"] != settings:
+            if not force:
+                raise ValueError(f"{ckpt} holds an unfinished run with other settings ({state['settings']}); "
+                                 f"rerun with those, delete the file, or pass --force to start afresh")
+        else:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            first, curve, wall_before, resumed = state["step"], state["curve"], state["wall_s"], state["resumed"]
+            resumed = [*resumed, first]
+    start = last_save = time.perf_counter()
+
+    def save(step):
+        _save_checkpoint(ckpt, {"settings": settings, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "step": step, "curve": curve, "wall_s": wall_before + time.perf_counter() - start,
+                                "resumed": resumed})
+
+    for step in range(first, steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, lr=t["lr"], warmup=warmup, steps=steps, floor=t["min_lr_ratio"])
-        inputs, targets = mixture.batch(t["batch_size"], rng)
+        inputs, targets = mixture.batch(t["batch_size"], random.Random(f"train-subject:{seed}:{step}"))
         inputs, targets = inputs.to(torch_device, non_blocking=True), targets.to(torch_device, non_blocking=True)
         with autocast:
             loss = model.loss(inputs, targets)
@@ -284,9 +326,16 @@ def train_subject(out, *, preset: str = "default", steps: int | None = None, dev
             curve.append([step + 1, value])
             if progress:
                 progress(step + 1, value)
+            now = time.perf_counter()
+            if max_minutes is not None and now - start >= 60 * max_minutes and step + 1 < steps:
+                save(step + 1)
+                return {"finished": False, "step": step + 1, "steps": steps, "checkpoint": str(ckpt)}
+            if now - last_save >= 60 * checkpoint_minutes and step + 1 < steps:
+                save(step + 1)
+                last_save = time.perf_counter()
     if cuda:
         torch.cuda.synchronize(torch_device)
-    wall = time.perf_counter() - start
+    wall = wall_before + time.perf_counter() - start
     with torch.no_grad():  # what is shipped: evaluate the bf16 weights (held in fp32)
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16).float())
@@ -296,10 +345,12 @@ def train_subject(out, *, preset: str = "default", steps: int | None = None, dev
         "model": _model_args(config), "parameters": model.num_parameters(), "data": {**data, "weights": mixture.weights},
         "train": {**t, "steps": steps, "warmup": warmup}, "corpus": corpus_info, "wall_s": wall,
         "tokens_per_s": steps * t["batch_size"] * data["seq_len"] / wall, "loss_curve": curve, "eval": evaluation,
+        "resumed_at_steps": resumed,
     }
     _write_folder(path, model.cpu(), record, force)
+    ckpt.unlink(missing_ok=True)
     record["safetensors_bytes"] = (path / "model.safetensors").stat().st_size
-    return {**record, "model": model}
+    return {**record, "model": model, "finished": True}
 
 
 # -- the folder ---------------------------------------------------------------------------------
@@ -468,7 +519,12 @@ def add_train_subject_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:<index> (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data, an integer >= 0 (default: 0)")
     p.add_argument("--corpus", default=None, help="a text file or folder instead of the standard library's source")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder (and start afresh when a "
+                   "checkpoint of other settings is there)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop training after this many minutes, keep a checkpoint beside --out and exit with status 3; "
+                   "the same command run again resumes (for machines that limit a command's time; default: no limit). "
+                   "A checkpoint is also saved every 2 minutes, so a killed run resumes too")
     p.set_defaults(func=cmd_train_subject)
 
 
@@ -480,6 +536,8 @@ def cmd_train_subject(args) -> int:
     from .._checks import parse_device
 
     whole_number(args.seed, "--seed", minimum=0)
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise ValueError(f"--max-minutes must be a number > 0, got {args.max_minutes!r}")
     parse_device(args.device)
     _check_out(args.out, args.force)  # before the corpus is read and anything trains
     if args.corpus is not None and not Path(args.corpus).exists():
@@ -504,10 +562,14 @@ def cmd_train_subject(args) -> int:
     try:
         record = train_subject(args.out, preset=args.preset, steps=steps, device=args.device, seed=args.seed,
                                force=args.force, corpus=args.corpus, progress=on_step,
-                               command=invoked_command("train-subject"))
+                               command=invoked_command("train-subject"), max_minutes=args.max_minutes)
     finally:
         if bar is not None:
             bar.stop()
+    if not record["finished"]:
+        err_console().print(f"train-subject: stopped at step {record['step']} of {record['steps']} (--max-minutes); "
+                            f"checkpoint {record['checkpoint']}; run the same command again to resume", highlight=False)
+        return 3
     e = record["eval"]
     out = console()
     out.print(f"wrote {args.out}: {record['parameters']:,} parameters, {record['safetensors_bytes'] / 1e6:.2f} MB; "
