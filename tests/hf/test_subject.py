@@ -34,7 +34,8 @@ def test_folder_loads_offline_and_logits_equal_the_decoder(trained):
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "README.md", "loss_curve.png", "training.json"} <= names
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging folder or checkpoint left
+    assert (out / "model.safetensors").stat().st_mode == (out / "config.json").stat().st_mode
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     llama = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -112,7 +113,7 @@ def test_out_is_refused_when_not_empty_and_replaced_with_force(tmp_path, quick_e
 
 def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, quick_eval):
     whole = subject.train_subject(tmp_path / "whole", preset="tiny", steps=12, corpus=CORPUS)
-    out = tmp_path / "resumed"
+    out = tmp_path / "not" / "yet" / "resumed"  # the checkpoint's folder is created too
     stopped = subject.train_subject(out, preset="tiny", steps=12, corpus=CORPUS, max_minutes=1e-9)
     assert stopped == {"finished": False, "step": 5, "steps": 12, "checkpoint": str(subject.checkpoint_path(out))}
     assert subject.checkpoint_path(out).exists() and not out.exists()
@@ -120,6 +121,7 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, quick_eval):
         subject.train_subject(out, preset="tiny", steps=13, corpus=CORPUS)
     resumed = subject.train_subject(out, preset="tiny", steps=12, corpus=CORPUS)
     assert resumed["finished"] and resumed["resumed_at_steps"] == [5]
+    assert "resumed from checkpoints at steps 5" in (out / "README.md").read_text()
     assert not subject.checkpoint_path(out).exists()
     assert resumed["loss_curve"][:1] == whole["loss_curve"][:1] and len(resumed["loss_curve"]) == len(whole["loss_curve"])
     for (name, a), b in zip(whole["model"].state_dict().items(), resumed["model"].state_dict().values()):

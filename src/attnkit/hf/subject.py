@@ -231,6 +231,7 @@ def checkpoint_path(out) -> Path:
 
 def _save_checkpoint(file: Path, state: dict) -> None:
     partial = file.with_name(file.name + ".partial")
+    file.parent.mkdir(parents=True, exist_ok=True)  # --out's parent may not exist yet
     torch.save(state, partial)
     os.replace(partial, file)  # a kill during the save leaves the previous checkpoint whole
 
@@ -373,6 +374,8 @@ def _write_folder(path: Path, model, record: dict, force: bool) -> None:
         hf.config.max_position_embeddings = record["data"]["seq_len"]
         hf.generation_config = GenerationConfig(do_sample=False, pad_token_id=0, bos_token_id=None, eos_token_id=None)
         hf.save_pretrained(staging, safe_serialization=True)
+        # the weights get the config's mode (the umask's), not a private 0600 of the writer
+        shutil.copymode(staging / "config.json", staging / "model.safetensors")
         byte_tokenizer(record["data"]["seq_len"]).save_pretrained(staging)
         record["safetensors_bytes"] = (staging / "model.safetensors").stat().st_size
         _plot_curve(record["loss_curve"], staging / "loss_curve.png")
@@ -458,7 +461,7 @@ Synthetic examples are packed into rows with the loss on their answers only
 {record['steps']} steps of batch {t['batch_size']} x {d['seq_len']} bytes, AdamW (lr {t['lr']:g}, betas 0.9/0.95,
 weight decay {t['weight_decay']:g} on matrices), {t['warmup']} warm-up steps then cosine decay to
 {t['min_lr_ratio']:g} x lr, gradient clip {t['grad_clip']:g}; seed {record['seed']}; device {record['device']};
-{record['wall_s']:.0f} s ({record['tokens_per_s']:,.0f} tokens/s).
+{record['wall_s']:.0f} s ({record['tokens_per_s']:,.0f} tokens/s){resumed_note(record)}.
 
     {command}
 
@@ -476,6 +479,11 @@ Passkey accuracy (exact 5 digits) by depth of the needle and prompt length in by
 - few-shot classification: {fewshot}
 - bits per byte on held-out stdlib text: {e['bits_per_byte']:.4f}
 """
+
+
+def resumed_note(record: dict) -> str:
+    steps = record.get("resumed_at_steps") or []
+    return f"; resumed from checkpoints at steps {', '.join(map(str, steps))}" if steps else ""
 
 
 def record_per_cell(record: dict) -> int:
@@ -558,6 +566,9 @@ def cmd_train_subject(args) -> int:
     else:
         printer = StepPrinter("train-subject", stream)
         printer.line(f"training preset {args.preset}, {steps} steps on {args.device}")
+    if checkpoint_path(args.out).exists():
+        err_console().print(f"train-subject: found the checkpoint {checkpoint_path(args.out)}: resuming from it "
+                            "(when its settings match)", highlight=False)
         on_step = printer.start(args.preset, steps)
     try:
         record = train_subject(args.out, preset=args.preset, steps=steps, device=args.device, seed=args.seed,
