@@ -81,6 +81,22 @@ def test_card_has_the_table_and_reproduces_from_the_hf_model(trained):
     assert grid == record["eval"]["passkey"]
 
 
+def test_text_and_answer_losses_are_averaged_separately():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 256)
+    targets = torch.randint(0, 256, (2, 6))
+    targets[0, :2] = -100
+    answers = torch.zeros(2, 6, dtype=torch.bool)
+    answers[1, 4:] = True
+    text_loss, answer_loss = subject._split_loss(logits, targets, answers)
+    nll = -torch.log_softmax(logits.double(), -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    text = (targets != -100) & ~answers
+    torch.testing.assert_close(text_loss.double(), nll[text].mean(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(answer_loss.double(), nll[answers].mean(), rtol=1e-6, atol=0)
+    none = subject._split_loss(logits, targets, torch.zeros_like(answers))[1]
+    assert float(none) == 0.0  # a batch without answers: no NaN
+
+
 def test_presets_fit_the_size_limit_and_the_help_gives_the_estimate(capsys):
     for name in subject.PRESETS:
         built = DecoderLM(**subject._model_args(subject.PRESETS[name]))

@@ -85,9 +85,9 @@ def test_generators_and_mixture_are_deterministic():
 def test_mixture_takes_the_loss_on_answers_and_text_only():
     rng = random.Random(0)
     mix = SubjectMixture(HAYSTACK, 1024, weights={"passkey": 1.0}, max_pairs=2)
-    inputs, targets = mix.batch(8, rng)
-    assert inputs.shape == targets.shape == (8, 1024)
-    for x, y in zip(inputs, targets):
+    inputs, targets, answers = mix.batch(8, rng, answers=True)
+    assert inputs.shape == targets.shape == answers.shape == (8, 1024)
+    for x, y, a in zip(inputs, targets, answers):
         seq = bytes(x.tolist())
         ends = [m.end() for m in re.finditer(re.escape(QUESTION), seq)]
         assert ends  # a passkey row holds at least one prompt
@@ -101,9 +101,11 @@ def test_mixture_takes_the_loss_on_answers_and_text_only():
         last = ends[-1] - 1 + 5
         supervised = (y[:last] != -100).nonzero().flatten().tolist()
         assert supervised == [p for end in ends for p in range(end - 1, end + 4)]
+        assert a.nonzero().flatten().tolist() == [p for p in supervised + (y[last:] != -100).nonzero().flatten().add(last)
+                                                  .tolist() if p < last]  # answers, not the trailing text
     text = SubjectMixture(HAYSTACK, 256, weights={"text": 1.0, "passkey": 0.0}, max_pairs=1)
-    inputs, targets = text.batch(2, rng)
-    assert torch.equal(targets[:, :-1], inputs[:, 1:])  # text: every byte is a target
+    inputs, targets, answers = text.batch(2, rng, answers=True)
+    assert torch.equal(targets[:, :-1], inputs[:, 1:]) and not answers.any()  # text: every byte, no answer
 
 
 @pytest.mark.parametrize("call, match", [

@@ -310,26 +310,27 @@ def train_subject(out, *, preset: str = "default", steps: int | None = None, dev
     for step in range(first, steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, lr=t["lr"], warmup=warmup, steps=steps, floor=t["min_lr_ratio"])
-        inputs, targets = mixture.batch(t["batch_size"], random.Random(f"train-subject:{seed}:{step}"))
+        batch = mixture.batch(t["batch_size"], random.Random(f"train-subject:{seed}:{step}"), answers=True)
         if cuda:  # pinned: the copy does not wait for the GPU, so the next batch is built while this one trains
-            inputs, targets = inputs.pin_memory(), targets.pin_memory()
-        inputs, targets = inputs.to(torch_device, non_blocking=True), targets.to(torch_device, non_blocking=True)
+            batch = [x.pin_memory() for x in batch]
+        inputs, targets, answers = (x.to(torch_device, non_blocking=True) for x in batch)
         with autocast:
             # DecoderLM.loss's hidden[targets != -100] needs the count on the host (a sync every step);
             # the output layer over every position (V = 256) is cheap and keeps the GPU queue full
             logits = model(inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            text_loss, answer_loss = _split_loss(logits, targets, answers)
+            loss = text_loss + answer_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        window.append(loss.detach())
+        window.append(torch.stack([loss.detach(), text_loss.detach(), answer_loss.detach()]))
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            value = float(torch.stack(window).mean())
+            value, text_value, answer_value = torch.stack(window).mean(0).tolist()
             window.clear()
             if not math.isfinite(value):
                 raise FloatingPointError(f"train-subject: the training loss became {value} at step {step + 1}")
-            curve.append([step + 1, value])
+            curve.append([step + 1, value, text_value, answer_value])
             if progress:
                 progress(step + 1, value)
             now = time.perf_counter()
@@ -357,6 +358,18 @@ def train_subject(out, *, preset: str = "default", steps: int | None = None, dev
     ckpt.unlink(missing_ok=True)
     record["safetensors_bytes"] = (path / "model.safetensors").stat().st_size
     return {**record, "model": model, "finished": True}
+
+
+def _split_loss(logits, targets, answers):
+    """(mean cross-entropy over the text targets, mean over the answer targets); 0 for a kind the
+    batch lacks. Counts stay on the device (no sync)."""
+    per_position = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                   reduction="none")  # (B T,) zero where ignored
+    answers = answers.flatten()
+    text = (targets.flatten() != -100) & ~answers
+    text_loss = (per_position * text).sum() / text.sum().clamp_min(1)
+    answer_loss = (per_position * answers).sum() / answers.sum().clamp_min(1)
+    return text_loss, answer_loss
 
 
 # -- the folder ---------------------------------------------------------------------------------
@@ -407,9 +420,12 @@ def _plot_curve(curve, file: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([s for s, _ in curve], [v for _, v in curve])
+    steps = [row[0] for row in curve]
+    ax.plot(steps, [row[2] for row in curve], label="text (nats per byte)")
+    ax.plot(steps, [row[3] for row in curve], label="answers of the synthetic tasks (nats per byte)")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats per supervised byte)")
+    ax.set_ylabel("training loss")
+    ax.legend()
     ax.set_title("attnkit subject: training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -472,7 +488,9 @@ weight decay {t['weight_decay']:g} on matrices), {t['warmup']} warm-up steps the
 
 ![training loss](loss_curve.png)
 
-Final training loss {record['loss_curve'][-1][1]:.4f} (nats per supervised byte).
+The training loss is the mean cross-entropy over text bytes plus the mean over answer bytes (each
+averaged on its own, so that a few answer bytes per row are not drowned by the text); final: text
+{record['loss_curve'][-1][2]:.4f}, answers {record['loss_curve'][-1][3]:.4f} nats per byte.
 
 ## Evaluation (the shipped bf16 weights, greedy, on held-out stdlib files)
 Passkey accuracy (exact 5 digits) by depth of the needle and prompt length in bytes

@@ -237,7 +237,8 @@ class SubjectMixture:
         return multikey_example(rng, self.train_text, length, rng.randint(1, self.max_pairs))
 
     def row(self, rng: random.Random) -> tuple[bytes, bytes]:
-        """``(sequence of seq_len + 1 bytes, loss mask of the same length: 1 where byte i is a target)``."""
+        """``(sequence of seq_len + 1 bytes, loss mask of the same length)``: byte ``i`` of the mask
+        is 0 where byte ``i`` is no target, 1 for text, 2 for an answer."""
         total = self.seq_len + 1
         if rng.random() < self.weights.get("text", 0):
             return _window(rng, self.train_text, total), b"\x01" * total
@@ -251,15 +252,18 @@ class SubjectMixture:
                 break
             example = self._synthetic(rng, room - len(SEPARATOR))
             seq += example.prompt + example.answer + SEPARATOR
-            mask += b"\x00" * len(example.prompt) + b"\x01" * len(example.answer) + b"\x00" * len(SEPARATOR)
+            mask += b"\x00" * len(example.prompt) + b"\x02" * len(example.answer) + b"\x00" * len(SEPARATOR)
         return bytes(seq[:total]), bytes(mask[:total])
 
-    def batch(self, batch_size: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-        """``inputs, targets [B, seq_len]`` (targets ``-100`` where no loss is taken)."""
+    def batch(self, batch_size: int, rng: random.Random, *, answers: bool = False):
+        """``inputs, targets [B, seq_len]`` (targets ``-100`` where no loss is taken); with
+        ``answers=True`` also a boolean ``[B, seq_len]``, True where the target is an answer byte
+        (the trainer averages the loss over answers and over text separately: a few answer bytes
+        per row would otherwise weigh next to nothing against thousands of text bytes)."""
         whole_number(batch_size, "batch_size", minimum=1)
         rows = [self.row(rng) for _ in range(batch_size)]
         total = self.seq_len + 1
         seq = torch.frombuffer(bytearray(b"".join(s for s, _ in rows)), dtype=torch.uint8).view(batch_size, total).long()
-        mask = torch.frombuffer(bytearray(b"".join(m for _, m in rows)), dtype=torch.uint8).view(batch_size, total).bool()
-        targets = seq[:, 1:].masked_fill(~mask[:, 1:], -100)
-        return seq[:, :-1], targets
+        mask = torch.frombuffer(bytearray(b"".join(m for _, m in rows)), dtype=torch.uint8).view(batch_size, total)
+        targets = seq[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        return (seq[:, :-1], targets, mask[:, 1:] == 2) if answers else (seq[:, :-1], targets)
