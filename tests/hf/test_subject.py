@@ -144,6 +144,18 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, quick_eval):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
 
 
+def test_the_command_trains_stops_and_resumes(tmp_path, quick_eval, capsys):
+    argv = ["train-subject", "--out", str(tmp_path / "m"), "--preset", "tiny", "--steps", "12", "--corpus", CORPUS]
+    assert main([*argv, "--max-minutes", "1e-9"]) == 3
+    err = capsys.readouterr().err
+    assert "step 5/12" in err and "stopped at step 5 of 12" in err and "run the same command again" in err
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "found the checkpoint" in captured.err and "step 12/12 (100%)" in captured.err
+    assert f"wrote {tmp_path / 'm'}" in captured.out
+    assert "resumed from checkpoints at steps 5" in (tmp_path / "m" / "README.md").read_text()
+
+
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch, quick_eval):
     def broken(*args):
         raise OSError("disk full")

@@ -589,10 +589,10 @@ def cmd_train_subject(args) -> int:
     else:
         printer = StepPrinter("train-subject", stream)
         printer.line(f"training preset {args.preset}, {steps} steps on {args.device}")
+        on_step = printer.start(args.preset, steps)
     if checkpoint_path(args.out).exists():
         err_console().print(f"train-subject: found the checkpoint {checkpoint_path(args.out)}: resuming from it "
                             "(when its settings match)", highlight=False)
-        on_step = printer.start(args.preset, steps)
     try:
         record = train_subject(args.out, preset=args.preset, steps=steps, device=args.device, seed=args.seed,
                                force=args.force, corpus=args.corpus, progress=on_step,
