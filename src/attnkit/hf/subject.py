@@ -137,17 +137,19 @@ def byte_tokenizer(model_max_length: int = 4096):
 
 
 @torch.no_grad()
-def _greedy(model, prompts: list[bytes], max_new_tokens: int, device) -> list[bytes]:
+def _greedy(model, prompts: list[bytes], max_new_tokens: int, device, batch_size: int = 16) -> list[bytes]:
     """Greedy continuations of byte prompts (batched by prompt length)."""
     out: list[bytes | None] = [None] * len(prompts)
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
-    for length, rows in by_length.items():
-        ids = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long, device=device)
-        gen = model.generate(ids, max_new_tokens=max_new_tokens)[:, length:].cpu()
-        for i, row in zip(rows, gen):
-            out[i] = bytes(row.tolist())
+    for length, same in by_length.items():
+        for start in range(0, len(same), batch_size):  # bounded: fp32 prefill of 4k-byte prompts
+            rows = same[start : start + batch_size]
+            ids = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long, device=device)
+            gen = model.generate(ids, max_new_tokens=max_new_tokens)[:, length:].cpu()
+            for i, row in zip(rows, gen):
+                out[i] = bytes(row.tolist())
     return out
 
 
