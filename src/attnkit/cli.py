@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         def add_train_subject_parser(sub, why=str(err)):
             def missing(args):
                 raise ValueError(why)
-            sub.add_parser("train-subject", help="train the subject model (needs attnkit[hf])").set_defaults(func=missing)
+            # no option prefix: whatever options are given, the answer is the missing extra
+            p = sub.add_parser("train-subject", help="train the subject model (needs attnkit[hf])", prefix_chars="\0")
+            p.add_argument("options", nargs="*")
+            p.set_defaults(func=missing)
     add_train_subject_parser(sub)
     return parser
 

@@ -189,6 +189,18 @@ def test_bad_options_give_clear_errors(argv, match, tmp_path, monkeypatch, capsy
     assert not (tmp_path / "model").exists()
 
 
+def test_without_transformers_the_command_names_the_extra():
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.modules['transformers'] = None\nfrom attnkit.cli import main\n"
+            "sys.exit(main(['train-subject', '--out', 'x', '--preset', 'tiny']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "attnkit train-subject: error: attnkit.hf needs transformers" in out.stderr
+    assert 'pip install "attnkit[hf]"' in out.stderr
+
+
 class _no_raise:
     def __enter__(self):
         return self

@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tasks.base import whole_number
-from ..tasks.longcontext import (FEWSHOT_RULES, PASSKEY_MIN_LENGTH, SubjectMixture, fewshot_example, multikey_example,
-                                 passkey_example)
+from ..tasks.longcontext import FEWSHOT_RULES, SubjectMixture, fewshot_example, multikey_example, passkey_example
 
 __all__ = ["PRESETS", "train_subject", "byte_tokenizer", "preset_parameters", "estimate_h200_seconds",
            "passkey_grid", "add_train_subject_parser", "SIZE_LIMIT_BYTES", "H200_BF16_FLOPS", "ASSUMED_MFU"]
