@@ -116,6 +116,17 @@ def quick_eval(trained, monkeypatch):
     monkeypatch.setattr(subject, "evaluate", lambda *args: trained[1]["eval"])
 
 
+def test_every_option_names_its_default():
+    from attnkit.cli import build_parser
+
+    parser = next(a for a in build_parser()._actions if a.dest == "command").choices["train-subject"]
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help and "default" in action.help, f"{action.option_strings}: {action.help!r}"
+        assert all(str(choice) in action.help for choice in action.choices or ())
+
+
 def test_out_is_refused_when_not_empty_and_replaced_with_force(tmp_path, quick_eval):
     out = tmp_path / "model"
     out.mkdir()

@@ -542,7 +542,7 @@ def add_train_subject_parser(sub) -> None:
         f"{ASSUMED_MFU:.0%} of {H200_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 (an estimate, not a measurement; a model "
         "this small usually runs below that utilisation). tiny: under a minute on a CPU (tests).",
     )
-    p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty, unless --force)")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty, unless --force; required, no default)")
     p.add_argument("--preset", default="default", choices=list(PRESETS),
                    help=f"default (the H200 run, ~{_minutes(estimate)} estimated) | tiny (CPU, tests) (default: default)")
     p.add_argument("--steps", type=int, default=None,
@@ -550,9 +550,9 @@ def add_train_subject_parser(sub) -> None:
                    + ", ".join(f"{n} {pr['train']['steps']}" for n, pr in PRESETS.items()) + ")")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:<index> (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data, an integer >= 0 (default: 0)")
-    p.add_argument("--corpus", default=None, help="a text file or folder instead of the standard library's source")
+    p.add_argument("--corpus", default=None, help="a text file or folder of text files to train on (default: the standard library's source)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder (and start afresh when a "
-                   "checkpoint of other settings is there)")
+                   "checkpoint of other settings is there; default: refuse)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop training after this many minutes, keep a checkpoint beside --out and exit with status 3; "
                    "the same command run again resumes (for machines that limit a command's time; default: no limit). "
