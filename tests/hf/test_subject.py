@@ -97,6 +97,14 @@ def test_text_and_answer_losses_are_averaged_separately():
     assert float(none) == 0.0  # a batch without answers: no NaN
 
 
+def test_the_schedule_is_compare_s():
+    from attnkit.compare.harness import lr_at
+
+    for step in (0, 5, 9, 10, 50, 99, 120):
+        assert subject._lr_at(step, lr=2e-3, warmup=10, steps=100, floor=0.1) == lr_at(
+            step, lr=2e-3, warmup=10, steps=100, floor=0.1)
+
+
 def test_presets_fit_the_size_limit_and_the_help_gives_the_estimate(capsys):
     for name in subject.PRESETS:
         built = DecoderLM(**subject._model_args(subject.PRESETS[name]))

@@ -10,7 +10,7 @@ few-shot in-context classification (:mod:`attnkit.tasks.longcontext`). The folde
     >>> tokenizer = AutoTokenizer.from_pretrained("subject")         # token id = UTF-8 byte value
 
 Training: a :class:`~attnkit.models.DecoderLM` (attention ``gqa``), AdamW with linear warm-up and
-cosine decay (:func:`attnkit.compare.harness.lr_at`), bf16 autocast on CUDA. At the end the
+cosine decay (``attnkit compare``'s schedule), bf16 autocast on CUDA. At the end the
 weights are rounded to bf16 (what is shipped), evaluated (greedy passkey accuracy on a depth x
 length grid, multi-key and few-shot accuracy, bits per byte on held-out stdlib files), converted
 with :func:`attnkit.hf.to_hf` and written, with a byte tokenizer, a generation config, a loss curve
@@ -224,6 +224,15 @@ def _check_out(out, force: bool) -> Path:
     return path
 
 
+def _lr_at(step: int, *, lr: float, warmup: int, steps: int, floor: float) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``floor * lr`` at the last step: the schedule of
+    ``attnkit compare`` (``compare.harness.lr_at``), which ``hf`` may not import (docs/architecture.md)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def checkpoint_path(out) -> Path:
     """Where an unfinished run keeps its state: a hidden file beside ``out``."""
     path = Path(out)
@@ -255,7 +264,6 @@ def train_subject(out, *, preset: str = "default", steps: int | None = None, dev
     (a device that limits each command's time can then run the same command again).
     """
     from .._checks import parse_device
-    from ..compare.harness import lr_at
     from ..models import DecoderLM
     from ..tasks.text import load_corpus
 
@@ -310,7 +318,7 @@ def train_subject(out, *, preset: str = "default", steps: int | None = None, dev
 
     for step in range(first, steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, lr=t["lr"], warmup=warmup, steps=steps, floor=t["min_lr_ratio"])
+            group["lr"] = _lr_at(step, lr=t["lr"], warmup=warmup, steps=steps, floor=t["min_lr_ratio"])
         batch = mixture.batch(t["batch_size"], random.Random(f"train-subject:{seed}:{step}"), answers=True)
         if cuda:  # pinned: the copy does not wait for the GPU, so the next batch is built while this one trains
             batch = [x.pin_memory() for x in batch]
