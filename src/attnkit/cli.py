@@ -1,4 +1,4 @@
-"""The ``attnkit`` command: ``list``, ``bench``, ``compare``, ``sinks``."""
+"""The ``attnkit`` command: ``list``, ``bench``, ``compare``, ``sinks``, ``train-subject``."""
 
 from __future__ import annotations
 
@@ -71,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_compare_parser(sub)
     add_sinks_parser(sub)
+    try:  # attnkit.hf needs transformers (the hf extra); without it the command says so when run
+        from .hf.subject import add_train_subject_parser
+    except ImportError as err:
+        def add_train_subject_parser(sub, why=str(err)):
+            def missing(args):
+                raise ValueError(why)
+            # no option prefix: whatever options are given, the answer is the missing extra
+            p = sub.add_parser("train-subject", help="train the subject model (needs attnkit[hf])", prefix_chars="\0")
+            p.add_argument("options", nargs="*")
+            p.set_defaults(func=missing)
+    add_train_subject_parser(sub)
     return parser
 
 
