@@ -211,6 +211,8 @@ def _memory_bars(ax, cells: list[dict], mode: str) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=fam_colour[f]) for f in fam_colour], labels=list(fam_colour),
               fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
+    # the title above as many legend rows as there are (two rows covered a 20-point pad)
+    ax.set_title(f"{what} vs dense at seq {seq}", fontsize=9.5, pad=8 + 11 * -(-len(fam_colour) // 4))
     ax.set_xlabel(f"{what} / dense's (x; left of the line = less)", fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
     ax.grid(True, axis="x", alpha=0.3)
