@@ -47,6 +47,7 @@ from .. import registry
 from .._checks import parse_device, parse_number
 from .._meta import code_hash, run_metadata
 from ..models import DecoderLM
+from ..models.training import lr_at
 from ..patterns import Pattern
 from ..tasks import MQAR, Passkey, Task, TextCorpus
 
@@ -207,14 +208,6 @@ def make_task(name: str, options: dict, corpus: str | None = None) -> Task:
     if name == "text":
         return TextCorpus(path=corpus, **options)
     return TASK_CLASSES[name](**options)
-
-
-def lr_at(step: int, *, lr: float, warmup: int, steps: int, floor: float = 0.1) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to ``floor * lr`` at the last step."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def _aux_loss(model) -> torch.Tensor | float:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..models.training import lr_at
 from ..tasks.base import whole_number
 from ..tasks.longcontext import FEWSHOT_RULES, SubjectMixture, fewshot_example, multikey_example, passkey_example
 
@@ -224,15 +225,6 @@ def _check_out(out, force: bool) -> Path:
     return path
 
 
-def _lr_at(step: int, *, lr: float, warmup: int, steps: int, floor: float) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to ``floor * lr`` at the last step: the schedule of
-    ``attnkit compare`` (``compare.harness.lr_at``), which ``hf`` may not import (docs/architecture.md)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def checkpoint_path(out) -> Path:
     """Where an unfinished run keeps its state: a hidden file beside ``out``."""
     path = Path(out)
@@ -318,7 +310,7 @@ def train_subject(out, *, preset: str = "default", steps: int | None = None, dev
 
     for step in range(first, steps):
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, lr=t["lr"], warmup=warmup, steps=steps, floor=t["min_lr_ratio"])
+            group["lr"] = lr_at(step, lr=t["lr"], warmup=warmup, steps=steps, floor=t["min_lr_ratio"])
         batch = mixture.batch(t["batch_size"], random.Random(f"train-subject:{seed}:{step}"), answers=True)
         if cuda:  # pinned: the copy does not wait for the GPU, so the next batch is built while this one trains
             batch = [x.pin_memory() for x in batch]
