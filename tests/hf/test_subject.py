@@ -1,6 +1,7 @@
 """attnkit train-subject (issue 22, item 6): the tiny preset trains and writes a folder that
 transformers loads offline, computing exactly what the trained DecoderLM computes."""
 
+import os
 import json
 import random
 
@@ -235,3 +236,21 @@ def test_the_mixture_rows_match_the_tokenizer(trained):
     tokenizer = AutoTokenizer.from_pretrained(trained[0])
     example = fewshot_example(random.Random(0), 4)
     assert tokenizer(example.prompt.decode())["input_ids"] == list(example.prompt)
+
+
+def test_a_failed_swap_puts_the_users_folder_back(tmp_path, quick_eval, monkeypatch):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    real = os.rename
+
+    def failing(src, dst):
+        if ".writing-" in str(src):  # the finished folder moving into place
+            raise OSError("disk went away")
+        return real(src, dst)
+
+    monkeypatch.setattr(subject.os, "rename", failing)
+    with pytest.raises(OSError, match="disk went away"):
+        subject.train_subject(out, preset="tiny", steps=1, corpus=CORPUS, force=True)
+    assert (out / "mine.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

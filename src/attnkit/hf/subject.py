@@ -405,7 +405,11 @@ def _write_folder(path: Path, model, record: dict, force: bool) -> None:
                 raise ValueError(f"--out {str(path)!r} is no longer empty; pass --force to replace it")
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
             os.rename(path, old)
-            os.rename(staging, path)
+            try:
+                os.rename(staging, path)
+            except BaseException:
+                os.rename(old, path)  # the user's folder goes back where it was
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(staging, path)
