@@ -60,8 +60,8 @@ def main() -> int:
     p.add_argument("--out", default=None, help="JSON path for the rows (default: print only)")
     args = p.parse_args()
     seqs = [int(s) for s in args.seq.split(",")]
-    if args.rounds < 1 or any(s < 1 for s in seqs):
-        p.error("--rounds and every --seq length must be positive")
+    if args.rounds < 1 or any(s < 1 for s in seqs) or (args.layers is not None and args.layers < 1):
+        p.error("--rounds, --layers and every --seq length must be positive")
 
     import transformers
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM

@@ -311,7 +311,8 @@ class Handle:
 
     def evicts(self, layer_idx: int, num_kv_heads: int) -> bool:
         """Whether some KV head of this layer keeps fewer than all tokens."""
-        return any(g.rule is not None for g in self.plan(layer_idx, num_kv_heads))
+        # the policy's own answer first: Full (the common case) needs no per-layer lookup per call
+        return self.policy.evicts and any(g.rule is not None for g in self.plan(layer_idx, num_kv_heads))
 
     def cache(self):
         """A fresh :class:`HeadwiseCache` for this model and policy (``past_key_values=``)."""

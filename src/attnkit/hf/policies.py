@@ -23,13 +23,9 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
+from .._checks import positive_int
+
 __all__ = ["SinkWindow", "Group", "Policy", "Full", "Streaming", "Headwise", "METHODS", "resolve"]
-
-
-def _positive_int(value, name: str, owner: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _sink_count(value, owner: str) -> int:
@@ -87,7 +83,7 @@ class SinkWindow:
 
     def __post_init__(self):
         _sink_count(self.sink, "SinkWindow")
-        _positive_int(self.window, "window", "SinkWindow")
+        positive_int(self.window, "SinkWindow: window")
 
     @property
     def budget(self) -> int:
@@ -172,7 +168,7 @@ class Streaming(Policy):
 
     def __post_init__(self):
         _sink_count(self.sink, "Streaming")
-        _positive_int(self.window, "window", "Streaming")
+        positive_int(self.window, "Streaming: window")
 
     def rule(self, layer_idx, kv_head):
         return SinkWindow(self.sink, self.window)
@@ -200,7 +196,7 @@ class Headwise(Policy):
 
     def __post_init__(self):
         _sink_count(self.sink, "Headwise")
-        _positive_int(self.window, "window", "Headwise")
+        positive_int(self.window, "Headwise: window")
         rows = _table_rows(self.full_heads)
         if len({len(r) for r in rows}) > 1:
             raise ValueError(f"Headwise: full_heads rows must all have one entry per KV head, got lengths "
@@ -233,8 +229,8 @@ class Headwise(Policy):
         """Build from ``{layer_idx: [full KV head indices]}``; every other head streams.
 
         Raises ``ValueError`` naming a layer or head index out of range."""
-        _positive_int(num_layers, "num_layers", "Headwise.from_heads")
-        _positive_int(num_kv_heads, "num_kv_heads", "Headwise.from_heads")
+        positive_int(num_layers, "Headwise.from_heads: num_layers")
+        positive_int(num_kv_heads, "Headwise.from_heads: num_kv_heads")
         table = [[False] * num_kv_heads for _ in range(num_layers)]
         for layer, heads in dict(full).items():
             if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
