@@ -177,8 +177,10 @@ class DynamicMaskAttention(MultiHeadAttention):
         q_offset = S - T if q_offset is None else q_offset
         group = q.shape[1] // k.shape[1]
         if S > self.keep_keys:
-            # a copy, not a view of the bias that score_mod differentiates: the mask's buffers and
-            # the score's then share no storage inside FlexAttention (B * Hkv * S values)
+            # a copy, not a view of the bias that score_mod differentiates, so the mask's buffers and
+            # the score's share no storage inside FlexAttention (B * Hkv * S values). A precaution
+            # only: the CUDA gradient error once blamed on it was the block mask's strided indices
+            # (patterns.block_mask_from_blocks); the copy stays until the GPU checks it can go
             detached = bias.detach().clone()
             thresholds = kept_key_thresholds(detached, pattern, self.keep_keys, T, q_offset)
             pattern = _KeptKeys(pattern, detached, thresholds, q_offset, group)
