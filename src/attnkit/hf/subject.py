@@ -37,9 +37,12 @@ from ..tasks.base import whole_number
 from ..tasks.longcontext import FEWSHOT_RULES, SubjectMixture, fewshot_example, multikey_example, passkey_example
 
 __all__ = ["PRESETS", "train_subject", "byte_tokenizer", "preset_parameters", "estimate_h200_seconds",
-           "passkey_grid", "add_train_subject_parser", "SIZE_LIMIT_BYTES", "H200_BF16_FLOPS", "ASSUMED_MFU"]
+           "passkey_grid", "add_train_subject_parser", "DEFAULT_PATH", "default_subject", "SIZE_LIMIT_BYTES", "H200_BF16_FLOPS", "ASSUMED_MFU"]
 
 SIZE_LIMIT_BYTES = 20 * 10**6
+#: where the shipped subject lives: an HF folder inside the package (package data), trained on the H200 by
+#: ``attnkit train-subject --out src/attnkit/hf/subject_model --device cuda``
+DEFAULT_PATH = Path(__file__).resolve().parent / "subject_model"
 H200_BF16_FLOPS = 989e12  # dense bf16 peak
 ASSUMED_MFU = 0.40
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -97,6 +100,15 @@ def estimate_h200_seconds(name: str, steps: int | None = None) -> float:
     per_token = 6 * (matrices + 256 * m["dim"]) + 6 * T * m["dim"] * m["num_layers"]
     tokens = (steps or t["steps"]) * t["batch_size"] * T
     return per_token * tokens / (ASSUMED_MFU * H200_BF16_FLOPS)
+
+
+def default_subject() -> Path:
+    """The shipped subject's folder (:data:`DEFAULT_PATH`); ``FileNotFoundError`` naming the way out
+    when this copy of attnkit has none (a checkout from before it was trained)."""
+    if not (DEFAULT_PATH / "config.json").is_file():
+        raise FileNotFoundError(f"the shipped subject model is missing from {DEFAULT_PATH}; pass --model PATH (any "
+                                "local Hugging Face causal-LM folder) or train one: attnkit train-subject --out DIR")
+    return DEFAULT_PATH
 
 
 # -- the tokenizer ------------------------------------------------------------------------------
