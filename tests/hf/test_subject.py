@@ -174,6 +174,36 @@ def test_the_command_trains_stops_and_resumes(tmp_path, quick_eval, capsys):
     assert "resumed from checkpoints at steps 5" in (tmp_path / "m" / "README.md").read_text()
 
 
+def test_a_budget_chooses_the_steps_and_steps_n_reproduces_the_run(tmp_path, quick_eval, monkeypatch):
+    # the probe says 0.5 s per step: a budget of 0.05 minutes (3 s) leaves 6 of the 12 steps asked
+    monkeypatch.setattr(subject, "_probe_steps", lambda *a: {"seconds_per_step": 0.5})
+    seen = []
+    budgeted = subject.train_subject(tmp_path / "b", preset="tiny", steps=12, corpus=CORPUS, budget_minutes=0.05,
+                                     on_budget=seen.append)
+    assert budgeted["steps"] == 6 and budgeted["budget"]["steps_chosen"] == 6 and budgeted["budget"]["steps_asked"] == 12
+    assert seen == [budgeted["budget"]]
+    again = subject.train_subject(tmp_path / "s", preset="tiny", steps=6, corpus=CORPUS)
+    assert again["budget"] is None and again["loss_curve"] == budgeted["loss_curve"]
+    for (name, a), b in zip(budgeted["model"].state_dict().items(), again["model"].state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def test_the_probe_leaves_the_model_and_optimiser_untouched():
+    model = DecoderLM(**subject._model_args(subject.PRESETS["tiny"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    calls = []
+
+    def step(m, o, batch):
+        calls.append(m is model or o is opt)
+        m(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+        o.step()
+
+    probe = subject._probe_steps(model, opt, step, lambda i: None, torch.device("cpu"))
+    assert len(calls) == subject.PROBE_STEPS and not any(calls) and probe["seconds_per_step"] > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not opt.state
+
+
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch, quick_eval):
     def broken(*args):
         raise OSError("disk full")
@@ -192,6 +222,7 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch, quick_eval):
     (["--out", "FILE"], "is a file; accepted: a folder"),
     (["--out", "."], "the folder this process runs in"),
     (["--max-minutes", "0"], "--max-minutes must be a number > 0, got 0.0"),
+    (["--budget-minutes", "-1"], "--budget-minutes must be a number > 0, got -1.0"),
     (["--corpus", "/nonexistent/corpus"], "corpus path '/nonexistent/corpus' does not exist"),
 ])
 def test_bad_options_give_clear_errors(argv, match, tmp_path, monkeypatch, capsys):

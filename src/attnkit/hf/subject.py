@@ -252,7 +252,8 @@ def _save_checkpoint(file: Path, state: dict) -> None:
 
 def train_subject(out, *, preset: str = "default", steps: int | None = None, device: str = "cpu", seed: int = 0,
                   force: bool = False, corpus=None, progress=None, command: str | None = None,
-                  max_minutes: float | None = None, checkpoint_minutes: float = 2.0) -> dict:
+                  max_minutes: float | None = None, checkpoint_minutes: float = 2.0,
+                  budget_minutes: float | None = None, on_budget=None) -> dict:
     """Train the subject, evaluate it and write the HF folder ``out``; returns the record written to
     ``out/training.json`` plus ``"model"`` (the trained DecoderLM, fp32 holding the bf16-rounded weights)
     and ``"finished": True``.
@@ -266,6 +267,14 @@ def train_subject(out, *, preset: str = "default", steps: int | None = None, dev
     run sees the same data as an uninterrupted one). ``max_minutes``: stop training after so many
     minutes, save the checkpoint and return ``{"finished": False, "step": ..., "steps": ...}``
     (a device that limits each command's time can then run the same command again).
+
+    ``budget_minutes``: fit the number of training steps to this many minutes on this device
+    (training only; the evaluation comes after). Before training, :data:`PROBE_STEPS` steps run on
+    a throw-away copy of the model and optimiser (the first ones untimed: warm-up); the run then
+    trains ``min(steps, budget / seconds per step)`` steps from the untouched initialisation, so
+    ``--steps N`` with the chosen ``N`` reproduces it exactly. The record keeps the probe's figures.
+    For machines whose checkpoints cannot outlive a command. ``on_budget(budget)`` is called with the
+    probe's figures once the number of steps is chosen (the command line's progress bar resizes).
     """
     from .._checks import parse_device
     from ..models import DecoderLM
@@ -278,6 +287,9 @@ def train_subject(out, *, preset: str = "default", steps: int | None = None, dev
     if max_minutes is not None and (isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float))
                                     or not max_minutes > 0):
         raise ValueError(f"--max-minutes must be a number > 0, got {max_minutes!r}")
+    if budget_minutes is not None and (isinstance(budget_minutes, bool) or not isinstance(budget_minutes, (int, float))
+                                       or not budget_minutes > 0):
+        raise ValueError(f"--budget-minutes must be a number > 0, got {budget_minutes!r}")
     torch_device = parse_device(device)
     path = _check_out(out, force)
     t, data = config["train"], config["data"]
@@ -297,6 +309,33 @@ def train_subject(out, *, preset: str = "default", steps: int | None = None, dev
                             lr=t["lr"], betas=(0.9, 0.95), fused=torch_device.type == "cuda")
     cuda = torch_device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def train_step(model, opt, batch):
+        if cuda:  # pinned: the copy does not wait for the GPU, so the next batch is built while this one trains
+            batch = [x.pin_memory() for x in batch]
+        inputs, targets, answers = (x.to(torch_device, non_blocking=True) for x in batch)
+        with autocast:
+            # DecoderLM.loss's hidden[targets != -100] needs the count on the host (a sync every step);
+            # the output layer over every position (V = 256) is cheap and keeps the GPU queue full
+            logits = model(inputs)
+            text_loss, answer_loss = _split_loss(logits, targets, answers)
+            loss = text_loss + answer_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss, text_loss, answer_loss
+
+    budget = None
+    if budget_minutes is not None and not checkpoint_path(path).exists():
+        budget = _probe_steps(model, opt, train_step, lambda i: mixture.batch(
+            t["batch_size"], random.Random(f"train-subject-probe:{seed}:{i}"), answers=True), torch_device)
+        budget["minutes"] = budget_minutes
+        budget["steps_asked"] = steps
+        steps = max(1, min(steps, int(60 * budget_minutes / budget["seconds_per_step"])))
+        budget["steps_chosen"] = steps
+        if on_budget is not None:
+            on_budget(budget)
     warmup = min(t["warmup"], max(1, steps // 10))
     curve, window = [], []
     log_every = min(config["log_every"], steps)
@@ -324,19 +363,7 @@ def train_subject(out, *, preset: str = "default", steps: int | None = None, dev
         for group in opt.param_groups:
             group["lr"] = lr_at(step, lr=t["lr"], warmup=warmup, steps=steps, floor=t["min_lr_ratio"])
         batch = mixture.batch(t["batch_size"], random.Random(f"train-subject:{seed}:{step}"), answers=True)
-        if cuda:  # pinned: the copy does not wait for the GPU, so the next batch is built while this one trains
-            batch = [x.pin_memory() for x in batch]
-        inputs, targets, answers = (x.to(torch_device, non_blocking=True) for x in batch)
-        with autocast:
-            # DecoderLM.loss's hidden[targets != -100] needs the count on the host (a sync every step);
-            # the output layer over every position (V = 256) is cheap and keeps the GPU queue full
-            logits = model(inputs)
-            text_loss, answer_loss = _split_loss(logits, targets, answers)
-            loss = text_loss + answer_loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss, text_loss, answer_loss = train_step(model, opt, batch)
         window.append(torch.stack([loss.detach(), text_loss.detach(), answer_loss.detach()]))
         if (step + 1) % log_every == 0 or step + 1 == steps:
             value, text_value, answer_value = torch.stack(window).mean(0).tolist()
@@ -365,12 +392,37 @@ def train_subject(out, *, preset: str = "default", steps: int | None = None, dev
         "model": _model_args(config), "parameters": model.num_parameters(), "data": {**data, "weights": mixture.weights},
         "train": {**t, "steps": steps, "warmup": warmup}, "corpus": corpus_info, "wall_s": wall,
         "tokens_per_s": steps * t["batch_size"] * data["seq_len"] / wall, "loss_curve": curve, "eval": evaluation,
-        "resumed_at_steps": resumed,
+        "resumed_at_steps": resumed, "budget": budget,
     }
     _write_folder(path, model.cpu(), record, force)
     ckpt.unlink(missing_ok=True)
     record["safetensors_bytes"] = (path / "model.safetensors").stat().st_size
     return {**record, "model": model, "finished": True}
+
+
+#: steps of the --budget-minutes probe: the first PROBE_WARMUP untimed
+PROBE_STEPS, PROBE_WARMUP = 24, 8
+
+
+def _probe_steps(model, opt, train_step, batch_of, device) -> dict:
+    """Seconds per training step, timed on copies of ``model`` and ``opt`` (the originals are not
+    touched: the real run starts from the same initialisation as one without a budget)."""
+    import copy
+
+    probe_model = copy.deepcopy(model)
+    twin = dict(zip(map(id, model.parameters()), probe_model.parameters()))
+    probe_opt = type(opt)([{**{k: v for k, v in g.items() if k != "params"}, "params": [twin[id(p)] for p in g["params"]]}
+                           for g in opt.param_groups])
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for i in range(PROBE_STEPS):
+        if i == PROBE_WARMUP:
+            sync()
+            start = time.perf_counter()
+        train_step(probe_model, probe_opt, batch_of(i))
+    sync()
+    per_step = (time.perf_counter() - start) / (PROBE_STEPS - PROBE_WARMUP)
+    del probe_model, probe_opt
+    return {"probe_steps": PROBE_STEPS, "probe_untimed": PROBE_WARMUP, "seconds_per_step": per_step}
 
 
 def _split_loss(logits, targets, answers):
@@ -502,7 +554,7 @@ weight decay {t['weight_decay']:g} on matrices), {t['warmup']} warm-up steps the
 {record['wall_s']:.0f} s ({record['tokens_per_s']:,.0f} tokens/s){resumed_note(record)}.
 
     {command}
-
+{budget_note(record)}
 ![training loss](loss_curve.png)
 
 The training loss is the mean cross-entropy over text bytes plus the mean over answer bytes (each
@@ -519,6 +571,15 @@ Passkey accuracy (exact 5 digits) by depth of the needle and prompt length in by
 - few-shot classification: {fewshot}
 - bits per byte on held-out stdlib text: {e['bits_per_byte']:.4f}
 """
+
+
+def budget_note(record: dict) -> str:
+    b = record.get("budget")
+    if not b:
+        return ""
+    return (f"\nThe number of steps was chosen by `--budget-minutes {b['minutes']:g}`: a probe timed "
+            f"{b['seconds_per_step']:.3f} s per step, so {b['steps_chosen']} of the {b['steps_asked']} steps asked. "
+            f"`--steps {b['steps_chosen']}` in place of `--budget-minutes` reproduces the run exactly.\n")
 
 
 def resumed_note(record: dict) -> str:
@@ -573,6 +634,11 @@ def add_train_subject_parser(sub) -> None:
                    help="stop training after this many minutes, keep a checkpoint beside --out and exit with status 3; "
                    "the same command run again resumes (for machines that limit a command's time; default: no limit). "
                    "A checkpoint is also saved every 2 minutes, so a killed run resumes too")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="fit the training to this many minutes on this device: time a few probe steps first, then "
+                   "train min(--steps, minutes / seconds per step) steps; the chosen number is recorded, and "
+                   "--steps N reproduces the run exactly (for machines whose checkpoints cannot outlive a command; "
+                   "the evaluation's time comes on top; default: no budget)")
     p.set_defaults(func=cmd_train_subject)
 
 
@@ -584,8 +650,9 @@ def cmd_train_subject(args) -> int:
     from .._checks import parse_device
 
     whole_number(args.seed, "--seed", minimum=0)
-    if args.max_minutes is not None and not args.max_minutes > 0:
-        raise ValueError(f"--max-minutes must be a number > 0, got {args.max_minutes!r}")
+    for flag, value in (("--max-minutes", args.max_minutes), ("--budget-minutes", args.budget_minutes)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} must be a number > 0, got {value!r}")
     parse_device(args.device)
     _check_out(args.out, args.force)  # before the corpus is read and anything trains
     if args.corpus is not None and not Path(args.corpus).exists():
@@ -603,17 +670,32 @@ def cmd_train_subject(args) -> int:
 
         def on_step(step, loss):
             bar.update(task, completed=step, loss=loss)
+
+        def on_budget(budget):
+            bar.update(task, total=budget["steps_chosen"])
     else:
         printer = StepPrinter("train-subject", stream)
         printer.line(f"training preset {args.preset}, {steps} steps on {args.device}")
         on_step = printer.start(args.preset, steps)
+
+        def on_budget(budget):
+            printer.line(f"--budget-minutes {args.budget_minutes:g}: {budget['seconds_per_step']:.3f} s per step "
+                         f"(probe), so {budget['steps_chosen']} of {budget['steps_asked']} steps")
+            on_step_new = printer.start(args.preset, budget["steps_chosen"])
+            on_step_box[0] = on_step_new
+
+    on_step_box = [on_step]
+
+    def progress(step, loss):
+        on_step_box[0](step, loss)
     if checkpoint_path(args.out).exists():
         err_console().print(f"train-subject: found the checkpoint {checkpoint_path(args.out)}: resuming from it "
                             "(when its settings match)", highlight=False)
     try:
         record = train_subject(args.out, preset=args.preset, steps=steps, device=args.device, seed=args.seed,
-                               force=args.force, corpus=args.corpus, progress=on_step,
-                               command=invoked_command("train-subject"), max_minutes=args.max_minutes)
+                               force=args.force, corpus=args.corpus, progress=progress, on_budget=on_budget,
+                               command=invoked_command("train-subject"), max_minutes=args.max_minutes,
+                               budget_minutes=args.budget_minutes)
     finally:
         if bar is not None:
             bar.stop()
