@@ -26,8 +26,7 @@ forward clamps too). The official training script uses sink 128 / window 256 whi
 sink 64 / window 256 when deployed; attnkit trains with the deployment sizes (default 64 / 256).
 Data: the official code inserts 10 passkeys of 32 words into book text at lengths 1k-32k and
 asks for all of them; here the byte-level prompts of :mod:`attnkit.tasks.longcontext`, multi-key
-retrieval (1 to ``max_pairs`` named 5-digit keys in training stdlib text, one asked; a single
-passkey where the prompt is too short), at ``num_lengths`` lengths from ``min_length`` to
+retrieval (1 to ``max_pairs`` named 5-digit keys in training stdlib text, one asked), at ``num_lengths`` lengths from ``min_length`` to
 ``max_length``.
 
 **Pattern** (:class:`DuoPattern`): the gates, the identity of the model they were found on and the
@@ -60,7 +59,7 @@ from .._checks import positive_int
 from .policies import Headwise, SinkWindow, _sink_count
 
 __all__ = ["DuoPattern", "Duo", "GatedAttention", "identify", "duo_batch", "model_identity", "IMPLEMENTATION",
-           "CPU_SETTINGS", "add_identify_parser"]
+           "CPU_SETTINGS", "MIN_LENGTH", "add_identify_parser"]
 
 IMPLEMENTATION = "attnkit_duo"
 """The name of the gated attention function (and of transformers' ``sdpa_mask`` for its masks) in
@@ -72,6 +71,9 @@ PATTERN_FILE = "full_attention_heads.tsv"  # the official folder's file name
 #: a reduced identification for a CPU (tests, docs, a first look at a model): seconds on a tiny
 #: model, about a minute on the 12-layer subject
 CPU_SETTINGS = dict(steps=40, batch_size=1, min_length=512, max_length=1024, num_lengths=2)
+
+#: the shortest prompt :func:`duo_batch` builds (one named key, its question and answer, 16 bytes of haystack)
+MIN_LENGTH = 120
 
 # module -> its GatedAttention (weak: a dropped model leaves nothing behind)
 _GATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -533,29 +535,23 @@ def duo_batch(rng: random.Random, haystack: bytes, batch_size: int, length: int,
     [B, T], supervised [B, T] bool)``; supervised marks the question and the answer at the end.
 
     Each prompt is :func:`attnkit.tasks.longcontext.multikey_example` with 1 to ``max_pairs`` pairs
-    (as many as fit), or a single :func:`~attnkit.tasks.longcontext.passkey_example` where one pair
-    does not fit. Ids are the bytes (``tokenizer=None``) or the tokenizer's ids of the text; rows
+    (as many as fit; ``length`` >= 120). Ids are the bytes (``tokenizer=None``) or the tokenizer's ids of the text; rows
     of unequal token counts are cut at the front to the shortest (the end holds the question)."""
-    from ..tasks.longcontext import DIGITS, NAMES, PASSKEY_MIN_LENGTH, _multikey_needle, _multikey_question, \
-        multikey_example, passkey_example
-    from ..tasks.passkey import QUESTION
+    from ..tasks.longcontext import DIGITS, NAMES, _multikey_needle, _multikey_question, multikey_example
 
     positive_int(batch_size, "duo: batch_size")
+    positive_int(max_pairs, "duo: max_pairs")
+    # the longest name bounds a needle and the question; multikey_example keeps >= 16 haystack bytes
     longest = max(NAMES, key=len)
     needle, question = len(_multikey_needle(longest, "0" * DIGITS)), len(_multikey_question(longest))
     prompt_length = length - DIGITS
     fit = (prompt_length - question - 16) // needle
-    if fit < 1 and prompt_length < PASSKEY_MIN_LENGTH:
-        raise ValueError(f"duo: length={length} is too short for a passkey prompt; accepted: >= "
-                         f"{PASSKEY_MIN_LENGTH + DIGITS}")
+    if fit < 1:
+        raise ValueError(f"duo: length={length} is too short for a retrieval prompt; accepted: >= {MIN_LENGTH}")
     rows, tails = [], []
     for _ in range(batch_size):
-        if fit >= 1:
-            ex = multikey_example(rng, haystack, prompt_length, rng.randint(1, min(max_pairs, fit)))
-            tail = len(_multikey_question(ex.info["name"]))
-        else:
-            ex = passkey_example(rng, haystack, prompt_length, rng.uniform(0.05, 0.95))
-            tail = len(QUESTION)
+        ex = multikey_example(rng, haystack, prompt_length, rng.randint(1, min(max_pairs, fit)))
+        tail = len(_multikey_question(ex.info["name"]))
         context, asked = _encode(ex.prompt[:-tail], tokenizer), _encode(ex.prompt[-tail:] + ex.answer, tokenizer)
         rows.append(context + asked)
         tails.append(len(asked))
@@ -589,7 +585,8 @@ def identify(model, *, steps: int = 2000, lr: float = 0.02, reg_weight: float = 
         sink, window: the streaming branch while identifying (deployment's 64 / 256 by default).
         batch_size: prompts per step, all of one length (official: 1).
         min_length, max_length, num_lengths: prompt lengths in tokens, ``num_lengths`` evenly spaced
-            values (default: up to ``min(4096, max_position_embeddings)``, from a quarter of it).
+            values (default: up to ``min(4096, max_position_embeddings)``, from a quarter of it, at least
+            :data:`MIN_LENGTH`).
         max_pairs: most key-value pairs per prompt (official: 10 passkeys; the subject was trained on up to 8).
         haystack: text bytes the needles hide in (default: the training files of the standard
             library, :func:`attnkit.tasks.load_corpus`; the held-out files stay for evaluation).
@@ -597,8 +594,14 @@ def identify(model, *, steps: int = 2000, lr: float = 0.02, reg_weight: float = 
         full_from: ``"teacher"`` (official) or ``"self"``, see :class:`GatedAttention`.
         progress: ``on_step(step, loss)`` every ``log_every`` steps (default ``steps // 100``).
     """
+    from ..ops.softmax.dispatch import BACKENDS
+
     positive_int(steps, "duo: steps")
     lr = _positive_number(lr, "lr")
+    if full_from not in ("self", "teacher"):
+        raise ValueError(f"duo: full_from must be 'self' or 'teacher', got {full_from!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"duo: unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
     if isinstance(reg_weight, bool) or not isinstance(reg_weight, (int, float)) or not (
             math.isfinite(reg_weight) and reg_weight >= 0):
         raise ValueError(f"duo: reg_weight must be a finite number >= 0, got {reg_weight!r}")
@@ -617,7 +620,7 @@ def identify(model, *, steps: int = 2000, lr: float = 0.02, reg_weight: float = 
                         "max_position_embeddings", 4096) or 4096)
     max_length = min(4096, limit) if max_length is None else max_length
     positive_int(max_length, "duo: max_length")
-    min_length = max(1, max_length // 4) if min_length is None else min_length
+    min_length = min(max_length, max(MIN_LENGTH, max_length // 4)) if min_length is None else min_length
     positive_int(min_length, "duo: min_length")
     if min_length > max_length:
         raise ValueError(f"duo: min_length={min_length} is larger than max_length={max_length}")
@@ -684,7 +687,7 @@ def identify(model, *, steps: int = 2000, lr: float = 0.02, reg_weight: float = 
                 "full_from": full_from, "tokens": "bytes" if tokenizer is None else type(tokenizer).__name__,
                 "device": str(device), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                 "wall_s": round(wall, 3),
-                "data": "attnkit.tasks.longcontext multi-key retrieval (passkey where one pair does not fit)",
+                "data": "attnkit.tasks.longcontext multi-key retrieval, 1 to max_pairs pairs, one asked",
                 "loss": "MSE of the final hidden states at the question + answer positions + reg_weight * mean|gate|"}
     return DuoPattern(gates.detach().cpu(), model=identity, settings=settings, curve=curve)
 
