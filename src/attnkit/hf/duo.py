@@ -68,8 +68,8 @@ transformers' ``AttentionInterface`` / ``AttentionMaskInterface`` while :class:`
 FORMAT = "attnkit-duo-pattern"
 PATTERN_FILE = "full_attention_heads.tsv"  # the official folder's file name
 
-#: a reduced identification for a CPU (tests, docs, a first look at a model): seconds on a tiny
-#: model, about a minute on the 12-layer subject
+#: a reduced identification for a CPU (a first look at a model; ``--preset cpu``): about 25 s for the
+#: 12-layer subject's shape on this project's 2-core CPU (0.36 s a step at 512 tokens, 0.8 s at 1024)
 CPU_SETTINGS = dict(steps=40, batch_size=1, min_length=512, max_length=1024, num_lengths=2)
 
 #: the shortest prompt :func:`duo_batch` builds (one named key, its question and answer, 16 bytes of haystack)
@@ -342,14 +342,15 @@ class Duo(Headwise):
 
 
 def _first_real(mask: Tensor | None, batch: int, device) -> Tensor:
-    """Each row's first key some query may attend (its first non-padding token) ``[B]``; 0 without a mask."""
+    """Each row's first key some query may attend (its first non-padding token) ``[B]``; 0 without
+    a mask, on the CPU: checking it for zeros then costs no wait for the GPU."""
     if mask is None:
-        return torch.zeros(batch, dtype=torch.long, device=device)
+        return torch.zeros(batch, dtype=torch.long)
     real = mask.any(dim=2)[:, 0]  # [B, S]
     return real.to(torch.int8).argmax(dim=1)
 
 
-def _streaming_allowed(rule: SinkWindow, mask: Tensor | None, q, k, v, start: Tensor):
+def _streaming_allowed(rule: SinkWindow, mask: Tensor | None, q, k, v, start: Tensor, score_mod=None):
     """Where a streaming head may attend: the model's mask (causal, its own window, padding) and
     the rule; an attnkit pattern where nothing must be materialised, else a boolean ``[B, 1, T, S]``."""
     from .attention import _plain_rule
@@ -363,8 +364,9 @@ def _streaming_allowed(rule: SinkWindow, mask: Tensor | None, q, k, v, start: Te
         from ..ops.softmax.dispatch import choose_backend
 
         # FlexAttention compiles a kernel per sequence length; a dense mask for SDPA serves any length
-        if choose_backend(q, k, v, plain, None, False, S - T) != "flex":
+        if choose_backend(q, k, v, plain, score_mod, False, S - T) != "flex":
             return plain
+    start = start.to(q.device)
     q_pos = torch.arange(S - T, S, device=q.device)
     k_pos = torch.arange(S, device=q.device)
     base = mask if mask is not None else (k_pos <= q_pos[:, None]).expand(B, 1, T, S)
@@ -512,7 +514,7 @@ def _gated_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
             raise RuntimeError(f"duo: full_from='teacher' but no teacher output of this shape was recorded for layer "
                                f"{layer}; run the same input under `with gated.teacher():` first")
     start = _first_real(mask, B, query.device)
-    stream = _run(gate, query, key, value, _streaming_allowed(gate.rule, mask, query, key, value, start), scaling, score_mod)
+    stream = _run(gate, query, key, value, _streaming_allowed(gate.rule, mask, query, key, value, start, score_mod), scaling, score_mod)
     alpha = gate.gates[layer].clamp(0, 1)  # [Hkv], clamped as the official forward does
     mix = torch.promote_types(query.dtype, torch.float32)
     a = alpha.to(mix).repeat_interleave(Hq // Hkv)[None, :, None, None]  # [1, Hq, 1, 1]: query heads share their KV head's gate
@@ -762,7 +764,7 @@ def cmd_identify_duo(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from .._checks import parse_device
-    from .._console import StepPrinter, check_writable, console, err_console, plot_path_for
+    from .._console import StepPrinter, check_writable, console, err_console, invoked_command, plot_path_for
 
     device = parse_device(args.device)
     _fraction(args.sparsity, "--sparsity", "the fraction of KV heads that stream")
@@ -822,7 +824,7 @@ def cmd_identify_duo(args) -> int:
     finally:
         if bar is not None:
             bar.stop()
-    pattern.settings["command"] = "attnkit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["identify-duo"] else None
+    pattern.settings["command"] = invoked_command("identify-duo")
     written = [str(pattern.save(out))]
     if plot is not None:
         _plot(pattern, plot)
