@@ -152,6 +152,23 @@ def test_mixed_gates_equal_a_float64_reference(arch, full_from):
     torch.testing.assert_close(moved, _reference_logits(model, ids, other, full_from), atol=1e-10, rtol=0)
 
 
+def test_materialised_streaming_mask_path(monkeypatch):
+    # CUDA without cuDNN's band materialises the rule (FlexAttention would compile per length): the
+    # same outputs, and the gradient reaches every gate through it
+    import attnkit.hf.duo as duo
+
+    model = _byte_model(dtype=torch.float64)
+    ids = _ids(T=30, seed=2)
+    gates = torch.tensor([[0.3, 0.8], [0.5, 0.1]], dtype=torch.float64)
+    as_pattern = _gated_logits(model, ids, gates)
+    monkeypatch.setattr(duo, "_needs_dense", lambda *args: True)
+    torch.testing.assert_close(_gated_logits(model, ids, gates), as_pattern, atol=1e-12, rtol=0)
+    trained = gates.clone().requires_grad_(True)
+    with GatedAttention(model, trained, sink=SINK, window=WINDOW):
+        model(ids, use_cache=False).logits.square().mean().backward()
+    assert trained.grad is not None and bool((trained.grad != 0).all())
+
+
 def test_gated_forward_refuses_a_cache_and_an_applied_model():
     model = _byte_model()
     ids = _ids()

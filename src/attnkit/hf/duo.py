@@ -350,6 +350,17 @@ def _first_real(mask: Tensor | None, batch: int, device) -> Tensor:
     return real.to(torch.int8).argmax(dim=1)
 
 
+def _needs_dense(q, k, v, pattern, score_mod, q_offset: int) -> bool:
+    """Whether the rule should go to ``attend`` as a materialised mask rather than a pattern: where
+    ``auto`` would pick FlexAttention (CUDA without cuDNN's band), which compiles a kernel per
+    sequence length, while SDPA's masked kernel serves any length."""
+    if q.device.type != "cuda":
+        return False
+    from ..ops.softmax.dispatch import choose_backend
+
+    return choose_backend(q, k, v, pattern, score_mod, False, q_offset) == "flex"
+
+
 def _streaming_allowed(rule: SinkWindow, mask: Tensor | None, q, k, v, start: Tensor, score_mod=None):
     """Where a streaming head may attend: the model's mask (causal, its own window, padding) and
     the rule; an attnkit pattern where nothing must be materialised, else a boolean ``[B, 1, T, S]``."""
@@ -358,14 +369,8 @@ def _streaming_allowed(rule: SinkWindow, mask: Tensor | None, q, k, v, start: Te
     B, _, T, _ = q.shape
     S = k.shape[2]
     plain = _plain_rule(rule, mask, T, S, start)
-    if plain is not None:
-        if q.device.type != "cuda":
-            return plain
-        from ..ops.softmax.dispatch import choose_backend
-
-        # FlexAttention compiles a kernel per sequence length; a dense mask for SDPA serves any length
-        if choose_backend(q, k, v, plain, score_mod, False, S - T) != "flex":
-            return plain
+    if plain is not None and not _needs_dense(q, k, v, plain, score_mod, S - T):
+        return plain
     start = start.to(q.device)
     q_pos = torch.arange(S - T, S, device=q.device)
     k_pos = torch.arange(S, device=q.device)
