@@ -231,6 +231,16 @@ def test_duo_batch_supervises_the_question_and_answer():
         duo_batch(rng, HAYSTACK, 1, 119)
 
 
+def test_duo_batch_with_a_tokenizer():
+    from attnkit.hf.subject import byte_tokenizer
+
+    # the subject's tokenizer maps text to its bytes: the same ids and positions as the byte path
+    ascii_haystack = bytes(b for b in HAYSTACK if b < 128)
+    by_bytes = duo_batch(random.Random(3), ascii_haystack, 2, 300)
+    by_tokenizer = duo_batch(random.Random(3), ascii_haystack, 2, 300, tokenizer=byte_tokenizer())
+    assert torch.equal(by_bytes[0], by_tokenizer[0]) and torch.equal(by_bytes[1], by_tokenizer[1])
+
+
 # -- the pattern ----------------------------------------------------------------------------------
 
 

@@ -721,6 +721,9 @@ def _plot(pattern: DuoPattern, file: Path) -> None:
         left.grid(alpha=0.3)
     left.set_title("DuoAttention identification")
     image = right.imshow(pattern.gates.numpy(), cmap="coolwarm", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    layers, heads = pattern.shape
+    right.set_xticks(range(heads))
+    right.set_yticks(range(0, layers, max(1, layers // 12)))
     right.set_xlabel("KV head")
     right.set_ylabel("layer")
     right.set_title("gates (1: full attention)")
