@@ -217,6 +217,15 @@ def test_identification_reduces_its_loss_and_keeps_gates_in_range():
     assert official.settings["steps"] == 4 and official.settings["lengths"] == [200, 256]
 
 
+@pytest.mark.parametrize("arch", ["mistral", "gemma3", "phi3"])
+def test_identification_runs_on_other_architectures(arch):
+    model = _byte_model(arch)  # Mistral's and Gemma 3's own sliding windows: the mask path of both branches
+    pattern = identify(model, steps=2, haystack=HAYSTACK, min_length=200, max_length=200, num_lengths=1,
+                       sink=SINK, window=8, log_every=1)
+    assert pattern.shape == (2, 2) and len(pattern.curve) == 2 and pattern.model["model_type"] == model.config.model_type
+    assert bool((pattern.gates < 1).all())
+
+
 def test_duo_batch_supervises_the_question_and_answer():
     rng = random.Random(0)
     ids, supervised = duo_batch(rng, HAYSTACK, 3, 400)
