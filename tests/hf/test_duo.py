@@ -169,6 +169,30 @@ def test_materialised_streaming_mask_path(monkeypatch):
     assert trained.grad is not None and bool((trained.grad != 0).all())
 
 
+def test_a_vision_tower_keeps_its_own_attention():
+    import transformers as tf
+
+    text = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=300, head_dim=16, sliding_window=6,
+                layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+                             boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    model = tf.Gemma3ForConditionalGeneration(config).eval()
+    ids = torch.randint(1, 290, (1, 12), generator=torch.Generator().manual_seed(0))
+    ids[0, 2:6] = 299  # the image's 4 soft tokens
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28), token_type_ids=(ids == 299).long())
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with GatedAttention(model, torch.ones(2, 2), sink=SINK, window=WINDOW):
+            assert model.config.vision_config._attn_implementation == "sdpa"
+            out = model(**inputs, use_cache=False).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
 def test_gated_forward_refuses_a_cache_and_an_applied_model():
     model = _byte_model()
     ids = _ids()

@@ -464,6 +464,14 @@ class GatedAttention:
         AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
         self._saved = [(c, c._attn_implementation_internal) for c in _all_configs(self.model)]
         self.model.set_attn_implementation(IMPLEMENTATION)
+        # as apply() does: a vision tower's (bidirectional, not gated) attention keeps its own
+        routed = set(self.modules)
+        keep = {id(getattr(m, "config", None)) for m in self.modules}
+        keep |= {id(sub.config) for sub in self.model.modules()
+                 if getattr(sub, "config", None) is not None and any(x in routed for x in sub.modules())}
+        for config, value in self._saved:
+            if id(config) not in keep:
+                config._attn_implementation_internal = value
         for m in self.modules:
             _GATED[m] = self
         self.active = True
