@@ -329,6 +329,12 @@ def test_threshold_mode():
     pattern = DuoPattern([[0.1, 0.5], [0.49, 1.0]])
     assert pattern.full_heads(threshold=0.5).tolist() == [[False, True], [False, True]]
     assert pattern.full_heads(threshold=0.0).all() and pattern.full_heads().sum() == 2
+    for options, message in [(dict(sparsity=2), r"sparsity must be a number in \[0, 1\]"),
+                             (dict(threshold=-0.5), r"threshold must be a number in \[0, 1\]"),
+                             (dict(window=0), "window must be a positive integer, got 0"),
+                             (dict(sink=-2), "sink must be a non-negative integer")]:
+        with pytest.raises(ValueError, match=message):
+            pattern.to_policy(**options)
 
 
 # -- deployment -----------------------------------------------------------------------------------
