@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .. import patterns as _patterns
 from ..cards import Capabilities, Card, FlopCount, dense_attention_flops
+from .duo import Duo
 from .policies import Full, Headwise, Streaming
 
 __all__ = ["CARDS"]
@@ -51,4 +52,10 @@ CARDS: tuple[Card, ...] = (
          arxiv="2410.10819", family="hf", kind="hf", layer=Headwise, flops=_flops(_headwise_pattern),
          defaults={"sink": 4, "window": 1024}, capabilities=_CAPS,
          summary="per (layer, KV head): full (retrieval head) or sink + window (streaming head); memory really freed"),
+    Card(name="hf-duo",
+         title="DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads",
+         arxiv="2410.10819", family="hf", kind="hf", layer=Duo, flops=_flops(_headwise_pattern),
+         defaults={"sparsity": 0.5, "sink": 64, "window": 256}, capabilities=_CAPS,
+         summary="DuoAttention: gates per KV head identified by distillation (attnkit identify-duo), the "
+                 "sparsity fraction of lowest gates streams (sink + window), the rest keep every token"),
 )

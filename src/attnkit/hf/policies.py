@@ -268,3 +268,6 @@ def resolve(method, options: dict) -> Policy:
             raise ValueError(f"method {name!r} does not take option(s) {unknown}; accepted: {', '.join(accepted) or 'none'}")
         return cls(**options)
     raise ValueError(f"method must be a method name ({', '.join(METHODS)}) or a Policy, got {type(method).__name__}")
+
+from .duo import Duo  # noqa: E402  (duo.py builds on Headwise above; registered here so resolve() knows "duo")
+METHODS["duo"] = Duo
