@@ -474,6 +474,11 @@ class Headwise(Policy):
 #: method name -> policy class (``apply(model, "streaming", window=256)``)
 METHODS: dict[str, type] = {"full": Full, "streaming": Streaming, "headwise": Headwise}
 
+# method files build on this module's classes, so they join the table after it exists
+from .taskkv import TaskKV as _TaskKV  # noqa: E402
+
+METHODS["taskkv"] = _TaskKV
+
 
 def resolve(method, options: dict) -> Policy:
     """A policy object from a policy (no options allowed) or a method name and its options."""
