@@ -13,8 +13,9 @@ their Euclidean distance to it:
 - every other head keeps ``budget`` tokens: the first ``sink`` real tokens (attention sinks),
   the last ``recent`` tokens, and ``budget - sink - recent`` *middle activations*: the tokens
   between them with the largest pooled window attention (``C`` averaged over ``pool`` neighbours).
-  The choice is made once, at prefill; while decoding, the recent window moves on (so such a head
-  keeps exactly ``budget`` tokens however long the generation).
+  The choice is made once, at prefill (the cache's first call: a prompt fed in chunks is chosen
+  on its first chunk); while decoding, the recent window moves on (so such a head keeps exactly
+  ``budget`` tokens however long the generation).
 
 ``f(r) = round(n * full_fraction - (n * full_fraction - full_last) * r / (R - 1))``: ``n`` KV heads,
 ``R`` layers, from ``n * full_fraction`` heterogeneous heads at the first layer down to
