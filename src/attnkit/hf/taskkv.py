@@ -56,7 +56,7 @@ from torch import Tensor
 from .._checks import positive_int
 from .policies import GroupCall, Policy, Rule, _sink_count, _table_rows
 
-__all__ = ["TaskKV", "TaskKVRule", "identify", "kept_tokens", "full_counts"]
+__all__ = ["TaskKV", "TaskKVRule", "identify", "kept_tokens", "full_counts", "semantic_vectors"]
 
 
 def full_counts(num_layers: int, num_kv_heads: int, full_fraction: float, full_last: int | None) -> list[int]:
@@ -87,7 +87,7 @@ class TaskKVRule(Rule):
     window: int
     pool: int
     top: int
-    budget: int = None  # (after the fields without defaults: Rule's class attribute budget = None is a default)
+    budget: int = None  # Rule's class attribute budget = None makes it a default: it follows the fields without
     num_full: int = 0
     closest: bool = False
     stateful = True
@@ -237,7 +237,8 @@ class TaskKV(Policy):
                              "on this model (attnkit.hf.taskkv.identify)")
         if self.full_last is not None and self.full_last > num_kv_heads:
             raise ValueError(f"TaskKV: full_last={self.full_last} exceeds the model's {num_kv_heads} KV heads per layer")
-        # the schedule f(r) needs the model's depth, which rule() is not told
+        # the schedule f(r) needs the model's depth, which plan() is not told (apply() checks first; the
+        # last model checked wins, so one policy object serves models of one depth at a time)
         object.__setattr__(self, "_depth", num_layers)
 
     def farthest_count(self, layer_idx: int, num_kv_heads: int) -> int:
