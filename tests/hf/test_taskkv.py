@@ -259,9 +259,12 @@ def test_heads_chosen_per_prompt_count_their_budget_but_share_a_block():
     real = (mask.sum(1) + steps).tolist()
     for layer, counts in zip(cache.layers, kept_tokens(cache)):
         full = layer.states[0]["full"]
+        assert full.sum(1).tolist() == [1, 1]  # f(r) = 2 * 0.5 per row
         for b in range(2):
             for h in range(2):
                 assert int(counts[b, h]) == (real[b] if full[b, h] else OPTIONS["budget"])
+    # the protocol's limit: one [B, n, K] block per group, K the longest head (row 0's full head)
+    assert cache.nbytes() == 2 * 2 * (2 * 2 * max(real) * 16 * 8)
 
 
 def test_identify_on_the_prompt_gives_the_per_prompt_outputs_with_the_memory_freed():
