@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import patterns as _patterns
 from ..ops.softmax import attend
-from .policies import Policy, resolve
+from .policies import GroupCall, Policy, SinkWindow, resolve
 
 __all__ = ["IMPLEMENTATION", "apply", "Handle", "attention_forward"]
 
@@ -140,7 +140,7 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     Hkv = key.shape[1]
     cache_layer = handle._take_staged(layer_idx)
     if cache_layer is None:
-        if handle.evicts(layer_idx, Hkv) and handle._sliding_cache_layer(layer_idx):
+        if handle.ruled(layer_idx, Hkv) and handle._sliding_cache_layer(layer_idx):
             # the model's own cache drops keys outside its window, so their positions (and a row's
             # sinks) are unknown here; the head-wise cache keeps what the policy needs
             raise ValueError(
@@ -153,9 +153,9 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
             warnings.warn(f"{handle.policy!r} runs on the model's own KV cache, which keeps every token: the outputs "
                           "are the policy's, but no memory is saved; pass past_key_values=handle.cache() (cache=, its "
                           "newer name)", stacklevel=2)
-        out = _attend_given(handle, layer_idx, query, key, value, mask, scaling, score_mod)
+        out = _attend_given(handle, layer_idx, query, key, value, mask, scaling, score_mod, module)
     else:
-        out = _attend_headwise(handle, cache_layer, query, mask, scaling, score_mod, Hkv)
+        out = _attend_headwise(handle, cache_layer, query, mask, scaling, score_mod, Hkv, module)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -174,7 +174,7 @@ def _plain_rule(rule, mask, T: int, S: int, start: Tensor):
     return _patterns.sink_window(rule.sink, rule.window)
 
 
-def _attend_given(handle, layer_idx, query, key, value, mask, scaling, score_mod) -> Tensor:
+def _attend_given(handle, layer_idx, query, key, value, mask, scaling, score_mod, module=None) -> Tensor:
     """Attention over the keys the model's own cache returned (a ``DynamicCache``, or none):
     every token from position 0 is there, so a policy's rule is a mask (no memory saved)."""
     B, Hq, T, _ = query.shape
@@ -192,6 +192,17 @@ def _attend_given(handle, layer_idx, query, key, value, mask, scaling, score_mod
         qh = _query_heads(group.kv_heads, g, query.device)
         kh = torch.tensor(group.kv_heads, device=query.device)
         allowed = mask
+        if group.rule is not None and type(group.rule) is not SinkWindow:
+            rule = group.rule
+            if rule.scored or rule.stateful:
+                raise ValueError(
+                    f"{handle.policy!r}: layer {layer_idx}'s rule {type(rule).__name__} decides what it keeps from "
+                    "earlier calls, which the model's own cache cannot serve; pass past_key_values=handle.cache() "
+                    "(cache=, its newer name) to the model or to generate()")
+            call = GroupCall(rule, layer_idx, group.kv_heads, g, q_pos, k_pos.expand(1, 1, -1), start, mask, scaling,
+                             score_mod, S, None, {}, handle.backend, module, every_position=True)
+            out[:, qh] = _rule_attend(rule, query[:, qh], key[:, kh], value[:, kh], call)
+            continue
         if group.rule is not None:
             allowed = _plain_rule(group.rule, mask, T, S, start)
             if allowed is None:
@@ -203,7 +214,7 @@ def _attend_given(handle, layer_idx, query, key, value, mask, scaling, score_mod
     return out
 
 
-def _attend_headwise(handle, layer, query, mask, scaling, score_mod, Hkv) -> Tensor:
+def _attend_headwise(handle, layer, query, mask, scaling, score_mod, Hkv, module=None) -> Tensor:
     """Attention over a :class:`HeadwiseLayer`'s staged groups; then the layer keeps what it must."""
     B, Hq, T, _ = query.shape
     S = layer.seen  # every original position, this call's included
@@ -217,27 +228,62 @@ def _attend_headwise(handle, layer, query, mask, scaling, score_mod, Hkv) -> Ten
     g = Hq // Hkv
     single = len(layer.groups) == 1
     out = None if single else query.new_empty(B, Hq, T, layer.pending[0][1].shape[3])
-    for group, (k, v, pos) in zip(layer.groups, layer.pending):
+    calls = None
+    for i, (group, entry) in enumerate(zip(layer.groups, layer.pending)):
+        k, v, pos, scores = entry
+        rule = group.rule
         q = query if single else query[:, _query_heads(group.kv_heads, g, device)]
-        if pos is None:  # a full group: positions 0 .. S-1, the model's mask as it is
-            allowed = mask
-        elif pos.shape[1] == S and (allowed := _plain_rule(group.rule, mask, T, S, start_c)) is not None:
-            pass  # a first prefill without padding: the rule as a pattern, nothing materialised
-        else:
-            valid = pos >= 0
-            pc = pos.clamp(min=0)
-            if mask is None:
-                base = pc[:, None, None, :] <= q_pos[None, None, :, None]
+        if rule is None:  # a full group: positions 0 .. S-1, the model's mask as it is
+            o = _run(handle, q, k, v, mask, scaling, score_mod)
+        elif type(rule) is SinkWindow:  # the built-in path: a pattern where nothing needs materialising
+            if pos.shape[2] == S and (allowed := _plain_rule(rule, mask, T, S, start_c)) is not None:
+                pass  # a first prefill without padding
             else:
-                base = mask.gather(3, pc[:, None, None, :].expand(B, 1, T, pc.shape[1]))
-            allowed = base & valid[:, None, None, :] & group.rule.allowed(
-                q_pos[None, None, :, None], pc[:, None, None, :], start_c[:, None, None, None])
-        o = _run(handle, q, k, v, allowed, scaling, score_mod)
+                shared = pos[:, 0]  # [B, S'] (a sink + window group keeps one position set for its heads)
+                valid = shared >= 0
+                pc = shared.clamp(min=0)
+                if mask is None:
+                    base = pc[:, None, None, :] <= q_pos[None, None, :, None]
+                else:
+                    base = mask.gather(3, pc[:, None, None, :].expand(B, 1, T, pc.shape[1]))
+                allowed = base & valid[:, None, None, :] & rule.allowed(
+                    q_pos[None, None, :, None], pc[:, None, None, :], start_c[:, None, None, None])
+            o = _run(handle, q, k, v, allowed, scaling, score_mod)
+        else:  # a rule of the protocol: its own attend, then its keep at commit
+            k_pos = pos if pos is not None else torch.arange(k.shape[2], device=device).expand(1, 1, -1)
+            call = GroupCall(rule, layer.layer_idx, group.kv_heads, g, q_pos, k_pos, start_c, mask, scaling, score_mod,
+                             S, scores, layer.states[i], handle.backend, module, every_position=pos is None)
+            o = _rule_attend(rule, q, k, v, call, entry)
+            if calls is None:
+                calls = [None] * len(layer.groups)
+            calls[i] = call
         if single:
             out = o
         else:
             out[:, _query_heads(group.kv_heads, g, device)] = o
-    layer.commit(start)
+    layer.commit(start, calls)
+    return out
+
+
+def _rule_attend(rule, q, k, v, call, entry=None) -> Tensor:
+    """``rule.attend``, checked; a ``scored`` rule's ``received`` is added to the candidates' scores
+    (``entry``: the staged ``[k, v, pos, scores]`` of a head-wise cache group, updated in place)."""
+    result = rule.attend(q, k, v, call)
+    if not (rule.scored and call.scores is not None):
+        if isinstance(result, tuple):
+            raise ValueError(f"{type(rule).__name__}.attend returned a tuple, but the rule is not scored "
+                             "(scored = False): return the output [B, n*g, T, Dv] alone")
+        return result
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise ValueError(f"{type(rule).__name__} is scored: its attend must return (out [B, n*g, T, Dv], "
+                         f"received [B, n, S']), got {type(result).__name__}")
+    out, received = result
+    if received.shape != call.scores.shape:
+        raise ValueError(f"{type(rule).__name__}.attend returned received {tuple(received.shape)}; expected "
+                         f"[B, n, S'] = {list(call.scores.shape)}")
+    call.scores = call.scores + received.to(call.scores.dtype)
+    if entry is not None:
+        entry[3] = call.scores
     return out
 
 
@@ -312,6 +358,11 @@ class Handle:
     def evicts(self, layer_idx: int, num_kv_heads: int) -> bool:
         """Whether some KV head of this layer keeps fewer than all tokens."""
         # the policy's own answer first: Full (the common case) needs no per-layer lookup per call
+        return self.policy.evicts and any(g.rule is not None and g.rule.evicts
+                                          for g in self.plan(layer_idx, num_kv_heads))
+
+    def ruled(self, layer_idx: int, num_kv_heads: int) -> bool:
+        """Whether some KV head of this layer has a rule (not plain full attention): its keys' positions matter."""
         return self.policy.evicts and any(g.rule is not None for g in self.plan(layer_idx, num_kv_heads))
 
     def cache(self):

@@ -3,19 +3,23 @@ its policy rule can still use, so the memory of dropped tokens is released.
 
 Layout per model layer (:class:`HeadwiseLayer`), one entry per :class:`attnkit.hf.policies.Group`:
 
-- a full group: keys and values ``[B, n_full, S, D]``, every token seen (positions ``0 .. S-1``);
-- a sink + window group: keys and values ``[B, n_stream, K, D]`` with ``K <= sink + window``
-  and the original position of each slot ``[B, K]`` (``-1``: an empty slot of a row that has
-  kept fewer tokens, e.g. a left-padded row early in the sequence). Slots are trimmed after
-  every call (``commit``), so the tensors of the evicted tokens are freed.
+- a full group (rule ``None``, or a rule with ``evicts = False``): keys and values
+  ``[B, n_full, S, D]``, every token seen (positions ``0 .. S-1``);
+- an evicting group (e.g. sink + window): keys and values ``[B, n, K, D]`` with ``K`` at most
+  the rule's budget, the original position of each slot ``[B, 1, K]`` (shared by the group's
+  heads) or ``[B, n, K]`` (one set per head, e.g. H2O's heavy hitters; ``-1``: an empty slot of a
+  row or head that has kept fewer tokens, e.g. a left-padded row early in the sequence), and for
+  a ``scored`` rule each slot's score ``[B, n, K]``. Slots are trimmed after every call
+  (``commit``), so the tensors of the evicted tokens are freed.
 
 Cached keys carry RoPE from their original positions (the model rotated them before the
 update), so attention over a kept subset needs only the positions, for the mask.
 
 The cache works together with the attention function of :func:`attnkit.hf.apply`: ``update``
 stages this call's candidates (the kept tokens plus the new ones) for the attention function,
-which attends each group on them and then calls :meth:`HeadwiseLayer.commit`. Build one with
-``handle.cache()`` and pass it to the model as ``past_key_values``.
+which attends each group on them (the rule's ``attend``) and then calls
+:meth:`HeadwiseLayer.commit` (the rule's ``keep``). Build one with ``handle.cache()`` and pass it
+to the model as ``past_key_values``.
 """
 
 from __future__ import annotations
@@ -36,18 +40,24 @@ class HeadwiseLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, groups: tuple[Group, ...], num_kv_heads: int, **kwargs):
+    def __init__(self, groups: tuple[Group, ...], num_kv_heads: int, layer_idx: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.groups = groups
+        self.layer_idx = layer_idx
         self.num_kv_heads = num_kv_heads
         self.seen = 0
         self.start: Tensor | None = None  # [B] first non-padding position per row; -1 while unknown
-        self._stores: list = [None] * len(groups)  # per group: (keys, values, positions [B, K] or None)
+        # per group: (keys, values, positions [B, 1|n, K] or None, scores [B, n, K] or None)
+        self._stores: list = [None] * len(groups)
+        self.states: list = [{} for _ in groups]  # per group: the rule's own state (GroupCall.state)
         self.pending: list | None = None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
         self._index = [torch.tensor(g.kv_heads, device=self.device) for g in self.groups]
+        # per group: store everything (None, or a rule that does not evict) or evict after each call
+        self._evicting = [g.rule is not None and g.rule.evicts for g in self.groups]
+        self._scored = [g.rule is not None and g.rule.evicts and g.rule.scored for g in self.groups]
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -71,48 +81,71 @@ class HeadwiseLayer(CacheLayerMixin):
         if held and held != B:
             raise ValueError(f"HeadwiseCache holds a batch of {held} sequences but got keys of batch {B} "
                              f"{tuple(key_states.shape)}; use a fresh handle.cache() for a new batch")
-        positions = torch.arange(self.seen, self.seen + T, device=key_states.device)
+        positions = None
         pending = []
-        for group, index, store in zip(self.groups, self._index, self._stores):
+        for i, (group, index, store) in enumerate(zip(self.groups, self._index, self._stores)):
             k = key_states.index_select(1, index) if len(group.kv_heads) < self.num_kv_heads else key_states
             v = value_states.index_select(1, index) if len(group.kv_heads) < self.num_kv_heads else value_states
-            if group.rule is None:
-                if store is not None:
-                    k, v = torch.cat([store[0], k], dim=2), torch.cat([store[1], v], dim=2)
-                pending.append((k, v, None))
-            else:
-                pos = positions.expand(B, T)
-                if store is not None:
-                    k, v = torch.cat([store[0], k], dim=2), torch.cat([store[1], v], dim=2)
-                    pos = torch.cat([store[2], pos], dim=1)
-                pending.append((k, v, pos))
+            if store is not None:
+                k, v = torch.cat([store[0], k], dim=2), torch.cat([store[1], v], dim=2)
+            if not self._evicting[i]:
+                pending.append([k, v, None, None])
+                continue
+            if positions is None:
+                positions = torch.arange(self.seen, self.seen + T, device=key_states.device)
+            pos = positions.expand(B, 1, T)
+            scores = None
+            if self._scored[i]:
+                dtype = torch.promote_types(key_states.dtype, torch.float32)
+                scores = torch.zeros(B, k.shape[1], T, dtype=dtype, device=key_states.device)
+            if store is not None:
+                old = store[2]
+                pos = torch.cat([old, pos.expand(B, old.shape[1], T)], dim=2)
+                if scores is not None:
+                    scores = torch.cat([store[3], scores], dim=2)
+            pending.append([k, v, pos, scores])
         self.pending = pending
         self.seen += T
         return key_states, value_states
 
-    def commit(self, start: Tensor) -> None:
-        """Keep what later queries can use (``start`` ``[B]``: each row's first non-padding
-        position); the dropped tokens' tensors are released."""
+    def commit(self, start: Tensor, calls: list | None = None) -> None:
+        """Keep what the rules say later queries can use (``start`` ``[B]``: each row's first
+        non-padding position; ``calls``: per group the :class:`attnkit.hf.policies.GroupCall` the
+        attention function built, or None); the dropped tokens' tensors are released."""
+        from .policies import GroupCall
+
         self.start = start
-        last = self.seen - 1
         stores = []
-        for group, (k, v, pos) in zip(self.groups, self.pending):
-            if group.rule is None:
-                stores.append((k, v, None))
+        for i, (group, (k, v, pos, scores)) in enumerate(zip(self.groups, self.pending)):
+            if not self._evicting[i]:
+                stores.append((k, v, None, None))
                 continue
-            keep = group.rule.keep(pos, start[:, None], last) & (pos >= 0)  # [B, S']
-            count = int(keep.sum(dim=1).max()) if keep.numel() else 0
-            if count == pos.shape[1]:
-                stores.append((k, v, pos))
+            call = calls[i] if calls is not None and calls[i] is not None else GroupCall(
+                group.rule, None, group.kv_heads, None, None, pos, start.clamp(min=0), None, None, None, self.seen,
+                scores, self.states[i], None)
+            keep = group.rule.keep(pos, scores, call)
+            if keep is None:
+                stores.append((k, v, pos, scores))
                 continue
-            # kept slots first, in position order (a stable sort of "dropped"), then cut to the longest row
-            order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :count]  # [B, K]
-            slot_kept = keep.gather(1, order)
-            new_pos = pos.gather(1, order).masked_fill(~slot_kept, -1)
-            idx = order[:, None, :, None]
-            k = k.gather(2, idx.expand(-1, k.shape[1], -1, k.shape[3])).contiguous()
-            v = v.gather(2, idx.expand(-1, v.shape[1], -1, v.shape[3])).contiguous()
-            stores.append((k, v, new_pos))
+            keep = keep & (pos >= 0)  # [B, 1|n, S']
+            if keep.shape[1] != pos.shape[1]:
+                pos = pos.expand(-1, keep.shape[1], -1)
+            if bool(keep.all()):
+                stores.append((k, v, pos, scores))
+                continue
+            # a row or head that keeps every slot still needs the others' dropped slots marked empty
+            count = int(keep.sum(dim=2).max()) if keep.numel() else 0
+            # kept slots first, in position order (a stable sort of "dropped"), then cut to the longest row / head
+            order = torch.sort((~keep).to(torch.int8), dim=2, stable=True).indices[:, :, :count]  # [B, 1|n, K]
+            slot_kept = keep.gather(2, order)
+            new_pos = pos.gather(2, order).masked_fill(~slot_kept, -1)
+            n = k.shape[1]
+            idx = order[:, :, :, None]
+            k = k.gather(2, idx.expand(-1, n, -1, k.shape[3])).contiguous()
+            v = v.gather(2, idx.expand(-1, n, -1, v.shape[3])).contiguous()
+            if scores is not None:
+                scores = scores.gather(2, order.expand(-1, n, -1)).contiguous()
+            stores.append((k, v, new_pos, scores))
         self._stores = stores
         self.pending = None
 
@@ -139,10 +172,10 @@ class HeadwiseLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.seen, self.start, self.pending = 0, None, None
         self._stores = [None] * len(self.groups)
+        self.states = [{} for _ in self.groups]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._stores = [None if s is None else (s[0].index_select(0, beam_idx), s[1].index_select(0, beam_idx),
-                                                None if s[2] is None else s[2].index_select(0, beam_idx))
+        self._stores = [None if s is None else tuple(None if t is None else t.index_select(0, beam_idx) for t in s)
                         for s in self._stores]
         if self.start is not None:
             self.start = self.start.index_select(0, beam_idx)
@@ -167,8 +200,14 @@ class HeadwiseLayer(CacheLayerMixin):
 
     # -- inspection ---------------------------------------------------------------------
     def stores(self) -> list:
-        """Per group: ``(keys [B, n, K, D], values [B, n, K, Dv], positions [B, K] or None)``."""
-        return list(self._stores)
+        """Per group: ``(keys [B, n, K, D], values [B, n, K, Dv], positions)``; positions are None for a
+        group that keeps everything, ``[B, K]`` when shared by the group's heads, else ``[B, n, K]``."""
+        return [None if s is None else (s[0], s[1], None if s[2] is None else
+                                        (s[2][:, 0] if s[2].shape[1] == 1 else s[2])) for s in self._stores]
+
+    def scores(self) -> list:
+        """Per group: the kept slots' scores ``[B, n, K]`` (a ``scored`` rule), else None."""
+        return [None if s is None else s[3] for s in self._stores]
 
     def nbytes(self) -> int:
         """Bytes of the cached keys and values (positions not counted)."""
@@ -183,7 +222,7 @@ class HeadwiseCache(Cache):
     ``model.generate(...)``. ``nbytes()`` is the memory its keys and values hold."""
 
     def __init__(self, policy, num_layers: int, num_kv_heads: int):
-        layers = [HeadwiseLayer(policy.plan(i, num_kv_heads), num_kv_heads) for i in range(num_layers)]
+        layers = [HeadwiseLayer(policy.plan(i, num_kv_heads), num_kv_heads, i) for i in range(num_layers)]
         super().__init__(layers=layers)
         self.policy = policy
         self._handle = None  # weakref to the attnkit.hf Handle that built it (set by Handle.cache)

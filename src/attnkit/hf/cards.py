@@ -14,6 +14,7 @@ from .. import patterns as _patterns
 from ..cards import Capabilities, Card, FlopCount, dense_attention_flops
 from .duo import Duo
 from .policies import Full, Headwise, Streaming
+from .taskkv import TaskKV
 
 __all__ = ["CARDS"]
 
@@ -40,6 +41,14 @@ def _headwise_pattern(config):
     return _patterns.per_head(half * max(1, config["num_heads"] // 2) + half[: config["num_heads"] % 2])
 
 
+def _taskkv_pattern(config):
+    # the card's FLOP model: full_fraction of the heads causal, the others about budget keys (sink + window)
+    heads = config["num_heads"]
+    full = min(heads, int(heads * config["full_fraction"] + 0.5))
+    budget = _patterns.sink_window(config["sink"], config["budget"] - config["sink"])
+    return _patterns.per_head([_patterns.causal()] * full + [budget] * (heads - full))
+
+
 CARDS: tuple[Card, ...] = (
     Card(name="hf-full", title="The model's own attention through attnkit.attend", arxiv=None, family="hf", kind="hf",
          layer=Full, flops=_flops(lambda c: _patterns.causal()), capabilities=_CAPS,
@@ -58,4 +67,10 @@ CARDS: tuple[Card, ...] = (
          defaults={"sparsity": 0.5, "sink": 64, "window": 256}, capabilities=_CAPS,
          summary="DuoAttention: gates per KV head identified by distillation (attnkit identify-duo), the "
                  "sparsity fraction of lowest gates streams (sink + window), the rest keep every token"),
+    Card(name="hf-taskkv",
+         title="Task-KV: Task-aware KV Cache Optimization via Semantic Differentiation of Attention Heads",
+         arxiv="2501.15113", family="hf", kind="hf", layer=TaskKV, flops=_flops(_taskkv_pattern),
+         defaults={"budget": 512, "sink": 16, "recent": 256, "full_fraction": 0.25}, capabilities=_CAPS,
+         summary="heads far from the semantic centre keep the full cache, the others sink + middle activations + "
+                 "recent tokens within a budget"),
 )
