@@ -492,3 +492,8 @@ def resolve(method, options: dict) -> Policy:
             raise ValueError(f"method {name!r} does not take option(s) {unknown}; accepted: {', '.join(accepted) or 'none'}")
         return cls(**options)
     raise ValueError(f"method must be a method name ({', '.join(METHODS)}) or a Policy, got {type(method).__name__}")
+
+# -- methods in files of their own (each imports this module, so they register after it) -------
+from .h2o import H2O, SFAttn, SinkLoRA  # noqa: E402
+
+METHODS.update({"h2o": H2O, "sinklora": SinkLoRA, "sf-attn": SFAttn})
