@@ -206,18 +206,20 @@ class GroupCall:
             needs to re-rotate keys), or None where the cache builds the call for ``keep``.
         every_position: True where the candidates are every position ``0 .. seen-1`` in order
             (``k_pos`` is ``arange(seen)`` as ``[1, 1, seen]``: a group that keeps everything).
+        input_ids: ``[B, T]`` the token ids of this call's queries (what the model was called
+            with; e.g. for a rule that keeps separator tokens), or None (called with embeddings).
     """
 
     __slots__ = ("rule", "layer_idx", "kv_heads", "group_size", "q_pos", "k_pos", "start", "mask", "scale",
-                 "score_mod", "seen", "scores", "state", "backend", "module", "every_position", "_base")
+                 "score_mod", "seen", "scores", "state", "backend", "module", "every_position", "input_ids", "_base")
 
     def __init__(self, rule, layer_idx, kv_heads, group_size, q_pos, k_pos, start, mask, scale, score_mod, seen,
-                 scores, state, backend, module=None, every_position=False):
+                 scores, state, backend, module=None, every_position=False, input_ids=None):
         self.rule, self.layer_idx, self.kv_heads, self.group_size = rule, layer_idx, kv_heads, group_size
         self.q_pos, self.k_pos, self.start, self.mask = q_pos, k_pos, start, mask
         self.scale, self.score_mod, self.seen, self.scores = scale, score_mod, seen, scores
         self.state, self.backend, self.module, self._base = state, backend, module, None
-        self.every_position = every_position
+        self.every_position, self.input_ids = every_position, input_ids
 
     @property
     def last(self) -> int:
