@@ -371,3 +371,29 @@ def test_sf_attn_refuses_decoding_and_bad_options(llama):
         SinkShiftedGroups(4, 0)
     with pytest.raises(ValueError, match="built for num_heads=4"):
         patterns.resolve(SinkShiftedGroups(4, 4)).validate(1, 2, 8)
+
+
+def test_h2o_beside_other_rules_in_one_layer(llama):
+    """KV head 0 on H2O, KV head 1 on sink + window in layer 0, full heads in layer 1: each group
+    keeps its own budget (per-head positions beside shared ones) and batched decoding runs."""
+
+    class Mixed(hf.Policy):
+        name = "mixed"
+
+        def rule(self, layer_idx, kv_head):
+            if layer_idx == 1:
+                return None
+            return HeavyHitters(budget=5, recent=2) if kv_head == 0 else hf.SinkWindow(sink=1, window=3)
+
+    ids, mask = _inputs(T=12, pads=(0, 2))
+    with hf.apply(llama, Mixed()) as handle:
+        cache = handle.cache()
+        _decode(llama, ids, mask, cache, steps=3)
+    groups = cache.layers[0].groups
+    assert [type(g.rule).__name__ for g in groups] == ["SinkWindow", "HeavyHitters"]  # by budget: 4, then 5
+    (k1, _, p1), (k0, _, p0) = cache.layers[0].stores()
+    assert k1.shape[1:3] == (1, 4) and p1.shape == (2, 4)
+    assert k0.shape[1:3] == (1, 5) and p0.shape == (2, 5)  # a group of one KV head: [B, K]
+    assert p1[0].tolist() == [0, 12, 13, 14] and p1[1].tolist() == [2, 12, 13, 14]
+    assert p0[:, -2:].tolist() == [[13, 14], [13, 14]]
+    assert cache.layers[1].stores()[0][0].shape[2] == 15

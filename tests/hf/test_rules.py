@@ -307,6 +307,11 @@ def test_group_call_attend_probs_equals_written_out_softmax():
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     torch.testing.assert_close(got, received, atol=1e-12, rtol=0)
     torch.testing.assert_close(call.attend(q, k, v), ref, atol=1e-12, rtol=0)
+    # an observation window (SnapKV-like): only the last 2 queries count
+    window = torch.zeros(B, T, dtype=torch.bool)
+    window[:, -2:] = True
+    _, got = call.attend_probs(q, k, v, queries=window)
+    torch.testing.assert_close(got, (probs * (real * window)[:, None, :, None]).sum(2), atol=1e-12, rtol=0)
 
 
 def test_bad_rules_raise_value_error(llama):
