@@ -273,8 +273,10 @@ def _rule_attend(rule, q, k, v, call, entry=None) -> Tensor:
     result = rule.attend(q, k, v, call)
     if not (rule.scored and call.scores is not None):
         if isinstance(result, tuple):
-            raise ValueError(f"{type(rule).__name__}.attend returned a tuple, but the rule is not scored "
-                             "(scored = False): return the output [B, n*g, T, Dv] alone")
+            why = ("its group keeps no scores (evicts = False)" if rule.scored
+                   else "the rule is not scored (scored = False)")
+            raise ValueError(f"{type(rule).__name__}.attend returned a tuple, but {why}: return the output "
+                             "[B, n*g, T, Dv] alone")
         return result
     if not (isinstance(result, tuple) and len(result) == 2):
         raise ValueError(f"{type(rule).__name__} is scored: its attend must return (out [B, n*g, T, Dv], "

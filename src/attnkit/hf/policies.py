@@ -49,7 +49,8 @@ Class attributes say what a rule needs:
 
 - ``evicts`` (default True): False stores the group like full heads (every token, positions
   ``0 .. S-1``; ``keep`` is not called), e.g. a sparse attention over the full cache;
-- ``scored`` (default False): the cache holds the scores of step 1;
+- ``scored`` (default False): the cache holds the scores of step 1 (for an evicting group: the
+  scores serve ``keep``);
 - ``stateful`` (default: ``scored``): what the group keeps depends on earlier calls, so only the
   head-wise cache (``handle.cache()``) can serve it; on the model's own cache (which keeps every
   token) a stateful rule raises ``ValueError``, a stateless one attends through ``allowed`` /
