@@ -196,6 +196,8 @@ def test_cache_keeps_exactly_the_budget_per_head(llama):
                 total += 2 * 2 * budget * 2 * 16 * 4  # rows x KV heads x tokens x (key + value) x D x fp32
             counts.append(total)
             assert cache.nbytes() == total
+            # the bookkeeping: an int64 position and a float32 score per slot and head
+            assert cache.nbytes(metadata=True) == total + 2 * 2 * 2 * budget * (8 + 4)
 
         _decode(llama, ids, mask, cache, steps=5, after_each=check)
     assert len(counts) == 6
