@@ -81,8 +81,8 @@ def test_headwise_shape_and_indices(llama):
 
 
 def test_method_names(llama):
-    with pytest.raises(ValueError, match="unknown method 'h2o'; accepted: full, streaming, headwise"):
-        hf.apply(llama, "h2o")
+    with pytest.raises(ValueError, match="unknown method 'nonesuch'; accepted: full, streaming, headwise"):
+        hf.apply(llama, "nonesuch")
     with pytest.raises(ValueError, match="options \\['window'\\] were given with a policy object"):
         hf.apply(llama, hf.Streaming(), window=3)
     with pytest.raises(ValueError, match="unknown backend 'fast'"):

@@ -307,6 +307,11 @@ def test_group_call_attend_probs_equals_written_out_softmax():
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     torch.testing.assert_close(got, received, atol=1e-12, rtol=0)
     torch.testing.assert_close(call.attend(q, k, v), ref, atol=1e-12, rtol=0)
+    # an observation window (SnapKV-like): only the last 2 queries count
+    window = torch.zeros(B, T, dtype=torch.bool)
+    window[:, -2:] = True
+    _, got = call.attend_probs(q, k, v, queries=window)
+    torch.testing.assert_close(got, (probs * (real * window)[:, None, :, None]).sum(2), atol=1e-12, rtol=0)
 
 
 def test_bad_rules_raise_value_error(llama):
@@ -342,3 +347,30 @@ def test_bad_rules_raise_value_error(llama):
     for rule, match in ((ScoredNoTuple(), "must return"), (TupleNotScored(), "not scored")):
         with hf.apply(llama, Returns(rule)) as handle, torch.no_grad(), pytest.raises(ValueError, match=match):
             llama(ids, past_key_values=handle.cache())
+
+
+def test_a_rule_sees_the_calls_token_ids(llama):
+    """call.input_ids: the ids of the call's queries, at attend and at keep (prefill and decode)."""
+    seen = []
+
+    @dataclass(frozen=True)
+    class Spy(Rule):
+        def attend(self, q, k, v, call):
+            seen.append(("attend", call.input_ids))
+            return call.attend(q, k, v)
+
+        def keep(self, pos, scores, call):
+            seen.append(("keep", call.input_ids))
+            return None
+
+    ids, mask = _inputs()
+    with hf.apply(llama, OneRule(Spy())) as handle:
+        cache = handle.cache()
+        _decode(llama, ids, mask, cache, steps=2)
+    assert [s[0] for s in seen[:4]] == ["attend", "keep"] * 2  # layer 0, then layer 1's ruled group
+    assert torch.equal(seen[0][1], ids) and torch.equal(seen[1][1], ids)
+    assert seen[-1][1].shape == (2, 1)
+    with torch.no_grad(), hf.apply(llama, OneRule(Spy())) as handle:
+        seen.clear()
+        llama(inputs_embeds=llama.model.embed_tokens(ids[:, :4]), past_key_values=handle.cache())
+    assert seen and all(s[1] is None for s in seen)

@@ -200,7 +200,8 @@ def _attend_given(handle, layer_idx, query, key, value, mask, scaling, score_mod
                     "earlier calls, which the model's own cache cannot serve; pass past_key_values=handle.cache() "
                     "(cache=, its newer name) to the model or to generate()")
             call = GroupCall(rule, layer_idx, group.kv_heads, g, q_pos, k_pos.expand(1, 1, -1), start, mask, scaling,
-                             score_mod, S, None, {}, handle.backend, module, every_position=True)
+                             score_mod, S, None, {}, handle.backend, module, every_position=True,
+                             input_ids=handle._forward_ids)
             out[:, qh] = _rule_attend(rule, query[:, qh], key[:, kh], value[:, kh], call)
             continue
         if group.rule is not None:
@@ -252,7 +253,8 @@ def _attend_headwise(handle, layer, query, mask, scaling, score_mod, Hkv, module
         else:  # a rule of the protocol: its own attend, then its keep at commit
             k_pos = pos if pos is not None else torch.arange(k.shape[2], device=device).expand(1, 1, -1)
             call = GroupCall(rule, layer.layer_idx, group.kv_heads, g, q_pos, k_pos, start_c, mask, scaling, score_mod,
-                             S, scores, layer.states[i], handle.backend, module, every_position=pos is None)
+                             S, scores, layer.states[i], handle.backend, module, every_position=pos is None,
+                             input_ids=handle._forward_ids)
             o = _rule_attend(rule, q, k, v, call, entry)
             if calls is None:
                 calls = [None] * len(layer.groups)
@@ -271,8 +273,10 @@ def _rule_attend(rule, q, k, v, call, entry=None) -> Tensor:
     result = rule.attend(q, k, v, call)
     if not (rule.scored and call.scores is not None):
         if isinstance(result, tuple):
-            raise ValueError(f"{type(rule).__name__}.attend returned a tuple, but the rule is not scored "
-                             "(scored = False): return the output [B, n*g, T, Dv] alone")
+            why = ("its group keeps no scores (evicts = False)" if rule.scored
+                   else "the rule is not scored (scored = False)")
+            raise ValueError(f"{type(rule).__name__}.attend returned a tuple, but {why}: return the output "
+                             "[B, n*g, T, Dv] alone")
         return result
     if not (isinstance(result, tuple) and len(result) == 2):
         raise ValueError(f"{type(rule).__name__} is scored: its attend must return (out [B, n*g, T, Dv], "
@@ -344,6 +348,7 @@ class Handle:
         self._hooks: list = []
         self._forward_cache = None
         self._forward_start = None
+        self._forward_ids = None
         self._warned = False
         self._calls = 0  # forwards of the routed model in progress (its head-wise caches may update)
         self.active = False
@@ -396,6 +401,9 @@ class Handle:
         # say it once a window hides a row's first tokens from this call's queries)
         padding = kwargs.get("attention_mask")
         self._forward_start = None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        # the call's token ids [B, T] for rules that read them (Task-KV's separators); None for embeddings
+        self._forward_ids = ids if isinstance(ids, Tensor) and ids.dim() == 2 and not ids.is_floating_point() else None
         if isinstance(padding, Tensor) and padding.dim() == 2:
             real = padding != 0
             first = real.to(torch.int8).argmax(dim=1)
@@ -404,7 +412,7 @@ class Handle:
     def _forget_call(self, module, args, kwargs, output):
         """Forward hook (also when the forward raised): what ``_see_cache`` recorded belongs to that call only."""
         self._calls = max(0, self._calls - 1)
-        self._forward_cache = self._forward_start = None
+        self._forward_cache = self._forward_start = self._forward_ids = None
 
     def _sliding_cache_layer(self, layer_idx: int) -> bool:
         """Whether the model's own cache of this forward keeps only a window at this layer."""
@@ -445,16 +453,17 @@ class Handle:
         new = copy.copy(self)
         memo[id(self)] = new
         for name, value in self.__dict__.items():
-            if name not in ("_forward_cache", "_forward_start", "_staged", "_calls"):
+            if name not in ("_forward_cache", "_forward_start", "_forward_ids", "_staged", "_calls"):
                 setattr(new, name, copy.deepcopy(value, memo))
         new._staged, new._forward_cache, new._forward_start, new._calls = {}, None, None, 0
+        new._forward_ids = None
         new._route_copy()
         return new
 
     def __getstate__(self):
         # pickled with an applied model (torch.save(model)): what belongs to a call in progress stays
         state = dict(self.__dict__)
-        state.update(_staged={}, _forward_cache=None, _forward_start=None, _calls=0)
+        state.update(_staged={}, _forward_cache=None, _forward_start=None, _forward_ids=None, _calls=0)
         return state
 
     def __setstate__(self, state):

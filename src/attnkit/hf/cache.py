@@ -209,10 +209,25 @@ class HeadwiseLayer(CacheLayerMixin):
         """Per group: the kept slots' scores ``[B, n, K]`` (a ``scored`` rule), else None."""
         return [None if s is None else s[3] for s in self._stores]
 
-    def nbytes(self) -> int:
-        """Bytes of the cached keys and values (positions not counted)."""
-        return sum(s[0].numel() * s[0].element_size() + s[1].numel() * s[1].element_size()
-                   for s in self._stores if s is not None)
+    def nbytes(self, metadata: bool = False) -> int:
+        """Bytes of the cached keys and values; with ``metadata``, also of the slots' positions and
+        scores (an evicting group's bookkeeping: int64 per slot, per head when the heads differ,
+        and a float32 score per slot and head for a scored rule)."""
+        total = 0
+        for s in self._stores:
+            if s is None:
+                continue
+            parts = s if metadata else s[:2]
+            total += sum(_held(t) for t in parts if t is not None)
+        return total
+
+
+def _held(t: Tensor) -> int:
+    """Bytes a tensor holds: an expanded view (positions shared by rows or heads) holds its storage."""
+    size = t.numel() * t.element_size()
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        return min(size, t.untyped_storage().nbytes())
+    return size
 
 
 class HeadwiseCache(Cache):
@@ -243,6 +258,7 @@ class HeadwiseCache(Cache):
         handle._staged[layer_idx] = self.layers[layer_idx]  # the attention function attends it next
         return out
 
-    def nbytes(self) -> int:
-        """Bytes of every layer's cached keys and values: what the policy keeps, as stored."""
-        return sum(layer.nbytes() for layer in self.layers)
+    def nbytes(self, metadata: bool = False) -> int:
+        """Bytes of every layer's cached keys and values: what the policy keeps, as stored (with
+        ``metadata``: plus the evicting groups' positions and scores)."""
+        return sum(layer.nbytes(metadata) for layer in self.layers)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from .. import patterns as _patterns
 from ..cards import Capabilities, Card, FlopCount, dense_attention_flops
 from .duo import Duo
+from .h2o import H2O, SFAttn, SinkLoRA, h2o_flops, sf_attn_flops
 from .policies import Full, Headwise, Streaming
 from .taskkv import TaskKV
 
@@ -73,4 +74,20 @@ CARDS: tuple[Card, ...] = (
          defaults={"budget": 512, "sink": 16, "recent": 256, "full_fraction": 0.25}, capabilities=_CAPS,
          summary="heads far from the semantic centre keep the full cache, the others sink + middle activations + "
                  "recent tokens within a budget"),
+    Card(name="hf-h2o", title="H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models",
+         arxiv="2306.14048", family="hf", kind="hf", layer=H2O, flops=h2o_flops, capabilities=_CAPS,
+         defaults={"budget": 256, "recent": 0.5, "sink": 0},
+         summary="every KV head keeps budget tokens: recent ones + heavy hitters (accumulated attention), "
+                 "evicting at prefill and at every decode step; memory really freed"),
+    Card(name="hf-sinklora", title="SinkLoRA: Enhanced Efficiency and Chat Capabilities for Long-Context Large "
+         "Language Models", arxiv="2406.05678", family="hf", kind="hf", layer=SinkLoRA, flops=h2o_flops,
+         capabilities=_CAPS, defaults={"budget": 256, "recent": 0.5, "sink": 4},
+         summary="SinkLoRA's inference: H2O with the first sink tokens always kept"),
+    Card(name="hf-sf-attn", title="SinkLoRA: Enhanced Efficiency and Chat Capabilities for Long-Context Large "
+         "Language Models", arxiv="2406.05678", family="hf", kind="hf", layer=SFAttn, flops=sf_attn_flops,
+         capabilities=Capabilities(causal=True, bidirectional=False, decode=False, varlen=True,
+                                   backends=("reference", "sdpa")),
+         defaults={"group_size": None, "group_ratio": 0.25, "sink": 4},
+         summary="SF-Attn for long-context fine-tuning: LongLoRA's shifted groups without wrap-around + global sink "
+                 "tokens (training forwards; inference uses full attention)"),
 )

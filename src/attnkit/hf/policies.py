@@ -49,7 +49,8 @@ Class attributes say what a rule needs:
 
 - ``evicts`` (default True): False stores the group like full heads (every token, positions
   ``0 .. S-1``; ``keep`` is not called), e.g. a sparse attention over the full cache;
-- ``scored`` (default False): the cache holds the scores of step 1;
+- ``scored`` (default False): the cache holds the scores of step 1 (for an evicting group: the
+  scores serve ``keep``);
 - ``stateful`` (default: ``scored``): what the group keeps depends on earlier calls, so only the
   head-wise cache (``handle.cache()``) can serve it; on the model's own cache (which keeps every
   token) a stateful rule raises ``ValueError``, a stateless one attends through ``allowed`` /
@@ -206,18 +207,20 @@ class GroupCall:
             needs to re-rotate keys), or None where the cache builds the call for ``keep``.
         every_position: True where the candidates are every position ``0 .. seen-1`` in order
             (``k_pos`` is ``arange(seen)`` as ``[1, 1, seen]``: a group that keeps everything).
+        input_ids: ``[B, T]`` the token ids of this call's queries (what the model was called
+            with; e.g. for a rule that keeps separator tokens), or None (called with embeddings).
     """
 
     __slots__ = ("rule", "layer_idx", "kv_heads", "group_size", "q_pos", "k_pos", "start", "mask", "scale",
-                 "score_mod", "seen", "scores", "state", "backend", "module", "every_position", "_base")
+                 "score_mod", "seen", "scores", "state", "backend", "module", "every_position", "input_ids", "_base")
 
     def __init__(self, rule, layer_idx, kv_heads, group_size, q_pos, k_pos, start, mask, scale, score_mod, seen,
-                 scores, state, backend, module=None, every_position=False):
+                 scores, state, backend, module=None, every_position=False, input_ids=None):
         self.rule, self.layer_idx, self.kv_heads, self.group_size = rule, layer_idx, kv_heads, group_size
         self.q_pos, self.k_pos, self.start, self.mask = q_pos, k_pos, start, mask
         self.scale, self.score_mod, self.seen, self.scores = scale, score_mod, seen, scores
         self.state, self.backend, self.module, self._base = state, backend, module, None
-        self.every_position = every_position
+        self.every_position, self.input_ids = every_position, input_ids
 
     @property
     def last(self) -> int:
@@ -474,10 +477,6 @@ class Headwise(Policy):
 #: method name -> policy class (``apply(model, "streaming", window=256)``)
 METHODS: dict[str, type] = {"full": Full, "streaming": Streaming, "headwise": Headwise}
 
-# method files build on this module's classes, so they join the table after it exists
-from .taskkv import TaskKV as _TaskKV  # noqa: E402
-
-METHODS["taskkv"] = _TaskKV
 
 
 def resolve(method, options: dict) -> Policy:
@@ -498,5 +497,9 @@ def resolve(method, options: dict) -> Policy:
         return cls(**options)
     raise ValueError(f"method must be a method name ({', '.join(METHODS)}) or a Policy, got {type(method).__name__}")
 
-from .duo import Duo  # noqa: E402  (duo.py builds on Headwise above; registered here so resolve() knows "duo")
-METHODS["duo"] = Duo
+# -- methods in files of their own (each imports this module, so they register after it) -------
+from .duo import Duo  # noqa: E402
+from .h2o import H2O, SFAttn, SinkLoRA  # noqa: E402
+from .taskkv import TaskKV  # noqa: E402
+
+METHODS.update({"duo": Duo, "taskkv": TaskKV, "h2o": H2O, "sinklora": SinkLoRA, "sf-attn": SFAttn})
