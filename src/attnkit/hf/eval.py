@@ -972,9 +972,12 @@ def cmd_eval(args) -> int:
 
     from .._console import StepPrinter, console, err_console, invoked_command
 
-    folder = _out_folder(args.out)
-    _pyplot()  # before the run: a missing matplotlib must not cost it
     methods = args.method if args.method else list(DEFAULT_METHODS)
+    parse_methods(methods)  # a bad spec is refused before anything is created
+    _pyplot()  # before the run: a missing matplotlib must not cost it
+    folder = _out_folder(args.out)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
     bar = task = printer = None
     if sys.stderr.isatty():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
@@ -1003,6 +1006,10 @@ def cmd_eval(args) -> int:
                      bpb_windows=args.bpb_windows, bpb_length=args.bpb_length, decode_tokens=args.decode_tokens,
                      batch_size=args.batch_size, corpus=args.corpus, threads=args.threads, progress=progress,
                      command=invoked_command("eval"))
+    except BaseException:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # a refused or interrupted run leaves no empty folder behind
+        raise
     finally:
         if bar is not None:
             bar.stop()
