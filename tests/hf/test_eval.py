@@ -30,6 +30,7 @@ hf = pytest.importorskip("attnkit.hf")
 from attnkit.cli import main  # noqa: E402
 from attnkit.hf import eval as hf_eval  # noqa: E402
 from attnkit.hf.subject import byte_tokenizer  # noqa: E402
+from attnkit.tasks.longcontext import PASSKEY_MIN_LENGTH as PASSKEY_MIN  # noqa: E402
 from attnkit.tasks.longcontext import _multikey_needle, _multikey_question  # noqa: E402
 from attnkit.tasks.passkey import QUESTION, _needle  # noqa: E402
 from attnkit.tasks.text import load_corpus  # noqa: E402
@@ -262,15 +263,34 @@ def test_bits_per_byte_is_the_models_loss_on_held_out_text(record, folders):
     assert (s["bpb_windows"], s["bpb_length"]) == (2, 96)
 
 
-def test_bits_per_byte_counts_bytes_of_the_text(folders):
-    # a window's byte count is the UTF-8 length of the text its predicted tokens cover, also when a
-    # token is several bytes (the byte tokenizer has one byte per token: here a plain-character text
-    # through a tokenizer whose tokens are whole words would differ)
-    from transformers import AutoTokenizer
+def _bos_byte_tokenizer():
+    """The byte tokenizer with a BOS token (id 256) put before every text, as Llama's does."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
 
-    haystack = hf_eval.Haystack(AutoTokenizer.from_pretrained(folders[0]), "é1234567890abcdef".encode() * 4)
-    ids, count = haystack.text_window(random.Random(0), 20)
-    assert len(ids) == 20 and count == 19  # byte tokens: every one but the first is predicted
+    core = byte_tokenizer().backend_tokenizer
+    core.add_special_tokens(["<s>"])
+    core.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", model_max_length=4096)
+
+
+def test_text_windows_and_prompts_with_and_without_a_bos_token():
+    text = b"plain ascii text, one byte per token: " * 8
+    plain = hf_eval.Haystack(byte_tokenizer(), text)
+    ids, count = plain.text_window(random.Random(0), 20)
+    assert plain.prefix == [] and len(ids) == 20 and count == 19  # every token but the first is predicted
+    bos = hf_eval.Haystack(_bos_byte_tokenizer(), text)
+    ids, count = bos.text_window(random.Random(0), 20)
+    assert bos.prefix == [256] and ids[0] == 256 and len(ids) == 20 and count == 19  # BOS predicts the first byte
+    hay = b"no digits here at all, just words and spaces " * 40
+    for haystack in (hf_eval.Haystack(byte_tokenizer(), hay), hf_eval.Haystack(_bos_byte_tokenizer(), hay)):
+        for depth in (0.0, 0.5, 1.0):
+            prompt, key = haystack.passkey(random.Random(1), 300, depth)
+            assert len(prompt) == 300 and prompt[: len(haystack.prefix)] == haystack.prefix
+            body = bytes(prompt[len(haystack.prefix):])
+            n_hay = 300 - len(haystack.prefix) - len(_needle(key)) - len(QUESTION)
+            assert body.index(_needle(key)) == round(depth * n_hay)
+        assert haystack.fixed_tokens("passkey", 1) + hf_eval.MIN_HAYSTACK == len(haystack.prefix) + PASSKEY_MIN
 
 
 def test_record_and_files(record, tmp_path, folders):

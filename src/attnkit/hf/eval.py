@@ -386,7 +386,9 @@ class Haystack:
 
     def text_window(self, rng: random.Random, length: int) -> tuple[list[int], int]:
         """(tokens, bytes): ``length`` tokens (``prefix`` and haystack), and the UTF-8 bytes of the text
-        the predicted tokens cover (every token but the first; all of them after a prefix)."""
+        the predicted tokens cover (every token but the first; all of them after a prefix). Exact
+        when the window's edges fall between characters; a byte token holding part of a multi-byte
+        character at an edge counts the whole character (a few bytes in a window of thousands)."""
         n = length - len(self.prefix)  # the window, prefix included, is ``length`` tokens
         if n < 2 or n > len(self.ids):
             raise ValueError(f"--bpb-length {length}: accepted: {len(self.prefix) + 2} to "
@@ -807,7 +809,8 @@ def plot_heatmaps(record: dict, path) -> None:
     cols = len(rows)
     width = max(3.2, 0.9 * len(lengths) + 1.6)
     height = max(2.4, 0.45 * len(depths) + 1.4)
-    fig, axes = plt.subplots(len(tasks), cols, figsize=(width * cols + 1.2, height * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), cols, figsize=(width * cols + 1.2, height * len(tasks) + 0.6), squeeze=False,
+                             layout="constrained")
     image = None
     for r, task in enumerate(tasks):
         for c, row in enumerate(rows):
@@ -820,11 +823,13 @@ def plot_heatmaps(record: dict, path) -> None:
                             color="black" if 0.2 < value < 0.85 else "white" if value <= 0.2 else "black")
             ax.set_xticks(range(len(lengths)), lengths, fontsize=8)
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
-            ax.set_xlabel("prompt length (tokens)", fontsize=8)
+            if r == len(tasks) - 1:
+                ax.set_xlabel("prompt length (tokens)", fontsize=8)
             if c == 0:
-                ax.set_ylabel(f"{task}: needle depth", fontsize=8)
-            ax.set_title(row["label"], fontsize=9)
-    fig.colorbar(image, ax=axes, shrink=0.85, label="accuracy (greedy exact match)")
+                ax.set_ylabel(f"{task}: needle depth", fontsize=9)
+            if r == 0:
+                ax.set_title(row["label"], fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy (greedy exact match)")
     fig.suptitle(f"attnkit eval · {Path(record['model']['path']).name} · {s['samples']} prompt(s) per cell",
                  fontsize=10)
     _save(fig, Path(path))
@@ -857,7 +862,7 @@ def plot_accuracy_vs_kv(record: dict, path) -> None:
             for xi, yi, n in zip(x, y, lengths):
                 labels.setdefault((xi, yi), []).append(n)
             for (xi, yi), names in labels.items():
-                ax.annotate(", ".join(names), (xi, yi), textcoords="offset points", xytext=(6, 6 + 9 * (i % 2)),
+                ax.annotate(", ".join(names), (xi, yi), textcoords="offset points", xytext=(6, 4 + 9 * (i % 3)),
                             fontsize=7, color=colours(i % 10))
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
