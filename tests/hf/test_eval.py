@@ -174,8 +174,8 @@ def test_the_grid_equals_an_independent_computation(record, folders):
         for row, sink, window in ((full, None, None), (streaming, SINK, WINDOW)):
             expected = [simulate(ids, key, 6, sink, window) for ids, key in cell]
             assert None not in expected, (length, depth)  # the seed gives no open ties
-            assert row["accuracy"]["passkey"][str(length)][str(depth)] == sum(expected) / SAMPLES, (row["label"], length,
-                                                                                                  depth)
+            got = row["accuracy"]["passkey"][str(length)][str(depth)]
+            assert got == sum(expected) / SAMPLES, (row["label"], length, depth)
     # what the case is built to show: full attention finds the needle everywhere; streaming only where its
     # window reaches it (depth 1: the needle ends where the question starts)
     for length in map(str, LENGTHS):
@@ -203,7 +203,8 @@ def test_full_matches_the_models_own_attention(record, folders):
         torch.set_num_threads(threads)
     for (length, depth), cell in prompts.items():
         gen = gens[length, depth]
-        verdicts[length, depth] = [hf_eval.answer_correct(bytes(g.tolist()).decode(), key) for g, (_, key) in zip(gen, cell)]
+        verdicts[length, depth] = [hf_eval.answer_correct(bytes(g.tolist()).decode(), key)
+                                   for g, (_, key) in zip(gen, cell)]
     got = {}
     for s in record["methods"][0]["samples"]:
         if s["task"] == "passkey":
@@ -348,6 +349,17 @@ def test_options_parse_to_policies():
         assert hf_eval.parse_methods(["window-test:window=3"])[0][1] == Window(3)
     finally:
         del hf.METHODS["window-test"]
+
+    @dataclass  # not frozen: unhashable, which policies of one's own may well be
+    class Loose(hf.Policy):
+        window: int = 8
+
+        def rule(self, layer_idx, kv_head):
+            return hf.SinkWindow(0, self.window)
+
+    assert [p for _, p in hf_eval.parse_methods([Loose(), Loose(3)])] == [Loose(), Loose(3)]
+    with pytest.raises(ValueError, match="is given twice"):
+        hf_eval.parse_methods([Loose(), Loose()])
 
 
 BAD_RUN = [  # (keyword arguments, words the message must hold)

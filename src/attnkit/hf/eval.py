@@ -114,7 +114,7 @@ def parse_methods(methods) -> list[tuple[str, Policy]]:
     if not methods:
         raise ValueError(f"--method: no method given; accepted: one or more of {', '.join(METHODS)} "
                          "(NAME:key=value,...)")
-    out, seen = [], set()
+    out = []
     for spec in methods:
         if isinstance(spec, Policy):
             label, policy = repr(spec), spec
@@ -125,10 +125,9 @@ def parse_methods(methods) -> list[tuple[str, Policy]]:
             except (ValueError, TypeError) as err:
                 raise ValueError(f"--method {spec!r}: {err}") from None
             label = spec.strip()
-        if policy in seen:
+        if any(policy == other for _, other in out):  # by equality: a policy of one's own may not hash
             raise ValueError(f"--method {label!r} is given twice (the same method and options); accepted: "
                              "each method once")
-        seen.add(policy)
         out.append((label, policy))
     return out
 
@@ -613,7 +612,8 @@ def _run(folder, plan, lengths, depths, samples, tasks, pairs, torch_device, tor
     if limit is not None:
         too_long = [n for n in lengths if n > limit]
         if too_long:
-            raise ValueError(f"--lengths {too_long} exceed(s) {limit}, the {why} ({folder}); accepted: lengths <= {limit}")
+            raise ValueError(f"--lengths {too_long} exceed(s) {limit}, the {why} ({folder}); "
+                             f"accepted: lengths <= {limit}")
     if bpb_length is None:
         bpb_length = min(1024, limit) if limit is not None else 1024
     elif limit is not None and bpb_length > limit:
@@ -952,7 +952,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="the model's dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and text windows, >= 0 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the prompts and text windows, >= 0 (default: %(default)s)")
     p.add_argument("--bpb-windows", type=int, default=8,
                    help="held-out text windows for bits per byte, >= 0 (0: skip) (default: %(default)s)")
     p.add_argument("--bpb-length", type=int, default=None,
