@@ -668,7 +668,7 @@ def _run(folder, plan, lengths, depths, samples, tasks, pairs, torch_device, tor
                               peak)
                 row["lengths"][str(length)] = {k: got[k] for k in ("kv_bytes", "prefill_s", "decode_s_per_token",
                                                                    "peak_memory_bytes")}
-                advance(f"{label}: {length} tokens, latency and KV bytes")
+                advance(f"{label}: {length} timing")
                 for task in tasks:
                     per_depth = {}
                     for depth in depths:
@@ -688,12 +688,12 @@ def _run(folder, plan, lengths, depths, samples, tasks, pairs, torch_device, tor
                                 row["samples"].append({"task": task, "length": length, "depth": depth, "key": key,
                                                        "generated": text, "correct": ok})
                         per_depth[str(depth)] = right / samples
-                        advance(f"{label}: {task} {length} tokens, depth {depth:g}")
+                        advance(f"{label}: {task} {length} d={depth:g}")
                     row["accuracy"][task][str(length)] = per_depth
                     row["mean_accuracy"][task][str(length)] = sum(per_depth.values()) / len(per_depth)
             if bpb_windows:
                 row["bits_per_byte"] = _bits_per_byte(hf_model, haystack, bpb_length, bpb_windows, seed, torch_device)
-                advance(f"{label}: bits per byte")
+                advance(f"{label}: bits/byte")
         finally:
             handle.remove()
         rows.append(row)
