@@ -252,7 +252,19 @@ def test_kv_bytes_are_measured_and_streaming_keeps_its_budget(record):
         assert f["kv_bytes"] == length * per_token
         assert s["kv_bytes"] == min(length, budget) * per_token < f["kv_bytes"]
         assert f["prefill_s"] > 0 and f["decode_s_per_token"] > 0 and f["peak_memory_bytes"] > 0
+    assert 0 < full["wall_s"] + streaming["wall_s"] <= record["wall_s"]
     assert "cpu" in record["peak_memory_kind"]
+
+
+def test_cache_bytes_of_the_models_own_cache():
+    # a transformers DynamicCache (no nbytes()): the bytes of its layers' key and value tensors
+    from transformers import DynamicCache
+
+    model = induction_model()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.randint(97, 120, (3, 50)), past_key_values=cache, use_cache=True)
+    assert hf_eval._cache_nbytes(cache) == 3 * 50 * 2 * 2 * HEADS * D * 4
 
 
 def test_bits_per_byte_is_the_models_loss_on_held_out_text(record, folders):
