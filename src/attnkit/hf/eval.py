@@ -323,11 +323,19 @@ class Haystack:
         self.text = text.decode("utf-8", errors="replace")
         backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
         if backend is not None:
-            enc = backend.encode(self.text, add_special_tokens=False)
-            # compact arrays, not lists of Python ints and tuples (a megabyte of text: ~100 MB less
-            # in the process whose peak memory the CPU measurement reports)
-            self.ids = array("q", enc.ids)
-            self.starts, self.ends = array("q", (o[0] for o in enc.offsets)), array("q", (o[1] for o in enc.offsets))
+            # by chunks of lines into compact arrays: one Encoding of a megabyte of text, or lists of
+            # Python ints and tuples, would hold ~100 MB more in the process whose peak memory the CPU
+            # measurement reports
+            self.ids, self.starts, self.ends = array("q"), array("q"), array("q")
+            pos = 0
+            while pos < len(self.text):
+                end = len(self.text) if pos + 65536 >= len(self.text) else self.text.rfind("\n", pos, pos + 65536) + 1
+                end = end if end > pos else min(len(self.text), pos + 65536)
+                enc = backend.encode(self.text[pos:end], add_special_tokens=False)
+                self.ids.extend(enc.ids)
+                self.starts.extend(o[0] + pos for o in enc.offsets)
+                self.ends.extend(o[1] + pos for o in enc.offsets)
+                pos = end
         else:  # a slow tokenizer: no offsets, bytes of a window are counted by decoding it
             self.ids = array("q", tokenizer(self.text, add_special_tokens=False, verbose=False)["input_ids"])
             self.starts = self.ends = None
