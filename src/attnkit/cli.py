@@ -1,4 +1,4 @@
-"""The ``attnkit`` command: ``list``, ``bench``, ``compare``, ``sinks``, ``train-subject``."""
+"""The ``attnkit`` command: ``list``, ``bench``, ``compare``, ``sinks``, ``train-subject``, ``eval``."""
 
 from __future__ import annotations
 
@@ -82,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("options", nargs="*")
             p.set_defaults(func=missing)
     add_train_subject_parser(sub)
+    try:  # attnkit eval: the same fallback (the probe applies attnkit.hf methods to transformers models)
+        from .hf.eval import add_eval_parser
+    except ImportError as err:
+        def add_eval_parser(sub, why=str(err)):
+            def missing(args):
+                raise ValueError(why)
+            p = sub.add_parser("eval", help="long-context probe of attnkit.hf methods (needs attnkit[hf])",
+                               prefix_chars="\0")
+            p.add_argument("options", nargs="*")
+            p.set_defaults(func=missing)
+    add_eval_parser(sub)
     return parser
 
 
