@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .. import patterns as _patterns
 from ..cards import Capabilities, Card, FlopCount, dense_attention_flops
+from .longheads import LongHeads
 from .policies import Full, Headwise, Streaming
 
 __all__ = ["CARDS"]
@@ -39,6 +40,13 @@ def _headwise_pattern(config):
     return _patterns.per_head(half * max(1, config["num_heads"] // 2) + half[: config["num_heads"] % 2])
 
 
+def _longheads_pattern(config):
+    # each query attends to at most chunks * chunk_size keys: a sliding window of that size counts the same
+    # pairs (chunks None: window // chunk_size, window None: a 4k-trained model, the shipped subject's)
+    chunks = config.get("chunks") or (config.get("window") or 4096) // config["chunk_size"]
+    return _patterns.sliding_window(chunks * config["chunk_size"])
+
+
 CARDS: tuple[Card, ...] = (
     Card(name="hf-full", title="The model's own attention through attnkit.attend", arxiv=None, family="hf", kind="hf",
          layer=Full, flops=_flops(lambda c: _patterns.causal()), capabilities=_CAPS,
@@ -51,4 +59,9 @@ CARDS: tuple[Card, ...] = (
          arxiv="2410.10819", family="hf", kind="hf", layer=Headwise, flops=_flops(_headwise_pattern),
          defaults={"sink": 4, "window": 1024}, capabilities=_CAPS,
          summary="per (layer, KV head): full (retrieval head) or sink + window (streaming head); memory really freed"),
+    Card(name="hf-longheads", title="LongHeads: Multi-Head Attention is Secretly a Long Context Processor",
+         arxiv="2402.10685", family="hf", kind="hf", layer=LongHeads,
+         flops=_flops(_longheads_pattern), defaults={"chunk_size": 256}, capabilities=_CAPS,
+         summary="per KV head and query: the first, the local and the top-scoring chunks, positions remapped into "
+                 "the trained window (full cache kept)"),
 )

@@ -492,3 +492,8 @@ def resolve(method, options: dict) -> Policy:
             raise ValueError(f"method {name!r} does not take option(s) {unknown}; accepted: {', '.join(accepted) or 'none'}")
         return cls(**options)
     raise ValueError(f"method must be a method name ({', '.join(METHODS)}) or a Policy, got {type(method).__name__}")
+
+
+from .longheads import LongHeads  # noqa: E402  (a method file imports Rule / Policy from here)
+
+METHODS["longheads"] = LongHeads
