@@ -13,6 +13,7 @@ from __future__ import annotations
 from .. import patterns as _patterns
 from ..cards import Capabilities, Card, FlopCount, dense_attention_flops
 from .longheads import LongHeads
+from .proxyattn import ProxyAttn
 from .policies import Full, Headwise, Streaming
 
 __all__ = ["CARDS"]
@@ -47,6 +48,23 @@ def _longheads_pattern(config):
     return _patterns.sliding_window(chunks * config["chunk_size"])
 
 
+def _proxyattn_pattern(config):
+    # the budget is data-dependent: the card counts a fixed fraction of the causal pairs
+    # (budget, or 1 - gamma's complement as a stand-in when the budget is dynamic)
+    fraction = config.get("budget") or 1.0 - 0.5 * (1.0 - config.get("gamma", 0.95))
+    return _patterns.causal() if fraction >= 1 else _FractionOfCausal(fraction)
+
+
+class _FractionOfCausal(_patterns.Pattern):
+    """A FLOP-model stand-in: ``fraction`` of the causal pairs (never used to attend)."""
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+
+    def _row_counts(self, q_pos, kv_len):
+        return (q_pos + 1).clamp(max=kv_len) * self.fraction
+
+
 CARDS: tuple[Card, ...] = (
     Card(name="hf-full", title="The model's own attention through attnkit.attend", arxiv=None, family="hf", kind="hf",
          layer=Full, flops=_flops(lambda c: _patterns.causal()), capabilities=_CAPS,
@@ -64,4 +82,9 @@ CARDS: tuple[Card, ...] = (
          flops=_flops(_longheads_pattern), defaults={"chunk_size": 256}, capabilities=_CAPS,
          summary="per KV head and query: the first, the local and the top-scoring chunks, positions remapped into "
                  "the trained window (full cache kept)"),
+    Card(name="hf-proxyattn", title="ProxyAttn: Guided Sparse Attention via Representative Heads",
+         arxiv="2509.24745", family="hf", kind="hf", layer=ProxyAttn, flops=_flops(_proxyattn_pattern),
+         defaults={"block_size": 128, "gamma": 0.95, "query_stride": 16}, capabilities=_CAPS,
+         summary="pooled proxy heads rank key blocks per query block; per-head dynamic budgets; block-sparse prefill "
+                 "(FlexAttention on CUDA), decode full"),
 )

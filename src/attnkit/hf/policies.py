@@ -497,3 +497,7 @@ def resolve(method, options: dict) -> Policy:
 from .longheads import LongHeads  # noqa: E402  (a method file imports Rule / Policy from here)
 
 METHODS["longheads"] = LongHeads
+
+from .proxyattn import ProxyAttn  # noqa: E402
+
+METHODS["proxyattn"] = ProxyAttn
