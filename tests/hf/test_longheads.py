@@ -11,7 +11,8 @@ from hf_models import VOCAB, llama, tiny  # noqa: F401  (llama: a fixture)
 hf = pytest.importorskip("attnkit.hf")
 
 from attnkit.hf import longheads  # noqa: E402
-from attnkit.hf.longheads import LongHeads, LongHeadsRule, remap_positions, rope_frequencies, select_chunks  # noqa: E402
+from attnkit.hf.longheads import (LongHeads, LongHeadsRule, remap_positions, rope_frequencies,  # noqa: E402
+                                  select_chunks)
 from transformers import AttentionInterface, DynamicCache  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
@@ -224,7 +225,8 @@ def test_remapped_distances_stay_within_the_window(llama, monkeypatch):
         cq = relative // w
         for b, t in selecting.nonzero().tolist():
             chosen = selected[b, :, t]  # [n, k]
-            assert bool((chosen[:, 0] == 0).all()) and bool((chosen[:, -2:] == torch.stack([cq[b, t] - 1, cq[b, t]])).all())
+            own = torch.stack([cq[b, t] - 1, cq[b, t]])
+            assert bool((chosen[:, 0] == 0).all()) and bool((chosen[:, -2:] == own).all())
             assert all(len(set(row.tolist())) == k for row in chosen)
             selecting_pairs += int(valid[b, :, t].sum())
     assert selecting_pairs > 0

@@ -280,3 +280,22 @@ def test_proxy_heads_that_do_not_divide_the_heads_raise_value_error(llama):
     with hf.apply(llama, "proxyattn", block_size=4, proxy_heads=3) as handle, torch.no_grad():
         with pytest.raises(ValueError, match="proxy_heads=3 must divide the 4 query heads"):
             llama(torch.randint(1, VOCAB, (1, 12)), past_key_values=handle.cache())
+
+
+def test_speed_benchmark_dry_run_on_cpu(tmp_path):
+    """benchmarks/proxyattn_speed.py --device cpu runs at tiny sizes and writes its JSON."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "proxyattn_speed.py"
+    spec = importlib.util.spec_from_file_location("proxyattn_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "speed.json"
+    module.main(["--device", "cpu", "--seq", "128", "--budget", "0.5", "--repeat", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["seq"] == 128 and rows[0]["rel_rms_error_last_block"] < 1e-5
+    assert {"dense_ms", "sparse_ms", "speedup", "attention_speedup", "density"} <= set(rows[0])
+    with pytest.raises(ValueError, match="multiple of --block-size"):
+        module.main(["--device", "cpu", "--seq", "100"])

@@ -255,7 +255,15 @@ class LongHeadsRule(Rule):
         chunk_of_query = torch.div(relative, w, rounding_mode="floor")
         keys = state["chunk_keys"]  # [B, n, g, C, D]
         out = q.new_empty(B, Hq, T, v.shape[3])
-        step = max(1, _BLOCK_ELEMENTS // max(1, B * n * K * w * max(D, g)))
+        budget = _BLOCK_ELEMENTS * (4 if q.device.type == "cuda" else 1)
+        step = max(1, budget // max(1, B * n * K * w * max(D, g)))
+        # undo the keys' RoPE once for the whole cache when the gathered copies outnumber it (a
+        # prefill), else on the gathered copies (a decode step): the same operations either way
+        source = k
+        if T * K * w > S:
+            rel_keys = (torch.arange(S, device=q.device) - start[:, None]).clamp(min=0)  # [B, S]
+            source = rotary.rotate(k.to(dtype), rel_keys[:, None], -1)
+        slot_positions = torch.arange(K * w, device=q.device)  # slot t, offset o: t * w + o
         for lo in range(0, T, step):
             hi = min(T, lo + step)
             rel, cq = relative[:, lo:hi], chunk_of_query[:, lo:hi]
@@ -273,10 +281,11 @@ class LongHeadsRule(Rule):
                 m = call.mask[:, :, lo:hi].expand(B, n, t, call.mask.shape[3])
                 valid = valid & m.gather(3, index.view(B, n, t, K * w)).view_as(valid)
             gathered = index[..., None].expand(B, n, t * K * w, D)
-            kg = k.gather(2, gathered).to(dtype).view(B, n, t, K * w, D)
+            kg = source.gather(2, gathered).to(dtype).view(B, n, t, K * w, D)
             vg = v.gather(2, gathered).view(B, n, t, K * w, D)
-            kg = rotary.rotate(kg, key_rel.clamp(min=0).view(B, n, t, K * w), -1)  # undo RoPE ...
-            kg = rotary.rotate(kg, key_new.reshape(B, n, t, K * w), 1)  # ... and rotate to the new position
+            if source is k:
+                kg = rotary.rotate(kg, key_rel.clamp(min=0).view(B, n, t, K * w), -1)  # undo RoPE
+            kg = rotary.rotate(kg, slot_positions, 1)  # the keys at their new positions (= key_new)
             q_new = rotary.rotate(q_pre, query_new[:, None], 1).view(B, n, g, t, D)
             logits = torch.einsum("bngtd,bntsd->bngts", q_new, kg) * call.scale
             if call.score_mod is not None:

@@ -183,7 +183,8 @@ def select_blocks(importance: Tensor, *, num_query_heads: int, start: Tensor, bl
         keep = torch.ceil(budget * count.to(torch.float64) - 1e-9).long()[:, None].expand(B, Hq, nQ)
     else:
         # integer arithmetic: the last block keeps exactly n_h
-        keep = (needed[:, :, None] * count[:, None, :] + count[:, None, last:] - 1) // count[:, None, last:].clamp(min=1)
+        last_count = count[:, None, last:].clamp(min=1)  # [B, 1, 1]
+        keep = (needed[:, :, None] * count[:, None, :] + last_count - 1) // last_count
     keep = keep.clamp(min=1)
     scores = importance.repeat_interleave(Hq // P, dim=1).masked_fill(~visible[:, None], float("-inf"))
     order = scores.argsort(dim=-1, descending=True, stable=True)
