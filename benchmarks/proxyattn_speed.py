@@ -141,7 +141,6 @@ def main(argv=None) -> dict:
                    "attention_speedup": t_dense / t_sparse, "rel_rms_error_last_block": error}
             rows.append(row)
             print(json.dumps({key: round(val, 4) if isinstance(val, float) else val for key, val in row.items()}))
-        del q, k, v, k_rep, v_rep
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "dtype": str(dtype), "heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim,
               "block_size": a.block_size, "query_stride": a.query_stride, "proxy_heads": a.proxy_heads, "rows": rows}

@@ -299,3 +299,25 @@ def test_speed_benchmark_dry_run_on_cpu(tmp_path):
     assert {"dense_ms", "sparse_ms", "speedup", "attention_speedup", "density"} <= set(rows[0])
     with pytest.raises(ValueError, match="multiple of --block-size"):
         module.main(["--device", "cpu", "--seq", "100"])
+
+
+@pytest.mark.parametrize("arch, expected", [("llama", True), ("mistral", False)])
+def test_the_block_mask_path_is_taken_only_where_the_models_mask_is_causal_from_the_start(arch, expected,
+                                                                                         monkeypatch):
+    """On CUDA the prefill runs FlexAttention over BlockSelection (causal, keys from the row's
+    first real token) only where the model's mask says exactly that: left padding yes (Llama),
+    a sliding window no (Mistral's window of 6: the dense mask keeps it)."""
+    from attnkit.hf import proxyattn
+
+    seen, check = [], proxyattn._causal_from_start
+
+    def recording(call, T, S):
+        seen.append(check(call, T, S))
+        return seen[-1]
+
+    monkeypatch.setattr(proxyattn, "_causal_from_start", recording)
+    model = tiny(arch, dtype=torch.float64)
+    ids, mask = _inputs(T=40)
+    with hf.apply(model, "proxyattn", block_size=8, budget=0.5) as handle:
+        _run(model, ids, mask, handle.cache(), steps=0)
+    assert seen and all(x is expected for x in seen)

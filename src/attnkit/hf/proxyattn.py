@@ -264,6 +264,17 @@ class BlockSelection(_patterns.Pattern):
         return f"BlockSelection(blocks={tuple(self.blocks.shape)}, block_size={self.block_size})"
 
 
+def _causal_from_start(call, T: int, S: int) -> bool:
+    """Whether the model's mask is what :class:`BlockSelection` assumes besides its blocks:
+    causal, each row's keys from ``call.start`` (left padding), nothing else (no sliding window)."""
+    if call.mask is None:
+        return True
+    i = torch.arange(S - T, S, device=call.mask.device)[:, None]
+    j = torch.arange(S, device=call.mask.device)[None, :]
+    expected = (j <= i)[None] & (j[None] >= call.start[:, None, None])  # [B, T, S]
+    return call.mask.shape[1] == 1 and torch.equal(call.mask[:, 0], expected.expand(call.mask.shape[0], T, S))
+
+
 @dataclass(frozen=True)
 class ProxyAttnRule(Rule):
     """ProxyAttn over the full cache: a sparse prefill, full attention for calls of fewer than
@@ -289,8 +300,8 @@ class ProxyAttnRule(Rule):
         blocks = estimate(q, k, scale=call.scale, start=call.start, block_size=self.block_size, gamma=self.gamma,
                           budget=self.budget, proxy_heads=self.proxy_heads, query_stride=self.query_stride)
         pattern = BlockSelection(blocks, call.start, self.block_size)
-        if call.mask is not None or call.score_mod is not None or q.device.type != "cuda":
-            # the model's own mask (padding, a sliding window) is ANDed in: a dense mask
+        if not _causal_from_start(call, T, S) or call.score_mod is not None or q.device.type != "cuda":
+            # the model's own mask (a sliding window, padding other than on the left) is ANDed in: a dense mask
             allowed = pattern.dense(T, S, batch=q.shape[0], heads=q.shape[1], device=q.device)
             return call.attend(q, k, v, call.base() & allowed)
         backend = "flex" if call.backend == "auto" else call.backend
