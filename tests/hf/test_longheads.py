@@ -317,3 +317,14 @@ def test_bad_models_and_caches_raise_value_error(llama):
         llama(ids, past_key_values=cache, use_cache=True)
         with pytest.raises(ValueError, match="handle.cache()"):
             llama(ids[:, :1], past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3", "phi3"])
+def test_rope_frequencies_match_every_architectures_rotary_embedding(arch):
+    """Per layer (Gemma 3: local and global layers have their own RoPE)."""
+    model = tiny(arch)
+    rotary = model.model.rotary_emb
+    for layer in range(model.config.num_hidden_layers):
+        kind = getattr(model.config, "layer_types", [None] * 2)[layer]
+        expected = getattr(rotary, f"{kind}_inv_freq", None) if hasattr(rotary, f"{kind}_inv_freq") else rotary.inv_freq
+        assert torch.equal(rope_frequencies(model.config, layer), expected)
