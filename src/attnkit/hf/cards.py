@@ -14,6 +14,8 @@ from .. import patterns as _patterns
 from ..cards import Capabilities, Card, FlopCount, dense_attention_flops
 from .duo import Duo
 from .h2o import H2O, SFAttn, SinkLoRA, h2o_flops, sf_attn_flops
+from .longheads import LongHeads
+from .proxyattn import ProxyAttn
 from .policies import Full, Headwise, Streaming
 from .taskkv import TaskKV
 
@@ -48,6 +50,28 @@ def _taskkv_pattern(config):
     full = min(heads, int(heads * config["full_fraction"] + 0.5))
     budget = _patterns.sink_window(config["sink"], config["budget"] - config["sink"])
     return _patterns.per_head([_patterns.causal()] * full + [budget] * (heads - full))
+def _longheads_pattern(config):
+    # each query attends to at most chunks * chunk_size keys: a sliding window of that size counts the same
+    # pairs (chunks None: window // chunk_size, window None: a 4k-trained model, the shipped subject's)
+    chunks = config.get("chunks") or (config.get("window") or 4096) // config["chunk_size"]
+    return _patterns.sliding_window(chunks * config["chunk_size"])
+
+
+def _proxyattn_pattern(config):
+    # the budget is data-dependent: the card counts a fixed fraction of the causal pairs
+    # (budget, or 1 - gamma's complement as a stand-in when the budget is dynamic)
+    fraction = config.get("budget") or 1.0 - 0.5 * (1.0 - config.get("gamma", 0.95))
+    return _patterns.causal() if fraction >= 1 else _FractionOfCausal(fraction)
+
+
+class _FractionOfCausal(_patterns.Pattern):
+    """A FLOP-model stand-in: ``fraction`` of the causal pairs (never used to attend)."""
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+
+    def _row_counts(self, q_pos, kv_len):
+        return (q_pos + 1).clamp(max=kv_len) * self.fraction
 
 
 CARDS: tuple[Card, ...] = (
@@ -90,4 +114,14 @@ CARDS: tuple[Card, ...] = (
          defaults={"group_size": None, "group_ratio": 0.25, "sink": 4},
          summary="SF-Attn for long-context fine-tuning: LongLoRA's shifted groups without wrap-around + global sink "
                  "tokens (training forwards; inference uses full attention)"),
+    Card(name="hf-longheads", title="LongHeads: Multi-Head Attention is Secretly a Long Context Processor",
+         arxiv="2402.10685", family="hf", kind="hf", layer=LongHeads,
+         flops=_flops(_longheads_pattern), defaults={"chunk_size": 256}, capabilities=_CAPS,
+         summary="per KV head and query: the first, the local and the top-scoring chunks, positions remapped into "
+                 "the trained window (full cache kept)"),
+    Card(name="hf-proxyattn", title="ProxyAttn: Guided Sparse Attention via Representative Heads",
+         arxiv="2509.24745", family="hf", kind="hf", layer=ProxyAttn, flops=_flops(_proxyattn_pattern),
+         defaults={"block_size": 128, "gamma": 0.95, "query_stride": 16}, capabilities=_CAPS,
+         summary="pooled proxy heads rank key blocks per query block; per-head dynamic budgets; block-sparse prefill "
+                 "(FlexAttention on CUDA), decode full"),
 )

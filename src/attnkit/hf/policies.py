@@ -502,4 +502,8 @@ from .duo import Duo  # noqa: E402
 from .h2o import H2O, SFAttn, SinkLoRA  # noqa: E402
 from .taskkv import TaskKV  # noqa: E402
 
-METHODS.update({"duo": Duo, "taskkv": TaskKV, "h2o": H2O, "sinklora": SinkLoRA, "sf-attn": SFAttn})
+from .longheads import LongHeads  # noqa: E402
+from .proxyattn import ProxyAttn  # noqa: E402
+
+METHODS.update({"duo": Duo, "taskkv": TaskKV, "h2o": H2O, "sinklora": SinkLoRA, "sf-attn": SFAttn,
+                "longheads": LongHeads, "proxyattn": ProxyAttn})
