@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 # re-exported for code that imported these from attnkit.cli before they moved to _console
@@ -57,6 +58,26 @@ def _version_text() -> str:
     return f"attnkit {__version__}" + (f" (git {commit[:12]})" if commit else "") + f", torch {torch.__version__}"
 
 
+# (command, module, the function adding its parser, its help line when transformers is missing)
+_HF_COMMANDS = (
+    ("train-subject", ".hf.subject", "add_train_subject_parser", "train the subject model (needs attnkit[hf])"),
+    ("eval", ".hf.eval", "add_eval_parser", "long-context probe of attnkit.hf methods (needs attnkit[hf])"),
+    ("identify-duo", ".hf.duo", "add_identify_parser", "find DuoAttention's retrieval heads (needs attnkit[hf])"),
+)
+
+
+def _missing_extra_parser(name: str, help_text: str, why: str):
+    def add(sub):
+        def missing(args):
+            raise ValueError(why)
+        # no option prefix: whatever options are given, the answer is the missing extra
+        p = sub.add_parser(name, help=help_text, prefix_chars="\0")
+        p.add_argument("options", nargs="*")
+        p.set_defaults(func=missing)
+
+    return add
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnkit", description="attention mechanisms from recent research, one API")
     parser.add_argument("--version", action="version", version=_version_text(),
@@ -71,28 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_compare_parser(sub)
     add_sinks_parser(sub)
-    try:  # attnkit.hf needs transformers (the hf extra); without it the command says so when run
-        from .hf.subject import add_train_subject_parser
-    except ImportError as err:
-        def add_train_subject_parser(sub, why=str(err)):
-            def missing(args):
-                raise ValueError(why)
-            # no option prefix: whatever options are given, the answer is the missing extra
-            p = sub.add_parser("train-subject", help="train the subject model (needs attnkit[hf])", prefix_chars="\0")
-            p.add_argument("options", nargs="*")
-            p.set_defaults(func=missing)
-    add_train_subject_parser(sub)
-    try:  # attnkit eval: the same fallback (the probe applies attnkit.hf methods to transformers models)
-        from .hf.eval import add_eval_parser
-    except ImportError as err:
-        def add_eval_parser(sub, why=str(err)):
-            def missing(args):
-                raise ValueError(why)
-            p = sub.add_parser("eval", help="long-context probe of attnkit.hf methods (needs attnkit[hf])",
-                               prefix_chars="\0")
-            p.add_argument("options", nargs="*")
-            p.set_defaults(func=missing)
-    add_eval_parser(sub)
+    # attnkit.hf's commands need transformers (the hf extra); without it each one says so when run
+    for name, module, adder, help_text in _HF_COMMANDS:
+        try:
+            add = getattr(importlib.import_module(module, __package__), adder)
+        except ImportError as err:
+            add = _missing_extra_parser(name, help_text, str(err))
+        add(sub)
     return parser
 
 
