@@ -285,3 +285,21 @@ def test_a_failed_swap_puts_the_users_folder_back(tmp_path, quick_eval, monkeypa
         subject.train_subject(out, preset="tiny", steps=1, corpus=CORPUS, force=True)
     assert (out / "mine.txt").read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_the_shipped_subject_loads_and_retrieves_its_passkeys_at_short_length():
+    # item 10: the default subject (trained on the H200, committed as package data) loads offline with
+    # transformers and retrieves the passkey as its card says at 512 bytes (card: 0.93 over depths)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = subject.default_subject()
+    record = json.loads((path / "training.json").read_text())
+    assert (path / "model.safetensors").stat().st_size <= subject.SIZE_LIMIT_BYTES
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    _, val_text, _ = load_corpus(None)
+    grid = subject.passkey_grid(model, val_text, [512], depths=(0.25, 0.5, 1.0), per_cell=4, seed=11, device="cpu")
+    got = sum(grid["512"].values()) / 3
+    assert got >= 0.75, grid  # the card's 512 row is 0.93-0.98 at these depths; 12 prompts leave room for chance
+    assert record["eval"]["passkey"]["2048"]["0.5"] >= 0.9
+    assert tok("ab")["input_ids"] == [97, 98]
