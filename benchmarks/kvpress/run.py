@@ -500,84 +500,176 @@ def _attn_modules(model):
     return [layer.self_attn for layer in inner.layers]
 
 
+def _masks(model) -> list:
+    return [getattr(module, "masked_key_indices", None) for module in _attn_modules(model)]
+
+
+def _set_masks(model, masks) -> None:
+    # kvpress keeps a head-wise press's masked keys on the attention modules (module.masked_key_indices)
+    for module, mask in zip(_attn_modules(model), masks):
+        module.masked_key_indices = mask
+
+
+def _clear_masks(model) -> None:
+    _set_masks(model, [None] * len(_attn_modules(model)))
+
+
 def attended_tokens(model, cache) -> float:
     """Mean over layers and KV heads (row 0 of the batch) of the keys a head can attend in decode:
     the cache's tokens less those kvpress masks with fake keys (``module.masked_key_indices``)."""
     counts = []
-    for module, layer in zip(_attn_modules(model), cache.layers):
+    for mask, layer in zip(_masks(model), cache.layers):
         heads, length = layer.keys.shape[1], layer.keys.shape[2]
         masked = torch.zeros(heads, dtype=torch.long)
-        indices = getattr(module, "masked_key_indices", None)
-        if indices is not None:
-            batch, head = indices[0].cpu(), indices[1].cpu()
+        if mask is not None:
+            batch, head = mask[0].cpu(), mask[1].cpu()
             masked += torch.bincount(head[batch == 0], minlength=heads)
         counts += (length - masked).tolist()
     return sum(counts) / len(counts)
 
 
-def _clear_masks(model) -> None:
-    # kvpress leaves the masked indices on the modules after a head-wise press; the next row starts clean
-    for module in _attn_modules(model):
-        if hasattr(module, "masked_key_indices"):
-            module.masked_key_indices = None
+def _positions(ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+
+
+@torch.no_grad()
+def _decode(model, cache, logits, steps: int, start: int) -> torch.Tensor:
+    """Greedy tokens ``[B, steps]``: the first from ``logits [B, V]``, the rest decoded on ``cache``
+    at positions ``start, start + 1, ...`` (given explicitly, as kvpress's pipeline does: a
+    compressed cache is shorter than the text it stands for)."""
+    token = logits.argmax(-1)
+    tokens = [token]
+    for i in range(steps - 1):
+        pos = torch.full((token.shape[0], 1), start + i, device=token.device)
+        out = model(input_ids=token[:, None], past_key_values=cache, position_ids=pos, use_cache=True)
+        token = out.logits[:, -1].argmax(-1)
+        tokens.append(token)
+    return torch.stack(tokens, dim=1).cpu()
+
+
+@torch.no_grad()
+def press_prefill(model, press, ids: torch.Tensor, question: int):
+    """kvpress as its users run it: the prefill inside ``with press(model)`` (its forward hooks
+    compress each layer's cache after that layer's attention), then, with ``question`` > 0, the
+    question's last tokens fed outside it (kvpress's pipeline). Returns (cache, logits of the last
+    position [B, V]); the head-wise presses' masks stay on the modules."""
+    from contextlib import nullcontext
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    context = ids.shape[1] - question
+    pos = _positions(ids)
+    with press(model) if press is not None else nullcontext():
+        out = model(input_ids=ids[:, :context], past_key_values=cache, position_ids=pos[:, :context], use_cache=True,
+                    logits_to_keep=1)
+    if question:
+        out = model(input_ids=ids[:, context:], past_key_values=cache, position_ids=pos[:, context:], use_cache=True,
+                    logits_to_keep=1)
+    return cache, out.logits[:, -1]
 
 
 @torch.no_grad()
 def generate(model, press, ids: torch.Tensor, steps: int, question: int) -> tuple[torch.Tensor, object]:
-    """Greedy decoding of ``ids [B, T]`` for ``steps`` tokens with ``press`` applied to the prefill.
-    ``question`` > 0: kvpress's pipeline (the first ``T - question`` tokens prefilled and compressed,
-    the question fed after); positions are given explicitly, as kvpress's pipeline does, because a
-    compressed cache is shorter than the text it stands for. Returns (tokens [B, steps], the cache)."""
-    from contextlib import nullcontext
+    """Greedy decoding of ``ids [B, T]`` for ``steps`` tokens after :func:`press_prefill`.
+    Returns (tokens [B, steps], the cache)."""
+    cache, logits = press_prefill(model, press, ids, question)
+    return _decode(model, cache, logits, steps, ids.shape[1]), cache
 
-    from transformers import DynamicCache
 
-    cache = DynamicCache()
-    T = ids.shape[1]
-    context = T - question
-    positions = torch.arange(T, device=ids.device)[None].expand(ids.shape[0], -1)
-    with press(model) if press is not None else nullcontext():
-        if question:
-            model.model(input_ids=ids[:, :context], past_key_values=cache, position_ids=positions[:, :context],
-                        use_cache=True)
-        else:
-            out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
-    if question:
-        out = model(input_ids=ids[:, context:], past_key_values=cache, position_ids=positions[:, context:],
+class SharedPrefill:
+    """One prefill, every press: kvpress compresses a layer's cache in a forward hook *after* the
+    layer's attention has run on the uncompressed keys, so the prefill's hidden states, logits and
+    uncompressed cache are the same under every press. This runs the prefill once (no press),
+    records each attention module's hook arguments, and :meth:`replay` calls a press's own
+    ``forward_hook`` with them on a copy of the cache, inside ``with press(model)`` (so its
+    ``post_init_from_model`` and set-up run as usual): the cache and masks kvpress would have made,
+    for the price of its compression alone. ``run`` checks this against :func:`press_prefill` on
+    every (press, length) and records the result (``replay_matches_press``)."""
+
+    @torch.no_grad()
+    def __init__(self, model, ids: torch.Tensor, question: int):
+        from transformers import DynamicCache
+
+        self.model, self.ids, self.question = model, ids, question
+        context = ids.shape[1] - question
+        pos = _positions(ids)
+        self.calls = []
+
+        def record(module, args, kwargs, output):
+            self.calls.append((module, dict(kwargs), output))
+
+        hooks = [m.register_forward_hook(record, with_kwargs=True) for m in _attn_modules(model)]
+        try:
+            self.cache = DynamicCache()
+            out = model(input_ids=ids[:, :context], past_key_values=self.cache, position_ids=pos[:, :context],
+                        use_cache=True, logits_to_keep=1)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.logits = out.logits[:, -1]
+
+    def _copy(self):
+        import copy
+
+        cache = copy.copy(self.cache)
+        # DynamicLayer.update concatenates into new tensors: layers may share the prefill's tensors
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        return cache
+
+    @torch.no_grad()
+    def replay(self, press):
+        """(cache, logits of the last position [B, V]) as :func:`press_prefill` gives them; the
+        press's masks are set on the modules."""
+        model, ids, question = self.model, self.ids, self.question
+        cache = self._copy()
+        _clear_masks(model)
+        if press is not None:
+            with press(model):
+                for module, kwargs, output in self.calls:
+                    press.forward_hook(module, [], {**kwargs, "past_key_values": cache}, output)
+        if not question:
+            return cache, self.logits
+        context = ids.shape[1] - question
+        out = model(input_ids=ids[:, context:], past_key_values=cache, position_ids=_positions(ids)[:, context:],
                     use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1].argmax(-1)
-    tokens = [token]
-    for i in range(steps - 1):
-        pos = torch.full((ids.shape[0], 1), T + i, device=ids.device)
-        out = model(input_ids=token[:, None], past_key_values=cache, position_ids=pos, use_cache=True)
-        token = out.logits[:, -1].argmax(-1)
-        tokens.append(token)
-    return torch.stack(tokens, dim=1).cpu(), cache
+        return cache, out.logits[:, -1]
+
+
+def caches_equal(a, b) -> bool:
+    return len(a.layers) == len(b.layers) and all(
+        torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values) for x, y in zip(a.layers, b.layers))
+
+
+def masks_equal(a: list, b: list) -> bool:
+    def same(x, y):
+        if x is None or y is None:
+            return x is None and y is None
+        return all(torch.equal(u.cpu(), v.cpu()) for u, v in zip(x, y))
+
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
 
 
 @torch.no_grad()
 def measure_prefill(model, press, ids: torch.Tensor, question: int) -> dict:
-    """The cache after the prefill of one prompt (batch 1; with ``question`` > 0 the question too):
-    its bytes, tokens per KV head, the tokens a head can attend, and the prefill's seconds."""
-    from contextlib import nullcontext
-
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    T = ids.shape[1]
-    context = T - question
-    positions = torch.arange(T, device=ids.device)[None]
+    """The cache after :func:`press_prefill` of one prompt (batch 1): its bytes, tokens per KV head,
+    the tokens a head can attend, the prefill's seconds; and whether :class:`SharedPrefill`'s
+    replay of the press gives the same cache, masks and logits."""
+    _clear_masks(model)
     t0 = time.perf_counter()
-    with press(model) if press is not None else nullcontext():
-        model.model(input_ids=ids[:, :context], past_key_values=cache, position_ids=positions[:, :context], use_cache=True)
-    if question:
-        model.model(input_ids=ids[:, context:], past_key_values=cache, position_ids=positions[:, context:], use_cache=True)
+    cache, logits = press_prefill(model, press, ids, question)
     if ids.device.type == "cuda":
         torch.cuda.synchronize(ids.device)
     seconds = time.perf_counter() - t0
     lengths = sorted({layer.keys.shape[2] for layer in cache.layers})
-    return {"kv_bytes": cache_bytes(cache), "kept_tokens": lengths[0] if len(lengths) == 1 else lengths,
-            "attended_tokens": attended_tokens(model, cache), "prefill_s": seconds}
+    result = {"kv_bytes": cache_bytes(cache), "kept_tokens": lengths[0] if len(lengths) == 1 else lengths,
+              "attended_tokens": attended_tokens(model, cache), "prefill_s": seconds}
+    masks = _masks(model)
+    replayed, replay_logits = SharedPrefill(model, ids, question).replay(press)
+    result["replay_matches_press"] = bool(caches_equal(cache, replayed) and masks_equal(masks, _masks(model))
+                                          and torch.allclose(logits, replay_logits, rtol=1e-5, atol=1e-5))
+    _clear_masks(model)
+    return result
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
@@ -666,49 +758,56 @@ def run(args, command: str | None = None, progress=print) -> dict:
                              "budgets below every length (a press must drop something)")
 
     # an untimed warm-up: the first forward pays for one-time set-up (thread pools), not a press's prefill_s
-    measure_prefill(model, None, torch.tensor([prompts.timing(args.seed, min(args.lengths))], device=device), 0)
+    press_prefill(model, None, torch.tensor([prompts.timing(args.seed, min(args.lengths))], device=device), 0)
     rows, summary = [], []
-    cells = len(plan) * len(args.protocol) * len(args.lengths) * len(args.depths)
+    cells = len(args.protocol) * len(args.lengths) * len(args.depths)
     done = 0
     for protocol in args.protocol:
         q = question if protocol == "context-question" else 0
-        for c in plan:
-            mask = streaming_heads(gates, c.sparsity) if c.press == "duo" else None
-            for length in args.lengths:
-                press, ran = make_press(c, length - q, q, mask)
-                _clear_masks(model)
-                timing = prompts.timing(args.seed, length)
-                prefill = measure_prefill(model, press, torch.tensor([timing], device=device), q)
-                extra = {}
+        for length in args.lengths:
+            # the press of each row at this length, its cache after one prompt's prefill (kvpress's own path)
+            presses, prefills, ran = [], [], []
+            for c in plan:
+                press, options = make_press(c, length - q, q, streaming_heads(gates, c.sparsity) if c.press == "duo" else None)
+                timing = torch.tensor([prompts.timing(args.seed, length)], device=device)
+                prefill = measure_prefill(model, press, timing, q)
                 if c.press == "duo":
-                    extra["kvpress_compression_ratio"] = press.compression_ratio
-                    extra["streaming_heads"] = int(mask.sum())
-                accuracy = {}
-                for depth in args.depths:
-                    right = 0
-                    cell = prompts.cell(args.seed, length, depth, args.samples)
-                    for start in range(0, len(cell), args.batch_size):
-                        chunk = cell[start : start + args.batch_size]
-                        _clear_masks(model)
-                        ids = torch.tensor([p for p, _ in chunk], device=device)
-                        tokens, _ = generate(model, press, ids, key_tokens + 1, q)
+                    prefill["kvpress_compression_ratio"] = press.compression_ratio
+                    prefill["streaming_heads"] = int(streaming_heads(gates, c.sparsity).sum())
+                presses.append(press)
+                prefills.append(prefill)
+                ran.append(options)
+                progress(f"{protocol} {length} {c.label}: kept {prefill['kept_tokens']}, attends "
+                         f"{prefill['attended_tokens']:.0f}, {prefill['kv_bytes'] / 1e6:.2f} MB, replay "
+                         f"{'matches' if prefill['replay_matches_press'] else 'DIFFERS'} "
+                         f"({time.perf_counter() - started:.0f} s)")
+            right = [[0] * len(args.depths) for _ in plan]
+            for d, depth in enumerate(args.depths):
+                cell = prompts.cell(args.seed, length, depth, args.samples)
+                for start in range(0, len(cell), args.batch_size):
+                    chunk = cell[start : start + args.batch_size]
+                    ids = torch.tensor([p for p, _ in chunk], device=device)
+                    shared = SharedPrefill(model, ids, q)  # one prefill for every press (see SharedPrefill)
+                    for i, press in enumerate(presses):
+                        cache, logits = shared.replay(press)
+                        tokens = _decode(model, cache, logits, key_tokens + 1, length)
                         for (_, key), gen in zip(chunk, tokens):
-                            right += answer_correct(tokenizer.decode(gen.tolist(), skip_special_tokens=True), key)
-                    accuracy[depth] = right / len(cell)
-                    rows.append({"protocol": protocol, "method": PRESS_CLASSES[c.press] or "full", "label": c.label,
-                                 "options": {**c.options, **ran}, "budget": c.budget, "sparsity": c.sparsity,
-                                 "attnkit_equivalent": c.attnkit_equivalent(), "length": length, "depth": depth,
-                                 "accuracy": accuracy[depth], "samples": len(cell), "kept_tokens": prefill["kept_tokens"],
-                                 "attended_tokens": prefill["attended_tokens"], "kv_bytes": prefill["kv_bytes"], **extra})
-                    done += 1
-                    progress(f"[{done}/{cells}] {protocol} {c.label} {length} depth {depth:g}: {accuracy[depth]:.2f} "
-                             f"kept {prefill['kept_tokens']} attended {prefill['attended_tokens']:.0f} "
-                             f"{prefill['kv_bytes'] / 1e6:.2f} MB ({time.perf_counter() - started:.0f} s)")
-                _clear_masks(model)
-                summary.append({"protocol": protocol, "method": PRESS_CLASSES[c.press] or "full", "label": c.label,
-                                "options": {**c.options, **ran}, "budget": c.budget, "sparsity": c.sparsity,
-                                "attnkit_equivalent": c.attnkit_equivalent(), "length": length,
-                                "mean_accuracy": sum(accuracy.values()) / len(accuracy), **prefill, **extra})
+                            right[i][d] += answer_correct(tokenizer.decode(gen.tolist(), skip_special_tokens=True), key)
+                    del shared
+                    _clear_masks(model)
+                done += 1
+                progress(f"[{done}/{cells}] {protocol} {length} depth {depth:g}: " + ", ".join(
+                    f"{c.label} {right[i][d] / len(cell):.2f}" for i, c in enumerate(plan))
+                    + f" ({time.perf_counter() - started:.0f} s)")
+            for i, c in enumerate(plan):
+                common = {"protocol": protocol, "method": PRESS_CLASSES[c.press] or "full", "label": c.label,
+                          "options": {**c.options, **ran[i]}, "budget": c.budget, "sparsity": c.sparsity,
+                          "attnkit_equivalent": c.attnkit_equivalent(), "length": length}
+                accuracy = [r / args.samples for r in right[i]]
+                for depth, acc in zip(args.depths, accuracy):
+                    rows.append({**common, "depth": depth, "accuracy": acc, "samples": args.samples,
+                                 **{k: prefills[i][k] for k in ("kept_tokens", "attended_tokens", "kv_bytes")}})
+                summary.append({**common, "mean_accuracy": sum(accuracy) / len(accuracy), **prefills[i]})
     return {
         "schema": SCHEMA,
         "command": command,
