@@ -759,28 +759,33 @@ def run(args, command: str | None = None, progress=print) -> dict:
 
     # an untimed warm-up: the first forward pays for one-time set-up (thread pools), not a press's prefill_s
     press_prefill(model, None, torch.tensor([prompts.timing(args.seed, min(args.lengths))], device=device), 0)
-    rows, summary = [], []
+    rows, summary, failures = [], [], []
     cells = len(args.protocol) * len(args.lengths) * len(args.depths)
     done = 0
     for protocol in args.protocol:
         q = question if protocol == "context-question" else 0
         for length in args.lengths:
             # the press of each row at this length, its cache after one prompt's prefill (kvpress's own path)
-            presses, prefills, ran = [], [], []
-            for c in plan:
+            presses, prefills, ran, failed = [], [], [], [None] * len(plan)
+            for i, c in enumerate(plan):
                 press, options = make_press(c, length - q, q, streaming_heads(gates, c.sparsity) if c.press == "duo" else None)
                 timing = torch.tensor([prompts.timing(args.seed, length)], device=device)
-                prefill = measure_prefill(model, press, timing, q)
-                if c.press == "duo":
+                try:
+                    prefill = measure_prefill(model, press, timing, q)
+                except (ValueError, RuntimeError, AssertionError) as err:  # kvpress's own refusals
+                    failed[i], prefill = _failure(err), {}
+                    _clear_masks(model)
+                if c.press == "duo" and not failed[i]:
                     prefill["kvpress_compression_ratio"] = press.compression_ratio
                     prefill["streaming_heads"] = int(streaming_heads(gates, c.sparsity).sum())
                 presses.append(press)
                 prefills.append(prefill)
                 ran.append(options)
-                progress(f"{protocol} {length} {c.label}: kept {prefill['kept_tokens']}, attends "
-                         f"{prefill['attended_tokens']:.0f}, {prefill['kv_bytes'] / 1e6:.2f} MB, replay "
-                         f"{'matches' if prefill['replay_matches_press'] else 'DIFFERS'} "
-                         f"({time.perf_counter() - started:.0f} s)")
+                progress(f"{protocol} {length} {c.label}: " + (f"FAILED in kvpress: {failed[i]}" if failed[i] else
+                         f"kept {prefill['kept_tokens']}, attends {prefill['attended_tokens']:.0f}, "
+                         f"{prefill['kv_bytes'] / 1e6:.2f} MB, replay "
+                         f"{'matches' if prefill['replay_matches_press'] else 'DIFFERS'}")
+                         + f" ({time.perf_counter() - started:.0f} s)")
             right = [[0] * len(args.depths) for _ in plan]
             for d, depth in enumerate(args.depths):
                 cell = prompts.cell(args.seed, length, depth, args.samples)
@@ -789,20 +794,32 @@ def run(args, command: str | None = None, progress=print) -> dict:
                     ids = torch.tensor([p for p, _ in chunk], device=device)
                     shared = SharedPrefill(model, ids, q)  # one prefill for every press (see SharedPrefill)
                     for i, press in enumerate(presses):
-                        cache, logits = shared.replay(press)
-                        tokens = _decode(model, cache, logits, key_tokens + 1, length)
+                        if failed[i]:
+                            continue
+                        try:
+                            cache, logits = shared.replay(press)
+                            tokens = _decode(model, cache, logits, key_tokens + 1, length)
+                        except (ValueError, RuntimeError, AssertionError) as err:
+                            failed[i] = _failure(err)
+                            progress(f"{protocol} {length} {plan[i].label}: FAILED in kvpress: {failed[i]}")
+                            continue
                         for (_, key), gen in zip(chunk, tokens):
                             right[i][d] += answer_correct(tokenizer.decode(gen.tolist(), skip_special_tokens=True), key)
                     del shared
                     _clear_masks(model)
                 done += 1
                 progress(f"[{done}/{cells}] {protocol} {length} depth {depth:g}: " + ", ".join(
-                    f"{c.label} {right[i][d] / len(cell):.2f}" for i, c in enumerate(plan))
-                    + f" ({time.perf_counter() - started:.0f} s)")
+                    f"{c.label} {'failed' if failed[i] else f'{right[i][d] / len(cell):.2f}'}"
+                    for i, c in enumerate(plan)) + f" ({time.perf_counter() - started:.0f} s)")
             for i, c in enumerate(plan):
                 common = {"protocol": protocol, "method": PRESS_CLASSES[c.press] or "full", "label": c.label,
                           "options": {**c.options, **ran[i]}, "budget": c.budget, "sparsity": c.sparsity,
                           "attnkit_equivalent": c.attnkit_equivalent(), "length": length}
+                if failed[i]:
+                    common["error"] = failed[i]
+                    failures.append(dict(common))
+                    summary.append({**common, "mean_accuracy": None, **prefills[i]})
+                    continue
                 accuracy = [r / args.samples for r in right[i]]
                 for depth, acc in zip(args.depths, accuracy):
                     rows.append({**common, "depth": depth, "accuracy": acc, "samples": args.samples,
@@ -829,10 +846,15 @@ def run(args, command: str | None = None, progress=print) -> dict:
                      "attended_tokens": "tokens a KV head can attend in decode, mean over layers and KV heads: kept "
                      "tokens less those masked by fake keys"},
         "skipped": skipped,
+        "failures": failures,
         "summary": summary,
         "rows": rows,
         "wall_s": time.perf_counter() - started,
     }
+
+
+def _failure(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
 
 
 def _sha256(path: Path) -> str:
@@ -860,7 +882,8 @@ def plot(record: dict, path) -> None:
     for ax, (protocol, length) in zip(axes[0], panels):
         rows = [r for r in record["summary"] if r["protocol"] == protocol and r["length"] == length]
         for method in styles:
-            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kv_bytes"])
+            mine = sorted((r for r in rows if r["method"] == method and r["mean_accuracy"] is not None),
+                          key=lambda r: r["kv_bytes"])
             if not mine:
                 continue
             colour, marker = styles[method]
@@ -891,11 +914,15 @@ def plot(record: dict, path) -> None:
     plt.close(fig)
 
 
-def print_summary(record: dict, stream=sys.stdout) -> None:
+def print_summary(record: dict, stream=None) -> None:
+    stream = stream or sys.stdout
     print(f"{'protocol':17} {'press':26} {'length':>6} {'acc':>5} {'kept':>6} {'attended':>8} {'KV MB':>8} "
           f"{'vs full':>7}", file=stream)
     full = {(r["protocol"], r["length"]): r["kv_bytes"] for r in record["summary"] if r["method"] == "full"}
     for r in record["summary"]:
+        if r["mean_accuracy"] is None:
+            print(f"{r['protocol']:17} {r['label']:26} {r['length']:>6} failed in kvpress: {r['error']}", file=stream)
+            continue
         base = full.get((r["protocol"], r["length"]))
         ratio = f"{r['kv_bytes'] / base:.3f}" if base else "-"
         print(f"{r['protocol']:17} {r['label']:26} {r['length']:>6} {r['mean_accuracy']:>5.2f} {str(r['kept_tokens']):>6} "

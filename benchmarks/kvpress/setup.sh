@@ -3,6 +3,7 @@
 # because kvpress 0.5.5 pins transformers < 5.3 while attnkit's hf extra needs >= 5.17. kvpress never
 # becomes a dependency of attnkit; attnkit enters this environment as source only (a .pth file naming
 # this checkout's src/, no install, no dependencies: attnkit's core and attnkit.tasks need no transformers).
+# pytest: tests/bench/test_kvpress_script.py runs its kvpress end-to-end test in this environment.
 #
 #   bash benchmarks/kvpress/setup.sh            # creates .attnkit-cache/kvpress-env (gitignored)
 #
@@ -39,7 +40,7 @@ pip=("$env/bin/python" -m pip)
 "${pip[@]}" install --quiet --upgrade pip
 # torch first and on its own line: kvpress accepts any torch >= 2.3.1, so it must not pick another one
 "${pip[@]}" install --quiet "$torch_spec"
-"${pip[@]}" install --quiet "$kvpress_spec" "$transformers_spec" "$torch_spec" "rich>=13" "safetensors>=0.4" "matplotlib>=3.7"
+"${pip[@]}" install --quiet "$kvpress_spec" "$transformers_spec" "$torch_spec" "rich>=13" "safetensors>=0.4" "matplotlib>=3.7" "pytest>=8"
 
 # attnkit: this checkout's source, without its dependencies (no hf extra: its transformers >= 5.17 would clash)
 site="$("$env/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
