@@ -40,9 +40,18 @@ compresses a layer's cache after that layer's attention has run over the whole p
 ``prompt`` the first answer token is always computed with full attention; only the tokens after
 it read the compressed cache.
 
-Writes a JSON (``--out``; rows: method, options, kept tokens, length, depth, accuracy, kv_bytes;
-with the versions (``pip freeze``), the model and the command) and a PNG of accuracy against KV
-bytes beside it.
+One prefill serves every press (:class:`SharedPrefill`): since kvpress compresses a layer's cache
+after the layer's attention ran on all the keys, the prefill is the same under every press, so
+it runs once per batch and each press's own ``forward_hook`` is replayed on a copy of its cache;
+per press and length the replay is checked against ``with press(model)`` on the timing prompt
+(``replay_matches_press``), and the bytes are measured on kvpress's own path. A press kvpress
+itself refuses (its fake-key search raises when the queries of a group span no half-space) is
+recorded under ``failures``.
+
+Writes a JSON (``--out``; ``rows``: method, options, kept tokens, length, depth, accuracy,
+kv_bytes; ``summary``: one per press setting and length; with the versions (``pip freeze``), the
+model and the command) and a PNG beside it: accuracy against the measured KV bytes, and against
+the tokens a head attends.
 """
 
 from __future__ import annotations
@@ -651,10 +660,11 @@ def masks_equal(a: list, b: list) -> bool:
 
 
 @torch.no_grad()
-def measure_prefill(model, press, ids: torch.Tensor, question: int) -> dict:
+def measure_prefill(model, press, ids: torch.Tensor, question: int, shared: "SharedPrefill | None" = None) -> dict:
     """The cache after :func:`press_prefill` of one prompt (batch 1): its bytes, tokens per KV head,
     the tokens a head can attend, the prefill's seconds; and whether :class:`SharedPrefill`'s
-    replay of the press gives the same cache, masks and logits."""
+    replay of the press (``shared``: of the same ``ids`` and ``question``, made here if not given)
+    gives the same cache, masks and logits."""
     _clear_masks(model)
     t0 = time.perf_counter()
     cache, logits = press_prefill(model, press, ids, question)
@@ -665,7 +675,9 @@ def measure_prefill(model, press, ids: torch.Tensor, question: int) -> dict:
     result = {"kv_bytes": cache_bytes(cache), "kept_tokens": lengths[0] if len(lengths) == 1 else lengths,
               "attended_tokens": attended_tokens(model, cache), "prefill_s": seconds}
     masks = _masks(model)
-    replayed, replay_logits = SharedPrefill(model, ids, question).replay(press)
+    if shared is None:
+        shared = SharedPrefill(model, ids, question)
+    replayed, replay_logits = shared.replay(press)
     result["replay_matches_press"] = bool(caches_equal(cache, replayed) and masks_equal(masks, _masks(model))
                                           and torch.allclose(logits, replay_logits, rtol=1e-5, atol=1e-5))
     _clear_masks(model)
@@ -767,11 +779,12 @@ def run(args, command: str | None = None, progress=print) -> dict:
         for length in args.lengths:
             # the press of each row at this length, its cache after one prompt's prefill (kvpress's own path)
             presses, prefills, ran, failed = [], [], [], [None] * len(plan)
+            timing = torch.tensor([prompts.timing(args.seed, length)], device=device)
+            timing_shared = SharedPrefill(model, timing, q)
             for i, c in enumerate(plan):
                 press, options = make_press(c, length - q, q, streaming_heads(gates, c.sparsity) if c.press == "duo" else None)
-                timing = torch.tensor([prompts.timing(args.seed, length)], device=device)
                 try:
-                    prefill = measure_prefill(model, press, timing, q)
+                    prefill = measure_prefill(model, press, timing, q, timing_shared)
                 except (ValueError, RuntimeError, AssertionError) as err:  # kvpress's own refusals
                     failed[i], prefill = _failure(err), {}
                     _clear_masks(model)
@@ -786,6 +799,7 @@ def run(args, command: str | None = None, progress=print) -> dict:
                          f"{prefill['kv_bytes'] / 1e6:.2f} MB, replay "
                          f"{'matches' if prefill['replay_matches_press'] else 'DIFFERS'}")
                          + f" ({time.perf_counter() - started:.0f} s)")
+            del timing_shared
             right = [[0] * len(args.depths) for _ in plan]
             for d, depth in enumerate(args.depths):
                 cell = prompts.cell(args.seed, length, depth, args.samples)
@@ -867,47 +881,72 @@ def _sha256(path: Path) -> str:
 
 
 def plot(record: dict, path) -> None:
-    """Accuracy (mean over depths) against KV bytes after the prefill: one panel per length (and
-    protocol), one marker per press; a press's budgets joined."""
+    """Accuracy (mean over depths) against the measured KV bytes after the prefill (top row) and
+    against the tokens a KV head can attend (bottom row), a column per length (and protocol): the
+    head-wise presses move left in the bottom row only, since kvpress masks their keys and keeps
+    them in memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     s = record["settings"]
     panels = [(p, n) for p in s["protocols"] for n in s["lengths"]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.8), squeeze=False)
-    styles = {"full": ("black", "*"), "StreamingLLMPress": ("tab:blue", "o"), "SnapKVPress": ("tab:orange", "s"),
-              "AdaKVPress": ("tab:green", "^"), "DuoAttentionPress": ("tab:red", "D")}
-    for ax, (protocol, length) in zip(axes[0], panels):
-        rows = [r for r in record["summary"] if r["protocol"] == protocol and r["length"] == length]
-        for method in styles:
-            mine = sorted((r for r in rows if r["method"] == method and r["mean_accuracy"] is not None),
-                          key=lambda r: r["kv_bytes"])
-            if not mine:
-                continue
-            colour, marker = styles[method]
-            x = [r["kv_bytes"] / 1e6 for r in mine]
-            y = [r["mean_accuracy"] for r in mine]
-            ax.plot(x, y, marker=marker, color=colour, label=method, markersize=9 if method == "full" else 7,
-                    linewidth=1.2, alpha=0.85)
-            for r, xi, yi in zip(mine, x, y):
-                tag = f"s={r['sparsity']:g}\nattends {r['attended_tokens']:.0f}" if method == "DuoAttentionPress" else (
-                    "" if method == "full" else f"{r['kept_tokens']}")
-                ax.annotate(tag, (xi, yi), textcoords="offset points", xytext=(6, -12 if method == "SnapKVPress" else 6),
-                            fontsize=7, color=colour)
-        ax.set_xscale("log")
-        ax.set_ylim(-0.05, 1.1)
-        ax.set_xlabel("KV cache MB after the prefill, measured (log; labels: kept tokens per KV head)")
-        ax.set_ylabel("passkey accuracy, mean over depths")
-        ax.set_title(f"{length} tokens, protocol {protocol}", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="center left")
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.6 * len(panels), 8.6), squeeze=False)
+    # (colour, marker, filled): SnapKV hollow so that it shows over StreamingLLM at the same bytes
+    styles = {"StreamingLLMPress": ("tab:blue", "o", True),
+              "SnapKVPress": ("tab:orange", "s", False), "AdaKVPress": ("tab:green", "^", False),
+              "DuoAttentionPress": ("tab:red", "D", True), "full": ("black", "*", True)}
+    shown = set()
+    for col, (protocol, length) in enumerate(panels):
+        rows = [r for r in record["summary"] if r["protocol"] == protocol and r["length"] == length
+                and r["mean_accuracy"] is not None]
+        for row_index, (key, scale, label) in enumerate((
+                ("kv_bytes", 1e6, "KV cache MB after the prefill, measured"),
+                ("attended_tokens", 1, "tokens a KV head attends in decode (mean)"))):
+            ax = axes[row_index][col]
+            for method, (colour, marker, filled) in styles.items():
+                mine = sorted((r for r in rows if r["method"] == method), key=lambda r: (r[key], r["label"]))
+                if not mine:
+                    continue
+                shown.add(method)
+                x = [r[key] / scale for r in mine]
+                y = [r["mean_accuracy"] for r in mine]
+                ax.plot(x, y, color=colour, linewidth=1.0, alpha=0.6)
+                # full on top (Duo's points share its bytes); hollow markers let a point beneath show
+                ax.scatter(x, y, marker=marker, s=160 if method == "full" else 70, zorder=4 if method == "full" else 3,
+                           linewidths=1.5, facecolors=colour if filled else "none", edgecolors=colour)
+                same_x = {}
+                for r, xi, yi in zip(mine, x, y):
+                    if method == "full":
+                        continue
+                    tag = f"s={r['sparsity']:g}" if method == "DuoAttentionPress" else str(r["budget"])
+                    n = same_x.setdefault(round(xi, 6), [0])
+                    # labels of points at one x (Duo's: the same bytes at every sparsity) stack upwards
+                    ax.annotate(tag, (xi, yi), textcoords="offset points", fontsize=7, color=colour,
+                                xytext=(6, (-13 if method in ("SnapKVPress", "AdaKVPress") else 6) + 10 * n[0]))
+                    n[0] += 1
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_ylim(-0.05, 1.12)
+            ax.set_xlabel(label + " (log)", fontsize=9)
+            ax.set_ylabel("passkey accuracy, mean over depths", fontsize=9)
+            ax.set_title(f"{length} tokens" + (f", protocol {protocol}" if len(s["protocols"]) > 1 else ""),
+                         fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+    handles = [Line2D([], [], color=styles[m][0], marker=styles[m][1], linestyle="-", markersize=11 if m == "full" else 7,
+                      markerfacecolor=styles[m][0] if styles[m][2] else "none") for m in styles if m in shown]
+    fig.legend(handles, [m for m in styles if m in shown], loc="lower center", ncol=len(handles), fontsize=9,
+               title="labels: kept tokens per KV head (budget); Duo: fraction of streaming KV heads", title_fontsize=8)
     v = record["versions"]
     fig.suptitle(f"kvpress {v.get('kvpress')} (transformers {v.get('transformers')}) on "
-                 f"{Path(record['model']['path']).name}, {s['samples']} prompts per cell, {record['model']['dtype']}",
-                 fontsize=10)
-    fig.tight_layout()
+                 f"{Path(record['model']['path']).name}: passkey, {s['samples']} prompts per cell, "
+                 f"{record['model']['dtype']}", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     partial = Path(path).with_name(f".{Path(path).name}.partial")
     fig.savefig(partial, dpi=110, format="png")
     os.replace(partial, path)
