@@ -82,7 +82,7 @@ SCHEMA = "attnkit.kvpress/1"
 PRESSES = ("full", "streaming", "snapkv", "adakv", "duo")
 PRESS_CLASSES = {"full": None, "streaming": "StreamingLLMPress", "snapkv": "SnapKVPress", "adakv": "AdaKVPress",
                  "duo": "DuoAttentionPress"}
-DEFAULT_PRESSES = ("full", "streaming", "snapkv", "duo")
+DEFAULT_PRESSES = ("full", "streaming", "snapkv", "adakv", "duo")
 # sink 4 + window 256 / 512 / 1024: the kept tokens of attnkit's streaming rows
 DEFAULT_BUDGETS = (260, 516, 1028)
 DEFAULT_LENGTHS = (2048, 4096)

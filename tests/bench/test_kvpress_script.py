@@ -58,7 +58,7 @@ def test_defaults_are_attnkit_evals_grid(kv):
     assert args.lengths == [2048, 4096]
     assert args.depths == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert args.budgets == [260, 516, 1028]  # sink 4 + window 256 / 512 / 1024
-    assert args.presses == ["full", "streaming", "snapkv", "duo"]
+    assert args.presses == ["full", "streaming", "snapkv", "adakv", "duo"]
     assert args.protocol == ["prompt"] and args.seed == 0 and args.samples == 4
     assert args.duo_sparsities == [0.25, 0.5, 0.75] and (args.duo_sink, args.duo_window) == (64, 256)
     assert args.dtype == "float32" and args.threads == 1
