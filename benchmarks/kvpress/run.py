@@ -70,7 +70,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO / "src") not in sys.path:  # run from a checkout without an install: attnkit's source
+try:
+    import attnkit  # noqa: F401 - setup.sh's environment names this checkout's src/ (a .pth file)
+except ImportError:  # run with another Python: this checkout's source
     sys.path.insert(0, str(REPO / "src"))
 
 import torch  # noqa: E402
