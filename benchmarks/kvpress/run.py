@@ -62,6 +62,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -841,19 +842,22 @@ def run(args, command: str | None = None, progress=print) -> dict:
                     rows.append({**common, "depth": depth, "accuracy": acc, "samples": args.samples,
                                  **{k: prefills[i][k] for k in ("kept_tokens", "attended_tokens", "kv_bytes")}})
                 summary.append({**common, "mean_accuracy": sum(accuracy) / len(accuracy), **prefills[i]})
+    versions = _versions()
     return {
         "schema": SCHEMA,
         "command": command,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
-        "model": {"path": str(folder.resolve()), "architecture": type(model).__name__, "num_layers": num_layers,
+        "git_commit": versions["attnkit_commit"],
+        "versions": versions,
+        "model": {"path": _shown_path(folder), "architecture": type(model).__name__, "num_layers": num_layers,
                   "num_heads": config.num_attention_heads, "num_kv_heads": num_kv_heads,
                   "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
                   "dtype": args.dtype, "config_sha256": _sha256(folder / "config.json")},
         "settings": {"presses": args.presses, "budgets": args.budgets, "lengths": args.lengths, "depths": args.depths,
                      "samples": args.samples, "seed": args.seed, "protocols": args.protocol,
                      "question_tokens": question, "device": str(device), "threads": torch.get_num_threads(),
-                     "batch_size": args.batch_size, "duo_pattern": args.duo_pattern, "corpus": corpus_info,
+                     "batch_size": args.batch_size, "duo_pattern": args.duo_pattern,
+                     "duo_gates": gates.tolist() if gates is not None else None, "corpus": corpus_info,
                      "prompts": prompts.source,
                      "correct": "greedy: the generated text, leading whitespace removed, starts with the key",
                      "kv_bytes": "sum over layers of the cache's key and value tensors' numel * element_size after the "
@@ -867,6 +871,14 @@ def run(args, command: str | None = None, progress=print) -> dict:
         "rows": rows,
         "wall_s": time.perf_counter() - started,
     }
+
+
+def _shown_path(folder: Path) -> str:
+    """A folder inside this checkout relative to it (the record reads the same on every machine)."""
+    try:
+        return folder.resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return str(folder.resolve())
 
 
 def _failure(err: BaseException) -> str:
@@ -986,7 +998,8 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python", os.path.relpath(__file__, Path.cwd())] + list(sys.argv[1:] if argv is None else argv))
+    command = " ".join([os.path.relpath(sys.executable), os.path.relpath(__file__)]
+                       + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
     try:
         record = run(args, command, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except ValueError as err:
