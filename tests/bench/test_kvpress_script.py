@@ -359,3 +359,28 @@ def test_a_press_that_fails_in_kvpress_is_recorded(kv, tmp_path, monkeypatch, ca
     kv.print_summary(record)
     assert "failed in kvpress: ValueError: Could not find fake keys" in capsys.readouterr().out
     kv.plot(record, tmp_path / "kv.png")  # the failed row is left out, the plot still drawn
+
+
+def test_shared_prefill_replay_equals_kvpress_own_path(kv, tmp_path):
+    """The accuracy cells replay each press's forward_hook on one shared prefill; the tokens and the
+    masks must be those of ``with press(model)`` itself, batch of 3, both protocols (8 question
+    tokens: with random token ids, kvpress's fake-key search fails for the 39 of the real question)."""
+    pytest.importorskip("kvpress")
+    folder = _tiny_model(tmp_path / "model")
+    model, tokenizer = kv._load(folder, "float32", torch.device("cpu"))
+    args = kv.parse_args(["--presses", "full,streaming,snapkv,adakv,duo", "--budgets", "120", "--duo-sparsities",
+                          "0.5", "--duo-sink", "4", "--duo-window", "96"])
+    gates = torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=torch.float64)
+    ids = torch.randint(0, 256, (3, 256), generator=torch.Generator().manual_seed(0))
+    for question in (0, 8):
+        shared = kv.SharedPrefill(model, ids, question)
+        for c in kv.configs(args):
+            press, _ = kv.make_press(c, 256 - question, question, kv.streaming_heads(gates, 0.5) if c.press == "duo" else None)
+            kv._clear_masks(model)
+            tokens, cache = kv.generate(model, press, ids, 6, question)
+            masks = kv._masks(model)
+            replayed, logits = shared.replay(press)
+            assert replayed.layers[0].keys.shape[2] == (120 if c.press in ("streaming", "snapkv") else 256)
+            assert torch.equal(kv._decode(model, replayed, logits, 6, 256), tokens), (c.label, question)
+            assert kv.masks_equal(masks, kv._masks(model)), (c.label, question)
+            kv._clear_masks(model)
