@@ -276,6 +276,16 @@ def test_bits_per_byte_is_the_models_loss_on_held_out_text(record, folders):
     assert (s["bpb_windows"], s["bpb_length"]) == (2, 96)
 
 
+def test_a_method_that_keeps_state_between_calls_runs_to_the_end(folders):
+    # H2O's rule needs the head-wise cache on every forward: bits per byte crashed when it ran on the
+    # model's own cache (after the whole grid); with a budget larger than the window its logits are full's
+    model, corpus = folders
+    rec = hf_eval.run(str(model), ["full", "h2o:budget=200,sink=4"], lengths="320", depths="0.5", samples=1,
+                      corpus=str(corpus), bpb_windows=2, bpb_length=96, decode_tokens=2)
+    full, h2o = (row["bits_per_byte"] for row in rec["methods"])
+    assert math.isfinite(h2o) and abs(h2o - full) < 1e-5
+
+
 def _bos_byte_tokenizer():
     """The byte tokenizer with a BOS token (id 256) put before every text, as Llama's does."""
     from tokenizers.processors import TemplateProcessing

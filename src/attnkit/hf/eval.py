@@ -522,13 +522,17 @@ def _greedy(model, handle, ids: torch.Tensor, steps: int, cache_arg: str, peak: 
 
 
 @torch.no_grad()
-def _bits_per_byte(model, haystack: Haystack, length: int, windows: int, seed: int, device) -> float:
+def _bits_per_byte(model, haystack: Haystack, length: int, windows: int, seed: int, device, handle=None,
+                   cache_arg: str = "past_key_values") -> float:
+    # each window on a fresh head-wise cache: a method whose rule keeps state between calls (H2O's
+    # scores) cannot run on the model's own cache, and the others compute the same logits on either
     rng = random.Random(f"{seed}-bpb")
     nats, count = 0.0, 0
     for _ in range(windows):
         ids, n_bytes = haystack.text_window(rng, length)
         x = torch.tensor([ids], device=device)
-        logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
+        cache = {cache_arg: handle.cache(), "use_cache": True} if handle is not None else {"use_cache": False}
+        logits = model(input_ids=x, **cache).logits[0, :-1].float()
         nats += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
         count += n_bytes
     return nats / count / math.log(2)
@@ -705,7 +709,8 @@ def _run(folder, plan, lengths, depths, samples, tasks, pairs, torch_device, tor
                     row["accuracy"][task][str(length)] = per_depth
                     row["mean_accuracy"][task][str(length)] = sum(per_depth.values()) / len(per_depth)
             if bpb_windows:
-                row["bits_per_byte"] = _bits_per_byte(hf_model, haystack, bpb_length, bpb_windows, seed, torch_device)
+                row["bits_per_byte"] = _bits_per_byte(hf_model, haystack, bpb_length, bpb_windows, seed, torch_device,
+                                                     handle, cache_arg)
                 advance(f"{label}: bits/byte")
         finally:
             handle.remove()
