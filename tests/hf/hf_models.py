@@ -41,3 +41,34 @@ ARCHS = ("llama", "qwen2", "mistral", "gemma3", "phi3")
 def llama():
     """A tiny random Llama (2 layers, 4 query heads, 2 KV heads, head dim 16), fp32, eval mode."""
     return tiny("llama")
+
+
+def padded_inputs(B=2, T=14, pads=(0, 5), seed=0):
+    """Random ids [B, T] and an attention mask with ``pads[b]`` left-padding tokens in row ``b``."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b, p in enumerate(pads):
+        ids[b, :p], mask[b, :p] = 0, 0
+    return ids, mask
+
+
+def greedy_decode(model, ids, mask, cache, steps, after_each=None):
+    """Prefill, then feed the greedy token ``steps`` times; logits of every call [B, T_call, V].
+    ``after_each()`` runs after every call (to inspect the cache)."""
+    out = []
+    with torch.no_grad():
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        r = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        out.append(r.logits)
+        if after_each:
+            after_each()
+        for _ in range(steps):
+            nxt = r.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            pos = mask.sum(-1, keepdim=True) - 1
+            r = model(nxt, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            out.append(r.logits)
+            if after_each:
+                after_each()
+    return out

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hf_models import VOCAB, llama, tiny  # noqa: F401  (llama: a fixture)
+from hf_models import VOCAB, padded_inputs, llama, tiny  # noqa: F401  (llama: a fixture)
 
 hf = pytest.importorskip("attnkit.hf")
 
@@ -152,12 +152,7 @@ class Reference:
 
 
 def _inputs(B=2, T=70, pads=(0, 5), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    for b, p in enumerate(pads):
-        ids[b, :p], mask[b, :p] = 0, 0
-    return ids, mask
+    return padded_inputs(B, T, pads, seed)
 
 
 def _run(model, ids, mask, cache, steps):

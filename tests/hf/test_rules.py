@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hf_models import VOCAB, llama, tiny  # noqa: F401  (llama: a fixture)
+from hf_models import VOCAB, greedy_decode, padded_inputs, llama, tiny  # noqa: F401  (llama: a fixture)
 
 hf = pytest.importorskip("attnkit.hf")
 
@@ -162,28 +162,10 @@ class Reference:
 
 
 def _inputs(B=2, T=14, pads=(0, 5), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    for b, p in enumerate(pads):
-        ids[b, :p], mask[b, :p] = 0, 0
-    return ids, mask
+    return padded_inputs(B, T, pads, seed)
 
 
-def _decode(model, ids, mask, cache, steps):
-    """Prefill, then feed the greedy token ``steps`` times; logits of every call [B, T_call, V]."""
-    out = []
-    with torch.no_grad():
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        r = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        out.append(r.logits)
-        for _ in range(steps):
-            nxt = r.logits[:, -1:].argmax(-1)
-            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-            pos = mask.sum(-1, keepdim=True) - 1
-            r = model(nxt, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-            out.append(r.logits)
-    return out
+_decode = greedy_decode
 
 
 def _reference(model, ids, mask, steps, kind, **options):
