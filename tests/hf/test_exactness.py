@@ -94,13 +94,17 @@ def test_full_through_the_headwise_cache_and_backends(llama, backend):
     assert cache.nbytes() == 2 * B * Hkv * S * D * 4 * 2  # 2 layers, keys and values, fp32
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_cuda_full_and_headwise(arch):
-    """On CUDA (fp32): full equals sdpa; the head-wise cache's decode equals the masked reference."""
-    model = tiny(arch).cuda()
+def test_full_and_headwise_on_device(arch, device):
+    """fp32 on each device: full equals sdpa; the head-wise cache's decode equals the masked reference
+    (the policy as a mask over a cache that keeps every token); Gemma 3's own cache (its sliding
+    layers drop keys) cannot serve the policy: a clear error (this test once expected a warning there)."""
+    from transformers import DynamicCache
+
+    model = tiny(arch).to(device)
     ids, mask = _batch()
-    ids, mask = ids.cuda(), mask.cuda()
+    ids, mask = ids.to(device), mask.to(device)
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
         gen_ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
@@ -111,9 +115,14 @@ def test_cuda_full_and_headwise(arch):
         with hf.apply(model, policy) as handle:
             got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                                  past_key_values=handle.cache(), output_scores=True, return_dict_in_generate=True)
-            with pytest.warns(UserWarning):
+            with pytest.warns(UserWarning, match="no memory is saved"):
+                # DynamicCache() without a config: full layers that keep every token
                 want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                                      output_scores=True, return_dict_in_generate=True)
+                                      past_key_values=DynamicCache(), output_scores=True,
+                                      return_dict_in_generate=True)
+            if arch == "gemma3":
+                with pytest.raises(ValueError, match="needs the head-wise cache"):
+                    model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
     valid = mask.bool()
     torch.testing.assert_close(out[valid], ref[valid], atol=1e-4, rtol=0)
     assert torch.equal(gen, gen_ref)
