@@ -332,6 +332,18 @@ def test_flex_kernel_options_per_pattern_and_override(monkeypatch):
         s2.flex_kernel_options["USE_TMA"] = False  # read-only: a pattern's options are not shared state
 
 
+def test_flex_tiles_fit_shared_memory_for_wide_heads():
+    """128 x 128 tiles of a 128-dim head overflow the H200's shared memory (ProxyAttn's 128-token
+    blocks failed to compile there): the key tile halves to 64, still dividing the block."""
+    from attnkit.ops.softmax.flex import flex_tiles
+
+    assert flex_tiles(128) == {"BLOCK_M": 128, "BLOCK_N": 128}
+    assert flex_tiles(128, head_dim=64) == {"BLOCK_M": 128, "BLOCK_N": 128}
+    assert flex_tiles(128, head_dim=128) == {"BLOCK_M": 128, "BLOCK_N": 64}
+    assert flex_tiles(256, head_dim=128) == {"BLOCK_M": 256, "BLOCK_N": 64}
+    assert flex_tiles(64, head_dim=256) == {"BLOCK_M": 64, "BLOCK_N": 64}
+
+
 # -- ROWS_GUARANTEED_SAFE: granted only where verified -------------------------------------------
 def _simulate_flex_rows(block_mask, allowed, T, S, block_n, guard):
     """FlexAttention's forward loop as we read it (torch 2.11 ``forward_block_mn``), in float64 for

@@ -210,16 +210,23 @@ def _cache_put(key, value) -> None:
 FLEX_KERNEL_OPTIONS: dict = {}
 
 
-def flex_tiles(block_size) -> dict:
+def flex_tiles(block_size, head_dim: int | None = None) -> dict:
     """FlexAttention forward tiles for a block mask of ``block_size`` (int, or (q_block, kv_block)):
-    each tile must divide the mask's blocks (torch 2.11 fails to lower otherwise)."""
+    each tile must divide the mask's blocks (torch 2.11 fails to lower otherwise). With a head
+    dimension above 64, a key tile of 128 is halved to 64 (still dividing the block): 128 x 128
+    tiles of a 128-dim head need 233,472 bytes of shared memory, over the H200's 232,448 (measured:
+    ProxyAttn's 128-token block selection failed to compile there)."""
     q_block, kv_block = _patterns.block_shape(block_size)
+    if head_dim is not None and head_dim > 64 and kv_block > 64 and kv_block % 64 == 0:
+        kv_block = 64
     return dict(BLOCK_M=q_block, BLOCK_N=kv_block)
 
 
-def flex_kernel_options(pattern, device: torch.device, q_len: int, training: bool, small_blocks: bool) -> dict:
+def flex_kernel_options(pattern, device: torch.device, q_len: int, training: bool, small_blocks: bool,
+                        head_dim: int | None = None) -> dict:
     """The FlexAttention ``kernel_options`` of one call: none on CPU; on CUDA the pattern's own,
-    then :data:`FLEX_KERNEL_OPTIONS`, then what the call needs to lower at all."""
+    then :data:`FLEX_KERNEL_OPTIONS`, then what the call needs to lower at all (``head_dim``: the
+    tiles' shared memory, see :func:`flex_tiles`)."""
     if device.type != "cuda":
         return {}
     options = {**pattern.flex_kernel_options, **FLEX_KERNEL_OPTIONS}
@@ -228,7 +235,7 @@ def flex_kernel_options(pattern, device: torch.device, q_len: int, training: boo
         # on them needs the main kernel (torch 2.11 otherwise fails to lower)
         options["FORCE_USE_FLEX_ATTENTION"] = True
     if small_blocks and pattern.flex_block_size:
-        options.update(flex_tiles(pattern.flex_block_size))
+        options.update(flex_tiles(pattern.flex_block_size, head_dim))
     return options
 
 
@@ -381,7 +388,8 @@ def _flex_call(q, k, v, pattern, score_mod, scale, return_lse, q_offset):
             lse_request = {"return_aux": AuxRequest(lse=True)}
         except ImportError:
             lse_request = {"return_lse": True}
-    kernel_options = flex_kernel_options(pattern, q.device, T, _needs_grad(q, k, v), small_blocks)
+    kernel_options = flex_kernel_options(pattern, q.device, T, _needs_grad(q, k, v), small_blocks,
+                                         max(q.shape[-1], v.shape[-1]))
     block_mask = _grant_rows_safe(kernel_options, block_mask, pattern, score_mod, B, Hq, T, S, q_offset, q.device,
                                   small_blocks)
     result = _flex_impl(q.device)(
