@@ -14,7 +14,9 @@ A method is a policy (:mod:`attnkit.hf.policies`) deciding per layer and per KV 
 a head keeps and how it attends; :func:`apply` routes the model's attention through transformers'
 ``AttentionInterface`` to ``attnkit.attend`` (no per-architecture code); :class:`HeadwiseCache`
 stores each group of heads on its own, so evicted tokens free their memory. ``to_hf`` /
-``from_hf`` convert between attnkit's ``DecoderLM`` and ``LlamaForCausalLM``.
+``from_hf`` convert between attnkit's ``DecoderLM`` and ``LlamaForCausalLM``. Steering methods
+(change chosen query heads' logits, weights or outputs) build on :class:`Steer` and :class:`Modifier`
+(:mod:`attnkit.hf.steer`).
 
 Needs the ``hf`` extra: ``pip install "attnkit[hf]"`` (transformers >= 5.17, < 5.26).
 """
@@ -34,6 +36,7 @@ from .cache import HeadwiseCache, HeadwiseLayer
 from .cards import CARDS
 from .convert import from_hf, to_hf
 from .policies import METHODS, Full, Group, Headwise, Policy, SinkWindow, Streaming
+from .steer import Modifier, Steer, top_heads
 
 __all__ = [
     "apply",
@@ -50,6 +53,9 @@ __all__ = [
     "Group",
     "METHODS",
     "CARDS",
+    "Steer",
+    "Modifier",
+    "top_heads",
     "to_hf",
     "from_hf",
 ]

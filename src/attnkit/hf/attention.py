@@ -543,6 +543,7 @@ def apply(model, method="full", *, backend: str = "auto", **options) -> Handle:
                                f"({_ROUTED[routed[0]].policy!r}); remove() that handle first "
                                "(attnkit.hf.Handle.of(model) returns it)")
         handle = Handle(model, policy, backend)
+        policy.bind(model)
         policy.check(handle.num_layers, handle.num_kv_heads)
         for layer_idx in range(handle.num_layers):  # a policy's bad rule fails here, not mid-forward
             handle.plan(layer_idx, handle.num_kv_heads)

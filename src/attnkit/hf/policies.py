@@ -343,6 +343,10 @@ class Policy:
     def check(self, num_layers: int, num_kv_heads: int) -> None:
         """Raise ``ValueError`` if this policy cannot serve a model of this shape."""
 
+    def bind(self, model) -> None:
+        """Called by ``apply`` before :meth:`check` with the model itself: a policy that needs more
+        than the layer and KV-head counts (the query heads a steering method selects) reads it here."""
+
     def plan(self, layer_idx: int, num_kv_heads: int) -> tuple[Group, ...]:
         """The layer's KV heads grouped by rule, full heads first."""
         by_rule: dict = {}
