@@ -167,3 +167,37 @@ def test_unpadded_prefill_takes_the_pattern_path(llama, monkeypatch):
         assert "Tensor" in seen
     torch.testing.assert_close(alone[0], batch[0], atol=1e-10, rtol=0)
     torch.testing.assert_close(given, alone, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("prompt", [3, 6, 13])  # shorter than, equal to and longer than sink + window
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_unpadded_decode_fast_path_equals_float64_reference(prompt, with_mask):
+    """Without padding a sink + window group keeps contiguous slices and decodes without a mask or
+    a host sync (HeadwiseLayer.plain): every step equals the policy as a mask over a full cache,
+    across the step where the group first fills up, with and without a 2D attention mask."""
+    model = tiny("llama", dtype=torch.float64)
+    ids = torch.randint(1, VOCAB, (2, prompt), generator=torch.Generator().manual_seed(prompt))
+    steps = 9
+
+    def run(cache):
+        out, mask = [], torch.ones_like(ids)
+        with torch.no_grad():
+            r = model(ids, attention_mask=mask if with_mask else None, past_key_values=cache, use_cache=True)
+            out.append(r.logits)
+            for _ in range(steps):
+                nxt = r.logits[:, -1:].argmax(-1)
+                mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+                r = model(nxt, attention_mask=mask if with_mask else None, past_key_values=cache, use_cache=True)
+                out.append(r.logits)
+        return out
+
+    with hf.apply(model, _policy()) as handle:
+        cache = handle.cache()
+        got = run(cache)
+        assert all(layer.plain for layer in cache.layers)  # the fast path ran
+        with pytest.warns(UserWarning, match="no memory is saved"):
+            ref = run(DynamicCache())
+        # the streaming group holds sink + window tokens, no more
+        assert cache.layers[1].stores()[0][0].shape[2] == min(prompt + steps, SINK + WINDOW)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)

@@ -221,7 +221,7 @@ def _attend_headwise(handle, layer, query, mask, scaling, score_mod, Hkv, module
     S = layer.seen  # every original position, this call's included
     device = query.device
     start = layer.start
-    if start is None or bool((start < 0).any()):
+    if start is None or not layer.start_final:  # once every row's start is known it stays (no sync per call)
         found = _first_real(handle, mask, B, device)
         start = found if start is None else torch.where(start < 0, found, start)
     start_c = start.clamp(min=0)
@@ -237,7 +237,14 @@ def _attend_headwise(handle, layer, query, mask, scaling, score_mod, Hkv, module
         if rule is None:  # a full group: positions 0 .. S-1, the model's mask as it is
             o = _run(handle, q, k, v, mask, scaling, score_mod)
         elif type(rule) is SinkWindow:  # the built-in path: a pattern where nothing needs materialising
-            if pos.shape[2] == S and (allowed := _plain_rule(rule, mask, T, S, start_c)) is not None:
+            if T == 1 and mask is None and layer.plain:
+                # a decode step without padding: the kept slots (see HeadwiseLayer.commit) plus the new
+                # token are what the query sees, except the oldest window slot once the group is full
+                # (index `sink`, one position too old for the new query); no mask, no host sync
+                if k.shape[2] > rule.sink + rule.window:
+                    k, v = (torch.cat([t[:, :, :rule.sink], t[:, :, rule.sink + 1:]], dim=2) for t in (k, v))
+                allowed = None
+            elif pos.shape[2] == S and (allowed := _plain_rule(rule, mask, T, S, start_c)) is not None:
                 pass  # a first prefill without padding
             else:
                 shared = pos[:, 0]  # [B, S'] (a sink + window group keeps one position set for its heads)

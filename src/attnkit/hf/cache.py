@@ -51,6 +51,11 @@ class HeadwiseLayer(CacheLayerMixin):
         self._stores: list = [None] * len(groups)
         self.states: list = [{} for _ in groups]  # per group: the rule's own state (GroupCall.state)
         self.pending: list | None = None
+        # what the first commit learns of ``start`` (one host sync per sequence, not one per call):
+        # every row's start known (>= 0), and every row starting at 0 (no padding: the sink + window
+        # groups then keep contiguous slices and decode without a mask, see _attend_headwise)
+        self.start_final = False
+        self.plain = False
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -112,13 +117,26 @@ class HeadwiseLayer(CacheLayerMixin):
         """Keep what the rules say later queries can use (``start`` ``[B]``: each row's first
         non-padding position; ``calls``: per group the :class:`attnkit.hf.policies.GroupCall` the
         attention function built, or None); the dropped tokens' tensors are released."""
-        from .policies import GroupCall
+        from .policies import GroupCall, SinkWindow
 
         self.start = start
+        if not self.start_final:
+            negative, padded = torch.stack([(start < 0).any(), (start != 0).any()]).tolist()
+            self.start_final, self.plain = not negative, not negative and not padded
         stores = []
         for i, (group, (k, v, pos, scores)) in enumerate(zip(self.groups, self.pending)):
             if not self._evicting[i]:
                 stores.append((k, v, None, None))
+                continue
+            rule = group.rule
+            if self.plain and type(rule) is SinkWindow:
+                # no padding: the slots are positions 0 .. sink-1 then one contiguous run up to the
+                # last, so the keep below is the first `sink` and the last `window` slots (no sync)
+                K = k.shape[2]
+                if K > rule.sink + rule.window:
+                    k, v, pos = (torch.cat([t[:, :, :rule.sink], t[:, :, K - rule.window:]], dim=2)
+                                 for t in (k, v, pos))
+                stores.append((k, v, pos, scores))
                 continue
             call = calls[i] if calls is not None and calls[i] is not None else GroupCall(
                 group.rule, None, group.kv_heads, None, None, pos, start.clamp(min=0), None, None, None, self.seen,
@@ -171,6 +189,7 @@ class HeadwiseLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.seen, self.start, self.pending = 0, None, None
+        self.start_final = self.plain = False
         self._stores = [None] * len(self.groups)
         self.states = [{} for _ in self.groups]
 
