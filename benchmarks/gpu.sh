@@ -9,6 +9,9 @@
 #                                         # -> SUITE-MODE.json; SUITE: dense patterns linear heads sigmoid decode
 #   benchmarks/gpu.sh bench-args NAME ARGS...   # any other bench run, logged the same way -> NAME.json
 #   benchmarks/gpu.sh readme              # regenerate benchmarks/results/README.md from the result files
+#   benchmarks/gpu.sh hf-speed            # attnkit.hf on the H200: ProxyAttn's block-sparse prefill against cuDNN
+#                                         # (32k-128k), hf_overhead on the Llama-3.2-1B and -3.1-8B shapes (8k-64k)
+#   benchmarks/gpu.sh hf-identify         # `attnkit identify-duo --device cuda` on the shipped subject, timed
 # Arguments are checked before anything is installed or written (usage and exit 2 otherwise); the script exits
 # non-zero when a test or bench run failed (or the results README could not be regenerated).
 # TEST_TIMEOUT / BENCH_TIMEOUT (seconds) shorten the parts' limits (BENCH_TIMEOUT is per bench run: a suite
@@ -28,12 +31,12 @@ OUT=${OUT:-benchmarks/results/h200}
 suites=$(python3 -c "from attnkit.bench.suites import SUITES; print(' '.join(SUITES))")
 usage() {  # usage [WHY]: the arguments are refused before anything is installed, run or written
   [ -n "${1:-}" ] && echo "benchmarks/gpu.sh: $1" >&2
-  echo "usage: benchmarks/gpu.sh tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|bench-args NAME ARGS...|SUITE [MODE]" >&2
+  echo "usage: benchmarks/gpu.sh tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|hf-speed|hf-identify|bench-args NAME ARGS...|SUITE [MODE]" >&2
   echo "  SUITE: $suites" >&2
   exit 2
 }
 case "${1:-}" in
-  tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme)
+  tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|hf-speed|hf-identify)
     # extra words were ignored: `gpu.sh bench --seq 1024` ran the default sizes
     [ $# -eq 1 ] || usage "'$1' takes no arguments, got: ${*:2} (any other bench run: bench-args NAME ARGS...)" ;;
   bench-args)
@@ -98,6 +101,21 @@ case "$1" in
     shift; run_bench "$@"; readme ;;
   readme)
     python3 benchmarks/results_readme.py || status=$? ;;
+  hf-speed)  # each part logged with its command; the parts share the 10 minutes (HF_TIMEOUT each)
+    for part in "proxyattn-speed benchmarks/proxyattn_speed.py --seq 32768 65536 131072 --budget 0.05 0.1 0.2" \
+                "hf-overhead-llama-3.2-1b benchmarks/hf_overhead.py --shape llama-3.2-1b" \
+                "hf-overhead-llama-3.1-8b benchmarks/hf_overhead.py --shape llama-3.1-8b --seq 32768,65536 --rounds 8"; do
+      set -- $part; name=$1; shift
+      { header; echo "# python3 $*"; } > "$OUT/$name.log"
+      timeout "${HF_TIMEOUT:-190}" python3 "$@" --out "$OUT/$name.json" 2>&1 | tee -a "$OUT/$name.log" | tail -12
+      rc=${PIPESTATUS[0]}; echo "exit $rc" | tee -a "$OUT/$name.log"; [ "$rc" -eq 0 ] || status=$rc
+    done ;;
+  hf-identify)
+    { header; echo "# attnkit identify-duo --device cuda --out $OUT/duo-pattern-subject-h200.tsv"; } > "$OUT/identify-duo-h200.log"
+    start=$SECONDS
+    timeout "${HF_TIMEOUT:-560}" python3 -m attnkit.cli identify-duo --device cuda --out "$OUT/duo-pattern-subject-h200.tsv" 2>&1 \
+      | tee -a "$OUT/identify-duo-h200.log" | grep -vE "^\s*$" | tail -20
+    status=${PIPESTATUS[0]}; echo "exit $status after $((SECONDS - start)) s" | tee -a "$OUT/identify-duo-h200.log" ;;
   *)  # SUITE [MODE]
     suite=$1
     for mode in ${2:-$(python3 -m attnkit.bench.suites "$suite")}; do
