@@ -206,6 +206,7 @@ class _Rows:
         H, D, _ = mats.shape
         w = self.linear.weight
         block = w.data[self.start:self.stop].double().view(H, D, -1)            # (H, D, C)
+        mats = mats.to(block.device)  # the key lives on the CPU, the model wherever it was loaded
         w.data[self.start:self.stop] = (mats @ block).reshape(H * D, -1).to(w.dtype)
         b = self.linear.bias
         if b is not None:
@@ -217,7 +218,7 @@ class _Rows:
         w = self.linear.weight.data[self.start:self.stop].double()
         if self.linear.bias is not None:
             w = torch.cat([w, self.linear.bias.data[self.start:self.stop].double()[:, None]], dim=1)
-        return w.view(H, w.shape[0] // H, -1)
+        return w.cpu().view(H, w.shape[0] // H, -1)
 
 
 def _projections(attn, shape: dict, branches) -> dict:
@@ -251,6 +252,7 @@ def _right_multiply_columns(linear, mats: torch.Tensor):
     H, D, _ = mats.shape
     w = linear.weight
     block = w.data.double().view(w.shape[0], H, D).transpose(0, 1)             # (H, C, D)
+    mats = mats.to(block.device)
     w.data.copy_((block @ mats).transpose(0, 1).reshape(w.shape[0], H * D).to(w.dtype))
 
 
