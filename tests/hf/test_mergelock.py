@@ -50,7 +50,8 @@ def test_logits_unchanged_fp32(arch):
     assert (after - before).abs().max() < 1e-4 * before.abs().max()
     # the locked branches' weights really moved (by O(1) relative), everything else is bit-identical
     attention = _attention_weight_names(model)
-    moved = ("q_proj", "k_proj", "qkv_proj") * ("qk" in branches) + ("v_proj", "o_proj", "qkv_proj") * ("vo" in branches)
+    moved = (("q_proj", "k_proj", "qkv_proj") * ("qk" in branches)
+             + ("v_proj", "o_proj", "qkv_proj") * ("vo" in branches))
     for name, p in model.named_parameters():
         if any(f"{m}.weight" in name for m in moved):
             assert _rel(p.detach().double(), weights[name].double()) > 0.3, name
@@ -134,6 +135,7 @@ def test_seeds_are_deterministic():
     assert all(torch.equal(x, y) for x, y in zip(ka.qk + ka.vo, kb.qk + kb.vo))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not torch.allclose(a.model.layers[0].self_attn.k_proj.weight, c.model.layers[0].self_attn.k_proj.weight)
+    assert not torch.allclose(ka.vo[0], kc.vo[0])
 
 
 def test_key_save_load_round_trip(tmp_path):

@@ -59,7 +59,10 @@ away)::
 attacker who holds the public base model can fit, per head and in closed form, the matrices that
 map the locked weights back onto the base's (:func:`estimate_key`, least squares restricted to the
 lock's own family, so the estimate keeps the model's function); because a fine-tune stays close to
-its base — the very premise of merging — the fit recovers the lock and merging works again.
+its base — the very premise of merging — the fit recovers the lock and merging works again. (The
+paper reports that the low-cost restorations it tried fail; which ones could not be checked here.)
+Task arithmetic with λ = 1 is not stopped either: ``base + (A_locked - base) + (B - base)`` is
+``A_locked + (B - base)``, A's function intact.
 """
 
 from __future__ import annotations
