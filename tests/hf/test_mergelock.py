@@ -119,6 +119,36 @@ def test_the_shipped_subject_is_unchanged():
     assert key.shape == {"num_layers": 12, "num_heads": 4, "num_kv_heads": 2, "head_dim": 64, "rotary_dim": 64}
 
 
+def test_the_shipped_subject_in_bf16():
+    from transformers import AutoModelForCausalLM
+
+    from attnkit.hf.subject import default_subject
+
+    ids = torch.tensor([list(b"The pass key is 48213. What is the pass key?")])
+    model = AutoModelForCausalLM.from_pretrained(default_subject(), dtype=torch.bfloat16).eval()
+    before = _logits(model, ids)
+    lock(model, seed=11)
+    after = _logits(model, ids)
+    # bf16's own round-off: measured 5.2e-3 against the unlocked bf16 model, which is itself 3.8e-3 from fp32
+    assert _rel(after, before) < 1e-2
+    assert (after.argmax(-1) == before.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")  # transformers 5.25 renames it
+def test_decoding_with_the_cache_is_unchanged():
+    from hf_models import greedy_decode, padded_inputs
+
+    model = _noisy(tiny("qwen2"))
+    ids, mask = padded_inputs()
+    from transformers import DynamicCache
+
+    before = greedy_decode(model, ids, mask, DynamicCache(), steps=4)
+    lock(model, seed=12)
+    after = greedy_decode(model, ids, mask, DynamicCache(), steps=4)
+    for x, y in zip(after, before):
+        assert (x - y).abs().max() < 1e-4 * y.abs().max()
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "phi3"])
 def test_unlock_restores_the_weights(arch):
     model = _noisy(tiny(arch))
