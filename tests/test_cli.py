@@ -93,3 +93,6 @@ def test_list_shows_the_hf_methods_after_the_layers(capsys):
     assert "attnkit.hf methods" in out
     assert out.index("hf-headwise") > out.index("attnkit.hf methods") > out.index("sliding-window")
     assert "2410.10819" in out and "2309.17453" in out
+    # the weight tools (not policies) in a table of their own, after the methods
+    assert out.index("hf-mergelock") > out.index("attnkit.hf weight tools") > out.index("hf-headwise")
+    assert "2509.01548" in out

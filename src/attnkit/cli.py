@@ -45,6 +45,14 @@ def _cmd_list(args) -> int:
     for card in hf_cards:
         methods.add_row(card.name, card.paper, card.summary)
     console().print(methods)
+    from .hf.cards import TOOL_CARDS
+
+    tools = Table(title="attnkit.hf weight tools (not attention policies)")
+    for column in ("name", "paper", "what it does"):
+        tools.add_column(column, overflow="fold")
+    for card in TOOL_CARDS:
+        tools.add_row(card.name, card.paper, card.summary)
+    console().print(tools)
     return 0
 
 

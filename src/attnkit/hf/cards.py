@@ -19,7 +19,7 @@ from .proxyattn import ProxyAttn
 from .policies import Full, Headwise, Streaming
 from .taskkv import TaskKV
 
-__all__ = ["CARDS"]
+__all__ = ["CARDS", "TOOL_CARDS"]
 
 _CAPS = Capabilities(causal=True, bidirectional=False, decode=True, varlen=True, backends=("reference", "sdpa"))
 
@@ -125,3 +125,22 @@ CARDS: tuple[Card, ...] = (
          summary="pooled proxy heads rank key blocks per query block; per-head dynamic budgets; block-sparse prefill "
                  "(FlexAttention on CUDA), decode full"),
 )
+
+#: Methods on a model that are not attention policies (they change weights, not attention): listed
+#: by ``attnkit list`` in a table of their own; ``layer`` is the method's main object.
+def _no_flops(batch: int, seq: int, config: dict) -> FlopCount:
+    return FlopCount(attention_fwd=0.0, projection_fwd=0.0)
+
+
+def _tool_cards() -> tuple:
+    from .mergelock import MergeLockKey
+
+    return (
+        Card(name="hf-mergelock", title="Model Unmerging: Making Your Models Unmergeable for Secure Model Sharing",
+             arxiv="2509.01548", family="hf", kind="hf", layer=MergeLockKey, flops=_no_flops,
+             summary="lock(model, seed) -> key: random invertible QK (RoPE-commuting) and VO transforms per KV head; "
+                     "the same logits, weight-space merging breaks; unlock(model, key)"),
+    )
+
+
+TOOL_CARDS: tuple = _tool_cards()
