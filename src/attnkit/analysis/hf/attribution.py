@@ -255,11 +255,13 @@ def occlusion(f, embeds: Tensor, baseline: Tensor, batch: int = 16) -> Tensor:
 class Explanation:
     """Token scores of one prediction. ``scores[method]``: [T] float64, signed for
     ``input_x_gradient``, ``integrated_gradients`` and ``occlusion``; ``f_input`` and
-    ``f_baseline``: the explained logit at the input and at the all-baseline input."""
+    ``f_baseline``: the explained logit at the input and at the all-baseline input; ``predicted``:
+    the model's argmax at ``position``."""
 
     input_ids: list[int]
     target: int
     position: int
+    predicted: int = -1
     scores: dict[str, Tensor] = field(default_factory=dict)
     f_input: float = math.nan
     f_baseline: float = math.nan
@@ -312,14 +314,15 @@ def explain(model, input_ids, target: int | None = None, *, methods: Sequence[st
         wants_attention = any(m in ATTENTION_METHODS for m in methods)
         out = model(input_ids=input_ids[None], output_attentions=wants_attention, use_cache=False)
     vocab = out.logits.shape[-1]
+    predicted = int(out.logits[0, position].argmax())
     if target is None:
-        target = int(out.logits[0, position].argmax())
+        target = predicted
     if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < vocab:
         raise ValueError(f"target must be a token id in [0, {vocab - 1}], got {target!r}")
-    ex = Explanation(input_ids.tolist(), target, position)
+    ex = Explanation(input_ids.tolist(), target, position, predicted)
     if wants_attention:
         attentions = out.attentions
-        if attentions is None or any(a is None for a in attentions):
+        if not attentions or any(a is None for a in attentions):
             raise ValueError(f"{type(model).__name__} returned no attention weights; load it with "
                              "attn_implementation='eager' (or call model.set_attn_implementation('eager'))")
         if "attention" in methods:
@@ -525,8 +528,7 @@ def run(args) -> int:
             raise ValueError(f"--model {str(model_path)!r} has {vocab} tokens but no tokenizer that maps the prompts "
                              "into them; accepted: a folder with tokenizer files, or a byte-level model (vocab >= 256)")
         e = explain(model, torch.tensor(ids), target, steps=args.steps, baseline=baseline, layer=args.layer)
-        with torch.no_grad():
-            predicted = int(model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax())
+        predicted = e.predicted
         agree = agreement(e.scores)
         per_example.append(agree)
         ig_sum = float(e.scores["integrated_gradients"].sum())
