@@ -544,7 +544,7 @@ def run(args) -> int:
     by_task = {t: summarize([a for a, r in zip(per_example, records) if r["task"] == t]) for t in args.task}
     result = {
         "schema": 1,
-        "command": invoked_command("analyze"),
+        "command": getattr(args, "command", None) or invoked_command("analyze"),
         "model": str(model_path),
         "model_class": type(model).__name__,
         "settings": {"tasks": list(args.task), "examples_per_task": args.examples, "length": args.length,

@@ -354,7 +354,7 @@ def run(args) -> int:
     first = results[0]
     result = {
         "schema": 1,
-        "command": invoked_command("analyze"),
+        "command": getattr(args, "command", None) or invoked_command("analyze"),
         "model": description,
         "model_class": type(model).__name__,
         "settings": {"examples": args.examples, "steps": args.steps, "input_length": args.input_length, "seed": args.seed,
@@ -397,7 +397,7 @@ def _plot(result: dict, path) -> None:
 
     s = result["summary"]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.5), gridspec_kw={"width_ratios": [1, 1, 1.1, 1.6]})
-    for ax, kind, label in ((axes[0], "input", "input saliency SM_X"), (axes[1], "encoder", "encoder-output saliency SM_H")):
+    for ax, kind, label in ((axes[0], "input", "SM_X (input)"), (axes[1], "encoder", "SM_H (encoder output)")):
         grid = torch.tensor([[h["r"] if h["r"] is not None else float("nan") for h in layer] for layer in s[kind]["heads"]])
         image = ax.imshow(grid.numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
         for l in range(grid.shape[0]):
