@@ -491,6 +491,7 @@ def _pair_key(pair) -> str:
 def run(args) -> int:
     """``attnkit analyze attribution``: table, and JSON + PNG when ``--out`` is given; returns 0."""
     import time
+    from datetime import datetime, timezone
 
     from rich.table import Table
 
@@ -545,6 +546,7 @@ def run(args) -> int:
     result = {
         "schema": 1,
         "command": getattr(args, "command", None) or invoked_command("analyze"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": str(model_path),
         "model_class": type(model).__name__,
         "settings": {"tasks": list(args.task), "examples_per_task": args.examples, "length": args.length,

@@ -314,6 +314,7 @@ def _random_inputs(model, name: str, shape: tuple):
 def run(args) -> int:
     """``attnkit analyze crossattn``: table, and JSON + PNG when ``--out`` is given; returns 0."""
     import time
+    from datetime import datetime, timezone
 
     from rich.table import Table
 
@@ -355,6 +356,7 @@ def run(args) -> int:
     result = {
         "schema": 1,
         "command": getattr(args, "command", None) or invoked_command("analyze"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": description,
         "model_class": type(model).__name__,
         "settings": {"examples": args.examples, "steps": args.steps, "input_length": args.input_length, "seed": args.seed,
