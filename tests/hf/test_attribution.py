@@ -127,6 +127,11 @@ def test_agreement_and_summary():
     assert agreement(scores, tokens=torch.tensor([True, False, True]))["b", "c"]["kendall_tau"] == pytest.approx(1)
     summary = summarize([result, agreement({k: v.flip(0) for k, v in scores.items()})])
     assert summary["a", "b"]["kendall_tau"] == {"mean": pytest.approx(-1), "std": pytest.approx(0), "n": 2}
+    # constant scores: NaN per example, left out of the summary; one value has no std
+    flat = agreement({"a": torch.ones(3), "b": torch.tensor([1.0, 2, 3])})
+    assert math.isnan(flat["a", "b"]["kendall_tau"])
+    assert summarize([flat, flat])["a", "b"]["kendall_tau"] == {"mean": None, "std": None, "n": 0}
+    assert summarize([flat, result])["a", "b"]["spearman_rho"] == {"mean": pytest.approx(-1), "std": None, "n": 1}
 
 
 # -- feature attributions ---------------------------------------------------------------------------------

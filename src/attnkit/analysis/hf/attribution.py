@@ -385,8 +385,9 @@ def agreement(scores: dict[str, Tensor], tokens=None, *, absolute: bool = True) 
 
 
 def summarize(per_example: Sequence[dict]) -> dict[tuple[str, str], dict]:
-    """Mean and standard deviation (ddof 1; NaNs from constant scores left out, counted in ``n``)
-    over examples of :func:`agreement`'s results: ``{pair: {"kendall_tau": {"mean", "std", "n"}, ...}}``."""
+    """Mean and standard deviation (ddof 1) over examples of :func:`agreement`'s results:
+    ``{pair: {"kendall_tau": {"mean", "std", "n"}, ...}}``. NaNs (a constant score vector has no
+    ranking) are left out of both and of the count ``n``; None where a statistic is undefined."""
     if not per_example:
         raise ValueError("per_example is empty; accepted: a list of agreement() results")
     summary = {}
@@ -396,8 +397,8 @@ def summarize(per_example: Sequence[dict]) -> dict[tuple[str, str], dict]:
             values = torch.tensor([e[pair][stat] for e in per_example], dtype=torch.float64)
             values = values[~values.isnan()]
             n = values.numel()
-            summary[pair][stat] = {"mean": float(values.mean()) if n else math.nan,
-                                   "std": float(values.std()) if n > 1 else math.nan, "n": n}
+            summary[pair][stat] = {"mean": float(values.mean()) if n else None,
+                                   "std": float(values.std()) if n > 1 else None, "n": n}
     return summary
 
 
@@ -538,7 +539,9 @@ def run(args) -> int:
             "task": task, "tokens": len(ids), "target": target, "predicted": predicted, "correct": predicted == target,
             "f_input": e.f_input, "f_baseline": e.f_baseline, "ig_sum": ig_sum,
             "completeness_gap": abs(ig_sum - delta) / max(abs(delta), 1e-12),
-            "agreement": {_pair_key(k): v for k, v in agree.items()},
+            # a constant score vector has no ranking: NaN, written as null
+            "agreement": {_pair_key(k): {stat: (None if math.isnan(x) else x) for stat, x in v.items()}
+                          for k, v in agree.items()},
         })
     wall = time.perf_counter() - start
     summary = summarize(per_example)
@@ -568,7 +571,9 @@ def run(args) -> int:
         table.add_column(column, justify="left" if column.startswith("method") else "right")
     for (a, b), s in summary.items():
         tau, rho = s["kendall_tau"], s["spearman_rho"]
-        table.add_row(a, b, f"{tau['mean']:+.3f} ± {tau['std']:.3f}", f"{rho['mean']:+.3f} ± {rho['std']:.3f}")
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        table.add_row(a, b, f"{fmt(tau['mean'], '+.3f')} ± {fmt(tau['std'], '.3f')}",
+                      f"{fmt(rho['mean'], '+.3f')} ± {fmt(rho['std'], '.3f')}")
     out = console()
     out.print(table)
     out.print(f"answer accuracy: {result['accuracy']}; integrated gradients completeness gap "
@@ -591,7 +596,7 @@ def _plot(result: dict, path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1.3, 1]})
     pairs = [(a, b) for a in result["methods"]["attention"] for b in result["methods"]["attribution"]]
     data = [[r["agreement"][_pair_key(p)]["kendall_tau"] for r in result["examples"]] for p in pairs]
-    data = [[v for v in d if v == v] for d in data]
+    data = [[v for v in d if v is not None] for d in data]
     left.boxplot(data, showmeans=True)
     left.set_xticks(range(1, len(pairs) + 1), [f"{short[a]}\nvs {short[b]}" for a, b in pairs], fontsize=8)
     left.axhline(0, color="grey", lw=0.8)
@@ -604,7 +609,8 @@ def _plot(result: dict, path) -> None:
         for j, b in enumerate(methods):
             key = _pair_key((a, b)) if _pair_key((a, b)) in result["summary"] else _pair_key((b, a))
             if i != j and key in result["summary"]:
-                grid[i, j] = result["summary"][key]["kendall_tau"]["mean"]
+                mean = result["summary"][key]["kendall_tau"]["mean"]
+                grid[i, j] = float("nan") if mean is None else mean
     image = right.imshow(grid.numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
     right.set_xticks(range(n), [short[m] for m in methods], rotation=30, ha="right")
     right.set_yticks(range(n), [short[m] for m in methods])
