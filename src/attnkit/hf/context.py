@@ -620,6 +620,6 @@ def finetune(model, examples, params, *, steps: int, lr: float = 1e-3, batch_siz
         loss.backward()
         opt.step()
         if step % log_every == 0 or step == steps - 1:
-            curve.append((step, float(loss)))
+            curve.append((step, float(loss.detach())))
     model.eval()
     return curve
