@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import random
 import sys
@@ -111,7 +112,7 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results/cpu")
     parser.add_argument("--length", type=int, default=512, help="passkey prompt bytes")
     parser.add_argument("--samples", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=24, help="LoRA fine-tune steps (each run)")
+    parser.add_argument("--steps", type=int, default=60, help="LoRA fine-tune steps (each run)")
     parser.add_argument("--layer", type=int, default=8, help="the metric's layer")
     parser.add_argument("--threshold", type=float, default=0.93, help="the paper: 0.6 (flags every example on the subject)")
     parser.add_argument("--seed", type=int, default=0)
@@ -158,7 +159,7 @@ def main(argv=None):
     rng = random.Random(args.seed + 1)
     tasks = {
         "passkey": [passkey_example(rng, val, args.length, rng.random()) for _ in range(args.samples)],
-        "multikey-6": [multikey_example(rng, val, args.length, 6) for _ in range(args.samples)],
+        "multikey-8": [multikey_example(rng, val, 2 * args.length, 8) for _ in range(args.samples)],
     }
     record["steering"] = {}
     for name, exs in tasks.items():
@@ -194,17 +195,25 @@ def main(argv=None):
 
     rng = random.Random(args.seed + 3)
     test = [passkey_example(rng, val, args.length, rng.random()) for _ in range(args.samples)]
+    test_mk = [multikey_example(rng, val, 2 * args.length, 8) for _ in range(args.samples)]
     held = [text_chat(rng, val) for _ in range(16)]
 
-    def evaluate(m):
-        return {"passkey": answer_correct(m, [passkey_chat(e) for e in test], [e.answer for e in test]),
-                "passkey_with_indicator": answer_correct(m, [passkey_chat(e, True) for e in test],
-                                                         [e.answer for e in test]),
+    def evaluate(m, steer_too=False):
+        row = {"passkey": answer_correct(m, [passkey_chat(e) for e in test], [e.answer for e in test]),
+               "passkey_with_indicator": answer_correct(m, [passkey_chat(e, True) for e in test],
+                                                        [e.answer for e in test]),
+               "multikey-8": answer_correct(m, [passkey_chat(e) for e in test_mk], [e.answer for e in test_mk]),
+               "multikey-8_with_indicator": answer_correct(m, [passkey_chat(e, True) for e in test_mk],
+                                                           [e.answer for e in test_mk])}
+        if steer_too:
+            row["multikey-8_steered_alpha_0.5"] = answer_correct(m, [passkey_chat(e) for e in test_mk],
+                                                                 [e.answer for e in test_mk], 0.5)
+        return {**row,
                 "text_response_loss": round(response_loss(m, held), 4),
                 "attention_share_passkey": user_share(m, passkey_chat(test[0])),
                 "attention_share_passkey_with_indicator": user_share(m, passkey_chat(test[0], True))}
 
-    record["finetune"] = {"base": evaluate(model)}
+    record["finetune"] = {"base": evaluate(model, steer_too=True)}
     print("base", record["finetune"]["base"], f"{time.time() - t0:.0f}s", flush=True)
     sets = {"plain": convs, "indicator": indicator_examples(convs, scores, args.threshold)}
     curves = {}
@@ -213,14 +222,17 @@ def main(argv=None):
         params = add_lora(m, rank=8, alpha=16, seed=args.seed)
         examples = [encode_chat(TOK, c, SUBJECT_CHAT) for c in data]
         t1 = time.time()
-        curves[name] = finetune(m, examples, params, steps=args.steps, lr=2e-3, batch_size=4, seed=args.seed)
+        curves[name] = finetune(m, examples, params, steps=args.steps, lr=2e-3, batch_size=4, seed=args.seed,
+                                log_every=1)
         merge_lora(m)
-        record["finetune"][name] = {"seconds": round(time.time() - t1, 1), "curve": curves[name], **evaluate(m)}
+        record["finetune"][name] = {"seconds": round(time.time() - t1, 1), "curve": curves[name],
+                                    **evaluate(m, steer_too=name == "plain")}
         print(name, record["finetune"][name], f"{time.time() - t0:.0f}s", flush=True)
     record["finetune"]["setup"] = {"lora": {"rank": 8, "alpha": 16, "targets": "q,k,v,o"}, "steps": args.steps,
                                    "batch_size": 4, "lr": 2e-3, "examples": len(convs),
                                    "indicator_examples": sum(flagged)}
     record["seconds"] = round(time.time() - t0, 1)
+    record["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     plot(record, curves, out / "steer-context.png")
     (out / "steer-context.json").write_text(json.dumps(record, indent=1))
     print(f"wrote {out / 'steer-context.json'} in {record['seconds']} s")
@@ -244,22 +256,27 @@ def plot(record, curves, path):
     ax.set_title("ContextSteer on every head")
     ax.legend()
     ax = axes[1]
-    for name, curve in curves.items():
-        ax.plot([s for s, _ in curve], [v for _, v in curve], label=name)
+    for name, curve in curves.items():  # both runs draw the same batches (same seed): a moving mean of 8 steps
+        values = [v for _, v in curve]
+        smooth = [sum(values[max(0, i - 7): i + 1]) / len(values[max(0, i - 7): i + 1]) for i in range(len(values))]
+        ax.plot([s for s, _ in curve], smooth, label=name)
     ax.set_xlabel("LoRA step")
-    ax.set_ylabel("response loss (nats/byte)")
+    ax.set_ylabel("response loss (nats/byte, mean of 8 steps)")
     ax.set_title("fine-tune loss")
     ax.legend()
     ax = axes[2]
     ft = record["finetune"]
     names = [n for n in ("base", "plain", "indicator") if n in ft]
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [ft[n]["passkey"] for n in names], 0.4, label="passkey")
-    ax.bar([i + 0.2 for i in x], [ft[n]["passkey_with_indicator"] for n in names], 0.4, label="passkey + [IND]")
+    bars = [("passkey", "passkey"), ("passkey_with_indicator", "passkey + [IND]"), ("multikey-8", "multi-key 8"),
+            ("multikey-8_with_indicator", "multi-key 8 + [IND]")]
+    for j, (key, label) in enumerate(bars):
+        ax.bar([i - 0.3 + 0.2 * j for i in x], [ft[n][key] for n in names], 0.2, label=label)
     ax.set_xticks(list(x), names)
     ax.set_ylim(0, 1.05)
-    ax.set_title("passkey in chat format after fine-tuning")
-    ax.legend()
+    ax.set_ylabel("greedy exact match")
+    ax.set_title("chat-format retrieval: base and after LoRA fine-tunes")
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
