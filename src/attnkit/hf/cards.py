@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .. import patterns as _patterns
 from ..cards import Capabilities, Card, FlopCount, dense_attention_flops
+from .context import ContextSteer
 from .duo import Duo
 from .h2o import H2O, SFAttn, SinkLoRA, h2o_flops, sf_attn_flops
 from .longheads import LongHeads
@@ -124,6 +125,11 @@ CARDS: tuple[Card, ...] = (
          defaults={"block_size": 128, "gamma": 0.95, "query_stride": 16}, capabilities=_CAPS,
          summary="pooled proxy heads rank key blocks per query block; per-head dynamic budgets; block-sparse prefill "
                  "(FlexAttention on CUDA), decode full"),
+    Card(name="hf-context", title="On the Loss of Context-awareness in General Instruction Fine-tuning",
+         arxiv="2411.02688", family="hf", kind="hf", layer=ContextSteer, flops=_flops(lambda c: _patterns.causal()),
+         defaults={"alpha": 0.9}, capabilities=_CAPS,
+         summary="manual head steering toward the user's context (PASTA's reweighting: the prompt's other tokens "
+                 "scaled by alpha, rows renormalised); needs the context mask (context=)"),
 )
 
 #: Methods on a model that are not attention policies (they change weights, not attention): listed

@@ -511,3 +511,7 @@ from .proxyattn import ProxyAttn  # noqa: E402
 
 METHODS.update({"duo": Duo, "taskkv": TaskKV, "h2o": H2O, "sinklora": SinkLoRA, "sf-attn": SFAttn,
                 "longheads": LongHeads, "proxyattn": ProxyAttn})
+
+from .context import ContextSteer  # noqa: E402
+
+METHODS.update({"context": ContextSteer})

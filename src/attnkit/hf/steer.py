@@ -204,7 +204,8 @@ class SteerRule(Rule):
             raise RuntimeError(f"SteerRule serves one KV head per group, got {call.kv_heads}")
         rows = _query_heads(call.kv_heads, call.group_size, q.device)  # the global query head of each row
         sel = torch.isin(rows, torch.tensor(self.heads, device=q.device))
-        allowed = call.allowed()  # [B, 1, T, S']
+        allowed = call.allowed()  # [B|1, 1, T, S'] (1 row when the model has no padding mask)
+        allowed = allowed.expand(q.shape[0], *allowed.shape[1:])  # the model's path checks the batch
         out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
         if bool((~sel).any()):  # the KV head's other query heads: the model's own softmax attention
             out[:, ~sel] = call.attend(q[:, ~sel], k, v, allowed)
