@@ -204,7 +204,8 @@ class SteerRule(Rule):
             raise RuntimeError(f"SteerRule serves one KV head per group, got {call.kv_heads}")
         rows = _query_heads(call.kv_heads, call.group_size, q.device)  # the global query head of each row
         sel = torch.isin(rows, torch.tensor(self.heads, device=q.device))
-        allowed = call.allowed()  # [B, 1, T, S']
+        # [B, 1, T, S']; without a padding mask the causal base has batch 1, which attend's dense mask refuses
+        allowed = call.allowed().expand(q.shape[0], -1, -1, -1)
         out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
         if bool((~sel).any()):  # the KV head's other query heads: the model's own softmax attention
             out[:, ~sel] = call.attend(q[:, ~sel], k, v, allowed)
