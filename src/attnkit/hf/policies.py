@@ -511,3 +511,9 @@ from .proxyattn import ProxyAttn  # noqa: E402
 
 METHODS.update({"duo": Duo, "taskkv": TaskKV, "h2o": H2O, "sinklora": SinkLoRA, "sf-attn": SFAttn,
                 "longheads": LongHeads, "proxyattn": ProxyAttn})
+
+from .imbalance import PAINT  # noqa: E402
+from .var import VAR  # noqa: E402
+from .vhr import VHR  # noqa: E402
+
+METHODS.update({"var": VAR, "vhr": VHR, "paint": PAINT})

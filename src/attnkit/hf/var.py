@@ -77,12 +77,18 @@ class SpanSinks:
 
 
 def sink_dimensions(hidden: dict, start: Tensor, num_dims: int = 2, from_layer: int = 2) -> tuple:
-    """The ``num_dims`` hidden dimensions where each row's first real token (at ``start`` ``[B]``) has
-    the largest mean ``|RMSNorm(h)|`` over layers ``>= from_layer`` (``hidden``: ``{layer: [B, S, C]}``)."""
+    """The ``num_dims`` hidden dimensions where each row's first real token (at ``start`` ``[B]``) stands
+    out most: ``|RMSNorm(h)|`` at the token minus the row's median, averaged over rows and layers
+    ``>= from_layer`` (``hidden``: ``{layer: [B, S, C]}``)."""
     layers = [layer for layer in sorted(hidden) if layer >= from_layer] or sorted(hidden)
     rows = torch.arange(start.shape[0])
-    mean = torch.stack([_rms_abs(hidden[layer][rows, start.cpu()]).mean(0) for layer in layers]).mean(0)  # [C]
-    return tuple(int(d) for d in mean.topk(num_dims).indices.sort().values)
+    stand_out = []
+    for layer in layers:
+        r = _rms_abs(hidden[layer])  # [B, S, C]
+        # how far the sink token stands out of the row's typical token in each dimension
+        stand_out.append((r[rows, start.cpu()] - r.median(dim=1).values).mean(0))
+    score = torch.stack(stand_out).mean(0)  # [C]
+    return tuple(int(d) for d in score.topk(num_dims).indices.sort().values)
 
 
 @torch.no_grad()
