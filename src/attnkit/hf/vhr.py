@@ -139,7 +139,7 @@ def vhr_heads(scores, layers=None) -> tuple:
             raise ValueError(f"VHR: layer {layer!r} out of range; accepted: 0 .. {L - 1}")
         row = scores[layer]
         surge = row.mean() + row.std(unbiased=False)
-        keep = (row > row.median()) & (row <= surge)
+        keep = (row > torch.quantile(row, 0.5)) & (row <= surge)  # the median of an even count: the middle mean
         chosen += [(layer, int(h)) for h in keep.nonzero().flatten()]
     return tuple(sorted(chosen))
 
