@@ -154,7 +154,8 @@ def main(argv=None) -> int:
             "paint_sensitivity": (sens_total / n).tolist(),
             "var_sinks_in_span_per_layer": (sink_counts / n).tolist(),
             "var_rows_changed_per_layer": (var_rows / n).tolist(),
-            "mass": {m: {k: {s: (t / n).tolist() for s, t in v.items()} for k, v in d.items()} for m, d in sums.items()},
+            "mass": {m: {k: {s: (t / n).tolist() for s, t in v.items()} for k, v in d.items()}
+                     for m, d in sums.items()},
         }
     record["seconds"] = round(time.time() - started, 1)
     out = Path(args.out)
@@ -174,7 +175,9 @@ def plot(record, out: Path) -> None:
     settings = list(record["settings"])
     main_setting = settings[-1]
     r = record["settings"][main_setting]
-    span_delta = lambda m: (torch.tensor(r["mass"][m]["span"]["after"]) - torch.tensor(r["mass"]["baseline"]["span"]["before"]))  # noqa: E731
+    def span_delta(m):
+        return torch.tensor(r["mass"][m]["span"]["after"]) - torch.tensor(r["mass"]["baseline"]["span"]["before"])
+
     panels = [("VHD (mean L2, with vs without the span)", torch.tensor(r["vhd"]), "viridis"),
               ("VHR: fraction of prompts choosing the head", torch.tensor(r["vhr_heads_chosen_fraction"]), "Greens"),
               ("PAINT: span sensitivity (mass on span)", torch.tensor(r["paint_sensitivity"]), "viridis"),

@@ -163,9 +163,11 @@ class PAINTModifier(Modifier):
     def logits(self, logits, view):
         check_view(self.span, view, "PAINT")
         w = (torch.ones(len(view.heads), dtype=logits.dtype) if self.sensitivity is None
-             else self.sensitivity[view.layer, view.heads.cpu()].to(logits.dtype)).to(logits.device)[None, :, None, None]
+             else self.sensitivity[view.layer, view.heads.cpu()].to(logits.dtype))
+        w = w.to(logits.device)[None, :, None, None]  # [1, h, 1, 1]
         # the masks in the logits' dtype first: a float times a bool tensor is float32 even for float64 logits
-        gain = self.alpha * view.key_mask(self.local).to(logits.dtype) + self.beta * view.key_mask(self.summary).to(logits.dtype)
+        local, summary = (view.key_mask(m).to(logits.dtype) for m in (self.local, self.summary))
+        gain = self.alpha * local + self.beta * summary  # [B, 1, 1, S']
         rows = query_rows(self.span, view, self.queries)
         bump = torch.where(rows, w * gain * logits.abs(), 0.0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
         return logits + bump

@@ -43,7 +43,8 @@ def check_span(span, batch: int | None = None, length: int | None = None, name: 
             raise ValueError(f"{name} must be boolean (or 0/1 integers), got dtype {span.dtype}")
         span = span.bool()
     if batch is not None and span.shape[0] != batch:
-        raise ValueError(f"{name} has batch {span.shape[0]}, the inputs have {batch}; accepted: [B, L] with B = {batch}")
+        raise ValueError(f"{name} has batch {span.shape[0]}, the inputs have {batch}; "
+                         f"accepted: [B, L] with B = {batch}")
     if length is not None and span.shape[1] > length:
         marked = span[:, length:].any(dim=0).nonzero().flatten()
         where = f" (position {int(marked[0]) + length} is marked)" if marked.numel() else ""

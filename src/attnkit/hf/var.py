@@ -157,7 +157,8 @@ class VARModifier(Modifier):
     def __init__(self, sinks: SpanSinks, p: float = 0.6, rho: float = 0.5, summ: float = 0.2,
                  outside_sinks: bool = True, skip_last_layer: bool = True, queries: str = "after_span"):
         if not isinstance(sinks, SpanSinks):
-            raise ValueError(f"VAR: sinks must be the SpanSinks of attnkit.hf.var.find_sinks, got {type(sinks).__name__}")
+            raise ValueError("VAR: sinks must be the SpanSinks of attnkit.hf.var.find_sinks, "
+                             f"got {type(sinks).__name__}")
         self.sinks = sinks
         self.p, self.rho, self.summ = _unit(p, "p", "VAR"), _unit(rho, "rho", "VAR"), _unit(summ, "summ", "VAR")
         self.outside_sinks, self.skip_last_layer = bool(outside_sinks), bool(skip_last_layer)
