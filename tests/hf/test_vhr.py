@@ -71,6 +71,15 @@ def test_selection_rule_is_the_papers_and_deterministic():
     a = vhr_heads(vhd_scores(model, _span(), ids, attention_mask=mask))
     b = vhr_heads(vhd_scores(model, _span(), ids, attention_mask=mask))
     assert a == b and len(a) > 0
+    # top-k over the model: ties broken by the seed, the same seed the same heads
+    tied = VHR.identify(model, _span(), ids, k=3, seed=1, model_inputs={"attention_mask": mask})
+    again = VHR.identify(model, _span(), ids, k=3, seed=1, model_inputs={"attention_mask": mask})
+    assert tied.heads == again.heads and len(tied.heads) == 3
+    flat = torch.ones(2, 4)
+    from attnkit.hf.steer import top_heads
+
+    picks = {top_heads(flat, k=2, seed=s) for s in range(10)}
+    assert len(picks) > 1 and all(top_heads(flat, k=2, seed=s) == top_heads(flat, k=2, seed=s) for s in range(10))
 
 
 @pytest.mark.parametrize("queries", ["last", "after_span"])

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .span import check_queries, check_span, check_view, decoder_layers, queries_after, query_rows
-from .steer import Modifier, Steer, check_heads
+from .steer import Modifier, Steer, check_heads, top_heads
 
 __all__ = ["vhd_scores", "vhr_heads", "SpanMask", "VHRModifier", "VHR"]
 
@@ -186,8 +186,11 @@ class VHR(Steer):
         super().__post_init__()
 
     @classmethod
-    def identify(cls, model, span, input_ids, *, layers=None, queries_mask=None, model_inputs: dict | None = None,
-                 **options) -> "VHR":
-        """:func:`vhd_scores` then :func:`vhr_heads` (``layers``: the reinforced layers)."""
+    def identify(cls, model, span, input_ids, *, layers=None, k: int | None = None, seed: int = 0,
+                 queries_mask=None, model_inputs: dict | None = None, **options) -> "VHR":
+        """:func:`vhd_scores` then :func:`vhr_heads` (``layers``: the reinforced layers), or with ``k``
+        the ``k`` heads of largest VHD over the whole model (:func:`attnkit.hf.steer.top_heads`, ties
+        broken by ``seed``; the paper's top-k of T-VHD as a selection)."""
         scores = vhd_scores(model, span, input_ids, queries=queries_mask, **(model_inputs or {}))
-        return cls(heads=vhr_heads(scores, layers), span=span, scores=scores, **options)
+        heads = vhr_heads(scores, layers) if k is None else top_heads(scores, k=k, seed=seed)
+        return cls(heads=heads, span=span, scores=scores, **options)
