@@ -27,7 +27,7 @@ from torch import Tensor
 from .steer import HeadView, Modifier, check_heads
 
 __all__ = ["check_span", "span_from_ids", "span_from_range", "span_end", "decoder_layers", "capture_hidden",
-           "Probe", "queries_after"]
+           "Probe", "queries_after", "QUERIES", "check_queries", "query_rows", "check_view"]
 
 
 def check_span(span, batch: int | None = None, length: int | None = None, name: str = "span") -> Tensor:
