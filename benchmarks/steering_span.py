@@ -73,7 +73,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--limit", type=int, default=None, help="at most this many prompts per setting (a quick check)")
+    parser.add_argument("--replot", action="store_true", help="redraw the PNGs from --out's JSON, nothing run")
     args = parser.parse_args(argv)
+    if args.replot:
+        out = Path(args.out)
+        plot(json.loads(out.with_suffix(".json").read_text()), out)
+        return 0
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
@@ -209,7 +214,7 @@ def plot(record, out: Path) -> None:
         axes[0].plot(span.numpy(), marker="o", color=colors[m], label=f"{m} (after)")
         sinks = torch.tensor(r["mass"][m]["sinks"]["after"]).mean(1)
         axes[1].plot(sinks.numpy(), marker="o", color=colors[m], label=f"{m} (after)")
-    axes[0].set_title(f"{main_setting}: attention mass on the span per layer (mean over heads)")
+    axes[0].set_title(f"{main_setting}: mass on the span per layer (mean over heads)", fontsize=10)
     axes[1].set_title("attention mass on VAR's span sinks per layer")
     for ax in axes[:2]:
         ax.set_xlabel("layer")
@@ -222,7 +227,7 @@ def plot(record, out: Path) -> None:
     axes[2].set_xticklabels(settings, fontsize=8)
     axes[2].set_ylim(0, 1.05)
     axes[2].set_title("exact-match accuracy (greedy 5 digits)")
-    axes[2].legend(fontsize=8)
+    axes[2].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(out.with_name(out.name + "-mass.png"), dpi=110)
     plt.close(fig)
