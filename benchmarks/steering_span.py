@@ -101,7 +101,9 @@ def main(argv=None) -> int:
     dims = probe_sinks.dims
     tau = float(torch.quantile(probe_sinks.phi[2:, 0][:, cspan[0]].flatten().float(), 0.995))
 
-    record = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:])),
+    from attnkit._meta import run_metadata
+
+    record = {"meta": run_metadata("cpu"), "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:])),
               "model": "attnkit shipped subject (byte-level Llama, 12 layers, 4 query / 2 KV heads)",
               "threads": args.threads, "seed": args.seed, "var": {"dims": list(dims), "tau": tau, "p": 0.6, "rho": 0.5,
                                                                    "summ": 0.2},
