@@ -14,11 +14,14 @@ from .. import patterns as _patterns
 from ..cards import Capabilities, Card, FlopCount, dense_attention_flops
 from .context import ContextSteer
 from .duo import Duo
+from .imbalance import PAINT
 from .h2o import H2O, SFAttn, SinkLoRA, h2o_flops, sf_attn_flops
 from .longheads import LongHeads
 from .proxyattn import ProxyAttn
 from .policies import Full, Headwise, Streaming
 from .taskkv import TaskKV
+from .var import VAR
+from .vhr import VHR
 
 __all__ = ["CARDS", "TOOL_CARDS"]
 
@@ -130,6 +133,21 @@ CARDS: tuple[Card, ...] = (
          defaults={"alpha": 0.9}, capabilities=_CAPS,
          summary="manual head steering toward the user's context (PASTA's reweighting: the prompt's other tokens "
                  "scaled by alpha, rows renormalised); needs the context mask (context=)"),
+    Card(name="hf-var", title="See What You Are Told: Visual Attention Sink in Large Multimodal Models",
+         arxiv="2503.03321", family="hf", kind="hf", layer=VAR, flops=_flops(lambda c: _patterns.causal()),
+         defaults={"p": 0.6, "rho": 0.5, "summ": 0.2}, capabilities=_CAPS,
+         summary="VAR on a span (image tokens, a document): sinks by massive hidden dimensions, span-centric rows "
+                 "give (1-p) of the sinks' weight to the span's other tokens (full cache kept)"),
+    Card(name="hf-vhr", title="Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence",
+         arxiv="2412.13949", family="hf", kind="hf", layer=VHR, flops=_flops(lambda c: _patterns.causal()),
+         defaults={"alpha": 2.0}, capabilities=_CAPS,
+         summary="VHD: each head's output with vs without the span; VHR multiplies the outputs of the heads above "
+                 "their layer's median VHD (surges excluded) by alpha"),
+    Card(name="hf-paint", title="Fixing Imbalanced Attention to Mitigate In-Context Hallucination of Large "
+         "Vision-Language Model", arxiv="2501.12206", family="hf", kind="hf", layer=PAINT,
+         flops=_flops(lambda c: _patterns.causal()), defaults={"alpha": 0.7, "beta": 0.3}, capabilities=_CAPS,
+         summary="PAINT: local and summary tokens of a span get logits raised by alpha|z| / beta|z|, per head "
+                 "scaled by its measured span sensitivity"),
 )
 
 #: Methods on a model that are not attention policies (they change weights, not attention): listed

@@ -515,3 +515,8 @@ METHODS.update({"duo": Duo, "taskkv": TaskKV, "h2o": H2O, "sinklora": SinkLoRA, 
 from .context import ContextSteer  # noqa: E402
 
 METHODS.update({"context": ContextSteer})
+from .imbalance import PAINT  # noqa: E402
+from .var import VAR  # noqa: E402
+from .vhr import VHR  # noqa: E402
+
+METHODS.update({"var": VAR, "vhr": VHR, "paint": PAINT})
