@@ -149,3 +149,70 @@ def plot_sinks(report: dict, file, labels=None) -> None:
     fig.tight_layout()
     fig.savefig(file, dpi=110)
     plt.close(fig)
+
+
+# -- attnkit analyze sinks -------------------------------------------------------------------------
+
+
+def add_parser(sub):
+    from .cli import common_arguments
+
+    p = sub.add_parser("sinks", help="first-token sinks per layer and head, and massive-activation sink tokens",
+                       description="First-token attention share and sink heads (arXiv 2410.10781's metric) per "
+                       "layer and head, and in-sequence sink tokens by massive activations of the hidden states, on "
+                       "windows of held-out text.")
+    common_arguments(p)
+    p.add_argument("--length", type=int, default=512, help="tokens per window, an integer >= 2 (default: 512)")
+    p.add_argument("--windows", type=int, default=4, help="text windows (the batch), an integer >= 1 (default: 4)")
+    p.add_argument("--epsilon", type=float, default=0.3, help="sink-head threshold on the mean first-token weight, "
+                   "in (0, 1) (default: 0.3)")
+    p.add_argument("--ratio", type=float, default=100.0, help="massive activation: |h| > ratio x median |h|, "
+                   "a number > 1 (default: 100)")
+    p.add_argument("--corpus", default=None, help="text file or folder (default: Python's stdlib source)")
+    return p
+
+
+def text_windows(tokenizer, text: bytes, length: int, count: int, seed: int) -> Tensor:
+    """``count`` random windows of ``length`` tokens ``[count, length]`` from ``text``."""
+    import random
+
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise ValueError(f"--length must be an integer >= 2, got {length!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"--windows must be an integer >= 1, got {count!r}")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        # bytes -> tokens: a byte span long enough for any tokenizer of >= 1 byte per token
+        start = rng.randrange(max(1, len(text) - 8 * length))
+        ids = tokenizer(text[start:start + 8 * length].decode("utf-8", "ignore"), add_special_tokens=False).input_ids
+        if len(ids) < length:
+            raise ValueError(f"the corpus is too short for --length {length}")
+        rows.append(ids[:length])
+    return torch.tensor(rows)
+
+
+def run(args) -> int:
+    from rich.table import Table
+
+    from ..._console import console
+    from .cli import haystack, load_model, write_results
+
+    model, tokenizer, path = load_model(args)
+    ids = text_windows(tokenizer, haystack(args.corpus), args.length, args.windows, args.seed)
+    report = sink_analysis(model, ids, epsilon=args.epsilon, ratio=args.ratio)
+    table = Table(title=f"attention sinks · {path} · {args.windows} x {args.length} tokens · epsilon {args.epsilon}")
+    for column in ("layer", "first-token share", "first-token weight", "sink heads", "max |h| / median"):
+        table.add_column(column, justify="right")
+    for row, m in zip(report["layers"], report["massive"]["per_layer"]):
+        table.add_row(str(row["layer"]), f"{row['first_token_share']:.3f}", f"{row['first_token_weight']:.3f}",
+                      f"{row['sink_heads']:.2f}", f"{m['max_ratio']:.1f} (t={m['position']}, dim {m['dim']})")
+    console().print(table)
+    tokens = report["massive"]["tokens"]
+    console().print(f"mean first-token share {report['first_token_share']:.3f}; sink heads "
+                    f"{len(report['sink_head_list'])} of {report['num_layers'] * report['num_heads']}; "
+                    f"massive-activation tokens (> {args.ratio:g} x median, window 0): "
+                    + (", ".join(f"t={t['position']} dims {t['dims'][:4]}" for t in tokens[:8]) or "none"))
+    write_results(args, "sinks", {"model": path, "length": args.length, "windows": args.windows, "seed": args.seed,
+                                  **report}, {"": lambda file: plot_sinks(report, file)})
+    return 0

@@ -14,14 +14,16 @@ Optimization (Li et al., arXiv 2510.13554). For one head's causal attention ``A 
 
       FAI_s = 1 / (T - s - 1) * sum_{t > s} A[t, s]        (FAI of the last token: 0)
 
-  ``exclude`` > 0 leaves out the queries closer than ``exclude`` (``t - s < exclude``), so that
+  ``exclude`` (10 here) leaves out the queries closer than ``exclude`` (``t - s < exclude``), so that
   FAI measures long-range influence rather than the next few tokens' local reads.
 
 - Heads are locally or globally focused by their mean attention distance
   ``d_h = mean_t sum_s A[t, s] (t - s)`` over the queries, with the first ``sink`` keys left out
   and each row renormalised (an attention sink at token 0 would otherwise make every head look
-  global): local when ``d_h < W``, global otherwise. WAAD is read on the mean attention of the
-  local heads (its sawtooth marks phrase chunks), FAI on the mean of the global heads.
+  global): the ``fraction`` of heads with the smallest ``d_h`` are local, the ``fraction`` with
+  the largest global, the others mixed (a rank rule: absolute distances scale with the sequence
+  length). WAAD is read on the mean attention of the local heads (its sawtooth marks phrase
+  chunks), FAI on the mean of the global heads.
 
 - Preplan tokens: where the local WAAD jumps up, ``WAAD_t - WAAD_{t-1}`` in the top ``top``
   fraction and > 0 (a token that reaches back beyond the current chunk to start a new one).
@@ -37,7 +39,8 @@ Optimization (Li et al., arXiv 2510.13554). For one head's causal attention ``A 
   to multiply a trainer's per-token advantages (TRL's GRPO computes ``advantages [B]`` and a
   ``completion_mask [B, T]``: ``advantages[:, None] * credit_weights(...)``).
 
-The window ``W`` (10), ``top`` (0.1), ``span`` (3) and ``gamma`` (1.5) are this module's
+The window ``W`` (10), FAI's ``exclude`` (10, the window), the head ``fraction`` (0.3), ``top``
+(0.1), ``span`` (3) and ``gamma`` (1.5) are this module's
 defaults: the paper's exact values are not restated here; each is an argument.
 """
 
@@ -52,6 +55,7 @@ __all__ = ["waad", "fai", "mean_distance", "classify_heads", "mark_tokens", "cre
            "plot_heads", "plot_signals", "STRATEGIES"]
 
 STRATEGIES = ("preplan", "anchor", "coupled")
+_MARK = {"local": "L", "global": "G"}
 
 
 def _check_weights(weights: Tensor, name: str = "weights") -> Tensor:
@@ -81,7 +85,7 @@ def waad(weights: Tensor, window: int = 10) -> Tensor:
     return (weights * _distance(weights.shape[-1], weights.device).clamp(max=window)).sum(-1)
 
 
-def fai(weights: Tensor, exclude: int = 0) -> Tensor:
+def fai(weights: Tensor, exclude: int = 10) -> Tensor:
     """``FAI_s`` of ``weights [..., T, T]`` -> ``[..., T]`` (float64): the mean over queries
     ``t > s`` (``t - s >= max(1, exclude)``) of ``A[t, s]``; 0 where no such query exists."""
     weights = _check_weights(weights)
@@ -106,13 +110,24 @@ def mean_distance(weights: Tensor, sink: int = 1) -> Tensor:
     return (rows * _distance(T - sink, weights.device)).sum(-1).mean(-1)
 
 
-def classify_heads(distances, window: int = 10) -> list[list[str]]:
-    """``"local"`` where the mean distance ``< window``, else ``"global"``; ``distances [L, H]``."""
-    window = _positive_int(window, "window")
+def classify_heads(distances, fraction: float = 0.3) -> list[list[str]]:
+    """``"local"`` for the ``ceil(fraction * N)`` heads of smallest mean distance, ``"global"`` for
+    as many of the largest, ``"mixed"`` between (ties in (layer, head) order); ``distances [L, H]``."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 0.5:
+        raise ValueError(f"fraction must be a number in (0, 0.5] (the share of heads called local, and global), "
+                         f"got {fraction!r}")
     d = torch.as_tensor(distances, dtype=torch.float64)
     if d.dim() != 2 or d.numel() == 0:
         raise ValueError(f"distances must be a non-empty [layers, heads] table, got shape {tuple(d.shape)}")
-    return [["local" if x < window else "global" for x in row] for row in d.tolist()]
+    n = d.numel()
+    k = min(n // 2, int(torch.ceil(torch.tensor(fraction * n)).item())) or 1
+    order = d.flatten().argsort(stable=True)
+    label = ["mixed"] * n
+    for i in order[:k].tolist():
+        label[i] = "local"
+    for i in order[n - k:].tolist():
+        label[i] = "global" if label[i] == "mixed" else label[i]
+    return [label[r * d.shape[1]:(r + 1) * d.shape[1]] for r in range(d.shape[0])]
 
 
 def _top(values: Tensor, mask: Tensor, top: float) -> Tensor:
@@ -195,8 +210,8 @@ def credit_weights(waad_t, fai_t, mask=None, *, strategy: str = "coupled", gamma
 
 
 @torch.no_grad()
-def waad_analysis(model, input_ids: Tensor, *, window: int = 10, sink: int = 1, exclude: int = 0,
-                  top: float = 0.1, span: int = 3, start: int = 0) -> dict:
+def waad_analysis(model, input_ids: Tensor, *, window: int = 10, sink: int = 1, exclude: int = 10,
+                  fraction: float = 0.3, top: float = 0.1, span: int = 3, start: int = 0) -> dict:
     """Per head the mean distance and local/global class; per token WAAD (mean over the local
     heads) and FAI (mean over the global heads), the marked tokens, on ``input_ids [1, T]``.
     ``start``: the first token that counts (e.g. the first generated one). WAAD and FAI are
@@ -221,18 +236,19 @@ def waad_analysis(model, input_ids: Tensor, *, window: int = 10, sink: int = 1, 
     with capture(model, hook):
         model(input_ids)
     dist = torch.stack([head_dist[i] for i in range(num_layers)])  # (L, H)
-    classes = classify_heads(dist, window)
+    classes = classify_heads(dist, fraction)
     is_local = torch.tensor([[c == "local" for c in row] for row in classes])
+    is_global = torch.tensor([[c == "global" for c in row] for row in classes])
     all_waad = torch.stack([head_waad[i] for i in range(num_layers)])  # (L, H, T)
     all_fai = torch.stack([head_fai[i] for i in range(num_layers)])
-    local, glob = is_local, ~is_local
-    # with no head of a class, fall back to every head (and say so)
-    waad_t = all_waad[local].mean(0) if local.any() else all_waad.flatten(0, 1).mean(0)
-    fai_t = all_fai[glob].mean(0) if glob.any() else all_fai.flatten(0, 1).mean(0)
+    local, glob = is_local, is_global
+    waad_t = all_waad[local].mean(0)  # classify_heads names at least one head of each class
+    fai_t = all_fai[glob].mean(0)
     mask = torch.zeros(T, dtype=torch.bool)
     mask[start:] = True
     marks = mark_tokens(waad_t, fai_t, mask, top=top, span=span)
-    return {"window": window, "sink": sink, "exclude": exclude, "top": top, "span": span, "start": start,
+    return {"window": window, "sink": sink, "exclude": exclude, "fraction": fraction, "top": top, "span": span,
+            "start": start,
             "tokens": T, "num_layers": num_layers, "num_heads": num_heads,
             "mean_distance": dist.tolist(), "classes": classes,
             "local_heads": int(local.sum()), "global_heads": int(glob.sum()),
@@ -253,11 +269,12 @@ def plot_heads(report: dict, file) -> None:
     im = ax.imshow(d, aspect="auto", cmap="viridis")
     for layer, row in enumerate(report["classes"]):
         for h, c in enumerate(row):
-            ax.text(h, layer, "L" if c == "local" else "G", ha="center", va="center",
+            ax.text(h, layer, _MARK.get(c, ""), ha="center", va="center",
                     color="white" if c == "local" else "black", fontsize=8)
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
-    ax.set_title(f"mean attention distance (L: local, < {report['window']}; G: global)")
+    ax.set_title(f"mean attention distance (L: local, G: global: the {report['fraction']:.0%} nearest / farthest)",
+                 fontsize=9)
     fig.colorbar(im, ax=ax, label="tokens")
     fig.tight_layout()
     fig.savefig(file, dpi=110)
@@ -290,3 +307,71 @@ def plot_signals(report: dict, file, labels=None) -> None:
     fig.tight_layout()
     fig.savefig(file, dpi=110)
     plt.close(fig)
+
+
+# -- attnkit analyze waad --------------------------------------------------------------------------
+
+
+def add_parser(sub):
+    from .cli import common_arguments
+
+    p = sub.add_parser("waad", help="WAAD/FAI: local and global heads, preplan and anchor tokens of a generation",
+                       description="Generate from a held-out text prompt, then read the attention over the whole "
+                       "sequence: each head's mean attention distance (local / global heads), WAAD of the local heads "
+                       "and FAI of the global heads per generated token, the preplan and anchor tokens, and the "
+                       "per-token RL credit weights (arXiv 2510.13554).")
+    common_arguments(p)
+    p.add_argument("--prompt-length", type=int, default=384, help="prompt tokens, an integer >= 1 (default: 384)")
+    p.add_argument("--new-tokens", type=int, default=160, help="greedy tokens generated, an integer >= 2 (default: 160)")
+    p.add_argument("--window", type=int, default=10, help="WAAD's clipping window W, an integer >= 1 (default: 10)")
+    p.add_argument("--fraction", type=float, default=0.3, help="share of heads called local (and global), "
+                   "in (0, 0.5] (default: 0.3)")
+    p.add_argument("--top", type=float, default=0.1, help="share of generated tokens marked preplan (and anchor), "
+                   "in (0, 1] (default: 0.1)")
+    p.add_argument("--strategy", default="coupled", choices=STRATEGIES, help="credit strategy of the weights in the "
+                   "JSON (default: coupled)")
+    p.add_argument("--gamma", type=float, default=1.5, help="credit weight of the selected tokens (default: 1.5)")
+    p.add_argument("--corpus", default=None, help="text file or folder (default: Python's stdlib source)")
+    return p
+
+
+def run(args) -> int:
+    from rich.table import Table
+
+    from ..._console import console
+    from .cli import haystack, load_model, write_results
+    from .sinks_hf import text_windows
+
+    if isinstance(args.new_tokens, bool) or args.new_tokens < 2:
+        raise ValueError(f"--new-tokens must be an integer >= 2, got {args.new_tokens}")
+    model, tokenizer, path = load_model(args)
+    prompt = text_windows(tokenizer, haystack(args.corpus), args.prompt_length, 1, args.seed)
+    with torch.no_grad():
+        ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    start = prompt.shape[1]
+    report = waad_analysis(model, ids, window=args.window, fraction=args.fraction, top=args.top, start=start)
+    mask = torch.zeros(ids.shape[1], dtype=torch.bool)
+    mask[start:] = True
+    weights = credit_weights(report["waad"], report["fai"], mask, strategy=args.strategy, gamma=args.gamma,
+                             top=args.top, span=report["span"])
+    labels = [tokenizer.decode([i]) for i in ids[0].tolist()]
+    table = Table(title=f"local (L) and global (G) heads by mean attention distance · {path}")
+    table.add_column("layer", justify="right")
+    for h in range(report["num_heads"]):
+        table.add_column(f"head {h}", justify="right")
+    for layer, (row, classes) in enumerate(zip(report["mean_distance"], report["classes"])):
+        table.add_row(str(layer), *(f"{d:.1f} {_MARK.get(c, '')}"
+                                    for d, c in zip(row, classes)))
+    console().print(table)
+    show = lambda idx: ", ".join(f"{t}:{labels[t]!r}" for t in idx[:12])  # noqa: E731
+    console().print(f"generated {ids.shape[1] - start} tokens: {tokenizer.decode(ids[0, start:])!r}")
+    console().print(f"preplan tokens ({len(report['preplan'])}): {show(report['preplan'])}")
+    console().print(f"anchor tokens ({len(report['anchor'])}): {show(report['anchor'])}")
+    console().print(f"coupled tokens ({len(report['coupled'])}): {show(report['coupled'])}")
+    data = {"model": path, "seed": args.seed, "prompt_length": start, "new_tokens": ids.shape[1] - start,
+            "text": tokenizer.decode(ids[0, start:]), "token_labels": labels, **report,
+            "credit": {"strategy": args.strategy, "gamma": args.gamma, "weights": weights.tolist()}}
+    write_results(args, "waad", data, {"-heads": lambda f: plot_heads(report, f),
+                                       "-signals": lambda f: plot_signals(report, f, labels)})
+    return 0
