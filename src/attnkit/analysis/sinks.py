@@ -66,9 +66,9 @@ def first_token_metrics(weights: Tensor, *, epsilon: float = 0.3) -> dict:
         raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
     if weights.dim() != 4 or weights.shape[2] < 2:
         raise ValueError(f"weights must be [B, H, T, S] with T >= 2, got {tuple(weights.shape)}")
-    weights = weights.double()[:, :, 1:]  # (B, H, T-1, S): rows i >= 1
-    first = weights[..., 0]
-    share = first / weights.sum(-1).clamp_min(1e-30)
+    rows = weights[:, :, 1:]  # (B, H, T-1, S): rows i >= 1, not copied (long inputs stream through here)
+    first = rows[..., 0].double()
+    share = first / rows.sum(-1, dtype=torch.float64).clamp_min(1e-30)
     per_head = first.mean(dim=(0, 2))  # (H,)
     return {"share": share.mean(dim=(0, 2)), "weight": per_head, "sink": per_head > epsilon}
 

@@ -247,6 +247,9 @@ class capture:
 
     def __enter__(self):
         model = self.model
+        with _LOCK:
+            if any(m in _SESSIONS for m in _attention_modules(model)):
+                raise RuntimeError(f"{type(model).__name__} is already being captured; nest hooks in one capture")
         base = _text_config(model)._attn_implementation
         if base not in _BASES:
             raise ValueError(f"capture runs on top of attn_implementation 'sdpa' or 'eager'; {type(model).__name__} "

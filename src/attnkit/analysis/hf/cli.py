@@ -24,7 +24,8 @@ SUBCOMMANDS = (
     "patching",  # attnkit analyze patch
 )
 
-__all__ = ["SUBCOMMANDS", "add_analyze_parser", "common_arguments", "load_model", "write_results", "haystack"]
+__all__ = ["SUBCOMMANDS", "add_analyze_parser", "common_arguments", "load_model", "write_results", "haystack",
+           "peak_rss_mib"]
 
 
 def common_arguments(p, *, seed: bool = True) -> None:
@@ -66,6 +67,18 @@ def haystack(corpus=None) -> bytes:
     return load_corpus(corpus)[1]
 
 
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far, MiB (None where ``resource`` is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)  # bytes on macOS, KiB on Linux
+
+
 def write_results(args, name: str, data: dict, plots: dict) -> None:
     """``--out/analyze-<name>.json`` (with the command and provenance) and each ``plots`` entry
     ``{suffix: fn(path)}`` as ``--out/analyze-<name><suffix>.png``."""
@@ -79,7 +92,7 @@ def write_results(args, name: str, data: dict, plots: dict) -> None:
         raise ValueError(f"--out {args.out!r} is a file; accepted: a folder (created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     record = {"schema": f"attnkit.analyze.{name}/1", "command": invoked_command("analyze"), **run_metadata("cpu"),
-              **data}
+              "peak_rss_mib": peak_rss_mib(), **data}
     path = out / f"analyze-{name}.json"
     path.write_text(json.dumps(record, indent=1))
     console().print(f"wrote {path}")

@@ -35,7 +35,7 @@ def received_attention(weights: Tensor) -> Tensor:
     if weights.dim() != 4:
         raise ValueError(f"weights must be [B, H, T, S], got {tuple(weights.shape)}")
     B, H, T, S = weights.shape
-    total = weights.double().sum(dim=(0, 1, 2))  # (S,)
+    total = weights.sum(dim=(0, 1, 2), dtype=torch.float64)  # (S,)
     q_pos = torch.arange(S - T, S)
     seen_by = (q_pos[:, None] >= torch.arange(S)).sum(0).double()  # (S,) queries at or after s
     return total / (B * H * seen_by.clamp_min(1))
@@ -93,9 +93,14 @@ def sink_analysis(model, input_ids: Tensor, *, epsilon: float = 0.3, ratio: floa
     received: dict[int, Tensor] = {}
 
     def hook(call):
-        w = call.weights()  # (B, H, T, S): reduced right here, not kept
-        per_layer[call.layer] = first_token_metrics(w, epsilon=epsilon)
-        received[call.layer] = received_attention(w)
+        # one head at a time, reduced right here: a layer's [B, H, T, S] never exists at once
+        heads, seen = [], 0
+        for h in range(num_heads):
+            w = call.weights([h])  # (B, 1, T, S)
+            heads.append(first_token_metrics(w, epsilon=epsilon))
+            seen = seen + received_attention(w)
+        per_layer[call.layer] = {k: torch.cat([m[k] for m in heads]) for k in heads[0]}
+        received[call.layer] = seen / num_heads
 
     with capture(model, hook):
         out = model(input_ids, output_hidden_states=True)
