@@ -174,19 +174,23 @@ class steer_attention(capture):
         super().__init__(model, self._steer, layers=sorted(by_layer))
 
     def _steer(self, call):
-        B, _, T, S = call.query.shape[0], None, call.query.shape[2], call.key.shape[2]
+        B, T, S = call.query.shape[0], call.query.shape[2], call.key.shape[2]
         if T != S or self.queries.shape[0] != B or int(self.queries.max()) >= T:
             raise ValueError(f"steer_attention serves one call over the whole sequence of [B, n] = "
                              f"{list(self.queries.shape)} queries; got a call with B={B}, T={T}, S={S}")
         heads = self.by_layer[call.layer]
-        w = call.weights(heads)  # (B, h, T, S)
-        rows = torch.arange(B)[:, None].expand_as(self.queries)
-        picked = w[rows, :, self.queries]  # (B, n, h, S)
-        picked = picked * (1 - self.alpha)
-        onehot = torch.zeros_like(picked)
-        onehot.scatter_(-1, self.targets[:, :, None, None].expand(-1, -1, len(heads), 1), self.alpha)
-        w[rows, :, self.queries] = picked + onehot
-        return call.attend(w, heads)
+        rows = torch.arange(B)[:, None].expand_as(self.queries)  # (B, n)
+        w = call.weights(heads)[rows, :, self.queries]  # (B, n, h, S): only the steered queries change
+        w = w * (1 - self.alpha)
+        w.scatter_add_(-1, self.targets[:, :, None, None].expand(-1, -1, len(heads), 1),
+                       torch.full((B, self.queries.shape[1], len(heads), 1), self.alpha))
+        kv = torch.tensor([h // call.group for h in heads])
+        v = call.value[:, kv].float()  # (B, h, S, Dv)
+        new = torch.einsum("bnhs,bhsd->bnhd", w, v)  # (B, n, h, Dv)
+        out = call.output.clone()
+        for i, h in enumerate(heads):
+            out[rows, self.queries, h] = new[:, :, i].to(out.dtype)
+        return out
 
 
 def retrieval_pairs(task: str, tokenizer, haystack: bytes, *, count: int, length: int, seed: int = 0,
