@@ -18,7 +18,7 @@ therefore bit-identical; after the base call, the hook sees one :class:`LayerCal
 The hook may return a replacement for ``call.output`` (activation patching, attention edits);
 ``None`` keeps the model's. Memory: nothing is kept between layers unless the hook keeps it,
 so a hook that reduces each layer's ``[B, H, T, S]`` to a few numbers streams (4k tokens on
-the subject: see ``benchmarks/results/cpu/analyze-capture-memory.json``).
+the subject: ``peak_rss_mib`` in ``benchmarks/results/cpu/analyze-sinks-4k.json``).
 
 Example::
 

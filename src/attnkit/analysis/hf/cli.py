@@ -29,12 +29,13 @@ __all__ = ["SUBCOMMANDS", "add_analyze_parser", "common_arguments", "load_model"
 
 
 def common_arguments(p, *, seed: bool = True) -> None:
-    """``--model``, ``--out``, ``--seed``, ``--threads``: shared by every subcommand."""
+    """``--model``, ``--out``, ``--seed``, ``--tag``, ``--threads``: shared by every subcommand."""
     p.add_argument("--model", default=None,
                    help="a transformers causal LM folder (default: the shipped subject model)")
     p.add_argument("--out", default=None, help="folder for the JSON and PNG (default: the table only)")
     if seed:
         p.add_argument("--seed", type=int, default=0, help="seed of the prompts (default: 0)")
+    p.add_argument("--tag", default=None, help="a suffix of the file names: analyze-NAME-TAG.json (default: none)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads, an integer >= 1 (default: 1)")
 
 
@@ -91,6 +92,11 @@ def write_results(args, name: str, data: dict, plots: dict) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out!r} is a file; accepted: a folder (created if missing)")
     out.mkdir(parents=True, exist_ok=True)
+    tag = getattr(args, "tag", None)
+    if tag is not None:
+        if not tag or not all(c.isalnum() or c in "-_." for c in tag):
+            raise ValueError(f"--tag must be letters, digits, '-', '_' or '.', got {tag!r}")
+        name = f"{name}-{tag}"
     record = {"schema": f"attnkit.analyze.{name}/1", "command": invoked_command("analyze"), **run_metadata("cpu"),
               "peak_rss_mib": peak_rss_mib(), **data}
     path = out / f"analyze-{name}.json"
