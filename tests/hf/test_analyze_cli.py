@@ -34,7 +34,7 @@ def test_sinks_waad_patch_write_table_json_png(saved, tmp_path, capsys):
     assert main(["analyze", "sinks", *common, "--length", "32", "--windows", "2"]) == 0
     assert main(["analyze", "waad", *common, "--prompt-length", "24", "--new-tokens", "12"]) == 0
     assert main(["analyze", "patch", *common, "--length", "160", "--examples", "1", "--repair-examples", "1",
-                 "--pairs", "2", "--repair-pairs", "2", "--top", "2", "--repair-heads", "1"]) == 0
+                 "--pairs", "2", "--top", "2", "--repair-heads", "1"]) == 0
     printed = capsys.readouterr().out
     assert "first-token share" in printed and "preplan tokens" in printed and "circuit overlap" in printed
     names = sorted(p.name for p in tmp_path.iterdir())
@@ -45,7 +45,7 @@ def test_sinks_waad_patch_write_table_json_png(saved, tmp_path, capsys):
     waad = json.loads((tmp_path / "analyze-waad.json").read_text())
     assert len(waad["credit"]["weights"]) == waad["tokens"] and waad["start"] == 24
     patch = json.loads((tmp_path / "analyze-patch.json").read_text())
-    assert len(patch["patching"]["passkey"]["normalized"]) == 2 and 0 <= patch["circuit_overlap"]["overlap"] <= 1
+    assert len(patch["patching"]["multikey-has"]["normalized"]) == 2 and 0 <= patch["circuit_overlap"]["overlap"] <= 1
 
 
 def test_bad_options_are_clear(saved, capsys):
@@ -69,3 +69,10 @@ def test_analyze_without_transformers_says_so():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2, out.stderr
     assert "attnkit analyze needs transformers" in out.stderr and 'pip install "attnkit[hf]"' in out.stderr
+
+
+def test_patch_refuses_bad_tasks(saved, capsys):
+    folder, corpus = saved
+    assert main(["analyze", "patch", "--model", str(folder), "--corpus", str(corpus), "--tasks", "passkey"]) == 2
+    assert "--tasks must name two different tasks of passkey, multikey, multikey-has, got 'passkey'" in \
+        capsys.readouterr().err

@@ -133,7 +133,7 @@ def test_retrieval_pairs_change_only_the_key():
 
     tokenizer = byte_tokenizer()
     text = b"lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 40
-    for task in ("passkey", "multikey"):
+    for task in ("passkey", "multikey", "multikey-has"):
         for item in retrieval_pairs(task, tokenizer, text, count=3, length=200, seed=0, num_pairs=2):
             diff = (item["clean"] != item["corrupt"]).nonzero().flatten()
             assert item["clean"].shape == item["corrupt"].shape
@@ -165,5 +165,5 @@ def test_bad_input():
         steer_attention(model, [(0, 0)], [[1]], [[2]])
     with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\]"):
         steer_attention(model, [(0, 0)], [[1]], [[0]], alpha=2)
-    with pytest.raises(ValueError, match="task must be 'passkey' or 'multikey'"):
+    with pytest.raises(ValueError, match="task must be one of passkey, multikey, multikey-has, got .ioi."):
         retrieval_pairs("ioi", None, b"", count=1, length=100)

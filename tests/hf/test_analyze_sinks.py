@@ -74,3 +74,23 @@ def test_bad_input():
         massive_activations([torch.ones(1, 2, 2)], batch=3)
     with pytest.raises(ValueError, match=r"weights must be \[B, H, T, S\] with T >= 2"):
         first_token_metrics(torch.ones(1, 1, 1, 1))
+
+
+def test_massive_tokens_get_their_received_attention(monkeypatch):
+    import attnkit.analysis.hf.sinks_hf as sinks_hf
+
+    model = tiny("llama")
+    ids = torch.randint(1, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    real = sinks_hf.massive_activations
+
+    def fake(hidden_states, **kw):  # token 2 made massive in the first layer's output
+        hidden = [h.clone() for h in hidden_states]
+        hidden[0][0, 2, 5] = 1e6
+        return real(hidden, **kw)
+
+    monkeypatch.setattr(sinks_hf, "massive_activations", fake)
+    report = sinks_hf.sink_analysis(model, ids)
+    token = report["massive"]["tokens"][0]
+    assert report["in_sequence_sinks"] == [2] and token["dims"] == [5]
+    assert token["received_attention"] == pytest.approx(report["received_attention"][2])
+    assert token["uniform_attention"] == pytest.approx((1 / 3 + 1 / 4 + 1 / 5 + 1 / 6) / 4)  # rows 2..5 uniform

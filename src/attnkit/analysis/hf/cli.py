@@ -58,7 +58,7 @@ def load_model(args):
     # float32: the analyses compare small differences of attention and logits
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer, str(path)
+    return model, tokenizer, str(path) if args.model is None else args.model  # as typed: results stay portable
 
 
 def haystack(corpus=None) -> bytes:

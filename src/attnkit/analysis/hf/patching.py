@@ -21,6 +21,7 @@ second task. Here, with the per-head outputs of :mod:`.capture`:
 from __future__ import annotations
 
 import random
+import re
 
 import torch
 from torch import Tensor
@@ -193,17 +194,27 @@ class steer_attention(capture):
         return out
 
 
+TASKS = ("passkey", "multikey", "multikey-has")
+
+# the multi-key task in a second format, one the subject was not trained on: same needles and
+# question, other words ("charlie has the number 12345." / "What number does charlie have?")
+_HAS_NEEDLE = (re.compile(rb" The pass key of (\w+) is (\d+)\. "), rb" \1 has the number \2. ")
+_HAS_QUESTION = (re.compile(rb" What is the pass key of (\w+)\? The pass key of \1 is $"),
+                 rb" What number does \1 have? \1 has the number ")
+
+
 def retrieval_pairs(task: str, tokenizer, haystack: bytes, *, count: int, length: int, seed: int = 0,
                     num_pairs: int = 4) -> list[dict]:
     """Clean / corrupted prompt pairs of a retrieval task on byte text: the corrupted prompt has the
     asked key replaced by another 5-digit key whose first digit differs (same length, same
-    haystack). ``task``: ``"passkey"`` or ``"multikey"`` (``num_pairs`` name-key needles).
+    haystack). ``task``: ``"passkey"``, ``"multikey"`` (``num_pairs`` name-key needles) or
+    ``"multikey-has"`` (the same in other words: ``"<name> has the number <key>."``).
     Each item: ``clean``, ``corrupt`` (ids ``[T]``), ``answer``, ``foil`` (first answer tokens),
     ``key`` (clean key bytes), ``key_at`` (where the key starts in the prompt, in tokens)."""
     from ...tasks.longcontext import multikey_example, passkey_example
 
-    if task not in ("passkey", "multikey"):
-        raise ValueError(f"task must be 'passkey' or 'multikey', got {task!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"count must be an integer >= 1, got {count!r}")
     rng = random.Random(seed)
@@ -212,17 +223,25 @@ def retrieval_pairs(task: str, tokenizer, haystack: bytes, *, count: int, length
     for _ in range(count):
         if task == "passkey":
             ex = passkey_example(rng, haystack, length, rng.random())
+            prompt, at = ex.prompt, ex.prompt.index(ex.answer, ex.needle_at)
+        elif task == "multikey":
+            ex = multikey_example(rng, haystack, length, num_pairs)
+            prompt, at = ex.prompt, ex.prompt.index(ex.answer, ex.needle_at)
         else:
             ex = multikey_example(rng, haystack, length, num_pairs)
+            prompt = _HAS_NEEDLE[0].sub(_HAS_NEEDLE[1], ex.prompt)
+            prompt = _HAS_QUESTION[0].sub(_HAS_QUESTION[1], prompt)
+            needle = f" {ex.info['name']} has the number ".encode()
+            at = prompt.index(needle) + len(needle)
         key = ex.answer
-        at = ex.prompt.index(key, ex.needle_at)
-        first = key[:1]
-        other_first = rng.choice([d for d in b"123456789" if bytes([d]) != first])
+        if prompt[at:at + len(key)] != key:  # pragma: no cover - the task formats changed under us
+            raise RuntimeError(f"retrieval_pairs: the {task} prompt does not hold its key where expected")
+        other_first = rng.choice([d for d in b"123456789" if bytes([d]) != key[:1]])
         new_key = bytes([other_first]) + bytes(rng.choice(b"0123456789") for _ in range(len(key) - 1))
-        corrupt = ex.prompt[:at] + new_key + ex.prompt[at + len(key):]
+        corrupt = prompt[:at] + new_key + prompt[at + len(key):]
         enc = lambda b: tokenizer(b.decode("utf-8"), add_special_tokens=False).input_ids  # noqa: E731
-        clean_ids, corrupt_ids = enc(ex.prompt), enc(corrupt)
-        if len(clean_ids) != len(corrupt_ids) or len(enc(ex.prompt[:at])) != at:
+        clean_ids, corrupt_ids = enc(prompt), enc(corrupt)
+        if len(clean_ids) != len(corrupt_ids) or len(enc(prompt[:at])) != at:
             raise ValueError("retrieval_pairs needs a byte-level tokenizer (one token per byte), as the subject's")
         items.append({"clean": torch.tensor(clean_ids), "corrupt": torch.tensor(corrupt_ids),
                       "answer": enc(key)[0], "foil": enc(new_key)[0], "key": key,
@@ -290,20 +309,22 @@ def add_parser(sub):
     from .cli import common_arguments
 
     p = sub.add_parser("patch", help="head patching on two retrieval tasks, their circuit overlap, attention repair",
-                       description="Activation patching of every head's output (clean -> corrupted key) on passkey "
-                       "and multi-key retrieval, the overlap of the two tasks' top heads (arXiv 2310.08744), the "
-                       "overlap with DuoAttention's retrieval heads (--duo), and the accuracy change when the top "
-                       "passkey heads' attention is moved to the asked key on multi-key retrieval.")
+                       description="Activation patching of every head's output (clean -> corrupted key) on two "
+                       "retrieval tasks, the overlap of their top heads (arXiv 2310.08744), the overlap with "
+                       "DuoAttention's retrieval heads (--duo), and the accuracy change on the second task when the "
+                       "first task's top heads are steered to the asked key.")
     common_arguments(p)
-    p.add_argument("--length", type=int, default=256, help="prompt tokens, an integer (default: 256)")
+    p.add_argument("--tasks", default="multikey,multikey-has",
+                   help=f"two tasks, comma-separated, of {', '.join(TASKS)} (default: multikey,multikey-has: the "
+                   "trained multi-key format and the same task in words the subject was not trained on)")
+    p.add_argument("--length", type=int, default=256, help="prompt bytes before the format change (default: 256)")
     p.add_argument("--examples", type=int, default=8, help="prompt pairs per task, an integer >= 1 (default: 8)")
-    p.add_argument("--pairs", type=int, default=2, help="needles of the multi-key task (default: 2)")
+    p.add_argument("--pairs", type=int, default=4, help="needles of the multi-key tasks (default: 4)")
     p.add_argument("--top", type=int, default=4, help="top heads compared between the tasks (default: 4)")
-    p.add_argument("--repair-heads", type=int, default=2, help="top passkey heads steered (default: 2)")
-    p.add_argument("--repair-examples", type=int, default=16, help="multi-key prompts of the repair (default: 16)")
-    p.add_argument("--repair-pairs", type=int, default=4, help="needles of the repair's multi-key task (default: 4)")
+    p.add_argument("--repair-heads", type=int, default=2, help="top heads of the first task steered (default: 2)")
+    p.add_argument("--repair-examples", type=int, default=16, help="prompts of the repair (default: 16)")
     p.add_argument("--duo", default=None, help="a DuoAttention pattern TSV of this model (attnkit identify-duo) to "
-                   "compare its retrieval heads with the patching ranking")
+                   "compare its retrieval heads with the first task's patching ranking")
     p.add_argument("--duo-sparsity", type=float, default=0.5, help="the pattern's streaming fraction (default: 0.5)")
     p.add_argument("--corpus", default=None, help="text file or folder (default: Python's stdlib source)")
     return p
@@ -340,6 +361,9 @@ def run(args) -> int:
         value = getattr(args, name)
         if isinstance(value, bool) or value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
+    tasks = [t.strip() for t in args.tasks.split(",")]
+    if len(tasks) != 2 or len(set(tasks)) != 2 or not set(tasks) <= set(TASKS):
+        raise ValueError(f"--tasks must name two different tasks of {', '.join(TASKS)}, got {args.tasks!r}")
     model, tokenizer, path = load_model(args)
     pattern = None
     if args.duo is not None:
@@ -350,38 +374,39 @@ def run(args) -> int:
     text = haystack(args.corpus)
     began = time.perf_counter()
     maps, accuracy = {}, {}
-    for task in ("passkey", "multikey"):
+    for task in tasks:
         items = retrieval_pairs(task, tokenizer, text, count=args.examples, length=args.length, seed=args.seed,
                                 num_pairs=args.pairs)
-        result = patch_heads(model, _batch(items, "clean"), _batch(items, "corrupt"), [i["answer"] for i in items],
-                             [i["foil"] for i in items])
-        maps[task] = result
+        maps[task] = patch_heads(model, _batch(items, "clean"), _batch(items, "corrupt"),
+                                 [i["answer"] for i in items], [i["foil"] for i in items])
         accuracy[task] = teacher_forced_accuracy(model, items)
-    overlap = circuit_overlap(maps["passkey"]["normalized"], maps["multikey"]["normalized"], args.top)
-    overlaps = {k: circuit_overlap(maps["passkey"]["normalized"], maps["multikey"]["normalized"], k)["overlap"]
+    first, second = tasks
+    overlap = circuit_overlap(maps[first]["normalized"], maps[second]["normalized"], args.top)
+    overlaps = {k: circuit_overlap(maps[first]["normalized"], maps[second]["normalized"], k)["overlap"]
                 for k in range(1, 2 * args.top + 1)}
     num_layers, num_heads, num_kv = model_shape(model)
-    # repair: the top passkey heads steered to the asked key on a harder multi-key task; a random control
-    chosen = top_heads(maps["passkey"]["normalized"], args.repair_heads)
+    # repair: the first task's top heads steered to the asked key on the second task; random heads as control
+    chosen = top_heads(maps[first]["normalized"], args.repair_heads)
     rng = random.Random(args.seed)
     others = [(layer, h) for layer in range(num_layers) for h in range(num_heads) if (layer, h) not in chosen]
     control = rng.sample(others, args.repair_heads)
-    items = retrieval_pairs("multikey", tokenizer, text, count=args.repair_examples, length=args.length,
-                            seed=args.seed + 1, num_pairs=args.repair_pairs)
-    repair = {"task": f"multikey, {args.repair_pairs} needles", "heads": [list(x) for x in chosen],
-              "control_heads": [list(x) for x in control], "baseline": teacher_forced_accuracy(model, items), "runs": []}
+    items = retrieval_pairs(second, tokenizer, text, count=args.repair_examples, length=args.length,
+                            seed=args.seed + 1, num_pairs=args.pairs)
+    repair = {"task": second, "heads_from": first, "heads": [list(x) for x in chosen],
+              "control_heads": [list(x) for x in control], "baseline": teacher_forced_accuracy(model, items),
+              "runs": []}
     for alpha in (0.5, 1.0):
         for label, heads in (("top", chosen), ("random", control)):
             repair["runs"].append({"heads": label, "alpha": alpha,
                                    **teacher_forced_accuracy(model, items, steer_heads=heads, alpha=alpha)})
     duo = None
     if pattern is not None:
-        group = num_heads // num_kv
-        duo = duo_overlap(pattern, kv_head_scores(maps["passkey"]["normalized"], group), args.duo_sparsity)
-        duo["top4"] = duo_overlap_top(pattern, kv_head_scores(maps["passkey"]["normalized"], group), 4)
+        kv_scores = kv_head_scores(maps[first]["normalized"], num_heads // num_kv)
+        duo = {"task": first, **duo_overlap(pattern, kv_scores, args.duo_sparsity),
+               "top4": duo_overlap_top(pattern, kv_scores, min(4, pattern.gates.numel()))}
     wall = time.perf_counter() - began
 
-    table = Table(title=f"head patching · {path} · {args.examples} pairs x {args.length} tokens (normalised effect)")
+    table = Table(title=f"head patching · {path} · {args.examples} pairs per task (normalised effect)")
     table.add_column("task")
     table.add_column("accuracy", justify="right")
     table.add_column(f"top {args.top} heads (layer, head): effect")
@@ -390,9 +415,10 @@ def run(args) -> int:
         table.add_row(task, f"{accuracy[task]['accuracy']:.2f}",
                       ", ".join(f"({layer},{h}): {result['normalized'][layer][h]:.2f}" for layer, h in best))
     console().print(table)
-    console().print(f"circuit overlap, top {args.top}: {overlap['overlap']:.0%} shared {overlap['shared']}")
-    runs = Table(title=f"attention repair on {repair['task']} (baseline accuracy {repair['baseline']['accuracy']:.2f}, "
-                       f"per key token {repair['baseline']['token_accuracy']:.2f})")
+    console().print(f"circuit overlap {first} / {second}, top {args.top}: {overlap['overlap']:.0%} shared "
+                    f"{overlap['shared']}")
+    runs = Table(title=f"attention repair on {second} with {first}'s top heads (baseline accuracy "
+                       f"{repair['baseline']['accuracy']:.2f}, per key token {repair['baseline']['token_accuracy']:.2f})")
     for column in ("heads", "alpha", "accuracy", "per key token"):
         runs.add_column(column, justify="right")
     for r in repair["runs"]:
@@ -400,23 +426,22 @@ def run(args) -> int:
         runs.add_row(f"{r['heads']} {[list(h) for h in heads]}", f"{r['alpha']:.1f}", f"{r['accuracy']:.2f}",
                      f"{r['token_accuracy']:.2f}")
     console().print(runs)
-    if duo is not None:
-        console().print(f"DuoAttention retrieval heads ({duo['k']} of {duo['kv_heads']} KV heads at sparsity "
-                        f"{duo['sparsity']}) vs the top {duo['k']} KV heads by passkey patching: overlap "
-                        f"{duo['overlap']:.0%} (chance {duo['chance']:.0%}); top 4: {duo['top4']['overlap']:.0%} "
-                        f"(chance {duo['top4']['chance']:.0%})")
     marks = None
     if duo is not None:
+        console().print(f"DuoAttention retrieval heads ({duo['k']} of {duo['kv_heads']} KV heads at sparsity "
+                        f"{duo['sparsity']}) vs the top {duo['k']} KV heads by {first} patching: overlap "
+                        f"{duo['overlap']:.0%} (chance {duo['chance']:.0%}); top {duo['top4']['k']}: "
+                        f"{duo['top4']['overlap']:.0%} (chance {duo['top4']['chance']:.0%})")
         group = num_heads // num_kv
-        duo_q = [(layer, kv * group + j) for layer, kv in duo["duo_heads"] for j in range(group)]
-        marks = {name: duo_q for name in maps}
-    data = {"model": path, "seed": args.seed, "length": args.length, "examples": args.examples,
+        marks = [(layer, kv * group + j) for layer, kv in duo["duo_heads"] for j in range(group)]
+    titles = {t: f"{t} (acc {accuracy[t]['accuracy']:.2f})" for t in maps}
+    data = {"model": path, "seed": args.seed, "tasks": tasks, "length": args.length, "examples": args.examples,
             "multikey_pairs": args.pairs, "wall_s": round(wall, 1), "accuracy": accuracy,
             "patching": maps, "circuit_overlap": overlap, "circuit_overlap_by_k": overlaps, "repair": repair,
             "duo": duo, "duo_pattern": args.duo}
     write_results(args, "patch", data, {"": lambda f: plot_effects(
-        {f"{t} (acc {accuracy[t]['accuracy']:.2f})": maps[t]["normalized"] for t in maps}, f,
-        marks=None if marks is None else {f"{t} (acc {accuracy[t]['accuracy']:.2f})": marks[t] for t in maps})})
+        {titles[t]: maps[t]["normalized"] for t in maps}, f,
+        marks=None if marks is None else {titles[t]: marks for t in maps})})
     return 0
 
 

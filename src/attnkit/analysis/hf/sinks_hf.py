@@ -116,7 +116,9 @@ def sink_analysis(model, input_ids: Tensor, *, epsilon: float = 0.3, ratio: floa
     S = mean_received.shape[0]
     for token in massive["tokens"]:
         token["received_attention"] = float(mean_received[token["position"]])
-        token["uniform_attention"] = float(1.0 / max(1, S - token["position"]))  # what a uniform causal row gives on average
+        # the reference: what the key would receive if every causal row were uniform (row t: 1 / (t + 1))
+        rows = torch.arange(token["position"], S, dtype=torch.float64) + 1
+        token["uniform_attention"] = float((1 / rows).mean())
     mean = lambda key: sum(r[key] for r in layers) / len(layers)  # noqa: E731
     sink_heads = [[layer, h] for layer in range(num_layers) for h in range(num_heads) if layers[layer]["head_sink"][h]]
     return {"num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv, "epsilon": epsilon,

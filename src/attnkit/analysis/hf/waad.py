@@ -322,7 +322,8 @@ def add_parser(sub):
                        "per-token RL credit weights (arXiv 2510.13554).")
     common_arguments(p)
     p.add_argument("--prompt-length", type=int, default=384, help="prompt tokens, an integer >= 1 (default: 384)")
-    p.add_argument("--new-tokens", type=int, default=160, help="greedy tokens generated, an integer >= 2 (default: 160)")
+    p.add_argument("--new-tokens", type=int, default=160,
+                   help="greedy tokens generated, an integer >= 2 (default: 160)")
     p.add_argument("--window", type=int, default=10, help="WAAD's clipping window W, an integer >= 1 (default: 10)")
     p.add_argument("--fraction", type=float, default=0.3, help="share of heads called local (and global), "
                    "in (0, 0.5] (default: 0.3)")
