@@ -72,6 +72,9 @@ _HF_COMMANDS = (
     ("eval", ".hf.eval", "add_eval_parser", "long-context probe of attnkit.hf methods (needs attnkit[hf])"),
     ("identify-duo", ".hf.duo", "add_identify_parser", "find DuoAttention's retrieval heads (needs attnkit[hf])"),
 )
+_HF_COMMANDS += (
+    ("analyze", ".analysis.hf.cli", "add_analyze_parser", "attention analyses of HF models (needs attnkit[hf])"),
+)
 
 
 def _missing_extra_parser(name: str, help_text: str, why: str):

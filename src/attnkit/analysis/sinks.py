@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["first_token_attention", "sink_report"]
+__all__ = ["first_token_attention", "first_token_metrics", "sink_report"]
 
 
 @torch.no_grad()
@@ -46,19 +46,31 @@ def first_token_attention(model, tokens: Tensor, *, epsilon: float = 0.3) -> lis
         if not hasattr(layer, "attention_weights"):
             report.append({"layer": i, "mechanism": type(layer).__name__, "supported": False})
             continue
-        weights = layer.attention_weights(inputs[i]).double()[:, :, 1:]  # (B, H, T-1, T): rows i >= 1
-        first = weights[..., 0]
-        share = first / weights.sum(-1).clamp_min(1e-30)
-        per_head = first.mean(dim=(0, 2))  # (H,)
+        metrics = first_token_metrics(layer.attention_weights(inputs[i]), epsilon=epsilon)
         report.append({
             "layer": i,
             "mechanism": type(layer).__name__,
             "supported": True,
-            "first_token_share": float(share.mean()),
-            "first_token_weight": float(first.mean()),
-            "sink_heads": float((per_head > epsilon).double().mean()),
+            "first_token_share": float(metrics["share"].mean()),
+            "first_token_weight": float(metrics["weight"].mean()),
+            "sink_heads": float(metrics["sink"].double().mean()),
         })
     return report
+
+
+def first_token_metrics(weights: Tensor, *, epsilon: float = 0.3) -> dict:
+    """Per head, the metrics above from attention weights ``[B, H, T, S]`` (queries ``i >= 1``):
+    ``share [H]`` (mean ``w_i0 / sum_j w_ij``), ``weight [H]`` (mean ``w_i0``) and ``sink [H]``
+    (``weight > epsilon``), float64. Shared by ``attnkit sinks`` and ``attnkit analyze sinks``."""
+    if not 0 < epsilon < 1:
+        raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
+    if weights.dim() != 4 or weights.shape[2] < 2:
+        raise ValueError(f"weights must be [B, H, T, S] with T >= 2, got {tuple(weights.shape)}")
+    rows = weights[:, :, 1:]  # (B, H, T-1, S): rows i >= 1, not copied (long inputs stream through here)
+    first = rows[..., 0].double()
+    share = first / rows.sum(-1, dtype=torch.float64).clamp_min(1e-30)
+    per_head = first.mean(dim=(0, 2))  # (H,)
+    return {"share": share.mean(dim=(0, 2)), "weight": per_head, "sink": per_head > epsilon}
 
 
 def sink_report(model, tokens: Tensor, *, epsilon: float = 0.3) -> dict:
