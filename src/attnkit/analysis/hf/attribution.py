@@ -429,7 +429,8 @@ def add_parser(sub) -> None:
                    "token's embedding, else token 0) or a token id (default: pad)")
     p.add_argument("--layer", type=int, default=-1, help="layer of the raw-attention explanation (default: -1, the last)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default: 0)")
-    p.add_argument("--out", default=None, help="JSON file; a PNG is written beside it (default: none, the table only)")
+    p.add_argument("--out", default=None, help="a folder (as the other analyses: analyze-attribution.json and .png in it) or "
+                   "a .json file (a PNG beside it) (default: none, the table only)")
     p.add_argument("--plot", default=None, help="PNG path, or 'none' (default: the JSON path with .png)")
     p.set_defaults(func=run)
 
@@ -504,6 +505,12 @@ def run(args) -> int:
         value = getattr(args, name)
         if value < minimum:
             raise ValueError(f"--{name} must be an integer >= {minimum}, got {value}")
+    if args.out and not str(args.out).endswith(".json"):  # a folder, as attnkit analyze's other subcommands take
+        from pathlib import Path as _Path
+
+        if _Path(args.out).is_file():
+            raise ValueError(f"--out {args.out!r} is a file but not .json; accepted: a folder or a .json path")
+        args.out = str(_Path(args.out) / "analyze-attribution.json")
     if args.out:
         check_writable(args.out, "--out")
     model_path = args.model or default_subject()

@@ -22,6 +22,8 @@ SUBCOMMANDS = (
     "sinks_hf",  # attnkit analyze sinks
     "waad",  # attnkit analyze waad
     "patching",  # attnkit analyze patch
+    "attribution",  # attnkit analyze attribution
+    "crossattn",  # attnkit analyze crossattn
 )
 
 __all__ = ["SUBCOMMANDS", "add_analyze_parser", "common_arguments", "load_model", "write_results", "haystack",
@@ -124,7 +126,7 @@ def _missing(name: str, why: str):
 
 def add_analyze_parser(sub) -> None:
     """Add ``attnkit analyze`` and its subcommands (one per module of :data:`SUBCOMMANDS`)."""
-    p = sub.add_parser("analyze", help="attention as evidence on transformers models: sinks, WAAD/FAI, head patching",
+    p = sub.add_parser("analyze", help="attention as evidence on transformers models: sinks, WAAD/FAI, head patching, attribution, cross-attention",
                        description="Attention analyses of a transformers causal LM (default: the shipped subject "
                        "model). Each subcommand prints a table and, with --out DIR, writes JSON and PNG to DIR.")
     analyses = p.add_subparsers(dest="analysis", required=True)
@@ -135,4 +137,5 @@ def add_analyze_parser(sub) -> None:
             _missing(name, str(err))(analyses)
             continue
         parser = module.add_parser(analyses)
-        parser.set_defaults(func=module.run)
+        if parser is not None:  # a module's add_parser may set its own func and return nothing
+            parser.set_defaults(func=module.run)

@@ -253,7 +253,8 @@ def add_parser(sub) -> None:
     p.add_argument("--input-length", type=int, default=16,
                    help="encoder tokens of a text model's random input (default: 16; Whisper takes its fixed frames)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and tiny weights (default: 0)")
-    p.add_argument("--out", default=None, help="JSON file; a PNG is written beside it (default: none, the table only)")
+    p.add_argument("--out", default=None, help="a folder (as the other analyses: analyze-crossattn.json and .png in it) or "
+                   "a .json file (a PNG beside it) (default: none, the table only)")
     p.add_argument("--plot", default=None, help="PNG path, or 'none' (default: the JSON path with .png)")
     p.set_defaults(func=run)
 
@@ -325,6 +326,12 @@ def run(args) -> int:
         value = getattr(args, name)
         if value < minimum:
             raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value}")
+    if args.out and not str(args.out).endswith(".json"):  # a folder, as attnkit analyze's other subcommands take
+        from pathlib import Path as _Path
+
+        if _Path(args.out).is_file():
+            raise ValueError(f"--out {args.out!r} is a file but not .json; accepted: a folder or a .json path")
+        args.out = str(_Path(args.out) / "analyze-crossattn.json")
     if args.out:
         check_writable(args.out, "--out")
     model, make_inputs, description = _load_encoder_decoder(args.model, args.seed)
