@@ -511,3 +511,10 @@ from .proxyattn import ProxyAttn  # noqa: E402
 
 METHODS.update({"duo": Duo, "taskkv": TaskKV, "h2o": H2O, "sinklora": SinkLoRA, "sf-attn": SFAttn,
                 "longheads": LongHeads, "proxyattn": ProxyAttn})
+
+# steering methods (issue 24): ZeroTuning, ACT, soft injection of task embeddings
+from .act import ACT  # noqa: E402
+from .taskinject import TaskInject  # noqa: E402
+from .zerotuning import ZeroTuning  # noqa: E402
+
+METHODS.update({"zerotuning": ZeroTuning, "act": ACT, "taskinject": TaskInject})
