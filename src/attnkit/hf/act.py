@@ -105,7 +105,7 @@ class ACT(Steer):
     [0, 1] the share of sink weight kept; ``threshold`` in (0, 1] the mean received weight above
     which a key is a sink. :func:`fit_act` chooses the heads."""
 
-    modifier: Modifier = field(default=None, init=False, repr=False)
+    modifier: Modifier = field(default=None, init=False, repr=False, compare=False)
     heads: tuple = ()
     beta: float = 0.4
     threshold: float = 0.1

@@ -149,7 +149,7 @@ class TaskInject(Steer):
     last position) or ``"prefill"`` (the prompt's last token only). Without embeddings (the
     defaults) no head is selected."""
 
-    modifier: Modifier = field(default=None, init=False, repr=False)
+    modifier: Modifier = field(default=None, init=False, repr=False, compare=False)
     embeddings: object = field(default=None, compare=False)
     weights: object = field(default=None, compare=False)
     positions: str = "last"

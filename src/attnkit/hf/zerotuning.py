@@ -86,7 +86,7 @@ class ZeroTuning(Steer):
     a head. The defaults select no head: the model is bit-identical. :func:`fit_zerotuning` chooses
     the heads and gamma on calibration prompts."""
 
-    modifier: Modifier = field(default=None, init=False, repr=False)
+    modifier: Modifier = field(default=None, init=False, repr=False, compare=False)
     gamma: float = 1.0
     heads: tuple = ()
     gammas: dict | None = None
