@@ -143,3 +143,19 @@ def test_bad_input():
     with pytest.raises(ValueError, match="embeddings are for \\[3, 4\\]"):
         fit_task_injection(model, torch.zeros(3, 4, 16), [[1]], [3])
     hf.apply(model, TaskInject()).remove()
+
+
+def test_prefill_positions_inject_only_the_prompts_last_token():
+    from hf_models import greedy_decode
+
+    model = tiny("llama")
+    ids, mask = padded_inputs()
+    E = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(2))
+    w = torch.full((2, 4), 0.7)
+    runs = {}
+    for positions in ("last", "prefill"):
+        with hf.apply(model, TaskInject(embeddings=E, weights=w, positions=positions)) as handle:
+            runs[positions] = greedy_decode(model, ids, mask, handle.cache(), steps=2)
+    assert torch.equal(runs["last"][0], runs["prefill"][0])  # the prompt: injected either way
+    # a decode step: "last" injects its token too, "prefill" does not (the same cache before it)
+    assert not torch.allclose(runs["last"][1], runs["prefill"][1], atol=1e-4)
