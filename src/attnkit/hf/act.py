@@ -82,16 +82,12 @@ class ACTModifier(Modifier):
         self.beta = _unit(beta, "beta")
         self.threshold = _unit(threshold, "threshold", open_low=True)
         self.selected = tuple(sorted({tuple(int(x) for x in p) for p in selected})) if selected else ()
-        #: the last call's sinks per layer, ``{layer: [B, h, 1, S'] bool}`` when ``record`` is True (plots)
-        self.record, self.found = False, {}
 
     def heads(self, num_layers, num_heads):
         return check_heads(self.selected, num_layers, num_heads, owner="ACT")
 
     def weights(self, probs: Tensor, view: HeadView) -> Tensor:
         sinks = find_sinks(probs, view.allowed, view.first_token(), self.threshold)
-        if self.record:
-            self.found[view.layer] = (view.heads.tolist(), view.k_pos.clone(), sinks.clone())
         if not bool(sinks.any()):
             return probs  # nothing found: this head's weights as they were
         return calibrate(probs, sinks, self.beta)

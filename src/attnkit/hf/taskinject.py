@@ -140,7 +140,7 @@ def _tensor(value, name: str, dims: int) -> Tensor:
     return t.detach().cpu()
 
 
-@dataclass
+@dataclass(eq=False)  # tensors: compared by identity
 class TaskInject(Steer):
     """Soft injection as a named policy: ``attnkit.hf.apply(model, "taskinject", embeddings=E, weights=A)``.
 
