@@ -129,7 +129,8 @@ def run(args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(default_subject(), dtype=torch.float32).eval()
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     zt_candidates = [(l, h) for l in range(min(L, args.zt_layers)) for h in range(H)]
-    act_candidates = [(l, h) for l in range(2, L - 1) for h in range(H)]  # the official calibrates layers 2..L-2
+    # the official calibrates layers 2..L-2; --act-layers caps the range for CPU time
+    act_candidates = [(l, h) for l in range(2, min(L - 1, 2 + args.act_layers)) for h in range(H)]
     results = {"rules": {}, "config": vars(args)}
     for rule in args.rules:
         per_seed = []
@@ -139,9 +140,15 @@ def run(args) -> dict:
             cal = choices([fewshot_example(cal_rng, args.shots, rule) for _ in range(args.cal)])
             test = choices([fewshot_example(test_rng, args.shots, rule) for _ in range(args.test)])
             row = {"seed": seed, "base": evaluate(model, test)}
+            stamp = [time.time()]
+
+            def lap(name):
+                stamp.append(time.time())
+                row.setdefault("stage_seconds", {})[name] = round(stamp[-1] - stamp[-2], 1)
             zt, zrep = fit_zerotuning(model, cal, mode="accuracy", candidates=zt_candidates, gammas=args.gammas)
             row["zerotuning"] = {**evaluate(model, test, zt), "gamma": zrep["gamma"], "heads": zrep["heads"],
                                  "direction": zrep["direction"], "calibration": zrep["sweep"]}
+            lap("zerotuning")
             zte, erep = fit_zerotuning(model, cal, mode="entropy", candidates=zt_candidates, gammas=args.gammas)
             row["zerotuning_entropy"] = {**evaluate(model, test, zte), "gamma": erep["gamma"], "heads": erep["heads"],
                                          "direction": erep["direction"]}
@@ -149,9 +156,11 @@ def run(args) -> dict:
                 row["first_token_mass"] = {"before": first_token_mass(model, test, {}, L, H),
                                            "after": first_token_mass(model, test, zt.modifier.gammas, L, H),
                                            "gammas": zt.table(L, H).tolist()}
+            lap("zerotuning_entropy")
             act, arep = fit_act(model, cal, candidates=act_candidates, top=args.act_top)
             row["act"] = {**evaluate(model, test, act), "heads": arep["heads"], "beta": arep["beta"],
                           "threshold": arep["threshold"], "gain": arep["gain"].nan_to_num(0.0).tolist()}
+            lap("act")
             # soft injection: one fixed task per (rule, seed)
             lrng = random.Random(1000 * seed + 3)
             from attnkit.tasks.longcontext import LABELS
@@ -170,13 +179,14 @@ def run(args) -> dict:
                                  "few_shot_icl": evaluate(model, choices(icl, labels)),
                                  "injected": evaluate(model, zs_ch, ti), "loss": trep["loss"][:: max(1, len(trep["loss"]) // 10)],
                                  "weights": trep["weights"].tolist()}
+            lap("taskinject")
             row["seconds"] = time.time() - t0
             per_seed.append(row)
             print(f"{rule} seed {seed}: base {row['base']['restricted']:.3f} zt {row['zerotuning']['restricted']:.3f} "
                   f"zt-ent {row['zerotuning_entropy']['restricted']:.3f} act {row['act']['restricted']:.3f} | "
                   f"0-shot {row['taskinject']['zero_shot']['restricted']:.3f} icl "
                   f"{row['taskinject']['few_shot_icl']['restricted']:.3f} inj {row['taskinject']['injected']['restricted']:.3f}"
-                  f" ({row['seconds']:.0f} s)", flush=True)
+                  f" ({row['seconds']:.0f} s {row['stage_seconds']})", flush=True)
         results["rules"][rule] = per_seed
     return results
 
@@ -229,9 +239,13 @@ def plots(results, out: Path):
     for i, rule in enumerate(rules):
         r0 = results["rules"][rule][0]
         m = r0["first_token_mass"]
-        panels = [("ZeroTuning gamma (seed 0)", torch.tensor(m["gammas"]).log2(), "coolwarm", (-2, 2), "log2 gamma"),
-                  ("first-token mass before", torch.tensor(m["before"]), "viridis", (0, 1), "mass"),
-                  ("first-token mass after ZeroTuning", torch.tensor(m["after"]), "viridis", (0, 1), "mass"),
+        ent = torch.zeros(len(m["gammas"]), len(m["gammas"][0]))  # the entropy variant's choice
+        for l, h in r0["zerotuning_entropy"]["heads"]:
+            ent[l, h] = torch.tensor(r0["zerotuning_entropy"]["gamma"]).log2()
+        top = max(float(torch.tensor(m["before"]).max()), float(torch.tensor(m["after"]).max()), 1e-6)
+        panels = [("ZeroTuning log2 gamma: acc (all 0) / entropy", ent, "coolwarm", (-2, 2), "log2 gamma (entropy)"),
+                  ("first-token mass at the last query, before", torch.tensor(m["before"]), "viridis", (0, top), "mass"),
+                  ("... after ZeroTuning (acc)", torch.tensor(m["after"]), "viridis", (0, top), "mass"),
                   ("ACT: gain when alone (chosen: x)", torch.tensor(r0["act"]["gain"]), "coolwarm", None, "acc gain"),
                   ("soft injection weights", torch.tensor(r0["taskinject"]["weights"]), "magma", (0, 1), "alpha")]
         for j, (title, t, cmap, lim, label) in enumerate(panels):
@@ -259,15 +273,20 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--shots", type=int, default=4)
     p.add_argument("--cal", type=int, default=16)
-    p.add_argument("--test", type=int, default=120)
-    p.add_argument("--zt-layers", type=int, default=3, help="ZeroTuning profiles the heads of the first N layers")
+    p.add_argument("--test", type=int, default=100)
+    p.add_argument("--zt-layers", type=int, default=2, help="ZeroTuning profiles the heads of the first N layers")
     p.add_argument("--gammas", type=float, nargs="+", default=[0.5, 2.0, 4.0])
     p.add_argument("--act-top", type=int, default=4)
+    p.add_argument("--act-layers", type=int, default=5, help="ACT tries the heads of layers 2 .. 2 + N - 1")
     p.add_argument("--embed-prompts", type=int, default=16)
-    p.add_argument("--inject-steps", type=int, default=30)
+    p.add_argument("--inject-steps", type=int, default=20)
     p.add_argument("--inject-lr", type=float, default=0.2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--plot-only", action="store_true", help="redraw the plots from <out>.json")
     args = p.parse_args(argv)
+    if args.plot_only:
+        plots(json.loads(Path(f"{args.out}.json").read_text()), Path(args.out))
+        return
     t0 = time.time()
     results = run(args)
     results["summary"] = summary(results)
