@@ -168,3 +168,25 @@ def _tool_cards() -> tuple:
 
 
 TOOL_CARDS: tuple = _tool_cards()
+# steering methods (issue 24): they change chosen heads' weights or outputs, not which keys are attended
+from .act import ACT  # noqa: E402
+from .taskinject import TaskInject  # noqa: E402
+from .zerotuning import ZeroTuning  # noqa: E402
+
+CARDS = CARDS + (
+    Card(name="hf-zerotuning", title="ZeroTuning: Unlocking the Initial Token's Power to Enhance Large Language "
+         "Models Without Training", arxiv="2505.11739", family="hf", kind="hf", layer=ZeroTuning,
+         flops=_flops(lambda c: _patterns.causal()), defaults={"gamma": 1.0}, capabilities=_CAPS,
+         summary="per-head scaling of the attention paid to the initial token (log gamma added to its logit); "
+                 "heads and gamma chosen by a supervised sweep or by minimum output entropy (fit_zerotuning)"),
+    Card(name="hf-act", title="Unveiling and Harnessing Hidden Attention Sinks: Enhancing Large Language Models "
+         "without Training through Attention Calibration", arxiv="2406.15765", family="hf", kind="hf", layer=ACT,
+         flops=_flops(lambda c: _patterns.causal()), defaults={"beta": 0.4, "threshold": 0.1}, capabilities=_CAPS,
+         summary="ACT: sinks inside the input (mean received attention > threshold) keep beta of their weight in "
+                 "calibrated heads, the rest goes to the other tokens; heads chosen per head on calibration prompts"),
+    Card(name="hf-taskinject", title="Soft Injection of Task Embeddings Outperforms Prompt-Based In-Context "
+         "Learning", arxiv="2507.20906", family="hf", kind="hf", layer=TaskInject,
+         flops=_flops(lambda c: _patterns.causal()), defaults={}, capabilities=_CAPS,
+         summary="task embeddings (mean head outputs at the last token of few-shot prompts) mixed into the heads' "
+                 "outputs zero-shot with learnt soft head-selection weights sigmoid(theta)"),
+)

@@ -520,3 +520,9 @@ from .var import VAR  # noqa: E402
 from .vhr import VHR  # noqa: E402
 
 METHODS.update({"var": VAR, "vhr": VHR, "paint": PAINT})
+# steering methods (issue 24): ZeroTuning, ACT, soft injection of task embeddings
+from .act import ACT  # noqa: E402
+from .taskinject import TaskInject  # noqa: E402
+from .zerotuning import ZeroTuning  # noqa: E402
+
+METHODS.update({"zerotuning": ZeroTuning, "act": ACT, "taskinject": TaskInject})

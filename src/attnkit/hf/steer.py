@@ -151,10 +151,14 @@ def top_heads(scores, *, k: int | None = None, fraction: float | None = None, la
 
 
 def steered_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float, modifier: Modifier,
-                      view: HeadView, score_mod=None, chunk_elements: int = 1 << 26) -> Tensor:
+                      view: HeadView, score_mod=None, chunk_elements: int = 1 << 26,
+                      changed: list | None = None) -> Tensor:
     """Softmax attention written out with ``modifier``'s hooks: q ``[B, h, T, D]``, k / v
     ``[B, 1, S', D]`` (the heads' shared KV head), ``allowed`` ``[B, 1|h, T, S']`` -> ``[B, h, T, Dv]``
-    in q's dtype; computed in float32 at least (float64 for float64 inputs), in chunks of queries."""
+    in q's dtype; computed in float32 at least (float64 for float64 inputs), in chunks of queries.
+    ``changed``, if given, gets one bool appended: False when every hook call returned its input
+    object (the modifier changed nothing on this call, e.g. ACT finding no sink)."""
+    touched = False
     B, h, T, D = q.shape
     S = k.shape[2]
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -171,13 +175,21 @@ def steered_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: f
             logits = score_mod(logits, None, None, q_pos[lo:hi, None], view.k_pos[:, :, None, :])
         logits = logits.masked_fill(~a, float("-inf"))
         if modifier.overrides("logits"):
-            logits = modifier.logits(logits, chunk).masked_fill(~a, float("-inf"))
+            new = modifier.logits(logits, chunk)
+            touched |= new is not logits
+            logits = new.masked_fill(~a, float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no key: zeros
         if modifier.overrides("weights"):
-            probs = modifier.weights(probs, chunk)
+            new = modifier.weights(probs, chunk)
+            touched |= new is not probs
+            probs = new
         out[:, :, lo:hi] = probs @ vf
     if modifier.overrides("output"):
-        out = modifier.output(out, view)
+        new = modifier.output(out, view)
+        touched |= new is not out
+        out = new
+    if changed is not None:
+        changed.append(touched)
     return out.to(q.dtype)
 
 
@@ -210,7 +222,12 @@ class SteerRule(Rule):
         if bool((~sel).any()):  # the KV head's other query heads: the model's own softmax attention
             out[:, ~sel] = call.attend(q[:, ~sel], k, v, allowed)
         view = HeadView(self.layer, rows[sel], call.q_pos, call.k_pos, call.start, allowed, call)
-        out[:, sel] = steered_attention(q[:, sel], k, v, allowed, call.scale, self.modifier, view, call.score_mod)
+        changed: list = []
+        steered = steered_attention(q[:, sel], k, v, allowed, call.scale, self.modifier, view, call.score_mod,
+                                    changed=changed)
+        if not changed[0]:  # the hooks changed nothing on this call: the model's own path, bit for bit
+            steered = call.attend(q[:, sel], k, v, allowed)
+        out[:, sel] = steered
         return out
 
 
