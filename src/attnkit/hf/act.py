@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -128,17 +128,9 @@ def fit_act(model, calibration, *, mode: str = "accuracy", beta: float = 0.4, th
     in head order). Returns ``(policy, report)`` with the base score and the per-head gain ``[L, H]``
     (NaN where not tried)."""
     from .attention import _text_config
-    from .zerotuning import Choices, _score_with
+    from .zerotuning import _score_with, calibration_score
 
-    if isinstance(calibration, Choices):
-        if mode not in ("accuracy", "entropy"):
-            raise ValueError(f"mode must be 'accuracy' or 'entropy', got {mode!r}")
-        evaluate = lambda m: calibration.score(m, mode)  # noqa: E731
-    elif callable(calibration):
-        evaluate = calibration
-    else:
-        raise ValueError(f"calibration must be an attnkit.hf.zerotuning.Choices or a callable model -> score, "
-                         f"got {type(calibration).__name__}")
+    evaluate = calibration_score(calibration, mode)
     ACTModifier((), beta, threshold)  # check the options before the runs
     config = _text_config(model)
     L, H = int(config.num_hidden_layers), int(config.num_attention_heads)

@@ -228,6 +228,19 @@ def _score_with(model, policy, evaluate) -> float:
         return float(evaluate(model))
 
 
+def calibration_score(calibration, mode: str):
+    """``model -> score`` from ``calibration``: a :class:`Choices` scored by ``mode`` (``"accuracy"``
+    or ``"entropy"``), or a callable used as it is (shared by ZeroTuning's and ACT's fits)."""
+    if isinstance(calibration, Choices):
+        if mode not in ("accuracy", "entropy"):
+            raise ValueError(f"mode must be 'accuracy' or 'entropy', got {mode!r}")
+        return lambda m: calibration.score(m, mode)
+    if callable(calibration):
+        return calibration
+    raise ValueError(f"calibration must be an attnkit.hf.zerotuning.Choices or a callable model -> score, "
+                     f"got {type(calibration).__name__}")
+
+
 def fit_zerotuning(model, calibration: Choices | Callable, *, mode: str = "accuracy", probe: float = 1.5,
                    gammas: Sequence[float] = (0.25, 0.5, 0.75, 1.5, 2.0, 3.0, 4.0), candidates=None,
                    top: int | None = None, seed: int = 0) -> tuple[ZeroTuning, dict]:
@@ -244,15 +257,7 @@ def fit_zerotuning(model, calibration: Choices | Callable, *, mode: str = "accur
     from .attention import _text_config
     from .steer import top_heads
 
-    if isinstance(calibration, Choices):
-        if mode not in ("accuracy", "entropy"):
-            raise ValueError(f"mode must be 'accuracy' or 'entropy', got {mode!r}")
-        evaluate = lambda m: calibration.score(m, mode)  # noqa: E731
-    elif callable(calibration):
-        evaluate = calibration
-    else:
-        raise ValueError(f"calibration must be an attnkit.hf.zerotuning.Choices or a callable model -> score, "
-                         f"got {type(calibration).__name__}")
+    evaluate = calibration_score(calibration, mode)
     probe = _gamma(probe, "fit_zerotuning: probe")
     if probe == 1.0:
         raise ValueError("fit_zerotuning: probe must differ from 1 (gamma 1 changes nothing), got 1.0")
