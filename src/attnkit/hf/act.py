@@ -127,17 +127,11 @@ def fit_act(model, calibration, *, mode: str = "accuracy", beta: float = 0.4, th
     keep those whose score beats the base by more than ``margin`` (the ``top`` best if given; ties
     in head order). Returns ``(policy, report)`` with the base score and the per-head gain ``[L, H]``
     (NaN where not tried)."""
-    from .attention import _text_config
-    from .zerotuning import _score_with, calibration_score
+    from .zerotuning import _score_with, calibration_score, candidate_heads
 
     evaluate = calibration_score(calibration, mode)
     ACTModifier((), beta, threshold)  # check the options before the runs
-    config = _text_config(model)
-    L, H = int(config.num_hidden_layers), int(config.num_attention_heads)
-    pairs = check_heads(candidates if candidates is not None else [(l, h) for l in range(L) for h in range(H)],
-                        L, H, owner="fit_act: candidates")
-    if not pairs:
-        raise ValueError("fit_act: candidates is empty; give the (layer, head) pairs to try")
+    L, H, pairs = candidate_heads(model, candidates, "fit_act")
     base = _score_with(model, ACT(), evaluate)
     gain = torch.full((L, H), float("nan"), dtype=torch.float64)
     for pair in pairs:

@@ -241,6 +241,20 @@ def calibration_score(calibration, mode: str):
                      f"got {type(calibration).__name__}")
 
 
+def candidate_heads(model, candidates, owner: str):
+    """``(num_layers, num_heads, pairs)``: ``candidates`` (default every head of ``model``) checked as
+    (layer, query head) pairs; an empty list raises (shared by ZeroTuning's and ACT's fits)."""
+    from .attention import _text_config
+
+    config = _text_config(model)
+    L, H = int(config.num_hidden_layers), int(config.num_attention_heads)
+    pairs = check_heads(candidates if candidates is not None else [(l, h) for l in range(L) for h in range(H)],
+                        L, H, owner=f"{owner}: candidates")
+    if not pairs:
+        raise ValueError(f"{owner}: candidates is empty; give the (layer, head) pairs to try")
+    return L, H, pairs
+
+
 def fit_zerotuning(model, calibration: Choices | Callable, *, mode: str = "accuracy", probe: float = 1.5,
                    gammas: Sequence[float] = (0.25, 0.5, 0.75, 1.5, 2.0, 3.0, 4.0), candidates=None,
                    top: int | None = None, seed: int = 0) -> tuple[ZeroTuning, dict]:
@@ -254,7 +268,6 @@ def fit_zerotuning(model, calibration: Choices | Callable, *, mode: str = "accur
     ``report`` holds the base score, the per-head profile ``[L, H]`` (score change under the probe,
     NaN where not profiled), the chosen group (``"up"``/``"down"``), the heads, the sweep
     ``{gamma: score}`` and the chosen gamma."""
-    from .attention import _text_config
     from .steer import top_heads
 
     evaluate = calibration_score(calibration, mode)
@@ -264,12 +277,7 @@ def fit_zerotuning(model, calibration: Choices | Callable, *, mode: str = "accur
     gammas = [_gamma(g, "fit_zerotuning: gammas") for g in gammas]
     if not gammas:
         raise ValueError("fit_zerotuning: gammas is empty; give the gammas to sweep")
-    config = _text_config(model)
-    L, H = int(config.num_hidden_layers), int(config.num_attention_heads)
-    pairs = check_heads(candidates if candidates is not None else [(l, h) for l in range(L) for h in range(H)],
-                        L, H, owner="fit_zerotuning: candidates")
-    if not pairs:
-        raise ValueError("fit_zerotuning: candidates is empty; give the (layer, head) pairs to profile")
+    L, H, pairs = candidate_heads(model, candidates, "fit_zerotuning")
     base = _score_with(model, ZeroTuning(), evaluate)
     profile = torch.full((L, H), float("nan"), dtype=torch.float64)
     for pair in pairs:
