@@ -48,6 +48,25 @@ def dynamic_cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
+def profile_decode(models, caches, token, device) -> None:
+    """Print where 3 decode calls of each variant spend their time (torch.profiler, top 10 operators)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, model in models.items():
+        sync(device)
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                model(token, past_key_values=caches[name], use_cache=True)
+            sync(device)
+        print(f"--- profile: 3 decode calls of {name} (sorted by {sort})")
+        print(prof.key_averages().table(sort_by=sort, row_limit=10, max_name_column_width=60))
+        if device.type == "cuda":
+            print(f"--- profile: 3 decode calls of {name} (sorted by self_cpu_time_total)")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=60))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama-3.2-1b", choices=list(SHAPES), help="model shape (default: llama-3.2-1b)")
@@ -58,6 +77,9 @@ def main() -> int:
     p.add_argument("--sink", type=int, default=64, help="sink tokens of the streaming heads (default: 64)")
     p.add_argument("--window", type=int, default=256, help="window of the streaming heads (default: 256)")
     p.add_argument("--out", default=None, help="JSON path for the rows (default: print only)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timings, profile 3 decode calls of each variant at the last --seq and print the "
+                        "top operators by device and host time (where a decode step's time goes)")
     args = p.parse_args()
     seqs = [int(s) for s in args.seq.split(",")]
     if args.rounds < 1 or any(s < 1 for s in seqs) or (args.layers is not None and args.layers < 1):
@@ -125,6 +147,8 @@ def main() -> int:
                 print(f"seq {seq:6d} {n:9s} prefill {row['prefill_ms']:9.2f} ms ({row['prefill_vs_sdpa']:.3f}x sdpa)  "
                       f"decode {row['decode_ms']:8.3f} ms ({row['decode_vs_sdpa']:.3f}x)  KV {kv / 2**20:9.1f} MiB "
                       f"({row['kv_vs_full']:.3f} of full)", flush=True)
+            if args.profile and seq == seqs[-1]:
+                profile_decode(models, caches, token, device)
             del caches
             if device.type == "cuda":
                 torch.cuda.empty_cache()
