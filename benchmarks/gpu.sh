@@ -12,6 +12,9 @@
 #   benchmarks/gpu.sh hf-speed            # attnkit.hf on the H200: ProxyAttn's block-sparse prefill against cuDNN
 #                                         # (32k-128k), hf_overhead on the Llama-3.2-1B and -3.1-8B shapes (8k-64k)
 #   benchmarks/gpu.sh hf-identify         # `attnkit identify-duo --device cuda` on the shipped subject, timed
+#   benchmarks/gpu.sh hf-pareto           # issue 23's grid: `attnkit eval` of every KV method through its budgets
+#                                         # at 2k and 4k (3 runs -> pareto-*/eval.json), and LongHeads past the
+#                                         # subject's trained 4k (8k, 16k, --beyond-context -> longheads-16k/)
 # Arguments are checked before anything is installed or written (usage and exit 2 otherwise); the script exits
 # non-zero when a test or bench run failed (or the results README could not be regenerated).
 # TEST_TIMEOUT / BENCH_TIMEOUT (seconds) shorten the parts' limits (BENCH_TIMEOUT is per bench run: a suite
@@ -31,12 +34,12 @@ OUT=${OUT:-benchmarks/results/h200}
 suites=$(python3 -c "from attnkit.bench.suites import SUITES; print(' '.join(SUITES))")
 usage() {  # usage [WHY]: the arguments are refused before anything is installed, run or written
   [ -n "${1:-}" ] && echo "benchmarks/gpu.sh: $1" >&2
-  echo "usage: benchmarks/gpu.sh tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|hf-speed|hf-identify|bench-args NAME ARGS...|SUITE [MODE]" >&2
+  echo "usage: benchmarks/gpu.sh tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|hf-speed|hf-identify|hf-pareto|bench-args NAME ARGS...|SUITE [MODE]" >&2
   echo "  SUITE: $suites" >&2
   exit 2
 }
 case "${1:-}" in
-  tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|hf-speed|hf-identify)
+  tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|hf-speed|hf-identify|hf-pareto)
     # extra words were ignored: `gpu.sh bench --seq 1024` ran the default sizes
     [ $# -eq 1 ] || usage "'$1' takes no arguments, got: ${*:2} (any other bench run: bench-args NAME ARGS...)" ;;
   bench-args)
@@ -116,6 +119,23 @@ case "$1" in
     timeout "${HF_TIMEOUT:-560}" python3 -m attnkit.cli identify-duo --device cuda --out "$OUT/duo-pattern-subject-h200.tsv" 2>&1 \
       | tee -a "$OUT/identify-duo-h200.log" | grep -vE "^\s*$" | tail -20
     status=${PIPESTATUS[0]}; echo "exit $status after $((SECONDS - start)) s" | tee -a "$OUT/identify-duo-h200.log" ;;
+  hf-pareto)  # one eval per group of methods (a failed group loses only itself), then LongHeads past 4k
+    duo=$OUT/duo-pattern-subject-h200.tsv; [ -f "$duo" ] || duo=benchmarks/results/h200/duo-pattern-subject-h200.tsv
+    budgets() { for b in 256 512 1024; do for m in "$@"; do
+      case $m in taskkv) echo "--method taskkv:budget=$b,recent=$((b / 2))" ;; *) echo "--method $m:budget=$b" ;; esac
+    done; done; }
+    groups=("pareto-streaming-duo --method full $(for w in 256 512 1024; do echo --method streaming:sink=4,window=$w; done) $(for s in 0.5 0.75 0.9; do echo --method duo:pattern=$duo,sparsity=$s; done)"
+            "pareto-scored $(budgets h2o sinklora)"
+            "pareto-taskkv-sparse $(budgets taskkv) --method longheads --method proxyattn:budget=0.1 --method proxyattn:budget=0.05"
+            "longheads-16k --method full --method longheads --lengths 8192,16384 --depths 0,0.5,1 --samples 2 --bpb-windows 0 --beyond-context")
+    for group in "${groups[@]}"; do
+      set -- $group; name=$1; shift
+      case $name in pareto-*) set -- "$@" --lengths 2048,4096 --samples 4 ;; esac
+      { header; echo "# attnkit eval --device cuda $*"; } > "$OUT/$name.log"
+      timeout "${HF_TIMEOUT:-150}" python3 -m attnkit.cli eval --device cuda "$@" --out "$OUT/$name" >> "$OUT/$name.log" 2>&1
+      rc=$?; echo "exit $rc" | tee -a "$OUT/$name.log"; tail -25 "$OUT/$name.log" | grep -E "│" | cut -c1-160
+      [ "$rc" -eq 0 ] || status=$rc
+    done ;;
   *)  # SUITE [MODE]
     suite=$1
     for mode in ${2:-$(python3 -m attnkit.bench.suites "$suite")}; do

@@ -461,6 +461,26 @@ def test_bad_models_are_refused(folders, tmp_path):
         hf_eval.run(str(model), [wrong], lengths="320", corpus=str(corpus))
 
 
+def test_beyond_context_lifts_the_length_limit_and_says_so(folders, tmp_path):
+    # the same weights with a tokenizer that takes 256 tokens: refused at 320 (with the way out named), run
+    # with beyond_context=True, and then the answers are the unlimited model's
+    model, corpus = folders
+    short = tmp_path / "short"
+    induction_model().save_pretrained(short)
+    byte_tokenizer(256).save_pretrained(short)
+    kwargs = dict(lengths="320", depths="0.5", samples=2, corpus=str(corpus), bpb_windows=0, decode_tokens=2)
+    with pytest.raises(ValueError, match="exceed.*--beyond-context lifts this limit"):
+        hf_eval.run(str(short), ["full"], **kwargs)
+    lifted = hf_eval.run(str(short), ["full"], beyond_context=True, **kwargs)
+    plain = hf_eval.run(str(model), ["full"], **kwargs)
+    assert lifted["settings"]["beyond_context"] is True and plain["settings"]["beyond_context"] is False
+    assert [s["generated"] for s in lifted["methods"][0]["samples"]] == \
+        [s["generated"] for s in plain["methods"][0]["samples"]]
+    assert lifted["methods"][0]["accuracy"] == plain["methods"][0]["accuracy"]
+    with pytest.raises(ValueError, match="beyond_context must be True or False"):
+        hf_eval.run(str(model), ["full"], beyond_context="yes", **kwargs)
+
+
 def test_the_command_refuses_bad_input_with_status_2(folders, tmp_path, capsys, monkeypatch):
     from attnkit.hf import subject
 

@@ -550,7 +550,7 @@ def run(model=None, methods=DEFAULT_METHODS, *, lengths=DEFAULT_LENGTHS, depths=
         samples: int = DEFAULT_SAMPLES, tasks=("passkey",), pairs: int = 4, device: str = "cpu",
         dtype: str | None = None, seed: int = 0, bpb_windows: int = 8, bpb_length: int | None = None,
         decode_tokens: int = 32, batch_size: int = 8, corpus=None, threads: int | None = None, progress=None,
-        command: str | None = None) -> dict:
+        command: str | None = None, beyond_context: bool = False) -> dict:
     """Measure each method on the model; returns the record ``attnkit eval`` writes.
 
     Args:
@@ -571,6 +571,10 @@ def run(model=None, methods=DEFAULT_METHODS, *, lengths=DEFAULT_LENGTHS, depths=
             machine shared with other work a thread waiting for a descheduled one stalls every op,
             which makes small decode steps tens of times slower; torch's own on CUDA).
         progress: ``progress(done, total, description)``, called as the work advances.
+        beyond_context: allow lengths past the model's ``max_position_embeddings`` (the context it
+            was trained on) and its tokenizer's ``model_max_length``: the test of a length-extension
+            method such as LongHeads, with ``full`` as the row that shows the model failing there.
+            The record's ``settings`` say the limit was lifted. Bits per byte stays within the limit.
 
     Returns:
         dict: ``{"schema", "command", "created", "model": {path, config_sha256, ...}, "settings",
@@ -598,6 +602,8 @@ def run(model=None, methods=DEFAULT_METHODS, *, lengths=DEFAULT_LENGTHS, depths=
         _whole(bpb_length, "--bpb-length", 2)
     if threads is not None:
         _whole(threads, "--threads", 1)
+    if not isinstance(beyond_context, bool):
+        raise ValueError(f"beyond_context must be True or False, got {beyond_context!r}")
     torch_device = parse_device(device)
     torch_dtype = _dtype(dtype, torch_device)
     if corpus is not None and not Path(corpus).exists():
@@ -611,13 +617,13 @@ def run(model=None, methods=DEFAULT_METHODS, *, lengths=DEFAULT_LENGTHS, depths=
         torch.set_num_threads(threads)
     try:
         return _run(folder, plan, lengths, depths, samples, tasks, pairs, torch_device, torch_dtype, seed, bpb_windows,
-                    bpb_length, decode_tokens, batch_size, corpus, progress, command, started)
+                    bpb_length, decode_tokens, batch_size, corpus, progress, command, started, beyond_context)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _run(folder, plan, lengths, depths, samples, tasks, pairs, torch_device, torch_dtype, seed, bpb_windows, bpb_length,
-         decode_tokens, batch_size, corpus, progress, command, started) -> dict:
+         decode_tokens, batch_size, corpus, progress, command, started, beyond_context=False) -> dict:
     from .._meta import run_metadata
     from ..tasks.text import load_corpus
     from .attention import apply
@@ -625,11 +631,12 @@ def _run(folder, plan, lengths, depths, samples, tasks, pairs, torch_device, tor
     hf_model, tokenizer = _load(folder, torch_device, torch_dtype)
     info = _model_info(folder, hf_model, tokenizer, torch_dtype)
     limit, why = _length_limit(info)
-    if limit is not None:
+    if limit is not None and not beyond_context:
         too_long = [n for n in lengths if n > limit]
         if too_long:
-            raise ValueError(f"--lengths {too_long} exceed(s) {limit}, the {why} ({folder}); "
-                             f"accepted: lengths <= {limit}")
+            raise ValueError(f"--lengths {too_long} exceed(s) {limit}, the {why} ({folder}); accepted: lengths <= "
+                             f"{limit} (--beyond-context lifts this limit: the test of a length-extension method "
+                             f"such as LongHeads)")
     if bpb_length is None:
         bpb_length = min(1024, limit) if limit is not None else 1024
     elif limit is not None and bpb_length > limit:
@@ -730,7 +737,7 @@ def _run(folder, plan, lengths, depths, samples, tasks, pairs, torch_device, tor
                      "tasks": tasks, "pairs": pairs, "seed": seed, "device": str(torch_device),
                      "dtype": info["dtype"], "bpb_windows": bpb_windows, "bpb_length": bpb_length,
                      "decode_tokens": decode_tokens, "batch_size": batch_size, "corpus": corpus_info,
-                     "threads": torch.get_num_threads(),
+                     "threads": torch.get_num_threads(), "beyond_context": beyond_context,
                      "length_unit": "tokens of the model's tokenizer", "prefix_tokens": len(haystack.prefix),
                      "correct": "greedy: the generated text, leading whitespace removed, starts with the key"},
         "meta": meta,
@@ -986,6 +993,10 @@ def add_eval_parser(sub) -> None:
                    "work (default: 1 on CPU, torch's own on CUDA)")
     p.add_argument("--corpus", default=None,
                    help="a text file or folder whose held-out files are the haystack (default: the standard library)")
+    p.add_argument("--beyond-context", action="store_true",
+                   help="allow --lengths past the model's max_position_embeddings (its trained context) and its "
+                   "tokenizer's model_max_length: the test of a length-extension method such as LongHeads, with "
+                   "full attention as the row that shows the model failing there")
     p.add_argument("--out", default=None,
                    help="folder for eval.json, heatmaps.png and accuracy_vs_kv.png (default: a new "
                    "attnkit-eval-<UTC date-time> folder here)")
@@ -1030,7 +1041,7 @@ def cmd_eval(args) -> int:
                      tasks=args.task, pairs=args.pairs, device=args.device, dtype=args.dtype, seed=args.seed,
                      bpb_windows=args.bpb_windows, bpb_length=args.bpb_length, decode_tokens=args.decode_tokens,
                      batch_size=args.batch_size, corpus=args.corpus, threads=args.threads, progress=progress,
-                     command=invoked_command("eval"))
+                     command=invoked_command("eval"), beyond_context=args.beyond_context)
     except BaseException:
         if created and not any(folder.iterdir()):
             folder.rmdir()  # a refused or interrupted run leaves no empty folder behind
