@@ -253,6 +253,23 @@ def test_apply_by_name_and_card(llama):
         llama(torch.randint(1, VOCAB, (1, 20)), past_key_values=handle.cache())
 
 
+def test_a_batch_decodes_as_its_rows_do_alone(llama):
+    # the decode step attends under a mask of batch 1 (every row alike); it was refused for a batch of B > 1
+    # ("mask (1, 1, 1, S) does not fit B=4"), which stopped `attnkit eval` at its first batched cell
+    torch.manual_seed(0)
+    ids = torch.randint(1, VOCAB, (3, 24))
+    nxt = torch.randint(1, VOCAB, (3, 1))
+    with hf.apply(llama, ProxyAttn(block_size=4, budget=0.5)) as handle, torch.no_grad():
+        cache = handle.cache()
+        llama(ids, past_key_values=cache)
+        batched = llama(nxt, past_key_values=cache).logits
+        for row in range(3):
+            alone = handle.cache()
+            llama(ids[row:row + 1], past_key_values=alone)
+            torch.testing.assert_close(llama(nxt[row:row + 1], past_key_values=alone).logits, batched[row:row + 1],
+                                       atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("options, match", [
     (dict(block_size=0), "block_size must be a positive integer, got 0"),
     (dict(block_size=8.0), "block_size must be a positive integer, got 8.0"),

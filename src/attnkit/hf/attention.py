@@ -37,7 +37,8 @@ _LOCK = threading.Lock()
 
 
 class _DenseMask(_patterns.Pattern):
-    """A materialised boolean mask ``[B, 1|H, T, S]`` as a pattern (True = the pair counts)."""
+    """A materialised boolean mask ``[B|1, 1|H, T, S]`` as a pattern (True = the pair counts); a
+    mask of batch 1 holds for every row (expanded, a view, when the pattern is validated)."""
 
     depends_on_batch = True
 
@@ -62,6 +63,8 @@ class _DenseMask(_patterns.Pattern):
         return mask_mod
 
     def validate(self, batch, heads, kv_len):
+        if self.mask.shape[0] == 1 and batch > 1 and self.mask.shape[3] == kv_len:
+            self.mask = self.mask.expand(batch, *self.mask.shape[1:])  # a view: every row the same
         if self.mask.shape[0] != batch or self.mask.shape[3] != kv_len:
             raise ValueError(f"mask {tuple(self.mask.shape)} does not fit B={batch}, S={kv_len}")
 
