@@ -59,16 +59,13 @@ def plot(rows: list[dict], file: Path) -> None:
                 continue
             xs, ys = [p["kv_vs_full"] for p in pts], [p["accuracy"] for p in pts]
             ax.plot(xs, ys, marker=markers[i % len(markers)], color=colors[fam], label=fam, lw=1.5, ms=7, alpha=0.85)
-            for p in pts:  # the budget, short: the label's options
-                opts = p["label"].split(":", 1)[1] if ":" in p["label"] else ""
-                short = ",".join(o for o in opts.split(",") if not o.startswith("pattern="))
-                if short:
-                    ax.annotate(short, (p["kv_vs_full"], p["accuracy"]), fontsize=6.5, xytext=(3, -9),
-                                textcoords="offset points", color=colors[fam])
+        _annotate(ax, [r for r in rows if r["length"] == length], colors)
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
-        ax.tick_params(axis="x", which="minor", labelsize=7)
+        low = min(r["kv_vs_full"] for r in rows if r["length"] == length)
+        ticks = [2.0 ** -e for e in range(0, 12) if 2.0 ** -e >= low / 1.5]  # 1, 1/2, 1/4, ... down to the data
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:.3g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("KV bytes after prefill / full attention's (log)")
         ax.set_title(f"passkey at {length} tokens")
         ax.grid(alpha=0.3, which="both")
@@ -79,6 +76,41 @@ def plot(rows: list[dict], file: Path) -> None:
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     plt.close(fig)
+
+
+def _short(label: str) -> str:
+    """A row's options without the pattern file: the budget that tells its points apart."""
+    opts = label.split(":", 1)[1] if ":" in label else ""
+    return ",".join(o for o in opts.split(",") if not o.startswith("pattern="))
+
+
+def _annotate(ax, rows: list[dict], colors: dict) -> None:
+    """One label per place on the chart: points that coincide (same bytes within 2 %, same accuracy
+    within 0.02) share a label naming each family once, so no two labels are drawn over each other."""
+    places: list[list[dict]] = []
+    for r in sorted(rows, key=lambda r: (r["kv_vs_full"], -r["accuracy"])):
+        for place in places:
+            if abs(place[0]["kv_vs_full"] / r["kv_vs_full"] - 1) < 0.02 and abs(place[0]["accuracy"] - r["accuracy"]) < 0.02:
+                place.append(r)
+                break
+        else:
+            places.append([r])
+    for place in places:
+        families = list(dict.fromkeys(r["family"] for r in place))
+        parts = []
+        for fam in families:
+            opts = [_short(r["label"]) for r in place if r["family"] == fam]
+            if len(families) == 1:
+                parts.append(opts[0] if len(opts) == 1 else f"{fam} x{len(opts)}")
+            else:
+                parts.append(fam + (f" x{len(opts)}" if len(opts) > 1 else ""))
+        text = "; ".join(p for p in parts if p)
+        if text:
+            color = colors[families[0]] if len(families) == 1 else "0.3"
+            right = place[0]["kv_vs_full"] > 0.7  # near full's end: the label to the left, above the point
+            ax.annotate(text, (place[0]["kv_vs_full"], place[0]["accuracy"]), fontsize=6.5,
+                        xytext=(-6, 5) if right else (3, -9), textcoords="offset points", color=color,
+                        ha="right" if right else "left")
 
 
 def table(rows: list[dict]) -> str:
