@@ -36,37 +36,7 @@ _ROUTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
-class _DenseMask(_patterns.Pattern):
-    """A materialised boolean mask ``[B|1, 1|H, T, S]`` as a pattern (True = the pair counts); a
-    mask of batch 1 holds for every row (expanded, a view, when the pattern is validated)."""
-
-    depends_on_batch = True
-
-    def __init__(self, mask: Tensor):
-        self.mask = mask
-        self.depends_on_head = mask.shape[1] > 1
-
-    def dense(self, q_len, kv_len, *, q_offset=None, batch=1, heads=1, device=None):
-        if tuple(self.mask.shape[2:]) != (q_len, kv_len):
-            raise ValueError(f"mask covers [T, S] = {list(self.mask.shape[2:])}, asked for [{q_len}, {kv_len}]")
-        return self.mask
-
-    def allowed(self, b, h, q_pos, k_pos):  # FlexAttention's face (q_pos here relative to the block)
-        return self.mask[b, h if self.depends_on_head else 0, q_pos, k_pos]
-
-    def mask_mod(self, q_offset=0):
-        mask, per_head = self.mask, self.depends_on_head
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return mask[b, h if per_head else 0, q_idx, kv_idx]
-
-        return mask_mod
-
-    def validate(self, batch, heads, kv_len):
-        if self.mask.shape[0] == 1 and batch > 1 and self.mask.shape[3] == kv_len:
-            self.mask = self.mask.expand(batch, *self.mask.shape[1:])  # a view: every row the same
-        if self.mask.shape[0] != batch or self.mask.shape[3] != kv_len:
-            raise ValueError(f"mask {tuple(self.mask.shape)} does not fit B={batch}, S={kv_len}")
+_DenseMask = _patterns.DenseMask  # a materialised mask as a pattern (moved to patterns: diffusion uses it too)
 
 
 def _bool_mask(mask) -> Tensor | None:

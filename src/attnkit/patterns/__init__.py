@@ -46,6 +46,8 @@ __all__ = [
     "PerHead",
     "Documents",
     "KeyPadding",
+    "DenseMask",
+    "dense_mask",
     "S2Strided",
     "AtKeyPositions",
     "AtQueryPositions",
@@ -727,7 +729,55 @@ class Or(_Binary):
         return self.left.allowed(b, h, q_pos, k_pos) | self.right.allowed(b, h, q_pos, k_pos)
 
 
+class DenseMask(Pattern):
+    """A materialised boolean mask ``[B|1, 1|H, T, S]`` as a pattern (True = the pair counts):
+    query ``i`` of the call and key ``j`` index it directly, whatever the positions. A mask of
+    batch 1 holds for every row (expanded, a view, when the pattern is validated). For masks no
+    closed form gives: a method's region masks over image tokens, a cache's kept positions."""
+
+    depends_on_batch = True
+
+    def __init__(self, mask: Tensor):
+        if not isinstance(mask, Tensor) or mask.dim() != 4 or mask.dtype != torch.bool:
+            got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"DenseMask: mask must be a boolean tensor [B|1, 1|H, T, S], got {got}")
+        self.mask = mask
+        self.depends_on_head = mask.shape[1] > 1
+
+    def dense(self, q_len, kv_len, *, q_offset=None, batch=1, heads=1, device=None):
+        if tuple(self.mask.shape[2:]) != (q_len, kv_len):
+            raise ValueError(f"mask covers [T, S] = {list(self.mask.shape[2:])}, asked for [{q_len}, {kv_len}]")
+        return self.mask
+
+    def allowed(self, b, h, q_pos, k_pos):  # FlexAttention's face (q_pos here relative to the block)
+        return self.mask[b, h if self.depends_on_head else 0, q_pos, k_pos]
+
+    def mask_mod(self, q_offset=0):
+        mask, per_head = self.mask, self.depends_on_head
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask[b, h if per_head else 0, q_idx, kv_idx]
+
+        return mask_mod
+
+    def to(self, device) -> "DenseMask":
+        return self if self.mask.device == torch.device(device) else DenseMask(self.mask.to(device))
+
+    def validate(self, batch, heads, kv_len):
+        if self.mask.shape[0] == 1 and batch > 1 and self.mask.shape[3] == kv_len:
+            self.mask = self.mask.expand(batch, *self.mask.shape[1:])  # a view: every row the same
+        if self.mask.shape[0] != batch or self.mask.shape[3] != kv_len:
+            raise ValueError(f"mask {tuple(self.mask.shape)} does not fit B={batch}, S={kv_len}")
+        if self.depends_on_head and self.mask.shape[1] != heads:
+            raise ValueError(f"mask {tuple(self.mask.shape)} has {self.mask.shape[1]} heads; the call has {heads} "
+                             "(accepted: 1, for every head, or one per query head)")
+
+
 # -- factories ---------------------------------------------------------------------------
+def dense_mask(mask: Tensor) -> Pattern:
+    return DenseMask(mask)
+
+
 def full() -> Pattern:
     return Full()
 
