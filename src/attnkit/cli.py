@@ -34,11 +34,35 @@ def _cmd_list(args) -> int:
             yes(caps.varlen),
         )
     console().print(table)
+    _list_hf()
+    _list_diffusion()
+    return 0
+
+
+def _list_diffusion() -> None:
+    from rich.table import Table
+
+    try:  # attention sharing in diffusers pipelines: its own list (attnkit.diffusion needs the diffusion extra)
+        from .diffusion import CARDS as diffusion_cards
+    except ImportError:
+        console().print('attnkit.diffusion methods: not available here (pip install "attnkit[diffusion]")')
+        return
+    table = Table(title="attnkit.diffusion methods (attnkit.diffusion.apply(pipe, name))")
+    for column in ("name", "paper", "what it does"):
+        table.add_column(column, overflow="fold")
+    for card in diffusion_cards:
+        table.add_row(card.name, card.paper, card.summary)
+    console().print(table)
+
+
+def _list_hf() -> None:
+    from rich.table import Table
+
     try:  # the methods on Hugging Face models: their own list (attnkit.hf needs the hf extra)
         from .hf import CARDS as hf_cards
     except ImportError:
         console().print('attnkit.hf methods: not available here (pip install "attnkit[hf]")')
-        return 0
+        return
     methods = Table(title="attnkit.hf methods (attnkit.hf.apply(model, name))")
     for column in ("name", "paper", "what it does"):
         methods.add_column(column, overflow="fold")
@@ -53,7 +77,6 @@ def _cmd_list(args) -> int:
     for card in TOOL_CARDS:
         tools.add_row(card.name, card.paper, card.summary)
     console().print(tools)
-    return 0
 
 
 def _version_text() -> str:

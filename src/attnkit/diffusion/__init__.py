@@ -1,0 +1,21 @@
+"""attnkit.diffusion: attention sharing for diffusers pipelines (needs ``attnkit[diffusion]``).
+
+:func:`apply` sets attnkit's attention processors on a pipeline's denoiser (FLUX-style
+transformers, UNets) and hands each attention call to a method, which decides what each image's
+queries attend to; ``remove()`` (or leaving ``with``) restores the pipeline. See
+docs/diffusion.md."""
+
+from __future__ import annotations
+
+try:
+    import diffusers as _diffusers  # noqa: F401
+except ImportError as err:  # pragma: no cover - exercised where the extra is missing
+    raise ImportError('attnkit.diffusion needs diffusers: pip install "attnkit[diffusion]"') from err
+
+from .cards import CARDS
+from .methods import METHODS, build
+from .sharing import (AttnCall, Handle, KVBank, SharedAttention, Sharing, Site, adain, apply, attention_modules,
+                      rows)
+
+__all__ = ["CARDS", "METHODS", "AttnCall", "Handle", "KVBank", "SharedAttention", "Sharing", "Site", "adain",
+           "apply", "attention_modules", "build", "rows"]
