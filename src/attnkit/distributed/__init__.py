@@ -1,0 +1,12 @@
+"""attnkit.distributed: attention across the ranks of a ``torch.distributed`` process group.
+
+Sequence parallelism for softmax attention (:func:`ring_attend`, :func:`ulysses_attend`), the
+sequence shards (:func:`shard`, :func:`unshard`, zigzag for causal balance) and :func:`spawn`
+(W local processes on gloo, for tests and trying it without torchrun). See docs/distributed.md."""
+
+from __future__ import annotations
+
+from .launch import check_ring, spawn
+from .ring import LAYOUTS, ring_attend, ring_bytes, sent_bytes, shard, shard_positions, ulysses_attend, unshard
+
+__all__ = ["LAYOUTS", "ring_attend", "ring_bytes", "sent_bytes", "check_ring", "shard", "shard_positions", "spawn", "ulysses_attend", "unshard"]
