@@ -119,17 +119,27 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, group, what: str) -> None:
                          "one sequence: [B, Hq, T, D], [B, Hkv, T, D], [B, Hkv, T, Dv]")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{what}: query heads {q.shape[1]} must be a multiple of key / value heads {k.shape[1]}")
-    # every rank must hold the same shapes (else a send / receive pair would wait forever)
-    mine = torch.tensor([*q.shape, *k.shape, *v.shape], dtype=torch.long)
+    _check_same_shapes([q, k, v], group, what)
+
+
+def _check_same_shapes(tensors: list[Tensor], group, what: str) -> None:
+    """Every rank must hold the same shapes (else a send / receive pair would wait forever): one
+    all-gather of the shapes, and a ``ValueError`` on every rank where they differ."""
+    mine = torch.tensor([d for t in tensors for d in t.shape], dtype=torch.long)
     world = dist.get_world_size(group)
     if world > 1:
-        device = q.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        everyone = [torch.empty_like(mine, device=device) for _ in range(world)]
-        dist.all_gather(everyone, mine.to(device), group=group)
+        device = tensors[0].device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([mine.numel()], device=device), group=group)
+        longest = int(max(t.item() for t in sizes))
+        padded = torch.full((longest,), -1, dtype=torch.long, device=device)
+        padded[: mine.numel()] = mine.to(device)
+        everyone = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(everyone, padded, group=group)
         shapes = {tuple(t.tolist()) for t in everyone}
         if len(shapes) > 1:
             raise ValueError(f"{what}: the ranks hold shards of different shapes {sorted(shapes)}; every rank must "
-                             "pass q / k / v of the same shape")
+                             "pass inputs of the same shape")
 
 
 # -- the ring ----------------------------------------------------------------------------------------
