@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .lasp2 import lasp2_bytes, lasp2_lightning
 from .launch import check_ring, spawn
+from .parallel import MODES, Parallel, parallelize, sequence_loss, sum_gradients
 from .ring import LAYOUTS, ring_attend, ring_bytes, sent_bytes, shard, shard_positions, ulysses_attend, unshard
 
-__all__ = ["lasp2_bytes", "lasp2_lightning", "LAYOUTS", "ring_attend", "ring_bytes", "sent_bytes", "check_ring", "shard", "shard_positions", "spawn", "ulysses_attend", "unshard"]
+__all__ = ["MODES", "Parallel", "parallelize", "sequence_loss", "sum_gradients", "lasp2_bytes", "lasp2_lightning", "LAYOUTS", "ring_attend", "ring_bytes", "sent_bytes", "check_ring", "shard", "shard_positions", "spawn", "ulysses_attend", "unshard"]
