@@ -249,3 +249,72 @@ def test_bad_input_raises_a_clear_value_error(case):
     call, message = BAD[case]
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# -- the diffusers scheduler ---------------------------------------------------------------------------
+
+
+def tiny_flux_pipeline(scheduler):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]).eval()
+    vae = diffusers.AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
+                                  layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False,
+                                  use_post_quant_conv=False)
+    pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+                                  text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_scheduler_in_a_flux_pipeline_equals_rf_solver_on_the_transformer():
+    diffusers = pytest.importorskip("diffusers")
+    from attnkit.diffusion.rf_solver import RFSolverScheduler
+
+    flux_config = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0).config
+    pipe = tiny_flux_pipeline(RFSolverScheduler.from_config(flux_config))
+    g = torch.Generator().manual_seed(0)
+    prompt, pooled = torch.randn(2, 8, 32, generator=g), torch.randn(2, 32, generator=g)
+    latents = torch.randn(2, 256, 4, generator=g)  # packed: 16 x 16 tokens of 1 x 2 x 2 channels
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((float(kw["timestep"][0]), pipe.scheduler.solver_step, pipe.scheduler.stage)),
+        with_kwargs=True)
+    out = pipe(prompt_embeds=prompt, pooled_prompt_embeds=pooled, latents=latents, num_inference_steps=4, height=32,
+               width=32, output_type="latent").images
+    hook.remove()
+
+    img_ids = pipe._prepare_latent_image_ids(2, 16, 16, "cpu", torch.float32)
+
+    def velocity(x, t):
+        with torch.no_grad():
+            return pipe.transformer(hidden_states=x, timestep=torch.full((x.shape[0],), t), pooled_projections=pooled,
+                                    encoder_hidden_states=prompt, txt_ids=torch.zeros(8, 3), img_ids=img_ids,
+                                    return_dict=False)[0]
+
+    ts = timesteps(4, image_seq_len=256)
+    ref = sample(velocity, latents, ts=ts)
+    assert len(seen) == ref.nfe == 8
+    torch.testing.assert_close(out, ref.x, rtol=1e-5, atol=1e-5)
+    expected_t = [t for a, b in zip(ts[:-1].tolist(), ts[1:].tolist()) for t in (a, (a + b) / 2)]
+    assert [t for t, _, _ in seen] == pytest.approx(expected_t, abs=1e-6)
+    assert [(s, st) for _, s, st in seen] == [(i, st) for i in range(4) for st in STAGES]
+
+
+def test_scheduler_bad_use():
+    pytest.importorskip("diffusers")
+    from attnkit.diffusion.rf_solver import RFSolverScheduler
+
+    with pytest.raises(ValueError, match="stochastic_sampling=True"):
+        RFSolverScheduler(stochastic_sampling=True).set_timesteps(3)
+    sched = RFSolverScheduler()
+    sched.set_timesteps(1)
+    x = torch.zeros(2, 3)
+    for t in sched.timesteps:
+        x = sched.step(torch.ones(2, 3), t, x, return_dict=False)[0]
+    torch.testing.assert_close(x, torch.full((2, 3), -1.0))  # v = 1 from t = 1 to 0
+    with pytest.raises(ValueError, match="step\\(\\) was called 3 times for 2 timesteps"):
+        sched.step(torch.ones(2, 3), sched.timesteps[-1], x)

@@ -300,3 +300,89 @@ class GaussianFlow:
         ratio = var_to / var
         ratio = ratio.sqrt() if isinstance(ratio, Tensor) else math.sqrt(ratio)
         return m_to + ratio * (x - m)
+
+
+# -- diffusers: a scheduler that runs RF-Solver-2 inside a pipeline's own loop -----------------------
+
+try:
+    from diffusers import FlowMatchEulerDiscreteScheduler as _FlowMatchEuler
+except ImportError:  # pragma: no cover - the solver above needs only torch
+    _FlowMatchEuler = None
+
+if _FlowMatchEuler is not None:
+
+    class RFSolverScheduler(_FlowMatchEuler):
+        """RF-Solver-2 as a diffusers scheduler, for pipelines that loop over
+        ``scheduler.timesteps`` calling the model once per entry (FluxPipeline, SD3).
+
+        Two model calls per solver step fit diffusers' loop the way its own
+        ``FlowMatchHeunDiscreteScheduler`` does it: :meth:`set_timesteps` interleaves each step's
+        time with its midpoint (``2 * steps`` entries, ``order = 2``), the first ``step()`` of a
+        pair returns the Euler half step ``x_mid`` (the latents the pipeline feeds the model
+        next), the second returns RF-Solver's update from the pair's start. The schedule is
+        FlowMatchEulerDiscreteScheduler's (FLUX's ``mu`` shift, SD3's ``shift``, its sigma
+        options), so ``RFSolverScheduler.from_config(pipe.scheduler.config)`` swaps it in; the
+        same arithmetic as :func:`rf_solver` (``form="taylor"``), in float32 like diffusers'
+        schedulers. ``stage`` / ``solver_step`` say what the next model call evaluates
+        (``"main"`` / ``"midpoint"`` of solver step ``solver_step``) for hooks.
+        Not supported: ``stochastic_sampling``, ``invert_sigmas``, per-token timesteps,
+        starting mid-schedule (img2img ``strength``)."""
+
+        order = 2
+
+        def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, mu=None,
+                          timesteps=None):
+            if self.config.stochastic_sampling or self.config.invert_sigmas:
+                raise ValueError("RFSolverScheduler integrates the ODE from noise (t = 1) to data; its config has "
+                                 f"stochastic_sampling={self.config.stochastic_sampling}, invert_sigmas="
+                                 f"{self.config.invert_sigmas}; accepted: both False")
+            super().set_timesteps(num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+            main = self.sigmas  # [steps + 1], the terminal 0 appended
+            mid = (main[:-1] + main[1:]) / 2
+            # sigmas[k] is the time of timesteps[k]: t_0, mid_0, t_1, mid_1, ..., then the terminal 0
+            self.sigmas = torch.cat([torch.stack([main[:-1], mid], dim=1).flatten(), main[-1:]])
+            self.timesteps = self.sigmas[:-1] * self.config.num_train_timesteps
+            self._pending = None
+
+        @property
+        def stage(self) -> str:
+            """What the next model call evaluates: ``"main"`` or ``"midpoint"``."""
+            return STAGES[(self._step_index or self._begin_index or 0) % 2]
+
+        @property
+        def solver_step(self) -> int:
+            """The solver step the next model call belongs to (0 first)."""
+            return (self._step_index or self._begin_index or 0) // 2
+
+        def step(self, model_output: Tensor, timestep, sample: Tensor, *args, return_dict: bool = True, **kwargs):
+            """Advance by one model call: the Euler half step after a main call, RF-Solver's update
+            after a midpoint call. ``model_output`` the velocity, shaped as ``sample``."""
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            k = self._step_index
+            if k >= len(self.timesteps):
+                raise ValueError(f"step() was called {k + 1} times for {len(self.timesteps)} timesteps; call "
+                                 "set_timesteps again before a new run")
+            t, t_next = self.sigmas[k - k % 2].item(), self.sigmas[k - k % 2 + 2].item()
+            h = t_next - t
+            v = model_output.to(torch.float32)
+            if k % 2 == 0:
+                x = sample.to(torch.float32)
+                self._pending = (x, v)
+                out = x + (h / 2) * v
+            else:
+                if getattr(self, "_pending", None) is None:
+                    raise ValueError("a midpoint step() came without its main step; call set_timesteps again")
+                x, v_main = self._pending
+                derivative = (v - v_main) / (h / 2)
+                out = x + h * v_main + (h * h / 2) * derivative
+                self._pending = None
+            self._step_index += 1
+            out = out.to(model_output.dtype)
+            if not return_dict:
+                return (out,)
+            from diffusers.schedulers.scheduling_flow_match_euler_discrete import \
+                FlowMatchEulerDiscreteSchedulerOutput
+            return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=out)
+
+    __all__.append("RFSolverScheduler")
