@@ -199,6 +199,15 @@ def test_schedule_matches_diffusers_flux_scheduler():
     torch.testing.assert_close(sched.sigmas.double(), timesteps(n, image_seq_len=seq), rtol=0, atol=1e-6)
 
 
+def test_times_as_tensor_array_or_list_agree():
+    flow = GaussianFlow(mean=0.5, std=0.7)
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    grid = [1.0, 0.7, 0.3, 0.0]
+    ref = rf_solver(flow.velocity, x, grid).x
+    for ts in (torch.tensor(grid, dtype=torch.float64), np.asarray(grid), tuple(grid)):
+        torch.testing.assert_close(rf_solver(flow.velocity, x, ts).x, ref, rtol=0, atol=1e-15)
+
+
 def test_dtype_and_shape_are_kept():
     flow = GaussianFlow(mean=0.5, std=0.7)
     x = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0))  # float32, FLUX-like [B, N, C]
@@ -226,6 +235,7 @@ BAD = [
     (lambda: rf_solver(GaussianFlow().velocity, torch.zeros(2), [1.0, float("nan")]), r"ts must lie in \[0, 1\]"),
     (lambda: rf_solver(GaussianFlow().velocity, torch.zeros(2), torch.ones(2, 2)), "ts must be 1-D .*shape \\(2, 2\\)"),
     (lambda: rf_solver(GaussianFlow().velocity, torch.zeros(2), "10"), "ts must be a 1-D tensor or a sequence"),
+    (lambda: rf_solver(GaussianFlow().velocity, torch.zeros(2), np.ones((2, 2))), "ts must be 1-D"),
     (lambda: rf_solver(GaussianFlow().velocity, torch.zeros(2), [1.0, "a"]), "ts must hold numbers"),
     (lambda: rf_solver(GaussianFlow().velocity, torch.zeros(2), [1.0, 0.0], order=3), "order must be 1 .* or 2 .*got 3"),
     (lambda: rf_solver(GaussianFlow().velocity, torch.zeros(2), [1.0, 0.0], order=True), "order must be 1"),

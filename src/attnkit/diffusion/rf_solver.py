@@ -42,6 +42,12 @@ of ``n`` is sampling step ``n - 1 - i``, and ``(max(t, t_next), stage)`` is the 
 passes, the key of the official code's value bank (``info['t'] = t_prev if inverse else t_curr``
 plus ``info['second_order']``). A pass is an inversion when ``t_next > t``.
 
+In a diffusers pipeline, :class:`RFSolverScheduler` (when diffusers is installed) runs the same
+update inside the pipeline's own loop. :class:`GaussianFlow` is a flow with a closed-form
+velocity and solution, the reference of the tests, the docs' examples and
+``benchmarks/rf_solver_order.py``; on it RF-Solver converges as h^3, not h^2 (the midpoint rule's
+h^3 local error term vanishes on Gaussian-to-Gaussian flows), so it flatters the solver.
+
     >>> import torch
     >>> from attnkit.diffusion.rf_solver import rf_solver, timesteps
     >>> x, nfe = rf_solver(lambda x, t: -x, torch.ones(3), timesteps(4))
@@ -129,6 +135,8 @@ def timesteps(steps: int, shift: float | None = None, *, image_seq_len: int | No
 
 def _times(ts) -> list[float]:
     """``ts`` checked: at least 2 finite times in [0, 1], strictly decreasing or strictly increasing."""
+    if not isinstance(ts, Tensor) and hasattr(ts, "__array__") and hasattr(ts, "ndim"):  # a NumPy array
+        ts = torch.as_tensor(ts)
     if isinstance(ts, Tensor):
         if ts.dim() != 1:
             raise ValueError(f"ts must be 1-D (the times, endpoints included), got a tensor of shape {tuple(ts.shape)}")
@@ -179,7 +187,7 @@ def rf_solver(velocity: Velocity, x: Tensor, ts, order: int = 2, callback: Callb
 
     ``velocity(x, t)``: x shaped as ``x`` (any shape, e.g. FLUX's packed latents ``[B, N, C]``),
     ``t`` a Python float; returns a tensor shaped as x. ``ts``: the times, endpoints included
-    (``steps + 1`` of them, a 1-D tensor or a sequence), strictly decreasing to sample (1 -> 0),
+    (``steps + 1`` of them, a 1-D tensor, NumPy array or sequence), strictly decreasing to sample (1 -> 0),
     strictly increasing to invert (0 -> 1); see :func:`timesteps`. ``order``: 2 for RF-Solver-2
     (two evaluations per step: at ``(x, t)`` and at the Euler half step), 1 for Euler.
     ``callback(step, t, t_next, x, stage)``: called before each evaluation (see the module
