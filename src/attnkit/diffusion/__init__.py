@@ -19,3 +19,8 @@ from .sharing import (AttnCall, Handle, KVBank, SharedAttention, Sharing, Site, 
 
 __all__ = ["CARDS", "METHODS", "AttnCall", "Handle", "KVBank", "SharedAttention", "Sharing", "Site", "adain",
            "apply", "attention_modules", "build", "rows"]
+
+from . import rf_solver  # noqa: E402  (RF-Solver: rectified-flow sampling and inversion, a module)
+from .rf_solver import RFSolverScheduler  # noqa: E402
+
+__all__ += ["rf_solver", "RFSolverScheduler"]
