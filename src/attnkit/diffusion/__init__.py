@@ -19,3 +19,8 @@ from .sharing import (AttnCall, Handle, KVBank, SharedAttention, Sharing, Site, 
 
 __all__ = ["CARDS", "METHODS", "AttnCall", "Handle", "KVBank", "SharedAttention", "Sharing", "Site", "adain",
            "apply", "attention_modules", "build", "rows"]
+
+from .alignedgen import AlignedGen  # noqa: E402  (appended per method: union-merge friendly)
+__all__ += ["AlignedGen"]
+from .freecus import FreeCus  # noqa: E402
+__all__ += ["FreeCus"]
