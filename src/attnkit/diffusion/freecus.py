@@ -109,7 +109,8 @@ class FreeCus(Sharing):
             raise ValueError(f"scale must be a number > 0, got {scale!r}")
         if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
             raise ValueError(f"chunks must be an integer >= 1, got {chunks!r}")
-        self.reference, self.bank, self.scale, self.scale_text, self.chunks = reference, bank, scale, bool(scale_text), chunks
+        self.reference, self.bank, self.scale, self.chunks = reference, bank, scale, chunks
+        self.scale_text = bool(scale_text)
         self.mask = _check_mask(mask)
 
     def _subject(self, call: AttnCall) -> Tensor:
@@ -139,7 +140,10 @@ class FreeCus(Sharing):
             if call.site.phase == "reference":  # the reference pass: keep its subject's keys and values
                 self.bank.put(call.site.name, call.site.step, k[:, :, img][:, :, fg], v[:, :, img][:, :, fg])
                 return call.attend()
-            k_ref, v_ref = self.bank.get(call.site.name, call.site.step, device=q.device)  # [Bref, H, n, D]
+            try:
+                k_ref, v_ref = self.bank.get(call.site.name, call.site.step, device=q.device)  # [Bref, H, n, D]
+            except ValueError as err:
+                raise ValueError(f"{err}; FreeCus records in a pass run with handle.phase = 'reference'") from None
             groups = rows(call.batch, self.chunks)
             if (k_ref.dim() != 4 or k_ref.shape[0] not in (1, len(groups)) or k_ref.shape[1] != q.shape[1]
                     or k_ref.shape[3] != q.shape[3]):
