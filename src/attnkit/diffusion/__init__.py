@@ -24,3 +24,7 @@ from . import rf_solver  # noqa: E402  (RF-Solver: rectified-flow sampling and i
 from .rf_solver import RFSolverScheduler  # noqa: E402
 
 __all__ += ["rf_solver", "RFSolverScheduler"]
+from .alignedgen import AlignedGen  # noqa: E402  (appended per method: union-merge friendly)
+__all__ += ["AlignedGen"]
+from .freecus import FreeCus  # noqa: E402
+__all__ += ["FreeCus"]

@@ -37,3 +37,15 @@ CARDS = (
          summary="targets also attend to a reference image's keys and values (optionally AdaIN on q / k): "
                  "StyleAligned, AlignedGen's naive-sharing baseline"),
 )
+
+from .alignedgen import AlignedGen  # noqa: E402  (appended per method: union-merge friendly)
+CARDS += (Card("alignedgen", "AlignedGen: Aligning Style Across Generated Images", "2509.17088", "diffusion",
+               AlignedGen, sharing_flops(1.0), defaults={"reference": 0}, kind="diffusion", capabilities=_CAPS,
+               summary="targets also attend to the reference's image keys at shifted RoPE positions (ShiftPE), "
+                       "AdaIN on q / k, a logit scale, in FLUX's single blocks"),)
+from .freecus import FreeCus  # noqa: E402
+CARDS += (Card("freecus", "FreeCus: Free Lunch Subject-driven Customization in Diffusion Transformers", "2507.15249",
+               "diffusion", FreeCus, sharing_flops(1.0), defaults={"reference": 0}, kind="diffusion",
+               capabilities=_CAPS,
+               summary="in pivotal modules only, targets also attend to a reference subject's keys and values "
+                       "(scaled), the reference noised with FLUX's sigma shift negated"),)

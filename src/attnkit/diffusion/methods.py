@@ -28,3 +28,8 @@ def build(name: str, **options) -> Sharing:
         accepted = sorted(k for k, p in params.items() if k != "self" and p.kind is not p.VAR_KEYWORD)
         raise ValueError(f"method {name!r} does not take option(s) {unknown}; accepted: {', '.join(accepted)}")
     return cls(**options)
+
+from .alignedgen import AlignedGen  # noqa: E402  (appended per method file: union-merge friendly)
+METHODS["alignedgen"] = AlignedGen
+from .freecus import FreeCus  # noqa: E402
+METHODS["freecus"] = FreeCus
