@@ -28,3 +28,5 @@ from .alignedgen import AlignedGen  # noqa: E402  (appended per method: union-me
 __all__ += ["AlignedGen"]
 from .freecus import FreeCus  # noqa: E402
 __all__ += ["FreeCus"]
+from .rf_edit import RFEdit  # noqa: E402
+__all__ += ["RFEdit"]

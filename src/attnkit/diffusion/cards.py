@@ -49,3 +49,9 @@ CARDS += (Card("freecus", "FreeCus: Free Lunch Subject-driven Customization in D
                capabilities=_CAPS,
                summary="in pivotal modules only, targets also attend to a reference subject's keys and values "
                        "(scaled), the reference noised with FLUX's sigma shift negated"),)
+from .rf_edit import RFEdit  # noqa: E402
+CARDS += (Card("rf-edit", "Taming Rectified Flow for Inversion and Editing (RF-Edit)", "2411.04746", "diffusion",
+               RFEdit, sharing_flops(0.0), defaults={"inject": 2, "single_from": 20}, kind="diffusion",
+               capabilities=_CAPS,
+               summary="the inversion's attention values replace the sampling pass's in the late single blocks "
+                       "of the first sampling steps (use with attnkit.diffusion.rf_solver)"),)

@@ -33,3 +33,5 @@ from .alignedgen import AlignedGen  # noqa: E402  (appended per method file: uni
 METHODS["alignedgen"] = AlignedGen
 from .freecus import FreeCus  # noqa: E402
 METHODS["freecus"] = FreeCus
+from .rf_edit import RFEdit  # noqa: E402
+METHODS["rf-edit"] = RFEdit
