@@ -486,7 +486,10 @@ def test_the_command_refuses_bad_input_with_status_2(folders, tmp_path, capsys, 
 
     model, corpus = folders
     monkeypatch.setattr(subject, "DEFAULT_PATH", tmp_path / "not-trained-yet")
+    monkeypatch.chdir(tmp_path / "..")  # the default --out is a new folder here: a refused run must not leave it
+    before = set((tmp_path / "..").iterdir())
     assert main(["eval", "--corpus", str(corpus)]) == 2
+    assert set((tmp_path / "..").iterdir()) == before
     err = capsys.readouterr().err
     assert "attnkit eval: error: --model not given and the shipped subject model is missing" in err
     assert "pass --model PATH" in err

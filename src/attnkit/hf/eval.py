@@ -925,9 +925,10 @@ def write_record(record: dict, out, plots: bool = True) -> list[Path]:
     return written
 
 
-def _out_folder(out) -> Path:
-    """``--out``, or a fresh ``attnkit-eval-<UTC timestamp>`` folder here; refused when it is a file
-    or cannot be written."""
+def _out_folder(out) -> tuple[Path, bool]:
+    """``(folder, created)``: ``--out``, or a fresh ``attnkit-eval-<UTC timestamp>`` folder here,
+    and whether this call created it (the write check makes it); refused when it is a file or
+    cannot be written."""
     if out is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         folder, n = Path(f"attnkit-eval-{stamp}"), 1
@@ -940,8 +941,9 @@ def _out_folder(out) -> Path:
             raise ValueError(f"--out {str(out)!r} is a file; accepted: a folder (created if missing)")
     from .._console import check_writable
 
-    check_writable(folder / JSON_NAME, "--out")
-    return folder
+    existed = folder.exists()
+    check_writable(folder / JSON_NAME, "--out")  # creates the folder
+    return folder, not existed
 
 
 # -- the command ----------------------------------------------------------------------------------------
@@ -1011,8 +1013,7 @@ def cmd_eval(args) -> int:
     methods = args.method if args.method else list(DEFAULT_METHODS)
     parse_methods(methods)  # a bad spec is refused before anything is created
     _pyplot()  # before the run: a missing matplotlib must not cost it
-    folder = _out_folder(args.out)
-    created = not folder.exists()
+    folder, created = _out_folder(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     bar = task = printer = None
     if sys.stderr.isatty():
