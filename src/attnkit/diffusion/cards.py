@@ -37,3 +37,24 @@ CARDS = (
          summary="targets also attend to a reference image's keys and values (optionally AdaIN on q / k): "
                  "StyleAligned, AlignedGen's naive-sharing baseline"),
 )
+
+from .irdiffusion import IRDiffusion  # noqa: E402
+
+CARDS = CARDS + (
+    Card("ir-diffusion", "Improving Multi-Subject Consistency in Open-Domain Image Generation with Isolation and "
+         "Reposition Attention", "2411.19261", "diffusion", IRDiffusion, sharing_flops(1.0),
+         defaults={"references": (0,), "target": 1, "reference_masks": ((0, 0, 1, 1),),
+                   "target_masks": ((0, 0, 1, 1),)}, kind="diffusion", capabilities=_CAPS,
+         summary="the target's subjects attend only to their own reference subject, scaled and moved onto the "
+                 "target's subject (resampled, re-rotated), and not to each other (isolation)"),
+)
+
+from .diffuhaul import DiffUHaul  # noqa: E402
+
+CARDS = CARDS + (
+    Card("diffuhaul", "DiffUHaul: A Training-Free Method for Object Dragging in Images", "2406.01594", "diffusion",
+         DiffUHaul, sharing_flops(1.0), defaults={"source_mask": (0, 0, 1, 1), "translation": (0, 0)},
+         kind="diffusion", capabilities=_CAPS,
+         summary="drags an object: a source pass records keys and values, the target pass shares them with the "
+                 "object moved, masks object and background apart, and anchors early steps to the source"),
+)

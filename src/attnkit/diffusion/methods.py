@@ -28,3 +28,11 @@ def build(name: str, **options) -> Sharing:
         accepted = sorted(k for k, p in params.items() if k != "self" and p.kind is not p.VAR_KEYWORD)
         raise ValueError(f"method {name!r} does not take option(s) {unknown}; accepted: {', '.join(accepted)}")
     return cls(**options)
+
+from .irdiffusion import IRDiffusion  # noqa: E402
+
+METHODS["ir-diffusion"] = IRDiffusion
+
+from .diffuhaul import DiffUHaul  # noqa: E402
+
+METHODS["diffuhaul"] = DiffUHaul
