@@ -19,3 +19,8 @@ from .sharing import (AttnCall, Handle, KVBank, SharedAttention, Sharing, Site, 
 
 __all__ = ["CARDS", "METHODS", "AttnCall", "Handle", "KVBank", "SharedAttention", "Sharing", "Site", "adain",
            "apply", "attention_modules", "build", "rows"]
+
+from .diffuhaul import DiffUHaul  # noqa: E402
+from .irdiffusion import IRDiffusion  # noqa: E402
+
+__all__ += ["DiffUHaul", "IRDiffusion"]

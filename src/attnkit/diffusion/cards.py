@@ -43,7 +43,7 @@ from .irdiffusion import IRDiffusion  # noqa: E402
 CARDS = CARDS + (
     Card("ir-diffusion", "Improving Multi-Subject Consistency in Open-Domain Image Generation with Isolation and "
          "Reposition Attention", "2411.19261", "diffusion", IRDiffusion, sharing_flops(1.0),
-         defaults={"references": (0,), "target": 1, "reference_masks": ((0, 0, 1, 1),),
+         defaults={"references": (0,), "target_row": 1, "reference_masks": ((0, 0, 1, 1),),
                    "target_masks": ((0, 0, 1, 1),)}, kind="diffusion", capabilities=_CAPS,
          summary="the target's subjects attend only to their own reference subject, scaled and moved onto the "
                  "target's subject (resampled, re-rotated), and not to each other (isolation)"),

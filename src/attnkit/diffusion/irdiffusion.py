@@ -63,14 +63,14 @@ class IRDiffusion(Sharing):
     """Isolation and reposition attention (see the module docstring).
 
     ``references``: one row index per subject (within each group of ``chunks``), the row that holds
-    that subject; ``target``: the row holding all subjects. ``reference_masks`` / ``target_masks``:
+    that subject; ``target_row``: the row holding all subjects (named so, not ``target``, which :func:`apply` takes). ``reference_masks`` / ``target_masks``:
     one region per subject, a boolean ``[h, w]`` mask over the image-token grid or a box
     ``(y0, x0, y1, x1)`` in token units (half-open). Target regions must not overlap (isolation
     would hide a token from itself). ``chunks=2`` for classifier-free guidance's halves."""
 
     name = "ir-diffusion"
 
-    def __init__(self, references: Sequence[int] = (0,), target: int = 1, *, reference_masks=(), target_masks=(),
+    def __init__(self, references: Sequence[int] = (0,), target_row: int = 1, *, reference_masks=(), target_masks=(),
                  isolate: bool = True, reposition: bool = True, chunks: int = 1, blocks=None, steps=None):
         super().__init__(blocks=blocks, steps=steps)
         if isinstance(references, int) and not isinstance(references, bool):
@@ -78,10 +78,10 @@ class IRDiffusion(Sharing):
         references = tuple(references)
         if not references or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in references):
             raise ValueError(f"references must be row indices >= 0, one per subject, got {references!r}")
-        if isinstance(target, bool) or not isinstance(target, int) or target < 0:
-            raise ValueError(f"target must be a row index >= 0, got {target!r}")
-        if target in references:
-            raise ValueError(f"target={target} is also a reference row ({list(references)}); the target must be "
+        if isinstance(target_row, bool) or not isinstance(target_row, int) or target_row < 0:
+            raise ValueError(f"target_row must be a row index >= 0, got {target_row!r}")
+        if target_row in references:
+            raise ValueError(f"target_row={target_row} is also a reference row ({list(references)}); the target must be "
                              "another row")
         n = len(references)
         reference_masks, target_masks = tuple(reference_masks), tuple(target_masks)
@@ -90,7 +90,7 @@ class IRDiffusion(Sharing):
                              f"target_masks, got {len(reference_masks)} and {len(target_masks)}")
         if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
             raise ValueError(f"chunks must be an integer >= 1, got {chunks!r}")
-        self.references, self.target, self.chunks = references, target, chunks
+        self.references, self.target_row, self.chunks = references, target_row, chunks
         self.reference_masks = tuple(_regions.as_spec(m, f"reference_masks[{i}]") for i, m in enumerate(reference_masks))
         self.target_masks = tuple(_regions.as_spec(m, f"target_masks[{i}]") for i, m in enumerate(target_masks))
         self.isolate, self.reposition = bool(isolate), bool(reposition)
@@ -140,14 +140,14 @@ class IRDiffusion(Sharing):
     def attend(self, call: AttnCall) -> Tensor:
         groups = rows(call.batch, self.chunks)
         size = len(groups[0])
-        for what, idx in (("references", max(self.references)), ("target", self.target)):
+        for what, idx in (("references", max(self.references)), ("target_row", self.target_row)):
             if idx >= size:
                 raise ValueError(f"{what} index {idx} is outside the batch's groups of {size} rows (batch "
                                  f"{call.batch}, chunks={self.chunks}); accepted: 0 .. {size - 1}")
         plan = self.plan(call.grid, call.text_len, call.image_ids)
         table = (_regions.token_table(call.image_ids, call.grid) + call.text_len).to(call.q.device)
         q, k, v = call.q, call.k, call.v
-        targets = [g[self.target] for g in groups]
+        targets = [g[self.target_row] for g in groups]
         others = [r for r in range(call.batch) if r not in targets]
         out = torch.empty_like(q[..., :1]).expand(*q.shape[:3], v.shape[3]).contiguous()
         if others:  # the references (and any other row) attend as usual
