@@ -151,13 +151,14 @@ class DiffUHaul(Sharing):
     def attend(self, call: AttnCall) -> Tensor:
         phase, site = call.site.phase, call.site
         img = call.image
+        if phase not in ("source", "target"):
+            raise ValueError(f"DiffUHaul needs handle.phase = 'source' (record the source image) or 'target' "
+                             f"(drag), got {phase!r}")
+        geo = self.drag(call.grid, call.text_len, call.image_ids)  # a bad drag is refused in the source pass already
         if phase == "source":
             self.bank.put(site.name, site.step, (call.k if call.k_plain is None else call.k_plain)[:, :, img],
                           call.v[:, :, img], tag=_TAG)
             return call.attend()
-        if phase != "target":
-            raise ValueError(f"DiffUHaul needs handle.phase = 'source' (record the source image) or 'target' "
-                             f"(drag), got {phase!r}")
         k_s, v_s = self.bank.get(site.name, site.step, tag=_TAG, device=call.q.device)
         B = call.batch
         if k_s.shape[0] not in (1, B) or k_s.shape[2] != img.stop - img.start:
@@ -165,7 +166,6 @@ class DiffUHaul(Sharing):
                              f"{site.step}; this target call has batch {B} and {img.stop - img.start} image tokens "
                              "(accepted: the same batch or a source batch of 1, the same image size)")
         k_s, v_s = k_s.expand(B, -1, -1, -1), v_s.expand(B, -1, -1, -1)
-        geo = self.drag(call.grid, call.text_len, call.image_ids)
         cell_token = _regions.token_table(call.image_ids, call.grid).to(call.q.device)  # cell -> image token
 
         def keys_at(src: Tensor, dst: Tensor) -> Tensor:  # source tokens of cells src placed at cells dst
