@@ -50,7 +50,8 @@ def _written(model, inputs, core):
             q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
             q, k = attn.norm_q(q), attn.norm_k(k)
             if self.joint:
-                eq, ek, ev = (heads(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+                eq, ek, ev = (heads(f(encoder_hidden_states))
+                              for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
                 q, k, v = (torch.cat([attn.norm_added_q(eq), q], 1), torch.cat([attn.norm_added_k(ek), k], 1),
                            torch.cat([ev, v], 1))
             kp = k
@@ -79,6 +80,12 @@ def _softmax_attention(q, keys, values, allowed):
     return torch.softmax(logits, -1) @ values
 
 
+def _corners(m):
+    """The bounding box of a mask: (top, left), (bottom + 1, right + 1)."""
+    at = torch.nonzero(m)
+    return at.min(0).values.tolist(), (at.max(0).values + 1).tolist()
+
+
 def _ir_core(refs, target, ref_masks, tgt_masks, isolate=True, reposition=True):
     def tok(y, x):
         return TEXT + y * W + x
@@ -104,8 +111,8 @@ def _ir_core(refs, target, ref_masks, tgt_masks, isolate=True, reposition=True):
         for r, rm, tm in zip(refs, ref_masks, tgt_masks):
             ks, vs = [], []
             if reposition:
-                (ty0, tx0), (ty1, tx1) = torch.nonzero(tm).min(0).values.tolist(), (torch.nonzero(tm).max(0).values + 1).tolist()
-                (ry0, rx0), (ry1, rx1) = torch.nonzero(rm).min(0).values.tolist(), (torch.nonzero(rm).max(0).values + 1).tolist()
+                (ty0, tx0), (ty1, tx1) = _corners(tm)
+                (ry0, rx0), (ry1, rx1) = _corners(rm)
                 for y in range(ty0, ty1):
                     for x in range(tx0, tx1):
                         sy = ry0 + (y - ty0) * (ry1 - ry0) // (ty1 - ty0)
@@ -179,7 +186,8 @@ def test_masks_cover_what_they_claim():
     assert int(plan.mask[background, :S].sum()) == background.numel() * S and not plan.mask[background, S:].any()
     assert int(plan.mask.sum()) == S * S - 2 * int(T0.sum()) * int(T1.sum()) + 8 * 8 + 4 * 3
     # the moved cells: target cell (2, 1) takes reference cell (1, 1); (2, 2) would take (1, 2), which is missing
-    assert plan.dst[1].tolist() == [2 * W + 1, 3 * W + 1, 3 * W + 2] and plan.src[1].tolist() == [1 * W + 1, 2 * W + 1, 2 * W + 2]
+    assert plan.dst[1].tolist() == [2 * W + 1, 3 * W + 1, 3 * W + 2]
+    assert plan.src[1].tolist() == [1 * W + 1, 2 * W + 1, 2 * W + 2]
 
 
 def test_switched_off_is_bit_exact():
@@ -225,6 +233,19 @@ def test_one_subject_over_the_whole_image_is_shared_attention():
     torch.testing.assert_close(got[:2], shared[:2], rtol=1e-10, atol=1e-10)  # row 2 is shared-kv's target only
 
 
+def test_classifier_free_guidance_halves_each_have_their_references_and_target():
+    options = CASES["two subjects, resampled"]
+    model, inputs = flux(), flux_inputs(batch=6)
+    halves = [{**inputs, **{k: inputs[k][i:i + 3] for k in ("hidden_states", "encoder_hidden_states",
+                                                             "pooled_projections", "timestep")}} for i in (0, 3)]
+    with torch.no_grad():
+        with ad.apply(model, "ir-diffusion", **options, chunks=2):
+            both = model(**inputs)[0]
+        with ad.apply(model, "ir-diffusion", **options):
+            each = torch.cat([model(**half)[0] for half in halves])
+    torch.testing.assert_close(both, each, rtol=1e-10, atol=1e-10)
+
+
 def test_bad_input_is_refused_clearly():
     model, inputs = flux(), flux_inputs()
     good = dict(references=(0, 1), target_row=2, reference_masks=((0, 0, 2, 2), (2, 2, 4, 4)),
@@ -234,15 +255,18 @@ def test_bad_input_is_refused_clearly():
          r"reference_masks\[0\] is a mask of the wrong size \(3, 3\).*\(h, w\) = \(4, 4\)"),
         (dict(good, references=(0, 5)), r"references index 5 is outside the batch's groups of 3 rows"),
         (dict(good, target_row=7), r"target_row index 7 is outside the batch's groups of 3 rows"),
-        (dict(good, target_masks=((0, 0, 3, 3), (2, 2, 4, 4))), r"target_masks\[0\] and target_masks\[1\] overlap in 1"),
-        (dict(good, target_masks=((0, 0, 2, 2), (2, 2, 5, 4))), r"target_masks\[1\] box .* lies outside the image grid"),
+        (dict(good, target_masks=((0, 0, 3, 3), (2, 2, 4, 4))),
+         r"target_masks\[0\] and target_masks\[1\] overlap in 1"),
+        (dict(good, target_masks=((0, 0, 2, 2), (2, 2, 5, 4))),
+         r"target_masks\[1\] box .* lies outside the image grid"),
     )
     for options, match in at_call:
         with torch.no_grad(), ad.apply(model, "ir-diffusion", **options):
             with pytest.raises(ValueError, match=match):
                 model(**inputs)
     at_construction = (
-        (dict(good, target_masks=((0, 0, 2, 2),)), r"2 subject\(s\) .* need 2 reference_masks and 2 target_masks, got 2 and 1"),
+        (dict(good, target_masks=((0, 0, 2, 2),)),
+         r"2 subject\(s\) .* need 2 reference_masks and 2 target_masks, got 2 and 1"),
         (dict(good, target_row=1), r"target_row=1 is also a reference row"),
         (dict(good, references=()), "references must be row indices"),
         (dict(good, reference_masks=(torch.zeros(4, 4, dtype=torch.bool), (2, 2, 4, 4))), "empty mask"),

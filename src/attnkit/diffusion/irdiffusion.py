@@ -63,7 +63,8 @@ class IRDiffusion(Sharing):
     """Isolation and reposition attention (see the module docstring).
 
     ``references``: one row index per subject (within each group of ``chunks``), the row that holds
-    that subject; ``target_row``: the row holding all subjects (named so, not ``target``, which :func:`apply` takes). ``reference_masks`` / ``target_masks``:
+    that subject; ``target_row``: the row holding all subjects (not ``target``: :func:`apply` takes
+    that name). ``reference_masks`` / ``target_masks``:
     one region per subject, a boolean ``[h, w]`` mask over the image-token grid or a box
     ``(y0, x0, y1, x1)`` in token units (half-open). Target regions must not overlap (isolation
     would hide a token from itself). ``chunks=2`` for classifier-free guidance's halves."""
@@ -81,8 +82,8 @@ class IRDiffusion(Sharing):
         if isinstance(target_row, bool) or not isinstance(target_row, int) or target_row < 0:
             raise ValueError(f"target_row must be a row index >= 0, got {target_row!r}")
         if target_row in references:
-            raise ValueError(f"target_row={target_row} is also a reference row ({list(references)}); the target must be "
-                             "another row")
+            raise ValueError(f"target_row={target_row} is also a reference row ({list(references)}); the target "
+                             "must be another row")
         n = len(references)
         reference_masks, target_masks = tuple(reference_masks), tuple(target_masks)
         if len(reference_masks) != n or len(target_masks) != n:
@@ -91,7 +92,8 @@ class IRDiffusion(Sharing):
         if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
             raise ValueError(f"chunks must be an integer >= 1, got {chunks!r}")
         self.references, self.target_row, self.chunks = references, target_row, chunks
-        self.reference_masks = tuple(_regions.as_spec(m, f"reference_masks[{i}]") for i, m in enumerate(reference_masks))
+        self.reference_masks = tuple(_regions.as_spec(m, f"reference_masks[{i}]")
+                                     for i, m in enumerate(reference_masks))
         self.target_masks = tuple(_regions.as_spec(m, f"target_masks[{i}]") for i, m in enumerate(target_masks))
         self.isolate, self.reposition = bool(isolate), bool(reposition)
         self._plans: dict = {}
@@ -112,8 +114,8 @@ class IRDiffusion(Sharing):
             for j in range(i):
                 if bool((targets[i] & targets[j]).any()):
                     raise ValueError(f"target_masks[{j}] and target_masks[{i}] overlap in "
-                                     f"{int((targets[i] & targets[j]).sum())} token(s); IR-Diffusion isolates subjects, "
-                                     "so their target regions must be disjoint")
+                                     f"{int((targets[i] & targets[j]).sum())} token(s); IR-Diffusion isolates "
+                                     "subjects, so their target regions must be disjoint")
         table = _regions.token_table(image_ids, grid) + text_len  # cell -> sequence position
         S = text_len + grid[0] * grid[1]
         own = torch.ones(S, S, dtype=torch.bool)
