@@ -11,6 +11,7 @@ import pytest
 import torch
 
 ad = pytest.importorskip("attnkit.diffusion")
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline  # noqa: E402
 from test_sharing import flux, flux_inputs  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -244,6 +245,36 @@ def test_no_drag_of_an_image_onto_itself_is_shared_attention_with_itself():
                 shared = model(**two)[0]
         torch.testing.assert_close(got[0], shared[1], rtol=1e-10, atol=1e-10)
         assert (shared[1] - shared[0]).abs().max() > 1e-4  # sharing did act
+
+
+def test_two_passes_through_a_pipeline():
+    # the workflow on a FLUX pipeline: the source run fills the bank step by step, the target run after
+    # reset() reads the same steps; the drag changes the target, a source rerun is unchanged
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=flux(torch.float32))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(prompt_embeds=torch.randn(1, 8, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 32, generator=g),
+              num_inference_steps=3, height=32, width=32, output_type="latent")  # a 4 x 4 grid of image tokens
+
+    def run(seed):
+        return pipe(**kw, generator=torch.Generator().manual_seed(seed)).images
+
+    stock_target = run(2)
+    method = ad.DiffUHaul(source_mask=(0, 0, 2, 2), translation=(2, 1), anchor_steps=2)
+    with ad.apply(pipe, method) as handle:
+        handle.phase = "source"
+        source = run(1)
+        names = [n for n, _ in ad.attention_modules(pipe.transformer)]
+        assert len(method.bank) == 2 * 3 and all((n, s, "diffuhaul") in method.bank for n in names for s in range(3))
+        handle.reset()
+        handle.phase = "target"
+        dragged = run(2)
+        assert handle.step == 2 and handle.calls == 2 * 3
+    assert torch.equal(source, run(1))  # recording did not touch the source run
+    assert (dragged - stock_target).abs().max() > 1e-4
 
 
 def test_bad_input_is_refused_clearly():
