@@ -29,6 +29,7 @@ def build(name: str, **options) -> Sharing:
         raise ValueError(f"method {name!r} does not take option(s) {unknown}; accepted: {', '.join(accepted)}")
     return cls(**options)
 
+
 from .irdiffusion import IRDiffusion  # noqa: E402
 
 METHODS["ir-diffusion"] = IRDiffusion
