@@ -30,3 +30,7 @@ from .freecus import FreeCus  # noqa: E402
 __all__ += ["FreeCus"]
 from .rf_edit import RFEdit  # noqa: E402
 __all__ += ["RFEdit"]
+from .diffuhaul import DiffUHaul  # noqa: E402
+from .irdiffusion import IRDiffusion  # noqa: E402
+
+__all__ += ["DiffUHaul", "IRDiffusion"]

@@ -55,3 +55,23 @@ CARDS += (Card("rf-edit", "Taming Rectified Flow for Inversion and Editing (RF-E
                capabilities=_CAPS,
                summary="the inversion's attention values replace the sampling pass's in the late single blocks "
                        "of the first sampling steps (use with attnkit.diffusion.rf_solver)"),)
+from .irdiffusion import IRDiffusion  # noqa: E402
+
+CARDS = CARDS + (
+    Card("ir-diffusion", "Improving Multi-Subject Consistency in Open-Domain Image Generation with Isolation and "
+         "Reposition Attention", "2411.19261", "diffusion", IRDiffusion, sharing_flops(1.0),
+         defaults={"references": (0,), "target_row": 1, "reference_masks": ((0, 0, 1, 1),),
+                   "target_masks": ((0, 0, 1, 1),)}, kind="diffusion", capabilities=_CAPS,
+         summary="the target's subjects attend only to their own reference subject, scaled and moved onto the "
+                 "target's subject (resampled, re-rotated), and not to each other (isolation)"),
+)
+
+from .diffuhaul import DiffUHaul  # noqa: E402
+
+CARDS = CARDS + (
+    Card("diffuhaul", "DiffUHaul: A Training-Free Method for Object Dragging in Images", "2406.01594", "diffusion",
+         DiffUHaul, sharing_flops(1.0), defaults={"source_mask": (0, 0, 1, 1), "translation": (0, 0)},
+         kind="diffusion", capabilities=_CAPS,
+         summary="drags an object: a source pass records keys and values, the target pass shares them with the "
+                 "object moved, masks object and background apart, and anchors early steps to the source"),
+)

@@ -35,3 +35,11 @@ from .freecus import FreeCus  # noqa: E402
 METHODS["freecus"] = FreeCus
 from .rf_edit import RFEdit  # noqa: E402
 METHODS["rf-edit"] = RFEdit
+
+from .irdiffusion import IRDiffusion  # noqa: E402
+
+METHODS["ir-diffusion"] = IRDiffusion
+
+from .diffuhaul import DiffUHaul  # noqa: E402
+
+METHODS["diffuhaul"] = DiffUHaul

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -610,7 +610,7 @@ def _denoiser(target):
                      f"{type(target).__name__}")
 
 
-def apply(target, method: Sharing | str, **options) -> Handle:
+def apply(target, method: Sharing | str, /, **options) -> Handle:
     """Apply ``method`` (a :class:`Sharing` or a registered name with ``options``) to a diffusers
     pipeline's denoiser (``pipe.transformer`` / ``pipe.unet``) or to a denoiser module. Returns the
     :class:`Handle`; use it as a context manager or call ``remove()``."""
