@@ -12,6 +12,8 @@
 #   benchmarks/gpu.sh hf-speed            # attnkit.hf on the H200: ProxyAttn's block-sparse prefill against cuDNN
 #                                         # (32k-128k), hf_overhead on the Llama-3.2-1B and -3.1-8B shapes (8k-64k)
 #   benchmarks/gpu.sh hf-identify         # `attnkit identify-duo --device cuda` on the shipped subject, timed
+#   benchmarks/gpu.sh diffusion-speed     # attnkit.diffusion's sharing methods against the stock FLUX processor on
+#                                         # a FLUX.1-dev-shaped double + single block at 1024x1024 (diffusers wheel in .whl/)
 #   benchmarks/gpu.sh hf-pareto           # issue 23's grid: `attnkit eval` of every KV method through its budgets
 #                                         # at 2k and 4k (3 runs -> pareto-*/eval.json), and LongHeads past the
 #                                         # subject's trained 4k (8k, 16k, --beyond-context -> longheads-16k/)
@@ -34,12 +36,12 @@ OUT=${OUT:-benchmarks/results/h200}
 suites=$(python3 -c "from attnkit.bench.suites import SUITES; print(' '.join(SUITES))")
 usage() {  # usage [WHY]: the arguments are refused before anything is installed, run or written
   [ -n "${1:-}" ] && echo "benchmarks/gpu.sh: $1" >&2
-  echo "usage: benchmarks/gpu.sh tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|hf-speed|hf-identify|hf-pareto|bench-args NAME ARGS...|SUITE [MODE]" >&2
+  echo "usage: benchmarks/gpu.sh tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|hf-speed|hf-identify|hf-pareto|diffusion-speed|bench-args NAME ARGS...|SUITE [MODE]" >&2
   echo "  SUITE: $suites" >&2
   exit 2
 }
 case "${1:-}" in
-  tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|hf-speed|hf-identify|hf-pareto)
+  tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|hf-speed|hf-identify|hf-pareto|diffusion-speed)
     # extra words were ignored: `gpu.sh bench --seq 1024` ran the default sizes
     [ $# -eq 1 ] || usage "'$1' takes no arguments, got: ${*:2} (any other bench run: bench-args NAME ARGS...)" ;;
   bench-args)
@@ -136,6 +138,16 @@ case "$1" in
       rc=$?; echo "exit $rc" | tee -a "$OUT/$name.log"; tail -25 "$OUT/$name.log" | grep -E "│" | cut -c1-160
       [ "$rc" -eq 0 ] || status=$rc
     done ;;
+  diffusion-speed)
+    if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/diffusers-deps/*.whl >/dev/null 2>&1; then
+      # diffusers needs a newer huggingface_hub / safetensors than the machine may have: beside it, not over it
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-diffusers \
+        .whl/diffusers-deps/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site-diffusers
+    fi
+    { header; echo "# python3 benchmarks/diffusion_speed.py"; } > "$OUT/diffusion-speed.log"
+    timeout "${HF_TIMEOUT:-300}" python3 benchmarks/diffusion_speed.py --out "$OUT/diffusion-speed.json" 2>&1 \
+      | tee -a "$OUT/diffusion-speed.log" | grep -vE "^\s*$|kept in float32" | tail -12
+    status=${PIPESTATUS[0]}; echo "exit $status" | tee -a "$OUT/diffusion-speed.log" ;;
   *)  # SUITE [MODE]
     suite=$1
     for mode in ${2:-$(python3 -m attnkit.bench.suites "$suite")}; do
