@@ -359,8 +359,10 @@ def train(out, *, preset: str = "default", steps: int | None = None, minutes: fl
 
     start = last_save = time.perf_counter()
     running, count, step, elapsed = 0.0, 0, 0, 0.0
-    while step < cfg["steps"] and (budget is None or elapsed < budget):
+    while step < cfg["steps"]:
         elapsed = time.perf_counter() - start
+        if budget is not None and elapsed >= budget and step:  # a budget still allows one step
+            break
         lr = _lr(cfg, step, max(step / cfg["steps"], elapsed / budget if budget else 0.0))
         for group in opt.param_groups:
             group["lr"] = lr
