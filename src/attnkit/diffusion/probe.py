@@ -8,8 +8,9 @@ effect into numbers: the fraction of a batch that shares the style AlignedGen is
 whether a generated image shows what its caption says (:func:`accuracy`).
 
 Architecture: the image and two coordinate channels (x, y in [-1, 1], so that position survives the
-pooling) -> three 3x3 conv stages with GroupNorm and GELU (the last two halve the side) -> average
-pool to 4x4 -> a 128-wide hidden layer -> one classification head per attribute of
+pooling) -> five 3x3 conv stages with GroupNorm and GELU (two of them halve the side) -> an average
+pool to 4x4 (where) beside a global max pool (what) -> a 128-wide hidden layer -> one classification
+head per attribute of
 :data:`~attnkit.diffusion.scenes.ATTRIBUTES` (``position`` is the cell 0..8) and a centre head
 (x, y in image fractions, through a sigmoid). Training adds Gaussian noise of a random level
 (std up to 0.1) to the images, so a slightly imperfect generated image still reads.
@@ -61,8 +62,11 @@ class Probe(nn.Module):
             raise ValueError(f"width must be a positive multiple of 8, got {width!r}")
         self.width = width
         stage = lambda cin, cout, stride: nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.GELU())
-        self.features = nn.Sequential(stage(5, width, 1), stage(width, 2 * width, 2), stage(2 * width, 2 * width, 2),
-                                      nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(2 * width * 16, 128), nn.GELU())
+        self.convs = nn.Sequential(stage(5, width, 1), stage(width, width, 1), stage(width, 2 * width, 2),
+                                   stage(2 * width, 2 * width, 1), stage(2 * width, 4 * width, 2))  # (B, 4w, H/4, W/4)
+        # a 4x4 average keeps where things are (position, centre); a global max says what is there
+        # anywhere (shape, colour) without each of the 16 places having to learn it apart
+        self.hidden = nn.Sequential(nn.Linear(4 * width * 17, 128), nn.GELU())
         self.heads = nn.ModuleDict({name: nn.Linear(128, n) for name, n in _CLASSES.items()})
         self.centre = nn.Linear(128, 2)
         c = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
@@ -72,7 +76,9 @@ class Probe(nn.Module):
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, self.size, self.size):
             raise ValueError(f"images must be (B, 3, {self.size}, {self.size}) for this probe, got {tuple(images.shape)}")
         x = torch.cat([images, self.coords.expand(images.shape[0], -1, -1, -1)], dim=1)  # (B, 5, H, W)
-        hidden = self.features(x)
+        maps = self.convs(x)
+        pooled = torch.cat([F.adaptive_avg_pool2d(maps, 4).flatten(1), maps.amax(dim=(2, 3))], dim=1)  # (B, 4w * 17)
+        hidden = self.hidden(pooled)
         out = {name: head(hidden) for name, head in self.heads.items()}
         out["centre"] = torch.sigmoid(self.centre(hidden))
         return out

@@ -415,6 +415,7 @@ def train(out, *, preset: str = "default", steps: int | None = None, minutes: fl
 def model_card(record: dict, config: SubjectConfig) -> str:
     """The README.md of a trained subject's folder."""
     mb = record["parameters"] * 4 / 1e6
+    budget = f"time budget {record['minutes']} min" if record["minutes"] else "no time budget"
     rows = "\n".join(f"| `{c or '(empty)'}` |" for c in SAMPLE_CAPTIONS)
     return f"""# attnkit diffusion subject
 
@@ -429,7 +430,7 @@ attention-sharing methods offline. Load it with `attnkit.diffusion.subject.load(
 | captions | {len(VOCAB)} words, {CAPTION_LENGTH} tokens, caption width {config.caption_dim} |
 | parameters | {record['parameters']:,} ({mb:.1f} MB in float32) |
 | preset | {record['preset']}, seed {record['seed']}, batch {record['batch_size']} |
-| steps | {record['steps']} (planned {record['planned_steps']}; budget {record['minutes']} min) |
+| steps | {record['steps']} (planned {record['planned_steps']}; {budget}) |
 | wall time | {record['wall_s']} s on {record['device']} ({record['steps_per_s']} steps/s) |
 | final loss | {record['final_loss']} |
 | weights | `model.safetensors`: the {'EMA (decay ' + str(record['train']['ema']) + ')' if record['train']['ema'] else 'final'} weights |
@@ -452,8 +453,9 @@ classifier-free guidance 2.0. The loss curve is `train.log`.
 def velocity_fn(model: SubjectModel, captions, guidance: float = 1.0):
     """The velocity as a function ``v(x_tokens (B, N, 12), t: float or (B,)) -> (B, N, 12)`` for the
     given captions, with classifier-free guidance ``v_u + guidance (v_c - v_u)`` when ``guidance`` != 1
-    (the unconditional branch is the all-pad caption). Runs without gradients' bookkeeping only if
-    the caller disables it."""
+    (the unconditional branch is the all-pad caption). With guidance the transformer sees one batch
+    of 2B: the B conditional rows, then the B unconditional ones (what a batch-sharing attention
+    processor must know). Gradients flow unless the caller disables them."""
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
         raise ValueError(f"guidance must be a finite number (1 = no guidance), got {guidance!r}")
     ids = model.caption_ids(captions)
