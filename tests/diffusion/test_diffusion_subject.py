@@ -135,6 +135,19 @@ def test_train_command_writes_the_folder(tmp_path, capsys):
     assert record["steps"] == 1
 
 
+def test_the_saved_weights_are_the_ema_when_the_preset_keeps_one(tmp_path):
+    quiet = dict(preset="tiny", steps=6, progress=lambda line: None)
+    M.train(tmp_path / "plain", options={"ema": 0.0}, **quiet)
+    M.train(tmp_path / "ema", options={"ema": 0.5}, save_every_s=0.0, **quiet)
+    plain, ema = (M.load(tmp_path / name).state_dict() for name in ("plain", "ema"))
+    # the EMA lags the weights: it lies between the initial and the final ones, so it differs from the final
+    torch.manual_seed(0)
+    init = M.SubjectModel(M.SubjectConfig(**M.PRESETS["tiny"]["model"])).state_dict()
+    moved = lambda state: sum(float((state[k] - init[k]).norm()) for k in init)
+    assert 0 < moved(ema) < moved(plain)
+    assert "EMA (decay 0.5)" in (tmp_path / "ema" / "README.md").read_text()
+
+
 def test_png_writer_round_trips_through_a_png_reader(tmp_path):
     Image = pytest.importorskip("PIL.Image")
     picture = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -170,6 +183,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(tmp_path):
         (lambda: M.train(tmp_path, preset="tiny", steps=0), "steps must be an int >= 1"),
         (lambda: M.train(tmp_path, preset="tiny", minutes=0), "minutes must be > 0"),
         (lambda: M.train(tmp_path, preset="tiny", batch_size=0), "batch_size must be an int >= 1"),
+        (lambda: M.train(tmp_path, preset="tiny", options={"learning_rate": 1.0}), "options must name"),
         (lambda: M.write_png(tmp_path / "x.png", torch.zeros(4, 4)), "picture must be uint8"),
     ]
     for make, message in cases:

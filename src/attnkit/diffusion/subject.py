@@ -300,7 +300,7 @@ def default_subject() -> Path:
 
 def train(out, *, preset: str = "default", steps: int | None = None, minutes: float | None = None,
           device: str = "cpu", seed: int = 0, batch_size: int | None = None, save_every_s: float = 120.0,
-          progress=print) -> dict:
+          options: dict | None = None, progress=print) -> dict:
     """Train a subject on freshly rendered scenes and write it into ``out``: ``config.json``,
     ``model.safetensors`` (the EMA weights when the preset keeps an EMA), ``train.log`` (the loss
     curve), ``samples.png`` (:data:`SAMPLE_CAPTIONS` x 4 seeds) and ``README.md`` (a model card).
@@ -308,10 +308,15 @@ def train(out, *, preset: str = "default", steps: int | None = None, minutes: fl
     Stops after ``steps`` (the preset's by default) or ``minutes`` of training, whichever comes
     first; the learning rate anneals by whichever is nearer its end, so a run cut by time still
     ends cooled. The weights and log are saved every ``save_every_s`` seconds too, so a run killed
-    by a time limit keeps its last save. Returns the training record."""
+    by a time limit keeps its last save. ``options`` overrides the preset's training settings
+    (``lr``, ``ema``, ``drop_word``, ...). Returns the training record."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     cfg = {**PRESETS[preset]["train"]}
+    unknown = set(options or {}) - set(cfg)
+    if unknown:
+        raise ValueError(f"options must name training settings among {', '.join(cfg)}, got {sorted(unknown)}")
+    cfg.update(options or {})
     if steps is not None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
