@@ -34,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -247,11 +248,11 @@ def _background_depth(style: int, x: torch.Tensor, y: torch.Tensor, size: int) -
     return ramps[style]().expand(1, size, size)
 
 
-def _signed_distance(batch: SceneBatch, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _signed_distance(batch: SceneBatch, x: torch.Tensor, y: torch.Tensor, half_extent: torch.Tensor) -> torch.Tensor:
     """A signed distance in image fractions to each object's outline (negative inside), (B, H, W).
     Exact for the circle and square, a bound with the right sign for the triangle and cross, which
     is all the one-pixel anti-aliasing needs."""
-    r = torch.tensor(_HALF_EXTENT, device=x.device)[batch.size].view(-1, 1, 1)
+    r = half_extent[batch.size].view(-1, 1, 1)
     dx = x - batch.centre[:, 0].view(-1, 1, 1)  # (B, 1, W)
     dy = y - batch.centre[:, 1].view(-1, 1, 1)  # (B, H, 1)
     dx, dy = torch.broadcast_tensors(dx, dy)    # (B, H, W)
@@ -269,31 +270,41 @@ def _signed_distance(batch: SceneBatch, x: torch.Tensor, y: torch.Tensor) -> tor
     return torch.where(batch.shape.view(-1, 1, 1) == 3, cross, out)
 
 
+@functools.lru_cache(maxsize=32)
+def _tables(size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """What every scene of a size shares, made once per (size, device): the pixel grid, each style's
+    texture and background depth (S, H, W), the palettes. Without it every batch would copy the
+    constants to the device, and each copy from host memory waits for the GPU's queue to drain."""
+    x, y = _grid(size, device)
+    styles = range(len(STYLES))
+    return {"x": x, "y": y,
+            "texture": torch.cat([_texture(s, x, y, size) for s in styles]),              # (S, H, W)
+            "back_depth": torch.cat([_background_depth(s, x, y, size) for s in styles]),  # (S, H, W)
+            "style_rgb": torch.tensor(_STYLE_RGB, device=device),                         # (S, 2, 3)
+            "colour_rgb": torch.tensor(_COLOUR_RGB, device=device),                       # (colours, 3)
+            "half_extent": torch.tensor(_HALF_EXTENT, device=device),
+            "object_depth": torch.tensor(_OBJECT_DEPTH, device=device)}
+
+
 def render_batch(scenes, size: int = 32) -> dict[str, torch.Tensor]:
     """Render a batch: ``scenes`` a :class:`SceneBatch` (rendered on its device) or a list of
     :class:`Scene`. Returns ``image`` (B, 3, H, W) in [-1, 1], ``depth`` (B, 1, H, W) in [0.2, 1.0]
-    (a distance) and ``mask`` (B, 1, H, W) in {0, 1} (the object's pixels), H = W = ``size``."""
+    (a distance) and ``mask`` (B, 1, H, W) in {0, 1} (the object's pixels), H = W = ``size``.
+    On a GPU it never waits for the device (no host copies, no data-dependent shapes)."""
     size = check_size(size)
     batch = scenes if isinstance(scenes, SceneBatch) else SceneBatch.of(scenes)
-    device, n = batch.style.device, len(batch)
-    x, y = _grid(size, device)
-    texture = torch.empty(n, size, size, device=device)
-    back_depth = torch.empty(n, size, size, device=device)
-    for style in range(len(STYLES)):  # one pass per style over its scenes, not every texture for all
-        rows = (batch.style == style).nonzero().squeeze(1)
-        if rows.numel():
-            texture[rows] = _texture(style, x, y, size)
-            back_depth[rows] = _background_depth(style, x, y, size)
-    palette = torch.tensor(_STYLE_RGB, device=device)[batch.style]  # (B, 2, 3)
-    t = texture.unsqueeze(1)  # (B, 1, H, W)
+    tables = _tables(size, batch.style.device)
+    t = tables["texture"][batch.style].unsqueeze(1)  # (B, 1, H, W)
+    palette = tables["style_rgb"][batch.style]  # (B, 2, 3)
     background = palette[:, 0, :, None, None] * (1 - t) + palette[:, 1, :, None, None] * t  # (B, 3, H, W)
     # one-pixel anti-aliasing: coverage ramps from 1 to 0 across the outline
-    coverage = (0.5 - _signed_distance(batch, x, y) * size).clamp(0, 1).unsqueeze(1)  # (B, 1, H, W)
-    colour = torch.tensor(_COLOUR_RGB, device=device)[batch.colour][:, :, None, None]  # (B, 3, 1, 1)
+    distance = _signed_distance(batch, tables["x"], tables["y"], tables["half_extent"])
+    coverage = (0.5 - distance * size).clamp(0, 1).unsqueeze(1)  # (B, 1, H, W)
+    colour = tables["colour_rgb"][batch.colour][:, :, None, None]  # (B, 3, 1, 1)
     image = background * (1 - coverage) + colour * coverage
     mask = (coverage > 0.5).float()
-    object_depth = torch.tensor(_OBJECT_DEPTH, device=device)[batch.size].view(-1, 1, 1, 1)
-    depth = torch.where(mask > 0, object_depth, back_depth.unsqueeze(1))
+    object_depth = tables["object_depth"][batch.size].view(-1, 1, 1, 1)
+    depth = torch.where(mask > 0, object_depth, tables["back_depth"][batch.style].unsqueeze(1))
     return {"image": image * 2 - 1, "depth": depth, "mask": mask}
 
 

@@ -209,13 +209,17 @@ class SubjectModel(nn.Module):
             raise ValueError(f"tokens must be (B, {side * side}, 12) for {self.config.image_size}x"
                              f"{self.config.image_size} images with one caption each, got tokens "
                              f"{tuple(tokens.shape)} and {ids.shape[0]} captions")
-        t = self._times(t, B, tokens)
+        return self._velocity(tokens, self._times(t, B, tokens), ids)
+
+    def _velocity(self, tokens: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without its checks, for the training loop: the caption-id range check
+        reads the ids back from the device, which would stall a GPU's queue every step."""
+        side = self.config.image_size // 2
         hidden, pooled = self.encode(ids)
-        out = self.transformer(
+        return self.transformer(
             hidden_states=tokens, encoder_hidden_states=hidden, pooled_projections=pooled, timestep=t,
             img_ids=self.image_ids(side, side, tokens.device),
             txt_ids=torch.zeros(CAPTION_LENGTH, 3, device=tokens.device), return_dict=False)[0]
-        return out
 
     @staticmethod
     def _times(t, batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -235,13 +239,14 @@ class SubjectModel(nn.Module):
 
 
 def rf_loss(model: SubjectModel, images: torch.Tensor, captions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The rectified-flow loss of a batch: images (B, 3, H, W) in [-1, 1], caption ids (B, L); noise
-    and t (logit-normal) drawn from ``generator`` (on the images' device)."""
+    """The rectified-flow loss of a batch: images (B, 3, H, W) in [-1, 1], caption ids (B, L) on the
+    model's device (not checked: the training loop's hot path); noise and t (logit-normal) drawn
+    from ``generator`` (on the images' device)."""
     x0 = model.pack(images)  # (B, N, 12)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     t = torch.sigmoid(torch.randn(x0.shape[0], generator=generator, device=x0.device))
     xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-    return F.mse_loss(model(xt, t, captions).float(), noise - x0)
+    return F.mse_loss(model._velocity(xt, t, captions).float(), noise - x0)
 
 
 def _lr(train: dict, step: int, progress: float) -> float:
