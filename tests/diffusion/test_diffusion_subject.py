@@ -73,6 +73,7 @@ def test_forward_is_flux_with_t_in_0_1_and_the_caption_encoder():
     with torch.no_grad():
         assert torch.equal(model(x, 0.25, ids), direct.detach())
         assert torch.equal(model(x, torch.tensor(0.25), ids), direct.detach())
+        assert torch.equal(model.velocity(x, 0.25, ids), direct.detach())
         # strings and ids are one caption; the caption changes the velocity
         assert torch.equal(model(x, 0.25, ["dots", "stripes large red circle top-left", ""]), model(x, 0.25, ids))
         assert not torch.allclose(model(x, 0.25, ids[[1, 1, 1]]), model(x, 0.25, ids))
@@ -116,12 +117,13 @@ def test_sample_shapes_determinism_guidance_and_the_euler_step():
 
 def test_train_command_writes_the_folder(tmp_path, capsys):
     out = tmp_path / "subject"
-    assert M.main(["train", "--out", str(out), "--preset", "tiny", "--steps", "12", "--device", "cpu"]) == 0
+    assert M.main(["train", "--out", str(out), "--preset", "tiny", "--steps", "12", "--device", "cpu",
+                   "--lr", "0.002"]) == 0
     for name in ("config.json", "model.safetensors", "samples.png", "train.log", "README.md"):
         assert (out / name).is_file(), name
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((out / "config.json").read_text())["training"]
-    assert record["steps"] == 12 and record["preset"] == "tiny" and len(record["curve"]) >= 1
+    assert record["steps"] == 12 and record["preset"] == "tiny" and record["train"]["lr"] == 0.002
     log = (out / "train.log").read_text().splitlines()
     assert [line.split()[0] for line in log if not line.startswith("#")] == ["10", "12"]
     assert "final loss" in (out / "README.md").read_text() and "step 10/12" in capsys.readouterr().out

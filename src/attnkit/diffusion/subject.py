@@ -221,6 +221,10 @@ class SubjectModel(nn.Module):
             img_ids=self.image_ids(side, side, tokens.device),
             txt_ids=torch.zeros(CAPTION_LENGTH, 3, device=tokens.device), return_dict=False)[0]
 
+    def velocity(self, tokens: torch.Tensor, t, captions) -> torch.Tensor:
+        """The velocity (B, N, 12): ``model(tokens, t, captions)`` under a name that says what it is."""
+        return self(tokens, t, captions)
+
     @staticmethod
     def _times(t, batch: int, like: torch.Tensor) -> torch.Tensor:
         if isinstance(t, (int, float)) and not isinstance(t, bool):
@@ -560,6 +564,7 @@ def main(argv=None) -> int:
     tr.add_argument("--steps", type=int, default=None, help="at most this many steps (default: the preset's)")
     tr.add_argument("--minutes", type=float, default=None, help="at most this many minutes of training")
     tr.add_argument("--batch-size", type=int, default=None)
+    tr.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     tr.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
@@ -576,6 +581,7 @@ def main(argv=None) -> int:
         if args.command == "train":
             train(args.out, preset=args.preset, steps=args.steps, minutes=args.minutes, device=args.device,
                   seed=args.seed, batch_size=args.batch_size, save_every_s=args.save_every,
+                  options={"lr": args.lr} if args.lr is not None else None,
                   progress=lambda line: print(line, flush=True))
         else:
             model = load(args.model, args.device)
