@@ -91,9 +91,10 @@ def _loss(out: dict, labels: dict) -> tuple[torch.Tensor, dict]:
 
 
 def train_probe(steps: int = 2000, size: int = 32, device="cpu", *, seed: int = 0, batch_size: int = 128,
-                width: int = 32, lr: float = 2e-3, noise: float = 0.1, progress=None) -> Probe:
+                width: int = 32, lr: float = 2e-3, noise: float = 0.1, spread: float = 0.5, progress=None) -> Probe:
     """A probe trained for ``steps`` AdamW steps (cosine-decayed ``lr``) on batches of freshly rendered
-    scenes with Gaussian noise of std uniform in [0, ``noise``]; returned in eval mode, its training
+    scenes (``spread`` as in :func:`~attnkit.diffusion.scenes.sample_scenes`) with Gaussian noise of
+    std uniform in [0, ``noise``]; returned in eval mode, its training
     record (loss curve, wall time) in ``probe.record``."""
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -111,7 +112,7 @@ def train_probe(steps: int = 2000, size: int = 32, device="cpu", *, seed: int = 
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         with torch.no_grad():
-            batch = sample_scenes(batch_size, data)
+            batch = sample_scenes(batch_size, data, spread)
             images = render_batch(batch, size)["image"]
             level = torch.rand(batch_size, 1, 1, 1, generator=data, device=device) * noise
             images = images + level * torch.randn(images.shape, generator=data, device=device)
@@ -124,7 +125,7 @@ def train_probe(steps: int = 2000, size: int = 32, device="cpu", *, seed: int = 
             if progress:
                 progress(f"probe step {step + 1}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - start:.0f} s")
     probe.record = {"steps": steps, "size": size, "width": width, "batch_size": batch_size, "lr": lr, "noise": noise,
-                    "seed": seed, "curve": curve, "wall_s": round(time.perf_counter() - start, 1)}
+                    "spread": spread, "seed": seed, "curve": curve, "wall_s": round(time.perf_counter() - start, 1)}
     return probe.eval()
 
 

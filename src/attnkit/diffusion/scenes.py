@@ -15,7 +15,8 @@ Attributes (the words of the caption vocabulary are these names):
   so they stand out from the muted backgrounds
 - size: :data:`SIZES` (``small``, ``large``): half-extent 0.11 or 0.18 of the image side
 - position: the object's centre ``(x, y)`` in image fractions (x right, y down); its cell in a 3x3 grid,
-  ``row * 3 + col`` with ``col = floor(3 x)``, names :data:`POSITIONS` (``top-left`` ... ``bottom-right``)
+  ``row * 3 + col`` with ``col = floor(3 x)``, names :data:`POSITIONS` (``top-left`` ... ``bottom-right``);
+  sampled near the cell's centre (0.2, 0.5 or 0.8 per axis) or, for half the scenes, anywhere in the cell
 
 Rendering works on coordinate grids with torch ops, for a whole batch at once
 (:func:`render_batch`), on any device: every output is a function of the attributes only (no noise),
@@ -73,7 +74,8 @@ _STYLE_RGB = (((0.20, 0.22, 0.35), (0.45, 0.47, 0.60)),   # stripes: slate
               ((0.05, 0.05, 0.08), (0.62, 0.62, 0.65)),   # gradient: night to grey
               ((0.40, 0.30, 0.45), (0.22, 0.15, 0.28)))   # rings: plum
 _CELL_OFFSET = 0.3   # the grid's cell centres are 0.2, 0.5, 0.8 (large objects stay mostly inside)
-_JITTER = 0.05       # sampled centres lie within +-_JITTER of their cell's centre
+_JITTER = 0.05       # centres sampled near a cell's centre lie within +-_JITTER of it
+_SPAN = (0.12, 0.88)  # centres sampled anywhere in a cell stay in here: a large object stays mostly inside
 
 
 def check_size(size) -> int:
@@ -193,19 +195,27 @@ def _check_generator(generator) -> torch.Generator:
     return generator
 
 
-def sample_scenes(n: int, generator: torch.Generator) -> SceneBatch:
-    """``n`` scenes with every attribute uniform and the centre within +-0.05 of a uniform cell's
-    centre, on ``generator``'s device (a CUDA generator samples on the GPU)."""
+def sample_scenes(n: int, generator: torch.Generator, spread: float = 0.5) -> SceneBatch:
+    """``n`` scenes with every attribute and the cell uniform, on ``generator``'s device (a CUDA
+    generator samples on the GPU). A fraction ``spread`` of them has its centre uniform over its
+    cell (within [0.12, 0.88] on each axis), the others within +-0.05 of the cell's centre: the
+    position words stay prototypical while the subject also sees the places in between, where
+    DiffUHaul moves and clips take objects."""
     _check_generator(generator)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
+    if not 0.0 <= spread <= 1.0:
+        raise ValueError(f"spread must be a fraction in [0, 1], got {spread!r}")
     device = generator.device
     draw = lambda k: torch.randint(k, (n,), generator=generator, device=device)
     style, shape, colour, size, cell = draw(len(STYLES)), draw(len(SHAPES)), draw(len(COLOURS)), draw(2), draw(9)
     grid = torch.stack([cell % 3, cell // 3], dim=1).float()  # (n, 2): col, row
     jitter = (torch.rand(n, 2, generator=generator, device=device) * 2 - 1) * _JITTER
-    centre = 0.5 + (grid - 1) * _CELL_OFFSET + jitter
-    return SceneBatch(style, shape, colour, size, centre)
+    near = 0.5 + (grid - 1) * _CELL_OFFSET + jitter
+    low, high = (grid / 3).clamp(min=_SPAN[0]), ((grid + 1) / 3).clamp(max=_SPAN[1])
+    anywhere = low + (high - low) * torch.rand(n, 2, generator=generator, device=device)
+    pick = torch.rand(n, 1, generator=generator, device=device) < spread
+    return SceneBatch(style, shape, colour, size, torch.where(pick, anywhere, near))
 
 
 def sample_scene(generator: torch.Generator) -> Scene:

@@ -116,12 +116,12 @@ PRESETS = {
     "tiny": {"model": dict(image_size=8, num_layers=1, num_single_layers=1, num_attention_heads=2,
                            attention_head_dim=16, axes_dims_rope=(4, 6, 6), caption_dim=32),
              "train": dict(batch_size=8, steps=40, lr=3e-3, warmup=0, weight_decay=0.0, grad_clip=1.0, ema=0.0,
-                           drop_word=0.15, drop_all=0.1, min_lr_ratio=1.0, log_every=10, sample_steps=4)},
+                           drop_word=0.15, drop_all=0.1, spread=0.5, min_lr_ratio=1.0, log_every=10, sample_steps=4)},
     # the H200 run: 4.13 M parameters, 16.5 MB in float32
     "default": {"model": dict(image_size=32, num_layers=3, num_single_layers=3, num_attention_heads=4,
                               attention_head_dim=40, axes_dims_rope=(8, 16, 16), caption_dim=128),
                 "train": dict(batch_size=256, steps=30000, lr=6e-4, warmup=500, weight_decay=0.0, grad_clip=1.0,
-                              ema=0.999, drop_word=0.15, drop_all=0.1, min_lr_ratio=0.1, log_every=100,
+                              ema=0.999, drop_word=0.15, drop_all=0.1, spread=0.5, min_lr_ratio=0.1, log_every=100,
                               sample_steps=30)},
 }
 
@@ -381,7 +381,7 @@ def train(out, *, preset: str = "default", steps: int | None = None, minutes: fl
         for group in opt.param_groups:
             group["lr"] = lr
         with torch.no_grad():
-            batch = sample_scenes(cfg["batch_size"], data)
+            batch = sample_scenes(cfg["batch_size"], data, cfg["spread"])
             images = render_batch(batch, config.image_size)["image"]
             captions = caption_batch(batch, cfg["drop_word"], cfg["drop_all"], data)
         with autocast:
