@@ -216,3 +216,18 @@ def test_on_cuda_the_data_never_waits_for_the_device_and_training_runs_in_bf16(t
     on_gpu = M.sample(model, ["dots"], seed=0, steps=3)
     on_cpu = M.sample(M.load(tmp_path / "cuda"), ["dots"], seed=0, steps=3)
     assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-3)  # one seed, the same images on either device
+
+
+def test_a_loss_that_turns_nan_stops_training_and_says_where(tmp_path, monkeypatch):
+    # the H200 run of the CUDA test saw a non-finite loss; training must stop with the clues, not go on
+    real = M.rf_loss
+    calls = []
+
+    def broken(model, images, captions, generator):
+        calls.append(1)
+        return real(model, images, captions, generator) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(M, "rf_loss", broken)
+    with pytest.raises(FloatingPointError, match=r"the training loss is nan by step 10: images finite: True; "
+                                                 r"captions in range: True; weights finite: (True|False); loss in"):
+        M.train(tmp_path / "nan", preset="tiny", steps=20, device="cpu", progress=lambda line: None)

@@ -253,6 +253,20 @@ def rf_loss(model: SubjectModel, images: torch.Tensor, captions: torch.Tensor, g
     return F.mse_loss(model._velocity(xt, t, captions).float(), noise - x0)
 
 
+def _diagnose(model, images, captions, generator, autocast) -> str:
+    """Which part of the last step is not finite: the batch, the weights, or the forward in the
+    training precision versus float32 (a clue for a NaN that only one device shows)."""
+    finite = lambda t: bool(torch.isfinite(t).all())  # noqa: E731
+    parts = [f"images finite: {finite(images)}", f"captions in range: {bool((captions >= 0).all())}",
+             "weights finite: " + str(all(finite(p) for p in model.parameters()))]
+    with torch.no_grad():
+        for name, context in (("training precision", autocast), ("float32", torch.autocast(images.device.type,
+                                                                                          enabled=False))):
+            with context:
+                parts.append(f"loss in {name}: {float(rf_loss(model, images, captions, generator)):.4g}")
+    return "; ".join(parts)
+
+
 def _lr(train: dict, step: int, progress: float) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_lr_ratio`` by ``progress`` = 1."""
     if step < train["warmup"]:
@@ -400,6 +414,9 @@ def train(out, *, preset: str = "default", steps: int | None = None, minutes: fl
         if step % cfg["log_every"] == 0 or step == cfg["steps"]:
             mean = float(running / count)  # one device sync per log line
             running, count = 0.0, 0
+            if not math.isfinite(mean):  # say where it broke instead of training on NaN weights
+                raise FloatingPointError(f"the training loss is {mean} by step {step}: "
+                                         + _diagnose(model, images, captions, data, autocast))
             elapsed = time.perf_counter() - start
             record["curve"].append([step, round(mean, 5)])
             log_lines.append(f"{step} {mean:.5f} {lr:.3g} {elapsed:.1f}")
