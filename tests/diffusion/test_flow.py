@@ -55,6 +55,20 @@ def test_horn_schunck_recovers_a_rotation_and_scale():
     assert err.mean() < 0.05 and err.max() < 0.25, (err.mean(), err.max())
 
 
+def test_farneback_is_optional():
+    x, y = coords()
+    a, b = pattern(x, y)[None, None], pattern(x - 2.0, y)[None, None]
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"needs OpenCV \(cv2\), which is not importable here; accepted without "
+                                             r"it: method='horn-schunck'"):
+            fl.estimate_flow(a, b, method="farneback")
+        return
+    flow = fl.estimate_flow(a, b, method="farneback")
+    assert flow.shape == (1, 2, H, W) and (flow[INNER][:, 0] - 2.0).abs().mean() < 0.3
+
+
 def test_warp_zero_flow_is_the_identity_and_integer_shifts_are_exact():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 10, 12, generator=g, dtype=torch.float64)

@@ -219,6 +219,12 @@ def test_align_warps_each_frame_from_the_aligned_previous_one_outside_occlusion(
     torch.testing.assert_close(out[2], expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(out[2, :, 2:, 2:], z[0, :, 2:, :-2], rtol=0, atol=1e-12)
     assert fl.warping_error(out, flow, occluded) < 1e-20 < fl.warping_error(z, flow, occluded)
+    # from_video: the flows and occlusion of a source clip, estimated
+    y, x = torch.meshgrid(torch.arange(16.0, dtype=torch.float64), torch.arange(16.0, dtype=torch.float64), indexing="ij")
+    video = torch.stack([torch.sin((x - 2 * t) / 2.5)[None] * torch.cos(y / 3) for t in range(3)])
+    lw = LatentWarp.from_video(video, warp_steps=(0, 1), flow_options=dict(iters=20))
+    assert lw.frames == 3 and lw.flow.shape == (2, 2, 16, 16) and lw.occluded.shape == (2, 1, 16, 16)
+    assert lw.warp_steps == range(0, 1) and (lw.flow[:, 0, 4:-4, 4:-4] + 2).abs().mean() < 0.2
 
 
 def test_packed_flux_latents_are_unpacked_warped_and_packed_again():

@@ -117,7 +117,8 @@ class LatentWarp(Sharing):
         if len(groups[0]) != self.frames:
             raise ValueError(f"LatentWarp was built for a clip of frames={self.frames} but the attention call has "
                              f"{call.batch} rows with chunks={self.chunks} ({len(groups[0])} frames per chunk); "
-                             f"accepted: a batch of frames * chunks = {self.frames * self.chunks} rows")
+                             f"accepted: a batch of frames * chunks = {self.frames * self.chunks} rows (chunks=2 where a UNet "
+                             "pipeline runs classifier-free guidance's halves in one batch)")
         refs = cross_frame_references(self.frames, self.anchor, self.previous)
         # per reference slot, the row lent to each row of the batch (row r of a chunk gets its chunk's refs[r])
         lent = [torch.tensor([g[refs[r][slot]] for g in groups for r in range(self.frames)], device=call.q.device)
