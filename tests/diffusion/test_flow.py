@@ -37,6 +37,9 @@ def test_horn_schunck_recovers_a_translation():
     assert err.mean() < 0.05 and err.max() < 0.25, (err.mean(), err.max())
     # the estimate brings b back onto a
     assert (fl.warp(b, flow) - a)[INNER].abs().max() < 0.01
+    # the same flow for the clip in [0, 255] or [-1, 1]: the pair is mapped to [0, 1] first
+    torch.testing.assert_close(fl.estimate_flow(255 * a, 255 * b), flow, rtol=0, atol=1e-8)
+    torch.testing.assert_close(fl.estimate_flow(2 * a - 1, 2 * b - 1), flow, rtol=0, atol=1e-8)
 
 
 def test_horn_schunck_recovers_a_rotation_and_scale():

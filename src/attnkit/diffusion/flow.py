@@ -151,7 +151,7 @@ def estimate_flow(a: Tensor, b: Tensor, *, method: str = "horn-schunck", levels:
     ``method="horn-schunck"``: a Gaussian pyramid of ``levels`` levels (default: down to ~16
     pixels), at each level ``warps`` rounds of re-warping ``b`` with the current flow and ``iters``
     Jacobi iterations of Horn-Schunck on the linearised brightness constancy, with smoothness
-    weight ``smoothness`` (in the images' intensity units; images in [0, 1] suit 0.02-0.1).
+    weight ``smoothness`` (on the pair's intensities mapped to [0, 1]; larger: smoother flow).
     ``method="farneback"``: OpenCV's ``calcOpticalFlowFarneback`` on each pair (needs ``cv2``)."""
     _check_images("a", a)
     _check_images("b", b)
@@ -173,7 +173,13 @@ def estimate_flow(a: Tensor, b: Tensor, *, method: str = "horn-schunck", levels:
             levels += 1
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
         raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
-    pa, pb = [_blur(_gray(a), sigma)], [_blur(_gray(b), sigma)]
+    ga, gb = _gray(a), _gray(b)
+    # one affine map of both images to [0, 1] (per pair): the smoothness weight means the same for
+    # videos in [0, 1], [-1, 1] or [0, 255]
+    lo = torch.minimum(ga.amin((1, 2, 3), keepdim=True), gb.amin((1, 2, 3), keepdim=True))
+    hi = torch.maximum(ga.amax((1, 2, 3), keepdim=True), gb.amax((1, 2, 3), keepdim=True))
+    span = (hi - lo).clamp_min(torch.finfo(a.dtype).tiny)
+    pa, pb = [_blur((ga - lo) / span, sigma)], [_blur((gb - lo) / span, sigma)]
     for _ in range(levels - 1):
         pa.append(F.avg_pool2d(_blur(pa[-1], 1.0), 2, ceil_mode=True))
         pb.append(F.avg_pool2d(_blur(pb[-1], 1.0), 2, ceil_mode=True))
