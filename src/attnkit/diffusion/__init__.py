@@ -34,3 +34,6 @@ from .diffuhaul import DiffUHaul  # noqa: E402
 from .irdiffusion import IRDiffusion  # noqa: E402
 
 __all__ += ["DiffUHaul", "IRDiffusion"]
+from . import flow  # noqa: E402  (optical flow, warping, occlusion: LatentWarp's classical estimator)
+from .latentwarp import LatentWarp  # noqa: E402
+__all__ += ["flow", "LatentWarp"]

@@ -74,4 +74,12 @@ CARDS = CARDS + (
          kind="diffusion", capabilities=_CAPS,
          summary="drags an object: a source pass records keys and values, the target pass shares them with the "
                  "object moved, masks object and background apart, and anchors early steps to the source"),
+from .latentwarp import LatentWarp  # noqa: E402
+
+CARDS += (
+    Card("latentwarp", "LatentWarp: Consistent Diffusion Latents for Zero-Shot Video-to-Video Translation",
+         "2311.00353", "diffusion", LatentWarp, sharing_flops(1.0), defaults={"frames": 2}, kind="diffusion",
+         capabilities=_CAPS,
+         summary="a clip's frames as a batch: each frame's keys / values replaced by the anchor and previous "
+                 "frame's, and the latents warped from the previous frame along the source flow (occlusion-masked)"),
 )

@@ -16,6 +16,10 @@ METHODS: dict[str, type] = {
     "shared-kv": SharedAttention,
 }
 
+from .latentwarp import LatentWarp  # noqa: E402
+
+METHODS["latentwarp"] = LatentWarp
+
 
 def build(name: str, **options) -> Sharing:
     """The method registered as ``name``, built with ``options``."""
