@@ -74,6 +74,8 @@ CARDS = CARDS + (
          kind="diffusion", capabilities=_CAPS,
          summary="drags an object: a source pass records keys and values, the target pass shares them with the "
                  "object moved, masks object and background apart, and anchors early steps to the source"),
+)
+
 from .latentwarp import LatentWarp  # noqa: E402
 
 CARDS += (
