@@ -60,7 +60,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sharing import AttnCall, Sharing, rows
+from .sharing import AttnCall, Sharing, reference_rows
 
 __all__ = ["AlignedGen"]
 
@@ -137,13 +137,7 @@ class AlignedGen(Sharing):
         return float(t.reshape(-1)[0]) ** 2 if isinstance(t, Tensor) else float(t) ** 2
 
     def attend(self, call: AttnCall) -> Tensor:
-        groups = rows(call.batch, self.chunks)
-        if self.reference >= len(groups[0]):
-            raise ValueError(f"reference={self.reference} is outside the batch's groups of {len(groups[0])} rows "
-                             f"(batch {call.batch}, chunks={self.chunks}); accepted: 0 .. {len(groups[0]) - 1}")
-        ref_of = [g[self.reference] for g in groups for _ in g]
-        targets = [i for i in range(call.batch) if ref_of[i] != i]
-        refs = [i for i in range(call.batch) if ref_of[i] == i]
+        ref_of, targets, refs = reference_rows(call.batch, self.reference, self.chunks)
         q, k, v = call.q, call.k, call.v
         rope = call.k_plain is not None
         if self.shift is not False and not rope:

@@ -59,7 +59,7 @@ import math
 import torch
 from torch import Tensor
 
-from .sharing import AttnCall, KVBank, Sharing, rows
+from .sharing import AttnCall, KVBank, Sharing, reference_rows, rows
 
 __all__ = ["FreeCus", "PIVOTAL_FLUX", "flux_mu", "reference_callback", "reference_latents", "reference_sigmas"]
 
@@ -156,13 +156,7 @@ class FreeCus(Sharing):
             else:
                 k_ref, v_ref = k_ref.expand(call.batch, -1, -1, -1), v_ref.expand(call.batch, -1, -1, -1)
             return self._shared(call, q, k, v, k_ref, v_ref)
-        groups = rows(call.batch, self.chunks)
-        if self.reference >= len(groups[0]):
-            raise ValueError(f"reference={self.reference} is outside the batch's groups of {len(groups[0])} rows "
-                             f"(batch {call.batch}, chunks={self.chunks}); accepted: 0 .. {len(groups[0]) - 1}")
-        ref_of = [g[self.reference] for g in groups for _ in g]
-        targets = [i for i in range(call.batch) if ref_of[i] != i]
-        refs = [i for i in range(call.batch) if ref_of[i] == i]
+        ref_of, targets, refs = reference_rows(call.batch, self.reference, self.chunks)
         out = torch.empty_like(q[..., :1]).expand(*q.shape[:3], v.shape[3]).contiguous()
         out[refs] = call.attend(q[refs], k[refs], v[refs]) if targets else call.attend()  # the reference: stock
         if targets:

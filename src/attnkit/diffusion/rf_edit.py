@@ -25,7 +25,6 @@ by the pipeline's index list (the same steps).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .sharing import AttnCall, KVBank, Sharing

@@ -45,7 +45,7 @@ from .. import patterns as _patterns
 from ..ops.softmax import attend as _attend
 
 __all__ = ["AttnCall", "Handle", "KVBank", "Sharing", "SharedAttention", "Site", "apply", "attention_modules",
-           "rows", "adain"]
+           "rows", "reference_rows", "adain"]
 
 
 # -- where a call is -------------------------------------------------------------------------------
@@ -154,6 +154,18 @@ def rows(batch: int, chunks: int = 1) -> list[range]:
                          f"{batch} (1, or 2 for a batch with classifier-free guidance's halves)")
     n = batch // chunks
     return [range(c * n, (c + 1) * n) for c in range(chunks)]
+
+
+def reference_rows(batch: int, reference: int, chunks: int = 1) -> tuple[list[int], list[int], list[int]]:
+    """``(ref_of, targets, refs)`` of a batch with one reference per group (:func:`rows`):
+    ``ref_of[i]`` the reference row of row ``i``, the target rows, the reference rows. A reference
+    index outside the groups is a ``ValueError``."""
+    groups = rows(batch, chunks)
+    if reference >= len(groups[0]):
+        raise ValueError(f"reference={reference} is outside the batch's groups of {len(groups[0])} rows "
+                         f"(batch {batch}, chunks={chunks}); accepted: 0 .. {len(groups[0]) - 1}")
+    ref_of = [g[reference] for g in groups for _ in g]
+    return ref_of, [i for i in range(batch) if ref_of[i] != i], [i for i in range(batch) if ref_of[i] == i]
 
 
 def adain(x: Tensor, ref: Tensor, eps: float = 1e-5) -> Tensor:
@@ -330,13 +342,7 @@ class SharedAttention(Sharing):
         self.share_text = bool(share_text)
 
     def attend(self, call: AttnCall) -> Tensor:
-        groups = rows(call.batch, self.chunks)
-        if self.reference >= len(groups[0]):
-            raise ValueError(f"reference={self.reference} is outside the batch's groups of {len(groups[0])} rows "
-                             f"(batch {call.batch}, chunks={self.chunks}); accepted: 0 .. {len(groups[0]) - 1}")
-        ref_of = [g[self.reference] for g in groups for _ in g]  # each row's reference row
-        targets = [r for r in range(call.batch) if ref_of[r] != r]
-        refs = [r for r in range(call.batch) if ref_of[r] == r]
+        ref_of, targets, refs = reference_rows(call.batch, self.reference, self.chunks)
         q, k, v = call.q, call.k, call.v
         shared = slice(0, q.shape[2]) if self.share_text else call.image
         out = torch.empty_like(q[..., :1]).expand(*q.shape[:3], v.shape[3]).contiguous()
@@ -356,14 +362,18 @@ class SharedAttention(Sharing):
         S = kt.shape[2]
         keys = torch.cat([kt, k_ref], dim=2)  # [b, H, S + N', D]
         values = torch.cat([v[t], v[r][:, :, shared]], dim=2)
-        score_mod = None
-        if self.reference_scale != 1.0:
-            bias = math.log(self.reference_scale)
-
-            def score_mod(score, b, h, q_idx, kv_idx):
-                return score + (kv_idx >= S).to(score.dtype) * bias  # in the scores' dtype (float64 stays exact)
-        out[t] = call.attend(qt, keys, values, score_mod=score_mod)
+        out[t] = call.attend(qt, keys, values, score_mod=_key_bias(S, math.log(self.reference_scale))
+                             if self.reference_scale != 1.0 else None)
         return out
+
+
+def _key_bias(first: int, bias: float):
+    """A score_mod adding ``bias`` to the logits of keys at index >= ``first`` (the shared ones)."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + (kv_idx >= first).to(score.dtype) * bias  # in the scores' dtype (float64 stays exact)
+
+    return score_mod
 
 
 # -- processors -------------------------------------------------------------------------------------------

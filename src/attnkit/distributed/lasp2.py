@@ -21,7 +21,6 @@ paper's LASP-2 masks a causal linear attention without decay as the special case
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ..ops.linear.lightning import lightning_attend
