@@ -38,7 +38,9 @@ def _worker(rank, world, mode, layout, attention):
 
 
 @pytest.mark.parametrize("world, mode, layout, attention", [
-    (2, "ring", "zigzag", "gqa"), (3, "ring", "contiguous", "gqa"), (2, "ulysses", "contiguous", "mha")])
+    (2, "ring", "zigzag", "gqa"), (3, "ring", "contiguous", "gqa"), (2, "ulysses", "contiguous", "mha"),
+    (2, "ring", "contiguous", ["lightning", "gqa"]),  # LASP-2H: LASP-2 for the linear layer, the ring for softmax
+])
 def test_a_training_step_equals_one_process(world, mode, layout, attention):
     results = spawn(world, _worker, mode, layout, attention)
     model = _model(attention)
@@ -53,8 +55,9 @@ def test_a_training_step_equals_one_process(world, mode, layout, attention):
 
 def _refusals(rank, world):
     out = []
-    for attention, kwargs in (("lightning", {}), ("gqa", dict(mode="ulysses", layout="zigzag")),
-                              ("gqa", dict(mode="spiral")), ("gqa", {"seq_len": 25})):
+    for attention, kwargs in (("agent", {}), ("gqa", dict(mode="ulysses", layout="zigzag")),
+                              ("gqa", dict(mode="spiral")), ("gqa", {"seq_len": 25}),
+                              ("lightning", dict(layout="zigzag"))):
         try:
             parallelize(_model(attention), kwargs.pop("seq_len", SEQ), **kwargs)
             out.append(None)
@@ -65,7 +68,8 @@ def _refusals(rank, world):
 
 def test_what_cannot_be_sharded_is_refused():
     messages = spawn(2, _refusals)[0]
-    assert "shards softmax multi-head attention (mha, gqa, mqa) only; this model also has LightningAttention" in messages[0]
+    assert "(LASP-2) only; this model also has AgentAttention" in messages[0]
     assert "mode='ulysses' needs layout='contiguous'" in messages[1]
     assert "mode must be one of ring, ulysses" in messages[2]
     assert "a sequence of 25 tokens does not split over 2 ranks" in messages[3]
+    assert "Lightning layers run LASP-2, which combines the ranks' states in sequence order" in messages[4]

@@ -14,7 +14,9 @@ LASP-2: Rethinking Sequence Parallelism for Linear Attention and Its Hybrid (Sun
    returns it) is ``lambda^T P_{W-1} + M_{W-1}``.
 
 The backward is autograd's through the same steps; the all-gather's backward sums the states'
-gradients over the ranks (a reduce-scatter), so it too moves ``D x E`` per rank and head. The
+gradients over the ranks (a reduce-scatter), so it too moves ``D x E`` per rank and head. It is a
+collective: every rank must backpropagate through its output (rank 0's output depends on the
+gathered states with weight zero for that reason). The
 paper's LASP-2 masks a causal linear attention without decay as the special case ``s = 0``.
 """
 
@@ -64,7 +66,10 @@ def lasp2_lightning(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *, group=No
     for j in range(rank, world):
         final = states[j] if final is None else chunk * final + states[j]
     if prefix is None:
-        return out_local, final
+        # rank 0 without an initial state has no prefix; its output still depends on the gathered states
+        # (times zero), so that every rank's backward reaches the all-gather's backward, a collective that
+        # would otherwise wait forever on the ranks that do use them
+        prefix = states[0] * 0
     i = torch.arange(T, device=q.device, dtype=acc)
     q_decay = torch.exp(-s * (i + 1)[None, None, :, None])  # [1, H, T, 1]: lambda^(i+1)
     out = out_local.to(acc) + (q.to(acc) * q_decay) @ prefix

@@ -8,6 +8,9 @@ each sequence (:func:`attnkit.distributed.shard`, the layout given here), and
 - its attention core runs :func:`ring_attend` (``mode="ring"``: causal or full patterns) or
   :func:`ulysses_attend` (``mode="ulysses"``: any pattern; contiguous layout, heads divisible by
   the world size),
+- each Lightning (linear attention) layer runs :func:`lasp2_lightning` (LASP-2; contiguous
+  layout), so a hybrid stack of Lightning and softmax layers is LASP-2H (Sun et al., arXiv
+  2502.07563: linear layers by one all-gather of states, softmax layers by ring or all-to-all),
 
 while embeddings, norms and MLPs work per token as before. A training step's loss is the sum over
 the ranks of each rank's token losses (:func:`sequence_loss` does the all-reduce), and parameter
@@ -22,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import patterns as _patterns
+from .lasp2 import lasp2_lightning
 from .ring import LAYOUTS, _group_info, ring_attend, shard_positions, ulysses_attend
 
 __all__ = ["Parallel", "parallelize", "sequence_loss", "sum_gradients", "MODES"]
@@ -55,7 +59,8 @@ class Parallel:
 
     def remove(self) -> None:
         for layer, rope, core in reversed(self._changed):
-            layer.rope = rope
+            if hasattr(layer, "rope"):
+                layer.rope = rope
             if core is None:
                 layer.__dict__.pop("core", None)
             else:
@@ -92,16 +97,27 @@ def parallelize(model: nn.Module, seq_len: int, *, group=None, mode: str = "ring
     positions = shard_positions(seq_len, world, rank, layout)  # the divisibility rule, with its message
     from ..layers.base import AttentionLayer
 
+    from ..layers.lightning import LightningAttention
+
     layers = [m for m in model.modules() if isinstance(m, AttentionLayer)]
-    others = sorted({type(m).__name__ for m in layers if not isinstance(m, MultiHeadAttention)
-                     or type(m).core is not MultiHeadAttention.core or type(m).adjust is not MultiHeadAttention.adjust})
+    softmax = [m for m in layers if isinstance(m, MultiHeadAttention) and type(m).core is MultiHeadAttention.core
+               and type(m).adjust is MultiHeadAttention.adjust]
+    linear = [m for m in layers if type(m) is LightningAttention]
+    others = sorted({type(m).__name__ for m in layers if m not in softmax and m not in linear})
     if others:
-        raise ValueError(f"parallelize shards softmax multi-head attention (mha, gqa, mqa) only; this model also has "
-                         f"{', '.join(others)}, whose mixing is not sequence parallel here")
+        raise ValueError(f"parallelize shards softmax multi-head attention (mha, gqa, mqa) and Lightning attention "
+                         f"(LASP-2) only; this model also has {', '.join(others)}, whose mixing is not sequence "
+                         "parallel here")
     if not layers:
         raise ValueError(f"{type(model).__name__} holds no attnkit attention layers")
+    if linear and layout != "contiguous":
+        raise ValueError("Lightning layers run LASP-2, which combines the ranks' states in sequence order: use "
+                         "layout='contiguous'")
     changed = []
-    for layer in layers:
+    for layer in linear:
+        changed.append((layer, None, layer.__dict__.get("core")))
+        layer.core = _lasp2_core(layer, group)
+    for layer in softmax:
         kind = _patterns.resolve(layer.pattern).kind
         if mode == "ring" and kind not in ("causal", "full"):
             raise ValueError(f"mode='ring' runs causal or full attention; a layer has pattern {layer.pattern!r}: use "
@@ -123,6 +139,15 @@ def _core(layer, mode, layout, group):
         if mode == "ulysses":
             return ulysses_attend(q, k, v, group=group, pattern=pattern)
         return ring_attend(q, k, v, group=group, causal=_patterns.resolve(pattern).kind == "causal", layout=layout)
+
+    return core
+
+
+def _lasp2_core(layer, group):
+    def core(q, k, v, initial):
+        if initial is not None:
+            raise ValueError("parallelize: decoding with a state is not sequence parallel; generate on one rank")
+        return lasp2_lightning(q, k, v, layer.slopes, group=group, backend=layer.backend)
 
     return core
 

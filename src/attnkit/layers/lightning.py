@@ -209,6 +209,13 @@ class LightningAttention(AttentionLayer):
         q, k = F.silu(q), F.silu(k)
         return q, k, (F.silu(v) if self.activate_values else v)
 
+    def core(self, q: Tensor, k: Tensor, v: Tensor, initial: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The linear-attention op on activated ``q, k, v [B, H, T, D]`` from the state ``initial``
+        ``[B, H, D, D]`` (or zeros): ``(o [B, H, T, D], final state)``. The seam a sequence-parallel
+        wrapper replaces (``attnkit.distributed.parallelize``: LASP-2)."""
+        return lightning_attend(q, k, v, self.slopes, initial_state=initial, backend=self.backend,
+                                chunk_size=self.chunk_size)
+
     def forward(self, x: Tensor, state: RecurrentState | None = None, *, document_ids: Tensor | None = None) -> Tensor:
         check_input(x, self.dim, self, state)
         if document_ids is not None:
@@ -216,9 +223,7 @@ class LightningAttention(AttentionLayer):
                              "run each document as its own sequence")
         B, T, _ = x.shape
         q, k, v = self.project(x)
-        initial = None if state is None else state["kv"]
-        o, final = lightning_attend(q, k, v, self.slopes, initial_state=initial, backend=self.backend,
-                                    chunk_size=self.chunk_size)
+        o, final = self.core(q, k, v, None if state is None else state["kv"])
         if state is not None:
             state["kv"] = final.to(state["kv"].dtype)
             state.offset += T
