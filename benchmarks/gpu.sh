@@ -14,6 +14,8 @@
 #   benchmarks/gpu.sh hf-identify         # `attnkit identify-duo --device cuda` on the shipped subject, timed
 #   benchmarks/gpu.sh diffusion-speed     # attnkit.diffusion's sharing methods against the stock FLUX processor on
 #                                         # a FLUX.1-dev-shaped double + single block at 1024x1024 (diffusers wheel in .whl/)
+#   benchmarks/gpu.sh sp-timeline         # attnkit.distributed: one rank's compute for its share of a 1M-token
+#                                         # sequence, and the W-rank ring / LASP-2 timelines simulated from it
 #   benchmarks/gpu.sh hf-pareto           # issue 23's grid: `attnkit eval` of every KV method through its budgets
 #                                         # at 2k and 4k (3 runs -> pareto-*/eval.json), and LongHeads past the
 #                                         # subject's trained 4k (8k, 16k, --beyond-context -> longheads-16k/)
@@ -36,12 +38,12 @@ OUT=${OUT:-benchmarks/results/h200}
 suites=$(python3 -c "from attnkit.bench.suites import SUITES; print(' '.join(SUITES))")
 usage() {  # usage [WHY]: the arguments are refused before anything is installed, run or written
   [ -n "${1:-}" ] && echo "benchmarks/gpu.sh: $1" >&2
-  echo "usage: benchmarks/gpu.sh tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|hf-speed|hf-identify|hf-pareto|diffusion-speed|bench-args NAME ARGS...|SUITE [MODE]" >&2
+  echo "usage: benchmarks/gpu.sh tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|hf-speed|hf-identify|hf-pareto|diffusion-speed|sp-timeline|bench-args NAME ARGS...|SUITE [MODE]" >&2
   echo "  SUITE: $suites" >&2
   exit 2
 }
 case "${1:-}" in
-  tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|hf-speed|hf-identify|hf-pareto|diffusion-speed)
+  tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|hf-speed|hf-identify|hf-pareto|diffusion-speed|sp-timeline)
     # extra words were ignored: `gpu.sh bench --seq 1024` ran the default sizes
     [ $# -eq 1 ] || usage "'$1' takes no arguments, got: ${*:2} (any other bench run: bench-args NAME ARGS...)" ;;
   bench-args)
@@ -148,6 +150,11 @@ case "$1" in
     timeout "${HF_TIMEOUT:-300}" python3 benchmarks/diffusion_speed.py --out "$OUT/diffusion-speed.json" 2>&1 \
       | tee -a "$OUT/diffusion-speed.log" | grep -vE "^\s*$|kept in float32" | tail -12
     status=${PIPESTATUS[0]}; echo "exit $status" | tee -a "$OUT/diffusion-speed.log" ;;
+  sp-timeline)
+    { header; echo "# python3 benchmarks/sp_timeline.py"; } > "$OUT/sp-timeline.log"
+    timeout "${HF_TIMEOUT:-300}" python3 benchmarks/sp_timeline.py --out "$OUT/sp-timeline.json" 2>&1 \
+      | tee -a "$OUT/sp-timeline.log" | tail -8
+    status=${PIPESTATUS[0]}; echo "exit $status" | tee -a "$OUT/sp-timeline.log" ;;
   *)  # SUITE [MODE]
     suite=$1
     for mode in ${2:-$(python3 -m attnkit.bench.suites "$suite")}; do

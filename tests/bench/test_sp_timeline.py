@@ -1,0 +1,26 @@
+"""benchmarks/sp_timeline.py: the dry run writes the simulated timelines, consistent with their parts."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sp_timeline.py"
+
+
+def test_dry_run_rows_add_up(tmp_path):
+    spec = importlib.util.spec_from_file_location("sp_timeline", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "sp.json"
+    assert mod.main(["--device", "cpu", "--tiny", "--world", "2", "4", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["world"] for r in rows] == [2, 4]
+    for r in rows:
+        assert r["lasp2_ms"] == pytest.approx(r["lightning_chunk_ms"] + r["lasp2_allgather_ms"] + r["lasp2_prefix_ms"])
+        assert r["ring_ms"] >= r["world"] * min(r["softmax_full_block_ms"] / 2, r["softmax_causal_block_ms"]) * 0.999
+        # a ring shard: k and v of 2 heads x T tokens x 16 dims in float32
+        assert r["kv_shard_bytes"] == 2 * 2 * r["tokens_per_rank"] * 16 * 4
+    with pytest.raises(SystemExit):
+        mod.main(["--device", "cpu", "--tiny", "--world", "3"])  # 4096 tokens do not split into 6 chunks
