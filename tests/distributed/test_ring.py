@@ -28,25 +28,25 @@ def _ring_worker(rank, world, cases):
     return [_ring_case(rank, world, *case) for case in cases]
 
 
-def _ring_case(rank, world, causal, layout, hkv):
+def _ring_case(rank, world, causal, layout, hkv, window=None):
     q, k, v, dout, dlse = _inputs(world, hkv)
     mine = [shard(t, world, rank, layout).clone().requires_grad_(True) for t in (q, k, v)]
     sent_bytes(reset=True)
-    out, lse = ring_attend(*mine, causal=causal, layout=layout, return_lse=True)
+    out, lse = ring_attend(*mine, causal=causal, layout=layout, return_lse=True, window=window)
     forward = sent_bytes(reset=True)
     # a loss that uses both outputs, so the lse's gradient path is checked too
     loss = (out * shard(dout, world, rank, layout)).sum() + (lse * shard(dlse, world, rank, layout)).sum()
     loss.backward()
     backward = sent_bytes(reset=True)
-    assert forward == ring_bytes(*mine, world), (forward, ring_bytes(*mine, world))
-    assert backward == ring_bytes(*mine, world, backward=True), (backward, ring_bytes(*mine, world, backward=True))
+    assert forward == ring_bytes(*mine, world, window=window), (forward, ring_bytes(*mine, world, window=window))
+    assert backward == ring_bytes(*mine, world, backward=True, window=window)
     return [t.detach() for t in (out, lse, mine[0].grad, mine[1].grad, mine[2].grad)]
 
 
-def _reference(world, causal, hkv, pattern=None):
+def _reference(world, causal, hkv, window=None):
     q, k, v, dout, dlse = _inputs(world, hkv)
     q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
-    pattern = pattern if pattern is not None else ("causal" if causal else None)
+    pattern = attnkit.patterns.sliding_window(window) if window else ("causal" if causal else None)
     out, lse = attnkit.attend(q, k, v, pattern=pattern, return_lse=True, backend="reference")
     ((out * dout).sum() + (lse * dlse).sum()).backward()
     return [t.detach() for t in (out, lse, q.grad, k.grad, v.grad)]
@@ -55,12 +55,13 @@ def _reference(world, causal, hkv, pattern=None):
 @pytest.mark.parametrize("world, cases", [
     (2, [(True, "contiguous", 4), (False, "zigzag", 4), (True, "zigzag", 2)]),
     (3, [(True, "zigzag", 2), (False, "contiguous", 2)]),
-    (4, [(True, "zigzag", 1), (True, "contiguous", 2)]),
+    # sliding windows: 5 keys need the previous shard only (2 steps of 4), 8 keys two shards (3 steps)
+    (4, [(True, "zigzag", 1), (True, "contiguous", 2), (True, "contiguous", 2, 5), (True, "contiguous", 1, 8)]),
 ])
 def test_ring_equals_single_process_attention(world, cases):
     results = spawn(world, _ring_worker, cases)
-    for c, (causal, layout, hkv) in enumerate(cases):
-        expected = _reference(world, causal, hkv)
+    for c, (causal, layout, hkv, *window) in enumerate(cases):
+        expected = _reference(world, causal, hkv, *window)
         for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
             whole = unshard([r[c][i] for r in results], layout)
             torch.testing.assert_close(whole, expected[i], rtol=1e-10, atol=1e-10, msg=f"{name} {cases[c]}")

@@ -145,9 +145,15 @@ def _check_same_shapes(tensors: list[Tensor], group, what: str) -> None:
 # -- the ring ----------------------------------------------------------------------------------------
 
 
-def _relation(qs: int, qn: int, ks: int, kn: int, causal: bool) -> str:
+def _relation(qs: int, qn: int, ks: int, kn: int, causal: bool, window: int | None = None) -> str:
     """How a query range attends a key range: ``full``, ``causal`` (the same range), ``empty`` or
-    ``mixed`` (a partial overlap: a mask from positions)."""
+    ``mixed`` (a partial overlap: a mask from positions). ``window``: keys at distance < window only."""
+    if window is not None:
+        if ks > qs + qn - 1 or qs - (ks + kn - 1) >= window:
+            return "empty"
+        if ks + kn - 1 <= qs and (qs + qn - 1) - ks < window:
+            return "full"
+        return "causal" if (qs, qn) == (ks, kn) and qn <= window else "mixed"
     if not causal or ks + kn - 1 <= qs:
         return "full"
     if ks > qs + qn - 1:
@@ -155,9 +161,9 @@ def _relation(qs: int, qn: int, ks: int, kn: int, causal: bool) -> str:
     return "causal" if (qs, qn) == (ks, kn) else "mixed"
 
 
-def _exchange(tensors: list[Tensor], group, world: int, rank: int) -> list[Tensor]:
-    """Send ``tensors`` to the next rank and receive the previous rank's, at once."""
-    return _finish_exchange(_start_exchange(tensors, group, world, rank))
+def _exchange(tensors: list[Tensor], group, world: int, rank: int, shift: int = 1) -> list[Tensor]:
+    """Send ``tensors`` to rank ``rank + shift`` and receive rank ``rank - shift``'s, at once."""
+    return _finish_exchange(_start_exchange(tensors, group, world, rank, shift))
 
 
 def _merge(out: Tensor | None, lse: Tensor | None, o: Tensor, l: Tensor):
@@ -171,23 +177,33 @@ def _merge(out: Tensor | None, lse: Tensor | None, o: Tensor, l: Tensor):
     return out * a[..., None] + o * b[..., None], new
 
 
-def _block_mask(qs, qn, ks, kn, device):
+def _block_mask(qs, qn, ks, kn, device, window=None):
     qp = torch.arange(qs, qs + qn, device=device)
     kp = torch.arange(ks, ks + kn, device=device)
-    return kp[None, :] <= qp[:, None]  # [qn, kn]
+    mask = kp[None, :] <= qp[:, None]  # [qn, kn]
+    return mask if window is None else mask & (qp[:, None] - kp[None, :] < window)
+
+
+def _ring_steps(world: int, t_local: int, window: int | None) -> int:
+    """Ring steps that bring a rank every shard it needs: all W, or with a sliding window over a
+    contiguous layout only the shards within the window (1 + ceil((window - 1) / T))."""
+    if window is None:
+        return world
+    return min(world, 1 + -(-(window - 1) // t_local))
 
 
 class _Ring(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, world, rank, layout, causal, scale):
+    def forward(ctx, q, k, v, group, world, rank, layout, causal, scale, window):
         total = q.shape[2] * world
         mine = _chunks(total, world, rank, layout)
         acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = lse = None
         kv = [k, v]
-        for step in range(world):
+        steps = _ring_steps(world, q.shape[2], window)
+        for step in range(steps):
             src = (rank - step) % world
-            if step < world - 1:
+            if step < steps - 1:
                 # the next shard is in flight while this one is used (gloo / NCCL run the ops asynchronously)
                 pending = _start_exchange(kv, group, world, rank)
             theirs = _chunks(total, world, src, layout)
@@ -197,13 +213,13 @@ class _Ring(torch.autograd.Function):
             for qs, qn in mine:
                 ko = 0
                 for ks, kn in theirs:
-                    rel = _relation(qs, qn, ks, kn, causal)
+                    rel = _relation(qs, qn, ks, kn, causal, window)
                     if rel != "empty":
                         qq = q[:, :, qo:qo + qn]
                         kk, vv = kv[0][:, :, ko:ko + kn], kv[1][:, :, ko:ko + kn]
                         if rel == "mixed":
                             from ..patterns import DenseMask
-                            pattern = DenseMask(_block_mask(qs, qn, ks, kn, q.device)[None, None])
+                            pattern = DenseMask(_block_mask(qs, qn, ks, kn, q.device, window)[None, None])
                         else:
                             pattern = "causal" if rel == "causal" else None
                         o, l = attend(qq, kk, vv, pattern=pattern, scale=scale, return_lse=True,
@@ -214,16 +230,19 @@ class _Ring(torch.autograd.Function):
                     ko += kn
                 qo += qn
             out, lse = _merge(out, lse, o_step, l_step)
-            if step < world - 1:
+            if step < steps - 1:
                 kv = _finish_exchange(pending)
         ctx.save_for_backward(q, k, v, out.to(q.dtype), lse)
         ctx.group, ctx.world, ctx.rank, ctx.layout, ctx.causal, ctx.scale = group, world, rank, layout, causal, scale
+        ctx.window = window
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse = ctx.saved_tensors
         group, world, rank, layout, causal, scale = ctx.group, ctx.world, ctx.rank, ctx.layout, ctx.causal, ctx.scale
+        window = ctx.window
+        steps = _ring_steps(world, q.shape[2], window)
         acc = lse.dtype
         total = q.shape[2] * world
         mine = _chunks(total, world, rank, layout)
@@ -234,7 +253,7 @@ class _Ring(torch.autograd.Function):
             delta = delta - d_lse.to(acc)
         dq = torch.zeros_like(qf)
         kv = [k, v, torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)]
-        for step in range(world):
+        for step in range(steps):
             src = (rank - step) % world
             theirs = _chunks(total, world, src, layout)
             kk_all = kv[0].to(acc).repeat_interleave(g, dim=1)
@@ -245,13 +264,13 @@ class _Ring(torch.autograd.Function):
             for qs, qn in mine:
                 ko = 0
                 for ks, kn in theirs:
-                    rel = _relation(qs, qn, ks, kn, causal)
+                    rel = _relation(qs, qn, ks, kn, causal, window)
                     if rel != "empty":
                         qq, dd = qf[:, :, qo:qo + qn], do[:, :, qo:qo + qn]
                         kk, vv = kk_all[:, :, ko:ko + kn], vv_all[:, :, ko:ko + kn]
                         p = torch.exp(qq @ kk.transpose(-1, -2) * scale - lse[:, :, qo:qo + qn, None])
                         if rel != "full":
-                            p = p * _block_mask(qs, qn, ks, kn, q.device).to(acc)
+                            p = p * _block_mask(qs, qn, ks, kn, q.device, window).to(acc)
                         dv_all[:, :, ko:ko + kn] += p.transpose(-1, -2) @ dd
                         ds = p * (dd @ vv.transpose(-1, -2) - delta[:, :, qo:qo + qn, None])
                         dq[:, :, qo:qo + qn] += ds @ kk * scale
@@ -261,15 +280,16 @@ class _Ring(torch.autograd.Function):
             B, _, S, D = dk_all.shape
             kv[2] = kv[2] + dk_all.view(B, -1, g, S, D).sum(2)
             kv[3] = kv[3] + dv_all.view(B, -1, g, S, dv_all.shape[3]).sum(2)
-            if step < world - 1:
+            if step < steps - 1:
                 kv = _exchange(kv, group, world, rank)
-        # after W - 1 moves each rank holds the shard of rank + 1: one more move brings the gradients home
-        dk, dv = (_exchange(kv[2:], group, world, rank) if world > 1 else kv[2:])
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+        # after steps - 1 moves each rank holds the shard of rank - (steps - 1): one send brings the gradients
+        # home (with the whole ring, steps = W, that is the next rank)
+        dk, dv = (_exchange(kv[2:], group, world, rank, shift=1 - steps) if steps > 1 else kv[2:])
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
-def _start_exchange(tensors, group, world, rank):
-    nxt, prv = (rank + 1) % world, (rank - 1) % world
+def _start_exchange(tensors, group, world, rank, shift: int = 1):
+    nxt, prv = (rank + shift) % world, (rank - shift) % world
     nxt_g, prv_g = (dist.get_global_rank(group, r) if group is not None else r for r in (nxt, prv))
     received = [torch.empty_like(t) for t in tensors]
     ops = [dist.P2POp(dist.isend, t.contiguous(), nxt_g, group) for t in tensors]
@@ -286,7 +306,7 @@ def _finish_exchange(pending):
 
 
 def ring_attend(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = False, layout: str = "contiguous",
-                scale: float | None = None, return_lse: bool = False):
+                scale: float | None = None, return_lse: bool = False, window: int | None = None):
     """Ring attention over a process group: this rank's share of the output.
 
     Args:
@@ -296,6 +316,10 @@ def ring_attend(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = F
         group: the process group (default: the world). causal: the causal rule on global
             positions. layout: how the sequence was sharded (``"contiguous"`` or ``"zigzag"``).
         scale: default ``D ** -0.5``. return_lse: also return the lse ``[B, Hq, T]``.
+        window: a causal sliding window (each query sees the ``window`` newest keys, itself
+            included: ``patterns.sliding_window``); with the contiguous layout the ring then runs
+            only ``1 + ceil((window - 1) / T)`` steps, so a rank receives just the shards its
+            window reaches.
 
     Returns:
         ``out [B, Hq, T, Dv]`` (and ``lse``), equal to this rank's share of
@@ -304,9 +328,15 @@ def ring_attend(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = F
     world, rank = _group_info(group)
     _check_inputs(q, k, v, group, "ring_attend")
     _chunks(q.shape[2] * world, world, rank, layout)  # the layout's divisibility rule, before any send
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"ring_attend: window must be a positive integer, got {window!r}")
+        if layout != "contiguous":
+            raise ValueError("ring_attend: a sliding window needs layout='contiguous' (its shards are a ring range)")
+        causal = True
     if scale is None:
         scale = q.shape[3] ** -0.5
-    out, lse = _Ring.apply(q, k, v, group, world, rank, layout, bool(causal), float(scale))
+    out, lse = _Ring.apply(q, k, v, group, world, rank, layout, bool(causal), float(scale), window)
     return (out, lse) if return_lse else out
 
 
@@ -339,12 +369,14 @@ def ulysses_attend(q: Tensor, k: Tensor, v: Tensor, *, group=None, pattern=None,
     return to_sequence(out)
 
 
-def ring_bytes(q: Tensor, k: Tensor, v: Tensor, world: int, backward: bool = False) -> int:
-    """Bytes one rank sends in :func:`ring_attend`: ``W - 1`` key / value shards forward; backward
-    ``W - 1`` shards with their ``dk`` / ``dv`` accumulators plus one move of the accumulators home."""
+def ring_bytes(q: Tensor, k: Tensor, v: Tensor, world: int, backward: bool = False, window: int | None = None) -> int:
+    """Bytes one rank sends in :func:`ring_attend`: ``n - 1`` key / value shards forward (``n = W``,
+    or the steps a sliding ``window`` needs); backward ``n - 1`` shards with their ``dk`` / ``dv``
+    accumulators plus one send of the accumulators home."""
+    moves = _ring_steps(world, q.shape[2], window) - 1
     kv = k.numel() * k.element_size() + v.numel() * v.element_size()
     if not backward:
-        return (world - 1) * kv
+        return moves * kv
     acc = 4 if k.dtype != torch.float64 else 8
     grads = (k.numel() + v.numel()) * acc
-    return (world - 1) * (kv + grads) + grads
+    return moves * (kv + grads) + (grads if moves > 0 else 0)
