@@ -43,16 +43,16 @@ def _reference(rank):
 
 def _worker(rank, world):
     results = {}
-    for case, split in (("lengths", 0.5), ("ids", float("inf"))):
+    for case, split, pingpong in (("lengths", 0.5, False), ("ids", float("inf"), False), ("pingpong", 0.2, True)):
         if ROLES[rank] == "compute":
             q, k, v, dout = _inputs(rank)
             q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
-            kw = {"lengths": LENGTHS[rank]} if case == "lengths" else {"doc_ids": _ids(LENGTHS[rank])}
-            out = disaggregated_attend(q, k, v, roles=ROLES, split=split, backend="reference", **kw)
+            kw = {"doc_ids": _ids(LENGTHS[rank])} if case == "ids" else {"lengths": LENGTHS[rank]}
+            out = disaggregated_attend(q, k, v, roles=ROLES, split=split, pingpong=pingpong, backend="reference", **kw)
             (out * dout).sum().backward()
             results[case] = [t.detach() for t in (out, q.grad, k.grad, v.grad)]
         else:
-            out = disaggregated_attend(None, None, None, roles=ROLES, split=split, backend="reference")
+            out = disaggregated_attend(None, None, None, roles=ROLES, split=split, pingpong=pingpong, backend="reference")
             out.sum().backward()  # takes part in the compute ranks' backward
             results[case] = out.shape
     # bad input: every rank must raise (not hang)
@@ -79,7 +79,7 @@ def test_disaggregated_attend_equals_single_process():
     got = spawn(4, _worker)
     for rank in (0, 2):
         want = _reference(rank)
-        for case in ("lengths", "ids"):
+        for case in ("lengths", "ids", "pingpong"):
             for name, a, b in zip(("out", "dq", "dk", "dv"), got[rank][case], want):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{name} rank {rank} {case}")
     for rank in (1, 3):

@@ -32,10 +32,16 @@ compute rank adds up (chunks of one document share keys). On a server, the retur
 empty; call ``out.sum().backward()`` on it when the compute ranks run their backward, so the
 server takes part in the exchange.
 
-**Not implemented, described**: ping-pong overlap (DistCA splits each micro-batch in two so that
-the exchange of one half overlaps the attention of the other: with ``t_c`` the exchange and
-``t_a`` the attention per half, a step costs about ``max(t_c, t_a)`` per half instead of
-``t_c + t_a``; :func:`step_time` reports both bounds), servers that are the compute ranks
+**Ping-pong** (``pingpong=True``): each compute rank's items for a server travel in two messages
+of about equal cost; a server posts every receive at once, attends each message as soon as it has
+arrived and answers it with an asynchronous send, so the exchange of one half overlaps the
+attention of the other (with ``t_c`` the exchange and ``t_a`` the attention per half, about
+``max(t_c, t_a)`` instead of ``t_c + t_a``; :func:`step_time` reports both bounds). Tested for
+equality; the overlap itself is not measured here (CPU gloo).
+
+**Not implemented, described**: the ping-pong of DistCA across the other layers too (one half's
+attention on the servers while the compute ranks run the other half's linear layers: that needs
+the model split in two micro-batches, outside this op), servers that are the compute ranks
 themselves (time-shared, as in DistCA: here the roles are disjoint), and a communication-aware
 plan (a document kept where it lives when that costs less).
 """
@@ -216,11 +222,14 @@ def _runs(doc_ids: Tensor) -> list[int]:
     return out
 
 
-def _p2p(sends: list[tuple[Tensor, int]], recvs: list[tuple[Tensor, int]], group) -> None:
-    ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, p) if group is not None else p, group)
-           for t, p in sends]
-    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, p) if group is not None else p, group)
-            for t, p in recvs]
+def _peer(group, p: int) -> int:
+    return dist.get_global_rank(group, p) if group is not None else p
+
+
+def _p2p(sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, int, int]], group) -> None:
+    """Post every ``(tensor, group rank, tag)`` send and receive at once and wait for all."""
+    ops = [dist.P2POp(dist.isend, t, _peer(group, p), group, tag) for t, p, tag in sends]
+    ops += [dist.P2POp(dist.irecv, t, _peer(group, p), group, tag) for t, p, tag in recvs]
     if ops:
         for req in dist.batch_isend_irecv(ops):
             req.wait()
@@ -235,129 +244,155 @@ def _unflat(x: Tensor, B: int) -> Tensor:
     return x.reshape(x.shape[0], B, -1, x.shape[2]).transpose(0, 1)
 
 
+def _messages(info, me: int):
+    """The messages between this rank and its peers: ``(peer, wave, items)``, in the order the
+    server works through them (wave by wave, then compute rank by compute rank). A compute rank's
+    items on one server are dealt round-robin into ``waves`` messages (largest first, so the halves
+    cost about the same)."""
+    p, computes, servers, waves = info["plan"], info["computes"], info["servers"], info["waves"]
+    out = []
+    if me in computes:
+        c = computes.index(me)
+        for s, items in enumerate(p.items):
+            mine = [it for it in items if it.compute == c]
+            out += [(servers[s], w, mine[w::waves]) for w in range(waves) if mine[w::waves]]
+        return out
+    s = servers.index(me)
+    for w in range(waves):
+        for c, rank in enumerate(computes):
+            part = [it for it in p.items[s] if it.compute == c][w::waves]
+            if part:
+                out.append((rank, w, part))
+    return out
+
+
+def _sizes(it: Item, meta) -> tuple[int, int, int, int]:
+    """Elements of an item's q chunk, k prefix, v prefix and output chunk."""
+    Hq, Hkv, D, Dv, _ = meta
+    nq, nk = it.q1 - it.q0, it.q1
+    return Hq * nq * D, Hkv * nk * D, Hkv * nk * Dv, Hq * nq * Dv
+
+
+def _serve(messages, size, work, like: Tensor, group) -> list:
+    """A server's loop: post every receive, then take the messages in order, each answered (an
+    asynchronous send) as soon as it is done, so that the exchange of one message overlaps the
+    attention of the others (ping-pong with two waves)."""
+    posted = []
+    for peer, wave, items in messages:
+        buf = torch.empty(size(items), dtype=like.dtype, device=like.device)
+        posted.append((peer, wave, items, buf, dist.irecv(buf, _peer(group, peer), group=group, tag=wave)))
+    sends, kept = [], []
+    for peer, wave, items, buf, req in posted:
+        req.wait()
+        answer, state = work(items, buf)
+        kept.append(state)
+        sends.append((answer, dist.isend(answer, _peer(group, peer), group=group, tag=wave)))
+    for _, req in sends:
+        req.wait()
+    return kept
+
+
 class _Disagg(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, info):
         ctx.info = info
-        p, me, computes, servers, meta, group = (info[k_] for k_ in ("plan", "me", "computes", "servers", "meta", "group"))
+        me, meta, group = info["me"], info["meta"], info["group"]
         Hq, Hkv, D, Dv, dtype = meta
-        if me in computes:
-            c = computes.index(me)
-            B = q.shape[0]
+        messages = _messages(info, me)
+        if me in info["computes"]:
             xq, xk, xv = _flat(q), _flat(k), _flat(v)
-            sends, recvs, outs = [], [], []
-            for s, items in enumerate(p.items):
-                mine = [it for it in items if it.compute == c]
-                if not mine:
-                    continue
+            sends, recvs = [], []
+            for peer, wave, items in messages:
                 parts = []
-                for it in mine:
+                for it in items:
                     a = it.start
                     parts += [xq[:, a + it.q0:a + it.q1].reshape(-1), xk[:, a:a + it.q1].reshape(-1),
                               xv[:, a:a + it.q1].reshape(-1)]
-                sends.append((torch.cat(parts).contiguous(), servers[s]))
-                buf = torch.empty(sum(Hq * (it.q1 - it.q0) * Dv for it in mine), dtype=dtype, device=q.device)
-                recvs.append((buf, servers[s]))
-                outs.append((mine, buf))
-            # phase 1 sends, phase 2 receives: the servers answer only after computing
-            _p2p(sends, [], group)
-            _p2p([], recvs, group)
+                sends.append((torch.cat(parts).contiguous(), peer, wave))
+                recvs.append((torch.empty(sum(_sizes(it, meta)[3] for it in items), dtype=dtype, device=q.device),
+                              peer, wave))
+            _p2p(sends, recvs, group)
             out = torch.zeros(Hq, xq.shape[1], Dv, dtype=dtype, device=q.device)
-            for mine, buf in outs:
+            for (_, _, items), (buf, _, _) in zip(messages, recvs):
                 o = 0
-                for it in mine:
-                    size = Hq * (it.q1 - it.q0) * Dv
-                    out[:, it.start + it.q0:it.start + it.q1] = buf[o:o + size].view(Hq, it.q1 - it.q0, Dv)
-                    o += size
-            ctx.B = B
-            return _unflat(out, B)
-        # a server: receive every compute rank's pieces, attend item by item, send the outputs back
-        s = servers.index(me)
-        device = q.device
-        recvs, bufs = [], []
-        for c, rank in enumerate(computes):
-            mine = [it for it in p.items[s] if it.compute == c]
-            if mine:
-                size = sum(Hq * (it.q1 - it.q0) * D + Hkv * it.q1 * (D + Dv) for it in mine)
-                buf = torch.empty(size, dtype=dtype, device=device)
-                recvs.append((buf, rank))
-                bufs.append((c, mine, buf))
-        _p2p([], recvs, group)
-        saved, sends = [], []
-        for c, mine, buf in bufs:
-            o, outs = 0, []
-            for it in mine:
+                for it in items:
+                    n = _sizes(it, meta)[3]
+                    out[:, it.start + it.q0:it.start + it.q1] = buf[o:o + n].view(Hq, it.q1 - it.q0, Dv)
+                    o += n
+            ctx.B = q.shape[0]
+            return _unflat(out, q.shape[0])
+
+        def work(items, buf):
+            o, outs, kept = 0, [], []
+            for it in items:
+                sq, sk, sv, _ = _sizes(it, meta)
                 nq, nk = it.q1 - it.q0, it.q1
-                qi = buf[o:o + Hq * nq * D].view(1, Hq, nq, D); o += Hq * nq * D
-                ki = buf[o:o + Hkv * nk * D].view(1, Hkv, nk, D); o += Hkv * nk * D
-                vi = buf[o:o + Hkv * nk * Dv].view(1, Hkv, nk, Dv); o += Hkv * nk * Dv
+                qi = buf[o:o + sq].view(1, Hq, nq, D)
+                ki = buf[o + sq:o + sq + sk].view(1, Hkv, nk, D)
+                vi = buf[o + sq + sk:o + sq + sk + sv].view(1, Hkv, nk, Dv)
+                o += sq + sk + sv
                 # default q_offset = S - T = q0: the chunk's queries sit at the end of its key prefix
                 outs.append(attend(qi, ki, vi, pattern="causal", scale=info["scale"], backend=info["backend"]).reshape(-1))
-                saved.append((qi, ki, vi))
-            sends.append((torch.cat(outs).contiguous(), computes[c]))
-        _p2p(sends, [], group)
-        ctx.saved = (bufs, saved)
+                kept.append((qi, ki, vi))
+            return torch.cat(outs).contiguous(), kept
+
+        ctx.kept = _serve(messages, lambda items: sum(sum(_sizes(it, meta)[:3]) for it in items), work, q, group)
         return q.new_empty(0)
 
     @staticmethod
     def backward(ctx, dout):
         info = ctx.info
-        p, me, computes, servers, meta, group = (info[k_] for k_ in ("plan", "me", "computes", "servers", "meta", "group"))
+        me, meta, group = info["me"], info["meta"], info["group"]
         Hq, Hkv, D, Dv, dtype = meta
-        if me in computes:
-            c = computes.index(me)
+        messages = _messages(info, me)
+        if me in info["computes"]:
             xo = _flat(dout)
             N = xo.shape[1]
             sends, recvs = [], []
-            for s, items in enumerate(p.items):
-                mine = [it for it in items if it.compute == c]
-                if not mine:
-                    continue
-                sends.append((torch.cat([xo[:, it.start + it.q0:it.start + it.q1].reshape(-1) for it in mine])
-                              .to(dtype).contiguous(), servers[s]))
-                size = sum(Hq * (it.q1 - it.q0) * D + Hkv * it.q1 * (D + Dv) for it in mine)
-                recvs.append((mine, torch.empty(size, dtype=dtype, device=dout.device), servers[s]))
-            _p2p(sends, [], group)
-            _p2p([], [(b, r) for _, b, r in recvs], group)
+            for peer, wave, items in messages:
+                sends.append((torch.cat([xo[:, it.start + it.q0:it.start + it.q1].reshape(-1) for it in items])
+                              .to(dtype).contiguous(), peer, wave))
+                recvs.append((torch.empty(sum(sum(_sizes(it, meta)[:3]) for it in items), dtype=dtype,
+                                          device=dout.device), peer, wave))
+            _p2p(sends, recvs, group)
             dq = torch.zeros(Hq, N, D, dtype=dtype, device=dout.device)
             dk = torch.zeros(Hkv, N, D, dtype=dtype, device=dout.device)
             dv = torch.zeros(Hkv, N, Dv, dtype=dtype, device=dout.device)
-            for mine, buf, _ in recvs:
+            for (_, _, items), (buf, _, _) in zip(messages, recvs):
                 o = 0
-                for it in mine:
+                for it in items:
+                    sq, sk, sv, _ = _sizes(it, meta)
                     a, nq, nk = it.start, it.q1 - it.q0, it.q1
-                    dq[:, a + it.q0:a + it.q1] += buf[o:o + Hq * nq * D].view(Hq, nq, D); o += Hq * nq * D
+                    dq[:, a + it.q0:a + it.q1] += buf[o:o + sq].view(Hq, nq, D)
                     # chunks of one document share its keys: their key / value gradients add up
-                    dk[:, a:a + nk] += buf[o:o + Hkv * nk * D].view(Hkv, nk, D); o += Hkv * nk * D
-                    dv[:, a:a + nk] += buf[o:o + Hkv * nk * Dv].view(Hkv, nk, Dv); o += Hkv * nk * Dv
-            B = ctx.B
-            return _unflat(dq, B), _unflat(dk, B), _unflat(dv, B), None
-        bufs, saved = ctx.saved
-        recvs = []
-        for c, mine, _ in bufs:
-            recvs.append((torch.empty(sum(Hq * (it.q1 - it.q0) * Dv for it in mine), dtype=dtype), computes[c]))
-        _p2p([], recvs, group)
-        sends, i = [], 0
-        for (c, mine, _), (dbuf, _) in zip(bufs, recvs):
+                    dk[:, a:a + nk] += buf[o + sq:o + sq + sk].view(Hkv, nk, D)
+                    dv[:, a:a + nk] += buf[o + sq + sk:o + sq + sk + sv].view(Hkv, nk, Dv)
+                    o += sq + sk + sv
+            return _unflat(dq, ctx.B), _unflat(dk, ctx.B), _unflat(dv, ctx.B), None
+        kept = iter(ctx.kept)
+
+        def work(items, dbuf):
             o, parts = 0, []
-            for it in mine:
-                qi, ki, vi = (t.detach().requires_grad_(True) for t in saved[i])
-                i += 1
-                nq = it.q1 - it.q0
-                g = dbuf[o:o + Hq * nq * Dv].view(1, Hq, nq, Dv); o += Hq * nq * Dv
+            for it, saved in zip(items, next(kept)):
+                n = _sizes(it, meta)[3]
+                qi, ki, vi = (t.detach().requires_grad_(True) for t in saved)
+                g = dbuf[o:o + n].view(1, Hq, it.q1 - it.q0, Dv)
+                o += n
                 with torch.enable_grad():
                     out = attend(qi, ki, vi, pattern="causal", scale=info["scale"], backend=info["backend"])
-                    gq, gk, gv = torch.autograd.grad(out, (qi, ki, vi), g)
-                parts += [gq.reshape(-1), gk.reshape(-1), gv.reshape(-1)]
-            sends.append((torch.cat(parts).contiguous(), computes[c]))
-        _p2p(sends, [], group)
-        empty = torch.zeros(0, dtype=dtype)
+                    grads = torch.autograd.grad(out, (qi, ki, vi), g)
+                parts += [t.reshape(-1) for t in grads]
+            return torch.cat(parts).contiguous(), None
+
+        _serve(messages, lambda items: sum(_sizes(it, meta)[3] for it in items), work, dout, group)
+        ctx.kept = None
+        empty = dout.new_zeros(0)
         return empty, empty, empty, None
 
 
 def disaggregated_attend(q: Tensor | None, k: Tensor | None, v: Tensor | None, lengths=None, *, doc_ids=None,
-                         roles, group=None, plan=None, split: float = 0.5, scale: float | None = None,
-                         backend: str = "auto") -> Tensor:
+                         roles, group=None, plan=None, split: float = 0.5, pingpong: bool = False,
+                         scale: float | None = None, backend: str = "auto") -> Tensor:
     """Causal attention of packed documents, computed on the attention-server ranks.
 
     Every rank of ``group`` calls it. On a compute rank: ``q [B, Hq, T, D]``, ``k [B, Hkv, T, D]``,
@@ -373,8 +408,14 @@ def disaggregated_attend(q: Tensor | None, k: Tensor | None, v: Tensor | None, l
             (at least one of each). The ``c``-th compute rank is compute rank ``c`` of the plan.
         plan: a :class:`Plan` to use (default: :func:`plan` of the gathered lengths with ``split``);
             checked against the group and the lengths on every rank.
+        pingpong: send each compute rank's items for a server in two messages (two halves of
+            about equal cost), so that a server attends the first while the second arrives, and
+            sends the first's outputs back while it attends the second (DistCA's ping-pong; with
+            ``False`` a server still overlaps one compute rank's message with the others').
         scale: multiplies ``q . k``; default ``D ** -0.5``. backend: :func:`attnkit.attend`'s.
     """
+    if not isinstance(pingpong, bool):
+        raise ValueError(f"pingpong must be True or False, got {pingpong!r}")
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("disaggregated_attend needs an initialised process group "
                          "(torch.distributed.init_process_group, e.g. under torchrun)")
@@ -414,10 +455,12 @@ def disaggregated_attend(q: Tensor | None, k: Tensor | None, v: Tensor | None, l
     plan.validate(len(servers), all_lengths)
     dtype = meta[4]
     if me in servers:
-        dummy = torch.zeros(0, dtype=dtype, requires_grad=torch.is_grad_enabled())
+        # NCCL sends only from the GPU: a server's buffers live on its current CUDA device
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+        dummy = torch.zeros(0, dtype=dtype, device=device, requires_grad=torch.is_grad_enabled())
         q = k = v = dummy
     info = dict(plan=plan, me=me, computes=computes, servers=servers, meta=meta, group=group, scale=scale,
-                backend=backend)
+                backend=backend, waves=2 if pingpong else 1)
     return _Disagg.apply(q, k, v, info)
 
 
