@@ -62,9 +62,15 @@ def _worker(rank, world):
     bad_plan = plan([LENGTHS[0], LENGTHS[2]], 3)  # 3 servers, the group has 2
     for what, kw in (("server index", dict(lengths=lengths, plan=bad_plan)),
                      ("lengths sum", dict(lengths=[5, 5] if rank == 2 else lengths)),
-                     ("unknown role", dict(lengths=lengths, roles=["compute", "server", "compute", "srv"]))):
+                     ("unknown role", dict(lengths=lengths, roles=["compute", "server", "compute", "srv"])),
+                     ("roles length", dict(lengths=lengths, roles=["compute", "server"])),
+                     ("no server", dict(lengths=lengths, roles=["compute"] * 4)),
+                     ("other lengths", dict(lengths=lengths, plan=plan([LENGTHS[2], LENGTHS[0]], 2))),
+                     ("row crossing", dict(lengths=[30, 18] if rank == 0 else lengths)),
+                     ("pingpong", dict(lengths=lengths, pingpong="yes")),
+                     ("server tensors", dict(lengths=lengths, doc_ids=torch.zeros(1, 4) if rank == 1 else None))):
         kw.setdefault("roles", ROLES)
-        if ROLES[rank] == "server":
+        if ROLES[rank] == "server" and kw["roles"] != ["compute"] * 4:
             kw.pop("lengths")
         try:
             disaggregated_attend(*mine, **kw)
@@ -89,6 +95,12 @@ def test_disaggregated_attend_equals_single_process():
         assert "3 servers" in errors["server index"] and "2 server ranks" in errors["server index"], errors
         assert "rank 2" in errors["lengths sum"] and "sum to 10" in errors["lengths sum"], errors
         assert "rank 3" in errors["unknown role"] and "'srv'" in errors["unknown role"], errors
+        assert "each of the 4 ranks" in errors["roles length"], errors
+        assert "at least one 'compute' and one 'server'" in errors["no server"], errors
+        assert "was made for document lengths" in errors["other lengths"], errors
+        assert "rank 0" in errors["row crossing"] and "crosses the end of a batch row" in errors["row crossing"], errors
+        assert "pingpong must be True or False" in errors["pingpong"], errors
+        assert "rank 1 is an attention server" in errors["server tensors"], errors
 
 
 def test_plan_balances_imbalanced_documents():
@@ -118,6 +130,17 @@ def test_step_time_disaggregation_is_faster_on_imbalanced_lengths():
     # balanced lengths: nothing to gain, the exchange is a pure cost
     even = step_time([[2048] * 16, [2048] * 16], 2, **kw)
     assert even["disaggregated"] > even["colocated"]
+
+
+def test_compute_rank_bad_input():
+    from attnkit.distributed.disagg import _local
+
+    with pytest.raises(ValueError, match="exactly one of lengths"):
+        _local(*_inputs(0)[:3], None, None)
+    with pytest.raises(ValueError, match=r"doc_ids must be an integer tensor \[B, T\] = \[2, 24\]"):
+        _local(*_inputs(0)[:3], None, torch.zeros(48, dtype=torch.long))
+    with pytest.raises(ValueError, match="rank-4"):
+        _local(torch.zeros(3, 4), *_inputs(0)[1:3], [48], None)
 
 
 def test_plan_bad_input():
