@@ -47,7 +47,7 @@ def _worker(rank, world):
         if ROLES[rank] == "compute":
             q, k, v, dout = _inputs(rank)
             q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
-            kw = {"doc_ids": _ids(LENGTHS[rank])} if case == "ids" else {"lengths": LENGTHS[rank]}
+            kw = {"doc_ids": _ids(LENGTHS[rank])} if case == "ids" else {"lengths": torch.tensor(LENGTHS[rank])}
             out = disaggregated_attend(q, k, v, roles=ROLES, split=split, pingpong=pingpong, backend="reference", **kw)
             (out * dout).sum().backward()
             results[case] = [t.detach() for t in (out, q.grad, k.grad, v.grad)]
@@ -68,6 +68,7 @@ def _worker(rank, world):
                      ("other lengths", dict(lengths=lengths, plan=plan([LENGTHS[2], LENGTHS[0]], 2))),
                      ("row crossing", dict(lengths=[30, 18] if rank == 0 else lengths)),
                      ("pingpong", dict(lengths=lengths, pingpong="yes")),
+                     ("settings differ", dict(lengths=lengths, pingpong=rank == 3)),
                      ("server tensors", dict(lengths=lengths, doc_ids=torch.zeros(1, 4) if rank == 1 else None))):
         kw.setdefault("roles", ROLES)
         if ROLES[rank] == "server" and kw["roles"] != ["compute"] * 4:
@@ -100,6 +101,7 @@ def test_disaggregated_attend_equals_single_process():
         assert "was made for document lengths" in errors["other lengths"], errors
         assert "rank 0" in errors["row crossing"] and "crosses the end of a batch row" in errors["row crossing"], errors
         assert "pingpong must be True or False" in errors["pingpong"], errors
+        assert "rank 3 passed pingpong" in errors["settings differ"], errors
         assert "rank 1 is an attention server" in errors["server tensors"], errors
 
 

@@ -438,11 +438,17 @@ def disaggregated_attend(q: Tensor | None, k: Tensor | None, v: Tensor | None, l
             raise ValueError(f"rank {me} is an attention server: pass q = k = v = None and no lengths / doc_ids")
     except ValueError as e:
         error = str(e)
+    # the settings that shape the messages must agree, or a send would wait forever for its receive
+    settings = (pingpong, split if plan is None else plan)
     gathered = [None] * world
-    dist.all_gather_object(gathered, (error, mine), group=group)
-    errors = [(r, e) for r, (e, _) in enumerate(gathered) if e is not None]
+    dist.all_gather_object(gathered, (error, mine, settings), group=group)
+    errors = [(r, e) for r, (e, _, _) in enumerate(gathered) if e is not None]
     if errors:
         raise ValueError(f"disaggregated_attend: rank {errors[0][0]}: {errors[0][1]}")
+    differ = [r for r, (_, _, x) in enumerate(gathered) if x != gathered[0][2]]
+    if differ:
+        raise ValueError(f"disaggregated_attend: rank {differ[0]} passed pingpong / split / plan "
+                         f"{gathered[differ[0]][2]!r} but rank 0 passed {gathered[0][2]!r}; every rank must pass the same")
     metas = {gathered[r][1][1] for r in computes}
     if len(metas) > 1:
         raise ValueError(f"disaggregated_attend: the compute ranks disagree on (Hq, Hkv, D, Dv, dtype): {sorted(map(str, metas))}")
@@ -484,6 +490,8 @@ def _local(q, k, v, lengths, doc_ids):
             got = tuple(doc_ids.shape) if isinstance(doc_ids, Tensor) else type(doc_ids).__name__
             raise ValueError(f"doc_ids must be an integer tensor [B, T] = [{B}, {T}], got {got}")
         lengths = _runs(doc_ids)
+    if isinstance(lengths, Tensor):
+        lengths = lengths.tolist()
     ls = _check_lengths([lengths], "lengths")[0]
     if sum(ls) != B * T:
         raise ValueError(f"lengths {list(ls)} sum to {sum(ls)} but the packed sequence has B * T = {B} * {T} = {B * T} tokens")
