@@ -12,3 +12,6 @@ from .parallel import MODES, Parallel, parallelize, sequence_loss, sum_gradients
 from .ring import LAYOUTS, ring_attend, ring_bytes, sent_bytes, shard, shard_positions, ulysses_attend, unshard
 
 __all__ = ["MODES", "Parallel", "parallelize", "sequence_loss", "sum_gradients", "lasp2_bytes", "lasp2_lightning", "LAYOUTS", "ring_attend", "ring_bytes", "sent_bytes", "check_ring", "shard", "shard_positions", "spawn", "ulysses_attend", "unshard"]
+
+from .disagg import Plan as DisaggPlan, disaggregated_attend, plan as disagg_plan, step_time as disagg_step_time  # core attention disaggregation (issue 27)
+__all__ += ["DisaggPlan", "disaggregated_attend", "disagg_plan", "disagg_step_time"]
