@@ -350,3 +350,38 @@ def test_every_card_is_a_registered_method_and_builds_from_its_defaults():
         assert isinstance(ad.build(card.name, **card.defaults), ad.Sharing)
         flops = card.flops(2, 256, card.config(64, 4)).attention_fwd
         assert flops >= 4.0 * 2 * 256 * 256 * 64  # at least the plain attention of the layer
+
+
+def _cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    model = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                        time_embed_dim=2, text_embed_dim=8, num_layers=2, sample_width=8,
+                                        sample_height=8, sample_frames=8, patch_size=2, temporal_compression_ratio=4,
+                                        max_text_seq_length=8, use_rotary_positional_embeddings=True).double().eval()
+    g = torch.Generator().manual_seed(3)
+    inputs = dict(hidden_states=torch.randn(2, 2, 4, 8, 8, generator=g, dtype=torch.float64),
+                  encoder_hidden_states=torch.randn(2, 8, 8, generator=g, dtype=torch.float64),
+                  timestep=torch.tensor([500, 500]), return_dict=False)
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    cos, sin = get_3d_rotary_pos_embed(16, ((0, 0), (4, 4)), (4, 4), 2)  # head dim 16, a 4 x 4 grid of 2 frames
+    inputs["image_rotary_emb"] = (cos.double(), sin.double())
+    return model, inputs
+
+
+def test_cogvideox_joint_attention_is_routed_exactly_and_switches_off():
+    # the video MM-DiT (DiTCtrl's family): text first, RoPE on the video tokens only
+    model, inputs = _cogvideox()
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+        with ad.apply(model, Off()):
+            assert torch.equal(model(**inputs)[0], plain)
+        with ad.apply(model, Stock()) as handle:
+            torch.testing.assert_close(model(**inputs)[0], plain, rtol=1e-12, atol=1e-12)
+            assert handle.calls == 2 and {m.processor.kind for _, m in handle._modules} == {"joint"}
+        with ad.apply(model, "shared-kv", reference=0, share_text=True):
+            shared = model(**inputs)[0]
+    torch.testing.assert_close(shared[0], plain[0], rtol=1e-10, atol=1e-10)
+    assert (shared[1] - plain[1]).abs().max() > 1e-6

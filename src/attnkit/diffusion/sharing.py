@@ -496,6 +496,47 @@ class _AttentionProcessor:
         return hidden / attn.rescale_output_factor
 
 
+class _CogVideoXProcessor:
+    """CogVideoX's joint attention (diffusers' ``CogVideoXAttnProcessor2_0``: text tokens first,
+    then the video's, RoPE on the video tokens) with the core handed to the method."""
+
+    def __init__(self, handle: "Handle", index: int, name: str, original):
+        self.handle, self.index, self.name, self.original = weakref.proxy(handle), index, name, original
+        self.kind = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        site = self.handle._site(self.index, self.name, self.kind)
+        if not self.handle.method.active(site) or attention_mask is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        import torch.nn.functional as F
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        text_len = encoder_hidden_states.shape[1]
+        hidden = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        B = hidden.shape[0]
+        query, key, value = attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)
+        D = key.shape[-1] // attn.heads
+        query, key, value = (t.view(B, -1, attn.heads, D).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:  # the video tokens only, as diffusers does
+            query = torch.cat([query[:, :, :text_len], apply_rotary_emb(query[:, :, text_len:], image_rotary_emb)], 2)
+            if not attn.is_cross_attention:
+                key = torch.cat([key[:, :, :text_len], apply_rotary_emb(key[:, :, text_len:], image_rotary_emb)], 2)
+
+        def stock():
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+
+        call = AttnCall(site, query, key, value, None, None, text_len, None, None, D ** -0.5, self.handle, stock)
+        out = self.handle._run(call)
+        out = out.transpose(1, 2).reshape(B, -1, attn.heads * D)
+        out = attn.to_out[1](attn.to_out[0](out))
+        e_out, out = out.split([text_len, out.shape[1] - text_len], dim=1)
+        return out, e_out
+
+
 # -- the handle ----------------------------------------------------------------------------------------
 
 
@@ -530,8 +571,10 @@ class Handle:
                 raise ValueError(f"{name} runs {type(original).__name__}; attnkit.diffusion routes FLUX attention "
                                  "only over diffusers' FluxAttnProcessor (IP-Adapter and other processors: remove "
                                  "them first)")
-            proc = (_FluxProcessor if flux else _AttentionProcessor)(self, i, name, original)
-            proc.kind = _kind(module)
+            cog = type(original).__name__ == "CogVideoXAttnProcessor2_0"
+            proc = (_FluxProcessor if flux else _CogVideoXProcessor if cog else _AttentionProcessor)(self, i, name,
+                                                                                                   original)
+            proc.kind = "joint" if cog else _kind(module)
             module.set_processor(proc)
             self._originals.append((module, original))
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
