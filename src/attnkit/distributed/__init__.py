@@ -12,3 +12,6 @@ from .parallel import MODES, Parallel, parallelize, sequence_loss, sum_gradients
 from .ring import LAYOUTS, ring_attend, ring_bytes, sent_bytes, shard, shard_positions, ulysses_attend, unshard
 
 __all__ = ["MODES", "Parallel", "parallelize", "sequence_loss", "sum_gradients", "lasp2_bytes", "lasp2_lightning", "LAYOUTS", "ring_attend", "ring_bytes", "sent_bytes", "check_ring", "shard", "shard_positions", "spawn", "ulysses_attend", "unshard"]
+from .offload import OffloadedAttention, offload, offload_plan, pingpong_step, serve  # noqa: E402
+
+__all__ += ["OffloadedAttention", "offload", "offload_plan", "pingpong_step", "serve"]
