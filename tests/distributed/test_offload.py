@@ -57,6 +57,10 @@ def _worker(rank, world):
                 la, lb = pingpong_step(model, [ref_tokens[:, 5 + i - 1: 5 + i], prompt_b[:, i: i + 1]], [sa, sb])
                 worst = max(worst, (la[:, -1] - ref_logits[i]).abs().max(), (lb[:, -1] - ref_b[i]).abs().max())
             errors["pingpong"] = float(worst)
+            client.events.clear()
+            pingpong_step(model, [ref_tokens[:, -1:], prompt_b[:, :1]], [sa, sb])
+            errors["events"] = list(client.events)
+            errors["slots"] = ([s.slot for s in sa], [s.slot for s in sb])  # one slot per layer
             bad = []
             state = model.init_state(3)
             for call in (lambda: model(prompt[:2], state),                       # batch other than the state's
@@ -71,6 +75,8 @@ def _worker(rank, world):
                     bad.append(str(err))
             errors["bad"] = bad
             errors["sent"] = client.sent_bytes
+            for st in (sa, sb, state):
+                client.release(st)
         finally:
             client.stop()
     return errors
@@ -83,9 +89,20 @@ def test_offloaded_decoding_equals_local():
     assert mine["logits"] < 1e-10
     assert mine["pingpong"] < 1e-10
     assert mine["device_state_bytes"] == 0
+    # ping-pong: micro-batch B's request for a layer goes out before A's answer is awaited, and A's
+    # next-layer request before B's answer: the worker always has the other micro-batch queued
+    a, b = mine["slots"]
+    expected = [("submit", 0, a[0]), ("submit", 0, b[0])]
+    for layer in range(3):
+        expected += [("wait", layer, a[layer])] + ([("submit", layer + 1, a[layer + 1])] if layer < 2 else [])
+        expected += [("wait", layer, b[layer])] + ([("submit", layer + 1, b[layer + 1])] if layer < 2 else [])
+    assert mine["events"] == expected
     assert all(msg != "no error" for msg in mine["bad"]), mine["bad"]
     assert "batch_size=3" in mine["bad"][0] and "C=32" in mine["bad"][1] and "KVCache" in mine["bad"][2]
     assert server["requests"] > 0 and server["peak_kv_bytes"] > 0
+    # left on the worker: the 3 layers' caches of the two decodes and of the unused state from
+    # device_state_bytes (never released); the released ones are gone
+    assert server["caches"] == 3 * 3
     assert mine["sent"] > 0
 
 

@@ -61,6 +61,8 @@ class AttentionClient:
         self.received_bytes = 0
         self._next_slot = 0
         self.stopped = False
+        #: ``("submit" | "wait", layer, slot)`` in the order they happened (how the tests see the ping-pong)
+        self.events: list[tuple[str, int, int]] = []
 
     def _header(self, op, layer=0, slot=0, B=0, H=0, Hkv=0, T=0, D=0, dtype=torch.float32) -> Tensor:
         return torch.tensor([op, layer, slot, B, H, Hkv, T, D, _DTYPES.index(dtype)], dtype=torch.int64)
@@ -94,20 +96,31 @@ class AttentionClient:
         self._check_live()
         self._send([self._header(FREE, layer, slot)])
 
+    def release(self, state: list) -> None:
+        """Drop the worker's caches of a finished model state (``model.init_state``'s list):
+        a worker that serves many sequences frees each one's memory when it is done."""
+        for s in state:
+            if not isinstance(s, RemoteKVState):
+                raise ValueError(f"release takes the RemoteKVStates of an offloaded model's state, got {type(s).__name__}")
+        for s in state:
+            self.free(s.layer, s.slot)
+
     def submit(self, layer: int, slot: int, q: Tensor, k: Tensor, v: Tensor):
         """Post one attention request without waiting; :meth:`wait` gives its ``out``."""
         self._check_live()
         B, H, T, D = q.shape
         header = self._header(ATTEND, layer, slot, B, H, k.shape[1], T, D, q.dtype)
         works = self._send([header, q, k, v], wait=False)
-        out = torch.empty(B, H, T, D, dtype=q.dtype)
+        out = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
         works.append((dist.irecv(out, self.server_rank, group=self.group), None))
-        return works, out
+        self.events.append(("submit", layer, slot))
+        return works, out, layer, slot
 
     def wait(self, handle) -> Tensor:
-        works, out = handle
+        works, out, layer, slot = handle
         for work, _ in works:
             work.wait()
+        self.events.append(("wait", layer, slot))
         self.received_bytes += out.numel() * out.element_size()
         return out
 
@@ -118,11 +131,13 @@ class AttentionClient:
             self.stopped = True
 
 
-def serve(client_rank: int = 0, group=None, *, backend: str = "reference") -> dict:
+def serve(client_rank: int = 0, group=None, *, backend: str = "reference", device=None) -> dict:
     """The attention worker's loop: hold one KV cache per ``(layer, slot)``, answer each
     ``ATTEND`` request (append ``k, v``; causal attention of the new queries over the whole
     cache, the queries being its newest tokens) until ``STOP``. Returns counts:
-    ``requests``, ``peak_kv_bytes`` (largest total cache held), ``caches`` (held at the end)."""
+    ``requests``, ``peak_kv_bytes`` (largest total cache held), ``caches`` (held at the end).
+    ``device``: where the caches live (default CPU; the device of an NCCL group's rank there).
+    A header it cannot read (a client of another version) is a ``ValueError`` here."""
     _rank_arg(client_rank, "client_rank")
     caches: dict[tuple[int, int], list[Tensor]] = {}
     requests = peak = 0
@@ -139,12 +154,17 @@ def serve(client_rank: int = 0, group=None, *, backend: str = "reference") -> di
         if op == FREE:
             caches.pop(key, None)
             continue
+        if op != ATTEND or not 0 <= code < len(_DTYPES) or min(B, H, Hkv, T, D) < 1 or H % Hkv:
+            raise ValueError(f"attention worker got a header it cannot serve: {header.tolist()} "
+                             f"(expected [op in 0..3, layer, slot, B, H, Hkv, T, D, dtype code 0..{len(_DTYPES) - 1}])")
         dtype = _DTYPES[code]
-        q = torch.empty(B, H, T, D, dtype=dtype)
-        k, v = torch.empty(B, Hkv, T, D, dtype=dtype), torch.empty(B, Hkv, T, D, dtype=dtype)
+        q = torch.empty(B, H, T, D, dtype=dtype, device=device)
+        k, v = (torch.empty(B, Hkv, T, D, dtype=dtype, device=device) for _ in range(2))
         for t in (q, k, v):
             dist.recv(t, client_rank, group=group)
         cache = caches.setdefault(key, [])
+        if cache and (cache[0].shape[:2] != k.shape[:2] or cache[0].shape[3] != D or cache[0].dtype != dtype):
+            raise ValueError(f"cache {key} holds {tuple(cache[0].shape)} {cache[0].dtype}, got k {tuple(k.shape)} {dtype}")
         if cache:
             # one concatenation per request: the worker's cost is the read of the whole cache anyway
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
