@@ -7,8 +7,8 @@ slot), attends, and returns ``out [B, H, T, D]``. The device then holds weights 
 batch is bounded by the workers' memory rather than by the device's.
 
 Protocol (point-to-point ``dist.send`` / ``recv``, gloo or NCCL): a header of ``HEADER`` int64s
-``[op, layer, slot, B, H, Hkv, T, D, dtype]``, then for ``ATTEND`` the tensors ``q, k, v`` of the
-shapes it names, answered by ``out``. ``OPEN`` starts an empty cache for ``(layer, slot)``, ``FREE``
+``[op, layer, slot, B, H, Hkv, T, D, dtype]``, then for ``ATTEND`` one tensor, ``q, k, v`` of the
+shapes it names flattened and concatenated, answered by ``out``. ``OPEN`` starts an empty cache for ``(layer, slot)``, ``FREE``
 drops one, ``STOP`` ends :func:`serve` (which returns its counts). Every shape is checked on the
 compute rank before anything is sent, so a mistake is a ``ValueError`` there, not a hang.
 
@@ -21,6 +21,7 @@ stages here). :func:`offload_plan` is the memory / time model.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -110,7 +111,8 @@ class AttentionClient:
         self._check_live()
         B, H, T, D = q.shape
         header = self._header(ATTEND, layer, slot, B, H, k.shape[1], T, D, q.dtype)
-        works = self._send([header, q, k, v], wait=False)
+        # one message for q, k, v: each message costs the worker a round of its transport
+        works = self._send([header, torch.cat([q.flatten(), k.flatten(), v.flatten()])], wait=False)
         out = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
         works.append((dist.irecv(out, self.server_rank, group=self.group), None))
         self.events.append(("submit", layer, slot))
@@ -131,14 +133,18 @@ class AttentionClient:
             self.stopped = True
 
 
-def serve(client_rank: int = 0, group=None, *, backend: str = "reference", device=None) -> dict:
+def serve(client_rank: int = 0, group=None, *, backend: str = "reference", device=None, latency: float = 0.0) -> dict:
     """The attention worker's loop: hold one KV cache per ``(layer, slot)``, answer each
     ``ATTEND`` request (append ``k, v``; causal attention of the new queries over the whole
     cache, the queries being its newest tokens) until ``STOP``. Returns counts:
     ``requests``, ``peak_kv_bytes`` (largest total cache held), ``caches`` (held at the end).
     ``device``: where the caches live (default CPU; the device of an NCCL group's rank there).
-    A header it cannot read (a client of another version) is a ``ValueError`` here."""
+    ``latency``: seconds added to each answer, to stand for a slower attention device or link
+    (how the ping-pong's overlap shows on one machine). A header it cannot read (a client of
+    another version) is a ``ValueError`` here."""
     _rank_arg(client_rank, "client_rank")
+    if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not 0 <= latency < math.inf:
+        raise ValueError(f"latency must be a finite number of seconds >= 0, got {latency!r}")
     caches: dict[tuple[int, int], list[Tensor]] = {}
     requests = peak = 0
     header = torch.empty(HEADER, dtype=torch.int64)
@@ -158,10 +164,10 @@ def serve(client_rank: int = 0, group=None, *, backend: str = "reference", devic
             raise ValueError(f"attention worker got a header it cannot serve: {header.tolist()} "
                              f"(expected [op in 0..3, layer, slot, B, H, Hkv, T, D, dtype code 0..{len(_DTYPES) - 1}])")
         dtype = _DTYPES[code]
-        q = torch.empty(B, H, T, D, dtype=dtype, device=device)
-        k, v = (torch.empty(B, Hkv, T, D, dtype=dtype, device=device) for _ in range(2))
-        for t in (q, k, v):
-            dist.recv(t, client_rank, group=group)
+        packed = torch.empty(B * (H + 2 * Hkv) * T * D, dtype=dtype, device=device)
+        dist.recv(packed, client_rank, group=group)
+        q, k, v = packed.split([B * H * T * D, B * Hkv * T * D, B * Hkv * T * D])
+        q, k, v = q.view(B, H, T, D), k.view(B, Hkv, T, D), v.view(B, Hkv, T, D)
         cache = caches.setdefault(key, [])
         if cache and (cache[0].shape[:2] != k.shape[:2] or cache[0].shape[3] != D or cache[0].dtype != dtype):
             raise ValueError(f"cache {key} holds {tuple(cache[0].shape)} {cache[0].dtype}, got k {tuple(k.shape)} {dtype}")
@@ -170,6 +176,8 @@ def serve(client_rank: int = 0, group=None, *, backend: str = "reference", devic
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
         caches[key] = [k, v]
         out = attend(q, k, v, pattern="causal", backend=backend)  # q_offset: S - T, the newest tokens
+        if latency:
+            time.sleep(latency)
         dist.send(out.contiguous(), client_rank, group=group)
         requests += 1
         peak = max(peak, sum(c[0].numel() * c[0].element_size() * 2 for c in caches.values() if c))
