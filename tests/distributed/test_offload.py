@@ -116,6 +116,11 @@ def test_offload_rejects_layers_it_cannot_serve():
         offload(DecoderLM(vocab_size=16, dim=16, num_layers=1, num_heads=2, attention_options={"pattern": "full"}), 1)
     with pytest.raises(ValueError, match="server_rank"):
         AttentionClient(-1)
+    # the worker's arguments are checked before it waits for anything (no process group needed)
+    with pytest.raises(ValueError, match="latency"):
+        serve(0, latency=-1.0)
+    with pytest.raises(ValueError, match="client_rank"):
+        serve("0")
 
 
 def test_plan_by_hand():
