@@ -48,6 +48,12 @@ def _worker(rank, world):
             errors["tokens_equal"] = bool(torch.equal(tokens, ref_tokens))
             errors["logits"] = float((logits - ref_logits).abs().max())
             errors["generate_equal"] = bool(torch.equal(model.generate(prompt, STEPS), ref_tokens))
+            # a state reset empties the worker's caches too: decoding again from it gives the same logits
+            state = model.init_state(3)
+            model(prompt, state)
+            for s in state:
+                s.reset()
+            errors["after_reset"] = float((model(prompt, state)[:, -1] - ref_logits[0]).abs().max())
             errors["device_state_bytes"] = sum(s.nbytes() for s in model.init_state(1))
             # two micro-batches interleaved (different batch sizes), token by token
             sa, sb = model.init_state(3), model.init_state(2)
@@ -67,7 +73,9 @@ def _worker(rank, world):
                          lambda: model.layers[0].attn(torch.zeros(3, 1, 7, dtype=torch.float64), state[0]),
                          lambda: model.layers[0].attn(torch.zeros(3, 1, 32, dtype=torch.float64),
                                                       model.layers[0].attn.layer.init_state(3)),  # a local cache
-                         lambda: pingpong_step(model, [prompt], [])):
+                         lambda: pingpong_step(model, [prompt], []),
+                         lambda: pingpong_step(model, [prompt], [state[:2]]),
+                         lambda: offload(model, server_rank=1)):                # already offloaded
                 try:
                     call()
                     bad.append("no error")
@@ -99,10 +107,12 @@ def test_offloaded_decoding_equals_local():
     assert mine["events"] == expected
     assert all(msg != "no error" for msg in mine["bad"]), mine["bad"]
     assert "batch_size=3" in mine["bad"][0] and "C=32" in mine["bad"][1] and "KVCache" in mine["bad"][2]
+    assert "states[0]" in mine["bad"][4] and "already offloaded" in mine["bad"][5]
+    assert mine["after_reset"] < 1e-10
     assert server["requests"] > 0 and server["peak_kv_bytes"] > 0
     # left on the worker: the 3 layers' caches of the two decodes and of the unused state from
     # device_state_bytes (never released); the released ones are gone
-    assert server["caches"] == 3 * 3
+    assert server["caches"] == 3 * 4  # and the reset one
     assert mine["sent"] > 0
 
 

@@ -52,8 +52,8 @@ class AttentionClient:
     def __init__(self, server_rank: int, group=None) -> None:
         self.server_rank = _rank_arg(server_rank, "server_rank")
         if dist.is_initialized():
-            world = dist.get_world_size(group)
-            if server_rank >= dist.get_world_size():
+            world = dist.get_world_size()  # ranks are global ones, also with a group
+            if server_rank >= world:
                 raise ValueError(f"server_rank={server_rank} is not a rank of this job (world size {world})")
             if server_rank == dist.get_rank():
                 raise ValueError(f"server_rank={server_rank} is this process; the attention worker must be another rank")
@@ -146,7 +146,11 @@ def serve(client_rank: int = 0, group=None, *, backend: str = "reference", devic
     if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not 0 <= latency < math.inf:
         raise ValueError(f"latency must be a finite number of seconds >= 0, got {latency!r}")
     caches: dict[tuple[int, int], list[Tensor]] = {}
-    requests = peak = 0
+    requests = peak = held = 0  # held: bytes of all caches now, kept as they change
+
+    def size(key) -> int:
+        cache = caches.get(key)
+        return 2 * cache[0].numel() * cache[0].element_size() if cache else 0
     header = torch.empty(HEADER, dtype=torch.int64)
     while True:
         dist.recv(header, client_rank, group=group)
@@ -155,9 +159,11 @@ def serve(client_rank: int = 0, group=None, *, backend: str = "reference", devic
         if op == STOP:
             return {"requests": requests, "peak_kv_bytes": peak, "caches": len(caches)}
         if op == OPEN:
+            held -= size(key)
             caches[key] = []
             continue
         if op == FREE:
+            held -= size(key)
             caches.pop(key, None)
             continue
         if op != ATTEND or not 0 <= code < len(_DTYPES) or min(B, H, Hkv, T, D) < 1 or H % Hkv:
@@ -174,13 +180,15 @@ def serve(client_rank: int = 0, group=None, *, backend: str = "reference", devic
         if cache:
             # one concatenation per request: the worker's cost is the read of the whole cache anyway
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        held -= size(key)
         caches[key] = [k, v]
+        held += size(key)
         out = attend(q, k, v, pattern="causal", backend=backend)  # q_offset: S - T, the newest tokens
         if latency:
             time.sleep(latency)
         dist.send(out.contiguous(), client_rank, group=group)
         requests += 1
-        peak = max(peak, sum(c[0].numel() * c[0].element_size() * 2 for c in caches.values() if c))
+        peak = max(peak, held)
 
 
 class RemoteKVState(State):
@@ -207,7 +215,8 @@ class OffloadedAttention(nn.Module):
 
     Without a state (training, a prefill without cache) it is the wrapped layer. With a
     :class:`RemoteKVState` (from :meth:`init_state`) the projections, RoPE and the output
-    projection run here and ``q, k, v`` go to the worker. Shapes: ``x [B, T, C] -> [B, T, C]``."""
+    projection run here and ``q, k, v`` go to the worker. Shapes: ``x [B, T, C] -> [B, T, C]``.
+    Decoding only: no gradient flows through the worker's attention."""
 
     def __init__(self, layer: MultiHeadAttention, index: int, client: AttentionClient) -> None:
         super().__init__()
@@ -275,6 +284,8 @@ def offload(model: nn.Module, server_rank: int, group=None) -> AttentionClient:
         raise ValueError(f"model must be a DecoderLM (with .layers of blocks), got {type(model).__name__}")
     for i, block in enumerate(layers):
         attn = block.attn
+        if isinstance(attn, OffloadedAttention):
+            raise ValueError(f"layer {i} is already offloaded (to rank {attn.client.server_rank})")
         if not _offloadable(attn):
             raise ValueError(
                 f"layer {i} attention is {type(attn).__name__} (pattern {getattr(attn, 'pattern', None)!r}); offloading "
@@ -299,6 +310,11 @@ def pingpong_step(model: nn.Module, tokens: list, states: list) -> list:
     for i, block in enumerate(blocks):
         if not isinstance(block.attn, OffloadedAttention):
             raise ValueError(f"layer {i} is not offloaded; call offload(model, server_rank) first")
+    for m, state in enumerate(states):
+        if not isinstance(state, (list, tuple)) or len(state) != len(blocks):
+            got = f"{len(state)} entries" if isinstance(state, (list, tuple)) else type(state).__name__
+            raise ValueError(f"states[{m}] must be a model state with one entry per layer ({len(blocks)}), got {got}; "
+                             "use model.init_state(batch_size)")
     xs = [model.embed(t) for t in tokens]
     pending = [blocks[0].attn.submit(blocks[0].attn_norm(x), s[0]) for x, s in zip(xs, states)]
     for li, block in enumerate(blocks):
