@@ -15,3 +15,6 @@ __all__ = ["MODES", "Parallel", "parallelize", "sequence_loss", "sum_gradients",
 
 from .disagg import Plan as DisaggPlan, disaggregated_attend, plan as disagg_plan, step_time as disagg_step_time  # core attention disaggregation (issue 27)
 __all__ += ["DisaggPlan", "disaggregated_attend", "disagg_plan", "disagg_step_time"]
+from .offload import OffloadedAttention, offload, offload_plan, pingpong_step, serve  # noqa: E402
+
+__all__ += ["OffloadedAttention", "offload", "offload_plan", "pingpong_step", "serve"]
