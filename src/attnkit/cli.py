@@ -39,44 +39,37 @@ def _cmd_list(args) -> int:
     return 0
 
 
-def _list_diffusion() -> None:
+def _card_table(title: str, cards) -> None:
+    """One table of cards (name, paper, what it does): the hf and diffusion lists."""
     from rich.table import Table
 
+    table = Table(title=title)
+    for column in ("name", "paper", "what it does"):
+        table.add_column(column, overflow="fold")
+    for card in cards:
+        table.add_row(card.name, card.paper, card.summary)
+    console().print(table)
+
+
+def _list_diffusion() -> None:
     try:  # attention sharing in diffusers pipelines: its own list (attnkit.diffusion needs the diffusion extra)
         from .diffusion import CARDS as diffusion_cards
     except ImportError:
         console().print('attnkit.diffusion methods: not available here (pip install "attnkit[diffusion]")')
         return
-    table = Table(title="attnkit.diffusion methods (attnkit.diffusion.apply(pipe, name))")
-    for column in ("name", "paper", "what it does"):
-        table.add_column(column, overflow="fold")
-    for card in diffusion_cards:
-        table.add_row(card.name, card.paper, card.summary)
-    console().print(table)
+    _card_table("attnkit.diffusion methods (attnkit.diffusion.apply(pipe, name))", diffusion_cards)
 
 
 def _list_hf() -> None:
-    from rich.table import Table
-
     try:  # the methods on Hugging Face models: their own list (attnkit.hf needs the hf extra)
         from .hf import CARDS as hf_cards
     except ImportError:
         console().print('attnkit.hf methods: not available here (pip install "attnkit[hf]")')
         return
-    methods = Table(title="attnkit.hf methods (attnkit.hf.apply(model, name))")
-    for column in ("name", "paper", "what it does"):
-        methods.add_column(column, overflow="fold")
-    for card in hf_cards:
-        methods.add_row(card.name, card.paper, card.summary)
-    console().print(methods)
+    _card_table("attnkit.hf methods (attnkit.hf.apply(model, name))", hf_cards)
     from .hf.cards import TOOL_CARDS
 
-    tools = Table(title="attnkit.hf weight tools (not attention policies)")
-    for column in ("name", "paper", "what it does"):
-        tools.add_column(column, overflow="fold")
-    for card in TOOL_CARDS:
-        tools.add_row(card.name, card.paper, card.summary)
-    console().print(tools)
+    _card_table("attnkit.hf weight tools (not attention policies)", TOOL_CARDS)
 
 
 def _version_text() -> str:
