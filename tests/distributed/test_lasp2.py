@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.distributed import lasp2_lightning, shard, spawn, unshard
+from attnkit.distributed import lasp2_bytes, lasp2_lightning, sent_bytes, shard, spawn, unshard
 from attnkit.ops.linear.lightning import lightning_attend_reference
 
 B, H, T_LOCAL, D, E = 2, 3, 5, 4, 6
@@ -29,7 +29,10 @@ def _worker(rank, world):
         q, k, v, slopes, s0, d_out, d_state = _inputs(world)
         mine = [shard(t, world, rank).clone().requires_grad_(True) for t in (q, k, v)]
         slopes, s0 = slopes.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+        sent_bytes(reset=True)
         out, state = lasp2_lightning(*mine, slopes, initial_state=s0 if with_state else None, backend="chunked")
+        # one all-gather of the [B, H, D, E] state, W - 1 states per rank, whatever the sequence length
+        assert sent_bytes(reset=True) == lasp2_bytes(state.shape, state.dtype, world) > 0
         # the final state's loss counted once over the ranks (every rank holds the same state)
         loss = (out * shard(d_out, world, rank)).sum() + (state * d_state).sum() / world
         loss.backward()

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.distributed import ring_attend, ring_bytes, sent_bytes, shard, spawn, ulysses_attend, unshard
+from attnkit.distributed import (ring_attend, ring_bytes, sent_bytes, shard, spawn, ulysses_attend, ulysses_bytes,
+                                 unshard)
 
 B, HQ, D, T_LOCAL = 2, 4, 8, 6
 
@@ -75,7 +76,9 @@ def _ulysses_case(rank, world, pattern_name):
     q, k, v, dout, _ = _inputs(world, 2)
     pattern = _pattern(pattern_name, q.shape[2])
     mine = [shard(t, world, rank).clone().requires_grad_(True) for t in (q, k, v)]
+    sent_bytes(reset=True)
     out = ulysses_attend(*mine, pattern=pattern)
+    assert sent_bytes(reset=True) == ulysses_bytes(*mine, world) > 0  # the forward's four all-to-alls
     (out * shard(dout, world, rank)).sum().backward()
     return [t.detach() for t in (out, mine[0].grad, mine[1].grad, mine[2].grad)]
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..ops.linear.lightning import lightning_attend
-from .ring import _check_same_shapes, _group_info
+from .ring import _SENT, _check_same_shapes, _group_info
 
 __all__ = ["lasp2_lightning", "lasp2_bytes"]
 
@@ -56,6 +56,7 @@ def lasp2_lightning(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *, group=No
     out_local, state = lightning_attend(q, k, v, slopes, backend=backend)  # from a zero state: M_r
     acc = state.dtype
     states = all_gather(state.contiguous(), group=group)  # W x [B, H, D, E]
+    _SENT[0] += (world - 1) * state.numel() * state.element_size()  # a ring all-gather's traffic per rank
     T = q.shape[2]
     s = slopes.to(device=q.device, dtype=acc)[None, :, None, None]  # [1, H, 1, 1]
     chunk = torch.exp(-s * T)  # lambda^T: one rank's chunk of decay

@@ -42,14 +42,17 @@ from torch import Tensor
 
 from ..ops.softmax import attend
 
-__all__ = ["LAYOUTS", "shard", "unshard", "shard_positions", "ring_attend", "ulysses_attend", "ring_bytes", "sent_bytes"]
+__all__ = ["LAYOUTS", "shard", "unshard", "shard_positions", "ring_attend", "ulysses_attend", "ring_bytes", "ulysses_bytes",
+           "sent_bytes"]
 
 _SENT = [0]  # bytes this process sent through the ring's point-to-point ops (see sent_bytes)
 
 
 def sent_bytes(reset: bool = False) -> int:
-    """Bytes this process has sent in ring exchanges so far (``reset=True``: and start again from 0):
-    the measured side of :func:`ring_bytes`."""
+    """Bytes this process has sent so far (``reset=True``: and start again from 0): the measured side
+    of :func:`ring_bytes` (the ring's point-to-point sends, forward and backward), :func:`ulysses_bytes`
+    (the forward's all-to-alls, minus the slice a rank keeps) and :func:`~attnkit.distributed.lasp2.lasp2_bytes`
+    (the all-gather of the states, forward: a ring all-gather has each rank transmit ``W - 1`` states)."""
     value = _SENT[0]
     if reset:
         _SENT[0] = 0
@@ -355,6 +358,7 @@ def ulysses_attend(q: Tensor, k: Tensor, v: Tensor, *, group=None, pattern=None,
     def to_heads(x):  # [B, H, T, D] (sequence shard) -> [B, H / W, W * T, D] (head shard)
         B, H, T, D = x.shape
         send = x.reshape(B, world, H // world, T, D).transpose(0, 1).contiguous()  # [W, B, H/W, T, D]
+        _SENT[0] += send.numel() * send.element_size() * (world - 1) // world  # all slices but its own leave
         recv = all_to_all_single(torch.empty_like(send), send, group=group)  # recv[r]: rank r's tokens
         return recv.permute(1, 2, 0, 3, 4).reshape(B, H // world, world * T, D)
 
@@ -362,11 +366,21 @@ def ulysses_attend(q: Tensor, k: Tensor, v: Tensor, *, group=None, pattern=None,
         B, h, S, D = x.shape
         T = S // world
         send = x.reshape(B, h, world, T, D).permute(2, 0, 1, 3, 4).contiguous()  # [W, B, H/W, T, D]
+        _SENT[0] += send.numel() * send.element_size() * (world - 1) // world
         recv = all_to_all_single(torch.empty_like(send), send, group=group)  # recv[r]: heads of rank r
         return recv.transpose(0, 1).reshape(B, world * h, T, D)
 
     out = attend(to_heads(q), to_heads(k), to_heads(v), pattern=pattern, scale=scale)
     return to_sequence(out)
+
+
+def ulysses_bytes(q: Tensor, k: Tensor, v: Tensor, world: int) -> int:
+    """Bytes one rank sends in :func:`ulysses_attend`'s forward: four all-to-alls (q, k, v to head
+    shards, the output back), each sending ``(W - 1) / W`` of the tensor; the backward's all-to-alls
+    move the same volume again (not counted by :func:`sent_bytes`: autograd runs them)."""
+    out = q.numel() // q.shape[3] * v.shape[3] * q.element_size()
+    total = sum(t.numel() * t.element_size() for t in (q, k, v)) + out
+    return total * (world - 1) // world
 
 
 def ring_bytes(q: Tensor, k: Tensor, v: Tensor, world: int, backward: bool = False, window: int | None = None) -> int:
