@@ -551,7 +551,7 @@ def exp_latentwarp(run: Run) -> dict:
     start = round((1 - strength) * run.steps)
     run_steps = run.steps - start
     warp_steps = (0, max(run_steps // 2, 1))  # the paper warps in the early steps
-    keys = ("warping_error", "style_followed", "object_kept")
+    keys = ("warping_error", "style_followed", "object_kept", "motion_error")
     metrics = {v: {m: [] for m in keys} for v in ("baseline", "latentwarp")}
     pictures = {v: [] for v in ("source", "baseline", "latentwarp")}
     floor = []
@@ -568,7 +568,8 @@ def exp_latentwarp(run: Run) -> dict:
         other = 0.25 + 0.5 * float(torch.rand(1, generator=g))
         begin = 0.25 if (motion[0] > 0 or motion[1] > 0) else 0.75
         centre = (begin, other) if motion[1] == 0 else (other, begin)
-        source = S.clip(S.Scene(style, shape, colour, size, centre), frames, motion, run.size)["frames"]
+        made = S.clip(S.Scene(style, shape, colour, size, centre), frames, motion, run.size)
+        source, centres = made["frames"], made["centres"]
         flow, occluded = flowlib.clip_flows(source)
         floor.append(float(flowlib.warping_error(source, flow, occluded)))
         cap = " ".join([new_style, size, colour, shape])
@@ -586,11 +587,13 @@ def exp_latentwarp(run: Run) -> dict:
             m["style_followed"].append(float((r["style"] == S.STYLES.index(new_style)).float().mean()))
             m["object_kept"].append(float(((r["shape"] == S.SHAPES.index(shape))
                                            & (r["colour"] == S.COLOURS.index(colour))).float().mean()))
+            # a clip that stands still has no flicker either: does the object still follow the source's path?
+            m["motion_error"].append(float(centre_error(r["centre"], centres).mean()))
             if seed < GRID_SEEDS:
                 pictures[name].append(clip)
         if seed < GRID_SEEDS:
             pictures["source"].append(source)
-    claims = {"warping_error": "down", "style_followed": None, "object_kept": None}
+    claims = {"warping_error": "down", "style_followed": None, "object_kept": None, "motion_error": None}
     rows = {k: (metrics["baseline"][k], metrics["latentwarp"][k]) for k in keys}
     out = result(rows, claims, run.seeds)
     out["source_clip_warping_error"] = summary(floor)
