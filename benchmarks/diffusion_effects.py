@@ -699,7 +699,15 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _main(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (the tests) keeps its own
+
+
+def _main(args, argv) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid_dir = None if args.grid_dir == "none" else Path(args.grid_dir) if args.grid_dir else out.parent
