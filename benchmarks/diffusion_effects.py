@@ -650,6 +650,36 @@ def exp_rf_solver(run: Run, budgets) -> dict:
 # -- the command ------------------------------------------------------------------------------------------------
 
 
+SHOWS = ("yes: the 95% CI of the paired per-seed difference (method - baseline) lies on the claimed side of 0; "
+         "no: on the other side; unclear: it holds 0")
+
+
+def merge(parts, out: Path) -> int:
+    """One record from the records of runs of disjoint ``--methods`` with the same seeds and steps
+    (runs started side by side): their results, grids and timings, and every command."""
+    records = [json.loads(Path(p).read_text()) for p in parts]
+    keys = ("seeds", "steps", "quick", "subject", "probe", "git_commit")
+    for r, p in zip(records[1:], parts[1:]):
+        differ = [k for k in keys if r.get(k) != records[0].get(k)]
+        if differ:
+            raise SystemExit(f"--merge: {p} differs from {parts[0]} in {differ}; merge runs of one setup only")
+    clash = set(records[0]["results"])
+    for r, p in zip(records[1:], parts[1:]):
+        if clash & set(r["results"]):
+            raise SystemExit(f"--merge: {p} repeats {sorted(clash & set(r['results']))}")
+        clash |= set(r["results"])
+    merged = dict(records[0])
+    merged["command"] = [r["command"] for r in records]
+    merged["complete"] = all(r.get("complete") for r in records)
+    for key in ("timings", "grids", "results"):
+        merged[key] = {k: v for r in records for k, v in r[key].items()}
+    merged["cpu_s"] = round(sum(r["cpu_s"] for r in records), 1)
+    merged["git_dirty"] = any(r["git_dirty"] for r in records)
+    out.write_text(json.dumps(merged, indent=1) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def _git(*args) -> str:
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
@@ -671,6 +701,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--probe", default=None, help="the probe's folder (default: the shipped one)")
     p.add_argument("--out", default="benchmarks/results/cpu/diffusion-effects.json")
     p.add_argument("--grid-dir", default=None, help="where the grids go (default: beside --out; 'none': no grids)")
+    p.add_argument("--merge", default=None,
+                   help="comma-separated records of runs with disjoint --methods to merge into --out (runs nothing)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared machine more threads spin and burn CPU for nothing)")
     args = p.parse_args(argv)
@@ -699,6 +731,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.merge:
+        return merge([p for p in args.merge.split(",") if p], Path(args.out))
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -721,6 +755,25 @@ def _main(args, argv) -> int:
     run = Run(model, probe, seeds=args.seeds, steps=args.steps, quick=args.quick, grid_dir=grid_dir)
     results, timings = {}, {}
     cpu0 = time.process_time()
+    import diffusers
+
+    def write(complete: bool) -> None:  # after every experiment: a run cut short keeps what it measured
+        record = {
+            "command": "PYTHONPATH=src nice -n 10 python benchmarks/diffusion_effects.py "
+                       + " ".join(sys.argv[1:] if argv is None else argv),
+            "git_commit": _git("rev-parse", "HEAD"),
+            "git_dirty": bool(_git("status", "--porcelain", "--", "src", "benchmarks/diffusion_effects.py")),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "diffusers": diffusers.__version__},
+            "device": "cpu", "threads": torch.get_num_threads(),
+            "subject": str(args.subject or subj.DEFAULT_PATH.name), "probe": str(args.probe or "shipped"),
+            "seeds": args.seeds, "steps": args.steps, "guidance": 1.0, "quick": args.quick, "complete": complete,
+            "shows": SHOWS, "timings": timings, "cpu_s": round(time.process_time() - cpu0, 1),
+            "grids": run.grids, "results": results,
+        }
+        out.write_text(json.dumps(record, indent=1) + "\n")
+
     for name in args.methods:
         start, c0 = time.perf_counter(), time.process_time()
         if name == "alignedgen":
@@ -737,23 +790,7 @@ def _main(args, argv) -> int:
             results.update(exp_rf_solver(run, args.budgets))
         timings[name] = {"wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(time.process_time() - c0, 1)}
         print(f"{name}: {timings[name]['wall_s']} s", file=sys.stderr, flush=True)
-    import diffusers
-
-    record = {
-        "command": "PYTHONPATH=src nice -n 10 python benchmarks/diffusion_effects.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--", "src", "benchmarks/diffusion_effects.py")),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__},
-        "device": "cpu", "threads": torch.get_num_threads(),
-        "subject": str(args.subject or subj.DEFAULT_PATH.name), "probe": str(args.probe or "shipped"),
-        "seeds": args.seeds, "steps": args.steps, "guidance": 1.0, "quick": args.quick,
-        "shows": "yes: the 95% CI of the paired per-seed difference (method - baseline) lies on the claimed side of 0; "
-                 "no: on the other side; unclear: it holds 0",
-        "timings": timings, "cpu_s": round(time.process_time() - cpu0, 1),
-        "grids": run.grids, "results": results,
-    }
-    out.write_text(json.dumps(record, indent=1) + "\n")
+        write(name == args.methods[-1])
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
