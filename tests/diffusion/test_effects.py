@@ -117,3 +117,24 @@ def test_a_tiny_run_writes_every_metric_with_a_verdict_and_its_grids(fx, tmp_pat
     for name in ("rf-edit", "diffuhaul", "rf-solver"):
         png = Path(record["grids"][name])
         assert png.parent == tmp_path and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merge_joins_runs_of_disjoint_methods_and_refuses_overlaps_or_other_setups(fx, tmp_path):
+    def record(name, results, **kw):
+        r = {"command": f"run {name}", "seeds": 32, "steps": 16, "quick": False, "subject": "s", "probe": "p",
+             "git_commit": "abc", "git_dirty": False, "complete": True, "cpu_s": 1.5,
+             "timings": {name: {}}, "grids": {name: f"{name}.png"}, "results": results}
+        r.update(kw)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(r))
+        return str(path)
+
+    a, b = record("a", {"x": 1}), record("b", {"y": 2})
+    out = tmp_path / "m.json"
+    assert fx.main(["--merge", f"{a},{b}", "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["results"] == {"x": 1, "y": 2} and m["command"] == ["run a", "run b"] and m["cpu_s"] == 3.0
+    with pytest.raises(SystemExit, match="repeats"):
+        fx.main(["--merge", f"{a},{record('c', {'x': 3})}", "--out", str(out)])
+    with pytest.raises(SystemExit, match="differs"):
+        fx.main(["--merge", f"{a},{record('d', {'z': 3}, seeds=4)}", "--out", str(out)])
