@@ -72,6 +72,9 @@ from attnkit.diffusion.sharing import SharedAttention
 from attnkit.tasks import scenes as S
 
 EXPERIMENTS = ("alignedgen", "freecus", "rf-edit", "diffuhaul", "latentwarp", "rf-solver")
+# the result entries each experiment writes
+RESULTS = {"alignedgen": ("shared-kv", "alignedgen"), "freecus": ("freecus", "ir-diffusion"), "rf-edit": ("rf-edit",),
+           "diffuhaul": ("diffuhaul",), "latentwarp": ("latentwarp",), "rf-solver": ("rf-solver",)}
 # a grid per method (alignedgen's experiment also writes shared-kv's, freecus's also ir-diffusion's)
 GRID_SEEDS = 3
 
@@ -654,6 +657,11 @@ SHOWS = ("yes: the 95% CI of the paired per-seed difference (method - baseline) 
          "no: on the other side; unclear: it holds 0")
 
 
+def _methods_of(command: str) -> list[str]:
+    words = command.split()
+    return words[words.index("--methods") + 1].split(",") if "--methods" in words[:-1] else list(EXPERIMENTS)
+
+
 def merge(parts, out: Path) -> int:
     """One record from the records of runs of disjoint ``--methods`` with the same seeds and steps
     (runs started side by side): their results, grids and timings, and every command."""
@@ -670,7 +678,13 @@ def merge(parts, out: Path) -> int:
         clash |= set(r["results"])
     merged = dict(records[0])
     merged["command"] = [r["command"] for r in records]
-    merged["complete"] = all(r.get("complete") for r in records)
+    # a part stopped after its first experiments is fine where another part ran the rest
+    named = {m for r in records for m in r.get("methods") or _methods_of(r["command"])}
+    have = {k for r in records for k in r["results"]}
+    merged["parts"] = [{"command": r["command"], "complete": r.get("complete"), "results": sorted(r["results"])}
+                       for r in records]
+    merged["complete"] = all(set(RESULTS[m]) <= have for m in named)
+    merged["methods"] = [m for m in EXPERIMENTS if m in named]
     for key in ("timings", "grids", "results"):
         merged[key] = {k: v for r in records for k, v in r[key].items()}
     merged["cpu_s"] = round(sum(r["cpu_s"] for r in records), 1)
@@ -769,6 +783,7 @@ def _main(args, argv) -> int:
             "device": "cpu", "threads": torch.get_num_threads(),
             "subject": str(args.subject or subj.DEFAULT_PATH.name), "probe": str(args.probe or "shipped"),
             "seeds": args.seeds, "steps": args.steps, "guidance": 1.0, "quick": args.quick, "complete": complete,
+            "methods": args.methods,
             "shows": SHOWS, "timings": timings, "cpu_s": round(time.process_time() - cpu0, 1),
             "grids": run.grids, "results": results,
         }

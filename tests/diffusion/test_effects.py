@@ -129,11 +129,17 @@ def test_merge_joins_runs_of_disjoint_methods_and_refuses_overlaps_or_other_setu
         path.write_text(json.dumps(r))
         return str(path)
 
-    a, b = record("a", {"x": 1}), record("b", {"y": 2})
+    a, b = record("a", {"x": 1}), record("b", {"y": 2}, complete=False)
     out = tmp_path / "m.json"
     assert fx.main(["--merge", f"{a},{b}", "--out", str(out)]) == 0
     m = json.loads(out.read_text())
     assert m["results"] == {"x": 1, "y": 2} and m["command"] == ["run a", "run b"] and m["cpu_s"] == 3.0
+    assert m["complete"] is False and [p["complete"] for p in m["parts"]] == [True, False]  # x, y: no experiment's
+    ok = [record(n, {k: 0 for k in fx.RESULTS[e]}, methods=[e], complete=c)
+          for n, e, c in (("f", "freecus", True), ("g", "rf-edit", False), ("h", "latentwarp", True))]
+    assert fx.main(["--merge", ",".join(ok), "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["complete"] is True and m["methods"] == ["freecus", "rf-edit", "latentwarp"]
     with pytest.raises(SystemExit, match="repeats"):
         fx.main(["--merge", f"{a},{record('c', {'x': 3})}", "--out", str(out)])
     with pytest.raises(SystemExit, match="differs"):
