@@ -666,7 +666,7 @@ def merge(parts, out: Path) -> int:
     """One record from the records of runs of disjoint ``--methods`` with the same seeds and steps
     (runs started side by side): their results, grids and timings, and every command."""
     records = [json.loads(Path(p).read_text()) for p in parts]
-    keys = ("seeds", "steps", "quick", "subject", "probe", "git_commit")
+    keys = ("seeds", "steps", "quick", "subject", "probe")
     for r, p in zip(records[1:], parts[1:]):
         differ = [k for k in keys if r.get(k) != records[0].get(k)]
         if differ:
@@ -681,8 +681,8 @@ def merge(parts, out: Path) -> int:
     # a part stopped after its first experiments is fine where another part ran the rest
     named = {m for r in records for m in r.get("methods") or _methods_of(r["command"])}
     have = {k for r in records for k in r["results"]}
-    merged["parts"] = [{"command": r["command"], "complete": r.get("complete"), "results": sorted(r["results"])}
-                       for r in records]
+    merged["parts"] = [{"command": r["command"], "git_commit": r["git_commit"], "complete": r.get("complete"),
+                        "results": sorted(r["results"])} for r in records]
     merged["complete"] = all(set(RESULTS[m]) <= have for m in named)
     merged["methods"] = [m for m in EXPERIMENTS if m in named]
     for key in ("timings", "grids", "results"):
