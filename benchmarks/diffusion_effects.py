@@ -662,7 +662,7 @@ def _methods_of(command: str) -> list[str]:
     return words[words.index("--methods") + 1].split(",") if "--methods" in words[:-1] else list(EXPERIMENTS)
 
 
-def merge(parts, out: Path) -> int:
+def merge(parts, out: Path, argv=None) -> int:
     """One record from the records of runs of disjoint ``--methods`` with the same seeds and steps
     (runs started side by side): their results, grids and timings, and every command."""
     records = [json.loads(Path(p).read_text()) for p in parts]
@@ -677,7 +677,10 @@ def merge(parts, out: Path) -> int:
             raise SystemExit(f"--merge: {p} repeats {sorted(clash & set(r['results']))}")
         clash |= set(r["results"])
     merged = dict(records[0])
-    merged["command"] = [r["command"] for r in records]
+    # one command line, as the results README reads it: the parts side by side, then this merge
+    merged["command"] = (" & ".join(r["command"] for r in records) + " & wait; "
+                         + "PYTHONPATH=src python benchmarks/diffusion_effects.py "
+                         + " ".join(sys.argv[1:] if argv is None else argv))
     # a part stopped after its first experiments is fine where another part ran the rest
     named = {m for r in records for m in r.get("methods") or _methods_of(r["command"])}
     have = {k for r in records for k in r["results"]}
@@ -746,7 +749,7 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse(argv)
     if args.merge:
-        return merge([p for p in args.merge.split(",") if p], Path(args.out))
+        return merge([p for p in args.merge.split(",") if p], Path(args.out), argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
