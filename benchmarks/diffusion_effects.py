@@ -214,8 +214,10 @@ def euler(model, captions, noise, steps: int, *, start: int = 0, before=None, x=
 class Run:
     """What every experiment shares: the subject, the probe, the options and the grids."""
 
-    def __init__(self, model, probe, *, seeds: int, steps: int, quick: bool, grid_dir: Path | None):
+    def __init__(self, model, probe, *, seeds: int, steps: int, quick: bool, grid_dir: Path | None,
+                 first: int = 0):
         self.model, self.probe, self.seeds, self.steps, self.quick = model, probe, seeds, steps, quick
+        self.first, self.end = first, first + seeds  # this run's seeds: first .. end - 1
         self.grid_dir = grid_dir
         self.size = model.config.image_size
         self.tokens = self.size // 2
@@ -242,7 +244,8 @@ def result(rows: dict, claims: dict, seeds_used: int) -> dict:
     None (a check, not a claimed effect)."""
     out = {}
     for name, (base, meth) in rows.items():
-        entry = {"baseline": summary(base), "method": summary(meth), "difference": paired(base, meth)}
+        entry = {"baseline": summary(base), "method": summary(meth), "difference": paired(base, meth),
+                 "values": {"baseline": list(base), "method": list(meth)}}
         if claims.get(name):
             entry["claim"] = claims[name]
             entry["shows"] = shows(entry["difference"], claims[name])
@@ -266,8 +269,8 @@ def exp_alignedgen(run: Run) -> dict:
     metrics = {v: {m: [] for m in ("style_agreement", "style_consistency", "object_accuracy", "shape_accuracy",
                                    "colour_accuracy")} for v in variants}
     pictures = {v: [] for v in variants}
-    for first in range(0, run.seeds, per_batch):
-        seeds = list(range(first, min(first + per_batch, run.seeds)))
+    for first in range(run.first, run.end, per_batch):
+        seeds = list(range(first, min(first + per_batch, run.end)))
         caps, truth, noise = [], [], []
         for seed in seeds:
             g = torch.Generator().manual_seed(10_000 + seed)
@@ -307,6 +310,8 @@ def exp_alignedgen(run: Run) -> dict:
             "options": ("SharedAttention(reference=0, adain=True), every block, every step" if name == "shared-kv"
                         else "AlignedGen(reference=0): ShiftPE, style_lambda 1.1, AdaIN; single-stream blocks "
                              "(the official default; 3 of the subject's 6 modules), every step")}
+        if run.first:
+            continue  # the grids come from the part that holds seed 0
         # rows: per shown seed, the baseline group then the method's
         n = min(GRID_SEEDS, run.seeds)
         base, meth = torch.cat(pictures["baseline"])[:n * G], torch.cat(pictures[name])[:n * G]
@@ -329,7 +334,7 @@ def exp_subject(run: Run) -> dict:
     pictures = {v: [] for v in ("reference", "baseline", "freecus", "ir-diffusion")}
     n, N = run.tokens, run.tokens ** 2
     sigmas = reference_sigmas(run.steps, flux_mu(N), -1.0)  # FreeCus's dynamic shifting (mu negated)
-    for seed in range(run.seeds):
+    for seed in range(run.first, run.end):
         g = torch.Generator().manual_seed(20_000 + seed)
         ref = S.Scene.at(pick(g, S.STYLES), pick(g, S.SHAPES), pick(g, S.COLOURS), pick(g, S.SIZES),
                          pick(g, S.POSITIONS))
@@ -400,6 +405,8 @@ def exp_subject(run: Run) -> dict:
                         f"(mu = {flux_mu(N):.3f} for {N} tokens)" if name == "freecus" else
                         "IRDiffusion(references=(0,), target_row=1, isolate, reposition): the reference's object "
                         "mask moved onto the target cell's object box, every block, every step")}
+        if run.first:
+            continue
         k = min(GRID_SEEDS, run.seeds)
         # per shown seed: a row [reference, baseline targets, method targets]
         run.grid(name, [torch.cat([pictures["reference"][i], pictures["baseline"][i], pictures[name][i]])
@@ -482,7 +489,7 @@ def exp_diffuhaul(run: Run) -> dict:
     keys = ("centre_error", "cell_reached", "appearance_kept", "style_kept", "crop_mse", "background_mse")
     metrics = {v: {m: [] for m in keys} for v in ("baseline", "diffuhaul")}
     pictures = {v: [] for v in ("source", "baseline", "diffuhaul")}
-    for seed in range(run.seeds):
+    for seed in range(run.first, run.end):
         g = torch.Generator().manual_seed(40_000 + seed)
         src = S.Scene.at(pick(g, S.STYLES), pick(g, S.SHAPES), pick(g, S.COLOURS), pick(g, S.SIZES),
                          pick(g, S.POSITIONS))
@@ -540,7 +547,8 @@ def exp_diffuhaul(run: Run) -> dict:
                    f"{anchor_steps} of {run.steps}, anchor=1), every block, every step; the target pass gets the "
                    "target caption too"}
     k = min(GRID_SEEDS, run.seeds)
-    run.grid("diffuhaul", [torch.cat([pictures["source"][i], pictures["baseline"][i], pictures["diffuhaul"][i]])
+    if not run.first:
+        run.grid("diffuhaul", [torch.cat([pictures["source"][i], pictures["baseline"][i], pictures["diffuhaul"][i]])
                            for i in range(k)], 3)
     return {"diffuhaul": out}
 
@@ -560,7 +568,7 @@ def exp_latentwarp(run: Run) -> dict:
     floor = []
     grid = subj.timesteps(run.steps)
     t0 = float(grid[start])
-    for seed in range(run.seeds):
+    for seed in range(run.first, run.end):
         g = torch.Generator().manual_seed(50_000 + seed)
         style = pick(g, S.STYLES)
         new_style = pick(g, S.STYLES, exclude=(style,))
@@ -599,7 +607,7 @@ def exp_latentwarp(run: Run) -> dict:
     claims = {"warping_error": "down", "style_followed": None, "object_kept": None, "motion_error": None}
     rows = {k: (metrics["baseline"][k], metrics["latentwarp"][k]) for k in keys}
     out = result(rows, claims, run.seeds)
-    out["source_clip_warping_error"] = summary(floor)
+    out["source_clip_warping_error"] = summary(floor) | {"values": floor}
     out["setup"] = {
         "clip": f"{frames} frames of one object crossing half the image over a still background; restyled to "
                 f"another style (caption: style size colour shape), SDEdit from t = {t0:.3f} ({run_steps} of "
@@ -608,7 +616,8 @@ def exp_latentwarp(run: Run) -> dict:
                    f"cross-frame attention to the anchor (frame 0) and the previous frame in every block and step, "
                    f"latent warping before steps {list(range(*warp_steps))} of the {run_steps} run"}
     k = min(GRID_SEEDS, run.seeds)
-    run.grid("latentwarp", [torch.cat([pictures[v][i] for v in ("source", "baseline", "latentwarp")])
+    if not run.first:
+        run.grid("latentwarp", [torch.cat([pictures[v][i] for v in ("source", "baseline", "latentwarp")])
                             for i in range(k)], frames)
     return {"latentwarp": out}
 
@@ -662,20 +671,41 @@ def _methods_of(command: str) -> list[str]:
     return words[words.index("--methods") + 1].split(",") if "--methods" in words[:-1] else list(EXPERIMENTS)
 
 
+def _join(entries: list[dict]) -> dict:
+    """One experiment's results from parts of disjoint seed ranges (in seed order): the per-seed
+    values put together and summarised again."""
+    out = dict(entries[0])
+    if "metrics" in out:
+        rows = {name: ([v for e in entries for v in e["metrics"][name]["values"]["baseline"]],
+                       [v for e in entries for v in e["metrics"][name]["values"]["method"]])
+                for name in out["metrics"]}
+        claims = {name: e.get("claim") for name, e in out["metrics"].items()}
+        out.update(result(rows, claims, sum(e["n_seeds"] for e in entries)))
+    if "source_clip_warping_error" in out:
+        floor = [v for e in entries for v in e["source_clip_warping_error"]["values"]]
+        out["source_clip_warping_error"] = summary(floor) | {"values": floor}
+    return out
+
+
 def merge(parts, out: Path, argv=None) -> int:
-    """One record from the records of runs of disjoint ``--methods`` with the same seeds and steps
-    (runs started side by side): their results, grids and timings, and every command."""
+    """One record from the records of runs started side by side: of disjoint ``--methods``, or of
+    one experiment over disjoint seed ranges (``--first-seed``), with the same steps: their results
+    (per-seed values joined and summarised again), grids and timings, and every command."""
     records = [json.loads(Path(p).read_text()) for p in parts]
-    keys = ("seeds", "steps", "quick", "subject", "probe")
+    keys = ("steps", "quick", "subject", "probe")
     for r, p in zip(records[1:], parts[1:]):
         differ = [k for k in keys if r.get(k) != records[0].get(k)]
         if differ:
             raise SystemExit(f"--merge: {p} differs from {parts[0]} in {differ}; merge runs of one setup only")
-    clash = set(records[0]["results"])
-    for r, p in zip(records[1:], parts[1:]):
-        if clash & set(r["results"]):
-            raise SystemExit(f"--merge: {p} repeats {sorted(clash & set(r['results']))}")
-        clash |= set(r["results"])
+    order = sorted(range(len(records)), key=lambda i: records[i].get("first_seed", 0))
+    by_key: dict[str, list[int]] = {}
+    for i in order:
+        for k in records[i]["results"]:
+            by_key.setdefault(k, []).append(i)
+    for k, idx in by_key.items():
+        spans = [(records[i].get("first_seed", 0), records[i].get("first_seed", 0) + records[i]["seeds"]) for i in idx]
+        if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+            raise SystemExit(f"--merge: {k} repeats seeds across {[parts[i] for i in idx]} (seed ranges {spans})")
     merged = dict(records[0])
     # one command line, as the results README reads it: the parts side by side, then this merge
     merged["command"] = (" & ".join(r["command"] for r in records) + " & wait; "
@@ -685,11 +715,16 @@ def merge(parts, out: Path, argv=None) -> int:
     named = {m for r in records for m in r.get("methods") or _methods_of(r["command"])}
     have = {k for r in records for k in r["results"]}
     merged["parts"] = [{"command": r["command"], "git_commit": r["git_commit"], "complete": r.get("complete"),
-                        "results": sorted(r["results"])} for r in records]
+                        "results": sorted(r["results"]), "seeds": [r.get("first_seed", 0),
+                                                                   r.get("first_seed", 0) + r["seeds"]]}
+                       for r in records]
     merged["complete"] = all(set(RESULTS[m]) <= have for m in named)
     merged["methods"] = [m for m in EXPERIMENTS if m in named]
-    for key in ("timings", "grids", "results"):
+    for key in ("timings", "grids"):
         merged[key] = {k: v for r in records for k, v in r[key].items()}
+    merged["results"] = {k: _join([records[i]["results"][k] for i in idx]) for k, idx in by_key.items()}
+    merged["seeds"] = min(v.get("n_seeds", records[0]["seeds"]) for v in merged["results"].values())
+    merged["first_seed"] = 0
     merged["cpu_s"] = round(sum(r["cpu_s"] for r in records), 1)
     merged["git_dirty"] = any(r["git_dirty"] for r in records)
     out.write_text(json.dumps(merged, indent=1) + "\n")
@@ -718,6 +753,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--probe", default=None, help="the probe's folder (default: the shipped one)")
     p.add_argument("--out", default="benchmarks/results/cpu/diffusion-effects.json")
     p.add_argument("--grid-dir", default=None, help="where the grids go (default: beside --out; 'none': no grids)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first seed (default 0): runs of other seed ranges can be merged (--merge)")
     p.add_argument("--merge", default=None,
                    help="comma-separated records of runs with disjoint --methods to merge into --out (runs nothing)")
     p.add_argument("--threads", type=int, default=1,
@@ -740,6 +777,11 @@ def parse(argv=None) -> argparse.Namespace:
         p.error(f"--nfe must be comma-separated even ints >= 2, got {nfe_text!r}")
     if not budgets or any(b < 2 or b % 2 for b in budgets):
         p.error(f"--nfe must be comma-separated even ints >= 2 (RF-Solver-2 spends 2 per step), got {nfe_text!r}")
+    if args.first_seed < 0:
+        p.error(f"--first-seed must be an int >= 0, got {args.first_seed}")
+    if args.first_seed and set(args.methods) & {"rf-edit", "rf-solver"}:
+        p.error("--first-seed is for alignedgen, freecus, diffuhaul and latentwarp (rf-edit and rf-solver batch "
+                "their seeds from 0)")
     if args.threads < 1:
         p.error(f"--threads must be an int >= 1, got {args.threads}")
     args.seeds, args.steps, args.methods, args.budgets = seeds, steps, methods, budgets
@@ -769,7 +811,8 @@ def _main(args, argv) -> int:
     if model.config.image_size != 32:
         raise SystemExit(f"the experiments are laid out for 32x32 images; the subject draws "
                          f"{model.config.image_size}x{model.config.image_size}")
-    run = Run(model, probe, seeds=args.seeds, steps=args.steps, quick=args.quick, grid_dir=grid_dir)
+    run = Run(model, probe, seeds=args.seeds, steps=args.steps, quick=args.quick, grid_dir=grid_dir,
+              first=args.first_seed)
     results, timings = {}, {}
     cpu0 = time.process_time()
     import diffusers
@@ -786,7 +829,7 @@ def _main(args, argv) -> int:
             "device": "cpu", "threads": torch.get_num_threads(),
             "subject": str(args.subject or subj.DEFAULT_PATH.name), "probe": str(args.probe or "shipped"),
             "seeds": args.seeds, "steps": args.steps, "guidance": 1.0, "quick": args.quick, "complete": complete,
-            "methods": args.methods,
+            "methods": args.methods, "first_seed": args.first_seed,
             "shows": SHOWS, "timings": timings, "cpu_s": round(time.process_time() - cpu0, 1),
             "grids": run.grids, "results": results,
         }

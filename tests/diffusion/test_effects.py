@@ -119,28 +119,37 @@ def test_a_tiny_run_writes_every_metric_with_a_verdict_and_its_grids(fx, tmp_pat
         assert png.parent == tmp_path and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_merge_joins_runs_of_disjoint_methods_and_refuses_overlaps_or_other_setups(fx, tmp_path):
+def test_merge_joins_runs_of_disjoint_methods_or_seeds_and_refuses_overlaps_or_other_setups(fx, tmp_path):
     def record(name, results, **kw):
-        r = {"command": f"run {name}", "seeds": 32, "steps": 16, "quick": False, "subject": "s", "probe": "p",
-             "git_commit": "abc", "git_dirty": False, "complete": True, "cpu_s": 1.5,
+        r = {"command": f"run {name}", "seeds": 32, "first_seed": 0, "steps": 16, "quick": False, "subject": "s",
+             "probe": "p", "git_commit": "abc", "git_dirty": False, "complete": True, "cpu_s": 1.5,
              "timings": {name: {}}, "grids": {name: f"{name}.png"}, "results": results}
         r.update(kw)
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(r))
         return str(path)
 
-    a, b = record("a", {"x": 1}), record("b", {"y": 2}, complete=False)
+    a, b = record("a", {"x": {"setup": 1}}), record("b", {"y": {"setup": 2}}, complete=False)
     out = tmp_path / "m.json"
     assert fx.main(["--merge", f"{a},{b}", "--out", str(out)]) == 0
     m = json.loads(out.read_text())
-    assert m["results"] == {"x": 1, "y": 2} and m["command"].startswith("run a & run b & wait; ") and m["cpu_s"] == 3.0
+    assert m["results"] == {"x": {"setup": 1}, "y": {"setup": 2}} and m["cpu_s"] == 3.0
+    assert m["command"].startswith("run a & run b & wait; ")
     assert m["complete"] is False and [p["complete"] for p in m["parts"]] == [True, False]  # x, y: no experiment's
-    ok = [record(n, {k: 0 for k in fx.RESULTS[e]}, methods=[e], complete=c)
+    ok = [record(n, {k: {} for k in fx.RESULTS[e]}, methods=[e], complete=c)
           for n, e, c in (("f", "freecus", True), ("g", "rf-edit", False), ("h", "latentwarp", True))]
     assert fx.main(["--merge", ",".join(ok), "--out", str(out)]) == 0
     m = json.loads(out.read_text())
     assert m["complete"] is True and m["methods"] == ["freecus", "rf-edit", "latentwarp"]
-    with pytest.raises(SystemExit, match="repeats"):
-        fx.main(["--merge", f"{a},{record('c', {'x': 3})}", "--out", str(out)])
+    # one experiment over two seed ranges: the per-seed values are joined and summarised again
+    base, meth = [0.0, 0.1, 0.2, 0.1], [1.0, 0.9, 1.2, 1.1]
+    halves = [record(f"s{i}", {"diffuhaul": fx.result({"m": (base[2 * i:2 * i + 2], meth[2 * i:2 * i + 2])},
+                                                      {"m": "up"}, 2)}, seeds=2, first_seed=2 * i)
+              for i in (1, 0)]
+    assert fx.main(["--merge", ",".join(halves), "--out", str(out)]) == 0
+    joined = json.loads(out.read_text())["results"]["diffuhaul"]
+    assert joined == fx.result({"m": (base, meth)}, {"m": "up"}, 4) and joined["metrics"]["m"]["shows"] == "yes"
+    with pytest.raises(SystemExit, match="repeats seeds"):
+        fx.main(["--merge", f"{a},{record('c', {'x': {}})}", "--out", str(out)])
     with pytest.raises(SystemExit, match="differs"):
-        fx.main(["--merge", f"{a},{record('d', {'z': 3}, seeds=4)}", "--out", str(out)])
+        fx.main(["--merge", f"{a},{record('d', {'z': {}}, steps=8)}", "--out", str(out)])
