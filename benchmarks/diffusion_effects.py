@@ -674,6 +674,8 @@ def _methods_of(command: str) -> list[str]:
 def _join(entries: list[dict]) -> dict:
     """One experiment's results from parts of disjoint seed ranges (in seed order): the per-seed
     values put together and summarised again."""
+    if len(entries) == 1:
+        return entries[0]
     out = dict(entries[0])
     if "metrics" in out:
         rows = {name: ([v for e in entries for v in e["metrics"][name]["values"]["baseline"]],
@@ -720,10 +722,17 @@ def merge(parts, out: Path, argv=None) -> int:
                        for r in records]
     merged["complete"] = all(set(RESULTS[m]) <= have for m in named)
     merged["methods"] = [m for m in EXPERIMENTS if m in named]
-    for key in ("timings", "grids"):
-        merged[key] = {k: v for r in records for k, v in r[key].items()}
+    merged["grids"] = {k: v for r in records for k, v in r["grids"].items()}
+    merged["timings"] = {}
+    for r in records:  # one experiment's parts: their CPU seconds add up, they ran side by side
+        for k, v in r["timings"].items():
+            t = merged["timings"].setdefault(k, {"wall_s": 0.0, "cpu_s": 0.0})
+            t["wall_s"], t["cpu_s"] = max(t["wall_s"], v.get("wall_s", 0.0)), round(t["cpu_s"] + v.get("cpu_s", 0.0), 1)
     merged["results"] = {k: _join([records[i]["results"][k] for i in idx]) for k, idx in by_key.items()}
-    merged["seeds"] = min(v.get("n_seeds", records[0]["seeds"]) for v in merged["results"].values())
+    counts = [n for v in merged["results"].values() for n in
+              ([v["n_seeds"]] if "n_seeds" in v else [x["n_seeds"] for x in v.values()
+                                                      if isinstance(x, dict) and "n_seeds" in x])]
+    merged["seeds"] = min(counts) if counts else max(r["seeds"] for r in records)  # the fewest of any experiment
     merged["first_seed"] = 0
     merged["cpu_s"] = round(sum(r["cpu_s"] for r in records), 1)
     merged["git_dirty"] = any(r["git_dirty"] for r in records)
