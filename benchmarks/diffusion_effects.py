@@ -34,7 +34,7 @@ methods' row bookkeeping simple):
 - ``rf-solver``: generated images inverted then reconstructed with RF-Solver-2 against Euler at
   equal model evaluations (``--nfe``); the reconstruction error should be lower with RF-Solver.
 
-Run (CPU; the full run takes a few minutes of two cores)::
+Run (CPU, one thread; the full run takes about 12 minutes of CPU time, 710 s in the committed record)::
 
     PYTHONPATH=src nice -n 10 python benchmarks/diffusion_effects.py \\
         --out benchmarks/results/cpu/diffusion-effects.json
