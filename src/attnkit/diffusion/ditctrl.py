@@ -307,9 +307,10 @@ def video_length(segments: int, frames: int, overlap: int) -> int:
 
 def blend_weights(frames: int) -> Tensor:
     """The triangle over a window's frames ``[frames]`` (float64): ``min(x, 2 - x)``,
-    ``x = 2 (j + 0.5) / frames``; largest in the middle, smallest at the edges."""
-    x = (torch.arange(_int(frames, "frames", 1), dtype=torch.float64) + 0.5) * 2.0 / frames
-    return torch.minimum(x, 2.0 - x)
+    ``x = 2 (j + 0.5) / frames``, i.e. ``(2 min(j, frames - 1 - j) + 1) / frames`` (so written, exactly
+    symmetric); largest in the middle, smallest at the edges."""
+    j = torch.arange(_int(frames, "frames", 1), dtype=torch.float64)
+    return (2 * torch.minimum(j, frames - 1 - j) + 1) / frames
 
 
 def blend(outputs, windows, length: int, dim: int = 0) -> Tensor:
