@@ -2,7 +2,7 @@
 mask-guided key/value sharing between adjacent prompts' segments and latent blending.
 
 Paper: "DiTCtrl: Exploring Attention Control in Multi-Modal Diffusion Transformer for Tuning-Free
-Multi-Prompt Longer Video Generation", Cai et al. (CVPR 2025), arXiv 2412.18597; official code
+Multi-Prompt Longer Video Generation", Cai et al., arXiv 2412.18597; official code
 github.com/TencentARC/DiTCtrl (``sat/dit_video_concat.py``: ``KVSharingAdaLNMixin``,
 ``KVSharingMaskGuidedAdaLNMixin``, ``AttentionMapController``; ``sat/sample_video.py`` and
 ``VPSDEDPMPP2MSampler_MultiPrompt`` in ``sat/sgm/modules/diffusionmodules/sampling.py``: the
