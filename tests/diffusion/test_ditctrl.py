@@ -257,6 +257,22 @@ def test_blend_weights_windows_and_reproduction_away_from_overlaps():
                                rtol=1e-14, atol=1e-14)
 
 
+def test_blending_outputs_before_the_step_equals_blending_the_stepped_windows():
+    # the deviation the docs state: the official sampler blends each window's denoised estimate;
+    # here the outputs are blended before one scheduler step on the shared long latent. CogVideoX's
+    # DDIM step is affine in the output given the latent, and the weights sum to one: the same
+    scheduler = CogVideoXDDIMScheduler()
+    scheduler.set_timesteps(4)
+    t = scheduler.timesteps[1]
+    g = torch.Generator().manual_seed(2)
+    windows = dc.segment_windows(3, 3, 1)
+    x = torch.randn(1, 7, 2, 4, 4, generator=g, dtype=torch.float64)
+    outs = [torch.randn(1, 3, 2, 4, 4, generator=g, dtype=torch.float64) for _ in windows]
+    blended_then_stepped = scheduler.step(dc.blend(outs, windows, 7, dim=1), t, x, return_dict=False)[0]
+    stepped = [scheduler.step(o, t, x[:, w], return_dict=False)[0] for o, w in zip(outs, windows)]
+    torch.testing.assert_close(blended_then_stepped, dc.blend(stepped, windows, 7, dim=1), rtol=1e-12, atol=1e-12)
+
+
 def test_segment_prompts_interpolate_between_prompts():
     a, b, c = (torch.full((2, 3), v, dtype=torch.float64) for v in (0.0, 3.0, 9.0))
     assert [float(e[0, 0]) for e in dc.segment_prompts([a, b])] == [0.0, 3.0]
@@ -324,6 +340,7 @@ def test_registered_with_a_card():
     (dict(chunks=0), ["chunks", ">= 1"]),
     (dict(calls_per_step=True), ["calls_per_step", ">= 1"]),
     (dict(blocks=[]), ["blocks", "empty"]),
+    (dict(map_blocks=[2.5]), ["map_blocks", "2.5"]),
 ])
 def test_bad_options_raise_clear_errors(options, words):
     with pytest.raises(ValueError) as err:
@@ -340,6 +357,7 @@ def test_bad_input_at_the_model_raises_clear_errors():
                                                                                     "[2, 4, 4]"]),
         (DiTCtrl(source_mask=SOURCE, target_mask=torch.ones(2, 2, 8, dtype=torch.bool)), ["target_mask", "(2, 2, 8)"]),
         (DiTCtrl(source_tokens=[8], target_tokens=[0]), ["source_tokens", "8 text tokens", "0 .. 7"]),
+        (DiTCtrl(source_tokens=0, target_tokens=0, map_blocks=1, blocks=0), ["map_blocks=1", "no cross-attention map"]),
     ]
     for method, words in cases:
         with pytest.raises(ValueError) as err, torch.no_grad(), ad.apply(model, method):

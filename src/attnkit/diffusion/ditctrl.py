@@ -175,7 +175,10 @@ class DiTCtrl(Sharing):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.threshold, self.chunks, self.calls_per_step = float(threshold), chunks, calls_per_step
         self.map_blocks = map_blocks
-        self._map_probe = Sharing(blocks=map_blocks)  # resolves map_blocks' names like blocks
+        try:
+            self._map_probe = Sharing(blocks=map_blocks)  # resolves map_blocks' names like blocks
+        except ValueError as err:
+            raise ValueError(f"map_blocks: {err}") from None
         self._maps_needed = self.guided and (self.source_mask is None or self.target_mask is None)
         self.reset()
 
