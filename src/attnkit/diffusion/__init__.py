@@ -37,3 +37,6 @@ __all__ += ["DiffUHaul", "IRDiffusion"]
 from . import flow  # noqa: E402  (optical flow, warping, occlusion: LatentWarp's classical estimator)
 from .latentwarp import LatentWarp  # noqa: E402
 __all__ += ["flow", "LatentWarp"]
+from . import ditctrl  # noqa: E402  (DiTCtrl: multi-prompt video, KV sharing and latent blending)
+from .ditctrl import DiTCtrl  # noqa: E402
+__all__ += ["ditctrl", "DiTCtrl"]

@@ -85,3 +85,14 @@ CARDS += (
          summary="a clip's frames as a batch: each frame's keys / values replaced by the anchor and previous "
                  "frame's, and the latents warped from the previous frame along the source flow (occlusion-masked)"),
 )
+
+from .ditctrl import DiTCtrl  # noqa: E402
+
+CARDS += (
+    Card("ditctrl", "DiTCtrl: Exploring Attention Control in Multi-Modal Diffusion Transformer for Tuning-Free "
+         "Multi-Prompt Longer Video Generation", "2412.18597", "diffusion", DiTCtrl, sharing_flops(0.0),
+         defaults={}, kind="diffusion", capabilities=_CAPS,
+         summary="multi-prompt video: the next prompt's segment attends to the previous segment's keys and values, "
+                 "foreground to foreground and background to background by the object's cross-attention mask; "
+                 "overlapping windows' latents blended with triangular weights (sample_multi_prompt)"),
+)

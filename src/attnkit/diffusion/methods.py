@@ -47,3 +47,7 @@ METHODS["ir-diffusion"] = IRDiffusion
 from .diffuhaul import DiffUHaul  # noqa: E402
 
 METHODS["diffuhaul"] = DiffUHaul
+
+from .ditctrl import DiTCtrl  # noqa: E402
+
+METHODS["ditctrl"] = DiTCtrl

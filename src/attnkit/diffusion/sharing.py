@@ -555,6 +555,7 @@ class Handle:
         self._image_ids = None
         self._grid = None
         self._latent_hw = None
+        self._video_shape = None
         self.pos_embed = getattr(model, "pos_embed", None) if hasattr(getattr(model, "pos_embed", None),
                                                                        "axes_dim") else None
         self._modules = attention_modules(model)
@@ -597,6 +598,8 @@ class Handle:
         self._grid = _grid(self._image_ids)
         sample = kwargs.get("sample", args[0] if args else None)  # a UNet's latents [B, C, h, w]
         self._latent_hw = tuple(sample.shape[-2:]) if isinstance(sample, Tensor) and sample.dim() == 4 else None
+        video = kwargs.get("hidden_states", args[0] if args else None)  # a video transformer's [B, F, C, H, W]
+        self._video_shape = tuple(video.shape[1:]) if isinstance(video, Tensor) and video.dim() == 5 else None
 
     def _grid_of(self, tokens: int):
         """A UNet block's (h, w) from the latent's aspect and its token count."""
