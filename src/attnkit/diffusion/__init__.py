@@ -37,3 +37,6 @@ __all__ += ["DiffUHaul", "IRDiffusion"]
 from . import flow  # noqa: E402  (optical flow, warping, occlusion: LatentWarp's classical estimator)
 from .latentwarp import LatentWarp  # noqa: E402
 __all__ += ["flow", "LatentWarp"]
+from . import video_infinity  # noqa: E402  (clip parallelism: split_clips, denoise, shard_frames, gather_frames)
+from .video_infinity import VideoInfinity  # noqa: E402
+__all__ += ["video_infinity", "VideoInfinity"]

@@ -47,3 +47,7 @@ METHODS["ir-diffusion"] = IRDiffusion
 from .diffuhaul import DiffUHaul  # noqa: E402
 
 METHODS["diffuhaul"] = DiffUHaul
+
+from .video_infinity import VideoInfinity  # noqa: E402
+
+METHODS["video-infinity"] = VideoInfinity
