@@ -87,18 +87,19 @@ class DualScopeReference(Sharing):
 
 # each: frames per rank's share = 4 * world; (clips per video, local, window, global_stride, bias)
 CONFIGS = [
-    dict(clips_per_rank=1, local=1, window=None, global_stride=3, bias=None),
-    dict(clips_per_rank=1, local=2, window=2, global_stride=5, bias=(400.0, 3.0)),
-    dict(clips_per_rank=1, local=3, window=1, global_stride=None, bias=None),
-    dict(clips_per_rank=2, local=1, window=None, global_stride=3, bias=(600.0, 2.0)),
-    dict(clips_per_rank=1, local=0, window=None, global_stride=None, bias=None),  # switched off
+    dict(clips_per_rank=1, local=1, window=None, global_stride=3, bias=None, conv_context=2),
+    dict(clips_per_rank=1, local=2, window=2, global_stride=5, bias=(400.0, 3.0), conv_context=0),
+    dict(clips_per_rank=1, local=3, window=1, global_stride=None, bias=None, conv_context=0),
+    dict(clips_per_rank=2, local=1, window=None, global_stride=3, bias=(600.0, 2.0), conv_context=1),
+    dict(clips_per_rank=1, local=0, window=None, global_stride=None, bias=None, conv_context=0),  # switched off
 ]
 
 
 def build(world, cfg, group=None):
     frames = 4 * world
     return VideoInfinity(frames, cfg["clips_per_rank"] * world, local=cfg["local"], window=cfg["window"],
-                         global_stride=cfg["global_stride"], bias=cfg["bias"], chunks=2, group=group)
+                         global_stride=cfg["global_stride"], bias=cfg["bias"], conv_context=cfg["conv_context"],
+                         chunks=2, group=group)
 
 
 def _worker(rank, world, configs):
@@ -121,13 +122,37 @@ def single(model, method):
         return denoise(model, x, torch.tensor(TIMESTEP), text, method)
 
 
+def conv_reference(module, clips, c):
+    """``TemporalConvLayer.forward`` written out with ``c`` frames of context: the whole video
+    zero-padded by c frames at its ends, each clip's frames and c on each side convolved, cropped."""
+
+    def forward(hidden_states, num_frames=1):
+        F = num_frames
+        BF, Ch, h, w = hidden_states.shape
+        x = hidden_states.reshape(BF // F, F, Ch, h, w).permute(0, 2, 1, 3, 4)
+        whole = torch.nn.functional.pad(merge_clips(x, clips), (0, 0, 0, 0, c, c))  # [chunks, Ch, c + T + c, h, w]
+        convs = [module.conv4(module.conv3(module.conv2(module.conv1(whole[:, :, k * F:k * F + F + 2 * c]))))
+                 [:, :, c:c + F] for k in range(clips)]
+        out = x + split_clips(torch.cat(convs, dim=2), clips)
+        return out.permute(0, 2, 1, 3, 4).reshape(BF, Ch, h, w)
+
+    return forward
+
+
 def reference(model, method):
     x, text = video(method.frames)
     ref = DualScopeReference(method.frames, method.clips, method.local, method.window, method.global_stride,
                              method.bias, method.chunks)
-    with torch.no_grad(), ad.apply(model, ref):
-        out = model(split_clips(x, method.clips), torch.tensor(TIMESTEP),
-                    text.repeat_interleave(method.clips, dim=0), return_dict=False)[0]
+    convs = [m for m in model.modules() if type(m).__name__ == "TemporalConvLayer"] if method.conv_context else []
+    for m in convs:
+        m.forward = conv_reference(m, method.clips, method.conv_context)
+    try:
+        with torch.no_grad(), ad.apply(model, ref):
+            out = model(split_clips(x, method.clips), torch.tensor(TIMESTEP),
+                        text.repeat_interleave(method.clips, dim=0), return_dict=False)[0]
+    finally:
+        for m in convs:
+            del m.forward
     return merge_clips(out, method.clips)
 
 
@@ -152,7 +177,7 @@ def test_ranks_equal_single_process_and_the_float64_reference(world):
             assert torch.allclose(ranks[r][i], one, atol=1e-10, rtol=0), (cfg, r, (ranks[r][i] - one).abs().max())
         ref = reference(model, method)
         assert torch.allclose(one, ref, atol=1e-10, rtol=0), (cfg, (one - ref).abs().max())
-        if cfg["local"] == 0 and cfg["global_stride"] is None:
+        if cfg["local"] == 0 and cfg["global_stride"] is None and not cfg["conv_context"]:
             alone = independent(model, method.frames, method.clips)
             assert torch.allclose(one, alone, atol=1e-10, rtol=0)
         else:  # the context changes the output: the clips do not run on their own

@@ -64,7 +64,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from .sharing import AttnCall, Sharing, _key_bias
+from .sharing import AttnCall, Sharing, _in_steps, _key_bias
 
 __all__ = ["VideoInfinity", "TEMPORAL", "denoise", "shard_frames", "gather_frames", "split_clips", "merge_clips"]
 
@@ -101,8 +101,8 @@ class VideoInfinity(Sharing):
     name = "video-infinity"
 
     def __init__(self, frames: int = 16, clips: int = 2, *, local: int = 1, window: int | None = None,
-                 global_stride: int | None = None, bias: tuple[float, float] | None = None, chunks: int = 1,
-                 group=None, blocks=None, steps=None):
+                 global_stride: int | None = None, bias: tuple[float, float] | None = None, conv_context: int = 0,
+                 chunks: int = 1, group=None, blocks=None, steps=None):
         super().__init__(blocks=blocks, steps=steps)
         frames = _int(frames, "frames", 1, "the whole video's frame count, a multiple of clips")
         clips = _int(clips, "clips", 1, f"a divisor of frames={frames}")
@@ -115,6 +115,10 @@ class VideoInfinity(Sharing):
         if local > F:
             raise ValueError(f"local={local} is more than a clip's {F} frames (frames={frames} / clips={clips}); "
                              f"accepted: 0 .. {F} (the context comes from the neighbour clips only)")
+        conv_context = _int(conv_context, "conv_context", 0, f"0 .. {F} (the official code: 4)")
+        if conv_context > F:
+            raise ValueError(f"conv_context={conv_context} is more than a clip's {F} frames (frames={frames} / clips="
+                             f"{clips}); accepted: 0 .. {F}")
         if window is not None:
             window = _int(window, "window", 0, "None or an integer >= 0 (the official code: window = local)")
         if global_stride is not None:
@@ -132,6 +136,7 @@ class VideoInfinity(Sharing):
         self.chunks = _int(chunks, "chunks", 1, "1, or 2 for a batch with classifier-free guidance's halves")
         self.frames, self.clips, self.clip_frames = frames, clips, F
         self.local, self.window, self.global_stride, self.bias = local, window, global_stride, bias
+        self.conv_context = conv_context
         self.group = _as_group(group)  # "world" stays a name until used: the default group may not exist yet
         if self.group is not None and _dist_ready():
             self._ranks()  # clips must split over the ranks: checked here when the group exists already
@@ -141,6 +146,8 @@ class VideoInfinity(Sharing):
     def bind(self, handle) -> None:
         super().bind(handle)
         self._watch_batch(handle)
+        if self.conv_context:
+            self._wrap_convs(handle)
         temporal = {i for i, n in enumerate(handle.names) if _is_temporal(n)}
         if not temporal:
             raise ValueError(f"VideoInfinity: {type(handle.model).__name__} has no temporal attention modules (names "
@@ -172,6 +179,72 @@ class VideoInfinity(Sharing):
             self._batch_rows = int(sample.shape[0]) if isinstance(sample, Tensor) and sample.dim() == 5 else None
 
         hook = handle.model.register_forward_pre_hook(pre_forward, with_kwargs=True)
+
+    def _wrap_convs(self, handle) -> None:
+        """Give every ``TemporalConvLayer`` of the model (UNet3D's ``temp_convs``) ``conv_context``
+        frames of the neighbour clips on each side (zeros past the video's ends, as the official
+        ``ConvLayerPlugin``), its four convolutions run over the F + 2c frames and cropped back to F.
+        The spine tells a method nothing at ``remove()``, so each wrapper checks the handle and puts
+        the module's own forward back (and runs it) once the handle is gone."""
+        convs = [m for _, m in handle.model.named_modules() if type(m).__name__ == "TemporalConvLayer"]
+        if not convs:
+            raise ValueError(f"conv_context={self.conv_context} but {type(handle.model).__name__} has no "
+                             "TemporalConvLayer; accepted: conv_context=0 for this model")
+        ref = weakref.ref(handle)
+        for module in convs:
+            module.forward = self._conv_forward(module, ref)
+
+    def _conv_forward(self, module, ref):
+        own = type(module).forward.__get__(module)
+
+        def forward(hidden_states: Tensor, num_frames: int = 1) -> Tensor:
+            live = ref()
+            if live is None or live._hook is None:  # the handle was removed: the stock layer again
+                if module.__dict__.get("forward") is forward:
+                    del module.forward
+                return own(hidden_states, num_frames)
+            if not _in_steps(self.steps, max(live.step, 0)):
+                return own(hidden_states, num_frames)
+            return self._conv_with_context(module, hidden_states, num_frames)
+
+        return forward
+
+    def _conv_with_context(self, module, hidden_states: Tensor, F: int) -> Tensor:
+        """diffusers' ``TemporalConvLayer.forward`` with the clip padded by its neighbours' frames.
+        ``hidden_states`` ``[B * F, Ch, h, w]`` -> the same shape."""
+        rank, world = self._ranks()
+        n, c = self.clips // world, self.conv_context
+        if F != self.clip_frames:
+            raise ValueError(f"VideoInfinity was built for clips of {self.clip_frames} frames but a temporal "
+                             f"convolution runs on {F}; accepted: a denoiser run on clips of {self.clip_frames} frames")
+        BF, Ch, h, w = hidden_states.shape
+        B = BF // F
+        if B != self.chunks * n:
+            raise ValueError(f"the denoiser's batch has {B} rows, not chunks={self.chunks} x {n} clips on this rank; "
+                             f"accepted: a denoiser batch of {self.chunks * n} rows")
+        x = hidden_states.reshape(B, F, Ch, h, w).permute(0, 2, 1, 3, 4)  # [B, Ch, F, h, w]
+        frames_last = x.reshape(self.chunks, n, Ch, F, h * w)  # frames at dim -2, as _edges wants them
+        before, after = self._edges(frames_last, c, rank, world, clip_dim=1)
+        padded = torch.cat([before, frames_last, after], dim=-2).reshape(B, Ch, F + 2 * c, h, w)
+        out = module.conv4(module.conv3(module.conv2(module.conv1(padded))))[:, :, c:c + F]
+        out = x + out
+        return out.permute(0, 2, 1, 3, 4).reshape(BF, Ch, h, w)
+
+    def _edges(self, x: Tensor, p: int, rank: int, world: int, clip_dim: int) -> tuple[Tensor, Tensor]:
+        """``x`` with this rank's n clips at ``clip_dim`` and frames at dim -2: each clip's previous
+        clip's last p frames and next clip's first p frames (same shape as ``x`` with p frames), from
+        this rank or a neighbour rank, zeros past the video's ends."""
+        F = x.shape[-2]
+        at = (slice(None),) * clip_dim
+        before, after = torch.zeros_like(x[..., :p, :]), torch.zeros_like(x[..., :p, :])
+        before[at + (slice(1, None),)] = x[at + (slice(None, -1),)][..., F - p:, :]
+        after[at + (slice(None, -1),)] = x[at + (slice(1, None),)][..., :p, :]
+        from_left, from_right = self._exchange(x[at + (0,)][..., :p, :], x[at + (-1,)][..., F - p:, :], rank, world)
+        if from_left is not None:
+            before[at + (0,)] = from_left
+        if from_right is not None:
+            after[at + (-1,)] = from_right
+        return before, after
 
     # -- the ranks --------------------------------------------------------------------------------
 
@@ -289,14 +362,7 @@ class VideoInfinity(Sharing):
         parts = [kv]
         if p:
             # the previous clip's last p frames and the next clip's first p, from this rank or a neighbour
-            before = torch.zeros_like(kv[..., :p, :])
-            after = torch.zeros_like(kv[..., :p, :])
-            before[:, :, 1:], after[:, :, :-1] = kv[:, :, :-1, ..., F - p:, :], kv[:, :, 1:, ..., :p, :]
-            from_left, from_right = self._exchange(kv[:, :, 0, ..., :p, :], kv[:, :, -1, ..., F - p:, :], rank, world)
-            if from_left is not None:
-                before[:, :, 0] = from_left
-            if from_right is not None:
-                after[:, :, -1] = from_right
+            before, after = self._edges(kv, p, rank, world, clip_dim=2)
             parts = [before, kv, after]  # keys past the video's ends stay zero and are masked out
         if self.global_stride is not None:
             glob = self._gather_global(kv, rank, world)  # [2, C, R, H, G, D]
