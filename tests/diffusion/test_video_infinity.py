@@ -167,7 +167,7 @@ def independent(model, frames, clips):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_equal_single_process_and_the_float64_reference(world):
-    configs = CONFIGS if world == 2 else CONFIGS[:2]
+    configs = CONFIGS if world == 2 else CONFIGS[:1]  # 3 ranks: one configuration (the processes cost most)
     ranks = spawn(world, _worker, configs)
     model = unet3d()
     for i, cfg in enumerate(configs):

@@ -39,8 +39,10 @@ video's two ends it pads with zero keys and values that stay attendable, where t
 them out (the stock model never attends past its ends). Its ``ConvLayerPlugin`` pads each
 ``TemporalConvLayer`` with 4 frames of the neighbour clips; its group-norm plugin (all-reduced
 statistics) and Conv3d plugin are written but not mounted. This file implements the attention
-(both scopes, the window, the bias schedule); the temporal convolutions and group norms run per
-clip, as the stock model runs them, so a clip's convolutions see zero padding at its edges.
+(both scopes, the window, the bias schedule) and, with ``conv_context`` c (official: 4), the
+convolution context: each ``TemporalConvLayer`` runs over its clip with c frames of each neighbour
+clip (zeros past the video's ends, as there), cropped back to the clip. Group norms run per clip,
+as the official default does.
 
 Clip parallelism. ``group=None``: one process holds every clip, as rows of one batch (the
 single-rank case; ``clips`` rows per chunk). ``group`` a ``torch.distributed`` process group (or
@@ -91,12 +93,14 @@ class VideoInfinity(Sharing):
     frames within w of the query; the official code uses ``window = local``). ``global_stride``:
     s, the video frames ``0, s, 2s, ...`` every clip also attends to (None: no global context;
     1 .. frames). ``bias``: None or ``(switch, b)``, ``+b`` on the global logits at timesteps
-    ``>= switch``, ``-b`` below (official: ``(850, 10.0)``). ``chunks``: classifier-free guidance's
+    ``>= switch``, ``-b`` below (official: ``(850, 10.0)``). ``conv_context``: c, the neighbour
+    frames each temporal convolution layer also sees on each side (0: none, official 4; at most F;
+    only in ``steps``). ``chunks``: classifier-free guidance's
     halves in the batch. ``group``: None (every clip in this process, as batch rows) or a
     ``torch.distributed`` process group / ``"world"`` (clip parallelism over its ranks).
     ``blocks`` / ``steps``: as :class:`Sharing`; ``blocks`` must name temporal attention modules
-    (default: all of them). With ``local=0`` and no ``global_stride`` every clip runs on its own,
-    the stock attention."""
+    (default: all of them). With ``local=0``, no ``global_stride`` and ``conv_context=0`` every clip
+    runs on its own: the stock model."""
 
     name = "video-infinity"
 
@@ -285,14 +289,15 @@ class VideoInfinity(Sharing):
             return None, None
         import torch.distributed as dist
 
+        to_left, to_right = to_left.contiguous(), to_right.contiguous()  # slices; receive buffers dense too
         ops, from_left, from_right = [], None, None
         if rank > 0:
             from_left = torch.empty_like(to_right)
-            ops += [dist.P2POp(dist.isend, to_left.contiguous(), self._peer(rank - 1), self.process_group),
+            ops += [dist.P2POp(dist.isend, to_left, self._peer(rank - 1), self.process_group),
                     dist.P2POp(dist.irecv, from_left, self._peer(rank - 1), self.process_group)]
         if rank < world - 1:
             from_right = torch.empty_like(to_left)
-            ops += [dist.P2POp(dist.isend, to_right.contiguous(), self._peer(rank + 1), self.process_group),
+            ops += [dist.P2POp(dist.isend, to_right, self._peer(rank + 1), self.process_group),
                     dist.P2POp(dist.irecv, from_right, self._peer(rank + 1), self.process_group)]
         for req in dist.batch_isend_irecv(ops):
             req.wait()
