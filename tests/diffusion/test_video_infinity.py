@@ -54,7 +54,8 @@ class DualScopeReference(Sharing):
         self.stride, self.bias, self.chunks = global_stride, bias, chunks
 
     def bind(self, handle):
-        self._indices = {i for i, n in enumerate(handle.names) if "temp_attentions" in n or "transformer_in" in n}
+        self._indices = {i for i, n in enumerate(handle.names)
+                         if any(part in ("temp_attentions", "transformer_in", "motion_modules") for part in n.split("."))}
 
     def keys_of(self, t):
         F, p, c = self.frames // self.clips, self.local, t // (self.frames // self.clips)
@@ -247,6 +248,8 @@ def test_bad_input():
     _raises(r"local must be an integer >= 0, got -1.*accepted: 0 \.\. 4", VideoInfinity, 8, 2, local=-1)
     _raises(r"local=5 is more than a clip's 4 frames.*accepted: 0 \.\. 4", VideoInfinity, 8, 2, local=5)
     _raises(r"window must be an integer >= 0, got -2", VideoInfinity, 8, 2, window=-2)
+    _raises(r"conv_context=5 is more than a clip's 4 frames.*accepted: 0 \.\. 4", VideoInfinity, 8, 2, conv_context=5)
+    _raises(r"conv_context must be an integer >= 0, got -1", VideoInfinity, 8, 2, conv_context=-1)
     _raises(r"frames must be an integer >= 1, got 0", VideoInfinity, 0, 1)
     _raises(r"clips must be an integer >= 1", VideoInfinity, 8, 2.0)
     _raises(r"chunks must be an integer >= 1", VideoInfinity, 8, 2, chunks=0)

@@ -54,8 +54,11 @@ carry no gradients). :func:`denoise` runs a denoiser call on a rank's frames; :f
 
 Which model. Video-Infinity needs a temporal attention over a clip's frames, one sequence per
 pixel, as in UNet3DConditionModel (``transformer_in`` and ``*.temp_attentions``) and UNetMotionModel
-(``*.motion_modules``); those modules are the default ``blocks``. A model whose attention mixes
-space and time in one sequence (CogVideoX) has no such call and is refused at :func:`apply`.
+(``*.motion_modules``, the same layout; routed by name, not tested here); those modules are the
+default ``blocks``. UNet3D is the official code's model (VideoCrafter2) and builds offline at a
+tiny size, so the tests use it. A model whose attention mixes space and time in one sequence
+(CogVideoX: frames x patches plus text in one call, time compressed by its VAE) has no per-clip
+frame sequence to extend and is refused at :func:`apply`.
 """
 
 from __future__ import annotations
@@ -149,9 +152,6 @@ class VideoInfinity(Sharing):
 
     def bind(self, handle) -> None:
         super().bind(handle)
-        self._watch_batch(handle)
-        if self.conv_context:
-            self._wrap_convs(handle)
         temporal = {i for i, n in enumerate(handle.names) if _is_temporal(n)}
         if not temporal:
             raise ValueError(f"VideoInfinity: {type(handle.model).__name__} has no temporal attention modules (names "
@@ -159,13 +159,21 @@ class VideoInfinity(Sharing):
                              "UNetMotionModel, whose temporal attention runs over a clip's frames per pixel")
         if self._indices is None:
             self._indices = temporal
-            return
         spatial = sorted(handle.names[i] for i in self._indices - temporal)
         if spatial:
             roots = sorted({".".join(n.split(".")[:3]) if not n.startswith("transformer_in") else "transformer_in"
                             for n in (handle.names[i] for i in temporal)})
             raise ValueError(f"VideoInfinity: blocks selects {spatial[:3]}{'...' if len(spatial) > 3 else ''}, which "
                              f"are not temporal attention; accepted: temporal modules such as {', '.join(roots[:6])}")
+        convs = [m for _, m in handle.model.named_modules() if type(m).__name__ == "TemporalConvLayer"]
+        if self.conv_context and not convs:
+            raise ValueError(f"conv_context={self.conv_context} but {type(handle.model).__name__} has no "
+                             "TemporalConvLayer; accepted: conv_context=0 for this model")
+        self._watch_batch(handle)
+        if self.conv_context:
+            ref = weakref.ref(handle)
+            for module in convs:
+                module.forward = self._conv_forward(module, ref)
 
     def _watch_batch(self, handle) -> None:
         """Note the denoiser's batch rows (a 5-D ``sample`` ``[B, C, F, h, w]``) before each call: a
@@ -184,21 +192,12 @@ class VideoInfinity(Sharing):
 
         hook = handle.model.register_forward_pre_hook(pre_forward, with_kwargs=True)
 
-    def _wrap_convs(self, handle) -> None:
-        """Give every ``TemporalConvLayer`` of the model (UNet3D's ``temp_convs``) ``conv_context``
-        frames of the neighbour clips on each side (zeros past the video's ends, as the official
-        ``ConvLayerPlugin``), its four convolutions run over the F + 2c frames and cropped back to F.
-        The spine tells a method nothing at ``remove()``, so each wrapper checks the handle and puts
-        the module's own forward back (and runs it) once the handle is gone."""
-        convs = [m for _, m in handle.model.named_modules() if type(m).__name__ == "TemporalConvLayer"]
-        if not convs:
-            raise ValueError(f"conv_context={self.conv_context} but {type(handle.model).__name__} has no "
-                             "TemporalConvLayer; accepted: conv_context=0 for this model")
-        ref = weakref.ref(handle)
-        for module in convs:
-            module.forward = self._conv_forward(module, ref)
-
     def _conv_forward(self, module, ref):
+        """``module``'s forward (a ``TemporalConvLayer``) with ``conv_context`` frames of the neighbour
+        clips on each side (zeros past the video's ends, as the official ``ConvLayerPlugin``), its
+        four convolutions run over the F + 2c frames and cropped back to F. The spine tells a method
+        nothing at ``remove()``, so the wrapper checks the handle and puts the module's own forward
+        back (and runs it) once the handle is gone."""
         own = type(module).forward.__get__(module)
 
         def forward(hidden_states: Tensor, num_frames: int = 1) -> Tensor:
