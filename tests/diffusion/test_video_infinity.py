@@ -196,9 +196,12 @@ def test_switched_off_is_the_stock_model_bit_for_bit_and_remove_restores():
             off = model(clips, torch.tensor(TIMESTEP), texts, return_dict=False)[0]
         assert handle.calls == 10  # attn1 and attn2 of the 5 temporal transformers (transformer_in and 4 temp_attentions)
         assert torch.equal(off, stock)
-        on = denoise(model, x, torch.tensor(TIMESTEP), text, VideoInfinity(8, 2, local=1, global_stride=2, chunks=2))
+        on = denoise(model, x, torch.tensor(TIMESTEP), text,
+                     VideoInfinity(8, 2, local=1, global_stride=2, conv_context=2, chunks=2))
         after = model(clips, torch.tensor(TIMESTEP), texts, return_dict=False)[0]
-    assert torch.equal(after, stock)
+    assert torch.equal(after, stock)  # the processors, the batch hook and the convolutions' wrappers are gone
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not model._forward_pre_hooks
     assert not torch.allclose(merge_clips(stock, 2), on)
 
 
