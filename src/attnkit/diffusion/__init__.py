@@ -40,3 +40,6 @@ __all__ += ["flow", "LatentWarp"]
 from . import ditctrl  # noqa: E402  (DiTCtrl: multi-prompt video, KV sharing and latent blending)
 from .ditctrl import DiTCtrl  # noqa: E402
 __all__ += ["ditctrl", "DiTCtrl"]
+from . import video_infinity  # noqa: E402  (clip parallelism: split_clips, denoise, shard_frames, gather_frames)
+from .video_infinity import VideoInfinity  # noqa: E402
+__all__ += ["video_infinity", "VideoInfinity"]

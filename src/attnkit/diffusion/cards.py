@@ -95,4 +95,21 @@ CARDS += (
          summary="multi-prompt video: the next prompt's segment attends to the previous segment's keys and values, "
                  "foreground to foreground and background to background by the object's cross-attention mask; "
                  "overlapping windows' latents blended with triangular weights (sample_multi_prompt)"),
+from .video_infinity import VideoInfinity  # noqa: E402
+
+
+def _video_infinity_flops(batch: int, seq: int, config: dict) -> FlopCount:
+    """``seq``: a clip's frames F; each query attends to F + 2 * local + G keys (G global frames)."""
+    frames, stride = config.get("frames", seq * config.get("clips", 1)), config.get("global_stride")
+    keys = seq + 2 * config.get("local", 0) + (0 if stride is None else -(-frames // stride))
+    return FlopCount(attention_fwd=4.0 * batch * seq * keys * config["dim"], projection_fwd=0.0)
+
+
+CARDS += (
+    Card("video-infinity", "Video-Infinity: Distributed Long Video Generation", "2406.16260", "diffusion",
+         VideoInfinity, _video_infinity_flops, defaults={"frames": 16, "clips": 2, "local": 1, "global_stride": 4},
+         kind="diffusion", capabilities=_CAPS,
+         summary="a long video cut into clips, one per rank (clip parallelism, torch.distributed); each clip's "
+                 "temporal attention also sees the neighbour clips' edge frames and strided global frames "
+                 "(dual-scope attention)"),
 )

@@ -51,3 +51,6 @@ METHODS["diffuhaul"] = DiffUHaul
 from .ditctrl import DiTCtrl  # noqa: E402
 
 METHODS["ditctrl"] = DiTCtrl
+from .video_infinity import VideoInfinity  # noqa: E402
+
+METHODS["video-infinity"] = VideoInfinity
