@@ -37,3 +37,6 @@ __all__ += ["DiffUHaul", "IRDiffusion"]
 from . import flow  # noqa: E402  (optical flow, warping, occlusion: LatentWarp's classical estimator)
 from .latentwarp import LatentWarp  # noqa: E402
 __all__ += ["flow", "LatentWarp"]
+from . import idol  # noqa: E402  (IDOL: joint RGB + depth generation, a training-side method)
+from .idol import IDOLMaps, IDOLModel  # noqa: E402
+__all__ += ["idol", "IDOLMaps", "IDOLModel"]

@@ -85,3 +85,13 @@ CARDS += (
          summary="a clip's frames as a batch: each frame's keys / values replaced by the anchor and previous "
                  "frame's, and the latents warped from the previous frame along the source flow (occlusion-masked)"),
 )
+
+from .idol import IDOLMaps  # noqa: E402
+
+CARDS += (
+    Card("idol", "IDOL: Unified Dual-Modal Latent Diffusion for Human-Centric Joint Video-Depth Generation",
+         "2407.10937", "diffusion", IDOLMaps, sharing_flops(0.0), kind="diffusion", capabilities=_CAPS,
+         summary="training-side: one denoiser for RGB and depth clips (modality label, cross-modal attention "
+                 "between the streams, motion- and cross-attention-map-consistency losses; "
+                 "attnkit.diffusion.idol); this processor records the text-to-image maps L_xattn needs"),
+)

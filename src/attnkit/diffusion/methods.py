@@ -47,3 +47,7 @@ METHODS["ir-diffusion"] = IRDiffusion
 from .diffuhaul import DiffUHaul  # noqa: E402
 
 METHODS["diffuhaul"] = DiffUHaul
+
+from .idol import IDOLMaps  # noqa: E402
+
+METHODS["idol"] = IDOLMaps
