@@ -233,6 +233,13 @@ def test_agreement_on_rendered_clips_is_high_and_chance_is_low():
     torch.testing.assert_close(idol.image_to_depth(idol.depth_to_image(clips["depth"])), clips["depth"])
 
 
+def test_denoised_agreement_scores_the_one_step_estimates():
+    model = tiny_model()
+    clips = idol.sample_clips(4, 2, 8, torch.Generator().manual_seed(0))
+    score = idol.denoised_agreement(model, clips, 0.6, seed=1)
+    assert score["frames"] == 8 and 0.0 <= score["iou"] <= 1.0
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = tiny_model()
     idol.save(model, tmp_path)
@@ -288,6 +295,8 @@ def test_bad_input_raises_value_errors_naming_the_argument():
         idol.agreement(torch.zeros(2, 3, 8, 8), torch.zeros(2, 1, 4, 4))
     with pytest.raises(ValueError, match=r"steps must be an int >= 1"):
         idol.sample(model, ["dots"], steps=0)
+    with pytest.raises(ValueError, match=r"t must lie in \(0, 1\], got 0.0"):
+        idol.denoised_agreement(model, idol.sample_clips(2, 2, 8, torch.Generator()), 0.0)
 
 
 def test_the_command_rejects_an_unknown_preset(capsys):
