@@ -456,7 +456,8 @@ class IDOLModel(nn.Module):
         B, Fr, N, _ = video.shape
         x = torch.cat([video, depth]).flatten(1, 2)  # (2B, F N, 12)
         words, pooled = self.subject.encode(ids)
-        label = torch.tensor(labels, device=x.device).repeat_interleave(B)  # (2B,)
+        # (2B,), made on the device: a copy from host memory would wait for a GPU's queue every step
+        label = torch.cat([torch.full((B,), labels[0], device=x.device), torch.full((B,), labels[1], device=x.device)])
         ctx = {"frames": Fr, "record": record, "cross_modal": cross_modal, "features": []}
         self._ctx = ctx
         self._maps.recording = record
