@@ -91,7 +91,7 @@ PRESETS = {
              "train": dict(batch_size=4, steps=30, lr=3e-3, motion_weight=1.0, xattn_weight=1.0,
                            motion_temperature=0.5, travel=0.3, drop_word=0.15, drop_all=0.1, grad_clip=1.0,
                            log_every=10, sample_steps=4)},
-    # the CPU measurement: 16x16 clips of 3 frames, about a minute per run on one busy core. The
+    # the CPU measurement: 16x16 clips of 3 frames, about a minute per run on one core. The
     # consistency weights (10) make the two losses a visible share of the total: L_mo and L_xattn
     # start near 0.02 and 0.005 against a rectified-flow loss near 1 (the paper's weights are not
     # known to us)
@@ -775,13 +775,14 @@ def denoised_agreement(model: IDOLModel, clips: dict, t: float, seed: int = 0) -
 
 
 def measure(out=None, *, preset: str = "cpu", steps: int | None = None, seed: int = 0, clips: int = 32,
-            sample_steps: int | None = None, guidance: float = 2.0, command: str | None = None,
-            progress=print) -> dict:
+            sample_steps: int | None = None, guidance: float = 2.0, device: str = "cpu",
+            minutes: float | None = None, command: str | None = None, progress=print) -> dict:
     """Train ``preset`` twice from the same seed for the same steps, with and without the two
     consistency losses (``motion_weight`` = ``xattn_weight`` = 0); from each, sample ``clips``
     clips jointly (``guidance``, captions of rendered clips) and score :func:`agreement`, and score
     :func:`denoised_agreement` of those rendered clips at t = 0.6 and 0.8; also the rendered
-    clips' own agreement (the measure's ceiling). Writes the JSON to ``out`` when given."""
+    clips' own agreement (the measure's ceiling). ``minutes`` caps each run's training (the GPU
+    comparison: ``--preset default --device cuda --minutes 4``). Writes the JSON to ``out`` when given."""
     spec = _preset(preset)
     sample_steps = sample_steps or spec["train"]["sample_steps"]
     g = torch.Generator().manual_seed(seed + 1)
@@ -792,8 +793,10 @@ def measure(out=None, *, preset: str = "cpu", steps: int | None = None, seed: in
     for name, opts in (("without_consistency_losses", {"motion_weight": 0.0, "xattn_weight": 0.0}),
                        ("with_consistency_losses", {})):
         progress(f"-- {name}")
-        model, record = train_idol(None, preset=preset, steps=steps, seed=seed, options=opts, progress=progress)
-        gen = sample(model, captions, seed=seed + 2, steps=sample_steps, guidance=guidance)
+        model, record = train_idol(None, preset=preset, steps=steps, minutes=minutes, device=device, seed=seed,
+                                   options=opts, progress=progress)
+        gen = {k: v.cpu() for k, v in sample(model, captions, seed=seed + 2, steps=sample_steps,
+                                             guidance=guidance).items()}
         result["runs"][name] = {"options": opts, "steps": record["steps"], "wall_s": record["wall_s"],
                                 "final": record["final"], "agreement": agreement(gen["video"], gen["depth"]),
                                 "denoised_t0.6": denoised_agreement(model, truth, 0.6, seed + 3),
@@ -860,6 +863,8 @@ def main(argv=None) -> int:
     me.add_argument("--steps", type=int, default=None)
     me.add_argument("--clips", type=int, default=32)
     me.add_argument("--seed", type=int, default=0)
+    me.add_argument("--minutes", type=float, default=None, help="at most this many minutes of training per run")
+    me.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     say = lambda line: print(line, flush=True)  # noqa: E731
     try:
@@ -871,7 +876,7 @@ def main(argv=None) -> int:
         else:
             command = " ".join(["python -m attnkit.diffusion.idol", *(sys.argv[1:] if argv is None else argv)])
             result = measure(args.out, preset=args.preset, steps=args.steps, seed=args.seed, clips=args.clips,
-                             command=command, progress=say)
+                             device=args.device, minutes=args.minutes, command=command, progress=say)
             print(json.dumps({k: {m: v[m] for m in ("agreement", "denoised_t0.6", "denoised_t0.8")}
                               for k, v in result["runs"].items()}, indent=2))
     except (ValueError, FileNotFoundError) as err:
