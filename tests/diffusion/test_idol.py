@@ -250,6 +250,38 @@ def test_save_and_load_round_trip(tmp_path):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_training_into_a_folder_writes_weights_log_and_samples_that_load(tmp_path):
+    model, record = idol.train_idol(tmp_path, preset="tiny", steps=2, save_every_s=0.0, progress=lambda line: None)
+    assert {"config.json", "model.safetensors", "train.log", "samples.png"} <= {p.name for p in tmp_path.iterdir()}
+    assert "step loss rf motion xattn" in (tmp_path / "train.log").read_text()
+    again = idol.load(tmp_path)
+    v, d = tokens()
+    with torch.no_grad():
+        a, b = model(v, d, 0.5, ["dots", "rings"]), again(v, d, 0.5, ["dots", "rings"])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_the_recorder_on_its_own_keeps_a_flux_transformer_stock_and_records_its_maps():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                  axes_dims_rope=[4, 4, 8]).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.zeros(16), torch.arange(16.0) // 4, torch.arange(16.0) % 4], dim=1)
+    inputs = dict(hidden_states=torch.randn(2, 16, 4, generator=g), encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
+                  pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.full((2,), 0.5), img_ids=ids,
+                  txt_ids=torch.zeros(5, 3), return_dict=False)
+    with torch.no_grad():
+        stock = flux(**inputs)[0]
+        recorder = idol.IDOLMaps()
+        with ad.apply(flux, recorder):
+            recorded = flux(**inputs)[0]
+    assert torch.equal(stock, recorded)
+    assert len(recorder.maps) == 2 and recorder.maps[0].shape == (2, 2, 16, 5)
+
+
 def test_the_recorder_is_a_registered_method_with_a_card():
     assert ad.METHODS["idol"] is idol.IDOLMaps
     card = next(c for c in ad.CARDS if c.name == "idol")

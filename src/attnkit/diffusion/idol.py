@@ -44,7 +44,7 @@ uses one t per clip for both streams and minimises
 Euler steps on both streams at once. Train on the H200 (the default preset starts from the
 shipped subject's weights)::
 
-    python -m attnkit.diffusion.idol train --out idol_model --preset default --device cuda --minutes 9
+    python -m attnkit.diffusion.idol train --out idol_model --preset default --device cuda --minutes 8.5
 
 and measure on a CPU (a tiny model trained twice, with and without the consistency losses)::
 
@@ -566,6 +566,13 @@ def idol_loss(model: IDOLModel, video: torch.Tensor, depth: torch.Tensor, captio
     return total, parts
 
 
+def _checkpoint(model: IDOLModel, out, record: dict, preset: str) -> None:
+    save(model, out, record, preset)
+    lines = ["# attnkit IDOL, preset " + preset, "# " + " ".join(record["curve"][0]) if record["curve"] else "#"]
+    lines += [" ".join(str(v) for v in row.values()) for row in record["curve"]]
+    (Path(out) / "train.log").write_text("\n".join(lines) + "\n")
+
+
 def _preset(preset: str) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
@@ -574,10 +581,11 @@ def _preset(preset: str) -> dict:
 
 def train_idol(out=None, *, preset: str = "default", steps: int | None = None, minutes: float | None = None,
                device: str = "cpu", seed: int = 0, batch_size: int | None = None, options: dict | None = None,
-               init=None, progress=print) -> tuple[IDOLModel, dict]:
+               init=None, save_every_s: float = 120.0, progress=print) -> tuple[IDOLModel, dict]:
     """Train an IDOL model on freshly rendered clips; returns ``(model, record)`` and, with ``out``,
-    writes ``config.json``, ``model.safetensors``, ``train.log`` and ``samples.png`` (per clip: the
-    RGB frames, then the depth frames) into it.
+    writes ``config.json``, ``model.safetensors``, ``train.log`` (the loss curve) and ``samples.png``
+    (per clip: the RGB frames, then the depth frames) into it; the weights and log also every
+    ``save_every_s`` seconds, so a run killed by a time limit keeps its last save.
 
     ``options`` override the preset's training settings (``motion_weight``, ``xattn_weight``,
     ``lr``, ...; 0 switches a loss off). ``init``: a subject folder whose weights start the shared
@@ -620,7 +628,7 @@ def train_idol(out=None, *, preset: str = "default", steps: int | None = None, m
     budget = minutes * 60 if minutes is not None else None
     record = {"preset": preset, "seed": seed, "device": str(device), "frames": frames, "init": str(init) if init else None,
               "parameters": model.parameter_count(), "train": cfg, "curve": []}
-    start = time.perf_counter()
+    start = last_save = time.perf_counter()
     sums, count, step = {}, 0, 0
     while step < cfg["steps"]:
         if budget is not None and time.perf_counter() - start >= budget and step:
@@ -647,11 +655,15 @@ def train_idol(out=None, *, preset: str = "default", steps: int | None = None, m
             progress(f"step {step}/{cfg['steps']}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
                      + f"  {time.perf_counter() - start:.0f} s")
             sums, count = {}, 0
+        if out is not None and time.perf_counter() - last_save > save_every_s:
+            record.update(steps=step, wall_s=round(time.perf_counter() - start, 1))
+            _checkpoint(model, out, record, preset)
+            last_save = time.perf_counter()
     record.update(steps=step, wall_s=round(time.perf_counter() - start, 1))
     record["final"] = record["curve"][-1] if record["curve"] else None
     model.eval()
     if out is not None:
-        save(model, out, record, preset)
+        _checkpoint(model, out, record, preset)
         clips = sample(model, list(SAMPLE_CAPTIONS[:4]), seed=0, steps=cfg["sample_steps"])
         depth_rgb = depth_to_image(clips["depth"])
         rows = torch.cat([clips["video"], depth_rgb], dim=1)  # (4, 2F, 3, H, W)
@@ -782,7 +794,7 @@ def measure(out=None, *, preset: str = "cpu", steps: int | None = None, seed: in
     clips jointly (``guidance``, captions of rendered clips) and score :func:`agreement`, and score
     :func:`denoised_agreement` of those rendered clips at t = 0.6 and 0.8; also the rendered
     clips' own agreement (the measure's ceiling). ``minutes`` caps each run's training (the GPU
-    comparison: ``--preset default --device cuda --minutes 4``). Writes the JSON to ``out`` when given."""
+    comparison: ``--preset default --device cuda --minutes 3.5``). Writes the JSON to ``out`` when given."""
     spec = _preset(preset)
     sample_steps = sample_steps or spec["train"]["sample_steps"]
     g = torch.Generator().manual_seed(seed + 1)
