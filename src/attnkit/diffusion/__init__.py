@@ -43,3 +43,6 @@ __all__ += ["ditctrl", "DiTCtrl"]
 from . import video_infinity  # noqa: E402  (clip parallelism: split_clips, denoise, shard_frames, gather_frames)
 from .video_infinity import VideoInfinity  # noqa: E402
 __all__ += ["video_infinity", "VideoInfinity"]
+from . import idol  # noqa: E402  (IDOL: joint RGB + depth generation, a training-side method)
+from .idol import IDOLMaps, IDOLModel  # noqa: E402
+__all__ += ["idol", "IDOLMaps", "IDOLModel"]

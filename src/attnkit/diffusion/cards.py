@@ -112,4 +112,12 @@ CARDS += (
          summary="a long video cut into clips, one per rank (clip parallelism, torch.distributed); each clip's "
                  "temporal attention also sees the neighbour clips' edge frames and strided global frames "
                  "(dual-scope attention)"),
+from .idol import IDOLMaps  # noqa: E402
+
+CARDS += (
+    Card("idol", "IDOL: Unified Dual-Modal Latent Diffusion for Human-Centric Joint Video-Depth Generation",
+         "2407.10937", "diffusion", IDOLMaps, sharing_flops(0.0), kind="diffusion", capabilities=_CAPS,
+         summary="training-side: one denoiser for RGB and depth clips (modality label, cross-modal attention "
+                 "between the streams, motion- and cross-attention-map-consistency losses; "
+                 "attnkit.diffusion.idol); this processor records the text-to-image maps L_xattn needs"),
 )

@@ -54,3 +54,6 @@ METHODS["ditctrl"] = DiTCtrl
 from .video_infinity import VideoInfinity  # noqa: E402
 
 METHODS["video-infinity"] = VideoInfinity
+from .idol import IDOLMaps  # noqa: E402
+
+METHODS["idol"] = IDOLMaps
