@@ -162,8 +162,8 @@ class HCAMAttention(AttentionLayer):
         dim: width C. num_heads: H. head_dim: D (default C // H).
         chunk_size: tokens per memory chunk.
         top_k: completed chunks each query reads in detail (besides its own chunk).
-        max_len: optional: the longest sequence the layer will see; then ``top_k`` may not exceed
-            the chunks such a sequence completes before its last token (``(max_len - 1) // chunk_size``).
+        max_seq_len: optional: the longest sequence the layer will see; then ``top_k`` may not exceed
+            the chunks such a sequence completes before its last token (``(max_seq_len - 1) // chunk_size``).
         bias: biases in the projections.
         backend: ``"blocked"`` (:func:`hcam_attend`) or ``"reference"`` (:func:`hcam_attend_reference`).
 
@@ -179,24 +179,24 @@ class HCAMAttention(AttentionLayer):
     """
 
     def __init__(self, dim: int, num_heads: int, *, head_dim: int | None = None, chunk_size: int = 64,
-                 top_k: int = 4, max_len: int | None = None, bias: bool = False, backend: str = "blocked") -> None:
+                 top_k: int = 4, max_seq_len: int | None = None, bias: bool = False, backend: str = "blocked") -> None:
         super().__init__()
         positive_int(dim, "dim")
         positive_int(num_heads, "num_heads")
         positive_int(chunk_size, "chunk_size")
         positive_int(top_k, "top_k")
         head_dim = head_dim_of(dim, num_heads, head_dim)
-        if max_len is not None:
-            positive_int(max_len, "max_len")
-            most = (max_len - 1) // chunk_size
+        if max_seq_len is not None:
+            positive_int(max_seq_len, "max_seq_len")
+            most = (max_seq_len - 1) // chunk_size
             if top_k > most:
-                raise ValueError(f"top_k={top_k} is more chunks than a sequence of max_len={max_len} completes with "
+                raise ValueError(f"top_k={top_k} is more chunks than a sequence of max_seq_len={max_seq_len} completes with "
                                  f"chunk_size={chunk_size} (at most {most}); accepted: top_k <= {most}, or a smaller "
                                  "chunk_size")
         if backend not in HCAM_BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(HCAM_BACKENDS)}, got {backend!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
-        self.chunk_size, self.top_k, self.max_len, self.backend = chunk_size, top_k, max_len, backend
+        self.chunk_size, self.top_k, self.max_seq_len, self.backend = chunk_size, top_k, max_seq_len, backend
         inner = num_heads * head_dim
         self.qkv_proj = nn.Linear(dim, 3 * inner, bias=bias)
         self.o_proj = nn.Linear(inner, dim, bias=bias)
