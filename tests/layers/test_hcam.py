@@ -104,3 +104,14 @@ def test_bad_op_inputs():
     with pytest.raises(ValueError, match="does not take document_ids"):
         HCAMAttention(16, 2)(torch.randn(1, 4, 16), document_ids=torch.zeros(1, 4, dtype=torch.long))
     assert HCAMAttention(32, 4, top_k=3, chunk_size=64, max_seq_len=256).top_k == 3  # (256 - 1) // 64 = 3 chunks
+
+
+def test_a_sequence_of_whole_chunks():
+    """T a multiple of chunk_size: the keys come from a permute and are not viewable as chunks
+    (a .view there failed); the layer and the op still match the reference."""
+    layer = _layer()
+    assert_forward_and_grads_match(layer, _as_reference(layer), torch.randn(2, 16, 32, dtype=torch.float64))
+    q, k, v = (torch.randn(1, 8, 2, 4, dtype=torch.float64).transpose(1, 2) for _ in range(3))  # [1, 2, 8, 4]
+    assert not k.is_contiguous()
+    torch.testing.assert_close(hcam_attend(q, k, v, chunk_size=4, top_k=1),
+                               hcam_attend_reference(q, k, v, chunk_size=4, top_k=1))

@@ -91,7 +91,7 @@ def hcam_attend(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int, top_k: int,
     if pad:
         k = torch.cat([k, k.new_zeros(B, H, pad, D)], dim=2)
         v = torch.cat([v, v.new_zeros(B, H, pad, Dv)], dim=2)
-    keys, values = k.view(B, H, chunks, L * D), v.view(B, H, chunks, L * Dv)
+    keys, values = k.reshape(B, H, chunks, L * D), v.reshape(B, H, chunks, L * Dv)  # k from a permute: not viewable
     summaries = k[:, :, : complete * L].reshape(B, H, complete, L, D).mean(3)  # (B, H, N, D)
     kept = min(top_k, complete)
     if query_block is None:
