@@ -17,6 +17,7 @@ ORDER = ["mha", "gqa", "mqa", "agent", "agent-causal", "bam", "cca", "ccgqa", "f
          "static-qk", "dma", "echo", "flow", "chronos2-group", "chronos2", "lightning", "masa", "moh", "no-mixing",
          "rcmha", "s2", "selective", "sigmoid", "sigmoid-nobias", "sqa", "ssqa", "xsqa", "xsmqa", "sliding-window",
          "streaming"]
+ORDER += ["titans-mac", "titans-mag", "titans-mal", "hcam"]  # memory family (issue 28)
 
 
 def _layer_modules():

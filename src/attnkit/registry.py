@@ -49,6 +49,7 @@ from .layers import (
     sparse_query,
     streaming,
 )
+from .layers import hcam, titans  # memory family (issue 28)
 
 __all__ = ["Card", "Capabilities", "FlopCount", "LAYER_CARDS", "register", "mechanisms", "get", "build",
            "dense_attention_flops"]
@@ -74,6 +75,8 @@ LAYER_CARDS: tuple[Card, ...] = (
     *sigmoid.CARDS,  # sigmoid, sigmoid-nobias
     *sparse_query.CARDS,  # sqa, ssqa, xsqa, xsmqa
     *streaming.CARDS,  # sliding-window, streaming
+    *titans.CARDS,  # titans-mac, titans-mag, titans-mal
+    *hcam.CARDS,  # hcam
 )
 
 _REGISTRY: dict[str, Card] = {}

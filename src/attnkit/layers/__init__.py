@@ -22,6 +22,8 @@ from .selective import SelectiveAttention
 from .sigmoid import SigmoidAttention
 from .sparse_query import SparseQueryAttention
 from .streaming import SlidingWindowAttention, StreamingAttention
+from .titans import NeuralMemory, TitansMAC, TitansMAG, TitansMAL  # memory family (issue 28)
+from .hcam import HCAMAttention
 
 __all__ = [
     "AgentAttention",
@@ -52,4 +54,10 @@ __all__ = [
     "check_input",
     "upcycle_attention",
     "upcycle_models",
+    # memory family (issue 28)
+    "HCAMAttention",
+    "NeuralMemory",
+    "TitansMAC",
+    "TitansMAG",
+    "TitansMAL",
 ]
