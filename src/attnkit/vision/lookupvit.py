@@ -107,7 +107,7 @@ class LookupViTBlock(nn.Module):
         compressed = self.refine(compressed)
         v_c = split_heads(self.scatter_v(self.norm_c3(compressed)), H)  # (B, H, M, D)
         if self.share_attention:
-            scattered = logits.transpose(-1, -2).softmax(-1) @ v_c  # (B, H, N, D)
+            scattered = logits.softmax(-2).transpose(-1, -2) @ v_c  # (B, H, N, D): normalised over M
         else:
             q_l = split_heads(self.scatter_q(self.norm_l3(lookup)), H)
             k_c = split_heads(self.scatter_k(self.norm_c3(compressed)), H)
