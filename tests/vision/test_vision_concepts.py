@@ -51,6 +51,9 @@ def test_explanation_decomposes_the_logits_exactly():
     torch.testing.assert_close(ex["concept_attn"].sum(-1), torch.ones(3, 12, dtype=torch.float64))
     torch.testing.assert_close(ex["where"].sum(-1), torch.ones(3, dtype=torch.float64))
     predicted = ex["logits"].argmax(-1)
+    rows = torch.arange(3)
+    torch.testing.assert_close(ex["token_contribution"].mean(1) + model.out.bias[predicted], ex["logits"][rows, predicted])
+    torch.testing.assert_close(ex["read"].sum(-1), torch.ones(3, dtype=torch.float64))
     for b in range(3):
         assert ex["top_concept"][b] == ex["contribution"][b, :, predicted[b]].argmax()
     assert 0 <= float(concept_entropy(ex["concept_attn"])) <= float(torch.log(torch.tensor(5.0))) + 1e-6

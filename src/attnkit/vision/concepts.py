@@ -120,7 +120,10 @@ class ConceptCentricTransformer(nn.Module):
         ``contribution`` (B, S, K): each concept's exact share of each class logit (they sum, with the
         bias, to the logits); ``slot_attn`` (B, N, S): slot attention normalised over the tokens;
         ``top_concept`` (B,): the concept contributing most to the predicted class; ``where`` (B, N):
-        the top concept's slot attention over the tokens (sums to 1)."""
+        the top concept's slot attention over the tokens (sums to 1: where it was gathered from);
+        ``read`` (B, N): the tokens' attention to the top concept, normalised over the tokens (who read
+        it); ``token_contribution`` (B, N): each token's exact share of the predicted logit (their mean
+        plus the bias is the logit)."""
         check_tokens(x, self.dim)
         concepts, slot_attn = self.concepts(x)
         q, k, v = self._read(x, concepts)
@@ -133,8 +136,13 @@ class ConceptCentricTransformer(nn.Module):
         predicted = logits.argmax(-1)
         top = contribution[torch.arange(B), :, predicted].argmax(-1)  # (B,)
         where = slot_attn / slot_attn.sum(1, keepdim=True)
+        rows = torch.arange(B)
+        read = attn.mean(1)[rows, :, top]  # (B, N): which tokens read the top concept
+        # each token's exact share of the predicted logit (the logit is their mean plus the bias)
+        per_token = torch.einsum("bhns,bhsk->bnk", attn, per_concept)[rows, :, predicted]  # (B, N)
         return {"logits": logits, "concept_attn": attn.mean(1), "contribution": contribution, "slot_attn": where,
-                "top_concept": top, "where": where[torch.arange(B), :, top]}
+                "top_concept": top, "where": where[rows, :, top], "read": read / read.sum(1, keepdim=True),
+                "token_contribution": per_token}
 
 
 def concept_entropy(concept_attn: torch.Tensor) -> torch.Tensor:

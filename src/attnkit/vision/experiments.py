@@ -188,18 +188,24 @@ class _MeanLinear(nn.Module):
 
 @torch.no_grad()
 def localisation(model: _WithHead, tokens: torch.Tensor, mask: torch.Tensor) -> dict:
-    """The top concept's slot attention mass on the object's patches (weighted by their object
-    fraction), against the uniform map's (chance); also for every concept, and for a random concept."""
+    """Mass on the object's patches (each patch weighted by its object fraction) of three maps, against
+    the uniform map's (chance): the top concept's slot attention (where it was gathered from), the
+    tokens' attention to the top concept (who read it), and the positive per-token contributions to
+    the predicted logit; also the best single concept's slot attention."""
     features = model.backbone(tokens)
     ex = model.head.explain(features)
     inside = (ex["where"] * mask).sum(1)  # (B,)
     chance = mask.mean(1)
     per_concept = torch.einsum("bns,bn->bs", ex["slot_attn"], mask)  # (B, S)
+    positive = ex["token_contribution"].clamp_min(0)  # the tokens that push the predicted logit up
     return {"top_concept_mass": float(inside.mean()), "chance_mass": float(chance.mean()),
             "ratio_to_chance": float(inside.mean() / chance.mean()),
             "best_concept_ratio": float(per_concept.max(1).values.mean() / chance.mean()),
             "mean_concept_ratio": float(per_concept.mean(1).mean() / chance.mean()),
-            "top_is_best_fraction": float((per_concept.argmax(1) == ex["top_concept"]).float().mean())}
+            "top_is_best_fraction": float((per_concept.argmax(1) == ex["top_concept"]).float().mean()),
+            "read_ratio_to_chance": float((ex["read"] * mask).sum(1).mean() / chance.mean()),
+            "contribution_ratio_to_chance": float((positive / positive.sum(1, keepdim=True).clamp_min(1e-12) * mask)
+                                                  .sum(1).mean() / chance.mean())}
 
 
 def run_cct(seeds, *, steps: int = 200, train: int = 2048, test: int = 512, size: int = 32, patch: int = 4,
@@ -308,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the run's own)")
     parser.add_argument("--label", default=None, help="the attribute to classify (default: the run's own)")
+    parser.add_argument("--num-compressed", type=int, default=None, help="lookupvit: M (a square)")
     parser.add_argument("--tag", default="", help="suffix of the output names: vision-<run>[-tag].json")
     parser.add_argument("--out", default="benchmarks/results/cpu", help="folder for vision-<run>.json and .png")
     args = parser.parse_args(argv)
@@ -321,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         options = {} if args.steps is None else {"steps": positive_int(args.steps, "--steps")}
         options |= {} if args.label is None else {"label": args.label}
+        if args.num_compressed is not None:
+            if args.run != "lookupvit":
+                raise SystemExit("--num-compressed applies to the lookupvit run only")
+            options["num_compressed"] = args.num_compressed
         result = RUNS[args.run](seeds, **options)
         result["summary"] = summarise(result, {"lookupvit": "model", "probing": "probe", "cct": "head"}[args.run])
     import sys
