@@ -98,12 +98,13 @@ def _data(task: ImageTask, seed: int, train: int, test: int):
 
 
 def run_lookupvit(seeds, *, steps: int = 200, train: int = 2048, test: int = 512, size: int = 32, patch: int = 4,
-                  dim: int = 32, depth: int = 2, num_compressed: int = 4, label: str = "position") -> dict:
+                  dim: int = 32, depth: int = 2, num_compressed: int = 4, label: str = "position",
+                  blocks=("vit", "lookupvit")) -> dict:
     task = ImageTask(label=label, size=size, patch=patch)
     rows = []
     for seed in seeds:
         tr, te = _data(task, seed, train, test)
-        for block in ("vit", "lookupvit"):
+        for block in blocks:
             config = {"grid": task.grid, "dim": dim, "token_dim": task.token_dim, "depth": depth,
                       "num_compressed": num_compressed, "lookup_mlp_ratio": 0.5, "num_classes": task.num_classes}
             torch.manual_seed(seed)
@@ -315,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the run's own)")
     parser.add_argument("--label", default=None, help="the attribute to classify (default: the run's own)")
     parser.add_argument("--num-compressed", type=int, default=None, help="lookupvit: M (a square)")
+    parser.add_argument("--blocks", default=None, help="lookupvit: which classifiers to train (vit,lookupvit)")
     parser.add_argument("--tag", default="", help="suffix of the output names: vision-<run>[-tag].json")
     parser.add_argument("--out", default="benchmarks/results/cpu", help="folder for vision-<run>.json and .png")
     args = parser.parse_args(argv)
@@ -332,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.run != "lookupvit":
                 raise SystemExit("--num-compressed applies to the lookupvit run only")
             options["num_compressed"] = args.num_compressed
+        if args.blocks is not None:
+            if args.run != "lookupvit" or not set(args.blocks.split(",")) <= {"vit", "lookupvit"}:
+                raise SystemExit(f"--blocks takes vit and / or lookupvit (lookupvit run only), got {args.blocks!r}")
+            options["blocks"] = tuple(args.blocks.split(","))
         result = RUNS[args.run](seeds, **options)
         result["summary"] = summarise(result, {"lookupvit": "model", "probing": "probe", "cct": "head"}[args.run])
     import sys
