@@ -299,7 +299,8 @@ def plot(name: str, result: dict, path: Path) -> None:
         for s in result["summary"]:
             rows = [r for r in result["rows"] if r[key] == s[key]]
             ax.scatter([r[x_field] for r in rows], [r["accuracy"] for r in rows], label=s[key])
-        ax.set_xscale("log")
+        if name == "probing":  # from hundreds to tens of thousands of parameters
+            ax.set_xscale("log")
         ax.set_xlabel(x_field.replace("_", " "))
         ax.set_ylabel("test accuracy")
         ax.legend()
