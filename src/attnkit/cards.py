@@ -137,3 +137,10 @@ def dense_attention_flops(
     kv_len = seq if kv_len is None else kv_len
     pairs = pattern.pairs(seq, kv_len, heads=num_heads)
     return 4.0 * batch * num_heads * pairs * head_dim
+
+
+# -- issue 28: the vision modules (attnkit.vision: LookupViT and ViT blocks, probes over frozen patch
+# features, the Concept-Centric Transformer head) are a kind of their own: modules over image patch
+# tokens whose calls are not a layer x [B, T, C] -> [B, T, C] with decode state; their list is
+# attnkit.vision.CARDS, not the registry's
+KINDS = (*KINDS, "vision")

@@ -6,3 +6,8 @@ from .passkey import Passkey
 from .text import TextCorpus, load_corpus, stdlib_path
 
 __all__ = ["Task", "MQAR", "Passkey", "TextCorpus", "load_corpus", "stdlib_path"]
+
+# issue 28: procedural image classification for the vision modules (attnkit.vision)
+from .images import FrozenPatchEncoder, ImageTask  # noqa: E402
+
+__all__ += ["ImageTask", "FrozenPatchEncoder"]
