@@ -137,3 +137,9 @@ def dense_attention_flops(
     kv_len = seq if kv_len is None else kv_len
     pairs = pattern.pairs(seq, kv_len, heads=num_heads)
     return 4.0 * batch * num_heads * pairs * head_dim
+
+
+# -- issue 28: recommendation models (attnkit.models.recsys) are a kind of their own: a CTR or
+# next-item model over item ids, not a layer x [B, T, C] -> [B, T, C]; their list is
+# attnkit.models.recsys.CARDS, not the registry's
+KINDS = (*KINDS, "recsys")
