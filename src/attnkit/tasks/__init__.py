@@ -6,3 +6,8 @@ from .passkey import Passkey
 from .text import TextCorpus, load_corpus, stdlib_path
 
 __all__ = ["Task", "MQAR", "Passkey", "TextCorpus", "load_corpus", "stdlib_path"]
+
+# issue 28: the synthetic sequential-recommendation world (attnkit.models.recsys trains on it)
+from .recsys import RecsysWorld  # noqa: E402
+
+__all__ += ["RecsysWorld"]
