@@ -138,9 +138,11 @@ class RecsysWorld:
         """``[B, N]``: the item distribution of the collaborative (interest) branch."""
         return interests @ self._cluster_items
 
-    def next_probs(self, previous: Tensor, interests: Tensor) -> Tensor:
-        """The true next-item distribution ``[B, N]`` after item ``previous [B]``."""
-        probs = (1 - self.transition_prob) * self.interest_item_probs(interests)
+    def next_probs(self, previous: Tensor, interests: Tensor, *, item_probs: Tensor | None = None) -> Tensor:
+        """The true next-item distribution ``[B, N]`` after item ``previous [B]`` (``item_probs``:
+        :meth:`interest_item_probs` of ``interests`` if already computed)."""
+        item_probs = self.interest_item_probs(interests) if item_probs is None else item_probs
+        probs = (1 - self.transition_prob) * item_probs
         succ = torch.zeros_like(probs)
         succ.scatter_add_(1, self.successor_table[previous], self._succ_weights.expand(len(previous), -1).clone())
         return probs + self.transition_prob * succ
@@ -149,10 +151,11 @@ class RecsysWorld:
         """Items ``[B, length]`` (long) and timestamps ``[B, length]`` (float64, increasing)."""
         whole_number(length, "length", minimum=1)
         batch = interests.shape[0]
-        first = torch.multinomial(self.interest_item_probs(interests), 1, generator=generator)[:, 0]
-        items = [first]
+        item_probs = self.interest_item_probs(interests)  # once, not once per step
+        items = [torch.multinomial(item_probs, 1, generator=generator)[:, 0]]
         for _ in range(length - 1):
-            items.append(torch.multinomial(self.next_probs(items[-1], interests), 1, generator=generator)[:, 0])
+            probs = self.next_probs(items[-1], interests, item_probs=item_probs)
+            items.append(torch.multinomial(probs, 1, generator=generator)[:, 0])
         gaps = -self.mean_gap * torch.log(torch.rand(batch, length, generator=generator, dtype=torch.float64)
                                           .clamp_min(1e-12))
         return torch.stack(items, 1), gaps.cumsum(1)
