@@ -312,3 +312,9 @@ def test_bad_call_inputs():
         transition_distillation_loss(torch.randn(3, 4), torch.tensor([0]), torch.zeros(4, 4))
     with pytest.raises(ValueError, match=r"k must be an integer in \[1, 4\], got 5"):
         retrieval_recall(torch.zeros(2, 4), torch.zeros(2, 4), 5)
+
+
+def test_din_flops_count_its_activation_unit():
+    din, tin = CARDS[5], CARDS[4]
+    assert din.flop_count(2, 10, 8, 1).attention_fwd == 2.0 * 2 * 10 * (4 * 8 * 36 + 36) + 2.0 * 2 * 10 * 8
+    assert din.flop_count(2, 10, 8, 1).attention_fwd > 10 * tin.flop_count(2, 10, 8, 1).attention_fwd

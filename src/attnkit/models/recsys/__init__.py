@@ -18,7 +18,7 @@ from .dare import DARE, ctr_flops, dare_attention, retrieval_recall
 from .mqsa import (MQSA, LQueryBlock, l_query_attention, l_query_attention_reference, mqsa_flops,
                    transition_counts, transition_distillation_loss, window_mean, window_mean_reference)
 from .target import target_attention, target_attention_reference, target_attention_weights
-from .tin import DIN, TIN, tin_attention, tin_attention_reference
+from .tin import DIN, TIN, din_flops, tin_attention, tin_attention_reference
 
 __all__ = ["CARDS", "MQSA", "LQueryBlock", "DARE", "TIN", "DIN", "l_query_attention", "l_query_attention_reference",
            "window_mean", "window_mean_reference", "transition_counts", "transition_distillation_loss",
@@ -48,7 +48,7 @@ CARDS: tuple[Card, ...] = (
          capabilities=_CTR, kind="recsys", summary="DARE's baseline: one table for attention and representation"),
     Card("tin", _TIN, "2308.08487", "recsys", TIN, ctr_flops, capabilities=_CTR, kind="recsys",
          summary="CTR: target-aware temporal encoding, target-aware attention and representation"),
-    Card("din", "Deep Interest Network for Click-Through Rate Prediction", "1706.06978", "recsys", DIN, ctr_flops,
+    Card("din", "Deep Interest Network for Click-Through Rate Prediction", "1706.06978", "recsys", DIN, din_flops,
          capabilities=Capabilities(causal=False, bidirectional=True, decode=False, varlen=True,
                                    backends=("reference",)),
          kind="recsys", summary="TIN's baseline: activation-unit target attention, no time"),

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .dare import _head, _positive_int, check_ctr_inputs
 from .target import target_attention, target_attention_reference, target_attention_weights
 
-__all__ = ["TIN", "DIN", "tin_attention", "tin_attention_reference"]
+__all__ = ["TIN", "DIN", "tin_attention", "tin_attention_reference", "din_flops"]
 
 
 def _check_tin(target, behaviours, target_time, behaviour_time):
@@ -138,3 +138,14 @@ class DIN(nn.Module):
         valid = check_ctr_inputs(self, history, buckets, candidate, valid)
         e = self.item(history) + (self.time(buckets) if self.time is not None else 0)
         return self._weights(e, self.item(candidate), valid)
+
+
+def din_flops(batch: int, seq: int, config: dict):
+    """Forward FLOPs of DIN: the activation unit (an MLP ``4D -> 36 -> 1`` per behaviour) is its
+    attention; the weighted sum ``2 B T D``; the head MLP as for the other CTR models."""
+    from ...cards import FlopCount
+    from .dare import ctr_flops
+
+    D = config["dim"]
+    unit = 2.0 * batch * seq * (4 * D * 36 + 36) + 2.0 * batch * seq * D
+    return FlopCount(attention_fwd=unit, projection_fwd=ctr_flops(batch, seq, config).projection_fwd)
