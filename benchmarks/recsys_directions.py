@@ -35,7 +35,7 @@ OUT = Path(__file__).resolve().parent / "results" / "cpu"
 SEEDS = (0, 1, 2)
 NEXT = dict(length=20, train_users=3000, eval_users=2000, epochs=20, lr=3e-3)
 DARE_WORLD = dict(value_weight=1.0, click_bias=-1.0)
-DARE_RUN = dict(length=200, train_rows=12000, eval_rows=4000, epochs=4)
+DARE_RUN = dict(length=200, train_rows=20000, eval_rows=5000, epochs=5)
 TIN_RUN = dict(length=50, train_rows=20000, eval_rows=5000, epochs=12)
 
 
