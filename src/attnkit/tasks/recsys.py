@@ -29,6 +29,7 @@ AUC. Both return the generating quantities (the true next-item distribution, the
 probability, the true per-behaviour relevance) so the Bayes ceiling and an attention-quality
 metric come for free. Everything is a function of ``seed`` and of the generator passed in.
 
+    >>> import torch
     >>> world = RecsysWorld(seed=0)
     >>> data = world.next_item_data(8, 20, torch.Generator().manual_seed(1))
     >>> data["items"].shape, data["next_probs"].shape

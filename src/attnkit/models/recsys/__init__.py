@@ -5,6 +5,7 @@ the synthetic world of :mod:`attnkit.tasks.recsys` (docs/recsys.md).
 These are not layers ``x [B, T, C] -> [B, T, C]``: they read item ids, so their cards are of
 kind ``"recsys"`` and live in :data:`CARDS` here, not in the layer registry.
 
+    >>> import torch
     >>> from attnkit.models.recsys import CARDS
     >>> model = CARDS[0].build(32, 2, num_items=50)   # mqsa-ted
     >>> model(torch.randint(0, 50, (4, 10))).shape
