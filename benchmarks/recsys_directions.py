@@ -116,7 +116,11 @@ def _summary(rows, metrics):
 
 
 def combine():
-    parts = {p: json.loads((OUT / f"recsys-{p}.partial.json").read_text()) for p in ("next", "dare", "tin", "bench")}
+    parts = {}
+    for p in ("next", "dare", "tin", "bench"):  # a part may come in several files (seeds run in parallel)
+        files = [json.loads(f.read_text()) for f in sorted(OUT.glob(f"recsys-{p}*.partial.json"))]
+        rows = sorted((r for f in files for r in f["rows"]), key=lambda r: (r.get("seed", 0),))
+        parts[p] = {"config": files[0]["config"], "rows": rows}
     result = {
         "command": "nice -n 10 python benchmarks/recsys_directions.py --part {next,dare,tin,bench}; --combine",
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "seeds": list(SEEDS),
@@ -164,13 +168,19 @@ def combine():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("next", "dare", "tin", "bench"))
+    parser.add_argument("--seeds", help="a subset of the seeds, e.g. 1,2 (to run seeds in parallel processes)")
     parser.add_argument("--combine", action="store_true")
     args = parser.parse_args(argv)
     if args.part:
+        global SEEDS
+        suffix = ""
+        if args.seeds:
+            SEEDS = tuple(int(s) for s in args.seeds.split(","))
+            suffix = "-s" + "-".join(map(str, SEEDS))
         torch.set_num_threads(1)
         result = {"next": part_next, "dare": part_dare, "tin": part_tin, "bench": part_bench}[args.part]()
         OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / f"recsys-{args.part}.partial.json").write_text(json.dumps(result, indent=1) + "\n")
+        (OUT / f"recsys-{args.part}{suffix}.partial.json").write_text(json.dumps(result, indent=1) + "\n")
     if args.combine:
         combine()
     return 0
