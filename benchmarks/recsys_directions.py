@@ -10,6 +10,7 @@ Plus a CPU speed row per card (forward + backward of one training batch).
 
     nice -n 10 python benchmarks/recsys_directions.py --part next   # or dare, tin, bench
     python benchmarks/recsys_directions.py --combine                # recsys.json + recsys.png
+    python benchmarks/recsys_directions.py --plot                   # redraw the PNG from recsys.json
 
 Each part writes ``benchmarks/results/cpu/recsys-<part>.partial.json``; ``--combine`` merges them
 into ``benchmarks/results/cpu/recsys.json`` and draws ``recsys.png``.
@@ -115,6 +116,39 @@ def _summary(rows, metrics):
     return out
 
 
+BASELINES = {"sasrec", "dare-shared", "din", "din+time"}  # grey in the plot; the papers' modules in blue
+
+
+def plot(result: dict) -> None:
+    """recsys.png from a combined result (``--plot`` redraws it from recsys.json)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (("next_item", "ndcg", "next item: NDCG@10 (full ranking)", "oracle_ndcg"),
+              ("dare", "auc", "long sequences (T=200, width 8): AUC", "oracle_auc"),
+              ("tin", "auc", "semantic-temporal CTR (T=50): AUC", "oracle_auc"))
+    for ax, (key, metric, title, oracle) in zip(axes, panels):
+        summary = result[key]["summary"]
+        names = list(summary)
+        for i, name in enumerate(names):
+            vals = summary[name][metric]["per_seed"]
+            baseline = name in BASELINES
+            ax.bar(i, summary[name][metric]["mean"], color="C7" if baseline else "C0")
+            ax.scatter([i] * len(vals), vals, color="k", s=10, zorder=3)
+        ax.axhline(summary[names[0]][oracle]["mean"], color="C3", ls="--", lw=1, label="Bayes ceiling")
+        ax.set_xticks(range(len(names)), names)
+        ax.set_title(title, fontsize=10)
+        low = min(min(summary[n][metric]["per_seed"]) for n in names)
+        ax.set_ylim(max(0.0, low - 0.1), summary[names[0]][oracle]["mean"] + 0.05)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("attnkit recsys on the synthetic world (3 seeds; dots: seeds)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(OUT / "recsys.png", dpi=110)
+
+
 def combine():
     parts = {}
     for p in ("next", "dare", "tin", "bench"):  # a part may come in several files (seeds run in parallel)
@@ -136,32 +170,7 @@ def combine():
         "bench": parts["bench"],
     }
     (OUT / "recsys.json").write_text(json.dumps(result, indent=1) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    panels = (("next_item", "ndcg", "next item: NDCG@10 (full ranking)", "oracle_ndcg"),
-              ("dare", "auc", "long sequences (T=200, width 8): AUC", "oracle_auc"),
-              ("tin", "auc", "semantic-temporal CTR (T=50): AUC", "oracle_auc"))
-    for ax, (key, metric, title, oracle) in zip(axes, panels):
-        summary = result[key]["summary"]
-        names = list(summary)
-        for i, name in enumerate(names):
-            vals = summary[name][metric]["per_seed"]
-            ax.bar(i, summary[name][metric]["mean"], color="C0" if i == 0 or name.startswith(("mqsa", "tin", "dare"))
-                   and not name.endswith("shared") else "C7")
-            ax.scatter([i] * len(vals), vals, color="k", s=10, zorder=3)
-        ax.axhline(summary[names[0]][oracle]["mean"], color="C3", ls="--", lw=1, label="Bayes ceiling")
-        ax.set_xticks(range(len(names)), names)
-        ax.set_title(title, fontsize=10)
-        low = min(min(summary[n][metric]["per_seed"]) for n in names)
-        ax.set_ylim(max(0.0, low - 0.1), summary[names[0]][oracle]["mean"] + 0.05)
-        ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle("attnkit recsys on the synthetic world (3 seeds; dots: seeds)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(OUT / "recsys.png", dpi=110)
+    plot(result)
     print(json.dumps({k: result[k]["summary"] for k in ("next_item", "dare", "tin")}, indent=1))
 
 
@@ -170,6 +179,7 @@ def main(argv=None):
     parser.add_argument("--part", choices=("next", "dare", "tin", "bench"))
     parser.add_argument("--seeds", help="a subset of the seeds, e.g. 1,2 (to run seeds in parallel processes)")
     parser.add_argument("--combine", action="store_true")
+    parser.add_argument("--plot", action="store_true", help="redraw recsys.png from recsys.json")
     args = parser.parse_args(argv)
     if args.part:
         global SEEDS
@@ -183,6 +193,8 @@ def main(argv=None):
         (OUT / f"recsys-{args.part}{suffix}.partial.json").write_text(json.dumps(result, indent=1) + "\n")
     if args.combine:
         combine()
+    if args.plot:
+        plot(json.loads((OUT / "recsys.json").read_text()))
     return 0
 
 
