@@ -310,6 +310,12 @@ def test_bad_call_inputs():
         transition_distillation_loss(torch.randn(3, 4), torch.tensor([0]), torch.zeros(3, 3), 0)
     with pytest.raises(ValueError, match=r"counts must be \[N, N\] with N = 3 items"):
         transition_distillation_loss(torch.randn(3, 4), torch.tensor([0]), torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="query, keys and values must share one dtype, got torch.float64"):
+        target_attention(q.double(), k, k, torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"sequences must lie in \[0, 10\] \(10 = padding\), got values in \[0, 12\]"):
+        transition_counts(torch.tensor([[0, 12]]), 10)
+    with pytest.raises(ValueError, match="sequences must be an integer tensor"):
+        transition_counts(torch.zeros(2, 3), 10)
     with pytest.raises(ValueError, match=r"k must be an integer in \[1, 4\], got 5"):
         retrieval_recall(torch.zeros(2, 4), torch.zeros(2, 4), 5)
 

@@ -198,6 +198,11 @@ class MQSA(nn.Module):
 def transition_counts(sequences: Tensor, num_items: int) -> Tensor:
     """``[N, N]`` float: how often item ``j`` directly followed item ``i`` in ``sequences [B, T]``
     (pairs with a padding item, index ``num_items``, are skipped)."""
+    if sequences.dim() != 2 or sequences.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"sequences must be an integer tensor [B, T], got {sequences.dtype} {tuple(sequences.shape)}")
+    if sequences.numel() and (sequences.min() < 0 or sequences.max() > num_items):
+        raise ValueError(f"sequences must lie in [0, {num_items}] ({num_items} = padding), got values in "
+                         f"[{int(sequences.min())}, {int(sequences.max())}]")
     heads, tails = sequences[:, :-1].reshape(-1), sequences[:, 1:].reshape(-1)
     keep = (heads < num_items) & (tails < num_items)
     counts = torch.zeros(num_items * num_items, dtype=torch.float64)

@@ -27,6 +27,9 @@ def check_target_inputs(query: Tensor, keys: Tensor, values: Tensor, valid: Tens
     if query.dim() != 2 or keys.dim() != 3 or values.dim() != 3:
         raise ValueError(f"query must be [B, D], keys and values [B, T, D]; got {tuple(query.shape)}, "
                          f"{tuple(keys.shape)} and {tuple(values.shape)}")
+    if not query.dtype == keys.dtype == values.dtype:
+        raise ValueError(f"query, keys and values must share one dtype, got {query.dtype}, {keys.dtype} and "
+                         f"{values.dtype}")
     B, T = keys.shape[:2]
     if query.shape != (B, keys.shape[2]) or values.shape[:2] != (B, T):
         raise ValueError(f"query [B, D] must match keys [B, T, D] and values [B, T, Dv] in B, T and D; got "
