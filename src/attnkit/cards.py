@@ -144,3 +144,7 @@ def dense_attention_flops(
 # tokens whose calls are not a layer x [B, T, C] -> [B, T, C] with decode state; their list is
 # attnkit.vision.CARDS, not the registry's
 KINDS = (*KINDS, "vision")
+# -- issue 28: recommendation models (attnkit.models.recsys) are a kind of their own: a CTR or
+# next-item model over item ids, not a layer x [B, T, C] -> [B, T, C]; their list is
+# attnkit.models.recsys.CARDS, not the registry's
+KINDS = (*KINDS, "recsys")

@@ -11,3 +11,7 @@ __all__ = ["Task", "MQAR", "Passkey", "TextCorpus", "load_corpus", "stdlib_path"
 from .images import FrozenPatchEncoder, ImageTask  # noqa: E402
 
 __all__ += ["ImageTask", "FrozenPatchEncoder"]
+# issue 28: the synthetic sequential-recommendation world (attnkit.models.recsys trains on it)
+from .recsys import RecsysWorld  # noqa: E402
+
+__all__ += ["RecsysWorld"]
