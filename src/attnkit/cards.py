@@ -137,3 +137,10 @@ def dense_attention_flops(
     kv_len = seq if kv_len is None else kv_len
     pairs = pattern.pairs(seq, kv_len, heads=num_heads)
     return 4.0 * batch * num_heads * pairs * head_dim
+
+
+# -- issue 28: pooling heads over a frozen LM's hidden states (B, L, T, C) -> (B, C) (attnkit.pooling) and
+# multimodal fusion blocks taking per-token modality ids (attnkit.multimodal) are kinds of their own: their
+# calls are not a layer x [B, T, C] -> [B, T, C] with decode state; their lists are attnkit.pooling.CARDS and
+# attnkit.multimodal.CARDS, not the registry's
+KINDS = (*KINDS, "pooling", "multimodal")
