@@ -32,6 +32,8 @@ ALLOWED = {
     "cli": None,  # the command imports everything
     "__init__": LOW | {"ops", "cards", "registry", "layers", "models"},
 }
+ALLOWED["pooling"] = METHODS  # issue 28: pooling heads over a frozen LM's hidden states, level 5
+ALLOWED["multimodal"] = METHODS | {"multimodal"}  # issue 28: fusion blocks over two modalities' tokens, level 5
 # (module, imported package): each a documented exception (docs/architecture.md)
 EXCEPTIONS = {("layers/attention_experts.py", "models")}
 

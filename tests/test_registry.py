@@ -73,13 +73,13 @@ def test_register_a_card_of_ones_own(monkeypatch):
 
 def test_kinds(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    with pytest.raises(ValueError, match="kind must be one of layer, hf, diffusion, got 'plugin'"):
+    with pytest.raises(ValueError, match="kind must be one of layer, hf, diffusion(, [a-z]+)*, got 'plugin'"):
         _card(kind="plugin")
     attnkit.register(_card("my-hf", kind="hf"))
     assert [c.name for c in attnkit.mechanisms(kind="hf")] == ["my-hf"]
     assert [c.name for c in attnkit.mechanisms(kind="layer")] == ORDER
     assert [c.name for c in attnkit.mechanisms("baseline", kind="layer")] == ["mha", "gqa", "mqa"]
-    with pytest.raises(ValueError, match="kind must be one of layer, hf, diffusion, got 'layers'"):
+    with pytest.raises(ValueError, match="kind must be one of layer, hf, diffusion(, [a-z]+)*, got 'layers'"):
         attnkit.mechanisms(kind="layers")
 
 
