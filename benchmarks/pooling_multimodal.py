@@ -2,6 +2,7 @@
 
     nice -n 10 python benchmarks/pooling_multimodal.py pooling      # ~3 min on 1 CPU thread
     nice -n 10 python benchmarks/pooling_multimodal.py multimodal   # ~3 min
+    nice -n 10 python benchmarks/pooling_multimodal.py speed        # CPU ms of each module and its baseline
     python benchmarks/pooling_multimodal.py plot                    # both PNGs from the JSONs
 
 pooling: the shipped subject LM (attnkit/hf/subject_model, 12 x 256, frozen, float32) embeds
@@ -220,6 +221,50 @@ def run_multimodal(args) -> dict:
             "rows": rows, "summary": _summary(rows, ("accuracy", "curve_auc"))}
 
 
+# -- speed: what attnkit bench cannot host (not x (B, T, C) -> (B, T, C) layers) -------------------
+
+
+def _time_ms(fn, repeats):
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return sorted(times[1:])[len(times[1:]) // 2]  # median, the first call dropped as warm-up
+
+
+def run_speed(args) -> dict:
+    """Forward and forward+backward CPU milliseconds (median) of each module and its baseline at the
+    shapes of their tasks' real use: pooling heads over (32, 12, 128, 256) hidden states; MODA and
+    joint attention on (8, 256, 256) with 4 heads and two modalities of 128 tokens each."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    hidden, mask = torch.randn(32, 12, 128, 256), torch.ones(32, 128, dtype=torch.bool)
+    heads = {"multi-layer-pooling": TrainablePooling(256, 12), "last-layer-pooling": TrainablePooling(256, 12, source="last-layer"),
+             "last-token-pooling": LastTokenPooling(256), "mean-pooling": MeanPooling(256)}
+    for name, head in heads.items():
+        fwd = _time_ms(lambda: head(hidden, mask), args.repeats)
+        fwdbwd = _time_ms(lambda: head(hidden, mask).sum().backward(), args.repeats)
+        rows.append({"family": "pooling", "method": name, "shape": "hidden (32, 12, 128, 256)", "fwd_ms": fwd,
+                     "fwdbwd_ms": fwdbwd})
+    x = torch.randn(8, 256, 256)
+    modality = torch.cat([torch.zeros(8, 128), torch.ones(8, 128)], dim=1).long()
+    layers = {"moda": ModularDuplexAttention(256, 4), "moda-oneway": ModularDuplexAttention(256, 4, duplex=False),
+              "joint-attention": attnkit.build("mha", dim=256, num_heads=4, pattern="full", rope=False)}
+    for name, layer in layers.items():
+        call = (lambda l=layer: l(x, modality)) if isinstance(layer, ModularDuplexAttention) else (lambda l=layer: l(x))
+        fwd = _time_ms(call, args.repeats)
+        fwdbwd = _time_ms(lambda: call().sum().backward(), args.repeats)
+        rows.append({"family": "multimodal", "method": name, "shape": "x (8, 256, 256), 4 heads", "fwd_ms": fwd,
+                     "fwdbwd_ms": fwdbwd})
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    return {"header": {**_header("python benchmarks/pooling_multimodal.py speed"), "repeats": args.repeats,
+                       "note": "CPU, float32, median; a machine shared with other jobs: ratios more than absolutes"},
+            "rows": rows}
+
+
 # -- tables and plots -------------------------------------------------------------------------
 
 
@@ -264,17 +309,22 @@ def plot(family: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("family", choices=("pooling", "multimodal", "plot"))
+    parser.add_argument("family", choices=("pooling", "multimodal", "speed", "plot"))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cache", default="/tmp/attnkit_pooling_features.pt")
     args = parser.parse_args(argv)
     if args.family == "plot":
         for family in ("pooling", "multimodal"):
             if (OUT / f"{family}.json").is_file():
                 plot(family)
+        return
+    if args.family == "speed":
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "pooling-multimodal-speed.json").write_text(json.dumps(run_speed(args), indent=1) + "\n")
         return
     defaults = {"pooling": (300, 64, 1e-3), "multimodal": (500, 64, 3e-3)}[args.family]
     args.steps = args.steps or defaults[0]
