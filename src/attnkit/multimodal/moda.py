@@ -151,14 +151,21 @@ class ModularDuplexAttention(nn.Module):
             raise ValueError(f"mask {self.blocks.tolist()} leaves queries of sample {b} with no key: it has tokens "
                              f"of modality {sorted(set(modality[b].tolist()))} only")
 
-    def attention_bias(self, modality: Tensor, dtype) -> Tensor:
-        """The additive (B, H, T, T) mask: block bias, -inf where the pattern forbids."""
-        m = modality.long()
-        allowed = self.blocks[m[:, :, None], m[:, None, :]][:, None]  # (B, 1, T, T)
+    def attention_bias(self, modality: Tensor, dtype) -> Tensor | None:
+        """The additive (B, H, T, T) mask: block bias, -inf where the pattern forbids; None when
+        neither applies (plain joint attention, SDPA's unmasked path)."""
+        full = bool(self.blocks.all())
+        if full and not self.adaptive:
+            return None
+        onehot = F.one_hot(modality.long(), 2).to(dtype)  # (B, T, 2)
+        # per-block values spread to token pairs by two one-hot products: a matmul, faster than a gather
         if self.adaptive:
-            bias = self.block_bias[:, m[:, :, None], m[:, None, :]].transpose(0, 1).to(dtype)  # (B, H, T, T)
+            bias = torch.einsum("bta,hac,bsc->bhts", onehot, self.block_bias.to(dtype), onehot)  # (B, H, T, T)
         else:
             bias = torch.zeros(1, 1, 1, 1, dtype=dtype, device=modality.device)
+        if full:
+            return bias
+        allowed = torch.einsum("bta,ac,bsc->bts", onehot, self.blocks.to(dtype), onehot)[:, None] > 0.5  # (B, 1, T, T)
         return bias.masked_fill(~allowed, float("-inf"))
 
     def forward(self, x: Tensor, modality: Tensor) -> Tensor:
