@@ -148,3 +148,8 @@ KINDS = (*KINDS, "vision")
 # next-item model over item ids, not a layer x [B, T, C] -> [B, T, C]; their list is
 # attnkit.models.recsys.CARDS, not the registry's
 KINDS = (*KINDS, "recsys")
+# -- issue 28: pooling heads over a frozen LM's hidden states (B, L, T, C) -> (B, C) (attnkit.pooling) and
+# multimodal fusion blocks taking per-token modality ids (attnkit.multimodal) are kinds of their own: their
+# calls are not a layer x [B, T, C] -> [B, T, C] with decode state; their lists are attnkit.pooling.CARDS and
+# attnkit.multimodal.CARDS, not the registry's
+KINDS = (*KINDS, "pooling", "multimodal")
