@@ -95,6 +95,8 @@ CARDS += (
          summary="multi-prompt video: the next prompt's segment attends to the previous segment's keys and values, "
                  "foreground to foreground and background to background by the object's cross-attention mask; "
                  "overlapping windows' latents blended with triangular weights (sample_multi_prompt)"),
+)
+
 from .video_infinity import VideoInfinity  # noqa: E402
 
 
@@ -112,6 +114,8 @@ CARDS += (
          summary="a long video cut into clips, one per rank (clip parallelism, torch.distributed); each clip's "
                  "temporal attention also sees the neighbour clips' edge frames and strided global frames "
                  "(dual-scope attention)"),
+)
+
 from .idol import IDOLMaps  # noqa: E402
 
 CARDS += (
