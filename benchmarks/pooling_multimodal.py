@@ -135,7 +135,7 @@ def run_pooling(args) -> dict:
                          "final_loss": float(loss.detach()), "train_s": time.time() - start,
                          "parameters": sum(p.numel() for p in head.parameters())})
             print(json.dumps(rows[-1]), flush=True)
-    return {"header": {**_header("python benchmarks/pooling_multimodal.py pooling"), "subject": "attnkit/hf/subject_model",
+    return {"command": "python benchmarks/pooling_multimodal.py pooling", "header": {**_header("python benchmarks/pooling_multimodal.py pooling"), "subject": "attnkit/hf/subject_model",
                        "layers": L, "width": C, "pairs": len(pairs), "train": n_train, "test": len(pairs) - n_train,
                        "bytes": 80, "steps": args.steps, "batch": args.batch, "lr": args.lr},
             "rows": rows, "summary": _summary(rows, ("recall@1", "recall@10"))}
@@ -216,7 +216,7 @@ def run_multimodal(args) -> dict:
                          "parameters": sum(p.numel() for p in model.parameters())})
             print(json.dumps(rows[-1]), flush=True)
     world = {"num_symbols": task.num_symbols, "length": task.length, "feature_dim": task.feature_dim, "noise": task.noise}
-    return {"header": {**_header("python benchmarks/pooling_multimodal.py multimodal"), "task": world,
+    return {"command": "python benchmarks/pooling_multimodal.py multimodal", "header": {**_header("python benchmarks/pooling_multimodal.py multimodal"), "task": world,
                        "steps": args.steps, "batch": args.batch, "lr": args.lr, "width": 32, "heads": 2, "layers": 2},
             "rows": rows, "summary": _summary(rows, ("accuracy", "curve_auc"))}
 
@@ -260,7 +260,7 @@ def run_speed(args) -> dict:
                      "fwdbwd_ms": fwdbwd})
     for r in rows:
         print(json.dumps(r), flush=True)
-    return {"header": {**_header("python benchmarks/pooling_multimodal.py speed"), "repeats": args.repeats,
+    return {"command": "python benchmarks/pooling_multimodal.py speed", "header": {**_header("python benchmarks/pooling_multimodal.py speed"), "repeats": args.repeats,
                        "note": "CPU, float32, median; a machine shared with other jobs: ratios more than absolutes"},
             "rows": rows}
 
