@@ -236,6 +236,7 @@ def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, *, group=Non
         2 and 3 ranks, softmax and Lightning + GQA hybrid stacks).
     """
     from ..layers.lightning import LightningAttention
+    from ..models.decoder import next_token
     from ..ops.linear.lightning import lightning_attend
     from ..ops.softmax import attend
     from ..state import KVCache
@@ -279,14 +280,7 @@ def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, *, group=Non
     def choose(logits):
         token = torch.empty(B, 1, dtype=torch.long, device=prompt.device)
         if rank == owner:
-            if temperature == 0:
-                token = logits.argmax(dim=-1, keepdim=True)
-            else:
-                scaled = logits.float() / temperature
-                if top_k is not None:
-                    kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
-                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-                token = torch.multinomial(scaled.softmax(-1), 1, generator=generator)
+            token = next_token(logits, temperature, top_k, generator)
         dist.broadcast(token, src=owner_global, group=group)
         return token
 

@@ -231,14 +231,7 @@ class DecoderLM(nn.Module):
         logits = self(prompt, state)[:, -1]
         out = [prompt]
         for _ in range(max_new_tokens):
-            if temperature == 0:
-                token = logits.argmax(dim=-1, keepdim=True)
-            else:
-                scaled = logits.float() / temperature
-                if top_k is not None:
-                    kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
-                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-                token = torch.multinomial(scaled.softmax(-1), 1, generator=generator)
+            token = next_token(logits, temperature, top_k, generator)
             out.append(token)
             logits = self(token, state)[:, -1]
         return torch.cat(out, dim=1)
@@ -337,6 +330,19 @@ class DecoderLM(nn.Module):
 # in the first MASA layer, as ``layers.<i>.attn.atoms.*``; they load with those names moved to
 # ``shared.<key>.*``, the layer's dictionary in ``model.shared``.
 _LEGACY_SHARED = "attn.atoms."
+
+
+def next_token(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+    """The next token ``[B, 1]`` from ``logits [B, V]``: greedy at ``temperature=0``, else sampled from
+    ``softmax(logits / temperature)`` over the ``top_k`` most likely tokens (all when None)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    scaled = logits.float() / temperature
+    if top_k is not None:
+        kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    return torch.multinomial(scaled.softmax(-1), 1, generator=generator)
 
 
 def _legacy_prefixes(model: "DecoderLM") -> dict[str, str]:
