@@ -153,3 +153,7 @@ KINDS = (*KINDS, "recsys")
 # calls are not a layer x [B, T, C] -> [B, T, C] with decode state; their lists are attnkit.pooling.CARDS and
 # attnkit.multimodal.CARDS, not the registry's
 KINDS = (*KINDS, "pooling", "multimodal")
+# -- issue 28: speech enhancement models over STFT spectrograms (attnkit.speech: MambAttention) and
+# mixture-of-experts feed-forward layers with token routers (attnkit.routing: graph-of-tokens SMoE) are kinds
+# of their own; their lists are attnkit.speech.CARDS and attnkit.routing.CARDS, not the registry's
+KINDS = (*KINDS, "speech", "routing")
