@@ -96,3 +96,24 @@ def test_list_shows_the_hf_methods_after_the_layers(capsys):
     # the weight tools (not policies) in a table of their own, after the methods
     assert out.index("hf-mergelock") > out.index("attnkit.hf weight tools") > out.index("hf-headwise")
     assert "2509.01548" in out
+
+
+def test_list_shows_every_kind_and_filters_by_kind(capsys):
+    """Every card list is reachable from `attnkit list`: the module kinds of issue 28 each get a
+    table with their cards' names; --kind lists one kind only."""
+    from attnkit.cli import _MODULE_KINDS
+    import importlib
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for kind, module, _ in _MODULE_KINDS:
+        cards = importlib.import_module(module, "attnkit").CARDS
+        assert cards, kind
+        assert f"{kind}: " in out
+        for card in cards:
+            assert card.name in out, (kind, card.name)
+    assert main(["list", "--kind", "vision"]) == 0
+    out = capsys.readouterr().out
+    assert "lookupvit" in out and "sliding-window" not in out and "mqsa-ted" not in out
+    with pytest.raises(SystemExit):
+        main(["list", "--kind", "speechh"])

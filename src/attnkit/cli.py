@@ -12,12 +12,36 @@ from ._console import console, invoked_command, write_outputs  # noqa: F401
 __all__ = ["main"]
 
 
+# the kinds whose cards are not the registry's layers: (kind, module holding CARDS, how a card is used)
+_MODULE_KINDS = (
+    ("vision", ".vision", "modules over image patch tokens (attnkit.vision)"),
+    ("pooling", ".pooling", "pooling heads over a frozen LM's hidden states (attnkit.pooling)"),
+    ("multimodal", ".multimodal", "fusion blocks over tokens of two modalities (attnkit.multimodal)"),
+    ("recsys", ".models.recsys", "recommendation models over item ids (attnkit.models.recsys)"),
+)
+
+
 def _cmd_list(args) -> int:
+    kind = getattr(args, "kind", None)
+    if kind in (None, "layer"):
+        _list_layers()
+    if kind in (None, "hf"):
+        _list_hf()
+    if kind in (None, "diffusion"):
+        _list_diffusion()
+    for name, module, title in _MODULE_KINDS:
+        if kind in (None, name):
+            cards = importlib.import_module(module, __package__).CARDS
+            _card_table(f"{name}: {title}", cards, family=True)
+    return 0
+
+
+def _list_layers() -> None:
     from rich.table import Table
 
     from . import registry
 
-    table = Table(title="attnkit mechanisms")
+    table = Table(title="attnkit mechanisms (layers: attnkit.build(name, dim, num_heads))")
     for column in ("name", "family", "paper", "backends", "decode", "causal", "bidirectional", "varlen"):
         table.add_column(column, overflow="fold")
     yes = lambda flag: "yes" if flag else "-"  # noqa: E731
@@ -34,20 +58,18 @@ def _cmd_list(args) -> int:
             yes(caps.varlen),
         )
     console().print(table)
-    _list_hf()
-    _list_diffusion()
-    return 0
 
 
-def _card_table(title: str, cards) -> None:
-    """One table of cards (name, paper, what it does): the hf and diffusion lists."""
+def _card_table(title: str, cards, *, family: bool = False) -> None:
+    """One table of cards (name, [family,] paper, what it does): every list but the layers'."""
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("name", "paper", "what it does"):
+    columns = ("name", "family", "paper", "what it does") if family else ("name", "paper", "what it does")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for card in cards:
-        table.add_row(card.name, card.paper, card.summary)
+        table.add_row(*((card.name, card.family) if family else (card.name,)), card.paper, card.summary)
     console().print(table)
 
 
@@ -110,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version_text(),
                         help="print attnkit's version, the git commit it runs from (if any) and torch's version")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_list = sub.add_parser("list", help="list the registered mechanisms")
+    p_list = sub.add_parser("list", help="list the registered mechanisms, methods and modules of every kind")
+    kinds = ("layer", "hf", "diffusion", *(name for name, _, _ in _MODULE_KINDS))
+    p_list.add_argument("--kind", choices=kinds, default=None,
+                        help=f"list only this kind ({', '.join(kinds)}; default: every kind)")
     p_list.set_defaults(func=_cmd_list)
     from .analysis.cli import add_sinks_parser
     from .bench.cli import add_bench_parser
