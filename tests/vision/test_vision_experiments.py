@@ -39,3 +39,28 @@ def test_bench_rows_cover_every_card():
 def test_bad_seeds():
     with pytest.raises(SystemExit, match="--seeds must be comma-separated integers, got 'a,b'"):
         experiments.main(["cct", "--seeds", "a,b"])
+
+
+def test_bench_over_several_token_counts_writes_rows_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert experiments.main(["bench", "--tokens", "16,64", "--batch", "1", "--dim", "32", "--heads", "4",
+                             "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "vision-bench.json").read_text())
+    assert data["config"]["tokens"] == [16, 64] and data["config"]["device"] == "cpu"
+    assert [(r["name"], r["tokens"]) for r in data["rows"]] == [(c.name, n) for n in (16, 64) for c in experiments.CARDS]
+    flops = {(r["name"], r["tokens"]): r["flops_fwd"] for r in data["rows"]}
+    # LookupViT's saving grows with the number of patch tokens (its heavy part is on M compressed tokens)
+    assert flops["lookupvit", 64] / flops["vit-block", 64] < flops["lookupvit", 16] / flops["vit-block", 16]
+    assert (tmp_path / "vision-bench.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "--batch must be a positive integer, got 0"),
+    (["--tokens", "16,x"], "--tokens must be comma-separated positive integers"),
+    (["--tokens", "0"], "--tokens must be comma-separated positive integers"),
+    (["--dim", "30", "--heads", "4"], "--dim (30) must be divisible by --heads (4)"),
+    (["--device", "tpu"], "--device must be cpu or cuda"),
+])
+def test_bench_bad_options(argv, message, tmp_path):
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+        experiments.main(["bench", *argv, "--out", str(tmp_path)])

@@ -233,32 +233,54 @@ def run_cct(seeds, *, steps: int = 200, train: int = 2048, test: int = 512, size
                                                "batch": 64}, "rows": rows}
 
 
-def run_bench(*, batch: int = 8, tokens: int = 196, dim: int = 192, heads: int = 3, repeat: int = 5) -> dict:
-    """CPU forward latency and FLOPs of every vision card at one shape (ViT-Ti at 224 x 224, 16 px patches)."""
+def run_bench(*, batch: int = 8, tokens=(196,), dim: int = 192, heads: int = 3, repeat: int = 5,
+              device: str = "cpu", dtype: str = "float32") -> dict:
+    """Forward latency and FLOPs of every vision card at ``tokens`` patch tokens per image (default:
+    ViT-Ti at 224 x 224, 16 px patches, on the CPU; on CUDA, e.g. ViT-B in bf16 at 196-1024 tokens).
+    The time is the median over ``repeat`` calls after two warm-up calls, the device synchronised
+    around each call."""
+    if isinstance(tokens, int):
+        tokens = (tokens,)
+    device = torch.device(device)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     rows = []
-    x = torch.randn(batch, tokens, dim)
-    for card in CARDS:
-        torch.manual_seed(0)
-        num_heads = 1 if card.name == "efficient-probe" else heads
-        module = card.build(dim, num_heads).eval()
-        if card.name == "lookupvit":
-            c = torch.randn(batch, card.config(dim, heads)["num_compressed"], dim)
-            call = lambda m=module, c=c: m(x, c)  # noqa: E731
-        else:
-            call = lambda m=module: m(x)  # noqa: E731
-        with torch.no_grad():
-            call()
-            times = []
-            for _ in range(repeat):
-                start = time.perf_counter()
-                call()
-                times.append((time.perf_counter() - start) * 1e3)
-        flops = card.flop_count(batch, tokens, dim, num_heads)
-        rows.append({"name": card.name, "family": card.family, "latency_ms": sorted(times)[repeat // 2],
-                     "flops_fwd": flops.fwd, "attention_flops_fwd": flops.attention_fwd,
-                     "parameters": sum(p.numel() for p in module.parameters())})
-        print(rows[-1], flush=True)
-    return {"config": {"batch": batch, "tokens": tokens, "dim": dim, "heads": heads, "repeat": repeat,
+    for n in tokens:
+        x = torch.randn(batch, n, dim, device=device, dtype=torch_dtype)
+        for card in CARDS:
+            torch.manual_seed(0)
+            num_heads = 1 if card.name == "efficient-probe" else heads
+            module = card.build(dim, num_heads).eval().to(device=device, dtype=torch_dtype)
+            if card.name == "lookupvit":
+                c = torch.randn(batch, card.config(dim, heads)["num_compressed"], dim, device=device, dtype=torch_dtype)
+                call = lambda m=module, c=c: m(x, c)  # noqa: E731
+            else:
+                call = lambda m=module: m(x)  # noqa: E731
+            with torch.no_grad():
+                for _ in range(2):
+                    call()
+                sync()
+                times = []
+                for _ in range(repeat):
+                    start = time.perf_counter()
+                    call()
+                    sync()
+                    times.append((time.perf_counter() - start) * 1e3)
+            flops = card.flop_count(batch, n, dim, num_heads)
+            rows.append({"name": card.name, "family": card.family, "tokens": n, "latency_ms": sorted(times)[repeat // 2],
+                         "flops_fwd": flops.fwd, "attention_flops_fwd": flops.attention_fwd,
+                         "parameters": sum(p.numel() for p in module.parameters())})
+            print(rows[-1], flush=True)
+            del module
+    return {"config": {"batch": batch, "tokens": list(tokens), "dim": dim, "heads": heads, "repeat": repeat,
+                       "device": str(device), "dtype": dtype,
+                       "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                        "threads": torch.get_num_threads()}, "rows": rows}
 
 
@@ -287,11 +309,20 @@ def plot(name: str, result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     if name == "bench":
-        rows = result["rows"]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.barh([r["name"] for r in rows], [r["latency_ms"] for r in rows])
-        ax.set_xlabel(f"CPU forward ms (batch {result['config']['batch']}, N={result['config']['tokens']}, "
-                      f"C={result['config']['dim']})")
+        config = result["config"]
+        where = "CUDA" if config.get("device", "cpu").startswith("cuda") else "CPU"
+        tokens = config["tokens"] if isinstance(config["tokens"], list) else [config["tokens"]]
+        names = list(dict.fromkeys(r["name"] for r in result["rows"]))
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        width = 0.8 / len(tokens)
+        for i, n in enumerate(tokens):  # one bar per card and token count
+            by_name = {r["name"]: r["latency_ms"] for r in result["rows"] if r.get("tokens", n) == n}
+            ax.barh([j + i * width for j in range(len(names))], [by_name.get(c, 0.0) for c in names], height=width,
+                    label=f"N={n}")
+        ax.set_yticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+        ax.set_xscale("log" if len(tokens) > 1 else "linear")
+        ax.set_xlabel(f"{where} forward ms (batch {config['batch']}, C={config['dim']}, {config.get('dtype', 'float32')})")
+        ax.legend(fontsize=8)
     else:
         key = {"lookupvit": "model", "probing": "probe", "cct": "head"}[name]
         x_field = {"lookupvit": "flops_per_image", "probing": "parameters", "cct": "parameters"}[name]
@@ -320,14 +351,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", default=None, help="lookupvit: which classifiers to train (vit,lookupvit)")
     parser.add_argument("--tag", default="", help="suffix of the output names: vision-<run>[-tag].json")
     parser.add_argument("--out", default="benchmarks/results/cpu", help="folder for vision-<run>.json and .png")
+    bench = parser.add_argument_group("bench only")
+    bench.add_argument("--device", default="cpu", help="bench: cpu or cuda")
+    bench.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    bench.add_argument("--batch", type=int, default=8)
+    bench.add_argument("--tokens", default="196", help="bench: comma-separated patch-token counts N per image")
+    bench.add_argument("--dim", type=int, default=192)
+    bench.add_argument("--heads", type=int, default=3)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # small models on a shared CPU: threads only contend
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # small models on a shared CPU: threads only contend
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     if args.run == "bench":
-        result = run_bench()
+        try:
+            tokens = tuple(positive_int(int(t), "--tokens") for t in args.tokens.split(","))
+        except ValueError:
+            raise SystemExit(f"--tokens must be comma-separated positive integers, got {args.tokens!r}") from None
+        if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+            raise SystemExit(f"--device must be cpu or cuda (with a GPU), got {args.device!r}")
+        if args.heads > 0 and args.dim % args.heads:
+            raise SystemExit(f"--dim ({args.dim}) must be divisible by --heads ({args.heads})")
+        try:
+            sizes = {k: positive_int(getattr(args, k), f"--{k}") for k in ("batch", "dim", "heads")}
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        result = run_bench(tokens=tokens, device=args.device, dtype=args.dtype, repeat=20 if args.device == "cuda" else 5,
+                           **sizes)
     else:
         options = {} if args.steps is None else {"steps": positive_int(args.steps, "--steps")}
         options |= {} if args.label is None else {"label": args.label}
