@@ -4,7 +4,8 @@
 #
 #   benchmarks/gpu.sh tests               # every test marked cuda (pytest-xdist when installed) -> pytest-cuda.log
 #   benchmarks/gpu.sh bench               # the default `attnkit bench --device cuda`: every mechanism and op, seq 2k-32k
-#   benchmarks/gpu.sh bench-layers-a | bench-layers-b | bench-ops   # the same bench in three parts of ~equal time
+#   benchmarks/gpu.sh bench-layers-a | bench-layers-b | bench-layers-c | bench-ops   # the same bench in four parts
+#                                         # (the layers in thirds of the registry's order, then the ops)
 #   benchmarks/gpu.sh SUITE [MODE]        # `attnkit bench --suite SUITE` in each of its modes (or MODE only)
 #                                         # -> SUITE-MODE.json; SUITE: dense patterns linear heads sigmoid decode
 #   benchmarks/gpu.sh bench-args NAME ARGS...   # any other bench run, logged the same way -> NAME.json
@@ -38,12 +39,12 @@ OUT=${OUT:-benchmarks/results/h200}
 suites=$(python3 -c "from attnkit.bench.suites import SUITES; print(' '.join(SUITES))")
 usage() {  # usage [WHY]: the arguments are refused before anything is installed, run or written
   [ -n "${1:-}" ] && echo "benchmarks/gpu.sh: $1" >&2
-  echo "usage: benchmarks/gpu.sh tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|hf-speed|hf-identify|hf-pareto|diffusion-speed|sp-timeline|bench-args NAME ARGS...|SUITE [MODE]" >&2
+  echo "usage: benchmarks/gpu.sh tests|bench|bench-layers-a|bench-layers-b|bench-layers-c|bench-ops|readme|hf-speed|hf-identify|hf-pareto|diffusion-speed|sp-timeline|bench-args NAME ARGS...|SUITE [MODE]" >&2
   echo "  SUITE: $suites" >&2
   exit 2
 }
 case "${1:-}" in
-  tests|bench|bench-layers-a|bench-layers-b|bench-ops|readme|hf-speed|hf-identify|hf-pareto|diffusion-speed|sp-timeline)
+  tests|bench|bench-layers-a|bench-layers-b|bench-layers-c|bench-ops|readme|hf-speed|hf-identify|hf-pareto|diffusion-speed|sp-timeline)
     # extra words were ignored: `gpu.sh bench --seq 1024` ran the default sizes
     [ $# -eq 1 ] || usage "'$1' takes no arguments, got: ${*:2} (any other bench run: bench-args NAME ARGS...)" ;;
   bench-args)
@@ -69,8 +70,8 @@ header() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 }
-half() {  # half a|b of the registered mechanisms (b starts with mha, the layers' dense reference)
-  python3 -c "import attnkit, sys; n=[c.name for c in attnkit.mechanisms()]; h=len(n)//2; print(','.join(n[:h] if sys.argv[1]=='a' else ['mha', *n[h:]]))" "$1"
+part() {  # third a|b|c of the registered mechanisms (b and c start with mha, the layers' dense reference)
+  python3 -c "import attnkit, sys; n=[c.name for c in attnkit.mechanisms()]; k=-(-len(n)//3); i='abc'.index(sys.argv[1]); p=n[i*k:(i+1)*k]; print(','.join(p if i==0 else ['mha', *p]))" "$1"
 }
 readme() {  # the results README follows the files (only where they are the repository's own results)
   case "$(realpath -m "$OUT")/" in
@@ -98,10 +99,8 @@ case "$1" in
     status=${PIPESTATUS[0]} ;;
   bench)
     run_bench bench-cuda-fwd; readme ;;
-  bench-layers-a)
-    run_bench bench-cuda-fwd-layers-a --mechanisms "$(half a)" --ops none; readme ;;
-  bench-layers-b)
-    run_bench bench-cuda-fwd-layers-b --mechanisms "$(half b)" --ops none; readme ;;
+  bench-layers-a|bench-layers-b|bench-layers-c)
+    run_bench "bench-cuda-fwd-$1" --mechanisms "$(part "${1#bench-layers-}")" --ops none; readme ;;
   bench-ops)
     run_bench bench-cuda-fwd-ops --mechanisms mha; readme ;;
   bench-args)  # bench-args NAME ARGS...: any bench command, logged like the parts above

@@ -14,7 +14,7 @@ from attnkit.cli import main
 CELL_KEYS = {"name", "kind", "family", "pattern", "seq", "batch", "status", "message", "backend", "latency_ms", "dense_latency_ms",
              "speedup_vs_dense", "speedup_p10", "speedup_p90", "noise", "noisy", "peak_memory_bytes", "flops", "tflops",
              "peak_tflops", "pct_peak", "flop_reduction", "realised_fraction", "speedup_vs_dense_flex",
-             "realised_fraction_vs_flex", "state_bytes"}
+             "realised_fraction_vs_flex", "state_bytes", "setup_s", "elapsed_s"}
 
 
 def tiny(**kwargs):
@@ -41,6 +41,8 @@ def test_result_schema_and_cells():
     for cell in result["cells"]:
         assert set(cell) == CELL_KEYS
         assert cell["status"] == "ok", cell
+        # where the run's time went: setup (build, compile, warm-up) is part of the cell's wall time
+        assert 0 < cell["setup_s"] < cell["elapsed_s"]
         lat = cell["latency_ms"]
         assert lat["samples"] >= 2 and lat["min"] <= lat["median"] <= lat["max"]
         assert cell["flops"] > 0 and cell["tflops"] > 0 and cell["peak_tflops"] > 0
@@ -105,6 +107,19 @@ def test_interleave_alternates_pairs_and_stops():
     timed = _interleave(lambda: [0] * random.randint(1, 20000), None, _Peak([]), torch.device("cpu"), burst=1,
                         min_rounds=4, max_time=0.0)
     assert len(timed.row) == 4 and timed.ref == []
+
+
+def test_interleave_stops_a_slow_cell_before_its_minimum_rounds():
+    """A cell whose calls are slow stops at SLOW_ROUNDS rounds once SLOW_BUDGET x max_time has
+    passed (the default CUDA run's slowest cells took minutes each at 20 rounds)."""
+    import time
+
+    slow = lambda: time.sleep(0.02)  # noqa: E731
+    timed = _interleave(slow, slow, _Peak([]), torch.device("cpu"), burst=1, min_rounds=20, max_time=0.01)
+    assert len(timed.row) == len(timed.ref) == harness.SLOW_ROUNDS
+    # a fast cell still takes its minimum rounds within the same budget
+    timed = _interleave(lambda: None, None, _Peak([]), torch.device("cpu"), burst=1, min_rounds=20, max_time=0.01)
+    assert len(timed.row) >= 20
 
 
 @pytest.mark.parametrize("mode, mha_builds", [("fwd", 2 + 2), ("decode", 2 + 2 * 2)])

@@ -29,7 +29,10 @@ members of a pair see the same machine state, so the speedup is the median of th
 per-round ratios ``reference / row``, not a ratio of medians taken minutes apart. Rounds
 go on until the p10-p90 band of the row's latency and of the ratio are within
 ``STOP_SPREAD`` of their medians (after at least ``repeat`` rounds), or ``max_time``
-seconds of sampling have passed, or ``MAX_SAMPLES`` rounds were taken. ``noise`` is the
+seconds of sampling have passed, or ``MAX_SAMPLES`` rounds were taken; a slow cell (a
+call of a second or more, where a few rounds already measure it to a percent) stops at
+``SLOW_ROUNDS`` rounds once ``SLOW_BUDGET`` x ``max_time`` seconds have passed, before
+``repeat`` rounds: the default CUDA run's slowest cells would otherwise spend minutes each. ``noise`` is the
 estimated relative standard error of the median speedup (of the median latency for the
 reference rows themselves), ``~0.49 * (p90 - p10) / median / sqrt(n)``; a cell is
 ``noisy`` when it exceeds ``NOISE_LIMIT`` or has fewer than 3 samples: a second run may
@@ -80,7 +83,8 @@ JSON schema (``"schema": "attnkit.bench/2"``)::
               peak_memory_bytes, flops, tflops, peak_tflops, pct_peak,
               flop_reduction, realised_fraction (speedup / flop_reduction),
               speedup_vs_dense_flex, realised_fraction_vs_flex (against the dense-flex cell's median, not interleaved),
-              state_bytes}]}
+              state_bytes, setup_s (seconds building, compiling and warming the row and its reference),
+              elapsed_s (the cell's wall time, setup and sampling: where a run's minutes go)}]}
 
 Allocator note: on CPU, :func:`run_bench` fixes glibc's mmap threshold (``mallopt``) so that
 RSS follows tensor lifetimes. glibc offers no way to restore its dynamic threshold, so the
@@ -134,6 +138,9 @@ STOP_SPREAD = 0.10
 NOISE_LIMIT = 0.07
 #: most rounds per cell (decode: each round appends a token to the state)
 MAX_SAMPLES = 100
+# a slow cell stops at SLOW_ROUNDS rounds once SLOW_BUDGET * max_time seconds of sampling have passed
+SLOW_ROUNDS = 5
+SLOW_BUDGET = 5
 #: dense bf16/fp16 tensor-core peaks (TFLOP/s, vendor spec sheets), matched on the device name in order
 VENDOR_PEAKS = (("H100 PCIe", 756.0), ("H200", 989.4), ("H100", 989.4), ("A100", 312.0))
 #: messages after which the CUDA context is unusable: the run stops instead of going on
@@ -359,6 +366,8 @@ def _interleave(fn: Callable, ref: Callable | None, peak: "_Peak", device: torch
                 timed.peak_tflops.append(peak.sample())
             if n >= max_rounds:
                 break
+            if n >= min(SLOW_ROUNDS, min_rounds) and time.perf_counter() - start >= SLOW_BUDGET * max_time:
+                break  # a slow cell: a few rounds of seconds each measure it well enough
             if n >= min_rounds:
                 if time.perf_counter() - start >= max_time:
                     break
@@ -705,6 +714,8 @@ class Cell:
     speedup_vs_dense_flex: float | None = None
     realised_fraction_vs_flex: float | None = None
     state_bytes: int | None = None
+    setup_s: float | None = None
+    elapsed_s: float | None = None
 
     @property
     def label(self) -> str:
@@ -825,6 +836,7 @@ def _run_cell(kind: str, name: str, cfg: BenchConfig, seq: int, device, dtype, p
         return _op_work(row, cfg, seq, device, dtype, pattern, dense_pattern)
 
     where, work, ref = "row", None, None
+    started = time.perf_counter()
     try:
         reason = _op_unsupported(name, cfg, device) if kind == "op" else None
         if reason:
@@ -843,6 +855,7 @@ def _run_cell(kind: str, name: str, cfg: BenchConfig, seq: int, device, dtype, p
                 cell.message = f"dense reference {dense_name} failed ({_first_line(err)}); timed alone, no speedup"
                 _release(device)
             where = "row"
+        cell.setup_s = round(time.perf_counter() - started, 3)
         timed = _interleave(work.fn, ref.fn if ref else None, peak, device, burst=cfg.burst, min_rounds=cfg.repeat,
                             max_time=cfg.max_time)
         if device.type == "cuda":
@@ -867,6 +880,7 @@ def _run_cell(kind: str, name: str, cfg: BenchConfig, seq: int, device, dtype, p
             cell.status, cell.message = "error", _first_line(err)
     finally:
         del work, ref
+        cell.elapsed_s = round(time.perf_counter() - started, 3)
     _release(device)
     return cell
 
@@ -1027,7 +1041,8 @@ def _run_bench(cfg, device, dtype, progress, command, on_start, on_cell, suite) 
         # the pattern as the cells name it (canonical spelling), not as typed: " window:016" was recorded verbatim
         "config": {**asdict(cfg), "pattern": ",".join(cfg.patterns),
                    "batch": cfg.batch if cfg.batch is not None else f"{cfg.tokens_per_batch}/seq"},
-        "timer": {"stop_spread": STOP_SPREAD, "noise_limit": NOISE_LIMIT, "max_samples": MAX_SAMPLES},
+        "timer": {"stop_spread": STOP_SPREAD, "noise_limit": NOISE_LIMIT, "max_samples": MAX_SAMPLES,
+                  "slow_rounds": SLOW_ROUNDS, "slow_budget_s": SLOW_BUDGET * cfg.max_time},
         "peak": peak.describe(),
         "suite": suite,
     }
