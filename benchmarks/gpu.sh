@@ -17,6 +17,8 @@
 #                                         # a FLUX.1-dev-shaped double + single block at 1024x1024 (diffusers wheel in .whl/)
 #   benchmarks/gpu.sh sp-timeline         # attnkit.distributed: one rank's compute for its share of a 1M-token
 #                                         # sequence, and the W-rank ring / LASP-2 timelines simulated from it
+#   benchmarks/gpu.sh modules             # issue 28's module kinds (not bench layers) on the GPU: LookupViT and the
+#                                         # vision cards at ViT-B shapes 196-2304 tokens, pooling + MODA, recsys
 #   benchmarks/gpu.sh hf-pareto           # issue 23's grid: `attnkit eval` of every KV method through its budgets
 #                                         # at 2k and 4k (3 runs -> pareto-*/eval.json), and LongHeads past the
 #                                         # subject's trained 4k (8k, 16k, --beyond-context -> longheads-16k/)
@@ -39,12 +41,12 @@ OUT=${OUT:-benchmarks/results/h200}
 suites=$(python3 -c "from attnkit.bench.suites import SUITES; print(' '.join(SUITES))")
 usage() {  # usage [WHY]: the arguments are refused before anything is installed, run or written
   [ -n "${1:-}" ] && echo "benchmarks/gpu.sh: $1" >&2
-  echo "usage: benchmarks/gpu.sh tests|bench|bench-layers-a|bench-layers-b|bench-layers-c|bench-ops|readme|hf-speed|hf-identify|hf-pareto|diffusion-speed|sp-timeline|bench-args NAME ARGS...|SUITE [MODE]" >&2
+  echo "usage: benchmarks/gpu.sh tests|bench|bench-layers-a|bench-layers-b|bench-layers-c|bench-ops|readme|hf-speed|hf-identify|hf-pareto|diffusion-speed|sp-timeline|modules|bench-args NAME ARGS...|SUITE [MODE]" >&2
   echo "  SUITE: $suites" >&2
   exit 2
 }
 case "${1:-}" in
-  tests|bench|bench-layers-a|bench-layers-b|bench-layers-c|bench-ops|readme|hf-speed|hf-identify|hf-pareto|diffusion-speed|sp-timeline)
+  tests|bench|bench-layers-a|bench-layers-b|bench-layers-c|bench-ops|readme|hf-speed|hf-identify|hf-pareto|diffusion-speed|sp-timeline|modules)
     # extra words were ignored: `gpu.sh bench --seq 1024` ran the default sizes
     [ $# -eq 1 ] || usage "'$1' takes no arguments, got: ${*:2} (any other bench run: bench-args NAME ARGS...)" ;;
   bench-args)
@@ -149,6 +151,15 @@ case "$1" in
     timeout "${HF_TIMEOUT:-300}" python3 benchmarks/diffusion_speed.py --out "$OUT/diffusion-speed.json" 2>&1 \
       | tee -a "$OUT/diffusion-speed.log" | grep -vE "^\s*$|kept in float32" | tail -12
     status=${PIPESTATUS[0]}; echo "exit $status" | tee -a "$OUT/diffusion-speed.log" ;;
+  modules)  # each module kind's speed rows, each part logged with its command
+    for part in "vision-bench-h200 -m attnkit.vision.experiments bench --device cuda --dtype bfloat16 --batch 64 --tokens 196,576,1024,2304 --dim 768 --heads 12 --tag h200 --out $OUT" \
+                "pooling-multimodal-speed benchmarks/pooling_multimodal.py speed --device cuda --repeats 20 --out $OUT/pooling-multimodal-speed.json" \
+                "recsys-bench benchmarks/recsys_directions.py --part bench --device cuda --out $OUT/recsys-bench.json"; do
+      set -- $part; name=$1; shift
+      { header; echo "# python3 $*"; } > "$OUT/$name.log"
+      timeout "${HF_TIMEOUT:-150}" python3 "$@" >> "$OUT/$name.log" 2>&1
+      rc=$?; echo "exit $rc" | tee -a "$OUT/$name.log"; [ "$rc" -eq 0 ] || status=$rc
+    done ;;
   sp-timeline)
     { header; echo "# python3 benchmarks/sp_timeline.py"; } > "$OUT/sp-timeline.log"
     timeout "${HF_TIMEOUT:-300}" python3 benchmarks/sp_timeline.py --out "$OUT/sp-timeline.json" 2>&1 \

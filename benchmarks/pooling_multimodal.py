@@ -224,44 +224,57 @@ def run_multimodal(args) -> dict:
 # -- speed: what attnkit bench cannot host (not x (B, T, C) -> (B, T, C) layers) -------------------
 
 
-def _time_ms(fn, repeats):
+def _time_ms(fn, repeats, device="cpu"):
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     times = []
     for _ in range(repeats + 1):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(1e3 * (time.perf_counter() - start))
     return sorted(times[1:])[len(times[1:]) // 2]  # median, the first call dropped as warm-up
 
 
 def run_speed(args) -> dict:
-    """Forward and forward+backward CPU milliseconds (median) of each module and its baseline at the
+    """Forward and forward+backward milliseconds (median) of each module and its baseline at the
     shapes of their tasks' real use: pooling heads over (32, 12, 128, 256) hidden states; MODA and
-    joint attention on (8, 256, 256) with 4 heads and two modalities of 128 tokens each."""
+    joint attention on (8, 256, 256) with 4 heads and two modalities of 128 tokens each. On the CPU in
+    float32; with ``--device cuda`` in bfloat16, the GPU synchronised around each call."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    put = lambda m: m.to(device=device, dtype=dtype)  # noqa: E731
     rows = []
-    hidden, mask = torch.randn(32, 12, 128, 256), torch.ones(32, 128, dtype=torch.bool)
+    hidden = torch.randn(32, 12, 128, 256, device=device, dtype=dtype)
+    mask = torch.ones(32, 128, dtype=torch.bool, device=device)
     heads = {"multi-layer-pooling": TrainablePooling(256, 12), "last-layer-pooling": TrainablePooling(256, 12, source="last-layer"),
              "last-token-pooling": LastTokenPooling(256), "mean-pooling": MeanPooling(256)}
     for name, head in heads.items():
-        fwd = _time_ms(lambda: head(hidden, mask), args.repeats)
-        fwdbwd = _time_ms(lambda: head(hidden, mask).sum().backward(), args.repeats)
+        head = put(head)
+        fwd = _time_ms(lambda: head(hidden, mask), args.repeats, device)
+        fwdbwd = _time_ms(lambda: head(hidden, mask).float().sum().backward(), args.repeats, device)
         rows.append({"family": "pooling", "method": name, "shape": "hidden (32, 12, 128, 256)", "fwd_ms": fwd,
                      "fwdbwd_ms": fwdbwd})
-    x = torch.randn(8, 256, 256)
-    modality = torch.cat([torch.zeros(8, 128), torch.ones(8, 128)], dim=1).long()
+    x = torch.randn(8, 256, 256, device=device, dtype=dtype)
+    modality = torch.cat([torch.zeros(8, 128), torch.ones(8, 128)], dim=1).long().to(device)
     layers = {"moda": ModularDuplexAttention(256, 4), "moda-oneway": ModularDuplexAttention(256, 4, duplex=False),
               "joint-attention": attnkit.build("mha", dim=256, num_heads=4, pattern="full", rope=False)}
     for name, layer in layers.items():
+        layer = put(layer)
         call = (lambda l=layer: l(x, modality)) if isinstance(layer, ModularDuplexAttention) else (lambda l=layer: l(x))
-        fwd = _time_ms(call, args.repeats)
-        fwdbwd = _time_ms(lambda: call().sum().backward(), args.repeats)
+        fwd = _time_ms(call, args.repeats, device)
+        fwdbwd = _time_ms(lambda: call().float().sum().backward(), args.repeats, device)
         rows.append({"family": "multimodal", "method": name, "shape": "x (8, 256, 256), 4 heads", "fwd_ms": fwd,
                      "fwdbwd_ms": fwdbwd})
     for r in rows:
         print(json.dumps(r), flush=True)
-    return {"command": "python benchmarks/pooling_multimodal.py speed", "header": {**_header("python benchmarks/pooling_multimodal.py speed"), "repeats": args.repeats,
-                       "note": "CPU, float32, median; a machine shared with other jobs: ratios more than absolutes"},
+    command = "python benchmarks/pooling_multimodal.py " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    where = (f"CUDA ({torch.cuda.get_device_name(device)}), bfloat16" if device.type == "cuda"
+             else "CPU, float32; a machine shared with other jobs: ratios more than absolutes")
+    return {"command": command, "header": {**_header(command), "repeats": args.repeats, "device": str(device),
+                                           "note": f"{where}, median"},
             "rows": rows}
 
 
@@ -316,15 +329,22 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cache", default="/tmp/attnkit_pooling_features.pt")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="speed only: where to time")
+    parser.add_argument("--out", default=None, help="speed only: the JSON to write "
+                        "(default: benchmarks/results/cpu/pooling-multimodal-speed.json)")
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.family == "plot":
         for family in ("pooling", "multimodal"):
             if (OUT / f"{family}.json").is_file():
                 plot(family)
         return
     if args.family == "speed":
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "pooling-multimodal-speed.json").write_text(json.dumps(run_speed(args), indent=1) + "\n")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device here")
+        out = Path(args.out) if args.out else OUT / "pooling-multimodal-speed.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(run_speed(args), indent=1) + "\n")
         return
     defaults = {"pooling": (300, 64, 1e-3), "multimodal": (500, 64, 3e-3)}[args.family]
     args.steps = args.steps or defaults[0]

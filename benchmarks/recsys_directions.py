@@ -81,30 +81,38 @@ def part_tin():
     return {"config": {**TIN_RUN, "dim": 16}, "rows": rows}
 
 
-def part_bench(repeat: int = 10):
-    """ms per training step (forward + backward) of each card at a fixed batch, CPU, 1 thread."""
+def part_bench(repeat: int = 10, device: str = "cpu"):
+    """ms per training step (forward + backward) of each card at a fixed batch: CPU with 1 thread, or
+    ``device="cuda"`` (float32, the GPU synchronised around each step)."""
     torch.set_num_threads(1)
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     rows = []
     for card in CARDS:
         next_item = card.layer is MQSA
         dim, heads, batch, seq = (32, 2, 128, 20) if next_item else (16, 1, 256, 200)
-        model = card.build(dim, heads, num_items=200)
+        model = card.build(dim, heads, num_items=200).to(device)
         if next_item:
             inputs = (torch.randint(0, 200, (batch, seq)),)
         else:
             inputs = (torch.randint(0, 200, (batch, seq)), torch.randint(0, 8, (batch, seq)),
                       torch.randint(0, 200, (batch,)))
+        inputs = tuple(t.to(device) for t in inputs)
         times = []
         for i in range(repeat + 2):
+            sync()
             start = time.perf_counter()
             model(*inputs).float().mean().backward()
+            sync()
             if i >= 2:
                 times.append(time.perf_counter() - start)
         flops = card.flop_count(batch, seq, dim, heads, num_items=200)
         rows.append({"name": card.name, "batch": batch, "seq": seq, "dim": dim, "ms_fwdbwd": 1e3 * statistics.median(times),
                      "gflop_fwd": flops.fwd / 1e9})
         print(rows[-1], flush=True)
-    return {"config": {"threads": 1, "repeat": repeat}, "rows": rows}
+    return {"config": {"threads": 1, "repeat": repeat, "device": str(device),
+                       "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+            "rows": rows}
 
 
 def _summary(rows, metrics):
@@ -180,7 +188,20 @@ def main(argv=None):
     parser.add_argument("--seeds", help="a subset of the seeds, e.g. 1,2 (to run seeds in parallel processes)")
     parser.add_argument("--combine", action="store_true")
     parser.add_argument("--plot", action="store_true", help="redraw recsys.png from recsys.json")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="--part bench only: where to time")
+    parser.add_argument("--out", default=None, help="--part bench --device cuda: the JSON to write")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and args.part != "bench":
+        parser.error("--device cuda applies to --part bench only")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device here")
+        result = part_bench(device="cuda")
+        command = "python benchmarks/recsys_directions.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        out = Path(args.out) if args.out else OUT.parent / "h200" / "recsys-bench.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": command, **result}, indent=1) + "\n")
+        return 0
     if args.part:
         global SEEDS
         suffix = ""
