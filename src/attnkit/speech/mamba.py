@@ -16,17 +16,19 @@ Shapes (mamba_ssm's layout): u, delta, z ``[B, E, L]``; A ``[E, N]``; B, C ``[B,
 Two implementations, tested against each other (forward and every gradient, float64):
 
 - :func:`selective_scan_reference`: the recurrence above, one position at a time, in float64.
-- :func:`selective_scan`: chunked, with cumulative log decays. The sequence is cut into chunks of Q =
-  ``chunk_size`` positions. (1) Inside every chunk at once, the recurrence from a zero state: a loop
-  of Q steps over tensors ``[B, E, L/Q, N]``, giving ``local_t``. (2) The cumulative log decay from
-  the chunk's start, ``S_t = cumsum(dt A)``. (3) The state entering each chunk: the pairs ``(S_last,
-  local_last)`` of the chunks compose associatively, ``(a1, b1) o (a2, b2) = (a1 + a2, exp(a2) b1 +
-  b2)``, scanned by a Hillis-Steele parallel prefix over the L/Q chunks (log2(L/Q) steps). (4) The
-  correction ``h_t = local_t + exp(S_t) h_in`` and the readout ``y_t = C_t . h_t``. Python runs
-  Q + log2(L/Q) steps instead of L, and the work stays O(L) (a full parallel prefix is O(L log L),
-  and measured slower on one CPU thread: the scan is memory-bound). Only exponentials of non-positive
-  numbers appear when A < 0 (Mamba's ``A = -exp(A_log)``), so nothing overflows, unlike the
-  ``exp(-cumsum)`` rescaling trick.
+- :func:`selective_scan`: chunked, with chunk log decays. The sequence is cut into chunks of Q =
+  ``chunk_size`` positions, laid out ``[Q, B, E, L/Q, N]`` so each position of every chunk is one
+  contiguous slice. (1) Inside every chunk at once, the recurrence from a zero state (a loop of Q
+  steps over ``[B, E, L/Q, N]``), keeping only each chunk's last state. (2) The state entering each
+  chunk: the pairs (chunk log decay ``sum_t dt_t A``, last state) compose associatively,
+  ``(a1, b1) o (a2, b2) = (a1 + a2, exp(a2) b1 + b2)``, scanned by a Hillis-Steele parallel prefix over
+  the L/Q chunks (log2(L/Q) steps). (3) The Q steps again from the entering states, reading out
+  ``y_t = C_t . h_t`` on the way. Python runs 2Q + log2(L/Q) steps instead of L, the work stays O(L)
+  and no ``[B, E, L, N]`` state tensor is kept beyond the decays and inputs (a full parallel prefix is
+  O(L log L) and a cumulative-decay correction needs two more such tensors: both measured slower on
+  one CPU thread, where the scan is memory-bound). Only exponentials of non-positive numbers appear
+  when A < 0 (Mamba's ``A = -exp(A_log)``), so nothing overflows, unlike the ``exp(-cumsum)``
+  rescaling trick.
 
 The CUDA package: ``mamba-ssm`` (2.3.2.post1, PyPI) ships only as a source distribution whose build
 needs ``nvcc``; on this CPU-only machine ``pip download mamba-ssm`` fails at metadata generation
@@ -135,7 +137,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     """The S6 scan, chunked: a short loop inside all chunks at once, a parallel prefix across chunk ends.
 
     Same arguments and result as :func:`selective_scan_reference`, in the inputs' dtype; ``chunk_size``
-    Q is the number of positions per chunk (any positive int; Q >= L is the plain loop, Q = 1 a full parallel prefix)."""
+    Q is the number of positions per chunk (any positive int; Q >= L is the plain loop run twice, Q = 1 a full parallel prefix)."""
     _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
     positive_int(chunk_size, "chunk_size")
     if delta_bias is not None:
@@ -144,39 +146,37 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         delta = F.softplus(delta)
     batch, channels, length = u.shape
     state = A.shape[1]
-    log_decay = delta.unsqueeze(-1) * A[:, None, :]  # (B, E, L, N)
-    inputs = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (B, E, L, N)
     chunk = min(chunk_size, length)
     chunks = -(-length // chunk)
     pad = chunks * chunk - length  # padded positions sit at the end: decay 1, input 0, never read
-    if pad:
-        log_decay = F.pad(log_decay, (0, 0, 0, pad))
-        inputs = F.pad(inputs, (0, 0, 0, pad))
-    log_decay = log_decay.view(batch, channels, chunks, chunk, state)
-    inputs = inputs.view(batch, channels, chunks, chunk, state)
-    # within each chunk, from a zero state: a loop over the Q positions, all chunks at once
-    decay = torch.exp(log_decay)
-    h = inputs[:, :, :, 0]
-    local = [h]
+
+    def by_position(t: Tensor) -> Tensor:  # [B, X, L] -> [Q, B, X, chunks]: a contiguous slice per position
+        return F.pad(t, (0, pad)).view(t.shape[0], t.shape[1], chunks, chunk).permute(3, 0, 1, 2)
+
+    dt = by_position(delta)  # (Q, B, E, chunks)
+    decays = torch.exp(dt.unsqueeze(-1) * A[None, None, :, None, :]).unbind(0)  # Q x (B, E, chunks, N)
+    inputs = (dt * by_position(u)).unsqueeze(-1) * by_position(B).transpose(2, 3).unsqueeze(2)  # (Q, B, E, chunks, N)
+    readout = by_position(C).transpose(2, 3).unsqueeze(2)  # (Q, B, 1, chunks, N)
+    steps = inputs.unbind(0)
+    # (1) each chunk from a zero state, all chunks at once: only its last state is kept
+    h = steps[0]
     for q in range(1, chunk):
-        h = decay[:, :, :, q] * h + inputs[:, :, :, q]  # (B, E, chunks, N)
-        local.append(h)
-    local = torch.stack(local, dim=3)  # (B, E, chunks, Q, N)
-    cum_decay = log_decay.cumsum(3)  # log of the decay from the chunk's start to each position
-    # the state leaving chunk c (a parallel prefix over the chunks), then the state entering it
-    _, leaving = _prefix_scan(cum_decay[:, :, :, -1], local[:, :, :, -1], dim=2)  # (B, E, chunks, N)
-    entering = torch.cat((leaving.new_zeros(batch, channels, 1, state), leaving[:, :, :-1]), dim=2)
-    h = local + torch.exp(cum_decay) * entering.unsqueeze(3)  # (B, E, chunks, Q, N)
-    h = h.reshape(batch, channels, chunks * chunk, state)
-    C_t = C.transpose(1, 2)  # (B, L, N)
-    if pad:
-        C_t = F.pad(C_t, (0, 0, 0, pad))
-    y = torch.einsum("beln,bln->bel", h, C_t)[:, :, :length]  # (B, E, L)
+        h = decays[q] * h + steps[q]  # (B, E, chunks, N)
+    # (2) the state entering each chunk: a parallel prefix over the chunks' (total log decay, last state)
+    chunk_log_decay = dt.sum(0).unsqueeze(-1) * A[None, :, None, :]  # (B, E, chunks, N)
+    _, leaving = _prefix_scan(chunk_log_decay, h, dim=2)
+    h = torch.cat((leaving.new_zeros(batch, channels, 1, state), leaving[:, :, :-1]), dim=2)
+    # (3) the chunks again, from their entering states, reading out y at every position
+    ys = []
+    for q in range(chunk):
+        h = decays[q] * h + steps[q]
+        ys.append((h * readout[q]).sum(-1))  # (B, E, chunks)
+    y = torch.stack(ys, dim=-1).reshape(batch, channels, chunks * chunk)[:, :, :length]  # (B, E, L)
     if D is not None:
         y = y + D[:, None] * u
     if z is not None:
         y = y * F.silu(z)
-    return (y, h[:, :, length - 1]) if return_last_state else y
+    return (y, h[:, :, -1]) if return_last_state else y  # padding keeps the state: decay 1, input 0
 
 
 class MambaBlock(nn.Module):
