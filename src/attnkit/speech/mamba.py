@@ -60,7 +60,8 @@ from torch import Tensor, nn
 
 from .._checks import positive_int
 
-__all__ = ["selective_scan", "selective_scan_reference", "MambaBlock", "BiMamba", "SCANS", "mamba_flops"]
+__all__ = ["selective_scan", "selective_scan_reference", "MambaBlock", "BiMamba", "SCANS", "mamba_flops",
+           "mamba_block_reference", "bimamba_reference"]
 
 #: the scan implementations a :class:`MambaBlock` can use
 SCANS = ("chunked", "reference")
@@ -282,6 +283,39 @@ class BiMamba(nn.Module):
         reverse = x.flip(1)
         backward = (reverse + self.backward_mamba(self.norm_backward(reverse))).flip(1)
         return self.merge(torch.cat((forward, backward), dim=-1))
+
+
+def mamba_block_reference(x: Tensor, mamba: MambaBlock) -> Tensor:
+    """:class:`MambaBlock` ``x [N, L, C] -> [N, L, C]`` from its parameters, in float64: the conv as an
+    explicit sum over taps, the scan by :func:`selective_scan_reference`."""
+    p = {name: t.double() for name, t in mamba.named_parameters()}
+    x = x.double()
+    length = x.shape[1]
+    xs, z = (x @ p["in_proj.weight"].T).chunk(2, dim=-1)  # (N, L, E)
+    kernel = p["conv.weight"][:, 0]  # (E, K): tap j multiplies the input j - (K - 1) positions back
+    taps = kernel.shape[1]
+    padded = F.pad(xs, (0, 0, taps - 1, 0))
+    conv = sum(padded[:, j:j + length] * kernel[:, j] for j in range(taps)) + p["conv.bias"]
+    xs = F.silu(conv)
+    dt, B, C = (xs @ p["x_proj.weight"].T).split((mamba.dt_rank, mamba.d_state, mamba.d_state), dim=-1)
+    delta = dt @ p["dt_proj.weight"].T
+    y = selective_scan_reference(xs.transpose(1, 2), delta.transpose(1, 2), -torch.exp(p["A_log"]),
+                                 B.transpose(1, 2), C.transpose(1, 2), p["D"], z=z.transpose(1, 2),
+                                 delta_bias=p["dt_proj.bias"], delta_softplus=True)
+    return y.transpose(1, 2) @ p["out_proj.weight"].T
+
+
+def _rms_norm_reference(x: Tensor, norm: nn.RMSNorm) -> Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.double()
+
+
+def bimamba_reference(x: Tensor, bi: BiMamba) -> Tensor:
+    """:class:`BiMamba` in float64 from its parameters (RMSNorm written out, :func:`mamba_block_reference`)."""
+    x = x.double()
+    forward = x + mamba_block_reference(_rms_norm_reference(x, bi.norm_forward), bi.forward_mamba)
+    reverse = x.flip(1)
+    backward = reverse + mamba_block_reference(_rms_norm_reference(reverse, bi.norm_backward), bi.backward_mamba)
+    return torch.cat((forward, backward.flip(1)), -1) @ bi.merge.weight.double().T + bi.merge.bias.double()
 
 
 def mamba_flops(tokens: int, dim: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank="auto") -> float:

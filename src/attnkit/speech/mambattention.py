@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from .._checks import positive_int
 from ..cards import FlopCount
 from ..layers import MultiHeadAttention
-from .mamba import SCANS, BiMamba, mamba_flops, selective_scan_reference
+from .mamba import SCANS, BiMamba, bimamba_reference, mamba_flops
 
 __all__ = ["ATTENTION", "AxisAttention", "MambAttentionBlock", "MambAttention", "enhancement_loss",
            "tf_attention_reference", "block_reference", "mambattention_flops"]
@@ -176,36 +176,6 @@ def tf_attention_reference(block: MambAttentionBlock, x: Tensor) -> tuple[Tensor
     return time, freq
 
 
-def _mamba_reference(x: Tensor, mamba) -> Tensor:
-    """:class:`MambaBlock` on ``x [N, L, C]`` in float64: the conv as an explicit sum over taps and
-    :func:`selective_scan_reference`."""
-    p = {name: t.double() for name, t in mamba.named_parameters()}
-    length = x.shape[1]
-    xs, z = (x @ p["in_proj.weight"].T).chunk(2, dim=-1)  # (N, L, E)
-    kernel = p["conv.weight"][:, 0]  # (E, K): tap j multiplies the input j - (K - 1) positions back
-    taps = kernel.shape[1]
-    padded = F.pad(xs, (0, 0, taps - 1, 0))
-    conv = sum(padded[:, j:j + length] * kernel[:, j] for j in range(taps)) + p["conv.bias"]
-    xs = F.silu(conv)
-    dt, B, C = (xs @ p["x_proj.weight"].T).split((mamba.dt_rank, mamba.d_state, mamba.d_state), dim=-1)
-    delta = dt @ p["dt_proj.weight"].T
-    y = selective_scan_reference(xs.transpose(1, 2), delta.transpose(1, 2), -torch.exp(p["A_log"]),
-                                 B.transpose(1, 2), C.transpose(1, 2), p["D"], z=z.transpose(1, 2),
-                                 delta_bias=p["dt_proj.bias"], delta_softplus=True)
-    return y.transpose(1, 2) @ p["out_proj.weight"].T
-
-
-def _rms_norm_reference(x: Tensor, norm: nn.RMSNorm) -> Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.double()
-
-
-def _bimamba_reference(x: Tensor, bi: BiMamba) -> Tensor:
-    forward = x + _mamba_reference(_rms_norm_reference(x, bi.norm_forward), bi.forward_mamba)
-    reverse = x.flip(1)
-    backward = reverse + _mamba_reference(_rms_norm_reference(reverse, bi.norm_backward), bi.backward_mamba)
-    return torch.cat((forward, backward.flip(1)), -1) @ bi.merge.weight.double().T + bi.merge.bias.double()
-
-
 def block_reference(block: MambAttentionBlock, x: Tensor) -> Tensor:
     """The whole block in float64, written from the paper's equations over ``[B, T, F, C]`` (attention
     by materialised scores, Mamba by the sequential scan): ``x [B, C, T, F] -> [B, C, T, F]``."""
@@ -214,11 +184,11 @@ def block_reference(block: MambAttentionBlock, x: Tensor) -> Tensor:
     if block.time_attention is not None:
         x = x + _mha_reference(x, block.time_attention, "time")
     along_time = x.transpose(1, 2).reshape(B * Fq, T, C)
-    x = x + _bimamba_reference(along_time, block.time_mamba).view(B, Fq, T, C).transpose(1, 2)
+    x = x + bimamba_reference(along_time, block.time_mamba).view(B, Fq, T, C).transpose(1, 2)
     if block.freq_attention is not None:
         x = x + _mha_reference(x, block.freq_attention, "freq")
     along_freq = x.reshape(B * T, Fq, C)
-    x = x + _bimamba_reference(along_freq, block.freq_mamba).view(B, T, Fq, C)
+    x = x + bimamba_reference(along_freq, block.freq_mamba).view(B, T, Fq, C)
     return x.permute(0, 3, 1, 2)
 
 
