@@ -35,6 +35,7 @@ ALLOWED = {
 ALLOWED["vision"] = METHODS | {"vision"}  # issue 28: modules over image patch tokens, level 5
 ALLOWED["pooling"] = METHODS  # issue 28: pooling heads over a frozen LM's hidden states, level 5
 ALLOWED["multimodal"] = METHODS | {"multimodal"}  # issue 28: fusion blocks over two modalities' tokens, level 5
+ALLOWED["speech"] = METHODS | {"speech"}  # issue 28: speech enhancement models over STFT spectrograms, level 5
 # (module, imported package): each a documented exception (docs/architecture.md)
 EXCEPTIONS = {("layers/attention_experts.py", "models")}
 

@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", nargs="?", default="train", choices=["train", "bench"])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated cards ({', '.join(MODELS)})")
     parser.add_argument("--tag", default="", help="suffix of the output names: speech[-bench][-tag].json")
     parser.add_argument("--out", default="benchmarks/results/cpu", help="folder for the JSON and PNG")
@@ -237,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         if not models or any(m not in MODELS for m in models):
             raise SystemExit(f"--models takes a comma-separated subset of {', '.join(MODELS)}, got {args.models!r}")
         options = {} if args.steps is None else {"steps": positive_int(args.steps, "--steps")}
+        if args.lr is not None:
+            if not args.lr > 0:
+                raise SystemExit(f"--lr must be positive, got {args.lr}")
+            options["lr"] = args.lr
         result = run_train(seeds, models=models, **options)
         result["summary"] = summarise(result)
     result = {"command": "python -m attnkit.speech.experiments " + " ".join(sys.argv[1:] if argv is None else argv),
