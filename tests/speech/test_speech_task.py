@@ -59,7 +59,8 @@ def test_si_sdr_known_values_and_scale_invariance():
     noise = noise - noise.mean(-1, keepdim=True)
     noise = noise - (noise * target).sum(-1, keepdim=True) / target.pow(2).sum(-1, keepdim=True) * target  # orthogonal
     for db in (-5.0, 0.0, 10.0, 20.0):
-        scaled = noise * (target.pow(2).sum(-1, keepdim=True) / noise.pow(2).sum(-1, keepdim=True) / 10 ** (db / 10)).sqrt()
+        ratio = target.pow(2).sum(-1, keepdim=True) / noise.pow(2).sum(-1, keepdim=True)
+        scaled = noise * (ratio / 10 ** (db / 10)).sqrt()
         estimate = target + scaled
         assert torch.allclose(si_sdr(estimate, target), torch.full((3,), db, dtype=torch.float64), atol=1e-6)
         # scale invariance of estimate and target, and an offset is removed

@@ -14,7 +14,8 @@ trained on?
 Run (writes JSON and PNG under ``--out``)::
 
     OMP_NUM_THREADS=1 nice -n 10 python -m attnkit.speech.experiments --seeds 0,1,2
-    OMP_NUM_THREADS=1 nice -n 10 python -m attnkit.speech.experiments --seeds 0,1,2 --models mambattention-separate --tag sharing
+    OMP_NUM_THREADS=1 nice -n 10 python -m attnkit.speech.experiments --seeds 0,1,2 \
+        --models mambattention-separate --tag sharing
     OMP_NUM_THREADS=1 nice -n 10 python -m attnkit.speech.experiments bench
 """
 
@@ -33,15 +34,16 @@ from ..tasks.speech import TRAIN_NOISES, SpeechTask, si_sdr
 from .cards import CARDS
 from .mambattention import MambAttention, enhancement_loss
 
-__all__ = ["SMALL", "STFT", "TEST_SETS", "MODELS", "DEFAULT_MODELS", "train_model", "evaluate", "run_train", "run_bench", "summarise",
-           "main"]
+__all__ = ["SMALL", "STFT", "TEST_SETS", "MODELS", "DEFAULT_MODELS", "train_model", "evaluate", "run_train",
+           "run_bench", "summarise", "main"]
 
 #: the model size trained here (the official: dim 64, 4 blocks, dense depth 4, d_state 16, expand 4, 8 heads)
 SMALL = dict(dim=16, num_heads=4, num_blocks=1, dense_depth=1, d_state=4, expand=1, chunk_size=8)
 #: 8 kHz, 16 ms windows, 8 ms hop: F = 65 bins (the official: 16 kHz, n_fft 400, hop 100)
 STFT = dict(n_fft=128, hop=64)
 MODELS = ("mambattention", "mambattention-separate", "semamba")
-#: what a plain run trains (about 10 CPU minutes for 3 seeds); the sharing ablation is ``--models mambattention-separate``
+#: what a plain run trains (about 10 CPU minutes for 3 seeds); the sharing ablation is
+#: ``--models mambattention-separate``
 DEFAULT_MODELS = ("mambattention", "semamba")
 #: held-out sets: (noise kinds, SNR range in dB); all but ``in-domain`` are out of domain
 TEST_SETS = {
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", nargs="?", default="train", choices=["train", "bench"])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
+    parser.add_argument("--train-clips", type=int, default=None, help="training mixtures per seed (default 256)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-3)")
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help=f"comma-separated cards, of {', '.join(MODELS)} (default {','.join(DEFAULT_MODELS)})")
@@ -244,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         if not models or any(m not in MODELS for m in models):
             raise SystemExit(f"--models takes a comma-separated subset of {', '.join(MODELS)}, got {args.models!r}")
         options = {} if args.steps is None else {"steps": positive_int(args.steps, "--steps")}
+        if args.train_clips is not None:
+            options["train_clips"] = positive_int(args.train_clips, "--train-clips")
         if args.lr is not None:
             if not args.lr > 0:
                 raise SystemExit(f"--lr must be positive, got {args.lr}")

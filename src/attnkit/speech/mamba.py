@@ -138,7 +138,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     """The S6 scan, chunked: a short loop inside all chunks at once, a parallel prefix across chunk ends.
 
     Same arguments and result as :func:`selective_scan_reference`, in the inputs' dtype; ``chunk_size``
-    Q is the number of positions per chunk (any positive int; Q >= L is the plain loop run twice, Q = 1 a full parallel prefix)."""
+    Q is the number of positions per chunk (any positive int; Q >= L is the plain loop run twice,
+    Q = 1 a full parallel prefix)."""
     _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
     positive_int(chunk_size, "chunk_size")
     if delta_bias is not None:
@@ -149,14 +150,14 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     state = A.shape[1]
     chunk = min(chunk_size, length)
     chunks = -(-length // chunk)
-    pad = chunks * chunk - length  # padded positions sit at the end: decay 1, input 0, never read
+    pad = chunks * chunk - length  # padded positions sit at the end: decay 1, input 0, the state unchanged
 
     def by_position(t: Tensor) -> Tensor:  # [B, X, L] -> [Q, B, X, chunks]: a contiguous slice per position
         return F.pad(t, (0, pad)).view(t.shape[0], t.shape[1], chunks, chunk).permute(3, 0, 1, 2)
 
     dt = by_position(delta)  # (Q, B, E, chunks)
     decays = torch.exp(dt.unsqueeze(-1) * A[None, None, :, None, :]).unbind(0)  # Q x (B, E, chunks, N)
-    inputs = (dt * by_position(u)).unsqueeze(-1) * by_position(B).transpose(2, 3).unsqueeze(2)  # (Q, B, E, chunks, N)
+    inputs = (dt * by_position(u)).unsqueeze(-1) * by_position(B).transpose(2, 3).unsqueeze(2)  # (Q,B,E,chunks,N)
     readout = by_position(C).transpose(2, 3).unsqueeze(2)  # (Q, B, 1, chunks, N)
     steps = inputs.unbind(0)
     # (1) each chunk from a zero state, all chunks at once: only its last state is kept

@@ -272,7 +272,8 @@ class MambAttention(nn.Module):
 
     def forward(self, magnitude: Tensor, phase: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if magnitude.dim() != 3 or magnitude.shape[1] != self.freq_bins:
-            raise ValueError(f"magnitude must be [B, F, T] with F = {self.freq_bins}, got shape {tuple(magnitude.shape)}")
+            raise ValueError(f"magnitude must be [B, F, T] with F = {self.freq_bins}, "
+                             f"got shape {tuple(magnitude.shape)}")
         if phase.shape != magnitude.shape:
             raise ValueError(f"phase must have magnitude's shape {tuple(magnitude.shape)}, got {tuple(phase.shape)}")
         mag = magnitude.transpose(1, 2).unsqueeze(1)  # (B, 1, T, F)
@@ -357,7 +358,8 @@ def mambattention_flops(batch: int, seq: int, config: dict) -> FlopCount:
             projection += 2 * (2.0 * tokens * dim * 4 * dim)  # qkv and out projections, both axes
         projection += 4 * mamba_flops(tokens, dim, **mamba) + 2 * (2.0 * tokens * 2 * dim * dim)
     full = batch * seq * freq
-    projection += 2.0 * full * 2 * dim + _dense_flops(full, dim, depth) + 2.0 * tokens * dim * dim * 3  # encoder
+    projection += 2.0 * full * 2 * dim + _dense_flops(full, dim, depth)  # encoder: 1x1 conv, dense block
+    projection += 2.0 * tokens * dim * dim * 3  # encoder: the stride-2 frequency conv
     projection += 2 * (_dense_flops(tokens, dim, depth) + 2.0 * full * dim * dim * 3)  # decoders' dense + upsampling
     projection += 2.0 * full * dim * 3  # 1x1 heads
     return FlopCount(attention_fwd=core, projection_fwd=projection)

@@ -56,7 +56,8 @@ def _speech_clip(length: int, sample_rate: int, generator: torch.Generator) -> T
     duration = length / sample_rate
     # pitch: a speaker's base, vibrato and a glide over the clip
     base = _uniform(90.0, 240.0, generator)
-    rate, depth, phase0 = _uniform(0.5, 3.0, generator), _uniform(0.03, 0.15, generator), _uniform(0, 2 * math.pi, generator)
+    rate, depth = _uniform(0.5, 3.0, generator), _uniform(0.03, 0.15, generator)
+    phase0 = _uniform(0, 2 * math.pi, generator)
     glide = _uniform(-0.3, 0.3, generator)
     f0 = base * (1 + depth * torch.sin(2 * math.pi * rate * t + phase0)) * (1 + glide * t / duration)  # (L,)
     phase = 2 * math.pi * torch.cumsum(f0, 0) / sample_rate
