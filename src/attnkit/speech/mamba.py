@@ -36,7 +36,8 @@ needs ``nvcc``; on this CPU-only machine ``pip download mamba-ssm`` fails at met
 ``selective_scan_cuda`` at module level, so it cannot run on CPU. A pure-PyTorch package exists on
 PyPI (``mambapy`` 1.2.0, last released 2024-07); it was neither installed nor used. This module is
 therefore the path used here; it is not a drop-in for the fused CUDA kernel's speed (on one CPU
-thread the scan is memory-bound: about 70 ns per element of ``[B, E, L, N]`` forward + backward).
+thread the scan is memory-bound: roughly 70 ns per element of ``[B, E, L, N]`` forward + backward,
+measured on a shared 2-core machine).
 
 Example::
 
