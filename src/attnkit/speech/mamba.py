@@ -32,8 +32,8 @@ Two implementations, tested against each other (forward and every gradient, floa
 
 The CUDA package: ``mamba-ssm`` (2.3.2.post1, PyPI) ships only as a source distribution whose build
 needs ``nvcc``; on this CPU-only machine ``pip download mamba-ssm`` fails at metadata generation
-("nvcc was not found"), and its ``selective_scan_interface`` imports the compiled
-``selective_scan_cuda`` at module level, so it cannot run on CPU. A pure-PyTorch package exists on
+("nvcc was not found"), and the copy the official MambAttention code vendors (``mamba_ssm`` 1.2.2)
+imports the compiled ``selective_scan_cuda`` at module level, so it cannot run on CPU. A pure-PyTorch package exists on
 PyPI (``mambapy`` 1.2.0, last released 2024-07); it was neither installed nor used. This module is
 therefore the path used here; it is not a drop-in for the fused CUDA kernel's speed (on one CPU
 thread the scan is memory-bound: roughly 70 ns per element of ``[B, E, L, N]`` forward + backward,
