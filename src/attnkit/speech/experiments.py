@@ -136,7 +136,7 @@ def run_train(seeds: list[int], *, models=DEFAULT_MODELS, steps: int = 300, trai
             "rows": rows}
 
 
-def run_bench(*, batch: int = 1, seconds: float = 1.0, repeat: int = 5, config: dict | None = None) -> dict:
+def run_bench(*, batch: int = 1, seconds: float = 1.0, repeat: int = 21, config: dict | None = None) -> dict:
     """Forward latency (median of ``repeat``), FLOPs and parameters of every card at the experiment's size."""
     config = {**SMALL, **(config or {})}
     frames = int(round(seconds * 8000)) // STFT["hop"] + 1
