@@ -18,6 +18,7 @@ _MODULE_KINDS = (
     ("pooling", ".pooling", "pooling heads over a frozen LM's hidden states (attnkit.pooling)"),
     ("multimodal", ".multimodal", "fusion blocks over tokens of two modalities (attnkit.multimodal)"),
     ("recsys", ".models.recsys", "recommendation models over item ids (attnkit.models.recsys)"),
+    ("speech", ".speech", "speech enhancement over STFT spectrograms (attnkit.speech)"),
 )
 
 

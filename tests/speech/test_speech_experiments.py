@@ -55,3 +55,19 @@ def test_bad_arguments():
         experiments.main(["--models", "conformer"])
     with pytest.raises(ValueError, match=r"unknown model\(s\) \['conformer'\]"):
         experiments.run_train([0], models=("conformer",))
+
+
+def test_bench_at_the_papers_size_and_its_options():
+    from attnkit.speech import experiments
+
+    result = experiments.run_bench(paper_size=True, repeat=1, seconds=0.02)
+    assert result["config"]["freq_bins"] == 201 and result["config"]["model"]["dim"] == 64
+    assert [r["name"] for r in result["rows"]] == [c.name for c in experiments.CARDS]
+    # the paper's size costs more than the experiment's, and attention adds to the Mamba-only FLOPs
+    small = {r["name"]: r["flops_fwd"] for r in experiments.run_bench(repeat=1, seconds=0.02)["rows"]}
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["mambattention"]["flops_fwd"] > rows["semamba"]["flops_fwd"] > small["semamba"]
+    with pytest.raises(SystemExit, match="apply to the bench run only"):
+        experiments.main(["train", "--paper-size"])
+    with pytest.raises(SystemExit, match="--batch must be a positive integer"):
+        experiments.main(["bench", "--batch", "0"])

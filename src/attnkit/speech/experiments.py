@@ -136,25 +136,37 @@ def run_train(seeds: list[int], *, models=DEFAULT_MODELS, steps: int = 300, trai
             "rows": rows}
 
 
-def run_bench(*, batch: int = 1, seconds: float = 1.0, repeat: int = 21, config: dict | None = None) -> dict:
-    """Forward latency (median of ``repeat``), FLOPs and parameters of every card at the experiment's size."""
-    config = {**SMALL, **(config or {})}
-    frames = int(round(seconds * 8000)) // STFT["hop"] + 1
-    freq_bins = STFT["n_fft"] // 2 + 1
+#: the paper's size: C 64, 4 blocks, 8 heads, d_state 16, expand 4, dense depth 4, n_fft 400 at 16 kHz
+#: (F = 201 bins, 1 s = 161 frames at hop 100)
+PAPER = dict(dim=64, num_heads=8, num_blocks=4, dense_depth=4, d_state=16, expand=4)
+
+
+def run_bench(*, batch: int = 1, seconds: float = 1.0, repeat: int = 21, config: dict | None = None,
+              device: str = "cpu", paper_size: bool = False) -> dict:
+    """Forward latency (median of ``repeat``), FLOPs and parameters of every card at the experiment's
+    size, or with ``paper_size`` at the paper's (C 64, 4 blocks, F = 201, 16 kHz frames); on
+    ``device="cuda"`` the GPU is synchronised around each call."""
+    config = {**(PAPER if paper_size else SMALL), **(config or {})}
+    frames = int(round(seconds * (16000 / 100 if paper_size else 8000 / STFT["hop"]))) + 1
+    freq_bins = 201 if paper_size else STFT["n_fft"] // 2 + 1
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     rows = []
     generator = torch.Generator().manual_seed(0)
-    mag = torch.rand(batch, freq_bins, frames, generator=generator)
-    phase = (torch.rand(batch, freq_bins, frames, generator=generator) * 2 - 1) * torch.pi
+    mag = torch.rand(batch, freq_bins, frames, generator=generator).to(device)
+    phase = ((torch.rand(batch, freq_bins, frames, generator=generator) * 2 - 1) * torch.pi).to(device)
     options = {k: v for k, v in config.items() if k not in ("dim", "num_heads")}
     for card in CARDS:
         torch.manual_seed(0)
-        model = card.build(config["dim"], config["num_heads"], freq_bins=freq_bins, **options).eval()
+        model = card.build(config["dim"], config["num_heads"], freq_bins=freq_bins, **options).eval().to(device)
         with torch.no_grad():
             model(mag, phase)
             times = []
             for _ in range(repeat):
+                sync()
                 start = time.perf_counter()
                 model(mag, phase)
+                sync()
                 times.append((time.perf_counter() - start) * 1e3)
         flops = card.flop_count(batch, frames, config["dim"], config["num_heads"], freq_bins=freq_bins, **options)
         rows.append({"name": card.name, "family": card.family, "latency_ms": sorted(times)[repeat // 2],
@@ -165,8 +177,10 @@ def run_bench(*, batch: int = 1, seconds: float = 1.0, repeat: int = 21, config:
     # expand 4, dense depth 4, n_fft 400 at 16 kHz (F = 201), 1 s = 161 frames
     paper = dict(num_blocks=4, dense_depth=4, d_state=16, expand=4, freq_bins=201)
     paper_flops = {c.name: c.flop_count(1, 161, 64, 8, **paper).fwd for c in CARDS}
-    return {"config": {"model": config, "stft": STFT, "batch": batch, "seconds": seconds, "frames": frames,
-                       "freq_bins": freq_bins, "repeat": repeat, "threads": torch.get_num_threads()},
+    return {"config": {"model": config, "stft": None if paper_size else STFT, "batch": batch, "seconds": seconds,
+                       "frames": frames, "freq_bins": freq_bins, "repeat": repeat, "threads": torch.get_num_threads(),
+                       "device": str(device), "paper_size": paper_size,
+                       "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
             "rows": rows, "paper_size_flops_fwd_per_second_of_audio": paper_flops}
 
 
@@ -234,14 +248,25 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated cards, of {', '.join(MODELS)} (default {','.join(DEFAULT_MODELS)})")
     parser.add_argument("--tag", default="", help="suffix of the output names: speech[-bench][-tag].json")
     parser.add_argument("--out", default="benchmarks/results/cpu", help="folder for the JSON and PNG")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="bench only: where to time")
+    parser.add_argument("--paper-size", action="store_true", help="bench only: the paper's model size (C 64, 4 blocks)")
+    parser.add_argument("--batch", type=int, default=1, help="bench only: clips per call")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    if args.run != "bench" and (args.device != "cpu" or args.paper_size or args.batch != 1):
+        raise SystemExit("--device, --paper-size and --batch apply to the bench run only")
     torch.set_num_threads(1)  # small models on a shared CPU: threads only contend
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     if args.run == "bench":
-        result = run_bench()
+        try:
+            batch = positive_int(args.batch, "--batch")
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        result = run_bench(device=args.device, paper_size=args.paper_size, batch=batch)
     else:
         models = tuple(m for m in args.models.split(",") if m)
         if not models or any(m not in MODELS for m in models):
