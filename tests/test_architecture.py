@@ -35,6 +35,7 @@ ALLOWED = {
 ALLOWED["vision"] = METHODS | {"vision"}  # issue 28: modules over image patch tokens, level 5
 ALLOWED["pooling"] = METHODS  # issue 28: pooling heads over a frozen LM's hidden states, level 5
 ALLOWED["multimodal"] = METHODS | {"multimodal"}  # issue 28: fusion blocks over two modalities' tokens, level 5
+ALLOWED["routing"] = METHODS | {"routing"}  # issue 28: sparse MoE layers with token routers (graph-of-tokens SMoE), level 5
 # (module, imported package): each a documented exception (docs/architecture.md)
 EXCEPTIONS = {("layers/attention_experts.py", "models")}
 
