@@ -3,8 +3,8 @@
 ``train`` (default): a byte-level :class:`~attnkit.routing.RoutedLM` (2 attention + SMoE blocks, C = 64, 4 heads,
 E = 8 experts, top-2, expert width 128) on :class:`attnkit.tasks.text.TextCorpus` (the Python standard library's
 source, 128-byte windows), once per router (``topk``, ``similarity``, ``attention``) and seed, same data order,
-same initial weights for every shared module (``similarity-t0.1``: the similarity router at temperature 0.1;
-``similarity-learned``, on request: a learned rank-64 ``W_s``). AdamW 3e-3 with warm-up and cosine decay, load-balancing loss
+same initial weights for every shared module. On request (``--routers``, with ``--tag``): ``similarity-t0.1``
+(the similarity router at temperature 0.1) and ``similarity-learned`` (a learned rank-64 ``W_s``). AdamW 3e-3 with warm-up and cosine decay, load-balancing loss
 weight 0.01. Every ``eval_every`` steps the model routes a fixed probe set (validation windows); measured:
 
 - routing fluctuation (arXiv 2505.00792 / StableMoE): the share of probe tokens whose top-1 expert changed
@@ -18,6 +18,7 @@ weight 0.01. Every ``eval_every`` steps the model routes a fixed probe set (vali
 Run (writes ``routing.json`` / ``routing.png`` and ``routing-bench.json`` under ``--out``)::
 
     OMP_NUM_THREADS=1 nice -n 10 python -m attnkit.routing.experiments --seeds 0,1,2
+    OMP_NUM_THREADS=1 nice -n 10 python -m attnkit.routing.experiments --routers similarity-t0.1,similarity-learned --tag variants
     OMP_NUM_THREADS=1 nice -n 10 python -m attnkit.routing.experiments bench
 """
 
@@ -50,8 +51,8 @@ VARIANTS = {
     "similarity-t0.1": ("similarity", {"temperature": 0.1}),
     "similarity-learned": ("similarity", {"similarity": "learned"}),
 }
-#: the default runs: the paper's three routers, and the similarity router at a sharper temperature
-ROUTER_NAMES = ("topk", "similarity", "attention", "similarity-t0.1")
+#: the default runs: the paper's three routers (``--routers`` picks others of :data:`VARIANTS`)
+ROUTER_NAMES = ("topk", "similarity", "attention")
 MODEL = {"vocab_size": 256, "dim": 64, "num_layers": 2, "num_heads": 4, "num_experts": 8, "top_k": 2, "hidden": 128}
 
 
@@ -137,7 +138,7 @@ def train_one(router: str, seed: int, task: TextCorpus, *, steps: int, batch: in
 
 
 def run_train(seeds, *, routers=ROUTER_NAMES, steps: int = 500, batch: int = 16, seq_len: int = 128,
-              eval_every: int = 25, probe_windows: int = 8, val_windows: int = 64) -> dict:
+              eval_every: int = 25, probe_windows: int = 16, val_windows: int = 64) -> dict:
     task = TextCorpus(seq_len=seq_len)
     probe, _ = _windows(task, probe_windows, seed=4242)
     val = _windows(task, val_windows, seed=777)
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--steps", type=int, default=500, help="training steps per run")
     parser.add_argument("--routers", default=",".join(ROUTER_NAMES), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--tag", default="", help="suffix of the output names: routing[-tag].json / .png")
     parser.add_argument("--out", default="benchmarks/results/cpu", help="folder for routing.json / routing-bench.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small models on a shared CPU: threads only contend
@@ -265,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--routers takes {', '.join(VARIANTS)}, got {args.routers!r}")
     result = run_train(seeds, routers=routers, steps=positive_int(args.steps, "--steps"))
     result = {**header, **result, "summary": summarise(result["rows"])}
-    (out / "routing.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, out / "routing.png")
+    stem = "routing" + (f"-{args.tag}" if args.tag else "")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out / f"{stem}.png")
     print(json.dumps(result["summary"], indent=1))
     return 0
 
