@@ -19,6 +19,7 @@ Run (writes ``routing.json`` / ``routing.png`` and ``routing-bench.json`` under 
 
     OMP_NUM_THREADS=1 nice -n 10 python -m attnkit.routing.experiments --seeds 0,1,2
     OMP_NUM_THREADS=1 nice -n 10 python -m attnkit.routing.experiments --routers similarity-t0.1,similarity-learned --tag variants
+    OMP_NUM_THREADS=1 nice -n 10 python -m attnkit.routing.experiments --seeds 0 --steps 1000 --tag long-s0  # (and s1, s2)
     OMP_NUM_THREADS=1 nice -n 10 python -m attnkit.routing.experiments bench
 """
 
