@@ -12,6 +12,16 @@ from attnkit.routing.smoe import Routing
 B, T, C, E = 2, 9, 16, 6
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small ops: on a loaded 2-core machine every OpenMP region of a 2-thread run waits ~10 ms for its second
+    thread (the whole file took 100x longer), so these tests run on one thread and restore the setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _rel(ref, out):
     return float((ref - out).norm() / ref.norm().clamp_min(1e-30))
 

@@ -11,6 +11,16 @@ from attnkit.cards import KINDS
 from attnkit.routing import CARDS, RoutedLM, experiments
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small ops: on a loaded 2-core machine every OpenMP region of a 2-thread run waits ~10 ms for its second
+    thread (the whole file took 100x longer), so these tests run on one thread and restore the setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("router", ["topk", "similarity", "attention"])
 def test_tiny_training_lowers_the_loss(router):
     torch.manual_seed(0)
