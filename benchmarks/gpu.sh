@@ -18,7 +18,8 @@
 #   benchmarks/gpu.sh sp-timeline         # attnkit.distributed: one rank's compute for its share of a 1M-token
 #                                         # sequence, and the W-rank ring / LASP-2 timelines simulated from it
 #   benchmarks/gpu.sh modules             # issue 28's module kinds (not bench layers) on the GPU: LookupViT and the
-#                                         # vision cards at ViT-B shapes 196-2304 tokens, pooling + MODA, recsys, MambAttention at the paper's size
+#                                         # vision cards at ViT-B shapes 196-2304 tokens, pooling + MODA, recsys, MambAttention at the paper's size,
+#                                         # the SMoE routers at T 2048, C 1024
 #   benchmarks/gpu.sh hf-pareto           # issue 23's grid: `attnkit eval` of every KV method through its budgets
 #                                         # at 2k and 4k (3 runs -> pareto-*/eval.json), and LongHeads past the
 #                                         # subject's trained 4k (8k, 16k, --beyond-context -> longheads-16k/)
@@ -155,7 +156,8 @@ case "$1" in
     for part in "vision-bench-h200 -m attnkit.vision.experiments bench --device cuda --dtype bfloat16 --batch 64 --tokens 196,576,1024,2304 --dim 768 --heads 12 --tag h200 --out $OUT" \
                 "pooling-multimodal-speed benchmarks/pooling_multimodal.py speed --device cuda --repeats 20 --out $OUT/pooling-multimodal-speed.json" \
                 "recsys-bench benchmarks/recsys_directions.py --part bench --device cuda --out $OUT/recsys-bench.json" \
-                "speech-bench-h200 -m attnkit.speech.experiments bench --device cuda --paper-size --batch 8 --tag h200 --out $OUT"; do
+                "speech-bench-h200 -m attnkit.speech.experiments bench --device cuda --paper-size --batch 8 --tag h200 --out $OUT" \
+                "routing-bench-h200 -m attnkit.routing.experiments bench --device cuda --batch 8 --seq 2048 --dim 1024 --heads 16 --tag h200 --out $OUT"; do
       set -- $part; name=$1; shift
       { header; echo "# python3 $*"; } > "$OUT/$name.log"
       timeout "${HF_TIMEOUT:-150}" python3 "$@" >> "$OUT/$name.log" 2>&1

@@ -19,6 +19,7 @@ _MODULE_KINDS = (
     ("multimodal", ".multimodal", "fusion blocks over tokens of two modalities (attnkit.multimodal)"),
     ("recsys", ".models.recsys", "recommendation models over item ids (attnkit.models.recsys)"),
     ("speech", ".speech", "speech enhancement over STFT spectrograms (attnkit.speech)"),
+    ("routing", ".routing", "mixture-of-experts blocks with token routers (attnkit.routing)"),
 )
 
 

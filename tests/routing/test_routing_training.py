@@ -82,3 +82,20 @@ def test_experiment_loop_summary_and_plot(tmp_path):
     experiments.plot(result, tmp_path / "routing.png")
     assert (tmp_path / "routing.png").stat().st_size > 0
     json.dumps(result)  # the result is plain JSON
+
+
+def test_bench_options_and_sizes(tmp_path):
+    import json
+
+    from attnkit.routing import experiments
+
+    assert experiments.main(["bench", "--batch", "1", "--seq", "16", "--dim", "16", "--heads", "2", "--tag", "t",
+                             "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "routing-bench-t.json").read_text())
+    assert data["config"]["seq"] == 16 and data["config"]["device"] == "cpu"
+    assert [r["name"] for r in data["rows"]] == [c.name for c in experiments.CARDS]
+    assert data["command"].startswith("python -m attnkit.routing.experiments bench")
+    with pytest.raises(SystemExit, match="--seq must be a positive integer, got 0"):
+        experiments.main(["bench", "--seq", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--dim \(30\) must be divisible by --heads \(4\)"):
+        experiments.main(["bench", "--dim", "30", "--heads", "4", "--out", str(tmp_path)])

@@ -169,33 +169,39 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _time_ms(call, repeat: int) -> float:
+def _time_ms(call, repeat: int, device=None) -> float:
+    sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         call()
         times = []
         for _ in range(repeat):
+            sync()
             start = time.perf_counter()
             call()
+            sync()
             times.append((time.perf_counter() - start) * 1e3)
     return sorted(times)[repeat // 2]
 
 
-def run_bench(*, batch: int = 8, seq: int = 256, dim: int = 256, heads: int = 4, repeat: int = 7) -> dict:
-    """Forward latency (median of ``repeat``) and FLOPs of each card's block and of its SMoE layer alone."""
+def run_bench(*, batch: int = 8, seq: int = 256, dim: int = 256, heads: int = 4, repeat: int = 7,
+              device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """Forward latency (median of ``repeat``) and FLOPs of each card's block and of its SMoE layer alone
+    (on ``device``: the GPU synchronised around each call)."""
+    device = torch.device(device)
     rows = []
-    x = torch.randn(batch, seq, dim)
+    x = torch.randn(batch, seq, dim, device=device, dtype=dtype)
     for card in CARDS:
         torch.manual_seed(0)
-        block = card.build(dim, heads).eval()
+        block = card.build(dim, heads).eval().to(device=device, dtype=dtype)
         config = card.config(dim, heads)
-        block_ms = _time_ms(lambda: block(x), repeat)
+        block_ms = _time_ms(lambda: block(x), repeat, device)
         moe: SparseMoE = block.moe
         attention = None
         if moe.needs_attention:
             with torch.no_grad():
                 block.attn(block.attn_norm(x))
             attention = block.attn.last_inputs
-        moe_ms = _time_ms(lambda: moe(x, attention), repeat)
+        moe_ms = _time_ms(lambda: moe(x, attention), repeat, device)
         block_flops, moe_flops = card.flop_count(batch, seq, dim, heads), smoe_flops(batch, seq, config)
         rows.append({"name": card.name, "router": config["router"], "block_ms": block_ms, "smoe_ms": moe_ms,
                      "block_flops_fwd": block_flops.fwd, "smoe_flops_fwd": moe_flops.fwd,
@@ -203,7 +209,10 @@ def run_bench(*, batch: int = 8, seq: int = 256, dim: int = 256, heads: int = 4,
                      "parameters": sum(p.numel() for p in block.parameters())})
         print(rows[-1], flush=True)
     return {"config": {"batch": batch, "seq": seq, "dim": dim, "heads": heads, "num_experts": 8, "top_k": 2,
-                       "hidden": 2 * dim, "repeat": repeat, "threads": torch.get_num_threads()}, "rows": rows}
+                       "hidden": 2 * dim, "repeat": repeat, "threads": torch.get_num_threads(), "device": str(device),
+                       "dtype": str(dtype).replace("torch.", ""),
+                       "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+            "rows": rows}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -248,7 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--routers", default=",".join(ROUTER_NAMES), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--tag", default="", help="suffix of the output names: routing[-tag].json / .png")
     parser.add_argument("--out", default="benchmarks/results/cpu", help="folder for routing.json / routing-bench.json")
+    bench = parser.add_argument_group("bench only")
+    bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    bench.add_argument("--batch", type=int, default=8)
+    bench.add_argument("--seq", type=int, default=256)
+    bench.add_argument("--dim", type=int, default=256)
+    bench.add_argument("--heads", type=int, default=4)
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
     torch.set_num_threads(1)  # small models on a shared CPU: threads only contend
     command = "python -m attnkit.routing.experiments " + " ".join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
@@ -256,8 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     header = {"command": command.strip(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "torch": torch.__version__}
     if args.run == "bench":
-        result = {**header, **run_bench()}
-        (out / "routing-bench.json").write_text(json.dumps(result, indent=1) + "\n")
+        try:
+            sizes = {k: positive_int(getattr(args, k), f"--{k}") for k in ("batch", "seq", "dim", "heads")}
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        if sizes["dim"] % sizes["heads"]:
+            raise SystemExit(f"--dim ({sizes['dim']}) must be divisible by --heads ({sizes['heads']})")
+        cuda = args.device == "cuda"
+        result = {**header, **run_bench(**sizes, device=args.device, dtype=torch.bfloat16 if cuda else torch.float32,
+                                        repeat=21 if cuda else 7)}
+        stem = "routing-bench" + (f"-{args.tag}" if args.tag else "")
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
         return 0
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
