@@ -48,6 +48,7 @@ from .multi_head import head_shape
 __all__ = ["HCAMAttention", "hcam_attend", "hcam_attend_reference", "HCAM_BACKENDS"]
 
 HCAM_BACKENDS = ("blocked", "reference")
+_GATHER_BUDGET = 2**24  # numbers of gathered keys and values per query block (64 MiB in float32)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: int, q_offset: int | None) -> int:
@@ -77,8 +78,9 @@ def hcam_attend(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int, top_k: int,
         k: ``[B, H, S, D]``, v: ``[B, H, S, Dv]``, the keys at positions ``0 .. S - 1``.
         chunk_size: tokens per memory chunk. top_k: completed chunks each query reads in detail.
         q_offset: position of the first query (default ``S - T``: the newest tokens).
-        query_block: queries handled at once (default: what keeps the gathered keys near 2^18
-            rows); memory per block is ``B * H * query_block * (top_k + 1) * chunk_size * D``.
+        query_block: queries handled at once (default: what keeps the gathered keys and values
+            of a block near 2^24 numbers in all, batch and heads included); memory per block is
+            ``B * H * query_block * (top_k + 1) * chunk_size * (D + Dv)``.
 
     Returns ``[B, H, T, Dv]``.
     """
@@ -94,8 +96,8 @@ def hcam_attend(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int, top_k: int,
     keys, values = k.reshape(B, H, chunks, L * D), v.reshape(B, H, chunks, L * Dv)  # k from a permute: not viewable
     summaries = k[:, :, : complete * L].reshape(B, H, complete, L, D).mean(3)  # (B, H, N, D)
     kept = min(top_k, complete)
-    if query_block is None:
-        query_block = max(1, 2**18 // ((kept + 1) * L))
+    if query_block is None:  # per query, (kept + 1) chunks of keys and values are copied for every batch row and head
+        query_block = max(1, _GATHER_BUDGET // (B * H * (kept + 1) * L * (D + Dv)))
     outs = []
     for start in range(0, T, query_block):
         qb = q[:, :, start : start + query_block]
