@@ -103,15 +103,33 @@ def _mlp(weights: list[Tensor], x: Tensor, gain: Tensor | None = None) -> Tensor
     return _out_norm(x, gain)
 
 
-def _memory_chunk(q, k, v, log_keep, log_eta, theta, grad_base, start, momentum, gain=None):
+def _chunk_gates(log_keep: Tensor, log_eta: Tensor, theta: Tensor) -> tuple[Tensor, ...]:
+    """The gate products of pieces of ``n`` tokens, ``[..., n]`` each (any leading dims, so all
+    whole chunks of a call at once): ``coeff [..., n, n]`` (C), ``scale_start`` (A), ``scale_momentum``
+    (d), ``last`` (C's last row), ``eta_last`` and ``eta_total [...]`` (the momentum's carry)."""
+    n = log_keep.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=log_keep.device).tril()
+    # keep[t, j] = prod_{j < s <= t}(1 - alpha_s), carry[j, i] = prod_{i < s <= j} eta_s
+    cum_keep, cum_eta = log_keep.cumsum(-1), log_eta.cumsum(-1)
+    keep = (cum_keep[..., :, None] - cum_keep[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    carry = (cum_eta[..., :, None] - cum_eta[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    coeff = (keep @ carry) * theta[..., None, :]  # C[t, i]
+    scale_start = cum_keep.exp()  # A_t
+    scale_momentum = (keep @ cum_eta.exp()[..., None]).squeeze(-1)  # d_t
+    eta_last = (cum_eta[..., -1:] - cum_eta).exp() * theta
+    return coeff, scale_start, scale_momentum, coeff[..., -1, :], eta_last, cum_eta[..., -1].exp()
+
+
+def _memory_chunk(q, k, v, gates, grad_base, start, momentum, gain=None, qk=None):
     """One chunk (or a piece of one) of the memory in the dual form.
 
-    q, k, v ``[B, H, n, D]``; log_keep = log(1 - alpha), log_eta = log(eta), theta ``[B, H, n]``;
-    grad_base, start, momentum: per-layer weights ``[B, H, out, in]`` (the chunk's first weights
-    W', the weights and the momentum before this piece); gain: the output norm's ``[H, 1, D]``
-    or ``None``. Returns ``(y [B, H, n, D], weights after the piece, momentum after the piece)``.
+    q, k, v ``[B, H, n, D]``; gates: :func:`_chunk_gates` of the piece's log(1 - alpha), log(eta)
+    and theta; grad_base, start, momentum: per-layer weights ``[B, H, out, in]`` (the chunk's
+    first weights W', the weights and the momentum before this piece); gain: the output norm's
+    ``[H, 1, D]`` or ``None``; qk: ``q @ k^T [B, H, n, n]`` if already computed. Returns
+    ``(y [B, H, n, D], weights after the piece, momentum after the piece)``.
     """
-    n = q.shape[2]
+    coeff, scale_start, scale_momentum, last, eta_last, eta_total = gates
     # the error of every token at W', backpropagated through the MLP: u_i = delta_i a_i^T per layer
     inputs, pre = [k], []
     x = k
@@ -132,28 +150,20 @@ def _memory_chunk(q, k, v, log_keep, log_eta, theta, grad_base, start, momentum,
         deltas[layer] = delta
         if layer:
             delta = (delta @ grad_base[layer]) * _silu_grad(pre[layer - 1])
-    # gate products: keep[t, j] = prod_{j < s <= t}(1 - alpha_s), carry[j, i] = prod_{i < s <= j} eta_s
-    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    cum_keep, cum_eta = log_keep.cumsum(-1), log_eta.cumsum(-1)  # (B, H, n)
-    keep = (cum_keep[..., :, None] - cum_keep[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    carry = (cum_eta[..., :, None] - cum_eta[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    coeff = (keep @ carry) * theta[..., None, :]  # C[t, i] (B, H, n, n)
-    scale_start = cum_keep.exp()  # A_t
-    scale_momentum = (keep @ cum_eta.exp()[..., None]).squeeze(-1)  # d_t
     # retrieval with each token's own weights W_t
     r = q
     for layer in range(len(start)):
+        scores = qk if layer == 0 and qk is not None else r @ inputs[layer].transpose(-1, -2)
         z = (scale_start[..., None] * (r @ start[layer].transpose(-1, -2))
              + scale_momentum[..., None] * (r @ momentum[layer].transpose(-1, -2))
-             - (coeff * (r @ inputs[layer].transpose(-1, -2))) @ deltas[layer])
+             - (coeff * scores) @ deltas[layer])
         r = F.silu(z) if layer < len(start) - 1 else _out_norm(z, gain)
-    last, eta_last = coeff[..., -1, :], (cum_eta[..., -1:] - cum_eta).exp() * theta  # (B, H, n)
     new_weights, new_momentum = [], []
     for layer in range(len(start)):
         grads = lambda c: (deltas[layer] * c[..., None]).transpose(-1, -2) @ inputs[layer]  # noqa: E731
         new_weights.append(scale_start[..., -1, None, None] * start[layer]
                            + scale_momentum[..., -1, None, None] * momentum[layer] - grads(last))
-        new_momentum.append(cum_eta[..., -1, None, None].exp() * momentum[layer] - grads(eta_last))
+        new_momentum.append(eta_total[..., None, None] * momentum[layer] - grads(eta_last))
     return r, new_weights, new_momentum
 
 
@@ -267,24 +277,48 @@ class NeuralMemory(nn.Module):
             y, weights, momentum, base = titans_memory_reference(q, k, v, log_keep, log_eta, theta, weights, momentum,
                                                                  base, offset, self.chunk_size, self._gain(q.dtype))
         else:
-            pieces, t, T = [], 0, q.shape[2]
-            while t < T:
-                position = offset + t
-                if position % self.chunk_size == 0:
-                    base = weights
-                n = min(self.chunk_size - position % self.chunk_size, T - t)
-                part = slice(t, t + n)
-                y, weights, momentum = _memory_chunk(q[:, :, part], k[:, :, part], v[:, :, part], log_keep[..., part],
-                                                     log_eta[..., part], theta[..., part], base, weights, momentum,
-                                                     self._gain(q.dtype))
-                pieces.append(y)
-                t += n
-            y = torch.cat(pieces, dim=2)
+            y, weights, momentum, base = self._chunked(q, k, v, log_keep, log_eta, theta, weights, momentum, base,
+                                                       offset)
         after = {}
         for name, tensors in (("w", weights), ("s", momentum), ("g", base)):
             for i, value in enumerate(tensors):
                 after[f"{name}{i}"] = value - initial[i] if name != "s" else value
         return y, after
+
+    def _chunked(self, q, k, v, log_keep, log_eta, theta, weights, momentum, base, offset: int):
+        """The dual form piece by piece: a partial first chunk (a call starting inside one), the
+        whole chunks, a partial last chunk. What does not depend on the weights (the gate
+        products, the first layer's ``q k^T``) is computed for all whole chunks at once."""
+        T, c, gain = q.shape[2], self.chunk_size, self._gain(q.dtype)
+        head = min((-offset) % c, T)  # tokens until the next chunk boundary
+        whole = (T - head) // c
+        spans = [(0, head)] if head else []
+        spans += [(head + i * c, head + (i + 1) * c) for i in range(whole)]
+        if head + whole * c < T:
+            spans.append((head + whole * c, T))
+        batched = None
+        if whole > 1:  # [B, H, whole, c, ...] views of the whole chunks
+            part = slice(head, head + whole * c)
+
+            def split(t: Tensor) -> Tensor:
+                return t[:, :, part].unflatten(2, (whole, c))
+
+            batched = (_chunk_gates(split(log_keep), split(log_eta), split(theta)),
+                       split(q) @ split(k).transpose(-1, -2))
+        pieces = []
+        for lo, hi in spans:
+            if (offset + lo) % c == 0:
+                base = weights
+            part = slice(lo, hi)
+            if batched is not None and hi - lo == c and lo >= head:
+                i = (lo - head) // c
+                gates, qk = tuple(g[:, :, i] for g in batched[0]), batched[1][:, :, i]
+            else:
+                gates, qk = _chunk_gates(log_keep[..., part], log_eta[..., part], theta[..., part]), None
+            y, weights, momentum = _memory_chunk(q[:, :, part], k[:, :, part], v[:, :, part], gates, base, weights,
+                                                 momentum, gain, qk)
+            pieces.append(y)
+        return torch.cat(pieces, dim=2), weights, momentum, base
 
     def forward(self, x: Tensor, memory: dict[str, Tensor] | None = None, offset: int = 0):
         """``x [B, T, C]`` -> ``(y [B, T, C], memory after)``."""
@@ -510,46 +544,55 @@ class TitansMAC(_Titans):
         return TitansMACState(batch_size, self.num_heads, self.head_dim, chunk_size=self.chunk_size,
                               memory=self.memory.empty_state(batch_size, device), device=device, dtype=dtype)
 
-    def _segment(self, x: Tensor, offset: int, memory, cache: list[Tensor] | None):
-        """Tokens ``x [B, n, C]`` at ``offset`` inside one segment; ``cache`` holds the segment's
-        earlier keys/values (rotated) ``[B, H, offset % chunk_size, D]`` x 4. Returns ``(y, memory, cache)``."""
-        B, n, _ = x.shape
-        read = self.read_proj(x).view(B, n, self.num_heads, self.head_dim).transpose(1, 2)
-        read = F.normalize(F.silu(read), dim=-1)
+    def _segment(self, q, k, v, read, offset: int, memory, cache: list[Tensor] | None):
+        """The tokens at ``offset`` inside one segment: their rotated ``q, k, v`` and memory queries
+        ``read`` ``[B, H, n, D]``; ``cache`` holds the segment's earlier keys/values (rotated)
+        ``[B, H, offset % chunk_size, D]`` x 4. Returns ``(y [B, n, C], the memory's read of y
+        [B, H, n, D], memory, cache)``."""
+        B, _, n, _ = q.shape
         # a segment's first token reads the weights as they are (its segment's W_i); later ones W_i, kept as "g"
         retrieved = self.memory.read(read, memory, at_chunk_start=offset % self.chunk_size != 0)
         context = self.context_proj(retrieved.transpose(1, 2).reshape(B, n, -1))  # h (B, n, C)
-        q, k, v = self._heads(x)
         _, kh, vh = self._heads(context)
         if self.rope is not None:
-            q, k = self.rope(q, k, offset=offset)
             _, kh = self.rope(q, kh, offset=offset)
         if cache is not None:
             k, v, kh, vh = (torch.cat([old, new], dim=2) for old, new in zip(cache, (k, v, kh, vh)))
         q_offset = offset % self.chunk_size
         parts = [self._attend(q, k, v, "causal", q_offset), self._attend(q, kh, vh, "causal", q_offset)]
         y = self._out(_merge(parts + self._persistent(q)))  # (B, n, C)
-        written, memory = self.memory(y, memory, offset)
-        out = self.gate_proj(self.norm_attention(y) * torch.sigmoid(self.norm_memory(written)))
-        return out, memory, [k, v, kh, vh]
+        written, memory = self.memory.scan(*self.memory.project(y), memory, offset)
+        return y, written, memory, [k, v, kh, vh]
 
     def _forward(self, x: Tensor, state) -> Tensor:
-        T = x.shape[1]
+        B, T, _ = x.shape
         offset = 0 if state is None else state.offset
         memory = None if state is None else state.memory
         cache = None
         if state is not None and offset % self.chunk_size:
             held = offset % self.chunk_size
             cache = [getattr(state, name)[:, :, :held].to(x.dtype) for name in TitansMACState._storage]
-        outs, t = [], 0
+        # what does not depend on the memory, for the whole call at once
+        read = self.read_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        read = F.normalize(F.silu(read), dim=-1)
+        q, k, v = self._heads(x)
+        if self.rope is not None:
+            q, k = self.rope(q, k, offset=offset)
+        ys, reads, t = [], [], 0
         while t < T:
             position = offset + t
             n = min(self.chunk_size - position % self.chunk_size, T - t)
             if position % self.chunk_size == 0:
                 cache = None
-            out, memory, cache = self._segment(x[:, t:t + n], position, memory, cache)
-            outs.append(out)
+            part = slice(t, t + n)
+            y, written, memory, cache = self._segment(q[:, :, part], k[:, :, part], v[:, :, part], read[:, :, part],
+                                                      position, memory, cache)
+            ys.append(y)
+            reads.append(written)
             t += n
+        y = torch.cat(ys, dim=1)
+        written = self.memory.o_proj(torch.cat(reads, dim=2).transpose(1, 2).reshape(B, T, -1))
+        out = self.gate_proj(self.norm_attention(y) * torch.sigmoid(self.norm_memory(written)))
         if state is not None:
             held = (offset + T) % self.chunk_size
             for name, value in zip(TitansMACState._storage, cache):
@@ -557,7 +600,7 @@ class TitansMAC(_Titans):
                     getattr(state, name)[:, :, :held] = value[:, :, -held:].detach()
             state.memory = {name: value.to(state.memory[name].dtype) for name, value in memory.items()}
             state.offset = offset + T
-        return torch.cat(outs, dim=1)
+        return out
 
 
 def titans_flops(batch: int, seq: int, config: dict) -> FlopCount:
