@@ -30,6 +30,9 @@ stored past states).
 Cost per query: ``S / chunk_size`` summary scores plus ``(top_k + 1) * chunk_size`` keys, so a
 forward is ``O(T * (T / chunk_size + (top_k + 1) * chunk_size) * D)`` instead of ``O(T^2 D)``.
 The decode state is a :class:`~attnkit.state.KVCache` of every token (the chunk memory).
+:func:`hcam_attend` reaches this cost by copying each query's chunks (a gather); while the
+keys number at most ``8 * (top_k + 1) * chunk_size`` it scores every key instead and gives the
+chunks not kept a weight of 0 (the same result; on CPU 30x faster at 256 keys, 2.4x at 2048).
 """
 
 from __future__ import annotations
