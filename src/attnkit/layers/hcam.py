@@ -51,7 +51,11 @@ from .multi_head import head_shape
 __all__ = ["HCAMAttention", "hcam_attend", "hcam_attend_reference", "HCAM_BACKENDS"]
 
 HCAM_BACKENDS = ("blocked", "reference")
-_GATHER_BUDGET = 2**24  # numbers of gathered keys and values per query block (64 MiB in float32)
+_GATHER_BUDGET = 2**24  # numbers held per query block on CPU (64 MiB in float32); 16x that on a GPU
+
+
+def _budget(t: Tensor) -> int:
+    return _GATHER_BUDGET * (1 if t.device.type == "cpu" else 16)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_k: int, q_offset: int | None) -> int:
@@ -82,7 +86,8 @@ def hcam_attend(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int, top_k: int,
         chunk_size: tokens per memory chunk. top_k: completed chunks each query reads in detail.
         q_offset: position of the first query (default ``S - T``: the newest tokens).
         query_block: queries handled at once (default: what keeps the gathered keys and values
-            of a block near 2^24 numbers in all, batch and heads included); memory per block is
+            of a block near 2^24 numbers in all on CPU, 2^28 on a GPU, batch and heads included;
+            the dense path: its scores); memory per block is
             ``B * H * query_block * (top_k + 1) * chunk_size * (D + Dv)``.
         dense: read the kept chunks through one score matrix of the block's queries against
             every key (a weight of 0 on the chunks not kept) instead of copying each query's
@@ -108,7 +113,7 @@ def hcam_attend(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int, top_k: int,
     if dense:
         return _hcam_dense(q, k, v, summaries, L, kept, q_offset, query_block)
     if query_block is None:  # per query, (kept + 1) chunks of keys and values are copied for every batch row and head
-        query_block = max(1, _GATHER_BUDGET // (B * H * (kept + 1) * L * (D + Dv)))
+        query_block = max(1, _budget(q) // (B * H * (kept + 1) * L * (D + Dv)))
     outs = []
     for start in range(0, T, query_block):
         qb = q[:, :, start : start + query_block]
@@ -151,7 +156,7 @@ def _hcam_dense(q, k, v, summaries, L: int, kept: int, q_offset: int, query_bloc
     running = k.view(B, H, chunks, L, D).cumsum(3) / torch.arange(1, L + 1, device=k.device, dtype=k.dtype)[:, None]
     running = running.reshape(B, H, S, D)
     if query_block is None:  # scores, weights and mask of a block: about 4 numbers per query and key
-        query_block = max(1, _GATHER_BUDGET // (4 * B * H * S))
+        query_block = max(1, _budget(q) // (4 * B * H * S))
     outs = []
     for start in range(0, T, query_block):
         qb = q[:, :, start : start + query_block]
