@@ -14,19 +14,45 @@ from layer_checks import assert_forward_and_grads_match, decode_in_chunks
 
 @pytest.mark.parametrize("chunk_size, top_k, T, query_block", [(4, 2, 23, None), (4, 2, 23, 3), (5, 1, 17, None),
                                                                (3, 6, 20, 4), (8, 2, 7, None), (1, 3, 9, 2)])
-def test_op_matches_reference(chunk_size, top_k, T, query_block):
+@pytest.mark.parametrize("dense", [False, True])
+def test_op_matches_reference(chunk_size, top_k, T, query_block, dense):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    fast = hcam_attend(q, k, v, chunk_size=chunk_size, top_k=top_k, query_block=query_block)
+    fast = hcam_attend(q, k, v, chunk_size=chunk_size, top_k=top_k, query_block=query_block, dense=dense)
     ref = hcam_attend_reference(q, k, v, chunk_size=chunk_size, top_k=top_k)
     torch.testing.assert_close(fast, ref)
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(fast, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         torch.testing.assert_close(a, b)
     # the newest 5 queries alone (a decode step's layout) equal the last rows of the full call
-    torch.testing.assert_close(hcam_attend(q[:, :, -5:], k, v, chunk_size=chunk_size, top_k=top_k), ref[:, :, -5:])
-    torch.testing.assert_close(hcam_attend(q[:, :, 3:7], k, v, chunk_size=chunk_size, top_k=top_k, q_offset=3),
-                               ref[:, :, 3:7])
+    torch.testing.assert_close(hcam_attend(q[:, :, -5:], k, v, chunk_size=chunk_size, top_k=top_k, dense=dense),
+                               ref[:, :, -5:])
+    torch.testing.assert_close(hcam_attend(q[:, :, 3:7], k, v, chunk_size=chunk_size, top_k=top_k, q_offset=3,
+                                           dense=dense), ref[:, :, 3:7])
+
+
+def test_default_query_block_counts_batch_and_heads(monkeypatch):
+    """The default block holds about _GATHER_BUDGET gathered numbers over all batch rows and heads
+    (the old default counted one head's rows: 49 GiB at batch 16, 16 heads, 2048 tokens on the
+    H200); the peak of the gathered keys follows the budget and the result does not change."""
+    from attnkit.layers import hcam
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 8) for _ in range(3))
+    expected = hcam_attend_reference(q.double(), k.double(), v.double(), chunk_size=4, top_k=2).float()
+    seen = []
+    real_select = torch.Tensor.index_select
+
+    def record(self, dim, index):
+        out = real_select(self, dim, index)
+        seen.append(out.numel())
+        return out
+
+    per_query = 2 * 4 * (2 + 1) * 4 * (8 + 8)  # B * H * (top_k + 1) * chunk_size * (D + Dv)
+    monkeypatch.setattr(torch.Tensor, "index_select", record)
+    monkeypatch.setattr(hcam, "_GATHER_BUDGET", 10 * per_query)
+    torch.testing.assert_close(hcam_attend(q, k, v, chunk_size=4, top_k=2, dense=False), expected, atol=1e-5, rtol=1e-5)
+    assert max(seen) * 2 <= 10 * per_query and len(seen) == 2 * 7  # keys + values of 7 blocks of 10 queries
 
 
 def test_one_chunk_is_causal_softmax_attention():

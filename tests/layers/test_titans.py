@@ -102,7 +102,7 @@ def test_memory_remembers_what_it_wrote():
     v = torch.randn(1, 1, 1, 8, dtype=torch.float64)
     keep, no_momentum = torch.zeros(1, 1, 1, dtype=torch.float64), torch.full((1, 1, 1), -60.0, dtype=torch.float64)
     for depth, at_most in ((1, 1e-9), (2, 0.9)):
-        memory = NeuralMemory(16, 1, 8, memory_depth=depth, chunk_size=1).double()
+        memory = NeuralMemory(16, 1, 8, memory_depth=depth, chunk_size=1, output_norm=False).double()
         before = (memory.read(k, None) - v).norm()
         _, state = memory.scan(k, k, v, keep, no_momentum, torch.full((1, 1, 1), 0.5, dtype=torch.float64), None, 0)
         assert (memory.read(k, state, at_chunk_start=False) - v).norm() / before < at_most
@@ -147,3 +147,72 @@ def test_dim_not_divisible_by_heads_and_document_ids():
     with pytest.raises(ValueError, match="does not take document_ids"):
         layer(torch.randn(1, 4, 32, dtype=torch.float64), document_ids=torch.zeros(1, 4, dtype=torch.long))
     assert TitansMAG(32, 4, num_persistent=0)(torch.randn(1, 6, 32)).shape == (1, 6, 32)  # no persistent tokens
+
+
+def _worst_gates(memory, log_keep=-8.0, eta=6.0, theta=6.0):
+    """Gate biases at the corner the outer training can reach: almost no forgetting, momentum
+    ~0.998 and every rate at ``max_lr``."""
+    with torch.no_grad():
+        memory.gate_proj.bias.copy_(torch.tensor([log_keep, eta, theta]).repeat_interleave(memory.num_heads))
+
+
+@pytest.mark.parametrize("output_norm", [False, True])
+def test_memory_stays_finite_and_recalls_at_its_largest_rates(output_norm):
+    """The chunk's gradients are taken at its first weights while momentum keeps adding them up,
+    so the plain memory's step (rate / (1 - eta) times the chunk's curvature) overshoots and its
+    weights blow up within a few chunks (the reason titans-mal diverged); with the output norm
+    the weights stay finite and the memory still recalls what it wrote."""
+    torch.manual_seed(0)
+    memory = NeuralMemory(64, 4, 16, chunk_size=64, max_lr=0.1, output_norm=output_norm).double()
+    _worst_gates(memory)
+    x = torch.randn(2, 512, 64, dtype=torch.float64) * 4
+    with torch.no_grad():
+        q, k, v, *gates = memory.project(x)
+        _, after = memory.scan(q, k, v, *gates, None, 0)
+        largest = max(float(t.abs().max()) for name, t in after.items() if name.startswith("w"))
+        recalled = torch.nn.functional.cosine_similarity(memory.read(k[:, :, -64:], after, at_chunk_start=False),
+                                                         v[:, :, -64:], dim=-1).mean()
+        unwritten = torch.nn.functional.cosine_similarity(memory.read(k[:, :, -64:], None), v[:, :, -64:], dim=-1).mean()
+    if not output_norm:
+        assert not largest < 1e6  # nan, inf or huge: the overshoot this option removes
+        return
+    assert largest < 1e4
+    assert recalled > 0.3 and unwritten.abs() < 0.1
+
+
+def _train_mal(output_norm: bool, steps: int = 20) -> list[float]:
+    """A short MQAR run of a two-layer titans-mal model whose memory gates start at the largest
+    rates; the losses until the end or the first non-finite one."""
+    from attnkit.models import DecoderLM
+    from attnkit.tasks import MQAR
+
+    torch.manual_seed(0)
+    task = MQAR(vocab_size=32, seq_len=128, num_pairs=4)
+    model = DecoderLM(vocab_size=task.vocab_size, attention="titans-mal", dim=32, num_heads=2, num_layers=2,
+                      mlp_hidden=64, attention_options={"window": 8, "chunk_size": 16, "output_norm": output_norm})
+    for module in model.modules():
+        if isinstance(module, NeuralMemory):
+            _worst_gates(module)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data, losses = torch.Generator().manual_seed(0), []
+    for _ in range(steps):
+        inputs, targets = task.train_batch(4, data)
+        loss = model.loss(inputs, targets)
+        losses.append(loss.item())
+        if not torch.isfinite(loss):
+            break
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+def test_titans_mal_training_loss_stays_finite_and_falls():
+    """With the memory gates at their largest rates, a titans-mal model trains: the loss stays
+    finite at every step and falls (the plain memory's loss is not finite from the first step)."""
+    losses = _train_mal(True)
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses
+    plain = _train_mal(False, steps=3)
+    assert not torch.isfinite(torch.tensor(plain)).all() or max(plain) > 100, plain

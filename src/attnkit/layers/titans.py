@@ -14,6 +14,21 @@ associative loss, with momentum (the "surprise") and forgetting (weight decay)::
     W_t = (1 - alpha_t) W_{t-1} + S_t               forgetting gate alpha
     y_t = M_{W_t}(q_t)                              retrieval, W_t includes token t's own write
 
+``M_W`` ends in an RMS norm with a learned per-head gain, ``M_W(x) = g * z / rms(z)`` for the
+last linear map's output ``z`` (``output_norm=True``, the default). The paper's memory has no
+such norm; without it the memory is unstable at the paper's own settings: every gradient of a
+chunk is taken at the chunk's first weights ``W'`` while the momentum keeps adding them up, so
+one chunk moves ``W`` by about ``theta / (1 - eta)`` times the chunk's summed curvature
+(``2 |a|^2`` per token and layer, ``a`` the layer's input), which passes the stable limit of 2
+at ``max_lr=0.1``, momentum 0.88 and 16-64 tokens; the weights then grow by a factor per chunk
+until they overflow (``titans-mal``, whose memory output enters the residual stream unnormed,
+diverged in training; MAG and MAC hid it behind their own norms). With the norm the loss is
+invariant to the scale of the last map, so its gradient shrinks as the weights grow and the
+memory stays finite at every gate value (``tests/layers/test_titans.py``). The norm follows
+TTT (Sun et al., arXiv 2407.04620), whose inner model ends in a layer norm, as does the
+widely used reimplementation lucidrains/titans-pytorch. ``output_norm=False`` is the paper's
+plain memory.
+
 Taking every gradient in a chunk of ``chunk_size`` tokens at the chunk's first weights ``W'``
 is the paper's mini-batch formulation (section 3.2): within a chunk the updates are then
 linear in the per-token gradients, ``W_t = A_t W_0 + d_t S_0 - sum_{i<=t} C_ti u_i`` with
@@ -68,24 +83,53 @@ def _silu_grad(z: Tensor) -> Tensor:
     return s * (1 + z * (1 - s))
 
 
-def _mlp(weights: list[Tensor], x: Tensor) -> Tensor:
-    """``M_W(x)``: weights ``[B, H, out, in]`` each, x ``[B, H, N, in]`` -> ``[B, H, N, out]``."""
+_NORM_EPS = 1e-6
+
+
+def _out_norm(z: Tensor, gain: Tensor | None) -> Tensor:
+    """The memory's output norm ``gain * z / rms(z)`` over the last dim (identity for ``gain=None``)."""
+    if gain is None:
+        return z
+    return z * torch.rsqrt(z.square().mean(-1, keepdim=True) + _NORM_EPS) * gain
+
+
+def _mlp(weights: list[Tensor], x: Tensor, gain: Tensor | None = None) -> Tensor:
+    """``M_W(x)``: weights ``[B, H, out, in]`` each, x ``[B, H, N, in]`` -> ``[B, H, N, out]``;
+    ``gain [H, 1, out]``: the output norm (``None``: none)."""
     for layer, w in enumerate(weights):
         x = x @ w.transpose(-1, -2)
         if layer < len(weights) - 1:
             x = F.silu(x)
-    return x
+    return _out_norm(x, gain)
 
 
-def _memory_chunk(q, k, v, log_keep, log_eta, theta, grad_base, start, momentum):
+def _chunk_gates(log_keep: Tensor, log_eta: Tensor, theta: Tensor) -> tuple[Tensor, ...]:
+    """The gate products of pieces of ``n`` tokens, ``[..., n]`` each (any leading dims, so all
+    whole chunks of a call at once): ``coeff [..., n, n]`` (C), ``scale_start`` (A), ``scale_momentum``
+    (d), ``last`` (C's last row), ``eta_last`` and ``eta_total [...]`` (the momentum's carry)."""
+    n = log_keep.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=log_keep.device).tril()
+    # keep[t, j] = prod_{j < s <= t}(1 - alpha_s), carry[j, i] = prod_{i < s <= j} eta_s
+    cum_keep, cum_eta = log_keep.cumsum(-1), log_eta.cumsum(-1)
+    keep = (cum_keep[..., :, None] - cum_keep[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    carry = (cum_eta[..., :, None] - cum_eta[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    coeff = (keep @ carry) * theta[..., None, :]  # C[t, i]
+    scale_start = cum_keep.exp()  # A_t
+    scale_momentum = (keep @ cum_eta.exp()[..., None]).squeeze(-1)  # d_t
+    eta_last = (cum_eta[..., -1:] - cum_eta).exp() * theta
+    return coeff, scale_start, scale_momentum, coeff[..., -1, :], eta_last, cum_eta[..., -1].exp()
+
+
+def _memory_chunk(q, k, v, gates, grad_base, start, momentum, gain=None, qk=None):
     """One chunk (or a piece of one) of the memory in the dual form.
 
-    q, k, v ``[B, H, n, D]``; log_keep = log(1 - alpha), log_eta = log(eta), theta ``[B, H, n]``;
-    grad_base, start, momentum: per-layer weights ``[B, H, out, in]`` (the chunk's first weights
-    W', the weights and the momentum before this piece). Returns ``(y [B, H, n, D], weights
-    after the piece, momentum after the piece)``.
+    q, k, v ``[B, H, n, D]``; gates: :func:`_chunk_gates` of the piece's log(1 - alpha), log(eta)
+    and theta; grad_base, start, momentum: per-layer weights ``[B, H, out, in]`` (the chunk's
+    first weights W', the weights and the momentum before this piece); gain: the output norm's
+    ``[H, 1, D]`` or ``None``; qk: ``q @ k^T [B, H, n, n]`` if already computed. Returns
+    ``(y [B, H, n, D], weights after the piece, momentum after the piece)``.
     """
-    n = q.shape[2]
+    coeff, scale_start, scale_momentum, last, eta_last, eta_total = gates
     # the error of every token at W', backpropagated through the MLP: u_i = delta_i a_i^T per layer
     inputs, pre = [k], []
     x = k
@@ -95,42 +139,41 @@ def _memory_chunk(q, k, v, log_keep, log_eta, theta, grad_base, start, momentum)
         x = F.silu(z) if layer < len(grad_base) - 1 else z
         inputs.append(x)
     deltas = [None] * len(grad_base)
-    delta = 2 * (x - v)
+    if gain is None:
+        delta = 2 * (x - v)
+    else:  # back through gain * x / rms(x): (g - n mean(g n)) / rms(x), n = x / rms(x)
+        inv_rms = torch.rsqrt(x.square().mean(-1, keepdim=True) + _NORM_EPS)
+        normed = x * inv_rms
+        g = 2 * (normed * gain - v) * gain
+        delta = (g - normed * (g * normed).mean(-1, keepdim=True)) * inv_rms
     for layer in reversed(range(len(grad_base))):
         deltas[layer] = delta
         if layer:
             delta = (delta @ grad_base[layer]) * _silu_grad(pre[layer - 1])
-    # gate products: keep[t, j] = prod_{j < s <= t}(1 - alpha_s), carry[j, i] = prod_{i < s <= j} eta_s
-    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    cum_keep, cum_eta = log_keep.cumsum(-1), log_eta.cumsum(-1)  # (B, H, n)
-    keep = (cum_keep[..., :, None] - cum_keep[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    carry = (cum_eta[..., :, None] - cum_eta[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    coeff = (keep @ carry) * theta[..., None, :]  # C[t, i] (B, H, n, n)
-    scale_start = cum_keep.exp()  # A_t
-    scale_momentum = (keep @ cum_eta.exp()[..., None]).squeeze(-1)  # d_t
     # retrieval with each token's own weights W_t
     r = q
     for layer in range(len(start)):
+        scores = qk if layer == 0 and qk is not None else r @ inputs[layer].transpose(-1, -2)
         z = (scale_start[..., None] * (r @ start[layer].transpose(-1, -2))
              + scale_momentum[..., None] * (r @ momentum[layer].transpose(-1, -2))
-             - (coeff * (r @ inputs[layer].transpose(-1, -2))) @ deltas[layer])
-        r = F.silu(z) if layer < len(start) - 1 else z
-    last, eta_last = coeff[..., -1, :], (cum_eta[..., -1:] - cum_eta).exp() * theta  # (B, H, n)
+             - (coeff * scores) @ deltas[layer])
+        r = F.silu(z) if layer < len(start) - 1 else _out_norm(z, gain)
     new_weights, new_momentum = [], []
     for layer in range(len(start)):
         grads = lambda c: (deltas[layer] * c[..., None]).transpose(-1, -2) @ inputs[layer]  # noqa: E731
         new_weights.append(scale_start[..., -1, None, None] * start[layer]
                            + scale_momentum[..., -1, None, None] * momentum[layer] - grads(last))
-        new_momentum.append(cum_eta[..., -1, None, None].exp() * momentum[layer] - grads(eta_last))
+        new_momentum.append(eta_total[..., None, None] * momentum[layer] - grads(eta_last))
     return r, new_weights, new_momentum
 
 
 def titans_memory_reference(q, k, v, log_keep, log_eta, theta, weights, momentum, grad_base, offset: int,
-                            chunk_size: int):
+                            chunk_size: int, gain: Tensor | None = None):
     """The memory token by token, each gradient by autograd (float64 for tests).
 
     Same arguments as the chunked path over a whole call: ``offset`` is the absolute position
-    of the first token (chunks start at multiples of ``chunk_size``). Returns ``(y [B, H, T, D],
+    of the first token (chunks start at multiples of ``chunk_size``); ``gain [H, 1, D]``: the
+    output norm (``None``: none). Returns ``(y [B, H, T, D],
     weights, momentum, grad_base)`` after the last token.
     """
     outputs = []
@@ -139,12 +182,12 @@ def titans_memory_reference(q, k, v, log_keep, log_eta, theta, weights, momentum
             if (offset + t) % chunk_size == 0:
                 grad_base = list(weights)
             base = [w if w.requires_grad else w.detach().requires_grad_() for w in grad_base]
-            loss = (_mlp(base, k[:, :, t, None]) - v[:, :, t, None]).square().sum()
+            loss = (_mlp(base, k[:, :, t, None], gain) - v[:, :, t, None]).square().sum()
             grads = torch.autograd.grad(loss, base, create_graph=True)
             a, e, th = (g[:, :, t, None, None] for g in (log_keep.exp(), log_eta.exp(), theta))
             momentum = [e * s - th * g for s, g in zip(momentum, grads)]
             weights = [a * w + s for w, s in zip(weights, momentum)]
-            outputs.append(_mlp(weights, q[:, :, t, None]))
+            outputs.append(_mlp(weights, q[:, :, t, None], gain))
     return torch.cat(outputs, dim=2), weights, momentum, grad_base
 
 
@@ -157,6 +200,8 @@ class NeuralMemory(nn.Module):
         memory_expansion: hidden width of the MLP in multiples of D.
         chunk_size: tokens whose gradients share the chunk's first weights.
         max_lr: the largest test-time learning rate ``theta``.
+        output_norm: end the memory in an RMS norm with a learned per-head gain (module
+            docstring: without it the memory's weights overflow at long inputs).
         backend: ``"chunked"`` (dual form, chunk by chunk) or ``"reference"`` (token by token).
 
     The memory's state is a dict of per-layer tensors ``[B, H, out, in]``: ``w`` (weights
@@ -165,7 +210,8 @@ class NeuralMemory(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, *, memory_depth: int = 2, memory_expansion: int = 2,
-                 chunk_size: int = 64, max_lr: float = 0.1, backend: str = "chunked") -> None:
+                 chunk_size: int = 64, max_lr: float = 0.1, output_norm: bool = True,
+                 backend: str = "chunked") -> None:
         super().__init__()
         positive_int(memory_depth, "memory_depth")
         positive_int(memory_expansion, "memory_expansion")
@@ -186,6 +232,12 @@ class NeuralMemory(nn.Module):
             nn.Parameter(torch.randn(num_heads, fan_out, fan_in) / fan_in**0.5)
             for fan_in, fan_out in zip(widths[:-1], widths[1:]))
         self.o_proj = nn.Linear(inner, dim, bias=False)
+        if not isinstance(output_norm, bool):
+            raise ValueError(f"output_norm must be True or False (an RMS norm on the memory's output), got {output_norm!r}")
+        self.output_norm = nn.Parameter(torch.ones(num_heads, 1, head_dim)) if output_norm else None
+
+    def _gain(self, dtype) -> Tensor | None:
+        return None if self.output_norm is None else self.output_norm.to(dtype)
 
     def empty_state(self, batch_size: int, device=None, dtype=None) -> dict[str, Tensor]:
         dtype = dtype or (torch.float64 if self.o_proj.weight.dtype == torch.float64 else torch.float32)
@@ -208,7 +260,7 @@ class NeuralMemory(nn.Module):
         if memory is not None:
             name = "g" if at_chunk_start else "w"
             initial = [w + memory[f"{name}{layer}"].to(q.dtype) for layer, w in enumerate(initial)]
-        return _mlp([w.expand(q.shape[0], *w.shape[-3:]) for w in initial], q)
+        return _mlp([w.expand(q.shape[0], *w.shape[-3:]) for w in initial], q, self._gain(q.dtype))
 
     def scan(self, q, k, v, log_keep, log_eta, theta, memory: dict[str, Tensor] | None, offset: int):
         """Write and read ``q, k, v [B, H, T, D]`` from ``memory`` (``None``: a fresh one) at
@@ -223,25 +275,50 @@ class NeuralMemory(nn.Module):
             base = [w + memory[f"g{i}"].to(q.dtype) for i, w in enumerate(initial)]
         if self.backend == "reference":
             y, weights, momentum, base = titans_memory_reference(q, k, v, log_keep, log_eta, theta, weights, momentum,
-                                                                 base, offset, self.chunk_size)
+                                                                 base, offset, self.chunk_size, self._gain(q.dtype))
         else:
-            pieces, t, T = [], 0, q.shape[2]
-            while t < T:
-                position = offset + t
-                if position % self.chunk_size == 0:
-                    base = weights
-                n = min(self.chunk_size - position % self.chunk_size, T - t)
-                part = slice(t, t + n)
-                y, weights, momentum = _memory_chunk(q[:, :, part], k[:, :, part], v[:, :, part], log_keep[..., part],
-                                                     log_eta[..., part], theta[..., part], base, weights, momentum)
-                pieces.append(y)
-                t += n
-            y = torch.cat(pieces, dim=2)
+            y, weights, momentum, base = self._chunked(q, k, v, log_keep, log_eta, theta, weights, momentum, base,
+                                                       offset)
         after = {}
         for name, tensors in (("w", weights), ("s", momentum), ("g", base)):
             for i, value in enumerate(tensors):
                 after[f"{name}{i}"] = value - initial[i] if name != "s" else value
         return y, after
+
+    def _chunked(self, q, k, v, log_keep, log_eta, theta, weights, momentum, base, offset: int):
+        """The dual form piece by piece: a partial first chunk (a call starting inside one), the
+        whole chunks, a partial last chunk. What does not depend on the weights (the gate
+        products, the first layer's ``q k^T``) is computed for all whole chunks at once."""
+        T, c, gain = q.shape[2], self.chunk_size, self._gain(q.dtype)
+        head = min((-offset) % c, T)  # tokens until the next chunk boundary
+        whole = (T - head) // c
+        spans = [(0, head)] if head else []
+        spans += [(head + i * c, head + (i + 1) * c) for i in range(whole)]
+        if head + whole * c < T:
+            spans.append((head + whole * c, T))
+        batched = None
+        if whole > 1:  # [B, H, whole, c, ...] views of the whole chunks
+            part = slice(head, head + whole * c)
+
+            def split(t: Tensor) -> Tensor:
+                return t[:, :, part].unflatten(2, (whole, c))
+
+            batched = (_chunk_gates(split(log_keep), split(log_eta), split(theta)),
+                       split(q) @ split(k).transpose(-1, -2))
+        pieces = []
+        for lo, hi in spans:
+            if (offset + lo) % c == 0:
+                base = weights
+            part = slice(lo, hi)
+            if batched is not None and hi - lo == c and lo >= head:
+                i = (lo - head) // c
+                gates, qk = tuple(g[:, :, i] for g in batched[0]), batched[1][:, :, i]
+            else:
+                gates, qk = _chunk_gates(log_keep[..., part], log_eta[..., part], theta[..., part]), None
+            y, weights, momentum = _memory_chunk(q[:, :, part], k[:, :, part], v[:, :, part], gates, base, weights,
+                                                 momentum, gain, qk)
+            pieces.append(y)
+        return torch.cat(pieces, dim=2), weights, momentum, base
 
     def forward(self, x: Tensor, memory: dict[str, Tensor] | None = None, offset: int = 0):
         """``x [B, T, C]`` -> ``(y [B, T, C], memory after)``."""
@@ -273,7 +350,7 @@ class _Titans(AttentionLayer):
 
     def __init__(self, dim: int, num_heads: int, *, head_dim: int | None, window: int, chunk_size: int,
                  memory_depth: int, memory_expansion: int, max_lr: float, num_persistent: int, rope: bool,
-                 backend: str) -> None:
+                 backend: str, output_norm: bool = True) -> None:
         super().__init__()
         positive_int(dim, "dim")
         positive_int(num_heads, "num_heads")
@@ -283,7 +360,7 @@ class _Titans(AttentionLayer):
         self.window, self.chunk_size, self.num_persistent, self.backend = window, chunk_size, num_persistent, backend
         self.memory = NeuralMemory(dim, num_heads, head_dim, memory_depth=memory_depth,
                                    memory_expansion=memory_expansion, chunk_size=chunk_size, max_lr=max_lr,
-                                   backend=backend)
+                                   output_norm=output_norm, backend=backend)
         inner = num_heads * head_dim
         self.qkv_proj = nn.Linear(dim, 3 * inner, bias=False)
         self.o_proj = nn.Linear(inner, dim, bias=False)
@@ -336,10 +413,10 @@ class TitansWindowState(SinkWindowCache):
 class _WindowTitans(_Titans):
     def __init__(self, dim: int, num_heads: int, *, head_dim: int | None = None, window: int = 1024,
                  chunk_size: int = 64, memory_depth: int = 2, memory_expansion: int = 2, max_lr: float = 0.1,
-                 num_persistent: int = 4, rope: bool = True, backend: str = "chunked") -> None:
+                 num_persistent: int = 4, rope: bool = True, output_norm: bool = True, backend: str = "chunked") -> None:
         super().__init__(dim, num_heads, head_dim=head_dim, window=window, chunk_size=chunk_size,
                          memory_depth=memory_depth, memory_expansion=memory_expansion, max_lr=max_lr,
-                         num_persistent=num_persistent, rope=rope, backend=backend)
+                         num_persistent=num_persistent, rope=rope, backend=backend, output_norm=output_norm)
         self.pattern = sliding_window(window)
 
     def init_state(self, batch_size: int, *, max_len=None, device=None, dtype=None) -> TitansWindowState:
@@ -368,7 +445,7 @@ class TitansMAG(_WindowTitans):
         dim: width C. num_heads: H. head_dim: D (default C // H).
         window: keys of the sliding-window attention, the query included.
         chunk_size: tokens per memory chunk (gradients at the chunk's first weights).
-        memory_depth, memory_expansion, max_lr: the memory MLP (:class:`NeuralMemory`).
+        memory_depth, memory_expansion, max_lr, output_norm: the memory MLP (:class:`NeuralMemory`).
         num_persistent: learned key/value pairs per head every query sees.
         rope: RoPE on the attention's q and k.
         backend: ``"chunked"`` or ``"reference"`` (token-by-token memory, materialised attention).
@@ -439,7 +516,8 @@ class TitansMAC(_Titans):
     Args:
         dim: width C. num_heads: H. head_dim: D (default C // H).
         chunk_size: segment length: the attention's span and the memory's chunk.
-        memory_depth, memory_expansion, max_lr, num_persistent, rope, backend: as :class:`TitansMAG`.
+        memory_depth, memory_expansion, max_lr, output_norm, num_persistent, rope, backend: as
+            :class:`TitansMAG`.
 
     The memory tokens ``h_t`` of a segment are read at the segment's first weights from the
     token's own query, and a query sees those of its segment up to itself only (``h_j`` for a
@@ -449,11 +527,11 @@ class TitansMAC(_Titans):
 
     def __init__(self, dim: int, num_heads: int, *, head_dim: int | None = None, chunk_size: int = 64,
                  memory_depth: int = 2, memory_expansion: int = 2, max_lr: float = 0.1, num_persistent: int = 4,
-                 rope: bool = True, backend: str = "chunked") -> None:
+                 rope: bool = True, output_norm: bool = True, backend: str = "chunked") -> None:
         positive_int(chunk_size, "chunk_size")
         super().__init__(dim, num_heads, head_dim=head_dim, window=chunk_size, chunk_size=chunk_size,
                          memory_depth=memory_depth, memory_expansion=memory_expansion, max_lr=max_lr,
-                         num_persistent=num_persistent, rope=rope, backend=backend)
+                         num_persistent=num_persistent, rope=rope, backend=backend, output_norm=output_norm)
         inner = num_heads * head_dim_of(dim, num_heads, head_dim)
         self.read_proj = nn.Linear(dim, inner, bias=False)  # the query that reads h_t from the memory
         self.context_proj = nn.Linear(inner, dim, bias=False)  # h_t as a token of width C
@@ -466,46 +544,55 @@ class TitansMAC(_Titans):
         return TitansMACState(batch_size, self.num_heads, self.head_dim, chunk_size=self.chunk_size,
                               memory=self.memory.empty_state(batch_size, device), device=device, dtype=dtype)
 
-    def _segment(self, x: Tensor, offset: int, memory, cache: list[Tensor] | None):
-        """Tokens ``x [B, n, C]`` at ``offset`` inside one segment; ``cache`` holds the segment's
-        earlier keys/values (rotated) ``[B, H, offset % chunk_size, D]`` x 4. Returns ``(y, memory, cache)``."""
-        B, n, _ = x.shape
-        read = self.read_proj(x).view(B, n, self.num_heads, self.head_dim).transpose(1, 2)
-        read = F.normalize(F.silu(read), dim=-1)
+    def _segment(self, q, k, v, read, offset: int, memory, cache: list[Tensor] | None):
+        """The tokens at ``offset`` inside one segment: their rotated ``q, k, v`` and memory queries
+        ``read`` ``[B, H, n, D]``; ``cache`` holds the segment's earlier keys/values (rotated)
+        ``[B, H, offset % chunk_size, D]`` x 4. Returns ``(y [B, n, C], the memory's read of y
+        [B, H, n, D], memory, cache)``."""
+        B, _, n, _ = q.shape
         # a segment's first token reads the weights as they are (its segment's W_i); later ones W_i, kept as "g"
         retrieved = self.memory.read(read, memory, at_chunk_start=offset % self.chunk_size != 0)
         context = self.context_proj(retrieved.transpose(1, 2).reshape(B, n, -1))  # h (B, n, C)
-        q, k, v = self._heads(x)
         _, kh, vh = self._heads(context)
         if self.rope is not None:
-            q, k = self.rope(q, k, offset=offset)
             _, kh = self.rope(q, kh, offset=offset)
         if cache is not None:
             k, v, kh, vh = (torch.cat([old, new], dim=2) for old, new in zip(cache, (k, v, kh, vh)))
         q_offset = offset % self.chunk_size
         parts = [self._attend(q, k, v, "causal", q_offset), self._attend(q, kh, vh, "causal", q_offset)]
         y = self._out(_merge(parts + self._persistent(q)))  # (B, n, C)
-        written, memory = self.memory(y, memory, offset)
-        out = self.gate_proj(self.norm_attention(y) * torch.sigmoid(self.norm_memory(written)))
-        return out, memory, [k, v, kh, vh]
+        written, memory = self.memory.scan(*self.memory.project(y), memory, offset)
+        return y, written, memory, [k, v, kh, vh]
 
     def _forward(self, x: Tensor, state) -> Tensor:
-        T = x.shape[1]
+        B, T, _ = x.shape
         offset = 0 if state is None else state.offset
         memory = None if state is None else state.memory
         cache = None
         if state is not None and offset % self.chunk_size:
             held = offset % self.chunk_size
             cache = [getattr(state, name)[:, :, :held].to(x.dtype) for name in TitansMACState._storage]
-        outs, t = [], 0
+        # what does not depend on the memory, for the whole call at once
+        read = self.read_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        read = F.normalize(F.silu(read), dim=-1)
+        q, k, v = self._heads(x)
+        if self.rope is not None:
+            q, k = self.rope(q, k, offset=offset)
+        ys, reads, t = [], [], 0
         while t < T:
             position = offset + t
             n = min(self.chunk_size - position % self.chunk_size, T - t)
             if position % self.chunk_size == 0:
                 cache = None
-            out, memory, cache = self._segment(x[:, t:t + n], position, memory, cache)
-            outs.append(out)
+            part = slice(t, t + n)
+            y, written, memory, cache = self._segment(q[:, :, part], k[:, :, part], v[:, :, part], read[:, :, part],
+                                                      position, memory, cache)
+            ys.append(y)
+            reads.append(written)
             t += n
+        y = torch.cat(ys, dim=1)
+        written = self.memory.o_proj(torch.cat(reads, dim=2).transpose(1, 2).reshape(B, T, -1))
+        out = self.gate_proj(self.norm_attention(y) * torch.sigmoid(self.norm_memory(written)))
         if state is not None:
             held = (offset + T) % self.chunk_size
             for name, value in zip(TitansMACState._storage, cache):
@@ -513,7 +600,7 @@ class TitansMAC(_Titans):
                     getattr(state, name)[:, :, :held] = value[:, :, -held:].detach()
             state.memory = {name: value.to(state.memory[name].dtype) for name, value in memory.items()}
             state.offset = offset + T
-        return torch.cat(outs, dim=1)
+        return out
 
 
 def titans_flops(batch: int, seq: int, config: dict) -> FlopCount:
