@@ -164,8 +164,9 @@ def test_zero_effect_when_the_input_equals_the_baseline():
     ex = explain(model, ids, methods=("integrated_gradients", "occlusion"), baseline=embeds.clone(), steps=4)
     # two forward passes of the same input: equal up to rounding (threaded reductions may differ by an ulp)
     assert ex.f_input == pytest.approx(ex.f_baseline, rel=1e-12, abs=1e-12)
-    assert torch.equal(ex.scores["integrated_gradients"], torch.zeros(9, dtype=torch.float64))
-    assert torch.equal(ex.scores["occlusion"], torch.zeros(9, dtype=torch.float64))
+    zeros = torch.zeros(9, dtype=torch.float64)
+    torch.testing.assert_close(ex.scores["integrated_gradients"], zeros, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ex.scores["occlusion"], zeros, rtol=0, atol=1e-12)
     # a repeated token with its own embedding as the baseline: occluding it changes nothing
     ids = torch.full((6,), 7)
     ex = explain(model, ids, methods=("occlusion",), baseline=7)

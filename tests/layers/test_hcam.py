@@ -141,3 +141,4 @@ def test_a_sequence_of_whole_chunks():
     assert not k.is_contiguous()
     torch.testing.assert_close(hcam_attend(q, k, v, chunk_size=4, top_k=1),
                                hcam_attend_reference(q, k, v, chunk_size=4, top_k=1))
+

@@ -172,7 +172,11 @@ def _hcam_dense(q, k, v, summaries, L: int, kept: int, q_offset: int, query_bloc
         else:
             scores, chosen = current_score, current.new_zeros(B, H, n, 0)
         chosen = torch.cat([chosen, current.expand(B, H, n)[..., None]], dim=-1)  # (B, H, n, kept + 1)
-        weights = qb.new_zeros(B, H, n, chunks).scatter(-1, chosen, scores.softmax(-1))  # 0 off the kept chunks
+        # scatter_add, not scatter: where fewer chunks are done than top_k, topk returns -inf scores (weight 0)
+        # at arbitrary indices, which can repeat the current chunk's; scatter's order among repeated indices is
+        # undefined on CUDA (the 0 could overwrite the current chunk's weight: HCAM was wrong on the H200),
+        # while adding the 0 is exact
+        weights = qb.new_zeros(B, H, n, chunks).scatter_add(-1, chosen, scores.softmax(-1))  # 0 off the kept chunks
         detail = (qb @ k.transpose(-1, -2) * scale).view(B, H, n, chunks, L)
         key_chunk = torch.arange(chunks, device=q.device)[:, None]
         future = (key_chunk * L + torch.arange(L, device=q.device) > positions[:, None, None]) & (
