@@ -67,6 +67,11 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=src:/tmp/site
 fi
+if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/diffusers-deps/*.whl >/dev/null 2>&1; then
+  # every case, the CUDA suite's diffusion tests included (they errored on import when only diffusion-speed did this)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-diffusers \
+    .whl/diffusers-deps/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site-diffusers
+fi
 header() {
   # the device tool copies the working tree, not always its git HEAD: the code hash says which code ran
   echo "# commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown) (as the copy's git says), code hash $(python3 -c 'from attnkit._meta import code_hash; print(code_hash())'), $(date -u +%FT%TZ)"
