@@ -170,7 +170,7 @@ def test_zero_effect_when_the_input_equals_the_baseline():
     # a repeated token with its own embedding as the baseline: occluding it changes nothing
     ids = torch.full((6,), 7)
     ex = explain(model, ids, methods=("occlusion",), baseline=7)
-    assert torch.equal(ex.scores["occlusion"], torch.zeros(6, dtype=torch.float64))
+    torch.testing.assert_close(ex.scores["occlusion"], torch.zeros(6, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_explain_on_a_tiny_llama_matches_direct_computations():
