@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .._checks import positive_int
+from ..tasks.base import summarise_seeds
 from ..tasks.speech import TRAIN_NOISES, SpeechTask, si_sdr
 from .cards import CARDS
 from .mambattention import MambAttention, enhancement_loss
@@ -186,17 +187,7 @@ def run_bench(*, batch: int = 1, seconds: float = 1.0, repeat: int = 21, config:
 
 def summarise(result: dict) -> list[dict]:
     """Mean, min and max over seeds of every numeric field, per model."""
-    out = []
-    for name in dict.fromkeys(r["model"] for r in result["rows"]):
-        rows = [r for r in result["rows"] if r["model"] == name]
-        summary = {"model": name, "seeds": len(rows)}
-        for field, value in rows[0].items():
-            if isinstance(value, (int, float)) and field != "seed":
-                values = torch.tensor([float(r[field]) for r in rows], dtype=torch.float64)
-                summary[field] = float(values.mean())
-                summary[field + "_min"], summary[field + "_max"] = float(values.min()), float(values.max())
-        out.append(summary)
-    return out
+    return summarise_seeds(result["rows"], "model")
 
 
 def plot(name: str, result: dict, path: Path) -> None:

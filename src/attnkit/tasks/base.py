@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Task", "masked_accuracy", "number_tuple", "whole_number"]
+__all__ = ["Task", "masked_accuracy", "number_tuple", "summarise_seeds", "whole_number"]
 
 
 class Task:
@@ -66,3 +66,20 @@ def number_tuple(value, name: str, kind=int) -> tuple:
     if not out:
         raise ValueError(f"{name} must not be empty, got {value!r}")
     return tuple(out)
+
+
+def summarise_seeds(rows: list[dict], key: str) -> list[dict]:
+    """Per value of ``rows[i][key]`` (a model, probe, ...), in first-seen order: ``seeds`` (how many
+    rows) and the mean, ``_min`` and ``_max`` over those rows of every numeric field but ``seed``.
+    The seed summary of the experiment scripts (``attnkit.vision.experiments``, ``attnkit.speech.experiments``)."""
+    out = []
+    for name in dict.fromkeys(r[key] for r in rows):
+        mine = [r for r in rows if r[key] == name]
+        summary = {key: name, "seeds": len(mine)}
+        for field, value in mine[0].items():
+            if isinstance(value, (int, float)) and field != "seed":
+                values = torch.tensor([float(r[field]) for r in mine], dtype=torch.float64)
+                summary[field] = float(values.mean())
+                summary[field + "_min"], summary[field + "_max"] = float(values.min()), float(values.max())
+        out.append(summary)
+    return out

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import positive_int
+from ..tasks.base import summarise_seeds
 from ..tasks.images import FrozenPatchEncoder, ImageTask, sincos_positions
 from .cards import CARDS
 from .concepts import ConceptCentricTransformer
@@ -289,17 +290,7 @@ RUNS = {"lookupvit": run_lookupvit, "probing": run_probing, "cct": run_cct}
 
 def summarise(result: dict, key: str) -> list[dict]:
     """Mean and spread over seeds per ``key`` value (``model``, ``probe`` or ``head``)."""
-    out = []
-    for name in dict.fromkeys(r[key] for r in result["rows"]):
-        rows = [r for r in result["rows"] if r[key] == name]
-        summary = {key: name, "seeds": len(rows)}
-        for field, value in rows[0].items():
-            if isinstance(value, (int, float)) and field != "seed":
-                values = torch.tensor([float(r[field]) for r in rows], dtype=torch.float64)
-                summary[field] = float(values.mean())
-                summary[field + "_min"], summary[field + "_max"] = float(values.min()), float(values.max())
-        out.append(summary)
-    return out
+    return summarise_seeds(result["rows"], key)
 
 
 def plot(name: str, result: dict, path: Path) -> None:
