@@ -5,7 +5,9 @@
 #   benchmarks/gpu.sh tests               # every test marked cuda (pytest-xdist when installed) -> pytest-cuda.log
 #   benchmarks/gpu.sh bench               # the default `attnkit bench --device cuda`: every mechanism and op, seq 2k-32k
 #   benchmarks/gpu.sh bench-layers-a | bench-layers-b | bench-layers-c | bench-ops   # the same bench in four parts
-#                                         # (the layers in thirds of the registry's order, then the ops)
+#                                         # (the layers in thirds of the registry's order, then the ops); put the
+#                                         # parts back into one JSON + plot with benchmarks/bench_merge.py
+#                                         # (a part stopped by its limit: its .jsonl, and a run of its missing cells)
 #   benchmarks/gpu.sh SUITE [MODE]        # `attnkit bench --suite SUITE` in each of its modes (or MODE only)
 #                                         # -> SUITE-MODE.json; SUITE: dense patterns linear heads sigmoid decode
 #   benchmarks/gpu.sh bench-args NAME ARGS...   # any other bench run, logged the same way -> NAME.json
