@@ -91,6 +91,16 @@ def test_unknown_name_error_unchanged():
         attnkit.build("gqa", dim=32, num_heads=4, bogus=1)
 
 
+def test_a_switch_given_anything_but_a_bool_is_refused():
+    # the string "False" is truthy: before this check titans-mag:rope=False from the command line built RoPE
+    with pytest.raises(ValueError, match=r"titans-mag: option rope is a switch, True or False; got 'False'"):
+        registry.build("titans-mag", dim=64, num_heads=4, rope="False")
+    with pytest.raises(ValueError, match=r"option output_norm is a switch"):  # forwarded to the base class
+        registry.build("titans-mal", dim=64, num_heads=4, output_norm=0)
+    assert registry.build("titans-mag", dim=64, num_heads=4, rope=False).rope is None
+    assert "rope" in registry.get("titans-mac").switch_options()
+
+
 def test_a_misspelt_option_of_a_forwarding_layer_lists_the_accepted_keys():
     # sliding-window forwards **options to MultiHeadAttention: the message still names every key
     with pytest.raises(ValueError, match=r"sliding-window does not take option\(s\) \['windw'\]; accepted: .*num_kv_heads.*window"):

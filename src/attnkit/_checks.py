@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["positive_int", "head_dim_of", "parse_number", "parse_device"]
+__all__ = ["positive_int", "head_dim_of", "parse_value", "parse_device"]
 
 
 def positive_int(value, name: str) -> int:
@@ -21,8 +21,12 @@ def head_dim_of(dim: int, num_heads: int, head_dim: int | None) -> int:
     return positive_int(head_dim, "head_dim")
 
 
-def parse_number(text: str):
-    """``"3"`` -> 3, ``"1e-3"`` -> 0.001, anything else unchanged (command-line option values)."""
+def parse_value(text: str):
+    """A command-line ``key=value`` value: ``"3"`` -> 3, ``"1e-3"`` -> 0.001, ``"true"`` / ``"false"``
+    (any case) -> True / False, anything else unchanged. (``rope=False`` used to stay the string
+    ``"False"``, which is truthy: the option was silently on.)"""
+    if text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
     for cast in (int, float):
         try:
             return cast(text)

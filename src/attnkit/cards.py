@@ -101,6 +101,10 @@ class Card:
         unknown = sorted(k for k in config if k not in accepted)
         if unknown:
             raise ValueError(f"{self.name} does not take option(s) {unknown}; accepted: {', '.join(sorted(accepted))}")
+        switches = self.switch_options()
+        for key, value in options.items():  # a string "False" is truthy: the switch would be silently on
+            if key in switches and not isinstance(value, bool):
+                raise ValueError(f"{self.name}: option {key} is a switch, True or False; got {value!r}")
         try:
             return self.layer(**config)
         except TypeError as err:  # a layer forwarding **options to its parent
@@ -119,6 +123,19 @@ class Card:
             params = inspect.signature(init).parameters.values()
             names |= {p.name for p in params if p.name != "self"
                       and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                break
+        return names
+
+    def switch_options(self) -> set[str]:
+        """The keyword names whose default is True or False (the layer's on/off switches)."""
+        names: set[str] = set()
+        for cls in self.layer.__mro__:
+            init = cls.__dict__.get("__init__")
+            if init is None:
+                continue
+            params = inspect.signature(init).parameters.values()
+            names |= {p.name for p in params if isinstance(p.default, bool)}
             if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
                 break
         return names

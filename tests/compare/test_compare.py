@@ -87,6 +87,9 @@ def test_mechanism_specs_carry_their_own_options():
     assert parse_mechanism("mha") == ("mha", {})
     assert parse_mechanism("s2:block_size=8:vert_stride=4") == ("s2", {"block_size": 8, "vert_stride": 4})
     assert parse_mechanism("sigmoid:score_bias=-1.5") == ("sigmoid", {"score_bias": -1.5})
+    # a switch: "False" was kept as the (truthy) string, so titans-mag:rope=False trained with RoPE on
+    assert parse_mechanism("titans-mag:rope=False:window=16") == ("titans-mag", {"rope": False, "window": 16})
+    assert parse_mechanism("titans-mag:rope=true") == ("titans-mag", {"rope": True})
     with pytest.raises(ValueError, match="name:key=value"):
         parse_mechanism("s2:block_size")
     cfg = CompareConfig(mechanisms=["sliding-window:windw=8"], steps=1, task_options=dict(num_pairs=2, seq_len=16))

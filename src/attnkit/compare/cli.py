@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .._checks import parse_number
+from .._checks import parse_value
 from .._console import StepPrinter, err_console
 from .harness import (DEFAULT_MECHANISMS, MODEL_KEYS, PRESETS, TASKS, TRAIN_DEFAULTS, TRAIN_KEYS, CompareConfig, run_compare,
                       task_option_keys)
@@ -16,14 +16,14 @@ def _names(text: str) -> list[str]:
 
 
 def _kv(text: str) -> dict:
-    """``a=1,b=x`` -> {"a": 1, "b": "x"} (ints and floats parsed; ``none`` -> None)."""
+    """``a=1,b=x`` -> {"a": 1, "b": "x"} (ints, floats and true / false parsed; ``none`` -> None)."""
     out = {}
     for item in _names(text):
         if "=" not in item:
             raise argparse.ArgumentTypeError(f"expected key=value pairs, got {item!r}")
         key, value = item.split("=", 1)
         value = value.strip()
-        out[key.strip().replace("-", "_")] = None if value.lower() == "none" else parse_number(value)
+        out[key.strip().replace("-", "_")] = None if value.lower() == "none" else parse_value(value)
     return out
 
 

@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 
 from .. import registry
-from .._checks import parse_device, parse_number
+from .._checks import parse_device, parse_value
 from .._meta import code_hash, run_metadata
 from ..models import DecoderLM
 from ..models.training import lr_at
@@ -222,14 +222,14 @@ def _aux_loss(model) -> torch.Tensor | float:
 
 def parse_mechanism(spec: str) -> tuple[str, dict]:
     """``name`` or ``name:key=value:key=value`` (per-mechanism layer options, e.g.
-    ``sliding-window:window=16``) -> (name, options); numbers are parsed."""
+    ``sliding-window:window=16``) -> (name, options); numbers and true / false are parsed."""
     name, *items = spec.split(":")
     options = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"mechanism {spec!r}: expected name:key=value[:key=value...], got {item!r}")
         key, value = item.split("=", 1)
-        options[key.strip().replace("-", "_")] = parse_number(value)
+        options[key.strip().replace("-", "_")] = parse_value(value)
     return name.strip(), options
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from .._checks import parse_value
 from ..tasks.longcontext import NAMES, _multikey_needle, _multikey_question
 from ..tasks.passkey import QUESTION, _needle
 from .policies import METHODS, Policy, resolve
@@ -65,18 +66,6 @@ JSON_NAME, HEATMAP_NAME, TRADEOFF_NAME = "eval.json", "heatmaps.png", "accuracy_
 
 
 # -- methods ------------------------------------------------------------------------------------
-
-
-def _option_value(text: str):
-    """A ``key=value`` value: int, float, bool (true / false), else the string."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def parse_method(text: str) -> tuple[str, dict]:
@@ -102,7 +91,7 @@ def parse_method(text: str) -> tuple[str, dict]:
                 raise ValueError(f"--method {text!r}: {item.strip()!r} is not key=value; {accepted}")
             if key in options:
                 raise ValueError(f"--method {text!r}: option {key!r} is given twice; accepted: each key once")
-            options[key] = _option_value(value)
+            options[key] = parse_value(value)
     return name, options
 
 
