@@ -20,20 +20,24 @@ the others), whichever part measured it. The plot is ``attnkit bench``'s own.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 if __name__ == "__main__":  # this checkout's attnkit, not an installed copy
     sys.path.insert(0, str(_HERE.parent / "src"))
-if str(_HERE) not in sys.path:  # results_readme.py beside this script
-    sys.path.insert(0, str(_HERE))
 
-from results_readme import Unreadable, load  # noqa: E402  (reads a stopped run's .jsonl stream too)
+
+def _results_readme():
+    """results_readme.py beside this script (its ``load`` reads a stopped run's .jsonl stream too), loaded
+    from its file: putting benchmarks/ on sys.path would make benchmarks/kvpress shadow the kvpress package."""
+    spec = importlib.util.spec_from_file_location("results_readme", _HERE / "results_readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 #: config fields that must agree between parts (the others, mechanisms/ops/seqs, are what parts split)
 SAME_CONFIG = ("dim", "heads", "head_dim", "dtype", "device", "mode", "repeat", "warmup", "max_time",
@@ -89,17 +93,6 @@ def merge(parts: list[tuple[str, dict]]) -> dict:
     return merged
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("parts", nargs="+", type=Path, help="bench result files (.json; a stopped run's .jsonl)")
@@ -110,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--out must end in .json, got {args.out}")
     if not args.out.parent.is_dir():
         p.error(f"--out's folder {args.out.parent} does not exist")
+    readme = _results_readme()
     parts = []
     for path in args.parts:
         try:
-            result = load(path)
-        except Unreadable as err:
+            result = readme.load(path)
+        except readme.Unreadable as err:
             p.error(str(err))
         if not isinstance(result, dict) or "cells" not in result or "config" not in result:
             p.error(f"{path}: not an attnkit bench result (no cells/config)")
@@ -125,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(err))
     shown = [str(a) for a in (argv if argv is not None else sys.argv[1:])]
     merged = {"command": "python benchmarks/bench_merge.py " + shlex.join(shown), **merged}
-    _atomic_write(args.out, json.dumps(merged, indent=1) + "\n")
+    from attnkit._console import write_atomic
+
+    write_atomic(args.out, json.dumps(merged, indent=1) + "\n")
     written = [str(args.out)]
     if args.plot == "png":
         from attnkit.bench.plot import plot_bench

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
+from attnkit._console import write_atomic  # noqa: E402
 from attnkit._meta import run_metadata  # noqa: E402
 from attnkit.compare import harness  # noqa: E402
 
@@ -106,7 +107,7 @@ def run_one(recipe: str, mechanism: str, seed: int, device: str, cache_dir: str,
     record = harness.train_one(mechanism, task, resolved, attention_options={}, device=torch.device(device),
                                log_every=10, eval_every=eval_every)
     record.update(key=key, status="ok")
-    harness._write_atomic(path, json.dumps(record))
+    write_atomic(path, json.dumps(record))
     return {**record, "reused": False}
 
 
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
         runs.sort(key=lambda e: e["seed"])
         result["recipes"][recipe]["summary"] = summarise({m: r for m, r in result["recipes"][recipe]["runs"].items() if r})
         result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        harness._write_atomic(out, json.dumps(result, indent=1))
+        write_atomic(out, json.dumps(result, indent=1))
         escaped = entry["escaped_by_step"]
         print(f"{recipe} {mechanism} seed {seed}: accuracy {entry['accuracy']:.3f} (final loss {entry['final_train_loss']:.3f}, "
               f"{entry['wall_s']:.0f} s{', cached' if entry['reused'] else ''}"

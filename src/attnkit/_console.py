@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-__all__ = ["console", "err_console", "invoked_command", "write_outputs", "StepPrinter"]
+__all__ = ["console", "err_console", "invoked_command", "write_atomic", "write_outputs", "StepPrinter"]
 
 
 def console():
@@ -76,18 +76,35 @@ def check_folder(path, option: str) -> None:
         raise ValueError(f"{option} {str(path)!r} is a file; accepted: a folder (created if missing)")
 
 
+def write_atomic(path, data: str | bytes):
+    """Write ``data`` (text or bytes) to ``path`` through a temporary file in the same folder, flushed
+    to disk, then a rename: an interrupted write leaves the previous file whole (or none), never half
+    of the new one, and no temporary file behind. Creates the folder. Returns the path."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_outputs(result: dict, out: str, plot: str | None, plot_fn, out_console) -> None:
     """Write the JSON to ``out`` (atomically: a result file it replaces is never left half
     written) and, unless ``plot == 'none'``, the PNG (default: next to the JSON)."""
     import json
-    import os
-    from pathlib import Path
 
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(result, indent=1))
-    os.replace(partial, path)
+    path = write_atomic(out, json.dumps(result, indent=1))
     written = [str(path)]
     plot_path = plot_path_for(path, plot)
     if plot_path is not None:

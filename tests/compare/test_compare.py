@@ -176,7 +176,7 @@ def test_a_bad_cache_file_is_named_set_aside_and_recomputed(tmp_path, damage):
 
 
 def test_cache_writes_are_atomic(tmp_path, monkeypatch):
-    import attnkit.compare.harness as harness
+    import attnkit._console as output
 
     path = tmp_path / "run.json"
     path.write_text('{"old": 1}')
@@ -184,13 +184,13 @@ def test_cache_writes_are_atomic(tmp_path, monkeypatch):
     def interrupted(src, dst):
         raise KeyboardInterrupt  # killed between writing the temporary file and the rename
 
-    monkeypatch.setattr(harness.os, "replace", interrupted)
+    monkeypatch.setattr("os.replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        harness._write_atomic(path, '{"new": 2}')
+        output.write_atomic(path, '{"new": 2}')
     assert path.read_text() == '{"old": 1}'  # never half of the new file
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temporary file left behind
     monkeypatch.undo()
-    harness._write_atomic(path, '{"new": 2}')
+    output.write_atomic(path, '{"new": 2}')
     assert path.read_text() == '{"new": 2}'
 
 

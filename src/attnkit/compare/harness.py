@@ -33,7 +33,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -45,6 +44,7 @@ import torch
 
 from .. import registry
 from .._checks import parse_device, parse_value
+from .._console import write_atomic
 from .._meta import code_hash, run_metadata
 from ..models import DecoderLM
 from ..models.training import lr_at
@@ -363,22 +363,6 @@ def _set_aside(path: Path) -> Path:
     return bad
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename, so an
-    interrupted run leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def dense_pattern_warning(spec: str, layer, seq_len: int, num_heads: int) -> str | None:
     """A warning when ``layer``'s pattern keeps every causal pair at ``seq_len``: then the
     mechanism computes plain causal attention there, and the comparison says nothing about it."""
@@ -505,7 +489,7 @@ def run_compare(cfg: CompareConfig, *, progress=None, command: str | None = None
                 else:
                     record["key"] = key
                     record["status"] = "ok"
-                    _write_atomic(path, json.dumps(record))
+                    write_atomic(path, json.dumps(record))
                     record["reused"] = False
                 if progress:
                     progress.done(label)

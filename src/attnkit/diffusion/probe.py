@@ -34,16 +34,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._console import write_atomic
 from .scenes import ATTRIBUTES, COLOURS, POSITIONS, SHAPES, SIZES, STYLES, Scene, SceneBatch, check_size, render_batch, sample_scenes
 
 __all__ = ["DEFAULT_PATH", "Probe", "train_probe", "read", "read_scenes", "accuracy", "consistency", "save", "load", "main"]
@@ -175,12 +174,6 @@ def consistency(probe: Probe, images: torch.Tensor) -> dict[str, float]:
     return {name: float(r[name].bincount().max()) / r[name].shape[0] for name in ATTRIBUTES}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    partial.write_bytes(data)
-    os.replace(partial, path)
-
-
 def save(probe: Probe, out) -> Path:
     """Write ``probe.safetensors`` and ``probe.json`` (size, width, training record) into ``out``."""
     from safetensors.torch import save as safetensors_bytes
@@ -188,9 +181,9 @@ def save(probe: Probe, out) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in probe.state_dict().items()}
-    _atomic_write(out / "probe.safetensors", safetensors_bytes(state))
+    write_atomic(out / "probe.safetensors", safetensors_bytes(state))
     meta = {"size": probe.size, "width": probe.width, "record": getattr(probe, "record", {})}
-    _atomic_write(out / "probe.json", (json.dumps(meta, indent=2) + "\n").encode())
+    write_atomic(out / "probe.json", (json.dumps(meta, indent=2) + "\n").encode())
     return out
 
 

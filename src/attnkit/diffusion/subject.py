@@ -44,11 +44,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import struct
 import sys
 import time
-import uuid
 import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -57,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._console import write_atomic
 from .scenes import CAPTION_LENGTH, PAD_ID, VOCAB, caption_batch, check_size, encode_caption, render_batch, sample_scenes
 
 __all__ = ["SubjectConfig", "SubjectModel", "PRESETS", "DEFAULT_PATH", "SAMPLE_CAPTIONS", "rf_loss", "velocity_fn",
@@ -296,12 +295,6 @@ def _lr(train: dict, step: int, progress: float) -> float:
     return train["lr"] * (train["min_lr_ratio"] + (1 - train["min_lr_ratio"]) * cosine)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    partial.write_bytes(data)
-    os.replace(partial, path)  # a kill mid-write leaves the previous file whole
-
-
 def save(model: SubjectModel, out, record: dict | None = None) -> Path:
     """Write ``config.json`` (the architecture, and ``record`` under ``"training"``) and
     ``model.safetensors`` (float32) into ``out``, each atomically."""
@@ -310,11 +303,11 @@ def save(model: SubjectModel, out, record: dict | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(out / "model.safetensors", safetensors_bytes(state))
+    write_atomic(out / "model.safetensors", safetensors_bytes(state))
     config = {"model": asdict(model.config), "vocab": list(VOCAB), "caption_length": CAPTION_LENGTH,
               "convention": "rectified flow, x_t = (1 - t) x0 + t noise, v = noise - x0, t = 1 is noise",
               "training": record or {}}
-    _atomic_write(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    write_atomic(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
     return out
 
 
@@ -404,7 +397,7 @@ def train(out, *, preset: str = "default", steps: int | None = None, minutes: fl
     def checkpoint(step, elapsed):
         record.update(steps=step, wall_s=round(elapsed, 1))
         save(ema_model(), out, record)
-        _atomic_write(out / "train.log", ("\n".join(log_lines) + "\n").encode())
+        write_atomic(out / "train.log", ("\n".join(log_lines) + "\n").encode())
 
     start = last_save = time.perf_counter()
     running, count, step, elapsed = 0.0, 0, 0, 0.0
@@ -459,7 +452,7 @@ def train(out, *, preset: str = "default", steps: int | None = None, minutes: fl
                         for s in range(4)])  # (4 * captions, 3, H, W): seed-major
     images = images.view(4, len(SAMPLE_CAPTIONS), *images.shape[1:]).transpose(0, 1).reshape(-1, *images.shape[1:])
     write_png(out / "samples.png", image_grid(images, columns=4, scale=4))
-    _atomic_write(out / "README.md", model_card(record, config).encode())
+    write_atomic(out / "README.md", model_card(record, config).encode())
     progress(f"saved {out}: {step} steps in {elapsed:.0f} s, final loss {record['final_loss']}")
     return record
 
@@ -585,7 +578,7 @@ def write_png(path, picture: torch.Tensor) -> None:
 
     data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", cols, rows, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    _atomic_write(Path(path), data)
+    write_atomic(Path(path), data)
 
 
 # -- command ------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from .._checks import positive_int
+from .._console import write_atomic
 from .policies import Headwise, SinkWindow, _sink_count
 
 __all__ = ["DuoPattern", "Duo", "GatedAttention", "identify", "duo_batch", "model_identity", "IMPLEMENTATION",
@@ -239,11 +240,7 @@ class DuoPattern:
         lines = ["# attnkit DuoAttention pattern (arXiv 2410.10819): one row per layer, one gate in [0, 1] per KV head "
                  "(1: full attention)", "# " + json.dumps(meta)]
         lines += ["\t".join(repr(float(g)) for g in row) for row in self.gates.tolist()]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text("\n".join(lines) + "\n")
-        os.replace(partial, path)
-        return path
+        return write_atomic(path, "\n".join(lines) + "\n")
 
     @classmethod
     def load(cls, path) -> "DuoPattern":

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from .._checks import parse_value
+from .._console import write_atomic
 from ..tasks.longcontext import NAMES, _multikey_needle, _multikey_question
 from ..tasks.passkey import QUESTION, _needle
 from .policies import METHODS, Policy, resolve
@@ -902,10 +903,7 @@ def write_record(record: dict, out, plots: bool = True) -> list[Path]:
     folder ``out``; returns the paths written."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / JSON_NAME
-    partial = folder / f".{JSON_NAME}.partial"
-    partial.write_text(json.dumps(record, indent=1))
-    os.replace(partial, path)
+    path = write_atomic(folder / JSON_NAME, json.dumps(record, indent=1))
     written = [path]
     if plots:
         plot_heatmaps(record, folder / HEATMAP_NAME)
