@@ -90,18 +90,19 @@ def _axes_seq(ax, seqs: list[int]) -> None:
     ax.grid(True, which="major", alpha=0.3)
 
 
-def _log_y(ax) -> None:
-    """Log y with plain numbers (0.5, 2) instead of powers of ten; minor ticks labelled only
+def _log_y(ax, axis: str = "y") -> None:
+    """Log y (or x) with plain numbers (0.5, 2) instead of powers of ten; minor ticks labelled only
     where the range is narrow enough to leave room for them."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    ax.set_yscale("log")
-    plain = FuncFormatter(lambda y, _: f"{y:g}")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(plain)
-    low, high = ax.get_ylim()
-    ax.yaxis.set_minor_formatter(plain if high / low < 12 else NullFormatter())
-    ax.tick_params(axis="y", which="both", labelsize=7)
+    getattr(ax, f"set_{axis}scale")("log")
+    scale = getattr(ax, f"{axis}axis")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    scale.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    scale.set_major_formatter(plain)
+    low, high = getattr(ax, f"get_{axis}lim")()
+    scale.set_minor_formatter(plain if high / low < 12 else NullFormatter())
+    ax.tick_params(axis=axis, which="both", labelsize=7)
 
 
 def _note(ax, notes: list[str]) -> None:
@@ -205,10 +206,7 @@ def _memory_bars(ax, cells: list[dict], mode: str) -> None:
                   fontsize=max(5.0, min(8.0, 420 / max(len(rows), 1))))
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.7, linestyle="--")
-    ax.set_xscale("log")
-    from matplotlib.ticker import FuncFormatter
-
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    _log_y(ax, "x")  # the default minor labels (2x10^-1, 3x10^-1, ...) ran into each other
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=fam_colour[f]) for f in fam_colour], labels=list(fam_colour),
               fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
     # the title above as many legend rows as there are (two rows covered a 20-point pad)
