@@ -76,10 +76,13 @@ def check_folder(path, option: str) -> None:
         raise ValueError(f"{option} {str(path)!r} is a file; accepted: a folder (created if missing)")
 
 
-def write_atomic(path, data: str | bytes):
-    """Write ``data`` (text or bytes) to ``path`` through a temporary file in the same folder, flushed
-    to disk, then a rename: an interrupted write leaves the previous file whole (or none), never half
-    of the new one, and no temporary file behind. Creates the folder. Returns the path."""
+def write_atomic(path, data):
+    """Write ``data`` to ``path`` through a temporary file in the same folder, flushed to disk, then a
+    rename: an interrupted write leaves the previous file whole (or none), never half of the new one,
+    and no temporary file behind. Creates the folder. Returns the path.
+
+    ``data``: text, bytes, or a function that writes into the binary file object it is given
+    (``lambda f: torch.save(state, f)``)."""
     import os
     import tempfile
     from pathlib import Path
@@ -89,7 +92,10 @@ def write_atomic(path, data: str | bytes):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
+            if callable(data):
+                data(handle)
+            else:
+                handle.write(data.encode() if isinstance(data, str) else data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -112,33 +112,26 @@ class Card:
                 raise
             raise ValueError(f"{self.name}: {err}") from None
 
-    def accepted_options(self) -> set[str]:
-        """The keyword names the layer takes: its own ``__init__``'s and, where that forwards
-        ``**options`` to its base class (as the MultiHeadAttention variants do), the base's too."""
-        names: set[str] = set()
+    def _init_parameters(self):
+        """The ``__init__`` parameters of the layer and, where it forwards ``**options`` to its base
+        class (as the MultiHeadAttention variants do), of the base's too."""
         for cls in self.layer.__mro__:
             init = cls.__dict__.get("__init__")
             if init is None:
                 continue
-            params = inspect.signature(init).parameters.values()
-            names |= {p.name for p in params if p.name != "self"
-                      and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+            params = list(inspect.signature(init).parameters.values())
+            yield from (p for p in params if p.name != "self"
+                        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD))
             if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
                 break
-        return names
+
+    def accepted_options(self) -> set[str]:
+        """The keyword names the layer takes (its own ``__init__``'s and those it forwards to its base)."""
+        return {p.name for p in self._init_parameters()}
 
     def switch_options(self) -> set[str]:
         """The keyword names whose default is True or False (the layer's on/off switches)."""
-        names: set[str] = set()
-        for cls in self.layer.__mro__:
-            init = cls.__dict__.get("__init__")
-            if init is None:
-                continue
-            params = inspect.signature(init).parameters.values()
-            names |= {p.name for p in params if isinstance(p.default, bool)}
-            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-                break
-        return names
+        return {p.name for p in self._init_parameters() if isinstance(p.default, bool)}
 
     def flop_count(self, batch: int, seq: int, dim: int, num_heads: int, **options) -> FlopCount:
         return self.flops(batch, seq, self.config(dim, num_heads, **options))

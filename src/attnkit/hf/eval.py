@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import time
@@ -810,9 +809,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    fig.savefig(partial, dpi=110, format="png")
-    os.replace(partial, path)  # a reader never sees half a PNG
+    write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))  # a reader never sees half a PNG
 
 
 def plot_heatmaps(record: dict, path) -> None:

@@ -68,12 +68,12 @@ Task arithmetic with λ = 1 is not stopped either: ``base + (A_locked - base) + 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .._console import write_atomic
 
 __all__ = ["MergeLockKey", "lock", "unlock", "estimate_key", "model_shape", "SUPPORTED", "BRANCHES"]
 
@@ -127,17 +127,7 @@ class MergeLockKey:
         payload = {"version": _KEY_VERSION, "seed": self.seed, "shape": dict(self.shape),
                    "qk": None if self.qk is None else torch.stack(self.qk),
                    "vo": None if self.vo is None else torch.stack(self.vo)}
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomic(path, lambda f: torch.save(payload, f))
 
     @classmethod
     def load(cls, path) -> "MergeLockKey":

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .._console import write_atomic
 from ..models.training import lr_at
 from ..tasks.base import whole_number
 from ..tasks.longcontext import FEWSHOT_RULES, SubjectMixture, fewshot_example, multikey_example, passkey_example
@@ -244,10 +245,8 @@ def checkpoint_path(out) -> Path:
 
 
 def _save_checkpoint(file: Path, state: dict) -> None:
-    partial = file.with_name(file.name + ".partial")
-    file.parent.mkdir(parents=True, exist_ok=True)  # --out's parent may not exist yet
-    torch.save(state, partial)
-    os.replace(partial, file)  # a kill during the save leaves the previous checkpoint whole
+    # a kill during the save leaves the previous checkpoint whole; --out's parent may not exist yet
+    write_atomic(file, lambda f: torch.save(state, f))
 
 
 def train_subject(out, *, preset: str = "default", steps: int | None = None, device: str = "cpu", seed: int = 0,
