@@ -1,20 +1,15 @@
 """benchmarks/bench_merge.py: the parts of one bench run merge into the result the one run would have written."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_merge.py"
 
 
 @pytest.fixture(scope="module")
 def bm():
-    spec = importlib.util.spec_from_file_location("bench_merge", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_script
+
+    return load_script("bench_merge")
 
 
 def cell(name, seq, ms, kind="layer"):

@@ -1,19 +1,16 @@
 """benchmarks/diffusion_speed.py: the dry run on CPU writes its record, and the pair counts are right."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("diffusers")
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "diffusion_speed.py"
 
 
 def test_dry_run_writes_every_method_with_its_pair_ratio(tmp_path):
-    spec = importlib.util.spec_from_file_location("diffusion_speed", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from conftest import load_script
+
+    mod = load_script("diffusion_speed")
     out = tmp_path / "speed.json"
     assert mod.main(["--device", "cpu", "--tiny", "--repeat", "1", "--out", str(out)]) == 0
     record = json.loads(out.read_text())

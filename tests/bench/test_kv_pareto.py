@@ -1,19 +1,14 @@
 """benchmarks/kv_pareto.py: issue 23's Pareto chart from attnkit eval records."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kv_pareto.py"
-
 
 def _module():
-    spec = importlib.util.spec_from_file_location("kv_pareto", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from conftest import load_script
+
+    return load_script("kv_pareto")
 
 
 def _row(name, label, acc, kv):

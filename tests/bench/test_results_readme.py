@@ -1,7 +1,6 @@
 """benchmarks/results_readme.py: the results README is generated from the result files, and the committed
 README is the generator's output on the committed files (so the two cannot drift)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,15 +10,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "results_readme.py"
 
 
 @pytest.fixture(scope="module")
 def gen():
-    spec = importlib.util.spec_from_file_location("results_readme", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_script
+
+    return load_script("results_readme")
 
 
 def cell(name, seq, ms, *, kind="op", pattern="", status="ok", speedup=None, flop_reduction=1.0, vs_flex=None,

@@ -1,18 +1,14 @@
 """benchmarks/sp_timeline.py: the dry run writes the simulated timelines, consistent with their parts."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sp_timeline.py"
-
 
 def test_dry_run_rows_add_up(tmp_path):
-    spec = importlib.util.spec_from_file_location("sp_timeline", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from conftest import load_script
+
+    mod = load_script("sp_timeline")
     out = tmp_path / "sp.json"
     assert mod.main(["--device", "cpu", "--tiny", "--world", "2", "4", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]

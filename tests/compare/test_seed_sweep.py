@@ -1,20 +1,15 @@
 """benchmarks/mqar_seed_sweep.py: recipes resolve, runs are cached and resumed, JSON per seed."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "mqar_seed_sweep.py"
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("mqar_seed_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_script
+
+    return load_script("mqar_seed_sweep")
 
 
 def test_every_recipe_is_a_valid_configuration(sweep):

@@ -1,6 +1,5 @@
 """benchmarks/diffusion_effects.py: its metrics on known inputs, its option checks, and a tiny run end to end."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,15 +12,12 @@ pytest.importorskip("diffusers")
 from attnkit.diffusion import probe as P  # noqa: E402
 from attnkit.tasks import scenes as S  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "diffusion_effects.py"
-
 
 @pytest.fixture(scope="module")
 def fx():
-    spec = importlib.util.spec_from_file_location("diffusion_effects", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from conftest import load_script
+
+    return load_script("diffusion_effects")
 
 
 def test_summary_paired_and_the_verdict(fx):

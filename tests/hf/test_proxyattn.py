@@ -296,14 +296,11 @@ def test_proxy_heads_that_do_not_divide_the_heads_raise_value_error(llama):
 
 def test_speed_benchmark_dry_run_on_cpu(tmp_path):
     """benchmarks/proxyattn_speed.py --device cpu runs at tiny sizes and writes its JSON."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "proxyattn_speed.py"
-    spec = importlib.util.spec_from_file_location("proxyattn_speed", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from conftest import load_script
+
+    module = load_script("proxyattn_speed")
     out = tmp_path / "speed.json"
     module.main(["--device", "cpu", "--seq", "128", "--budget", "0.5", "--repeat", "1", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]

@@ -27,7 +27,7 @@ def _cmd_sinks(args) -> int:
     import torch
     from rich.table import Table
 
-    from .._console import console, invoked_command
+    from .._console import console, invoked_command, write_atomic
     from ..models import DecoderLM
     from ..tasks import TextCorpus
     from .sinks import sink_report
@@ -65,7 +65,6 @@ def _cmd_sinks(args) -> int:
 
         out = {"schema": "attnkit.sinks/1", "command": invoked_command("sinks"), **run_metadata("cpu"), "corpus": task.info,
                "seq_len": args.seq_len, "windows": args.windows, "models": results}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        write_atomic(args.out, json.dumps(out, indent=1))
         console().print(f"wrote {args.out}")
     return 0

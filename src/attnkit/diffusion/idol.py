@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._console import write_atomic
 from ..ops import attend
 from .scenes import CAPTION_LENGTH, PAD_ID, SceneBatch, caption_batch, check_size, render_batch, sample_scenes
 from .sharing import AttnCall, Sharing, apply
@@ -570,7 +571,7 @@ def _checkpoint(model: IDOLModel, out, record: dict, preset: str) -> None:
     save(model, out, record, preset)
     lines = ["# attnkit IDOL, preset " + preset, "# " + " ".join(record["curve"][0]) if record["curve"] else "#"]
     lines += [" ".join(str(v) for v in row.values()) for row in record["curve"]]
-    (Path(out) / "train.log").write_text("\n".join(lines) + "\n")
+    write_atomic(Path(out) / "train.log", "\n".join(lines) + "\n")
 
 
 def _preset(preset: str) -> dict:
@@ -814,8 +815,7 @@ def measure(out=None, *, preset: str = "cpu", steps: int | None = None, seed: in
                                 "denoised_t0.6": denoised_agreement(model, truth, 0.6, seed + 3),
                                 "denoised_t0.8": denoised_agreement(model, truth, 0.8, seed + 3)}
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        write_atomic(out, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -823,16 +823,16 @@ def measure(out=None, *, preset: str = "cpu", steps: int | None = None, seed: in
 
 
 def save(model: IDOLModel, out, record: dict | None = None, preset: str | None = None) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (float32) into ``out``."""
-    from safetensors.torch import save_file
+    """Write ``config.json`` and ``model.safetensors`` (float32) into ``out``, each atomically."""
+    from safetensors.torch import save as safetensors_bytes
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"))
+    write_atomic(out / "model.safetensors", safetensors_bytes(state))
     config = {"model": asdict(model.config), "frames": model.frames, "preset": preset, "modalities": list(MODALITIES),
               "depth_encoding": "three equal channels (depth - 0.6) / 0.4", "training": record or {}}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
     return out
 
 

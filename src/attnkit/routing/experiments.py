@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .._console import write_atomic
 from .._checks import positive_int
 from ..tasks.text import TextCorpus
 from .blocks import RoutedLM, smoe_flops
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {**header, **run_bench(**sizes, device=args.device, dtype=torch.bfloat16 if cuda else torch.float32,
                                         repeat=21 if cuda else 7)}
         stem = "routing-bench" + (f"-{args.tag}" if args.tag else "")
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_atomic(out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
         return 0
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_train(seeds, routers=routers, steps=positive_int(args.steps, "--steps"))
     result = {**header, **result, "summary": summarise(result["rows"])}
     stem = "routing" + (f"-{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_atomic(out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
     plot(result, out / f"{stem}.png")
     print(json.dumps(result["summary"], indent=1))
     return 0

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .._console import write_atomic
 from .._checks import positive_int
 from ..tasks.base import summarise_seeds
 from ..tasks.speech import TRAIN_NOISES, SpeechTask, si_sdr
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "speech" + ("-bench" if args.run == "bench" else "") + (f"-{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_atomic(out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
     plot(args.run, result, out / f"{stem}.png")
     print(json.dumps(result.get("summary", result["rows"]), indent=1))
     return 0

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._console import write_atomic
 from .._checks import positive_int
 from ..tasks.base import summarise_seeds
 from ..tasks.images import FrozenPatchEncoder, ImageTask, sincos_positions
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"vision-{args.run}" + (f"-{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_atomic(out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
     plot(args.run, result, out / f"{stem}.png")
     print(json.dumps(result.get("summary", result["rows"]), indent=1))
     return 0

@@ -85,7 +85,7 @@ def peak_rss_mib() -> float | None:
 def write_results(args, name: str, data: dict, plots: dict) -> None:
     """``--out/analyze-<name>.json`` (with the command and provenance) and each ``plots`` entry
     ``{suffix: fn(path)}`` as ``--out/analyze-<name><suffix>.png``."""
-    from ..._console import console, invoked_command
+    from ..._console import console, invoked_command, write_atomic
     from ..._meta import run_metadata
 
     if args.out is None:
@@ -102,7 +102,7 @@ def write_results(args, name: str, data: dict, plots: dict) -> None:
     record = {"schema": f"attnkit.analyze.{name}/1", "command": invoked_command("analyze"), **run_metadata("cpu"),
               "peak_rss_mib": peak_rss_mib(), **data}
     path = out / f"analyze-{name}.json"
-    path.write_text(json.dumps(record, indent=1))
+    write_atomic(path, json.dumps(record, indent=1))
     console().print(f"wrote {path}")
     for suffix, plot in plots.items():
         png = out / f"analyze-{name}{suffix}.png"
